@@ -1,0 +1,691 @@
+//! Subcommands: `serve`, `run`, `status`, `runs`, `show`, `abort`, `validate`, `next`,
+//! `bench`, and the hidden `worker`.
+
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use chrono::SecondsFormat;
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+use turbosched::config::{self, Config};
+use turbosched::engine::{enqueue_manual, Clock, Engine, Mode, SystemClock};
+use turbosched::model::{Instant, RunId, RunState};
+use turbosched::store::{AbortOutcome, RunFilter, RunRow, Store};
+
+#[derive(Parser)]
+#[command(
+    name = "turbosched",
+    version,
+    about = "An always-on task scheduler: cron in time zones, DAG checks, process-isolated runs, durable history"
+)]
+struct Cli {
+    /// The config file.
+    #[arg(
+        long,
+        global = true,
+        default_value = "config/scheduler.toml",
+        env = "TURBOSCHED_CONFIG"
+    )]
+    config: PathBuf,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the scheduler service in the foreground until SIGTERM or Ctrl-C.
+    Serve,
+    /// Run a task now: handed to the service if one is up, else run here under the same supervision.
+    Run {
+        /// The task.
+        task: String,
+        /// Wait until the run (and its downstream runs) finish; always on without a service.
+        #[arg(long)]
+        wait: bool,
+        /// Skip the dependency check.
+        #[arg(long)]
+        force: bool,
+        /// Then run every task that depends on it, in dependency order.
+        #[arg(long)]
+        downstream: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The tasks, their next fires and last runs, and whether the service is up.
+    Status {
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Recent runs, newest first.
+    Runs {
+        /// Only this task.
+        #[arg(long)]
+        task: Option<String>,
+        /// Only this state (queued, running, retry_wait, succeeded, failed, timed_out, aborted, skipped, orphaned).
+        #[arg(long)]
+        state: Option<String>,
+        /// At most this many.
+        #[arg(long, default_value_t = 20)]
+        limit: usize,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// One run with its attempts.
+    Show {
+        /// The run id.
+        run_id: i64,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Abort a run: a queued one at once, a running one by its engine within a heartbeat interval.
+    Abort {
+        /// The run id.
+        run_id: i64,
+    },
+    /// Check a config file and print every error with file, line and column.
+    Validate {
+        /// The file (default: --config).
+        file: Option<PathBuf>,
+    },
+    /// The next fire times of a task, in its time zone.
+    Next {
+        /// The task.
+        task: String,
+        /// How many.
+        #[arg(short = 'n', default_value_t = 5)]
+        count: usize,
+    },
+    /// Measure fire lag and throughput with N per-second tasks running /bin/true.
+    Bench {
+        /// Tasks, each `* * * * * *`.
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+        /// Seconds to measure.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Folder for the benchmark's database and logs (default: a temporary one).
+        #[arg(long)]
+        dir: Option<PathBuf>,
+    },
+    /// Runs one attempt of a built-in handler (started by the service, not by people).
+    #[command(hide = true)]
+    Worker,
+}
+
+/// Parses arguments, runs the subcommand, turns errors into exit codes.
+pub(crate) fn main() -> ExitCode {
+    let cli = Cli::parse();
+    if matches!(cli.command, Cmd::Worker) {
+        return ExitCode::from(turbosched::worker::main() as u8);
+    }
+    match dispatch(cli) {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Cmd::Validate { file } => validate(file.as_deref().unwrap_or(&cli.config)),
+        Cmd::Serve => serve(&cli.config),
+        Cmd::Run {
+            task,
+            wait,
+            force,
+            downstream,
+            json,
+        } => run(&cli.config, &task, wait, force, downstream, json),
+        Cmd::Status { json } => status(&cli.config, json),
+        Cmd::Runs {
+            task,
+            state,
+            limit,
+            json,
+        } => runs(&cli.config, task, state, limit, json),
+        Cmd::Show { run_id, json } => show(&cli.config, RunId(run_id), json),
+        Cmd::Abort { run_id } => abort(&cli.config, RunId(run_id)),
+        Cmd::Next { task, count } => next(&cli.config, &task, count),
+        Cmd::Bench {
+            tasks,
+            seconds,
+            dir,
+        } => crate::bench::run(tasks, seconds, dir),
+        Cmd::Worker => Ok(ExitCode::SUCCESS),
+    }
+}
+
+/// Loads the config; errors are printed one per line and end the process with code 2.
+fn load(path: &Path) -> Result<Config> {
+    config::load(path).map_err(|errors| anyhow!("invalid config:\n{errors}"))
+}
+
+fn open_store(config: &Config) -> Result<Store> {
+    Ok(Store::open(&config.scheduler.database)?)
+}
+
+fn validate(path: &Path) -> Result<ExitCode> {
+    match config::load(path) {
+        Ok(config) => {
+            println!("{}: ok, {} task(s)", path.display(), config.tasks.len());
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(errors) => {
+            for err in &errors.0 {
+                eprintln!("{err}");
+            }
+            eprintln!("{} error(s)", errors.0.len());
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("TURBOSCHED_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+/// Cancels the engine on SIGTERM or SIGINT.
+fn shutdown_on_signals(handle: turbosched::engine::Handle) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::warn!("cannot listen for SIGTERM/SIGINT");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
+        }
+        handle.shutdown();
+    });
+}
+
+fn serve(path: &Path) -> Result<ExitCode> {
+    init_tracing();
+    let config = Arc::new(load(path)?);
+    let store = open_store(&config)?;
+    let runtime = runtime()?;
+    runtime.block_on(async {
+        let engine = Engine::new(config, store, Arc::new(SystemClock), Mode::Serve);
+        shutdown_on_signals(engine.handle());
+        engine.run().await
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn live_service(config: &Config, store: &Store) -> Result<bool> {
+    Ok(!store
+        .live_instances(config.scheduler.heartbeat_timeout, SystemClock.now())?
+        .is_empty())
+}
+
+fn run(
+    path: &Path,
+    task: &str,
+    wait: bool,
+    force: bool,
+    downstream: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let config = Arc::new(load(path)?);
+    let store = open_store(&config)?;
+    if live_service(&config, &store)? {
+        let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
+        if !wait {
+            if json {
+                println!("{}", json!({"run_id": root.0, "handed_to_service": true}));
+            } else {
+                println!("run {root} of {task} queued; the service will start it (turbosched show {root})");
+            }
+            return Ok(ExitCode::SUCCESS);
+        }
+        if !json {
+            println!("run {root} of {task} queued with the running service; waiting");
+        }
+        return wait_for(&config, &store, root, downstream, json);
+    }
+    init_tracing();
+    let runtime = runtime()?;
+    let root = runtime.block_on(async {
+        let mut engine = Engine::new(
+            config.clone(),
+            store.clone(),
+            Arc::new(SystemClock),
+            Mode::Foreground,
+        );
+        let root = engine.enqueue_manual(task, force, downstream)?;
+        if !json {
+            println!("run {root} of {task}: no service is running, running it here");
+        }
+        shutdown_on_signals(engine.handle());
+        let progress =
+            (!json && std::io::stderr().is_terminal()).then(|| spawn_progress(store.clone(), root));
+        engine.run().await?;
+        if let Some(progress) = progress {
+            progress.abort();
+        }
+        Ok::<RunId, anyhow::Error>(root)
+    })?;
+    report_outcome(&store, root, downstream, json)
+}
+
+/// A progress bar on the terminal while a run is active.
+fn spawn_progress(store: Store, run: RunId) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let bar = indicatif::ProgressBar::new(100);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{spinner} run {prefix} [{bar:30}] {pos:>3}% {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        bar.set_prefix(run.to_string());
+        loop {
+            if let Ok(Some(row)) = store.run(run) {
+                bar.set_position(row.progress.unwrap_or(0.0) as u64);
+                bar.set_message(format!("{} {}", row.state, row.phase.unwrap_or_default()));
+                if row.state.is_terminal() {
+                    bar.finish();
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+}
+
+fn wait_for(
+    config: &Config,
+    store: &Store,
+    root: RunId,
+    downstream: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let bar = (!json && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(100));
+    loop {
+        let runs = if downstream {
+            store.cascade_runs(root)?
+        } else {
+            store.run(root)?.into_iter().collect()
+        };
+        if let Some(bar) = &bar {
+            if let Some(row) = runs.iter().rev().find(|r| !r.state.is_terminal()) {
+                bar.set_position(row.progress.unwrap_or(0.0) as u64);
+                bar.set_message(format!(
+                    "{} {} {}",
+                    row.task,
+                    row.state,
+                    row.phase.clone().unwrap_or_default()
+                ));
+            }
+        }
+        let expected = if downstream {
+            let root_row = store
+                .run(root)?
+                .ok_or_else(|| anyhow!("run {root} vanished"))?;
+            1 + config.downstream_of(&root_row.task).len()
+        } else {
+            1
+        };
+        if runs.len() >= expected && runs.iter().all(|r| r.state.is_terminal()) {
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
+            }
+            return report_outcome(store, root, downstream, json);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> Result<ExitCode> {
+    let runs = if downstream {
+        store.cascade_runs(root)?
+    } else {
+        store.run(root)?.into_iter().collect()
+    };
+    if runs.is_empty() {
+        bail!("run {root} not found");
+    }
+    if json {
+        let views: Vec<Value> = runs.iter().map(run_json).collect();
+        println!("{}", json!({"run_id": root.0, "runs": views}));
+    } else {
+        print_runs(&runs);
+    }
+    let all_ok = runs.iter().all(|r| r.state == RunState::Succeeded);
+    Ok(if all_ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn status(path: &Path, json: bool) -> Result<ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config)?;
+    let now = SystemClock.now();
+    let instances = store.live_instances(config.scheduler.heartbeat_timeout, now)?;
+    let mut tasks = Vec::new();
+    for spec in config.tasks.values() {
+        let state = store.task_state(&spec.name)?;
+        let last = store.runs(&RunFilter {
+            task: Some(spec.name.0.clone()),
+            limit: 1,
+            ..RunFilter::default()
+        })?;
+        let running = store
+            .runs(&RunFilter {
+                task: Some(spec.name.0.clone()),
+                state: Some(RunState::Running),
+                limit: 10,
+                ..RunFilter::default()
+            })?
+            .len();
+        let next = state
+            .next_fire_at
+            .or_else(|| spec.schedule.as_ref().and_then(|s| s.next_after(now)));
+        tasks.push((spec, state.paused, next, last.into_iter().next(), running));
+    }
+    if json {
+        let views: Vec<Value> = tasks
+            .iter()
+            .map(|(spec, paused, next, last, running)| {
+                json!({
+                    "task": spec.name.as_str(),
+                    "schedule": spec.schedule.as_ref().map(|s| s.expr()),
+                    "timezone": spec.timezone.name(),
+                    "handler": spec.handler.name(),
+                    "enabled": spec.enabled,
+                    "paused": paused,
+                    "next_fire": next.map(|n| n.with_timezone(&spec.timezone).to_rfc3339()),
+                    "running": running,
+                    "last_run": last.as_ref().map(run_json),
+                })
+            })
+            .collect();
+        let service: Vec<Value> = instances
+            .iter()
+            .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": rfc3339(i.heartbeat_at)}))
+            .collect();
+        println!("{}", json!({"service": service, "tasks": views}));
+        return Ok(ExitCode::SUCCESS);
+    }
+    match instances.first() {
+        Some(instance) => println!(
+            "service: up (pid {} on {}, instance {})",
+            instance.pid, instance.host, instance.id
+        ),
+        None => println!("service: not running"),
+    }
+    println!(
+        "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
+        "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST", "LAST RUN"
+    );
+    for (spec, paused, next, last, running) in tasks {
+        let schedule = spec
+            .schedule
+            .as_ref()
+            .map(|s| s.expr().to_string())
+            .unwrap_or_else(|| "(manual)".into());
+        let next = if paused {
+            "paused".to_string()
+        } else if !spec.enabled {
+            "disabled".to_string()
+        } else {
+            next.map(|n| {
+                n.with_timezone(&spec.timezone)
+                    .format("%Y-%m-%d %H:%M:%S %Z")
+                    .to_string()
+            })
+            .unwrap_or_else(|| "-".into())
+        };
+        let (last_state, last_detail) = match last {
+            Some(row) => (
+                row.state.to_string(),
+                format!("run {} {}", row.id, duration_text(&row)),
+            ),
+            None => ("-".into(), String::new()),
+        };
+        println!(
+            "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
+            spec.name, schedule, next, running, last_state, last_detail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn runs(
+    path: &Path,
+    task: Option<String>,
+    state: Option<String>,
+    limit: usize,
+    json: bool,
+) -> Result<ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config)?;
+    let state = match state {
+        Some(text) => Some(RunState::parse(&text).ok_or_else(|| {
+            anyhow!(
+                "unknown state {text:?}: expected one of {}",
+                RunState::ALL
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })?),
+        None => None,
+    };
+    let rows = store.runs(&RunFilter {
+        task,
+        state,
+        before: None,
+        limit,
+    })?;
+    if json {
+        println!("{}", Value::Array(rows.iter().map(run_json).collect()));
+    } else {
+        print_runs(&rows);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config)?;
+    let row = store
+        .run(run)?
+        .ok_or_else(|| anyhow!("no run with id {run}"))?;
+    let attempts = store.attempts(run)?;
+    if json {
+        let mut view = run_json(&row);
+        view["attempts_history"] = Value::Array(
+            attempts
+                .iter()
+                .map(|a| {
+                    json!({
+                        "attempt": a.attempt.0,
+                        "started_at": rfc3339(a.started_at),
+                        "finished_at": a.finished_at.map(rfc3339),
+                        "outcome": a.outcome,
+                        "exit_code": a.exit_code,
+                        "error": a.error,
+                        "pid": a.pid,
+                    })
+                })
+                .collect(),
+        );
+        println!("{view}");
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "run {} of {} ({}), {}",
+        row.id, row.task, row.trigger, row.state
+    );
+    println!("  scheduled for {}", rfc3339(row.scheduled_for));
+    println!("  queued at     {}", rfc3339(row.queued_at));
+    if let Some(at) = row.started_at {
+        println!("  started at    {}", rfc3339(at));
+    }
+    if let Some(at) = row.finished_at {
+        println!("  finished at   {}", rfc3339(at));
+    }
+    println!("  attempts      {} of {}", row.attempt, row.max_attempts);
+    if let Some(progress) = row.progress {
+        println!(
+            "  progress      {progress:.0}% {}",
+            row.phase.clone().unwrap_or_default()
+        );
+    }
+    for (label, value) in [
+        ("reason", &row.reason),
+        ("error", &row.error),
+        ("result", &row.result),
+        ("checkpoint", &row.checkpoint),
+    ] {
+        if let Some(value) = value {
+            println!("  {label:<13} {value}");
+        }
+    }
+    for attempt in attempts {
+        println!(
+            "  attempt {}: {} → {} {}{}",
+            attempt.attempt,
+            rfc3339(attempt.started_at),
+            attempt
+                .finished_at
+                .map(rfc3339)
+                .unwrap_or_else(|| "…".into()),
+            attempt.outcome.unwrap_or_else(|| "running".into()),
+            attempt.error.map(|e| format!(": {e}")).unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config)?;
+    match store.request_abort(
+        run,
+        "abort requested from the command line",
+        SystemClock.now(),
+    )? {
+        AbortOutcome::AbortedNow => println!("run {run} aborted before it started"),
+        AbortOutcome::Requested => println!(
+            "abort of run {run} requested; its engine stops it within {}",
+            humantime::format_duration(config.scheduler.heartbeat_interval)
+        ),
+        AbortOutcome::AlreadyFinished(state) => {
+            println!("run {run} already finished: {state}");
+            return Ok(ExitCode::from(1));
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
+    let config = load(path)?;
+    let spec = config.task(task).ok_or_else(|| {
+        anyhow!(
+            "unknown task \"{task}\" (known tasks: {})",
+            config.task_names().join(", ")
+        )
+    })?;
+    let Some(schedule) = &spec.schedule else {
+        println!("{task} has no schedule: it runs only when triggered");
+        return Ok(ExitCode::SUCCESS);
+    };
+    for at in schedule.upcoming(SystemClock.now(), count) {
+        println!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn rfc3339(at: Instant) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn duration_text(row: &RunRow) -> String {
+    match (row.started_at, row.finished_at) {
+        (Some(start), Some(end)) => {
+            let ms = (end - start).num_milliseconds().max(0) as u64;
+            humantime::format_duration(Duration::from_millis(ms)).to_string()
+        }
+        _ => String::new(),
+    }
+}
+
+/// The JSON shape of a run for scripts: a promise, change only by adding fields.
+fn run_json(row: &RunRow) -> Value {
+    json!({
+        "id": row.id.0,
+        "task": row.task.as_str(),
+        "trigger": row.trigger.as_str(),
+        "state": row.state.as_str(),
+        "scheduled_for": rfc3339(row.scheduled_for),
+        "queued_at": rfc3339(row.queued_at),
+        "started_at": row.started_at.map(rfc3339),
+        "finished_at": row.finished_at.map(rfc3339),
+        "attempts": row.attempt.0,
+        "max_attempts": row.max_attempts,
+        "exit_code": row.exit_code,
+        "error": row.error,
+        "reason": row.reason,
+        "progress": row.progress,
+        "phase": row.phase,
+        "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
+        "cascade": row.cascade.map(|c| c.0),
+    })
+}
+
+fn print_runs(rows: &[RunRow]) {
+    println!(
+        "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} {}",
+        "RUN", "TASK", "TRIGGER", "STATE", "SCHEDULED FOR", "ATTEMPT", "DETAIL"
+    );
+    for row in rows {
+        let detail = row
+            .reason
+            .clone()
+            .or_else(|| row.error.clone())
+            .unwrap_or_else(|| duration_text(row));
+        println!(
+            "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} {}",
+            row.id,
+            row.task,
+            row.trigger,
+            row.state,
+            row.scheduled_for
+                .to_rfc3339_opts(SecondsFormat::Millis, true),
+            format!("{}/{}", row.attempt, row.max_attempts),
+            detail
+        );
+    }
+}

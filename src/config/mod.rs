@@ -1,0 +1,327 @@
+//! The operator's one file, `config/scheduler.toml`, read in two stages.
+//!
+//! 1. [`raw`] mirrors the TOML with spans and checks what a value can tell alone (a
+//!    duration parses, a time zone exists, no unknown key).
+//! 2. [`Config`] is built once the whole file is read: cron compiled, handlers known,
+//!    dependencies known and free of cycles. The engine only ever sees a `Config`.
+//!
+//! Every error names file, line, column, the key and the reason
+//! (`config/scheduler.toml:14:11: tasks.training.timeout: expected a duration such as
+//! "90m", found "2 hours"`), and [`load`] reports all of them, not only the first.
+//!
+//! Relative paths in the file (database, log folder, a command's `cwd`) are taken from
+//! the directory the service is started in, as every shipped example assumes.
+
+mod raw;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use sha2::{Digest, Sha256};
+
+use crate::model::TaskName;
+use crate::schedule::{MisfirePolicy, Schedule};
+
+pub use raw::KNOWN_TASK_KEYS;
+
+/// The built-in handlers that run inside the `worker` subcommand, plus `command`.
+pub const HANDLERS: &[&str] = &["command", "ping"];
+
+/// One problem in a config file, with its place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    /// The file the problem is in.
+    pub file: PathBuf,
+    /// 1-based line, or 0 when the problem has no place (the file cannot be read).
+    pub line: usize,
+    /// 1-based column.
+    pub column: usize,
+    /// The dotted key, e.g. `tasks.training.timeout`; empty for syntax errors.
+    pub key: String,
+    /// What is wrong, lowercase, no trailing full stop.
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.file.display())?;
+        if self.line > 0 {
+            write!(f, ":{}:{}", self.line, self.column)?;
+        }
+        if !self.key.is_empty() {
+            write!(f, ": {}", self.key)?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+/// Every problem found in one file. Never empty.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, err) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{err}")?;
+        }
+        Ok(())
+    }
+}
+
+/// The validated configuration the engine runs on.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file it was read from.
+    pub source: PathBuf,
+    /// sha256 of the file's bytes, hex.
+    pub hash: String,
+    /// `[scheduler]`.
+    pub scheduler: SchedulerSettings,
+    /// `[api]`.
+    pub api: ApiSettings,
+    /// Every task, by name.
+    pub tasks: BTreeMap<TaskName, TaskSpec>,
+    /// Task names in dependency order: every task after all of its upstreams.
+    pub topo_order: Vec<TaskName>,
+}
+
+/// `[scheduler]`: the service-wide knobs.
+#[derive(Debug, Clone)]
+pub struct SchedulerSettings {
+    /// Default zone for schedules.
+    pub timezone: Tz,
+    /// SQLite file of the run history.
+    pub database: PathBuf,
+    /// Attempts running at once, over all tasks.
+    pub max_workers: usize,
+    /// How often the engine records that its running attempts are alive, and checks
+    /// for abort requests.
+    pub heartbeat_interval: Duration,
+    /// A running run whose heartbeat is older than this is orphaned.
+    pub heartbeat_timeout: Duration,
+    /// Time between SIGTERM and SIGKILL when an attempt is stopped.
+    pub kill_grace: Duration,
+    /// On shutdown, how long running attempts may finish before they are stopped.
+    pub shutdown_grace: Duration,
+    /// Where task logs go.
+    pub log_dir: PathBuf,
+    /// Where checkpoints go.
+    pub state_dir: PathBuf,
+}
+
+/// `[api]`: read now, served by the HTTP layer.
+#[derive(Debug, Clone)]
+pub struct ApiSettings {
+    /// Address to bind.
+    pub bind: String,
+    /// Name of the env var holding the bearer token.
+    pub token_env: String,
+}
+
+/// What a task runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Handler {
+    /// A handler compiled into turbosched, run by the hidden `worker` subcommand.
+    Builtin(String),
+    /// An external program.
+    Command(CommandSpec),
+}
+
+impl Handler {
+    /// The config spelling (`command` for external programs).
+    pub fn name(&self) -> &str {
+        match self {
+            Handler::Builtin(name) => name,
+            Handler::Command(_) => "command",
+        }
+    }
+}
+
+/// An external program: argv (or one line for `sh -c` when `shell = true`), cwd, env.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandSpec {
+    /// The program and its arguments; with `shell`, a single command line.
+    pub argv: Vec<String>,
+    /// Run `argv[0]` through `/bin/sh -c`.
+    pub shell: bool,
+    /// Working directory.
+    pub cwd: Option<PathBuf>,
+    /// Extra environment.
+    pub env: BTreeMap<String, String>,
+}
+
+/// `overlap`: what a new run does when one of the same task is still running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Overlap {
+    /// The new run is recorded as skipped, naming the running one.
+    Skip,
+    /// The new run waits until the running one ends.
+    Queue,
+    /// The running one is aborted; the new run starts once it has stopped.
+    Replace,
+}
+
+impl Overlap {
+    /// The config spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Overlap::Skip => "skip",
+            Overlap::Queue => "queue",
+            Overlap::Replace => "replace",
+        }
+    }
+}
+
+/// `retry_backoff`: delay before attempt n+1 is `min(max, initial * factor^(n-1))`,
+/// drawn uniformly from `[0, that]` when `jitter` ("full jitter").
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Backoff {
+    /// Delay after the first failure.
+    pub initial: Duration,
+    /// Growth per further failure.
+    pub factor: f64,
+    /// Cap.
+    pub max: Duration,
+    /// Full jitter on (default) or off.
+    pub jitter: bool,
+}
+
+impl Backoff {
+    /// The delay after failed attempt `attempt` (1-based), before jitter.
+    pub fn ceiling(&self, attempt: u32) -> Duration {
+        let exp = attempt.saturating_sub(1).min(64) as i32;
+        let secs = self.initial.as_secs_f64() * self.factor.powi(exp);
+        let capped = secs.min(self.max.as_secs_f64());
+        Duration::try_from_secs_f64(capped).unwrap_or(self.max)
+    }
+
+    /// The delay to wait after failed attempt `attempt`, jitter applied.
+    pub fn delay(&self, attempt: u32) -> Duration {
+        let ceiling = self.ceiling(attempt);
+        if self.jitter && !ceiling.is_zero() {
+            let fraction: f64 = rand::random();
+            ceiling.mul_f64(fraction)
+        } else {
+            ceiling
+        }
+    }
+}
+
+/// One `[tasks.<name>]`, defaults applied.
+#[derive(Debug, Clone)]
+pub struct TaskSpec {
+    /// Its name.
+    pub name: TaskName,
+    /// `None`: runs only when triggered.
+    pub schedule: Option<Schedule>,
+    /// The zone of its schedule.
+    pub timezone: Tz,
+    /// What it runs.
+    pub handler: Handler,
+    /// Passed to the handler as JSON.
+    pub params: serde_json::Value,
+    /// Per attempt.
+    pub timeout: Duration,
+    /// Attempts after the first.
+    pub retries: u32,
+    /// Delay between attempts.
+    pub backoff: Backoff,
+    /// Upstream tasks.
+    pub depends_on: Vec<TaskName>,
+    /// Upstream success must be at most this old; otherwise since its latest tick.
+    pub dependency_max_age: Option<Duration>,
+    /// What to do with missed ticks.
+    pub misfire: MisfirePolicy,
+    /// Missed ticks older than this are dropped.
+    pub misfire_grace: Duration,
+    /// What a new run does while one is running.
+    pub overlap: Overlap,
+    /// Disabled tasks never fire on schedule (manual runs still work).
+    pub enabled: bool,
+    /// Free text.
+    pub description: String,
+}
+
+impl TaskSpec {
+    /// Attempts in all: `retries + 1`.
+    pub fn max_attempts(&self) -> u32 {
+        self.retries.saturating_add(1)
+    }
+}
+
+impl Config {
+    /// The task called `name`, if configured.
+    pub fn task(&self, name: &str) -> Option<&TaskSpec> {
+        self.tasks.get(&TaskName(name.to_string()))
+    }
+
+    /// Every task that depends on `name`, directly or not, in dependency order.
+    pub fn downstream_of(&self, name: &TaskName) -> Vec<TaskName> {
+        let mut reached: BTreeSet<&TaskName> = BTreeSet::new();
+        reached.insert(name);
+        let mut out = Vec::new();
+        for task in &self.topo_order {
+            if task == name {
+                continue;
+            }
+            let spec = &self.tasks[task];
+            if spec.depends_on.iter().any(|up| reached.contains(up)) {
+                reached.insert(task);
+                out.push(task.clone());
+            }
+        }
+        out
+    }
+
+    /// Names of all tasks, for "known tasks are …" messages.
+    pub fn task_names(&self) -> Vec<&str> {
+        self.tasks.keys().map(|name| name.as_str()).collect()
+    }
+}
+
+/// Reads and validates `path`.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_path_buf(),
+            line: 0,
+            column: 0,
+            key: String::new(),
+            message: format!("cannot read config file: {err}"),
+        }])
+    })?;
+    parse(&text, path)
+}
+
+/// Validates `text` as if read from `path` (which only names the file in errors).
+pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
+    let mut config = raw::resolve(text, path)?;
+    config.hash = hex(&Sha256::digest(text.as_bytes()));
+    Ok(config)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Suggests the closest of `known` to `found`, for "did you mean" hints.
+pub(crate) fn closest<'a>(
+    found: &str,
+    known: impl IntoIterator<Item = &'a str>,
+) -> Option<&'a str> {
+    known
+        .into_iter()
+        .map(|candidate| (strsim::damerau_levenshtein(found, candidate), candidate))
+        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .min()
+        .map(|(_, candidate)| candidate)
+}
+
+#[cfg(test)]
+mod tests;

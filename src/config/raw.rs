@@ -1,0 +1,792 @@
+//! Stage one: the TOML as written, with spans, and the checks a value can make alone.
+//! [`resolve`] then performs stage two and builds the [`Config`].
+
+use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use chrono_tz::Tz;
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use toml::de::{DeTable, DeValue, ValueDeserializer};
+use toml::Spanned;
+
+use super::{
+    closest, ApiSettings, Backoff, CommandSpec, Config, ConfigError, ConfigErrors, Handler,
+    Overlap, SchedulerSettings, TaskSpec, HANDLERS,
+};
+use crate::model::TaskName;
+use crate::schedule::{MisfirePolicy, Schedule};
+
+/// Every key a `[tasks.<name>]` or `[defaults]` table accepts.
+pub const KNOWN_TASK_KEYS: &[&str] = &[
+    "schedule",
+    "timezone",
+    "handler",
+    "params",
+    "timeout",
+    "retries",
+    "retry_backoff",
+    "depends_on",
+    "dependency_max_age",
+    "misfire",
+    "misfire_grace",
+    "overlap",
+    "enabled",
+    "description",
+    "command",
+    "shell",
+    "cwd",
+    "env",
+];
+
+const SECTIONS: &[&str] = &["scheduler", "api", "defaults", "tasks"];
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawScheduler {
+    timezone: Option<Spanned<String>>,
+    database: Option<String>,
+    max_workers: Option<Spanned<i64>>,
+    heartbeat_interval: Option<Spanned<String>>,
+    heartbeat_timeout: Option<Spanned<String>>,
+    kill_grace: Option<Spanned<String>>,
+    shutdown_grace: Option<Spanned<String>>,
+    log_dir: Option<String>,
+    state_dir: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawApi {
+    bind: Option<String>,
+    token_env: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawTask {
+    schedule: Option<Spanned<String>>,
+    timezone: Option<Spanned<String>>,
+    handler: Option<Spanned<String>>,
+    params: Option<toml::Table>,
+    timeout: Option<Spanned<String>>,
+    retries: Option<Spanned<u32>>,
+    retry_backoff: Option<RawBackoff>,
+    depends_on: Option<Vec<Spanned<String>>>,
+    dependency_max_age: Option<Spanned<String>>,
+    misfire: Option<Spanned<String>>,
+    misfire_grace: Option<Spanned<String>>,
+    overlap: Option<Spanned<String>>,
+    enabled: Option<bool>,
+    description: Option<String>,
+    command: Option<Spanned<RawCommand>>,
+    shell: Option<bool>,
+    cwd: Option<String>,
+    env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize, Default, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawBackoff {
+    initial: Option<Spanned<String>>,
+    factor: Option<Spanned<f64>>,
+    max: Option<Spanned<String>>,
+    jitter: Option<bool>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawCommand {
+    Argv(Vec<String>),
+    Line(String),
+}
+
+/// Collects errors with their place, converting byte spans to line and column.
+struct Report<'a> {
+    text: &'a str,
+    file: &'a Path,
+    errors: Vec<ConfigError>,
+}
+
+impl Report<'_> {
+    fn error(&mut self, span: Range<usize>, key: &str, message: impl Into<String>) {
+        let (line, column) = line_column(self.text, span.start);
+        let err = ConfigError {
+            file: self.file.to_path_buf(),
+            line,
+            column,
+            key: key.to_string(),
+            message: message.into(),
+        };
+        if !self.errors.contains(&err) {
+            self.errors.push(err);
+        }
+    }
+
+    /// Deserializes one value, reporting a failure at its span under `key`.
+    fn decode<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, key: &str) -> Option<T> {
+        let span = value.span();
+        match T::deserialize(ValueDeserializer::from(value)) {
+            Ok(decoded) => Some(decoded),
+            Err(err) => {
+                let at = err.span().unwrap_or(span);
+                let message = err.message().trim().to_string();
+                match unknown_field(&message) {
+                    Some((field, expected)) => {
+                        let hint = closest(&field, expected.iter().map(String::as_str))
+                            .map(|near| format!(" (did you mean \"{near}\"?)"))
+                            .unwrap_or_default();
+                        self.error(at, &format!("{key}.{field}"), format!("unknown key{hint}"));
+                    }
+                    None => self.error(at, key, lowercase_first(&message)),
+                }
+                None
+            }
+        }
+    }
+
+    fn duration(
+        &mut self,
+        value: Option<&Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(value) = value else { return default };
+        match humantime::parse_duration(value.get_ref().trim()) {
+            Ok(duration) => duration,
+            Err(_) => {
+                self.error(
+                    value.span(),
+                    key,
+                    format!(
+                        "expected a duration such as \"90m\", found {:?}",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn timezone(&mut self, value: Option<&Spanned<String>>, key: &str, default: Tz) -> Tz {
+        let Some(value) = value else { return default };
+        match value.get_ref().parse::<Tz>() {
+            Ok(tz) => tz,
+            Err(_) => {
+                self.error(
+                    value.span(),
+                    key,
+                    format!(
+                        "expected an IANA time zone such as \"America/New_York\", found {:?}",
+                        value.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+}
+
+/// Stage one and two: parse, check each value, then check across keys.
+pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
+    let mut report = Report {
+        text,
+        file,
+        errors: Vec::new(),
+    };
+    let document = match DeTable::parse(text) {
+        Ok(document) => document,
+        Err(err) => {
+            let span = err.span().unwrap_or(0..0);
+            report.error(
+                span,
+                "",
+                format!("invalid TOML: {}", lowercase_first(err.message().trim())),
+            );
+            return Err(ConfigErrors(report.errors));
+        }
+    };
+
+    let mut scheduler: Option<RawScheduler> = None;
+    let mut api: Option<RawApi> = None;
+    let mut defaults = RawTask::default();
+    let mut tasks: Vec<(Spanned<String>, Range<usize>, RawTask)> = Vec::new();
+    for (key, value) in document.into_inner() {
+        let name = key.get_ref().to_string();
+        match name.as_str() {
+            "scheduler" => scheduler = report.decode(value, "scheduler"),
+            "api" => api = report.decode(value, "api"),
+            "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
+            "tasks" => {
+                let span = value.span();
+                let DeValue::Table(table) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "tasks",
+                        "expected a table of tasks such as [tasks.ingestion]",
+                    );
+                    continue;
+                };
+                for (task_key, task_value) in table {
+                    let task_name = task_key.get_ref().to_string();
+                    let task_span = task_key.span();
+                    let path = format!("tasks.{task_name}");
+                    if let Some(task) = report.decode::<RawTask>(task_value, &path) {
+                        tasks.push((Spanned::new(task_span.clone(), task_name), task_span, task));
+                    } else {
+                        // Keep the name known so dependencies on it are not reported too.
+                        tasks.push((
+                            Spanned::new(task_span.clone(), task_name),
+                            task_span,
+                            RawTask::default(),
+                        ));
+                    }
+                }
+            }
+            other => {
+                let hint = closest(other, SECTIONS.iter().copied())
+                    .map(|near| format!(" (did you mean [{near}]?)"))
+                    .unwrap_or_else(|| format!(" (known sections: {})", SECTIONS.join(", ")));
+                report.error(key.span(), other, format!("unknown section{hint}"));
+            }
+        }
+    }
+
+    let scheduler = resolve_scheduler(&mut report, scheduler);
+    let api = ApiSettings {
+        bind: api
+            .as_ref()
+            .and_then(|a| a.bind.clone())
+            .unwrap_or_else(|| "127.0.0.1:5000".into()),
+        token_env: api
+            .and_then(|a| a.token_env)
+            .unwrap_or_else(|| "TURBOSCHED_TOKEN".into()),
+    };
+
+    let known: BTreeSet<String> = tasks
+        .iter()
+        .map(|(name, _, _)| name.get_ref().clone())
+        .collect();
+    let mut specs = BTreeMap::new();
+    let mut dependency_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    for (name, span, task) in &tasks {
+        if let Some(spec) = resolve_task(
+            &mut report,
+            name,
+            span.clone(),
+            task,
+            &defaults,
+            &scheduler,
+            &known,
+        ) {
+            let first_dep = task
+                .depends_on
+                .as_ref()
+                .and_then(|deps| deps.first().map(|d| d.span()))
+                .unwrap_or(span.clone());
+            dependency_spans.insert(name.get_ref().clone(), first_dep);
+            specs.insert(spec.name.clone(), spec);
+        }
+    }
+
+    let topo_order = match order_tasks(&specs) {
+        Ok(order) => order,
+        Err(cycle) => {
+            let first = cycle[0].clone();
+            let span = dependency_spans.get(&first).cloned().unwrap_or(0..0);
+            report.error(
+                span,
+                &format!("tasks.{first}.depends_on"),
+                format!("dependency cycle: {}", cycle.join(" -> ")),
+            );
+            Vec::new()
+        }
+    };
+
+    if !report.errors.is_empty() {
+        report.errors.sort_by_key(|e| (e.line, e.column));
+        return Err(ConfigErrors(report.errors));
+    }
+    Ok(Config {
+        source: file.to_path_buf(),
+        hash: String::new(),
+        scheduler,
+        api,
+        tasks: specs,
+        topo_order,
+    })
+}
+
+fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> SchedulerSettings {
+    let raw = raw.unwrap_or(RawScheduler {
+        timezone: None,
+        database: None,
+        max_workers: None,
+        heartbeat_interval: None,
+        heartbeat_timeout: None,
+        kill_grace: None,
+        shutdown_grace: None,
+        log_dir: None,
+        state_dir: None,
+    });
+    let timezone = report.timezone(raw.timezone.as_ref(), "scheduler.timezone", chrono_tz::UTC);
+    let max_workers = match &raw.max_workers {
+        Some(value) if *value.get_ref() < 1 => {
+            report.error(
+                value.span(),
+                "scheduler.max_workers",
+                format!(
+                    "expected a whole number of at least 1, found {}",
+                    value.get_ref()
+                ),
+            );
+            1
+        }
+        Some(value) => usize::try_from(*value.get_ref()).unwrap_or(1),
+        None => 4,
+    };
+    let heartbeat_interval = report.duration(
+        raw.heartbeat_interval.as_ref(),
+        "scheduler.heartbeat_interval",
+        Duration::from_secs(5),
+    );
+    let heartbeat_timeout = report.duration(
+        raw.heartbeat_timeout.as_ref(),
+        "scheduler.heartbeat_timeout",
+        Duration::from_secs(30),
+    );
+    if heartbeat_timeout <= heartbeat_interval {
+        if let Some(value) = raw
+            .heartbeat_timeout
+            .as_ref()
+            .or(raw.heartbeat_interval.as_ref())
+        {
+            report.error(
+                value.span(),
+                "scheduler.heartbeat_timeout",
+                format!(
+                    "must be longer than heartbeat_interval ({}), found {}",
+                    humantime::format_duration(heartbeat_interval),
+                    humantime::format_duration(heartbeat_timeout)
+                ),
+            );
+        }
+    }
+    if heartbeat_interval.is_zero() {
+        if let Some(value) = &raw.heartbeat_interval {
+            report.error(
+                value.span(),
+                "scheduler.heartbeat_interval",
+                "must be longer than zero",
+            );
+        }
+    }
+    SchedulerSettings {
+        timezone,
+        database: PathBuf::from(raw.database.unwrap_or_else(|| "data/scheduler.db".into())),
+        max_workers,
+        heartbeat_interval,
+        heartbeat_timeout,
+        kill_grace: report.duration(
+            raw.kill_grace.as_ref(),
+            "scheduler.kill_grace",
+            Duration::from_secs(10),
+        ),
+        shutdown_grace: report.duration(
+            raw.shutdown_grace.as_ref(),
+            "scheduler.shutdown_grace",
+            Duration::from_secs(30),
+        ),
+        log_dir: PathBuf::from(raw.log_dir.unwrap_or_else(|| "logs".into())),
+        state_dir: PathBuf::from(raw.state_dir.unwrap_or_else(|| "data/state".into())),
+    }
+}
+
+/// Picks the task's own value, else the `[defaults]` one, with the key it came from.
+fn pick<'a, T>(
+    task: &'a Option<T>,
+    defaults: &'a Option<T>,
+    name: &str,
+    field: &str,
+) -> (Option<&'a T>, String) {
+    match (task, defaults) {
+        (Some(value), _) => (Some(value), format!("tasks.{name}.{field}")),
+        (None, Some(value)) => (Some(value), format!("defaults.{field}")),
+        (None, None) => (None, format!("tasks.{name}.{field}")),
+    }
+}
+
+fn resolve_task(
+    report: &mut Report<'_>,
+    name: &Spanned<String>,
+    span: Range<usize>,
+    task: &RawTask,
+    defaults: &RawTask,
+    scheduler: &SchedulerSettings,
+    known: &BTreeSet<String>,
+) -> Option<TaskSpec> {
+    let task_name = name.get_ref().as_str();
+    let errors_before = report.errors.len();
+    if task_name.is_empty()
+        || !task_name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+    {
+        report.error(
+            span.clone(),
+            &format!("tasks.{task_name}"),
+            "task names may hold only letters, digits, '_' and '-' (they name log files and routes)",
+        );
+    }
+
+    let (tz_value, tz_key) = pick(&task.timezone, &defaults.timezone, task_name, "timezone");
+    let timezone = report.timezone(tz_value, &tz_key, scheduler.timezone);
+
+    let (schedule_value, schedule_key) =
+        pick(&task.schedule, &defaults.schedule, task_name, "schedule");
+    let schedule = match schedule_value {
+        Some(expr) => match Schedule::parse(expr.get_ref(), timezone) {
+            Ok(schedule) => Some(schedule),
+            Err(err) => {
+                report.error(expr.span(), &schedule_key, err.to_string());
+                None
+            }
+        },
+        None => None,
+    };
+
+    let handler = resolve_handler(report, task_name, span.clone(), task, defaults);
+
+    let (timeout_value, timeout_key) = pick(&task.timeout, &defaults.timeout, task_name, "timeout");
+    let timeout = report.duration(timeout_value, &timeout_key, Duration::from_secs(3600));
+    if timeout.is_zero() {
+        if let Some(value) = timeout_value {
+            report.error(value.span(), &timeout_key, "must be longer than zero");
+        }
+    }
+    let retries = pick(&task.retries, &defaults.retries, task_name, "retries")
+        .0
+        .map(|r| *r.get_ref())
+        .unwrap_or(0);
+
+    let backoff = {
+        let own = task.retry_backoff.clone().unwrap_or_default();
+        let base = defaults.retry_backoff.clone().unwrap_or_default();
+        let (initial, initial_key) = pick(
+            &own.initial,
+            &base.initial,
+            task_name,
+            "retry_backoff.initial",
+        );
+        let (max, max_key) = pick(&own.max, &base.max, task_name, "retry_backoff.max");
+        let initial = report.duration(initial, &initial_key, Duration::from_secs(30));
+        let max = report.duration(max, &max_key, Duration::from_secs(600));
+        let (factor_value, factor_key) =
+            pick(&own.factor, &base.factor, task_name, "retry_backoff.factor");
+        let factor = factor_value.map(|f| *f.get_ref()).unwrap_or(2.0);
+        if !(1.0..=100.0).contains(&factor) {
+            if let Some(value) = factor_value {
+                report.error(
+                    value.span(),
+                    &factor_key,
+                    format!("expected a factor from 1.0 to 100.0, found {factor}"),
+                );
+            }
+        }
+        Backoff {
+            initial,
+            factor,
+            max,
+            jitter: own.jitter.or(base.jitter).unwrap_or(true),
+        }
+    };
+
+    let mut depends_on = Vec::new();
+    if let Some(deps) = &task.depends_on {
+        let mut seen = HashSet::new();
+        for dep in deps {
+            let dep_name = dep.get_ref();
+            if !known.contains(dep_name) {
+                let hint = closest(dep_name, known.iter().map(String::as_str))
+                    .map(|near| format!(" (did you mean \"{near}\"?)"))
+                    .unwrap_or_default();
+                report.error(
+                    dep.span(),
+                    &format!("tasks.{task_name}.depends_on"),
+                    format!("unknown task \"{dep_name}\"{hint}"),
+                );
+            } else if seen.insert(dep_name.clone()) {
+                depends_on.push(TaskName(dep_name.clone()));
+            }
+        }
+    }
+
+    let (age_value, age_key) = pick(
+        &task.dependency_max_age,
+        &defaults.dependency_max_age,
+        task_name,
+        "dependency_max_age",
+    );
+    let dependency_max_age =
+        age_value.map(|_| report.duration(age_value, &age_key, Duration::ZERO));
+
+    let (misfire_value, misfire_key) = pick(&task.misfire, &defaults.misfire, task_name, "misfire");
+    let misfire = match misfire_value {
+        Some(value) => MisfirePolicy::parse(value.get_ref()).unwrap_or_else(|| {
+            report.error(
+                value.span(),
+                &misfire_key,
+                format!(
+                    "expected one of \"run_once\", \"skip\", \"run_all\", found {:?}",
+                    value.get_ref()
+                ),
+            );
+            MisfirePolicy::RunOnce
+        }),
+        None => MisfirePolicy::RunOnce,
+    };
+    let (grace_value, grace_key) = pick(
+        &task.misfire_grace,
+        &defaults.misfire_grace,
+        task_name,
+        "misfire_grace",
+    );
+    let misfire_grace = report.duration(grace_value, &grace_key, Duration::from_secs(3600));
+
+    let (overlap_value, overlap_key) = pick(&task.overlap, &defaults.overlap, task_name, "overlap");
+    let overlap = match overlap_value.map(|v| (v, v.get_ref().as_str())) {
+        Some((_, "skip")) | None => Overlap::Skip,
+        Some((_, "queue")) => Overlap::Queue,
+        Some((_, "replace")) => Overlap::Replace,
+        Some((value, other)) => {
+            report.error(
+                value.span(),
+                &overlap_key,
+                format!("expected one of \"skip\", \"queue\", \"replace\", found {other:?}"),
+            );
+            Overlap::Skip
+        }
+    };
+
+    let params = match pick(&task.params, &defaults.params, task_name, "params").0 {
+        Some(table) => serde_json::to_value(table).unwrap_or(serde_json::Value::Null),
+        None => serde_json::Value::Object(Default::default()),
+    };
+
+    if report.errors.len() > errors_before {
+        return None;
+    }
+    Some(TaskSpec {
+        name: TaskName(task_name.to_string()),
+        schedule,
+        timezone,
+        handler: handler?,
+        params,
+        timeout,
+        retries,
+        backoff,
+        depends_on,
+        dependency_max_age,
+        misfire,
+        misfire_grace,
+        overlap,
+        enabled: task.enabled.or(defaults.enabled).unwrap_or(true),
+        description: task.description.clone().unwrap_or_default(),
+    })
+}
+
+fn resolve_handler(
+    report: &mut Report<'_>,
+    task_name: &str,
+    span: Range<usize>,
+    task: &RawTask,
+    defaults: &RawTask,
+) -> Option<Handler> {
+    let (handler_value, handler_key) = pick(&task.handler, &defaults.handler, task_name, "handler");
+    let command_key = format!("tasks.{task_name}.command");
+    let handler_name =
+        match (handler_value, &task.command) {
+            (Some(value), _) => value.get_ref().clone(),
+            (None, Some(_)) => "command".to_string(),
+            (None, None) => {
+                report.error(
+                    span,
+                    &format!("tasks.{task_name}"),
+                    format!(
+                    "no handler: set handler to one of {} or give command = [\"program\", \"arg\"]",
+                    HANDLERS.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ")
+                ),
+                );
+                return None;
+            }
+        };
+    if !HANDLERS.contains(&handler_name.as_str()) {
+        let hint = closest(&handler_name, HANDLERS.iter().copied())
+            .map(|near| format!(" (did you mean \"{near}\"?)"))
+            .unwrap_or_else(|| format!(" (known handlers: {})", HANDLERS.join(", ")));
+        let at = handler_value.map(|v| v.span()).unwrap_or(span);
+        report.error(
+            at,
+            &handler_key,
+            format!("unknown handler \"{handler_name}\" for task {task_name}{hint}"),
+        );
+        return None;
+    }
+    if handler_name != "command" {
+        if let Some(command) = &task.command {
+            report.error(
+                command.span(),
+                &command_key,
+                format!("command is only for handler = \"command\"; task {task_name} uses \"{handler_name}\""),
+            );
+            return None;
+        }
+        return Some(Handler::Builtin(handler_name));
+    }
+    let Some(command) = &task.command else {
+        report.error(
+            span,
+            &command_key,
+            "handler \"command\" needs command = [\"program\", \"arg\", …]",
+        );
+        return None;
+    };
+    let shell = task.shell.unwrap_or(false);
+    let argv = match (command.get_ref(), shell) {
+        (RawCommand::Argv(argv), false) if !argv.is_empty() && !argv[0].is_empty() => argv.clone(),
+        (RawCommand::Line(line), true) if !line.trim().is_empty() => vec![line.clone()],
+        (RawCommand::Argv(_), false) | (RawCommand::Line(_), true) => {
+            report.error(
+                command.span(),
+                &command_key,
+                "expected a program to run, found an empty command",
+            );
+            return None;
+        }
+        (RawCommand::Line(line), false) => {
+            report.error(
+                command.span(),
+                &command_key,
+                format!(
+                    "expected an array of arguments such as [\"/bin/echo\", \"hi\"], found the string {line:?}; \
+                     set shell = true to run a command line through /bin/sh"
+                ),
+            );
+            return None;
+        }
+        (RawCommand::Argv(_), true) => {
+            report.error(
+                command.span(),
+                &command_key,
+                "with shell = true, command is one string: the command line",
+            );
+            return None;
+        }
+    };
+    Some(Handler::Command(CommandSpec {
+        argv,
+        shell,
+        cwd: task.cwd.clone().map(PathBuf::from),
+        env: task.env.clone().unwrap_or_default(),
+    }))
+}
+
+/// Kahn's algorithm, alphabetical among equals. On a cycle, returns it (`a`, `b`, `a`).
+fn order_tasks(specs: &BTreeMap<TaskName, TaskSpec>) -> Result<Vec<TaskName>, Vec<String>> {
+    let mut indegree: BTreeMap<&TaskName, usize> = specs.keys().map(|k| (k, 0)).collect();
+    for spec in specs.values() {
+        for up in &spec.depends_on {
+            if specs.contains_key(up) {
+                *indegree.entry(&spec.name).or_default() += 1;
+            }
+        }
+    }
+    let mut ready: BTreeSet<&TaskName> = indegree
+        .iter()
+        .filter(|(_, d)| **d == 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let mut order = Vec::new();
+    while let Some(next) = ready.pop_first() {
+        order.push(next.clone());
+        for spec in specs.values() {
+            if spec.depends_on.contains(next) {
+                let degree = indegree.entry(&spec.name).or_default();
+                *degree -= 1;
+                if *degree == 0 {
+                    ready.insert(&spec.name);
+                }
+            }
+        }
+    }
+    if order.len() == specs.len() {
+        return Ok(order);
+    }
+    // Walk upstream edges from any task left over until a name repeats: that is a cycle.
+    let left: BTreeSet<&TaskName> = indegree
+        .iter()
+        .filter(|(_, d)| **d > 0)
+        .map(|(k, _)| *k)
+        .collect();
+    let Some(start) = left.first() else {
+        return Err(Vec::new());
+    };
+    let mut path: Vec<&TaskName> = vec![start];
+    loop {
+        let current = path[path.len() - 1];
+        let Some(up) = specs[current]
+            .depends_on
+            .iter()
+            .find(|up| left.contains(up))
+        else {
+            return Err(path.iter().map(|n| n.0.clone()).collect());
+        };
+        if let Some(pos) = path.iter().position(|n| *n == up) {
+            let mut cycle: Vec<String> = path[pos..].iter().rev().map(|n| n.0.clone()).collect();
+            cycle.push(cycle[0].clone());
+            return Err(cycle);
+        }
+        path.push(up);
+    }
+}
+
+/// 1-based line and column (in characters) of byte `offset`.
+fn line_column(text: &str, offset: usize) -> (usize, usize) {
+    let mut offset = offset.min(text.len());
+    while !text.is_char_boundary(offset) {
+        offset -= 1;
+    }
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+    (line, before[line_start..].chars().count() + 1)
+}
+
+/// `unknown field `x`, expected one of `a`, `b`` → (`x`, [`a`, `b`]).
+fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
+    let rest = message.strip_prefix("unknown field `")?;
+    let end = rest.find('`')?;
+    let field = rest[..end].to_string();
+    let expected = rest[end..]
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .map(str::to_string)
+        .collect();
+    Some((field, expected))
+}
+
+fn lowercase_first(text: &str) -> String {
+    let mut chars = text.chars();
+    match chars.next() {
+        Some(first) => first
+            .to_lowercase()
+            .chain(chars)
+            .collect::<String>()
+            .trim_end_matches('.')
+            .to_string(),
+        None => String::new(),
+    }
+}

@@ -1,0 +1,235 @@
+//! What the engine does when it (re)starts, and on every heartbeat: find runs whose
+//! owner is gone, and rebuild its queue and timers from the store.
+//!
+//! Promise: a `running` run is orphaned when its owner instance stopped, when the owner
+//! ran on this host and its process is gone, or when its heartbeat is older than
+//! `heartbeat_timeout`. Its process group is killed if still alive (after checking that
+//! the process really is that run's child), then it is queued again if attempts remain,
+//! else failed. Nothing is left `running` or `orphaned`.
+
+use std::time::Duration;
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, killpg, Signal};
+use nix::unistd::Pid;
+use tracing::{info, warn};
+
+use super::{hostname, Engine, Pending};
+use crate::model::{Attempt, Instant, RunState};
+use crate::schedule::Schedule;
+use crate::store::{Change, RunRow, StoreError};
+use crate::tasklog::Level;
+
+/// The string stored beside `next_fire_at`: a change of expression or zone invalidates it.
+pub(super) fn schedule_key(schedule: &Schedule) -> String {
+    format!("{} @ {}", schedule.expr(), schedule.timezone())
+}
+
+impl Engine {
+    /// Start-up: orphans first, then adopt queued and waiting runs.
+    pub(super) fn recover(&mut self, now: Instant) -> Result<(), StoreError> {
+        self.find_orphans(now)?;
+        for row in self.store.unfinished_runs()? {
+            match row.state {
+                RunState::Queued => self.admit(Pending::from_row(&row), now),
+                RunState::RetryWait => {
+                    let at = row.next_attempt_at.unwrap_or(now);
+                    self.retry_due.insert((at, row.id));
+                    let mut pending = Pending::from_row(&row);
+                    pending.force = true;
+                    self.retry_pending.insert(row.id, pending);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Start-up: each scheduled task resumes from its persisted next fire; ticks missed
+    /// while the service was down go through the task's misfire policy.
+    pub(super) fn plan_startup_fires(&mut self, now: Instant) {
+        let tasks: Vec<_> = self.config.tasks.values().cloned().collect();
+        for spec in tasks {
+            let Some(schedule) = spec.schedule.clone() else {
+                continue;
+            };
+            let key = schedule_key(&schedule);
+            let state = self.store.task_state(&spec.name).unwrap_or_default();
+            match (state.next_fire_at, state.schedule) {
+                (Some(next), Some(stored)) if stored == key && next <= now => {
+                    self.fire_due(&spec.name, next, now, true);
+                }
+                (Some(next), Some(stored)) if stored == key => {
+                    self.next_fire.insert(spec.name.clone(), next);
+                }
+                _ => {
+                    let next = schedule.next_after(now);
+                    self.set_next_fire(&spec.name, next, &key);
+                }
+            }
+        }
+    }
+
+    /// Orphans every `running` run whose owner is gone, and settles `orphaned` ones.
+    pub(super) fn find_orphans(&mut self, now: Instant) -> Result<(), StoreError> {
+        for row in self.store.unfinished_runs()? {
+            match row.state {
+                RunState::Running if row.owner.as_deref() != Some(self.instance.as_str()) => {
+                    if let Some(reason) = self.orphan_reason(&row, now)? {
+                        self.orphan(&row, &reason, now);
+                    }
+                }
+                RunState::Running if !self.running.contains_key(&row.id) => {
+                    // Ours in the store but not in memory: cannot happen unless a start
+                    // failed half-way; the run is an orphan all the same.
+                    self.orphan(&row, "attempt lost by its own engine", now);
+                }
+                RunState::Orphaned => self.settle_orphan(&row, "orphaned earlier", now),
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn orphan_reason(&self, row: &RunRow, now: Instant) -> Result<Option<String>, StoreError> {
+        let owner = row.owner.clone().unwrap_or_default();
+        let Some(instance) = self.store.instance(&owner)? else {
+            return Ok(Some(format!("owner instance {owner:?} is unknown")));
+        };
+        if instance.stopped_at.is_some() {
+            return Ok(Some(format!("owner instance {owner} stopped")));
+        }
+        if instance.host == hostname() && !process_alive(instance.pid) {
+            return Ok(Some(format!(
+                "owner instance {owner} (pid {}) is gone",
+                instance.pid
+            )));
+        }
+        let timeout = self.config.scheduler.heartbeat_timeout;
+        let last = row
+            .heartbeat_at
+            .unwrap_or(row.queued_at)
+            .max(instance.heartbeat_at);
+        let silent = (now - last).to_std().unwrap_or(Duration::ZERO);
+        if silent > timeout {
+            return Ok(Some(format!(
+                "no heartbeat from owner instance {owner} for {}",
+                humantime::format_duration(Duration::from_secs(silent.as_secs()))
+            )));
+        }
+        Ok(None)
+    }
+
+    fn orphan(&mut self, row: &RunRow, reason: &str, now: Instant) {
+        warn!(run = %row.id, task = %row.task, "orphaned: {reason}");
+        if let Some(pid) = row.pid {
+            kill_orphan_group(row, pid);
+        }
+        self.logs.task(row.task.as_str()).line(
+            row.id,
+            row.attempt,
+            Level::Warn,
+            &format!("orphaned: {reason}"),
+        );
+        let change = Change {
+            reason: Some(format!("orphaned: {reason}")),
+            error: Some(format!(
+                "run {} ({}, attempt {}): orphaned: {reason}",
+                row.id, row.task, row.attempt
+            )),
+            ..Change::default()
+        };
+        if self.apply(
+            row.id,
+            row.attempt,
+            RunState::Running,
+            RunState::Orphaned,
+            &change,
+            now,
+        ) {
+            self.settle_orphan(row, reason, now);
+        }
+    }
+
+    /// `orphaned → queued` while attempts remain, else `orphaned → failed`.
+    fn settle_orphan(&mut self, row: &RunRow, reason: &str, now: Instant) {
+        let attempt: Attempt = row.attempt;
+        if attempt.0 < row.max_attempts && self.config.tasks.contains_key(&row.task) {
+            let change = Change {
+                reason: Some(format!(
+                    "retrying after orphaned attempt {attempt}: {reason}"
+                )),
+                ..Change::default()
+            };
+            if self.apply(
+                row.id,
+                attempt,
+                RunState::Orphaned,
+                RunState::Queued,
+                &change,
+                now,
+            ) {
+                info!(run = %row.id, task = %row.task, "orphaned run queued again");
+                let mut pending = Pending::from_row(row);
+                pending.state = RunState::Queued;
+                // Its dependency check passed when it first started.
+                pending.force = true;
+                self.admit(pending, now);
+            }
+        } else {
+            let change = Change {
+                error: Some(format!(
+                    "run {} ({}, attempt {attempt}): orphaned ({reason}) with no attempts left",
+                    row.id, row.task
+                )),
+                ..Change::default()
+            };
+            if self.apply(
+                row.id,
+                attempt,
+                RunState::Orphaned,
+                RunState::Failed,
+                &change,
+                now,
+            ) {
+                self.continue_cascade(row.id, now);
+            }
+        }
+    }
+}
+
+fn process_alive(pid: i64) -> bool {
+    let Ok(pid) = i32::try_from(pid) else {
+        return false;
+    };
+    !matches!(kill(Pid::from_raw(pid), None), Err(Errno::ESRCH))
+}
+
+/// Kills what is left of an orphaned attempt's process group. The leader is checked to be
+/// that run's child (its environment names the run); if the leader is gone, Linux does not
+/// reuse its pid while the group exists, so the group id still names the old group.
+fn kill_orphan_group(row: &RunRow, pid: i64) {
+    let Ok(pid) = i32::try_from(pid) else { return };
+    if pid <= 1 {
+        return;
+    }
+    let environ = std::fs::read(format!("/proc/{pid}/environ"));
+    let ours = match environ {
+        Ok(bytes) => {
+            let marker = format!("TURBOSCHED_RUN_ID={}", row.id);
+            bytes
+                .split(|b| *b == 0)
+                .any(|entry| entry == marker.as_bytes())
+        }
+        Err(_) => true,
+    };
+    if ours {
+        match killpg(Pid::from_raw(pid), Signal::SIGKILL) {
+            Ok(()) => info!(run = %row.id, pid, "killed the orphaned attempt's process group"),
+            Err(Errno::ESRCH) => {}
+            Err(err) => warn!(run = %row.id, pid, "cannot kill orphaned process group: {err}"),
+        }
+    } else {
+        warn!(run = %row.id, pid, "pid now belongs to another process; not killing it");
+    }
+}

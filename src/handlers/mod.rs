@@ -1,0 +1,133 @@
+//! Built-in handlers. Each sees only a [`TaskContext`]: its params, its checkpoint and a
+//! way to report progress. A handler never knows of the engine, the store or attempts
+//! policy: it fails as [`HandlerError::Retryable`] or [`HandlerError::Fatal`] and the
+//! runner decides what happens next.
+
+mod ping;
+
+use crate::worker::protocol::Msg;
+use crate::worker::Reporter;
+
+/// How a handler failed.
+#[derive(Debug, thiserror::Error)]
+pub enum HandlerError {
+    /// Another attempt may succeed (a network blip, a locked file).
+    #[error("{0}")]
+    Retryable(String),
+    /// Retrying cannot help (bad params, missing input).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// Everything a handler may know about the attempt it runs.
+pub struct TaskContext {
+    run_id: i64,
+    task: String,
+    attempt: u32,
+    params: serde_json::Value,
+    checkpoint: Option<serde_json::Value>,
+    reporter: Reporter,
+}
+
+impl TaskContext {
+    /// Builds a context (the worker does this from its environment).
+    pub fn new(
+        run_id: i64,
+        task: String,
+        attempt: u32,
+        params: serde_json::Value,
+        checkpoint: Option<serde_json::Value>,
+        reporter: Reporter,
+    ) -> TaskContext {
+        TaskContext {
+            run_id,
+            task,
+            attempt,
+            params,
+            checkpoint,
+            reporter,
+        }
+    }
+
+    /// The run id.
+    pub fn run_id(&self) -> i64 {
+        self.run_id
+    }
+
+    /// The task name.
+    pub fn task(&self) -> &str {
+        &self.task
+    }
+
+    /// This attempt's number, from 1.
+    pub fn attempt(&self) -> u32 {
+        self.attempt
+    }
+
+    /// The task's `params` table.
+    pub fn params(&self) -> &serde_json::Value {
+        &self.params
+    }
+
+    /// The last checkpoint of an earlier attempt of this run, if any.
+    pub fn checkpoint(&self) -> Option<&serde_json::Value> {
+        self.checkpoint.as_ref()
+    }
+
+    /// Reports progress (0–100) and the current phase.
+    pub fn progress(&self, pct: f64, phase: &str) {
+        self.reporter.send(&Msg::Progress {
+            pct: pct.clamp(0.0, 100.0),
+            phase: Some(phase.to_string()),
+        });
+    }
+
+    /// Saves a checkpoint: a retry of this run will find it in [`Self::checkpoint`].
+    pub fn save_checkpoint(&self, data: serde_json::Value) {
+        self.reporter.send(&Msg::Checkpoint { data });
+    }
+
+    /// A float param, or `default`; a present value of the wrong type is a fatal error.
+    pub fn param_f64(&self, name: &str, default: f64) -> Result<f64, HandlerError> {
+        match self.params.get(name) {
+            None => Ok(default),
+            Some(value) => value.as_f64().ok_or_else(|| {
+                HandlerError::Fatal(format!("params.{name}: expected a number, found {value}"))
+            }),
+        }
+    }
+
+    /// A whole-number param, or `default`.
+    pub fn param_u64(&self, name: &str, default: u64) -> Result<u64, HandlerError> {
+        match self.params.get(name) {
+            None => Ok(default),
+            Some(value) => value.as_u64().ok_or_else(|| {
+                HandlerError::Fatal(format!(
+                    "params.{name}: expected a whole number, found {value}"
+                ))
+            }),
+        }
+    }
+
+    /// A boolean param, or `default`.
+    pub fn param_bool(&self, name: &str, default: bool) -> Result<bool, HandlerError> {
+        match self.params.get(name) {
+            None => Ok(default),
+            Some(value) => value.as_bool().ok_or_else(|| {
+                HandlerError::Fatal(format!(
+                    "params.{name}: expected true or false, found {value}"
+                ))
+            }),
+        }
+    }
+}
+
+/// Runs the built-in handler `name`.
+pub fn run(name: &str, ctx: &TaskContext) -> Result<serde_json::Value, HandlerError> {
+    match name {
+        "ping" => ping::run(ctx),
+        other => Err(HandlerError::Fatal(format!(
+            "unknown built-in handler \"{other}\""
+        ))),
+    }
+}

@@ -1,0 +1,27 @@
+//! turbosched: an always-on task scheduler.
+//!
+//! The concepts, each with its home:
+//! - a **task** is one `[tasks.<name>]` of the config ([`config`]);
+//! - a **fire** is one tick of its cron schedule in its time zone ([`schedule`]), claimed
+//!   once in the store so it can never run twice ([`store::Store::claim_fire`]);
+//! - a **run** is what a fire (or a manual trigger, a catch-up, a downstream trigger)
+//!   becomes: a row in the store that reaches exactly one terminal state ([`model::RunState`]);
+//! - an **attempt** is one child process of a run ([`runner`], [`worker`]); a failed one is
+//!   retried with backoff while attempts remain;
+//! - the **engine** ([`engine`]) is the loop that fires, checks dependencies, admits runs
+//!   under `max_workers` and `overlap`, supervises attempts and finds orphans;
+//! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]).
+//!
+//! See ARCHITECTURE.md for the map and the invariants.
+
+#![warn(missing_docs, unreachable_pub)]
+
+pub mod config;
+pub mod engine;
+pub mod handlers;
+pub mod model;
+pub mod runner;
+pub mod schedule;
+pub mod store;
+pub mod tasklog;
+pub mod worker;

@@ -1,0 +1,1078 @@
+//! The durable truth: runs, attempts, per-task state, events and instances in SQLite.
+//!
+//! A run's life, as the engine drives it through [`Store::transition`]:
+//! `queued → running → succeeded | failed | timed_out | aborted`, `queued → skipped`,
+//! `running → retry_wait → running`, `running → orphaned → queued | failed`.
+//!
+//! Invariants:
+//! - [`Store::transition`] is the only code that writes a run's `state`. Its UPDATE is
+//!   guarded by the expected state *and* attempt; zero rows changed is an error
+//!   ([`StoreError::Fenced`]), never ignored. The legal moves are
+//!   [`RunState::can_become`].
+//! - Every write is one transaction (`BEGIN IMMEDIATE`, WAL), and every state change
+//!   appends its event in that same transaction, so the event log never disagrees with
+//!   the runs.
+//! - This module knows nothing of HTTP, JSON bodies or processes: results and checkpoints
+//!   are opaque text.
+//!
+//! Durability: WAL with `synchronous = NORMAL`. A killed process (kill -9, panic, OOM)
+//! loses no committed transaction; a power cut may lose the last few, never consistency.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
+
+const SCHEMA: &str = include_str!("schema.sql");
+const SCHEMA_VERSION: &str = "1";
+
+/// What went wrong in the store, and what the caller should make of it.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The database file could not be opened or prepared.
+    #[error("cannot open run database {path}: {source}")]
+    Open {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: rusqlite::Error,
+    },
+    /// The database said no.
+    #[error("run database: {0}")]
+    Sql(#[from] rusqlite::Error),
+    /// Somebody already claimed this task's tick: do not run it again.
+    #[error("{task} at {scheduled_for} is already claimed")]
+    AlreadyClaimed {
+        /// The task.
+        task: TaskName,
+        /// The tick.
+        scheduled_for: Instant,
+    },
+    /// The move is not in the table of legal moves.
+    #[error("run {run}: illegal transition {from} -> {to}")]
+    IllegalTransition {
+        /// The run.
+        run: RunId,
+        /// Where it was said to be.
+        from: RunState,
+        /// Where it was asked to go.
+        to: RunState,
+    },
+    /// The run is no longer where the caller believed: another attempt or actor moved it.
+    #[error("run {run}: expected {expected_state} at attempt {expected_attempt}, found {found_state} at attempt {found_attempt}")]
+    Fenced {
+        /// The run.
+        run: RunId,
+        /// The state the caller expected.
+        expected_state: RunState,
+        /// The attempt the caller expected.
+        expected_attempt: Attempt,
+        /// The state found.
+        found_state: RunState,
+        /// The attempt found.
+        found_attempt: Attempt,
+    },
+    /// No such run.
+    #[error("no run with id {0}")]
+    NotFound(RunId),
+    /// A stored value this version cannot read.
+    #[error("run {run}: unreadable stored value {value:?}")]
+    Corrupt {
+        /// The run.
+        run: RunId,
+        /// The value.
+        value: String,
+    },
+}
+
+/// A run to insert.
+#[derive(Debug, Clone)]
+pub struct NewRun {
+    /// Its task.
+    pub task: TaskName,
+    /// What caused it.
+    pub trigger: Trigger,
+    /// The nominal tick (the request time for manual runs).
+    pub scheduled_for: Instant,
+    /// Attempts in all.
+    pub max_attempts: u32,
+    /// Bypass the dependency check.
+    pub force: bool,
+    /// On success, trigger the tasks that depend on this one.
+    pub downstream: bool,
+    /// The root run of the cascade this run belongs to.
+    pub cascade: Option<RunId>,
+}
+
+/// Fields a transition may set besides the state.
+#[derive(Debug, Clone, Default)]
+pub struct Change {
+    /// Exit code of the attempt that ended.
+    pub exit_code: Option<i32>,
+    /// Error text (the last failure).
+    pub error: Option<String>,
+    /// Why skipped / aborted / orphaned / queued again.
+    pub reason: Option<String>,
+    /// Owner instance, for `→ running`.
+    pub owner: Option<String>,
+    /// When the next attempt is due, for `→ retry_wait`.
+    pub next_attempt_at: Option<Instant>,
+    /// Raise `max_attempts` by one (an attempt cut short by shutdown does not count).
+    pub refund_attempt: bool,
+}
+
+/// One run as stored.
+#[derive(Debug, Clone)]
+pub struct RunRow {
+    /// Id.
+    pub id: RunId,
+    /// Task.
+    pub task: TaskName,
+    /// Cause.
+    pub trigger: Trigger,
+    /// Nominal tick.
+    pub scheduled_for: Instant,
+    /// Claimed at.
+    pub queued_at: Instant,
+    /// First attempt started at.
+    pub started_at: Option<Instant>,
+    /// Reached its terminal state at.
+    pub finished_at: Option<Instant>,
+    /// State.
+    pub state: RunState,
+    /// Attempts started so far.
+    pub attempt: Attempt,
+    /// Attempts allowed.
+    pub max_attempts: u32,
+    /// Next attempt due (retry_wait).
+    pub next_attempt_at: Option<Instant>,
+    /// Last exit code.
+    pub exit_code: Option<i32>,
+    /// Last error.
+    pub error: Option<String>,
+    /// Why skipped / aborted / orphaned.
+    pub reason: Option<String>,
+    /// 0..=100.
+    pub progress: Option<f64>,
+    /// Handler-defined phase name.
+    pub phase: Option<String>,
+    /// Last checkpoint (opaque text).
+    pub checkpoint: Option<String>,
+    /// Result (opaque text, JSON from the worker).
+    pub result: Option<String>,
+    /// Instance running it.
+    pub owner: Option<String>,
+    /// Child pid (= process group).
+    pub pid: Option<i64>,
+    /// Last heartbeat.
+    pub heartbeat_at: Option<Instant>,
+    /// Abort asked for.
+    pub abort_requested: bool,
+    /// Dependency check bypassed.
+    pub force: bool,
+    /// Triggers downstream tasks on success.
+    pub downstream: bool,
+    /// Root of its cascade.
+    pub cascade: Option<RunId>,
+}
+
+/// One attempt as stored.
+#[derive(Debug, Clone)]
+pub struct AttemptRow {
+    /// Its number.
+    pub attempt: Attempt,
+    /// Start.
+    pub started_at: Instant,
+    /// End.
+    pub finished_at: Option<Instant>,
+    /// A run state name, or `interrupted`.
+    pub outcome: Option<String>,
+    /// Exit code.
+    pub exit_code: Option<i32>,
+    /// Error text.
+    pub error: Option<String>,
+    /// Child pid.
+    pub pid: Option<i64>,
+}
+
+/// One event of the persisted log.
+#[derive(Debug, Clone)]
+pub struct EventRow {
+    /// Sequence number: strictly increasing, never reused.
+    pub seq: i64,
+    /// When.
+    pub at: Instant,
+    /// e.g. `run_started`.
+    pub kind: String,
+    /// Task, if about one.
+    pub task: Option<String>,
+    /// Run, if about one.
+    pub run_id: Option<RunId>,
+    /// Attempt, if about one.
+    pub attempt: Option<Attempt>,
+    /// Human text.
+    pub message: String,
+}
+
+/// Per-task persisted state.
+#[derive(Debug, Clone, Default)]
+pub struct TaskStateRow {
+    /// Paused tasks do not fire on schedule.
+    pub paused: bool,
+    /// The latest tick claimed.
+    pub last_fire_at: Option<Instant>,
+    /// The earliest tick not yet claimed.
+    pub next_fire_at: Option<Instant>,
+    /// The expression `next_fire_at` was computed from.
+    pub schedule: Option<String>,
+}
+
+/// A serving instance as registered.
+#[derive(Debug, Clone)]
+pub struct InstanceRow {
+    /// Random id.
+    pub id: String,
+    /// OS pid.
+    pub pid: i64,
+    /// Host name.
+    pub host: String,
+    /// Last heartbeat.
+    pub heartbeat_at: Instant,
+    /// Set on clean shutdown.
+    pub stopped_at: Option<Instant>,
+}
+
+/// Filter for [`Store::runs`].
+#[derive(Debug, Clone, Default)]
+pub struct RunFilter {
+    /// Only this task.
+    pub task: Option<String>,
+    /// Only this state.
+    pub state: Option<RunState>,
+    /// Only runs with id below this (pagination cursor).
+    pub before: Option<RunId>,
+    /// At most this many, newest first.
+    pub limit: usize,
+}
+
+/// What [`Store::request_abort`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AbortOutcome {
+    /// It had not started: it is aborted now.
+    AbortedNow,
+    /// It is running: its engine will stop it within a heartbeat interval.
+    Requested,
+    /// It had already finished in this state.
+    AlreadyFinished(RunState),
+}
+
+/// The façade over one SQLite file. Cheap to clone; calls are serialized.
+#[derive(Clone)]
+pub struct Store {
+    connection: Arc<Mutex<Connection>>,
+    path: PathBuf,
+}
+
+const RUN_COLUMNS: &str =
+    "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
+    attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+
+impl Store {
+    /// Opens (creating if needed, with its folder) the database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let fail = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|err| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(err))))?;
+        }
+        let connection = Connection::open(path).map_err(fail)?;
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(fail)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(fail)?;
+        connection.execute_batch(SCHEMA).map_err(fail)?;
+        connection
+            .execute(
+                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
+                [SCHEMA_VERSION],
+            )
+            .map_err(fail)?;
+        Ok(Store {
+            connection: Arc::new(Mutex::new(connection)),
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (the open
+        // transaction rolls back when dropped), so a poisoned lock is safe to reuse.
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write<T>(
+        &self,
+        body: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut connection = self.lock();
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let value = body(&tx)?;
+        tx.commit()?;
+        Ok(value)
+    }
+
+    /// Claims one scheduled or catch-up tick of a task and queues its run.
+    ///
+    /// Promise: at most one run exists per task and tick for triggers `schedule` and
+    /// `catchup`, however many engines try and however often the service restarts. How:
+    /// the partial unique index `runs_claim` on `(task, scheduled_for)`, inside a
+    /// `BEGIN IMMEDIATE` transaction; the loser gets [`StoreError::AlreadyClaimed`] and
+    /// must not run the tick. The same transaction moves the task's `next_fire_at` on to
+    /// `next_fire_at`, so a restart resumes after the claimed tick.
+    pub fn claim_fire(
+        &self,
+        run: &NewRun,
+        now: Instant,
+        next_fire_at: Option<Instant>,
+    ) -> Result<RunId, StoreError> {
+        self.write(|tx| {
+            let id = insert_run(tx, run, now).map_err(|err| match err {
+                rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
+                    StoreError::AlreadyClaimed {
+                        task: run.task.clone(),
+                        scheduled_for: run.scheduled_for,
+                    }
+                }
+                other => StoreError::Sql(other),
+            })?;
+            tx.execute(
+                "INSERT INTO task_state(task, last_fire_at, next_fire_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
+                params![run.task.as_str(), to_micros(run.scheduled_for), next_fire_at.map(to_micros)],
+            )?;
+            Ok(id)
+        })
+    }
+
+    /// Queues a run that is not a scheduled tick (manual, downstream, retry).
+    pub fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        self.write(|tx| Ok(insert_run(tx, run, now)?))
+    }
+
+    /// Moves run `run` from `from` at attempt `attempt` to `to`: the only writer of a
+    /// run's state.
+    ///
+    /// Promise: the move happens only if it is legal ([`RunState::can_become`]) and the
+    /// run is still exactly in `from` at `attempt`; otherwise nothing is written and the
+    /// error says what was found ([`StoreError::Fenced`]), so an orphaned worker cannot
+    /// overwrite the attempt that replaced it. Entering `running` starts attempt
+    /// `attempt + 1` (returned) and records it in the attempts history; leaving `running`
+    /// closes it. The matching event is appended in the same transaction.
+    pub fn transition(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        from: RunState,
+        to: RunState,
+        change: &Change,
+        now: Instant,
+    ) -> Result<Attempt, StoreError> {
+        self.write(|tx| transition_in(tx, run, attempt, from, to, change, now))
+    }
+
+    /// Records progress of a running attempt (ignored if the attempt is no longer current).
+    pub fn record_progress(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        percent: f64,
+        phase: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            let changed = tx.execute(
+                "UPDATE runs SET progress = ?3, phase = COALESCE(?4, phase), heartbeat_at = ?5
+                 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+                params![run.0, attempt.0, percent, phase, to_micros(now)],
+            )?;
+            if changed > 0 {
+                let message = match phase {
+                    Some(phase) => format!("{percent:.0}% {phase}"),
+                    None => format!("{percent:.0}%"),
+                };
+                append_event(
+                    tx,
+                    now,
+                    "run_progress",
+                    None,
+                    Some(run),
+                    Some(attempt),
+                    &message,
+                )?;
+            }
+            Ok(changed > 0)
+        })
+    }
+
+    /// Stores the latest checkpoint of a running attempt.
+    pub fn record_checkpoint(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        checkpoint: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE runs SET checkpoint = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+                params![run.0, attempt.0, checkpoint],
+            )? > 0)
+        })
+    }
+
+    /// Stores the result a running attempt reported.
+    pub fn record_result(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        result: &str,
+    ) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            Ok(tx.execute(
+                "UPDATE runs SET result = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+                params![run.0, attempt.0, result],
+            )? > 0)
+        })
+    }
+
+    /// Stores the pid (= process group) of a running attempt's child.
+    pub fn record_pid(&self, run: RunId, attempt: Attempt, pid: u32) -> Result<bool, StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE attempts SET pid = ?3 WHERE run_id = ?1 AND attempt = ?2",
+                params![run.0, attempt.0, pid],
+            )?;
+            Ok(tx.execute(
+                "UPDATE runs SET pid = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+                params![run.0, attempt.0, pid],
+            )? > 0)
+        })
+    }
+
+    /// Records that instance `owner` is alive, and so are the attempts it runs.
+    ///
+    /// Promise: a running run whose `heartbeat_at` is older than the configured
+    /// `heartbeat_timeout` belongs to an owner that stopped beating; any instance may
+    /// then orphan it.
+    pub fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE instances SET heartbeat_at = ?2 WHERE id = ?1",
+                params![owner, to_micros(now)],
+            )?;
+            tx.execute(
+                "UPDATE runs SET heartbeat_at = ?2 WHERE owner = ?1 AND state = 'running'",
+                params![owner, to_micros(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Asks for run `run` to stop. A queued or waiting run is aborted at once; a
+    /// running one is flagged, and the engine that owns it stops it.
+    pub fn request_abort(
+        &self,
+        run: RunId,
+        reason: &str,
+        now: Instant,
+    ) -> Result<AbortOutcome, StoreError> {
+        self.write(|tx| {
+            let row = get_run(tx, run)?.ok_or(StoreError::NotFound(run))?;
+            match row.state {
+                RunState::Queued | RunState::RetryWait => {
+                    let change = Change {
+                        reason: Some(reason.to_string()),
+                        ..Change::default()
+                    };
+                    transition_in(
+                        tx,
+                        run,
+                        row.attempt,
+                        row.state,
+                        RunState::Aborted,
+                        &change,
+                        now,
+                    )?;
+                    Ok(AbortOutcome::AbortedNow)
+                }
+                RunState::Running | RunState::Orphaned => {
+                    tx.execute(
+                        "UPDATE runs SET abort_requested = 1, reason = ?2 WHERE id = ?1",
+                        params![run.0, reason],
+                    )?;
+                    Ok(AbortOutcome::Requested)
+                }
+                finished => Ok(AbortOutcome::AlreadyFinished(finished)),
+            }
+        })
+    }
+
+    /// Running runs of `owner` with an abort request.
+    pub fn abort_requests(&self, owner: &str) -> Result<Vec<RunId>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id FROM runs WHERE state = 'running' AND owner = ?1 AND abort_requested = 1",
+        )?;
+        let ids = statement
+            .query_map([owner], |row| row.get(0).map(RunId))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    /// One run.
+    pub fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        let connection = self.lock();
+        get_run(&connection, run)
+    }
+
+    /// Runs matching `filter`, newest first.
+    pub fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs
+             WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
+             ORDER BY id DESC LIMIT ?4"
+        ))?;
+        let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
+        let rows = statement.query_map(
+            params![
+                filter.task,
+                filter.state.map(|s| s.as_str()),
+                filter.before.map(|r| r.0),
+                limit
+            ],
+            |row| Ok(read_run(row)),
+        )?;
+        collect_runs(rows)
+    }
+
+    /// Runs in a state the engine must act on (queued, running, retry_wait, orphaned),
+    /// oldest first.
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned') ORDER BY id"
+        ))?;
+        let rows = statement.query_map([], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    /// Runs in `state`, oldest first.
+    pub fn runs_in_state(&self, state: RunState) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state = ?1 ORDER BY id"
+        ))?;
+        let rows = statement.query_map([state.as_str()], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    /// Queued runs with an id above `after`, oldest first: how an engine finds runs that
+    /// another process (the CLI) queued.
+    pub fn queued_after(&self, after: RunId) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' AND id > ?1 ORDER BY id"
+        ))?;
+        let rows = statement.query_map([after.0], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    /// The latest run of `task` that reached a terminal state other than `skipped`… or
+    /// `skipped` too: a skipped upstream is an unsatisfied one.
+    pub fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task = ?1
+               AND state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+             ORDER BY finished_at DESC, id DESC LIMIT 1"
+        ))?;
+        let row = statement
+            .query_row([task.as_str()], |row| Ok(read_run(row)))
+            .optional()?;
+        row.transpose()
+    }
+
+    /// Every run of the cascade rooted at `root`, oldest first.
+    pub fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE cascade = ?1 ORDER BY id"
+        ))?;
+        let rows = statement.query_map([root.0], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    /// The attempts history of a run.
+    pub fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid FROM attempts
+             WHERE run_id = ?1 ORDER BY attempt",
+        )?;
+        let rows = statement
+            .query_map([run.0], |row| {
+                Ok(AttemptRow {
+                    attempt: Attempt(row.get(0)?),
+                    started_at: from_micros(row.get(1)?),
+                    finished_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                    outcome: row.get(3)?,
+                    exit_code: row.get(4)?,
+                    error: row.get(5)?,
+                    pid: row.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Persisted state of `task` (defaults if never seen).
+    pub fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
+        )?;
+        let row = statement
+            .query_row([task.as_str()], |row| {
+                Ok(TaskStateRow {
+                    paused: row.get::<_, i64>(0)? != 0,
+                    last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
+                    next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                    schedule: row.get(3)?,
+                })
+            })
+            .optional()?;
+        Ok(row.unwrap_or_default())
+    }
+
+    /// Sets the earliest unclaimed tick of `task`, computed from `schedule`.
+    pub fn set_next_fire(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
+                params![task.as_str(), next.map(to_micros), schedule],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Pauses or resumes `task` (persisted across restarts), with its event.
+    pub fn set_paused(
+        &self,
+        task: &TaskName,
+        paused: bool,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO task_state(task, paused) VALUES (?1, ?2)
+                 ON CONFLICT(task) DO UPDATE SET paused = excluded.paused",
+                params![task.as_str(), paused as i64],
+            )?;
+            let kind = if paused {
+                "task_paused"
+            } else {
+                "task_resumed"
+            };
+            append_event(tx, now, kind, Some(task.as_str()), None, None, "")?;
+            Ok(())
+        })
+    }
+
+    /// Appends an event that is not a run state change.
+    pub fn record_event(
+        &self,
+        kind: &str,
+        task: Option<&str>,
+        run: Option<RunId>,
+        message: &str,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
+        self.write(|tx| append_event(tx, now, kind, task, run, None, message))
+    }
+
+    /// Events after sequence number `after`, oldest first, at most `limit`.
+    pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+        )?;
+        let rows = statement
+            .query_map(params![after, limit as i64], |row| {
+                Ok(EventRow {
+                    seq: row.get(0)?,
+                    at: from_micros(row.get(1)?),
+                    kind: row.get(2)?,
+                    task: row.get(3)?,
+                    run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
+                    attempt: row.get::<_, Option<u32>>(5)?.map(Attempt),
+                    message: row.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// Registers a serving instance.
+    pub fn register_instance(
+        &self,
+        id: &str,
+        pid: u32,
+        host: &str,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "INSERT INTO instances(id, pid, host, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?4)",
+                params![id, pid, host, to_micros(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Marks an instance as cleanly stopped.
+    pub fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE instances SET stopped_at = ?2 WHERE id = ?1",
+                params![id, to_micros(now)],
+            )?;
+            Ok(())
+        })
+    }
+
+    /// Instances not stopped whose heartbeat is newer than `now - timeout`.
+    pub fn live_instances(
+        &self,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, pid, host, heartbeat_at, stopped_at FROM instances
+             WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
+        )?;
+        let rows = statement
+            .query_map([to_micros(since)], read_instance)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    /// One instance.
+    pub fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, pid, host, heartbeat_at, stopped_at FROM instances WHERE id = ?1",
+        )?;
+        Ok(statement.query_row([id], read_instance).optional()?)
+    }
+
+    /// Row counts, for the CLI status line and the benchmark.
+    pub fn count_runs(&self, state: Option<RunState>) -> Result<i64, StoreError> {
+        let connection = self.lock();
+        Ok(connection.query_row(
+            "SELECT COUNT(*) FROM runs WHERE ?1 IS NULL OR state = ?1",
+            [state.map(|s| s.as_str())],
+            |row| row.get(0),
+        )?)
+    }
+}
+
+fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: row.get(0)?,
+        pid: row.get(1)?,
+        host: row.get(2)?,
+        heartbeat_at: from_micros(row.get(3)?),
+        stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
+    })
+}
+
+fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
+    tx.execute(
+        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
+        params![
+            run.task.as_str(),
+            run.trigger.as_str(),
+            to_micros(run.scheduled_for),
+            to_micros(now),
+            run.max_attempts.max(1),
+            run.force as i64,
+            run.downstream as i64,
+            run.cascade.map(|c| c.0),
+        ],
+    )?;
+    let id = RunId(tx.last_insert_rowid());
+    if run.downstream && run.cascade.is_none() {
+        tx.execute("UPDATE runs SET cascade = id WHERE id = ?1", [id.0])?;
+    }
+    let message = format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339());
+    append_event(
+        tx,
+        now,
+        "run_queued",
+        Some(run.task.as_str()),
+        Some(id),
+        Some(Attempt(0)),
+        &message,
+    )
+    .map_err(|err| match err {
+        StoreError::Sql(sql) => sql,
+        other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
+    })?;
+    Ok(id)
+}
+
+fn transition_in(
+    tx: &Transaction<'_>,
+    run: RunId,
+    attempt: Attempt,
+    from: RunState,
+    to: RunState,
+    change: &Change,
+    now: Instant,
+) -> Result<Attempt, StoreError> {
+    if !from.can_become(to) {
+        return Err(StoreError::IllegalTransition { run, from, to });
+    }
+    let now_micros = to_micros(now);
+    let starting = to == RunState::Running;
+    let new_attempt = if starting {
+        Attempt(attempt.0 + 1)
+    } else {
+        attempt
+    };
+    let finished_at = to.is_terminal().then_some(now_micros);
+    let changed = tx.execute(
+        "UPDATE runs SET
+            state = ?4,
+            attempt = ?5,
+            version = version + 1,
+            started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
+            finished_at = COALESCE(?8, finished_at),
+            exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
+            error = COALESCE(?10, error),
+            reason = COALESCE(?11, reason),
+            owner = CASE WHEN ?6 THEN ?12 WHEN ?4 = 'queued' THEN NULL ELSE owner END,
+            pid = CASE WHEN ?6 THEN NULL ELSE pid END,
+            heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
+            next_attempt_at = ?13,
+            progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
+            max_attempts = max_attempts + ?14
+         WHERE id = ?1 AND state = ?2 AND attempt = ?3",
+        params![
+            run.0,
+            from.as_str(),
+            attempt.0,
+            to.as_str(),
+            new_attempt.0,
+            starting,
+            now_micros,
+            finished_at,
+            change.exit_code,
+            change.error,
+            change.reason,
+            change.owner,
+            change.next_attempt_at.map(to_micros),
+            change.refund_attempt as i64,
+        ],
+    )?;
+    if changed == 0 {
+        let found = get_run(tx, run)?.ok_or(StoreError::NotFound(run))?;
+        return Err(StoreError::Fenced {
+            run,
+            expected_state: from,
+            expected_attempt: attempt,
+            found_state: found.state,
+            found_attempt: found.attempt,
+        });
+    }
+    if starting {
+        tx.execute(
+            "INSERT INTO attempts(run_id, attempt, started_at, owner) VALUES (?1, ?2, ?3, ?4)",
+            params![run.0, new_attempt.0, now_micros, change.owner],
+        )?;
+    } else if from == RunState::Running {
+        let outcome = if to == RunState::Queued {
+            "interrupted"
+        } else {
+            to.as_str()
+        };
+        tx.execute(
+            "UPDATE attempts SET finished_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
+             WHERE run_id = ?1 AND attempt = ?2",
+            params![
+                run.0,
+                attempt.0,
+                now_micros,
+                outcome,
+                change.exit_code,
+                change.error
+            ],
+        )?;
+    }
+    let task: String = tx.query_row("SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
+        row.get(0)
+    })?;
+    let kind = match to {
+        RunState::Queued => "run_requeued",
+        RunState::Running => "run_started",
+        RunState::RetryWait => "run_retrying",
+        RunState::Orphaned => "run_orphaned",
+        RunState::Succeeded => "run_succeeded",
+        RunState::Failed => "run_failed",
+        RunState::TimedOut => "run_timed_out",
+        RunState::Aborted => "run_aborted",
+        RunState::Skipped => "run_skipped",
+    };
+    let mut message = String::new();
+    for part in [change.reason.as_deref(), change.error.as_deref()]
+        .into_iter()
+        .flatten()
+    {
+        if !message.is_empty() {
+            message.push_str("; ");
+        }
+        message.push_str(part);
+    }
+    if let Some(at) = change.next_attempt_at {
+        message = format!("{message} (next attempt at {})", at.to_rfc3339())
+            .trim()
+            .to_string();
+    }
+    append_event(
+        tx,
+        now,
+        kind,
+        Some(&task),
+        Some(run),
+        Some(new_attempt),
+        &message,
+    )?;
+    Ok(new_attempt)
+}
+
+fn append_event(
+    tx: &Transaction<'_>,
+    now: Instant,
+    kind: &str,
+    task: Option<&str>,
+    run: Option<RunId>,
+    attempt: Option<Attempt>,
+    message: &str,
+) -> Result<i64, StoreError> {
+    let task = match (task, run) {
+        (Some(task), _) => Some(task.to_string()),
+        (None, Some(run)) => tx
+            .query_row("SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
+                row.get(0)
+            })
+            .optional()?,
+        (None, None) => None,
+    };
+    tx.execute(
+        "INSERT INTO events(at, kind, task, run_id, attempt, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![to_micros(now), kind, task, run.map(|r| r.0), attempt.map(|a| a.0), message],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn get_run(connection: &Connection, run: RunId) -> Result<Option<RunRow>, StoreError> {
+    let mut statement =
+        connection.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?;
+    let row = statement
+        .query_row([run.0], |row| Ok(read_run(row)))
+        .optional()?;
+    row.transpose()
+}
+
+fn collect_runs(
+    rows: impl Iterator<Item = rusqlite::Result<Result<RunRow, StoreError>>>,
+) -> Result<Vec<RunRow>, StoreError> {
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+fn read_run(row: &Row<'_>) -> Result<RunRow, StoreError> {
+    let id = RunId(row.get(0)?);
+    let trigger_text: String = row.get(2)?;
+    let state_text: String = row.get(7)?;
+    let trigger = Trigger::parse(&trigger_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: trigger_text.clone(),
+    })?;
+    let state = RunState::parse(&state_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: state_text.clone(),
+    })?;
+    let instant = |index: usize| -> rusqlite::Result<Option<Instant>> {
+        Ok(row.get::<_, Option<i64>>(index)?.map(from_micros))
+    };
+    Ok(RunRow {
+        id,
+        task: TaskName(row.get(1)?),
+        trigger,
+        scheduled_for: from_micros(row.get(3)?),
+        queued_at: from_micros(row.get(4)?),
+        started_at: instant(5)?,
+        finished_at: instant(6)?,
+        state,
+        attempt: Attempt(row.get(8)?),
+        max_attempts: row.get(9)?,
+        next_attempt_at: instant(10)?,
+        exit_code: row.get(11)?,
+        error: row.get(12)?,
+        reason: row.get(13)?,
+        progress: row.get(14)?,
+        phase: row.get(15)?,
+        checkpoint: row.get(16)?,
+        result: row.get(17)?,
+        owner: row.get(18)?,
+        pid: row.get(19)?,
+        heartbeat_at: instant(20)?,
+        abort_requested: row.get::<_, i64>(21)? != 0,
+        force: row.get::<_, i64>(22)? != 0,
+        downstream: row.get::<_, i64>(23)? != 0,
+        cascade: row.get::<_, Option<i64>>(24)?.map(RunId),
+    })
+}
+
+#[cfg(test)]
+mod tests;
