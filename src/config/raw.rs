@@ -212,7 +212,9 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut scheduler: Option<RawScheduler> = None;
     let mut api: Option<RawApi> = None;
     let mut defaults = RawTask::default();
-    let mut tasks: Vec<(Spanned<String>, Range<usize>, RawTask)> = Vec::new();
+    // (name, span of its key, the task if it decoded): a task that failed to decode keeps
+    // its name known, so dependencies on it are not reported as well.
+    let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
     for (key, value) in document.into_inner() {
         let name = key.get_ref().to_string();
         match name.as_str() {
@@ -233,16 +235,8 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
                     let task_name = task_key.get_ref().to_string();
                     let task_span = task_key.span();
                     let path = format!("tasks.{task_name}");
-                    if let Some(task) = report.decode::<RawTask>(task_value, &path) {
-                        tasks.push((Spanned::new(task_span.clone(), task_name), task_span, task));
-                    } else {
-                        // Keep the name known so dependencies on it are not reported too.
-                        tasks.push((
-                            Spanned::new(task_span.clone(), task_name),
-                            task_span,
-                            RawTask::default(),
-                        ));
-                    }
+                    let task = report.decode::<RawTask>(task_value, &path);
+                    tasks.push((Spanned::new(task_span.clone(), task_name), task_span, task));
                 }
             }
             other => {
@@ -272,6 +266,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut specs = BTreeMap::new();
     let mut dependency_spans: BTreeMap<String, Range<usize>> = BTreeMap::new();
     for (name, span, task) in &tasks {
+        let Some(task) = task else { continue };
         if let Some(spec) = resolve_task(
             &mut report,
             name,
@@ -299,7 +294,10 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             report.error(
                 span,
                 &format!("tasks.{first}.depends_on"),
-                format!("dependency cycle: {}", cycle.join(" -> ")),
+                format!(
+                    "dependency cycle: {} (each task depends on the next)",
+                    cycle.join(" -> ")
+                ),
             );
             Vec::new()
         }
@@ -744,7 +742,7 @@ fn order_tasks(specs: &BTreeMap<TaskName, TaskSpec>) -> Result<Vec<TaskName>, Ve
             return Err(path.iter().map(|n| n.0.clone()).collect());
         };
         if let Some(pos) = path.iter().position(|n| *n == up) {
-            let mut cycle: Vec<String> = path[pos..].iter().rev().map(|n| n.0.clone()).collect();
+            let mut cycle: Vec<String> = path[pos..].iter().map(|n| n.0.clone()).collect();
             cycle.push(cycle[0].clone());
             return Err(cycle);
         }
@@ -771,7 +769,7 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
     let field = rest[..end].to_string();
     let expected = rest[end..]
         .split('`')
-        .skip(1)
+        .skip(2)
         .step_by(2)
         .map(str::to_string)
         .collect();

@@ -1,1 +1,351 @@
+//! TOML in, `Config` or errors out. Each error is written as the operator sees it.
 
+use std::path::Path;
+use std::time::Duration;
+
+use super::*;
+
+const FILE: &str = "config/scheduler.toml";
+
+/// `text` must be refused with exactly `expected` (without the file name prefix).
+fn check_errors(text: &str, expected: &[&str]) {
+    let errors = parse(text, Path::new(FILE)).expect_err("config should be refused");
+    let got: Vec<String> = errors
+        .0
+        .iter()
+        .map(|e| {
+            e.to_string()
+                .trim_start_matches(&format!("{FILE}:"))
+                .to_string()
+        })
+        .collect();
+    assert_eq!(got, expected, "\n--- config ---\n{text}");
+}
+
+fn check_ok(text: &str) -> Config {
+    match parse(text, Path::new(FILE)) {
+        Ok(config) => config,
+        Err(errors) => panic!("config refused:\n{errors}"),
+    }
+}
+
+const PING: &str = "[tasks.a]\nhandler = \"ping\"\n";
+
+#[test]
+fn a_minimal_task_gets_every_default() {
+    let config = check_ok(PING);
+    let task = config.task("a").unwrap();
+    assert_eq!(task.handler, Handler::Builtin("ping".into()));
+    assert!(task.schedule.is_none());
+    assert_eq!(task.timeout, Duration::from_secs(3600));
+    assert_eq!(task.retries, 0);
+    assert_eq!(task.misfire, MisfirePolicy::RunOnce);
+    assert_eq!(task.overlap, Overlap::Skip);
+    assert!(task.enabled);
+    assert_eq!(config.scheduler.max_workers, 4);
+    assert_eq!(config.scheduler.timezone, chrono_tz::UTC);
+    assert_eq!(config.hash.len(), 64);
+}
+
+#[test]
+fn defaults_apply_to_every_task_and_a_task_overrides_them() {
+    let config = check_ok(
+        r#"
+[scheduler]
+timezone = "Europe/Berlin"
+[defaults]
+timeout = "90m"
+retries = 2
+retry_backoff = { initial = "1s", factor = 3.0 }
+[tasks.a]
+handler = "ping"
+schedule = "0 30 2 * * *"
+[tasks.b]
+handler = "ping"
+timeout = "5s"
+timezone = "America/New_York"
+retry_backoff = { max = "20s", jitter = false }
+"#,
+    );
+    let a = config.task("a").unwrap();
+    let b = config.task("b").unwrap();
+    assert_eq!(a.timeout, Duration::from_secs(5400));
+    assert_eq!(b.timeout, Duration::from_secs(5));
+    assert_eq!((a.retries, b.retries), (2, 2));
+    assert_eq!(a.timezone, chrono_tz::Europe::Berlin);
+    assert_eq!(b.timezone, chrono_tz::America::New_York);
+    assert_eq!(
+        b.backoff,
+        Backoff {
+            initial: Duration::from_secs(1),
+            factor: 3.0,
+            max: Duration::from_secs(20),
+            jitter: false
+        }
+    );
+}
+
+#[test]
+fn commands_are_argv_unless_shell_is_asked_for() {
+    let config = check_ok(
+        r#"
+[tasks.argv]
+command = ["/bin/echo", "hello world"]
+cwd = "/tmp"
+env = { GREETING = "hi" }
+[tasks.line]
+command = "echo $HOME | wc -c"
+shell = true
+"#,
+    );
+    let Handler::Command(argv) = &config.task("argv").unwrap().handler else {
+        panic!("not a command")
+    };
+    assert_eq!(argv.argv, vec!["/bin/echo", "hello world"]);
+    assert!(!argv.shell);
+    assert_eq!(argv.env.get("GREETING").map(String::as_str), Some("hi"));
+    let Handler::Command(line) = &config.task("line").unwrap().handler else {
+        panic!("not a command")
+    };
+    assert!(line.shell);
+}
+
+#[test]
+fn unknown_keys_are_refused_with_a_suggestion() {
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\ntimout = \"5m\"\n",
+        &["3:1: tasks.a.timout: unknown key (did you mean \"timeout\"?)"],
+    );
+    check_errors(
+        "[schedular]\n",
+        &["1:2: schedular: unknown section (did you mean [scheduler]?)"],
+    );
+    check_errors(
+        "[scheduler]\nmax_worker = 3\n",
+        &["2:1: scheduler.max_worker: unknown key (did you mean \"max_workers\"?)"],
+    );
+}
+
+#[test]
+fn a_bad_cron_expression_is_refused_at_its_value() {
+    let errors = parse(
+        &format!("{PING}schedule = \"61 * * * *\"\n"),
+        Path::new(FILE),
+    )
+    .unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    let err = &errors.0[0];
+    assert_eq!(
+        (err.line, err.column, err.key.as_str()),
+        (3, 12, "tasks.a.schedule")
+    );
+    assert!(
+        err.message
+            .starts_with("invalid cron expression \"61 * * * *\""),
+        "{}",
+        err.message
+    );
+}
+
+#[test]
+fn a_bad_duration_says_what_was_expected_and_found() {
+    check_errors(
+        "[tasks.training]\nhandler = \"ping\"\ntimeout = \"2 hourz\"\n",
+        &["3:11: tasks.training.timeout: expected a duration such as \"90m\", found \"2 hourz\""],
+    );
+}
+
+#[test]
+fn an_unknown_handler_is_refused_with_a_suggestion() {
+    check_errors(
+        "[tasks.training]\nhandler = \"pnig\"\n",
+        &["2:11: tasks.training.handler: unknown handler \"pnig\" for task training (did you mean \"ping\"?)"],
+    );
+}
+
+#[test]
+fn an_unknown_dependency_is_refused_at_its_name() {
+    check_errors(
+        "[tasks.ingestion]\nhandler = \"ping\"\n[tasks.training]\nhandler = \"ping\"\ndepends_on = [\"ingestoin\"]\n",
+        &["5:15: tasks.training.depends_on: unknown task \"ingestoin\" (did you mean \"ingestion\"?)"],
+    );
+}
+
+#[test]
+fn a_dependency_cycle_is_named_in_full() {
+    check_errors(
+        r#"[tasks.a]
+handler = "ping"
+depends_on = ["c"]
+[tasks.b]
+handler = "ping"
+depends_on = ["a"]
+[tasks.c]
+handler = "ping"
+depends_on = ["b"]
+"#,
+        &["3:15: tasks.a.depends_on: dependency cycle: a -> c -> b -> a (each task depends on the next)"],
+    );
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\ndepends_on = [\"a\"]\n",
+        &["3:15: tasks.a.depends_on: dependency cycle: a -> a (each task depends on the next)"],
+    );
+}
+
+#[test]
+fn a_bad_time_zone_is_refused() {
+    check_errors(
+        "[scheduler]\ntimezone = \"America/Gotham\"\n",
+        &["2:12: scheduler.timezone: expected an IANA time zone such as \"America/New_York\", found \"America/Gotham\""],
+    );
+}
+
+#[test]
+fn bad_enumerations_list_the_choices() {
+    check_errors(
+        &format!("{PING}misfire = \"sometimes\"\noverlap = \"stack\"\n"),
+        &[
+            "3:11: tasks.a.misfire: expected one of \"run_once\", \"skip\", \"run_all\", found \"sometimes\"",
+            "4:11: tasks.a.overlap: expected one of \"skip\", \"queue\", \"replace\", found \"stack\"",
+        ],
+    );
+}
+
+#[test]
+fn a_wrong_value_type_is_refused_at_the_value() {
+    let errors = parse(&format!("{PING}retries = \"three\"\n"), Path::new(FILE)).unwrap_err();
+    let err = &errors.0[0];
+    assert_eq!((err.line, err.key.as_str()), (3, "tasks.a"));
+    assert!(err.message.contains("invalid type"), "{}", err.message);
+}
+
+#[test]
+fn a_command_string_without_shell_is_refused_and_the_fix_is_offered() {
+    check_errors(
+        "[tasks.a]\ncommand = \"rm -rf /tmp/x\"\n",
+        &["2:11: tasks.a.command: expected an array of arguments such as [\"/bin/echo\", \"hi\"], found the string \"rm -rf /tmp/x\"; set shell = true to run a command line through /bin/sh"],
+    );
+}
+
+#[test]
+fn a_task_without_handler_or_command_is_refused() {
+    let errors = parse("[tasks.a]\nschedule = \"@daily\"\n", Path::new(FILE)).unwrap_err();
+    assert_eq!(errors.0[0].key, "tasks.a");
+    assert!(
+        errors.0[0].message.starts_with("no handler"),
+        "{}",
+        errors.0[0].message
+    );
+}
+
+#[test]
+fn invalid_toml_is_refused_with_its_place() {
+    let errors = parse("[tasks.a]\nhandler = \"ping\n", Path::new(FILE)).unwrap_err();
+    assert_eq!(errors.0.len(), 1);
+    assert_eq!(errors.0[0].line, 2);
+    assert!(
+        errors.0[0].message.starts_with("invalid TOML"),
+        "{}",
+        errors.0[0].message
+    );
+}
+
+#[test]
+fn every_error_in_the_file_is_reported_not_only_the_first() {
+    let errors = parse(
+        r#"[tasks.a]
+handler = "ping"
+timeout = "soon"
+[tasks.b]
+handler = "pong"
+[tasks.c]
+handler = "ping"
+schedule = "every day"
+"#,
+        Path::new(FILE),
+    )
+    .unwrap_err();
+    let lines: Vec<usize> = errors.0.iter().map(|e| e.line).collect();
+    assert_eq!(lines, vec![3, 5, 8]);
+}
+
+#[test]
+fn scheduler_limits_are_checked() {
+    check_errors(
+        "[scheduler]\nmax_workers = 0\n",
+        &["2:15: scheduler.max_workers: expected a whole number of at least 1, found 0"],
+    );
+    check_errors(
+        "[scheduler]\nheartbeat_interval = \"10s\"\nheartbeat_timeout = \"5s\"\n",
+        &["3:21: scheduler.heartbeat_timeout: must be longer than heartbeat_interval (10s), found 5s"],
+    );
+}
+
+#[test]
+fn an_unreadable_file_is_an_error_without_a_place() {
+    let err = load(Path::new("/nonexistent/scheduler.toml")).unwrap_err();
+    assert!(
+        err.to_string()
+            .starts_with("/nonexistent/scheduler.toml: cannot read config file"),
+        "{err}"
+    );
+}
+
+#[test]
+fn downstream_tasks_come_in_dependency_order() {
+    let config = check_ok(
+        r#"
+[tasks.ingestion]
+handler = "ping"
+[tasks.training]
+handler = "ping"
+depends_on = ["ingestion"]
+[tasks.predictions]
+handler = "ping"
+depends_on = ["training"]
+[tasks.backtest]
+handler = "ping"
+depends_on = ["ingestion"]
+[tasks.drift]
+handler = "ping"
+depends_on = ["training", "backtest"]
+[tasks.maintenance]
+handler = "ping"
+"#,
+    );
+    let names = |tasks: Vec<TaskName>| tasks.into_iter().map(|t| t.0).collect::<Vec<_>>();
+    assert_eq!(
+        names(config.downstream_of(&TaskName::from("ingestion"))),
+        vec!["backtest", "training", "drift", "predictions"]
+    );
+    assert_eq!(
+        names(config.downstream_of(&TaskName::from("backtest"))),
+        vec!["drift"]
+    );
+}
+
+#[test]
+fn backoff_grows_by_its_factor_up_to_its_cap() {
+    let backoff = Backoff {
+        initial: Duration::from_secs(1),
+        factor: 2.0,
+        max: Duration::from_secs(5),
+        jitter: false,
+    };
+    let delays: Vec<u64> = (1..=5).map(|n| backoff.delay(n).as_secs()).collect();
+    assert_eq!(delays, vec![1, 2, 4, 5, 5]);
+    let jittered = Backoff {
+        jitter: true,
+        ..backoff
+    };
+    for attempt in 1..=5 {
+        assert!(jittered.delay(attempt) <= backoff.ceiling(attempt));
+    }
+}
+
+#[test]
+fn the_shipped_config_is_valid() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/scheduler.toml");
+    let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
+    assert!(!config.tasks.is_empty());
+}
