@@ -1,0 +1,105 @@
+//! The command line as an operator uses it.
+
+use crate::support::*;
+
+#[test]
+fn validate_prints_every_error_with_file_line_and_column_and_exits_1() {
+    let sandbox = Sandbox::with_config(
+        "[tasks.training]\nhandler = \"trian\"\ntimeout = \"2 hourz\"\n[tasks.predictions]\nhandler = \"ping\"\ndepends_on = [\"traning\"]\n",
+    );
+    let output = sandbox.cli(&["validate"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    assert!(text.contains("config/scheduler.toml:2:11: tasks.training.handler: unknown handler \"trian\" for task training (known handlers: command, ping)"), "{text}");
+    assert!(text.contains("config/scheduler.toml:3:11: tasks.training.timeout: expected a duration such as \"90m\", found \"2 hourz\""), "{text}");
+    assert!(text.contains("config/scheduler.toml:6:15: tasks.predictions.depends_on: unknown task \"traning\" (did you mean \"training\"?)"), "{text}");
+    assert!(text.contains("3 error(s)"), "{text}");
+}
+
+#[test]
+fn validate_accepts_the_shipped_config_and_any_other_file() {
+    let sandbox = Sandbox::new("[tasks.a]\nhandler = \"ping\"\n");
+    let shipped = concat!(env!("CARGO_MANIFEST_DIR"), "/config/scheduler.toml");
+    let output = sandbox.cli(&["validate", shipped]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(stdout(&output).contains("ok"));
+}
+
+#[test]
+fn serve_refuses_a_bad_config_with_exit_code_2() {
+    let sandbox = Sandbox::with_config("[tasks.a]\nhandler = \"ping\"\nschedule = \"every day\"\n");
+    let output = sandbox.cli(&["serve"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output)
+            .contains("config/scheduler.toml:3:12: tasks.a.schedule: invalid cron expression"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn next_lists_fire_times_in_the_task_zone() {
+    let sandbox = Sandbox::new("[tasks.close]\nhandler = \"ping\"\nschedule = \"0 30 16 * * Mon-Fri\"\ntimezone = \"America/New_York\"\n");
+    let output = sandbox.cli(&["next", "close", "-n", "3"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(lines.len(), 3, "{text}");
+    for line in lines {
+        assert!(line.contains("16:30:00 E"), "{line}");
+    }
+}
+
+#[test]
+fn an_unknown_task_lists_the_known_ones() {
+    let sandbox = Sandbox::new(
+        "[tasks.ingestion]\nhandler = \"ping\"\n[tasks.training]\nhandler = \"ping\"\n",
+    );
+    let output = sandbox.cli(&["run", "ingest"]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("unknown task \"ingest\" (known tasks: ingestion, training)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn run_json_runs_and_show_report_times_state_trigger_and_attempts() {
+    let sandbox = Sandbox::new(
+        "[tasks.hello]\nhandler = \"ping\"\nparams = { sleep_sec = 0.1, progress = true }\n",
+    );
+    let (code, value) = sandbox.cli_json(&["run", "hello", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let run = &value["runs"][0];
+    assert_eq!(run["state"], "succeeded");
+    assert_eq!(run["trigger"], "manual");
+    assert_eq!(run["attempts"], 1);
+    assert_eq!(run["result"]["attempt"], 1);
+    for field in ["scheduled_for", "started_at", "finished_at"] {
+        assert!(
+            run[field].as_str().is_some_and(|t| t.ends_with('Z')),
+            "{field}: {run}"
+        );
+    }
+    let (_, listed) = sandbox.cli_json(&["runs", "--task", "hello", "--json"]);
+    assert_eq!(listed[0]["id"], run["id"]);
+    let (_, shown) = sandbox.cli_json(&["show", &run["id"].to_string(), "--json"]);
+    assert_eq!(shown["attempts_history"][0]["outcome"], "succeeded");
+    assert_eq!(shown["progress"], 100.0);
+
+    let table = stdout(&sandbox.cli(&["status"]));
+    assert!(table.contains("service: not running"), "{table}");
+    assert!(
+        table.contains("hello") && table.contains("succeeded"),
+        "{table}"
+    );
+    let bad = sandbox.cli(&["runs", "--state", "finished"]);
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(
+        stderr(&bad).contains("unknown state \"finished\""),
+        "{}",
+        stderr(&bad)
+    );
+}

@@ -1,0 +1,9 @@
+//! Integration tests: the real `turbosched` binary, real SQLite files, real child
+//! processes, each test in its own folder. One test binary for all of them, to keep
+//! link time down.
+
+mod cli;
+mod recovery;
+mod scheduling;
+mod supervision;
+mod support;

@@ -1,0 +1,156 @@
+//! Crash and shutdown: kill -9 mid-run, SIGTERM with work in flight.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use turbosched::model::{RunState, Trigger};
+
+use crate::support::*;
+
+#[test]
+fn kill_9_during_a_run_then_restart_orphans_and_retries_it_none_lost_none_doubled() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.long]
+handler = "ping"
+params = { sleep_sec = 2.0 }
+retries = 1
+[tasks.ticker]
+handler = "ping"
+schedule = "* * * * * *"
+misfire = "run_all"
+"#,
+    );
+    let service = sandbox.serve();
+    let run = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    sandbox.wait_for_state(run, RunState::Running, Duration::from_secs(10));
+    let first_pid = wait_until("worker pid recorded", Duration::from_secs(10), || {
+        sandbox.run(run).pid
+    });
+    wait_until("a few ticks", Duration::from_secs(10), || {
+        (sandbox.runs_of("ticker").len() >= 2).then_some(())
+    });
+    service.kill9();
+    assert!(
+        process_alive(first_pid),
+        "the worker outlives a kill -9 of the service"
+    );
+    assert_eq!(
+        sandbox.run(run).state,
+        RunState::Running,
+        "the store still says running"
+    );
+    // Stay down until the ticker's next persisted tick has passed: it is missed for sure.
+    let next_tick = sandbox
+        .store()
+        .task_state(&"ticker".into())
+        .unwrap()
+        .next_fire_at
+        .unwrap();
+    wait_until("a tick missed while down", Duration::from_secs(5), || {
+        (chrono::Utc::now() > next_tick + chrono::Duration::milliseconds(100)).then_some(())
+    });
+
+    let service = sandbox.serve();
+    let done = sandbox.wait_for_state(run, RunState::Succeeded, Duration::from_secs(30));
+    wait_until("ticks after the restart", Duration::from_secs(10), || {
+        (sandbox
+            .runs_of("ticker")
+            .iter()
+            .filter(|r| r.started_at.is_some_and(|s| s > done.finished_at.unwrap()))
+            .count()
+            >= 1)
+            .then_some(())
+    });
+    service.stop();
+
+    assert!(
+        !process_alive(first_pid),
+        "the orphaned worker's process group was killed"
+    );
+    assert_eq!(
+        sandbox.runs_of("long").len(),
+        1,
+        "one run, retried in place: none doubled"
+    );
+    assert_eq!(done.attempt.0, 2);
+    let outcomes: Vec<String> = sandbox
+        .store()
+        .attempts(run)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome.unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, vec!["orphaned", "succeeded"]);
+    let kinds = sandbox.event_kinds(run);
+    assert!(kinds.contains(&"run_orphaned".to_string()), "{kinds:?}");
+    assert!(
+        done.reason.as_deref().unwrap_or("").contains("is gone"),
+        "{:?}",
+        done.reason
+    );
+
+    let ticker = sandbox.runs_of("ticker");
+    let ticks: BTreeSet<_> = ticker.iter().map(|r| r.scheduled_for).collect();
+    assert_eq!(ticks.len(), ticker.len(), "no tick doubled");
+    let span = (*ticks.last().unwrap() - *ticks.first().unwrap()).num_seconds() as usize;
+    assert_eq!(ticker.len(), span + 1, "no tick lost across the crash");
+    assert!(
+        ticker.iter().any(|r| r.trigger == Trigger::Catchup),
+        "missed ticks were caught up"
+    );
+    assert!(ticker.iter().all(|r| r.state.is_terminal()));
+}
+
+#[test]
+fn graceful_shutdown_lets_short_work_finish_and_requeues_long_work() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.short]
+handler = "ping"
+params = { sleep_sec = 0.5 }
+[tasks.long]
+handler = "ping"
+params = { sleep_sec = 30.0 }
+"#,
+    );
+    let service = sandbox.serve();
+    let long = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    let short = run_id(&sandbox.cli_json(&["run", "short", "--json"]).1);
+    sandbox.wait_for_state(long, RunState::Running, Duration::from_secs(10));
+    sandbox.wait_for_state(short, RunState::Running, Duration::from_secs(10));
+    let long_pid = wait_until("worker pid recorded", Duration::from_secs(10), || {
+        sandbox.run(long).pid
+    });
+    let status = service.stop();
+    assert!(status.success(), "clean exit: {status:?}");
+
+    assert_eq!(
+        sandbox.run(short).state,
+        RunState::Succeeded,
+        "finished within shutdown_grace"
+    );
+    let requeued = sandbox.run(long);
+    assert_eq!(requeued.state, RunState::Queued, "nothing stays running");
+    assert_eq!(
+        requeued.max_attempts, 2,
+        "the interrupted attempt does not use up a retry"
+    );
+    assert!(!process_alive(long_pid));
+    let outcomes: Vec<String> = sandbox
+        .store()
+        .attempts(long)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome.unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, vec!["interrupted"]);
+    let stopped = sandbox.store().events_after(0, 1000).unwrap();
+    assert!(stopped.iter().any(|e| e.kind == "scheduler_stopping"));
+
+    // The next start picks the interrupted run up again.
+    let service = sandbox.serve();
+    sandbox.wait_for_state(long, RunState::Running, Duration::from_secs(10));
+    assert_eq!(sandbox.run(long).attempt.0, 2);
+    drop(service);
+}

@@ -1,0 +1,357 @@
+//! Attempts as child processes: timeout, abort, retries, reports, overlap, workers.
+
+use std::time::Duration;
+
+use turbosched::model::RunState;
+
+use crate::support::*;
+
+#[test]
+fn a_command_that_traps_sigterm_is_killed_whole_with_its_child_on_timeout() {
+    // The shell ignores SIGTERM (and so does the sleep it starts), so only the SIGKILL
+    // to the whole process group after kill_grace can end them.
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.stubborn]
+command = "trap '' TERM; echo $$ > shell.pid; sleep 300 & echo $! > child.pid; wait; wait; wait"
+shell = true
+timeout = "1s"
+"#,
+    );
+    let started = std::time::Instant::now();
+    let output = sandbox.cli(&["run", "stubborn", "--json"]);
+    let elapsed = started.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let runs = sandbox.runs_of("stubborn");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].state, RunState::TimedOut);
+    assert!(
+        runs[0]
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("timed out after 1s"),
+        "{:?}",
+        runs[0].error
+    );
+    assert!(
+        elapsed >= Duration::from_millis(1500),
+        "SIGKILL came only after timeout + kill_grace: {elapsed:?}"
+    );
+    for file in ["shell.pid", "child.pid"] {
+        let pid: i64 = std::fs::read_to_string(sandbox.path().join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        wait_until(
+            &format!("{file} ({pid}) to die"),
+            Duration::from_secs(5),
+            || (!process_alive(pid)).then_some(()),
+        );
+    }
+    assert!(sandbox
+        .log("stubborn")
+        .contains("timed out after 1s; stopping process group"));
+}
+
+#[test]
+fn retries_wait_for_an_exponential_backoff_and_resume_from_the_checkpoint() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.flaky]
+handler = "ping"
+params = { sleep_sec = 0.2, fail_times = 2 }
+retries = 3
+retry_backoff = { initial = "400ms", factor = 2.0, max = "10s", jitter = false }
+"#,
+    );
+    let output = sandbox.cli(&["run", "flaky"]);
+    assert_eq!(
+        output.status.code(),
+        Some(0),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+    let run = &sandbox.runs_of("flaky")[0];
+    assert_eq!(run.state, RunState::Succeeded);
+    let attempts = sandbox.store().attempts(run.id).unwrap();
+    let outcomes: Vec<&str> = attempts
+        .iter()
+        .map(|a| a.outcome.as_deref().unwrap_or(""))
+        .collect();
+    assert_eq!(outcomes, vec!["retry_wait", "retry_wait", "succeeded"]);
+    let gap = |n: usize| {
+        (attempts[n + 1].started_at - attempts[n].finished_at.unwrap()).num_milliseconds()
+    };
+    assert!(gap(0) >= 400, "first backoff {}ms", gap(0));
+    assert!(gap(1) >= 800, "second backoff {}ms", gap(1));
+    assert!(gap(1) < 3_000, "second backoff {}ms", gap(1));
+    // Every attempt checkpointed all ten steps, so the third resumed from step 10.
+    let result: serde_json::Value = serde_json::from_str(run.result.as_deref().unwrap()).unwrap();
+    assert_eq!(result["resumed_from_step"], 10);
+    assert_eq!(result["attempt"], 3);
+    assert_eq!(
+        sandbox.event_kinds(run.id),
+        vec![
+            "run_queued",
+            "run_started",
+            "run_retrying",
+            "run_started",
+            "run_retrying",
+            "run_started",
+            "run_succeeded"
+        ]
+    );
+}
+
+#[test]
+fn a_fatal_failure_is_not_retried() {
+    let sandbox = Sandbox::new(
+        "[tasks.broken]\nhandler = \"ping\"\nparams = { fail_times = 9, fatal = true }\nretries = 3\nretry_backoff = { initial = \"1ms\" }\n",
+    );
+    let output = sandbox.cli(&["run", "broken"]);
+    assert_eq!(output.status.code(), Some(1));
+    let run = &sandbox.runs_of("broken")[0];
+    assert_eq!((run.state, run.attempt.0), (RunState::Failed, 1));
+    let error = run.error.clone().unwrap_or_default();
+    assert!(
+        error.starts_with(&format!(
+            "run {} (broken, attempt 1): exited with code 2",
+            run.id
+        )),
+        "{error}"
+    );
+    assert!(error.contains("failing attempt 1"), "{error}");
+}
+
+#[test]
+fn an_external_command_reports_progress_result_and_gets_its_environment() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.script]
+command = ["/bin/sh", "-c", "echo \"id=$TURBOSCHED_RUN_ID task=$TURBOSCHED_TASK attempt=$TURBOSCHED_ATTEMPT greeting=$GREETING\"; echo '::progress::50 halfway'; echo oops >&2; echo '{\"type\":\"result\",\"data\":{\"rows\":42}}' >&$TURBOSCHED_REPORT_FD"]
+env = { GREETING = "hello" }
+"#,
+    );
+    let output = sandbox.cli(&["run", "script"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let run = &sandbox.runs_of("script")[0];
+    assert_eq!(run.result.as_deref(), Some("{\"rows\":42}"));
+    assert_eq!(run.phase.as_deref(), Some("halfway"));
+    let log = sandbox.log("script");
+    let line = format!(
+        "task.script - INFO - run={} attempt=1 - id={} task=script attempt=1 greeting=hello",
+        run.id, run.id
+    );
+    assert!(log.contains(&line), "{log}");
+    assert!(
+        log.contains(&format!(
+            "task.script - WARN - run={} attempt=1 - oops",
+            run.id
+        )),
+        "{log}"
+    );
+    assert!(sandbox
+        .event_kinds(run.id)
+        .contains(&"run_progress".to_string()));
+}
+
+#[test]
+fn a_command_that_cannot_start_fails_with_the_reason() {
+    let sandbox = Sandbox::new("[tasks.missing]\ncommand = [\"/nonexistent/tool\", \"--flag\"]\n");
+    let output = sandbox.cli(&["run", "missing"]);
+    assert_eq!(output.status.code(), Some(1));
+    let run = &sandbox.runs_of("missing")[0];
+    assert_eq!(run.state, RunState::Failed);
+    assert!(
+        run.error
+            .as_deref()
+            .unwrap_or("")
+            .contains("cannot start /nonexistent/tool --flag"),
+        "{:?}",
+        run.error
+    );
+}
+
+#[test]
+fn dependencies_skip_with_the_reason_pass_when_satisfied_and_force_bypasses() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.upstream]
+handler = "ping"
+params = { fail_times = 1 }
+[tasks.downstream]
+handler = "ping"
+depends_on = ["upstream"]
+"#,
+    );
+    assert_eq!(sandbox.cli(&["run", "downstream"]).status.code(), Some(1));
+    let skipped = &sandbox.runs_of("downstream")[0];
+    assert_eq!(skipped.state, RunState::Skipped);
+    assert_eq!(
+        skipped.reason.as_deref(),
+        Some("dependency upstream has never run")
+    );
+
+    // Attempt 1 of upstream fails (fail_times = 1, no retries): still not satisfied.
+    assert_eq!(sandbox.cli(&["run", "upstream"]).status.code(), Some(1));
+    let failed_upstream = sandbox.runs_of("upstream")[0].id;
+    assert_eq!(sandbox.cli(&["run", "downstream"]).status.code(), Some(1));
+    let reason = sandbox.runs_of("downstream")[1].reason.clone();
+    assert_eq!(
+        reason,
+        Some(format!(
+            "dependency upstream: latest run {failed_upstream} failed"
+        ))
+    );
+
+    let forced = sandbox.cli(&["run", "downstream", "--force"]);
+    assert_eq!(forced.status.code(), Some(0), "{}", stderr(&forced));
+    assert_eq!(sandbox.runs_of("downstream")[2].state, RunState::Succeeded);
+    assert!(sandbox
+        .event_kinds(skipped.id)
+        .contains(&"run_skipped".to_string()));
+}
+
+#[test]
+fn downstream_runs_follow_in_dependency_order_and_a_satisfied_dependency_passes() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.ingestion]
+handler = "ping"
+[tasks.training]
+handler = "ping"
+depends_on = ["ingestion"]
+[tasks.backtest]
+handler = "ping"
+depends_on = ["ingestion"]
+[tasks.drift]
+handler = "ping"
+depends_on = ["training", "backtest"]
+[tasks.unrelated]
+handler = "ping"
+"#,
+    );
+    let (code, value) = sandbox.cli_json(&["run", "ingestion", "--downstream", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let runs = value["runs"].as_array().unwrap();
+    let tasks: Vec<&str> = runs.iter().map(|r| r["task"].as_str().unwrap()).collect();
+    assert_eq!(tasks.len(), 4, "{value}");
+    assert_eq!(tasks[0], "ingestion");
+    assert_eq!(tasks[3], "drift");
+    assert!(runs.iter().all(|r| r["state"] == "succeeded"), "{value}");
+    assert!(runs[1..].iter().all(|r| r["trigger"] == "downstream"));
+    let drift = sandbox.runs_of("drift")[0].started_at.unwrap();
+    for upstream in ["training", "backtest"] {
+        assert!(
+            sandbox.runs_of(upstream)[0].finished_at.unwrap() <= drift,
+            "{upstream} finished before drift started"
+        );
+    }
+    assert!(sandbox.runs_of("unrelated").is_empty());
+}
+
+#[test]
+fn max_workers_queues_excess_runs_in_fifo_order_and_drops_none() {
+    let sandbox = Sandbox::with_config(&(FAST_SCHEDULER.replace("max_workers = 4", "max_workers = 1")
+        + "\n[tasks.a]\nhandler = \"ping\"\nparams = { sleep_sec = 0.3 }\n[tasks.b]\nhandler = \"ping\"\nparams = { sleep_sec = 0.3 }\n[tasks.c]\nhandler = \"ping\"\nparams = { sleep_sec = 0.3 }\n"));
+    let service = sandbox.serve();
+    let mut ids = Vec::new();
+    for task in ["a", "b", "c"] {
+        let (code, value) = sandbox.cli_json(&["run", task, "--json"]);
+        assert_eq!(code, 0, "{value}");
+        ids.push(run_id(&value));
+    }
+    let rows: Vec<_> = ids
+        .iter()
+        .map(|id| sandbox.wait_for_state(*id, RunState::Succeeded, Duration::from_secs(20)))
+        .collect();
+    for pair in rows.windows(2) {
+        assert!(
+            pair[0].finished_at.unwrap() <= pair[1].started_at.unwrap(),
+            "one worker: {} ran before {}",
+            pair[0].task,
+            pair[1].task
+        );
+    }
+    drop(service);
+}
+
+#[test]
+fn overlap_skip_records_the_new_run_as_skipped_naming_the_running_one() {
+    let sandbox = Sandbox::new(
+        "[tasks.long]\nhandler = \"ping\"\nparams = { sleep_sec = 2.0 }\noverlap = \"skip\"\n",
+    );
+    let _service = sandbox.serve();
+    let first = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    sandbox.wait_for_state(first, RunState::Running, Duration::from_secs(10));
+    let second = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    let skipped = sandbox.wait_for_state(second, RunState::Skipped, Duration::from_secs(10));
+    assert_eq!(
+        skipped.reason,
+        Some(format!(
+            "overlap policy skip: run {first} of long is still running"
+        ))
+    );
+    sandbox.wait_for_state(first, RunState::Succeeded, Duration::from_secs(20));
+}
+
+#[test]
+fn overlap_queue_starts_the_new_run_after_the_running_one() {
+    let sandbox = Sandbox::new(
+        "[tasks.long]\nhandler = \"ping\"\nparams = { sleep_sec = 1.0 }\noverlap = \"queue\"\n",
+    );
+    let _service = sandbox.serve();
+    let first = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    sandbox.wait_for_state(first, RunState::Running, Duration::from_secs(10));
+    let second = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    let second_row = sandbox.wait_for_state(second, RunState::Succeeded, Duration::from_secs(20));
+    let first_row = sandbox.run(first);
+    assert_eq!(first_row.state, RunState::Succeeded);
+    assert!(first_row.finished_at.unwrap() <= second_row.started_at.unwrap());
+}
+
+#[test]
+fn overlap_replace_aborts_the_running_one_and_runs_the_new_one() {
+    let sandbox = Sandbox::new("[tasks.long]\nhandler = \"ping\"\nparams = { sleep_sec = 30.0 }\noverlap = \"replace\"\nretries = 2\n");
+    let _service = sandbox.serve();
+    let first = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    sandbox.wait_for_state(first, RunState::Running, Duration::from_secs(10));
+    let second = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    let aborted = sandbox.wait_for_state(first, RunState::Aborted, Duration::from_secs(10));
+    assert_eq!(aborted.reason, Some(format!("replaced by run {second}")));
+    assert_eq!(aborted.attempt.0, 1, "an aborted run is never retried");
+    sandbox.wait_for_state(second, RunState::Running, Duration::from_secs(10));
+}
+
+#[test]
+fn abort_from_the_cli_stops_a_running_run_of_the_service_and_it_is_not_retried() {
+    let sandbox = Sandbox::new("[tasks.long]\nhandler = \"ping\"\nparams = { sleep_sec = 30.0, progress = true }\nretries = 2\n");
+    let _service = sandbox.serve();
+    let run = run_id(&sandbox.cli_json(&["run", "long", "--json"]).1);
+    let running = sandbox.wait_for_state(run, RunState::Running, Duration::from_secs(10));
+    let pid = wait_until("worker pid recorded", Duration::from_secs(10), || {
+        sandbox.run(run).pid
+    });
+    let output = sandbox.cli(&["abort", &run.to_string()]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).contains("abort of run"),
+        "{}",
+        stdout(&output)
+    );
+    let aborted = sandbox.wait_for_state(run, RunState::Aborted, Duration::from_secs(10));
+    assert_eq!(aborted.attempt, running.attempt);
+    assert_eq!(
+        aborted.reason.as_deref(),
+        Some("abort requested from the command line")
+    );
+    wait_until("aborted worker to die", Duration::from_secs(5), || {
+        (!process_alive(pid)).then_some(())
+    });
+    let again = sandbox.cli(&["abort", &run.to_string()]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stdout(&again).contains("already finished: aborted"));
+}

@@ -1,0 +1,263 @@
+//! The harness: a sandbox folder with its own config, database and logs; the real
+//! `turbosched` binary run in it; and waiting on conditions instead of sleeping.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use turbosched::model::{RunId, RunState};
+use turbosched::store::{RunFilter, RunRow, Store};
+
+/// Fast timings so supervision shows within a test's patience.
+pub const FAST_SCHEDULER: &str = r#"
+[scheduler]
+timezone = "UTC"
+database = "data/scheduler.db"
+max_workers = 4
+heartbeat_interval = "200ms"
+heartbeat_timeout = "3s"
+kill_grace = "500ms"
+shutdown_grace = "1s"
+"#;
+
+pub struct Sandbox {
+    dir: tempfile::TempDir,
+}
+
+pub struct Service {
+    child: Option<Child>,
+    stderr: PathBuf,
+}
+
+impl Sandbox {
+    /// A folder with `config/scheduler.toml` = FAST_SCHEDULER + `tasks`.
+    pub fn new(tasks: &str) -> Sandbox {
+        Sandbox::with_config(&format!("{FAST_SCHEDULER}\n{tasks}"))
+    }
+
+    pub fn with_config(config: &str) -> Sandbox {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir_all(dir.path().join("config")).unwrap();
+        std::fs::write(dir.path().join("config/scheduler.toml"), config).unwrap();
+        Sandbox { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_turbosched"));
+        command
+            .args(args)
+            .current_dir(self.path())
+            .env_remove("TURBOSCHED_CONFIG");
+        command
+    }
+
+    /// Runs a CLI command to its end.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        self.command(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run turbosched")
+    }
+
+    /// Runs a CLI command with `--json` output and parses it.
+    pub fn cli_json(&self, args: &[&str]) -> (i32, Value) {
+        let output = self.cli(args);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        let value = serde_json::from_str(stdout.trim()).unwrap_or_else(|err| {
+            panic!(
+                "{args:?}: not JSON ({err}):\n{stdout}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        });
+        (output.status.code().unwrap_or(-1), value)
+    }
+
+    /// Starts `turbosched serve` and waits until it has registered.
+    pub fn serve(&self) -> Service {
+        let stderr = self.path().join(format!(
+            "serve-{}.log",
+            std::process::id() as u128 + now_nanos()
+        ));
+        let child = self
+            .command(&["serve"])
+            .env("TURBOSCHED_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start serve");
+        let service = Service {
+            child: Some(child),
+            stderr,
+        };
+        let pid = service.pid();
+        wait_until(
+            &format!("service pid {pid} registered"),
+            Duration::from_secs(20),
+            || {
+                let store = Store::open(&self.path().join("data/scheduler.db")).ok()?;
+                let live = store
+                    .live_instances(Duration::from_secs(30), chrono::Utc::now())
+                    .ok()?;
+                live.iter().any(|i| i.pid == pid as i64).then_some(())
+            },
+        );
+        service
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(&self.path().join("data/scheduler.db")).expect("open store")
+    }
+
+    pub fn runs_of(&self, task: &str) -> Vec<RunRow> {
+        let mut rows = self
+            .store()
+            .runs(&RunFilter {
+                task: Some(task.into()),
+                limit: 10_000,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        rows.reverse();
+        rows
+    }
+
+    pub fn run(&self, id: RunId) -> RunRow {
+        self.store().run(id).unwrap().expect("run exists")
+    }
+
+    /// Waits until run `id` is in `state`.
+    pub fn wait_for_state(&self, id: RunId, state: RunState, within: Duration) -> RunRow {
+        wait_until(&format!("run {id} {state}"), within, || {
+            let row = self.store().run(id).ok()??;
+            (row.state == state).then_some(row)
+        })
+    }
+
+    pub fn log(&self, task: &str) -> String {
+        std::fs::read_to_string(self.path().join(format!("logs/task_{task}.log")))
+            .unwrap_or_default()
+    }
+
+    pub fn event_kinds(&self, run: RunId) -> Vec<String> {
+        self.store()
+            .events_after(0, 100_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.run_id == Some(run))
+            .map(|e| e.kind)
+            .collect()
+    }
+}
+
+impl Service {
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(|c| c.id()).unwrap_or(0)
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        wait_child(&mut child, Duration::from_secs(30), &self.stderr)
+    }
+
+    /// kill -9, reaped, so the pid is really gone.
+    pub fn kill9(mut self) {
+        let mut child = self.child.take().expect("running");
+        child.kill().expect("SIGKILL");
+        child.wait().expect("reap");
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn wait_child(child: &mut Child, within: Duration, stderr: &Path) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!(
+                "service did not exit within {within:?}:\n{}",
+                std::fs::read_to_string(stderr).unwrap_or_default()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), signal)
+        .unwrap_or_else(|err| panic!("kill({pid}, {signal}): {err}"));
+}
+
+/// True while `pid` exists and is not a zombie.
+pub fn process_alive(pid: i64) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            state != Some("Z") && state != Some("X")
+        }
+        Err(_) => false,
+    }
+}
+
+/// Polls `check` every 20 ms until it answers, or panics after `within` naming `what`.
+pub fn wait_until<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        if Instant::now() > deadline {
+            panic!("timed out after {within:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn now_nanos() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+pub fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).to_string()
+}
+
+pub fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).to_string()
+}
+
+/// The run id printed by `run --json`.
+pub fn run_id(value: &Value) -> RunId {
+    RunId(
+        value["run_id"]
+            .as_i64()
+            .unwrap_or_else(|| panic!("no run_id in {value}")),
+    )
+}
