@@ -444,8 +444,8 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         None => println!("service: not running"),
     }
     println!(
-        "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
-        "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST", "LAST RUN"
+        "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
+        "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
     );
     for (spec, paused, next, last, running) in tasks {
         let schedule = spec
@@ -667,8 +667,8 @@ fn run_json(row: &RunRow) -> Value {
 
 fn print_runs(rows: &[RunRow]) {
     println!(
-        "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} {}",
-        "RUN", "TASK", "TRIGGER", "STATE", "SCHEDULED FOR", "ATTEMPT", "DETAIL"
+        "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} DETAIL",
+        "RUN", "TASK", "TRIGGER", "STATE", "SCHEDULED FOR", "ATTEMPT"
     );
     for row in rows {
         let detail = row

@@ -85,8 +85,8 @@ pub enum Outcome {
 /// What the runner tells the engine while an attempt runs.
 #[derive(Debug, Clone)]
 pub enum RunnerEvent {
-    /// The child is running with this pid (= its process group id).
-    Spawned(u32),
+    /// The child is running with this pid (= its process group id), since this instant.
+    Spawned(u32, crate::model::Instant),
     /// A protocol message (heartbeat, progress, checkpoint, result, error).
     Report(Msg),
     /// The attempt is over.
@@ -142,7 +142,7 @@ pub async fn run_attempt(
         }
     };
     let pid = child.id().unwrap_or(0);
-    send(RunnerEvent::Spawned(pid));
+    send(RunnerEvent::Spawned(pid, chrono::Utc::now()));
 
     let mut readers = Vec::new();
     let (last_stderr_tx, last_stderr_rx) = watch::channel(String::new());

@@ -708,8 +708,8 @@ impl Engine {
             event,
         } = envelope;
         match event {
-            RunnerEvent::Spawned(pid) => {
-                if let Err(err) = self.store.record_pid(run, attempt, pid) {
+            RunnerEvent::Spawned(pid, spawned_at) => {
+                if let Err(err) = self.store.record_pid(run, attempt, pid, spawned_at) {
                     warn!(run = %run, "cannot record pid: {err}");
                 }
             }

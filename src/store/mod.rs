@@ -196,6 +196,8 @@ pub struct AttemptRow {
     pub error: Option<String>,
     /// Child pid.
     pub pid: Option<i64>,
+    /// When the child process was started.
+    pub spawned_at: Option<Instant>,
 }
 
 /// One event of the persisted log.
@@ -461,12 +463,12 @@ impl Store {
         })
     }
 
-    /// Stores the pid (= process group) of a running attempt's child.
-    pub fn record_pid(&self, run: RunId, attempt: Attempt, pid: u32) -> Result<bool, StoreError> {
+    /// Stores the pid (= process group) of a running attempt's child and when it started.
+    pub fn record_pid(&self, run: RunId, attempt: Attempt, pid: u32, spawned_at: Instant) -> Result<bool, StoreError> {
         self.write(|tx| {
             tx.execute(
-                "UPDATE attempts SET pid = ?3 WHERE run_id = ?1 AND attempt = ?2",
-                params![run.0, attempt.0, pid],
+                "UPDATE attempts SET pid = ?3, spawned_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
+                params![run.0, attempt.0, pid, to_micros(spawned_at)],
             )?;
             Ok(tx.execute(
                 "UPDATE runs SET pid = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
@@ -633,7 +635,7 @@ impl Store {
     pub fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid FROM attempts
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at FROM attempts
              WHERE run_id = ?1 ORDER BY attempt",
         )?;
         let rows = statement
@@ -646,6 +648,7 @@ impl Store {
                     exit_code: row.get(4)?,
                     error: row.get(5)?,
                     pid: row.get(6)?,
+                    spawned_at: row.get::<_, Option<i64>>(7)?.map(from_micros),
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;

@@ -50,6 +50,7 @@ CREATE TABLE IF NOT EXISTS attempts (
     error       TEXT,
     owner       TEXT,
     pid         INTEGER,
+    spawned_at  INTEGER,                -- when the child process was started
     PRIMARY KEY (run_id, attempt)
 );
 

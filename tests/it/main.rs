@@ -2,6 +2,7 @@
 //! processes, each test in its own folder. One test binary for all of them, to keep
 //! link time down.
 
+mod boundaries;
 mod cli;
 mod recovery;
 mod scheduling;

@@ -173,10 +173,6 @@ impl Service {
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
     }
-
-    pub fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
 }
 
 impl Drop for Service {
