@@ -45,11 +45,21 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
     let config = Arc::new(config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = Store::open(&database)?;
 
-    println!("turbosched bench: {tasks} tasks × `* * * * * *` → /bin/true, {seconds}s, database {}", database.display());
+    println!(
+        "turbosched bench: {tasks} tasks × `* * * * * *` → /bin/true, {seconds}s, database {}",
+        database.display()
+    );
     let peak_rss = Arc::new(AtomicU64::new(0));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     let (started, stopped) = runtime.block_on(async {
-        let engine = Engine::new(config.clone(), store.clone(), Arc::new(SystemClock), Mode::Serve);
+        let engine = Engine::new(
+            config.clone(),
+            store.clone(),
+            Arc::new(SystemClock),
+            Mode::Serve,
+        );
         let handle = engine.handle();
         let started = chrono::Utc::now();
         let sampler = {
@@ -105,17 +115,29 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
     let spawn_lag = lags("spawned_at")?;
     let start_lag = lags("started_at")?;
 
-    println!("ticks measured:         {ticks} (every second from {} to {})", first_tick, last_tick);
+    println!(
+        "ticks measured:         {ticks} (every second from {} to {})",
+        first_tick, last_tick
+    );
     println!("fires expected:         {expected}");
     println!("fires claimed:          {claimed}");
-    println!("fires missed:           {}", expected.saturating_sub(claimed));
+    println!(
+        "fires missed:           {}",
+        expected.saturating_sub(claimed)
+    );
     for (state, count) in &outcomes {
         println!("  runs {state:<12}      {count}");
     }
     print_lag("lag tick → child spawned", &spawn_lag);
     print_lag("lag tick → run started  ", &start_lag);
-    println!("peak RSS (service):     {:.1} MiB", peak_rss.load(Ordering::Relaxed) as f64 / 1024.0);
-    println!("throughput:             {:.0} runs/s recorded", claimed as f64 / ticks.max(1) as f64);
+    println!(
+        "peak RSS (service):     {:.1} MiB",
+        peak_rss.load(Ordering::Relaxed) as f64 / 1024.0
+    );
+    println!(
+        "throughput:             {:.0} runs/s recorded",
+        claimed as f64 / ticks.max(1) as f64
+    );
     if dir == temporary {
         let _ = std::fs::remove_dir_all(&temporary);
     }

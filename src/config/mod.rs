@@ -25,7 +25,7 @@ use sha2::{Digest, Sha256};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-pub use raw::KNOWN_TASK_KEYS;
+pub use raw::{KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
 
 /// The built-in handlers that run inside the `worker` subcommand, plus `command`.
 pub const HANDLERS: &[&str] = &["command", "ping"];

@@ -41,6 +41,19 @@ pub const KNOWN_TASK_KEYS: &[&str] = &[
     "env",
 ];
 
+/// Every key `[scheduler]` accepts.
+pub const KNOWN_SCHEDULER_KEYS: &[&str] = &[
+    "timezone",
+    "database",
+    "max_workers",
+    "heartbeat_interval",
+    "heartbeat_timeout",
+    "kill_grace",
+    "shutdown_grace",
+    "log_dir",
+    "state_dir",
+];
+
 const SECTIONS: &[&str] = &["scheduler", "api", "defaults", "tasks"];
 
 #[derive(Deserialize)]

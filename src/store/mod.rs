@@ -464,7 +464,13 @@ impl Store {
     }
 
     /// Stores the pid (= process group) of a running attempt's child and when it started.
-    pub fn record_pid(&self, run: RunId, attempt: Attempt, pid: u32, spawned_at: Instant) -> Result<bool, StoreError> {
+    pub fn record_pid(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        pid: u32,
+        spawned_at: Instant,
+    ) -> Result<bool, StoreError> {
         self.write(|tx| {
             tx.execute(
                 "UPDATE attempts SET pid = ?3, spawned_at = ?4 WHERE run_id = ?1 AND attempt = ?2",

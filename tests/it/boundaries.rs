@@ -5,12 +5,50 @@ use std::path::{Path, PathBuf};
 
 /// (files under src/, forbidden path prefixes in their `use` lines, why)
 const RULES: &[(&str, &[&str], &str)] = &[
-    ("handlers", &["crate::engine", "crate::store", "crate::runner", "crate::config", "rusqlite", "tokio"], "handlers see only TaskContext"),
-    ("schedule.rs", &["crate::store", "crate::engine", "crate::runner", "rusqlite"], "cron knows nothing of the store"),
-    ("store", &["crate::engine", "crate::runner", "crate::config", "serde_json", "actix", "tokio"], "the store knows nothing of HTTP, JSON bodies or processes"),
-    ("runner.rs", &["crate::store", "crate::engine", "rusqlite"], "the runner reports outcomes; the engine writes state"),
-    ("config", &["crate::store", "crate::engine", "crate::runner", "rusqlite"], "config is parsed and checked, never acted on"),
-    ("model.rs", &["crate::", "serde"], "the shared vocabulary depends on nothing and serializes nothing"),
+    (
+        "handlers",
+        &[
+            "crate::engine",
+            "crate::store",
+            "crate::runner",
+            "crate::config",
+            "rusqlite",
+            "tokio",
+        ],
+        "handlers see only TaskContext",
+    ),
+    (
+        "schedule.rs",
+        &["crate::store", "crate::engine", "crate::runner", "rusqlite"],
+        "cron knows nothing of the store",
+    ),
+    (
+        "store",
+        &[
+            "crate::engine",
+            "crate::runner",
+            "crate::config",
+            "serde_json",
+            "actix",
+            "tokio",
+        ],
+        "the store knows nothing of HTTP, JSON bodies or processes",
+    ),
+    (
+        "runner.rs",
+        &["crate::store", "crate::engine", "rusqlite"],
+        "the runner reports outcomes; the engine writes state",
+    ),
+    (
+        "config",
+        &["crate::store", "crate::engine", "crate::runner", "rusqlite"],
+        "config is parsed and checked, never acted on",
+    ),
+    (
+        "model.rs",
+        &["crate::", "serde"],
+        "the shared vocabulary depends on nothing and serializes nothing",
+    ),
 ];
 
 fn rust_files(path: &Path) -> Vec<PathBuf> {
@@ -40,14 +78,27 @@ fn no_module_imports_what_its_boundary_forbids() {
             let text = std::fs::read_to_string(&file).unwrap();
             for (number, line) in text.lines().enumerate() {
                 let line = line.trim();
-                let Some(path) = line.strip_prefix("use ").or_else(|| line.strip_prefix("pub use ")) else { continue };
+                let Some(path) = line
+                    .strip_prefix("use ")
+                    .or_else(|| line.strip_prefix("pub use "))
+                else {
+                    continue;
+                };
                 // `use super::*` inside a tests module of store may see the whole module,
                 // but never reaches beyond it.
                 if let Some(bad) = forbidden.iter().find(|prefix| path.starts_with(*prefix)) {
-                    violations.push(format!("{}:{}: imports {bad}: {why}", file.display(), number + 1));
+                    violations.push(format!(
+                        "{}:{}: imports {bad}: {why}",
+                        file.display(),
+                        number + 1
+                    ));
                 }
             }
         }
     }
-    assert!(violations.is_empty(), "boundary violations:\n{}", violations.join("\n"));
+    assert!(
+        violations.is_empty(),
+        "boundary violations:\n{}",
+        violations.join("\n")
+    );
 }

@@ -4,6 +4,7 @@
 
 mod boundaries;
 mod cli;
+mod docs;
 mod recovery;
 mod scheduling;
 mod supervision;
