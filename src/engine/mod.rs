@@ -165,8 +165,10 @@ enum Wake {
 struct Running {
     task: TaskName,
     attempt: Attempt,
+    max_attempts: u32,
+    cascade: Option<RunId>,
     stop: watch::Sender<Option<StopReason>>,
-    stopping: Option<StopReason>,
+    stopping: Option<(StopReason, String)>,
 }
 
 #[derive(Debug, Clone)]
@@ -174,8 +176,10 @@ struct Pending {
     run: RunId,
     task: TaskName,
     attempt: Attempt,
+    max_attempts: u32,
     state: RunState,
     force: bool,
+    cascade: Option<RunId>,
 }
 
 impl Pending {
@@ -184,10 +188,39 @@ impl Pending {
             run: row.id,
             task: row.task.clone(),
             attempt: row.attempt,
+            max_attempts: row.max_attempts,
             state: row.state,
             force: row.force,
+            cascade: row.cascade,
         }
     }
+
+    fn new_run(run: RunId, new_run: &NewRun) -> Pending {
+        Pending {
+            run,
+            task: new_run.task.clone(),
+            attempt: Attempt(0),
+            max_attempts: new_run.max_attempts.max(1),
+            state: RunState::Queued,
+            force: new_run.force,
+            cascade: new_run.cascade.or(new_run.downstream.then_some(run)),
+        }
+    }
+}
+
+/// What one finished attempt turns into.
+struct Finish {
+    run: RunId,
+    attempt: Attempt,
+    running: Running,
+    to: RunState,
+    change: Change,
+}
+
+/// SQLite calls block: on the engine's hot paths they run under `block_in_place`, so the
+/// runtime moves runner tasks (spawning children, reading their pipes) to other threads.
+fn blocking<T>(work: impl FnOnce() -> T) -> T {
+    tokio::task::block_in_place(work)
 }
 
 /// The scheduler loop and its in-memory mirror of the store.
@@ -199,7 +232,11 @@ pub struct Engine {
     instance: String,
     logs: TaskLogs,
     running: HashMap<RunId, Running>,
+    /// Task → its running run (at most one attempt per task runs at a time).
+    busy: HashMap<TaskName, RunId>,
     queue: VecDeque<Pending>,
+    /// Task → how many of its runs wait in `queue`.
+    queued_per_task: HashMap<TaskName, usize>,
     next_fire: HashMap<TaskName, Instant>,
     retry_due: BTreeSet<(Instant, RunId)>,
     retry_pending: HashMap<RunId, Pending>,
@@ -226,7 +263,9 @@ impl Engine {
             instance: uuid::Uuid::new_v4().to_string(),
             logs,
             running: HashMap::new(),
+            busy: HashMap::new(),
             queue: VecDeque::new(),
+            queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
             retry_due: BTreeSet::new(),
             retry_pending: HashMap::new(),
@@ -317,11 +356,12 @@ impl Engine {
             }
             let sleep = self.sleep_until_next_deadline();
             let wake = tokio::select! {
+                // Ticks first: under load, a fire must not wait behind worker reports.
                 biased;
                 _ = self.cancel.cancelled() => Wake::Shutdown,
+                _ = sleep => Wake::Tick,
                 Some(envelope) = self.worker_rx.recv() => Wake::Worker(envelope),
                 Some(command) = self.commands_rx.recv() => Wake::Command(command),
-                _ = sleep => Wake::Tick,
                 _ = heartbeat.tick() => Wake::Heartbeat,
                 _ = poll.tick(), if self.mode == Mode::Serve => Wake::Poll,
             };
@@ -367,8 +407,8 @@ impl Engine {
             .filter(|(_, at)| **at <= now)
             .map(|(task, at)| (task.clone(), *at))
             .collect();
-        for (task, first_due) in due {
-            self.fire_due(&task, first_due, now, false);
+        if !due.is_empty() {
+            self.fire_due(&due, now, false);
         }
         while let Some((at, run)) = self.retry_due.first().copied() {
             if at > now {
@@ -376,77 +416,113 @@ impl Engine {
             }
             self.retry_due.pop_first();
             if let Some(pending) = self.retry_pending.remove(&run) {
-                self.queue.push_back(pending);
+                self.queue_push(pending);
             }
         }
     }
 
-    /// Claims and handles every due tick of `task` from `first_due` up to `now`.
-    fn fire_due(&mut self, task: &TaskName, first_due: Instant, now: Instant, at_startup: bool) {
-        let Some(spec) = self.config.tasks.get(task).cloned() else {
-            self.next_fire.remove(task);
-            return;
-        };
-        let Some(schedule) = spec.schedule.clone() else {
-            self.next_fire.remove(task);
-            return;
-        };
-        let plan = plan_due(
-            &schedule,
-            first_due,
-            now,
-            spec.misfire,
-            spec.misfire_grace,
-            at_startup,
-        );
-        let paused = self
-            .store
-            .task_state(task)
-            .map(|s| s.paused)
-            .unwrap_or(false);
-        if paused || !spec.enabled {
-            // Paused and disabled tasks let their ticks pass unclaimed.
-            self.set_next_fire(task, plan.next, &schedule_key(&schedule));
-            return;
+    /// Claims and handles every due tick of every task in `due` (task, first due tick) up
+    /// to `now`, in one transaction.
+    fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
+        let config = self.config.clone();
+        let paused = blocking(|| self.store.paused_tasks()).unwrap_or_else(|err| {
+            warn!("cannot read paused tasks: {err}");
+            Default::default()
+        });
+        struct TaskPlan<'a> {
+            task: &'a TaskName,
+            key: String,
+            plan: crate::schedule::DuePlan,
+            spec: &'a TaskSpec,
+            fire: bool,
         }
-        if plan.dropped > 0 || plan.older_than_grace {
-            let message = format!(
-                "{} missed tick(s) not run under misfire policy {}{}",
-                plan.dropped,
-                spec.misfire.as_str(),
-                if plan.older_than_grace {
-                    ", and ticks older than misfire_grace"
-                } else {
-                    ""
-                }
+        let mut plans = Vec::new();
+        for (task, first_due) in due {
+            let Some(spec) = config.tasks.get(task) else {
+                self.next_fire.remove(task);
+                continue;
+            };
+            let Some(schedule) = &spec.schedule else {
+                self.next_fire.remove(task);
+                continue;
+            };
+            let plan = plan_due(
+                schedule,
+                *first_due,
+                now,
+                spec.misfire,
+                spec.misfire_grace,
+                at_startup,
             );
-            warn!(task = %task, "{message}");
-            self.log_event("misfire", Some(task.as_str()), None, &message, now);
+            // Paused and disabled tasks let their ticks pass unclaimed.
+            let fire = spec.enabled && !paused.contains(task.as_str());
+            plans.push(TaskPlan {
+                task,
+                key: schedule_key(schedule),
+                plan,
+                spec,
+                fire,
+            });
         }
-        for (tick, action) in plan.ticks {
-            let trigger = match action {
-                TickAction::Fire(trigger) => trigger,
-                TickAction::Skip => Trigger::Catchup,
+
+        let store = self.store.clone();
+        let claims = blocking(|| {
+            store.batch(|batch| {
+                let mut claims = Vec::new();
+                for plan in &plans {
+                    if !plan.fire {
+                        batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
+                        continue;
+                    }
+                    if plan.plan.dropped > 0 || plan.plan.older_than_grace {
+                        let message = format!(
+                            "{} missed tick(s) not run under misfire policy {}{}",
+                            plan.plan.dropped,
+                            plan.spec.misfire.as_str(),
+                            if plan.plan.older_than_grace { ", and ticks older than misfire_grace" } else { "" }
+                        );
+                        warn!(task = %plan.task, "{message}");
+                        batch.record_event("misfire", Some(plan.task.as_str()), None, &message, now)?;
+                    }
+                    for (tick, action) in &plan.plan.ticks {
+                        let new_run = NewRun {
+                            task: plan.task.clone(),
+                            trigger: match action {
+                                TickAction::Fire(trigger) => *trigger,
+                                TickAction::Skip => Trigger::Catchup,
+                            },
+                            scheduled_for: *tick,
+                            max_attempts: plan.spec.max_attempts(),
+                            force: false,
+                            downstream: false,
+                            cascade: None,
+                        };
+                        match batch.claim_fire(&new_run, now, plan.plan.next) {
+                            Ok(run) => claims.push((Pending::new_run(run, &new_run), *action)),
+                            Err(StoreError::AlreadyClaimed { .. }) => {
+                                debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    if plan.plan.ticks.is_empty() {
+                        batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
+                    }
+                }
+                Ok(claims)
+            })
+        });
+        // Timers move on even if the claims failed: a failed commit claimed nothing, and
+        // retrying the same ticks forever would stall every task. The ticks are reported.
+        for plan in &plans {
+            match plan.plan.next {
+                Some(at) => self.next_fire.insert(plan.task.clone(), at),
+                None => self.next_fire.remove(plan.task),
             };
-            let new_run = NewRun {
-                task: task.clone(),
-                trigger,
-                scheduled_for: tick,
-                max_attempts: spec.max_attempts(),
-                force: false,
-                downstream: false,
-                cascade: None,
-            };
-            match self.store.claim_fire(&new_run, now, plan.next) {
-                Ok(run) => {
-                    debug!(task = %task, run = %run, tick = %tick, "claimed fire");
-                    let pending = Pending {
-                        run,
-                        task: task.clone(),
-                        attempt: Attempt(0),
-                        state: RunState::Queued,
-                        force: false,
-                    };
+        }
+        match claims {
+            Ok(claims) => {
+                for (pending, action) in claims {
                     if action == TickAction::Skip {
                         self.skip(
                             &pending,
@@ -457,16 +533,12 @@ impl Engine {
                         self.admit(pending, now);
                     }
                 }
-                Err(StoreError::AlreadyClaimed { .. }) => {
-                    debug!(task = %task, tick = %tick, "tick already claimed elsewhere");
-                }
-                Err(err) => warn!(task = %task, tick = %tick, "cannot claim fire: {err}"),
             }
+            Err(err) => warn!(tasks = plans.len(), "cannot claim due fires: {err}"),
         }
-        self.set_next_fire(task, plan.next, &schedule_key(&schedule));
     }
 
-    fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, expr: &str) {
+    fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {
         match next {
             Some(at) => {
                 self.next_fire.insert(task.clone(), at);
@@ -475,45 +547,69 @@ impl Engine {
                 self.next_fire.remove(task);
             }
         }
-        if let Err(err) = self.store.set_next_fire(task, next, Some(expr)) {
+        if let Err(err) = self.store.set_next_fire(task, next, Some(key)) {
             warn!(task = %task, "cannot store next fire: {err}");
+        }
+    }
+
+    fn queue_push(&mut self, pending: Pending) {
+        *self
+            .queued_per_task
+            .entry(pending.task.clone())
+            .or_default() += 1;
+        self.queue.push_back(pending);
+    }
+
+    /// Keeps only the queued runs `keep` says yes to; returns the others.
+    fn queue_retain(&mut self, mut keep: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
+        let (kept, removed): (VecDeque<Pending>, VecDeque<Pending>) =
+            self.queue.drain(..).partition(|p| keep(p));
+        self.queue = kept;
+        for pending in &removed {
+            self.uncount_queued(&pending.task);
+        }
+        removed.into()
+    }
+
+    fn uncount_queued(&mut self, task: &TaskName) {
+        if let Some(count) = self.queued_per_task.get_mut(task) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.queued_per_task.remove(task);
+            }
         }
     }
 
     /// Applies the task's overlap policy to a new queued run.
     fn admit(&mut self, pending: Pending, now: Instant) {
-        let Some(spec) = self.config.tasks.get(&pending.task).cloned() else {
+        let config = self.config.clone();
+        let Some(spec) = config.tasks.get(&pending.task) else {
             self.fail_unconfigured(&pending, now);
             return;
         };
-        if self.queue.iter().any(|p| p.run == pending.run)
-            || self.running.contains_key(&pending.run)
+        if self.running.contains_key(&pending.run)
+            || self.queue.iter().any(|p| p.run == pending.run)
         {
             return;
         }
-        let running: Vec<RunId> = self
-            .running
-            .iter()
-            .filter(|(_, r)| r.task == pending.task)
-            .map(|(id, _)| *id)
-            .collect();
-        let queued: Vec<RunId> = self
-            .queue
-            .iter()
-            .filter(|p| p.task == pending.task)
-            .map(|p| p.run)
-            .collect();
+        let running = self.busy.get(&pending.task).copied();
+        let queued = self
+            .queued_per_task
+            .get(&pending.task)
+            .copied()
+            .unwrap_or(0);
         match spec.overlap {
-            Overlap::Skip if !running.is_empty() || !queued.is_empty() => {
-                let other = running
-                    .first()
-                    .or(queued.first())
-                    .copied()
-                    .unwrap_or(RunId(0));
-                let what = if running.is_empty() {
-                    "is queued"
-                } else {
-                    "is still running"
+            Overlap::Skip if running.is_some() || queued > 0 => {
+                let (other, what) = match running {
+                    Some(run) => (run, "is still running"),
+                    None => (
+                        self.queue
+                            .iter()
+                            .find(|p| p.task == pending.task)
+                            .map(|p| p.run)
+                            .unwrap_or(RunId(0)),
+                        "is queued",
+                    ),
                 };
                 self.skip(
                     &pending,
@@ -525,20 +621,14 @@ impl Engine {
                 );
             }
             Overlap::Replace => {
-                for run in running {
-                    self.stop_run(run, StopReason::Abort);
-                    let _ = self.store.request_abort(
-                        run,
-                        &format!("replaced by run {}", pending.run),
-                        now,
-                    );
+                let reason = format!("replaced by run {}", pending.run);
+                if let Some(run) = running {
+                    self.stop_run(run, StopReason::Abort, &reason);
                 }
-                let (replaced, kept): (Vec<Pending>, Vec<Pending>) =
-                    self.queue.drain(..).partition(|p| p.task == pending.task);
-                self.queue = kept.into();
-                for old in replaced {
+                let task = pending.task.clone();
+                for old in self.queue_retain(|p| p.task != task) {
                     let change = Change {
-                        reason: Some(format!("replaced by run {}", pending.run)),
+                        reason: Some(reason.clone()),
                         ..Change::default()
                     };
                     self.apply(
@@ -550,69 +640,103 @@ impl Engine {
                         now,
                     );
                 }
-                self.queue.push_back(pending);
+                self.queue_push(pending);
             }
-            Overlap::Skip | Overlap::Queue => self.queue.push_back(pending),
+            Overlap::Skip | Overlap::Queue => self.queue_push(pending),
         }
     }
 
-    /// Starts queued runs while worker slots are free, oldest first, one attempt per task.
+    /// Starts queued runs while worker slots are free, oldest first, one attempt per task,
+    /// with all their `→ running` moves in one transaction.
     fn dispatch(&mut self) {
-        if self.cancel.is_cancelled() {
+        if self.cancel.is_cancelled() || self.queue.is_empty() {
             return;
         }
         let now = self.clock.now();
+        let config = self.config.clone();
+        let free = config
+            .scheduler
+            .max_workers
+            .saturating_sub(self.running.len());
+        let mut chosen: Vec<Pending> = Vec::new();
+        let mut chosen_tasks: std::collections::HashSet<TaskName> = Default::default();
         let mut index = 0;
-        while index < self.queue.len() && self.running.len() < self.config.scheduler.max_workers {
-            let task_busy = self
-                .running
-                .values()
-                .any(|r| r.task == self.queue[index].task);
-            if task_busy {
+        while index < self.queue.len() && chosen.len() < free {
+            let task = &self.queue[index].task;
+            if self.busy.contains_key(task) || chosen_tasks.contains(task) {
                 index += 1;
                 continue;
             }
             let Some(pending) = self.queue.remove(index) else {
                 break;
             };
-            self.start(pending, now);
-        }
-    }
-
-    fn start(&mut self, pending: Pending, now: Instant) {
-        let Some(spec) = self.config.tasks.get(&pending.task).cloned() else {
-            self.fail_unconfigured(&pending, now);
-            return;
-        };
-        if pending.state == RunState::Queued && pending.attempt.0 == 0 && !pending.force {
-            if let Err(reason) = self.check_dependencies(&spec, now) {
-                self.skip(&pending, &reason, now);
-                return;
+            self.uncount_queued(&pending.task);
+            let Some(spec) = config.tasks.get(&pending.task) else {
+                self.fail_unconfigured(&pending, now);
+                continue;
+            };
+            let first_attempt = pending.state == RunState::Queued && pending.attempt.0 == 0;
+            if first_attempt && !pending.force && !spec.depends_on.is_empty() {
+                if let Err(reason) = blocking(|| self.check_dependencies(spec, now)) {
+                    self.skip(&pending, &reason, now);
+                    continue;
+                }
             }
+            chosen_tasks.insert(pending.task.clone());
+            chosen.push(pending);
+        }
+        if chosen.is_empty() {
+            return;
         }
         let change = Change {
             owner: Some(self.instance.clone()),
             ..Change::default()
         };
-        let attempt = match self.store.transition(
-            pending.run,
-            pending.attempt,
-            pending.state,
-            RunState::Running,
-            &change,
-            now,
-        ) {
-            Ok(attempt) => attempt,
-            Err(StoreError::Fenced { found_state, .. }) => {
-                // Another actor moved it (aborted from the CLI, or taken by another
-                // instance): it is no longer ours to start.
-                debug!(run = %pending.run, "not starting: now {found_state}");
-                return;
-            }
+        let store = self.store.clone();
+        let started = blocking(|| {
+            store.batch(|batch| {
+                Ok(chosen
+                    .iter()
+                    .map(|p| {
+                        batch.transition(p.run, p.attempt, p.state, RunState::Running, &change, now)
+                    })
+                    .collect::<Vec<_>>())
+            })
+        });
+        let started = match started {
+            Ok(started) => started,
             Err(err) => {
-                warn!(run = %pending.run, "cannot start run: {err}");
+                // Nothing was committed: the runs are still queued in the store; put them
+                // back at the front, in order, for the next dispatch.
+                warn!(runs = chosen.len(), "cannot start runs: {err}");
+                for pending in chosen.into_iter().rev() {
+                    *self
+                        .queued_per_task
+                        .entry(pending.task.clone())
+                        .or_default() += 1;
+                    self.queue.push_front(pending);
+                }
                 return;
             }
+        };
+        for (pending, result) in chosen.into_iter().zip(started) {
+            match result {
+                Ok(attempt) => self.start(pending, attempt),
+                Err(StoreError::Fenced { found_state, .. }) => {
+                    // Another actor moved it (aborted from the CLI, taken by another
+                    // instance): it is no longer ours to start.
+                    debug!(run = %pending.run, "not starting: now {found_state}");
+                }
+                Err(err) => warn!(run = %pending.run, "cannot start run: {err}"),
+            }
+        }
+    }
+
+    /// Spawns the runner of a run that just entered `running` at `attempt`.
+    fn start(&mut self, pending: Pending, attempt: Attempt) {
+        let config = self.config.clone();
+        let Some(spec) = config.tasks.get(&pending.task) else {
+            return;
         };
         let (stop_tx, stop_rx) = watch::channel(None);
         let log = self.logs.task(pending.task.as_str());
@@ -622,7 +746,7 @@ impl Engine {
             Level::Info,
             &format!(
                 "attempt {attempt} of {} started ({})",
-                spec.max_attempts(),
+                pending.max_attempts,
                 spec.handler.name()
             ),
         );
@@ -633,15 +757,18 @@ impl Engine {
             handler: spec.handler.clone(),
             params: spec.params.clone(),
             timeout: spec.timeout,
-            kill_grace: self.config.scheduler.kill_grace,
+            kill_grace: config.scheduler.kill_grace,
             checkpoint_path: self.checkpoint_path(pending.run),
             log,
         };
+        self.busy.insert(pending.task.clone(), pending.run);
         self.running.insert(
             pending.run,
             Running {
-                task: pending.task.clone(),
+                task: pending.task,
                 attempt,
+                max_attempts: pending.max_attempts,
+                cascade: pending.cascade,
                 stop: stop_tx,
                 stopping: None,
             },
@@ -700,70 +827,150 @@ impl Engine {
         Ok(())
     }
 
-    fn on_worker(&mut self, envelope: Envelope) {
+    /// Handles a burst of runner events (up to 1024 already waiting) in one transaction.
+    fn on_worker(&mut self, first: Envelope) {
+        let mut envelopes = vec![first];
+        while envelopes.len() < 1024 {
+            match self.worker_rx.try_recv() {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(_) => break,
+            }
+        }
         let now = self.clock.now();
-        let Envelope {
-            run,
-            attempt,
-            event,
-        } = envelope;
-        match event {
-            RunnerEvent::Spawned(pid, spawned_at) => {
-                if let Err(err) = self.store.record_pid(run, attempt, pid, spawned_at) {
-                    warn!(run = %run, "cannot record pid: {err}");
+        let mut finishes = Vec::new();
+        for envelope in &envelopes {
+            match &envelope.event {
+                RunnerEvent::Report(Msg::Checkpoint { data }) => {
+                    let path = self.checkpoint_path(envelope.run);
+                    if let Err(err) = write_atomically(&path, data.to_string().as_bytes()) {
+                        warn!(run = %envelope.run, "cannot write checkpoint file {}: {err}", path.display());
+                    }
                 }
+                RunnerEvent::Finished { outcome, elapsed } => {
+                    if let Some(finish) = self.finish(
+                        envelope.run,
+                        envelope.attempt,
+                        outcome.clone(),
+                        *elapsed,
+                        now,
+                    ) {
+                        finishes.push(finish);
+                    }
+                }
+                _ => {}
             }
-            RunnerEvent::Report(Msg::Heartbeat) | RunnerEvent::Report(Msg::Error { .. }) => {}
-            RunnerEvent::Report(Msg::Progress { pct, phase }) => {
-                if let Err(err) =
-                    self.store
-                        .record_progress(run, attempt, pct, phase.as_deref(), now)
+        }
+        let store = self.store.clone();
+        let applied = blocking(|| {
+            store.batch(|batch| {
+                for Envelope {
+                    run,
+                    attempt,
+                    event,
+                } in &envelopes
                 {
-                    warn!(run = %run, "cannot record progress: {err}");
+                    let (run, attempt) = (*run, *attempt);
+                    let written = match event {
+                        RunnerEvent::Spawned(pid, at) => batch.record_pid(run, attempt, *pid, *at),
+                        RunnerEvent::Report(Msg::Progress { pct, phase }) => {
+                            batch.record_progress(run, attempt, *pct, phase.as_deref(), now)
+                        }
+                        RunnerEvent::Report(Msg::Checkpoint { data }) => {
+                            batch.record_checkpoint(run, attempt, &data.to_string())
+                        }
+                        RunnerEvent::Report(Msg::Result { data }) => {
+                            batch.record_result(run, attempt, &data.to_string())
+                        }
+                        RunnerEvent::Report(Msg::Heartbeat | Msg::Error { .. })
+                        | RunnerEvent::Finished { .. } => Ok(true),
+                    };
+                    if let Err(err) = written {
+                        warn!(run = %run, "cannot record runner report: {err}");
+                    }
                 }
+                Ok(finishes
+                    .iter()
+                    .map(|f| {
+                        match batch.transition(
+                            f.run,
+                            f.attempt,
+                            RunState::Running,
+                            f.to,
+                            &f.change,
+                            now,
+                        ) {
+                            Ok(_) => true,
+                            Err(err) => {
+                                warn!(run = %f.run, "{err}");
+                                false
+                            }
+                        }
+                    })
+                    .collect::<Vec<bool>>())
+            })
+        });
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(err) => {
+                // Nothing of this burst was committed. The finished runs are still
+                // `running` in the store but no longer ours in memory: the next
+                // heartbeat's orphan check settles them by policy.
+                warn!(
+                    finished = finishes.len(),
+                    "cannot record finished attempts: {err}"
+                );
+                return;
             }
-            RunnerEvent::Report(Msg::Checkpoint { data }) => {
-                let text = data.to_string();
-                if let Err(err) = write_atomically(&self.checkpoint_path(run), text.as_bytes()) {
-                    warn!(run = %run, "cannot write checkpoint file: {err}");
-                }
-                if let Err(err) = self.store.record_checkpoint(run, attempt, &text) {
-                    warn!(run = %run, "cannot record checkpoint: {err}");
-                }
+        };
+        for (finish, ok) in finishes.into_iter().zip(applied) {
+            if !ok {
+                continue;
             }
-            RunnerEvent::Report(Msg::Result { data }) => {
-                if let Err(err) = self.store.record_result(run, attempt, &data.to_string()) {
-                    warn!(run = %run, "cannot record result: {err}");
+            match finish.to {
+                RunState::RetryWait => {
+                    let at = finish.change.next_attempt_at.unwrap_or(now);
+                    self.retry_due.insert((at, finish.run));
+                    self.retry_pending.insert(
+                        finish.run,
+                        Pending {
+                            run: finish.run,
+                            task: finish.running.task,
+                            attempt: finish.attempt,
+                            max_attempts: finish.running.max_attempts,
+                            state: RunState::RetryWait,
+                            force: true,
+                            cascade: finish.running.cascade,
+                        },
+                    );
                 }
-            }
-            RunnerEvent::Finished { outcome, elapsed } => {
-                self.on_finished(run, attempt, outcome, elapsed, now)
+                RunState::Queued => {}
+                _ => {
+                    if let Some(root) = finish.running.cascade {
+                        self.continue_cascade(root, now);
+                    }
+                }
             }
         }
     }
 
-    fn on_finished(
+    /// Decides what a finished attempt becomes, and takes it out of `running`.
+    fn finish(
         &mut self,
         run: RunId,
         attempt: Attempt,
         outcome: Outcome,
         elapsed: Duration,
         now: Instant,
-    ) {
+    ) -> Option<Finish> {
         if self.running.get(&run).map(|r| r.attempt) != Some(attempt) {
-            return;
+            return None;
         }
-        let Some(running) = self.running.remove(&run) else {
-            return;
-        };
-        let spec = self.config.tasks.get(&running.task).cloned();
-        let max_attempts = self
-            .store
-            .run(run)
-            .ok()
-            .flatten()
-            .map(|row| row.max_attempts)
-            .unwrap_or(1);
+        let running = self.running.remove(&run)?;
+        if self.busy.get(&running.task) == Some(&run) {
+            self.busy.remove(&running.task);
+        }
+        let config = self.config.clone();
+        let spec = config.tasks.get(&running.task);
         let log = self.logs.task(running.task.as_str());
         let took = humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64));
         let (to, change) = match outcome {
@@ -773,17 +980,11 @@ impl Engine {
             }
             Outcome::Stopped(StopReason::Abort) => {
                 log.line(run, attempt, Level::Warn, &format!("aborted after {took}"));
-                let reason = self
-                    .store
-                    .run(run)
-                    .ok()
-                    .flatten()
-                    .and_then(|r| r.reason)
-                    .unwrap_or_else(|| "abort requested".into());
+                let reason = running.stopping.as_ref().map(|(_, reason)| reason.clone());
                 (
                     RunState::Aborted,
                     Change {
-                        reason: Some(reason),
+                        reason,
                         ..Change::default()
                     },
                 )
@@ -795,14 +996,12 @@ impl Engine {
                     Level::Warn,
                     &format!("interrupted by shutdown after {took}; queued again"),
                 );
-                (
-                    RunState::Queued,
-                    Change {
-                        reason: Some("interrupted by shutdown; will run again".into()),
-                        refund_attempt: true,
-                        ..Change::default()
-                    },
-                )
+                let change = Change {
+                    reason: Some("interrupted by shutdown; will run again".into()),
+                    refund_attempt: true,
+                    ..Change::default()
+                };
+                (RunState::Queued, change)
             }
             Outcome::TimedOut | Outcome::Failed { .. } => {
                 let (terminal, exit_code, error, fatal) = match outcome {
@@ -811,77 +1010,54 @@ impl Engine {
                         error,
                         fatal,
                     } => (RunState::Failed, exit_code, error, fatal),
-                    _ => (
-                        RunState::TimedOut,
-                        None,
-                        format!(
-                            "timed out after {}",
-                            humantime::format_duration(
-                                spec.as_ref().map(|s| s.timeout).unwrap_or_default()
-                            )
-                        ),
-                        false,
-                    ),
+                    _ => {
+                        let limit = spec.map(|s| s.timeout).unwrap_or_default();
+                        (
+                            RunState::TimedOut,
+                            None,
+                            format!("timed out after {}", humantime::format_duration(limit)),
+                            false,
+                        )
+                    }
                 };
                 let error = format!("run {run} ({}, attempt {attempt}): {error}", running.task);
                 log.line(run, attempt, Level::Error, &error);
-                if !fatal && attempt.0 < max_attempts && spec.is_some() {
-                    let delay = spec
-                        .as_ref()
-                        .map(|s| s.backoff.delay(attempt.0))
-                        .unwrap_or_default();
-                    let next = now + chrono::Duration::from_std(delay).unwrap_or_default();
-                    (
-                        RunState::RetryWait,
-                        Change {
+                match spec {
+                    Some(spec) if !fatal && attempt.0 < running.max_attempts => {
+                        let delay = spec.backoff.delay(attempt.0);
+                        let change = Change {
                             exit_code,
                             error: Some(error),
-                            next_attempt_at: Some(next),
+                            next_attempt_at: Some(
+                                now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                            ),
                             ..Change::default()
-                        },
-                    )
-                } else {
-                    (
+                        };
+                        (RunState::RetryWait, change)
+                    }
+                    _ => (
                         terminal,
                         Change {
                             exit_code,
                             error: Some(error),
                             ..Change::default()
                         },
-                    )
+                    ),
                 }
             }
         };
-        if !self.apply(run, attempt, RunState::Running, to, &change, now) {
-            return;
-        }
-        match to {
-            RunState::RetryWait => {
-                let at = change.next_attempt_at.unwrap_or(now);
-                self.retry_due.insert((at, run));
-                self.retry_pending.insert(
-                    run,
-                    Pending {
-                        run,
-                        task: running.task.clone(),
-                        attempt,
-                        state: RunState::RetryWait,
-                        force: true,
-                    },
-                );
-            }
-            RunState::Queued => {}
-            _ => self.continue_cascade(run, now),
-        }
+        Some(Finish {
+            run,
+            attempt,
+            running,
+            to,
+            change,
+        })
     }
 
     /// After a run of a `--downstream` cascade ends, queues every task of the cascade whose
     /// upstreams within it have all finished. The dependency check then decides.
-    fn continue_cascade(&mut self, run: RunId, now: Instant) {
-        let Ok(Some(row)) = self.store.run(run) else {
-            return;
-        };
-        let Some(root) = row.cascade else { return };
+    fn continue_cascade(&mut self, root: RunId, now: Instant) {
         let Ok(Some(root_row)) = self.store.run(root) else {
             return;
         };
@@ -916,16 +1092,7 @@ impl Engine {
                 cascade: Some(root),
             };
             match self.store.enqueue(&new_run, now) {
-                Ok(id) => self.admit(
-                    Pending {
-                        run: id,
-                        task: member.clone(),
-                        attempt: Attempt(0),
-                        state: RunState::Queued,
-                        force: false,
-                    },
-                    now,
-                ),
+                Ok(id) => self.admit(Pending::new_run(id, &new_run), now),
                 Err(err) => warn!(task = %member, "cannot queue downstream run: {err}"),
             }
         }
@@ -942,17 +1109,17 @@ impl Engine {
             } => {
                 let result =
                     enqueue_manual(&self.config, &self.store, now, &task, force, downstream);
-                if let Ok(run) = &result {
-                    self.admit(
-                        Pending {
-                            run: *run,
-                            task: TaskName(task),
-                            attempt: Attempt(0),
-                            state: RunState::Queued,
-                            force,
-                        },
-                        now,
-                    );
+                if let (Ok(run), Some(spec)) = (&result, self.config.task(&task)) {
+                    let pending = Pending {
+                        run: *run,
+                        task: spec.name.clone(),
+                        attempt: Attempt(0),
+                        max_attempts: spec.max_attempts(),
+                        state: RunState::Queued,
+                        force,
+                        cascade: downstream.then_some(*run),
+                    };
+                    self.admit(pending, now);
                 }
                 let _ = reply.send(result);
             }
@@ -962,10 +1129,10 @@ impl Engine {
                     .request_abort(run, "abort requested", now)
                     .map_err(EngineError::from);
                 if let Ok(AbortOutcome::Requested) = result {
-                    self.stop_run(run, StopReason::Abort);
+                    self.stop_run(run, StopReason::Abort, "abort requested");
                 }
                 if let Ok(AbortOutcome::AbortedNow) = result {
-                    self.queue.retain(|p| p.run != run);
+                    self.queue_retain(|p| p.run != run);
                     self.retry_pending.remove(&run);
                     self.retry_due.retain(|(_, r)| *r != run);
                 }
@@ -981,8 +1148,12 @@ impl Engine {
         }
         match self.store.abort_requests(&self.instance) {
             Ok(runs) => {
-                for run in runs {
-                    self.stop_run(run, StopReason::Abort);
+                for (run, reason) in runs {
+                    self.stop_run(
+                        run,
+                        StopReason::Abort,
+                        reason.as_deref().unwrap_or("abort requested"),
+                    );
                 }
             }
             Err(err) => warn!("cannot read abort requests: {err}"),
@@ -994,37 +1165,46 @@ impl Engine {
         }
     }
 
+    /// Adopts runs another process queued (the CLI), and drops from the queue runs that
+    /// another process moved on (aborted while queued).
     fn on_poll(&mut self) {
         let now = self.clock.now();
-        match self.store.runs_in_state(RunState::Queued) {
-            Ok(rows) => {
-                for row in rows {
-                    let known = self.queue.iter().any(|p| p.run == row.id)
-                        || self.running.contains_key(&row.id);
-                    if !known {
-                        self.admit(Pending::from_row(&row), now);
-                    }
-                }
+        let waiting = blocking(|| {
+            self.store
+                .ids_in_states(&[RunState::Queued, RunState::RetryWait])
+        });
+        // Oldest first: runs queued by other processes are admitted in FIFO order.
+        let waiting_in_order: Vec<RunId> = match waiting {
+            Ok(ids) => ids,
+            Err(err) => {
+                warn!("cannot poll for queued runs: {err}");
+                return;
             }
-            Err(err) => warn!("cannot poll for queued runs: {err}"),
-        }
-        // Runs aborted from outside while queued leave the queue.
-        if !self.queue.is_empty() {
-            let ids: Vec<RunId> = self.queue.iter().map(|p| p.run).collect();
-            for id in ids {
-                if let Ok(Some(row)) = self.store.run(id) {
-                    if row.state != RunState::Queued && row.state != RunState::RetryWait {
-                        self.queue.retain(|p| p.run != id);
-                    }
+        };
+        let waiting: std::collections::HashSet<RunId> = waiting_in_order.iter().copied().collect();
+        self.queue_retain(|p| waiting.contains(&p.run));
+        let known: std::collections::HashSet<RunId> = self
+            .queue
+            .iter()
+            .map(|p| p.run)
+            .chain(self.running.keys().copied())
+            .chain(self.retry_pending.keys().copied())
+            .collect();
+        for run in waiting_in_order.iter().filter(|run| !known.contains(run)) {
+            match self.store.run(*run) {
+                Ok(Some(row)) if row.state == RunState::Queued => {
+                    self.admit(Pending::from_row(&row), now)
                 }
+                Ok(_) => {}
+                Err(err) => warn!(run = %run, "cannot read queued run: {err}"),
             }
         }
     }
 
-    fn stop_run(&mut self, run: RunId, reason: StopReason) {
+    fn stop_run(&mut self, run: RunId, reason: StopReason, why: &str) {
         if let Some(running) = self.running.get_mut(&run) {
             if running.stopping.is_none() {
-                running.stopping = Some(reason);
+                running.stopping = Some((reason, why.to_string()));
                 let _ = running.stop.send(Some(reason));
             }
         }
@@ -1050,7 +1230,9 @@ impl Engine {
             &change,
             now,
         ) {
-            self.continue_cascade(pending.run, now);
+            if let Some(root) = pending.cascade {
+                self.continue_cascade(root, now);
+            }
         }
     }
 
@@ -1134,7 +1316,7 @@ impl Engine {
                     grace_over = true;
                     let runs: Vec<RunId> = self.running.keys().copied().collect();
                     for run in runs {
-                        self.stop_run(run, StopReason::Shutdown);
+                        self.stop_run(run, StopReason::Shutdown, "service shutting down");
                     }
                 }
             }

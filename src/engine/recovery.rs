@@ -48,16 +48,17 @@ impl Engine {
     /// Start-up: each scheduled task resumes from its persisted next fire; ticks missed
     /// while the service was down go through the task's misfire policy.
     pub(super) fn plan_startup_fires(&mut self, now: Instant) {
-        let tasks: Vec<_> = self.config.tasks.values().cloned().collect();
-        for spec in tasks {
-            let Some(schedule) = spec.schedule.clone() else {
+        let config = self.config.clone();
+        let mut due = Vec::new();
+        for spec in config.tasks.values() {
+            let Some(schedule) = &spec.schedule else {
                 continue;
             };
-            let key = schedule_key(&schedule);
+            let key = schedule_key(schedule);
             let state = self.store.task_state(&spec.name).unwrap_or_default();
             match (state.next_fire_at, state.schedule) {
                 (Some(next), Some(stored)) if stored == key && next <= now => {
-                    self.fire_due(&spec.name, next, now, true);
+                    due.push((spec.name.clone(), next));
                 }
                 (Some(next), Some(stored)) if stored == key => {
                     self.next_fire.insert(spec.name.clone(), next);
@@ -67,6 +68,9 @@ impl Engine {
                     self.set_next_fire(&spec.name, next, &key);
                 }
             }
+        }
+        if !due.is_empty() {
+            self.fire_due(&due, now, true);
         }
     }
 

@@ -24,6 +24,10 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
+mod batch;
+
+pub use batch::Batch;
+
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
 const SCHEMA: &str = include_str!("schema.sql");
@@ -340,53 +344,35 @@ impl Store {
         Ok(value)
     }
 
-    /// Claims one scheduled or catch-up tick of a task and queues its run.
+    /// Runs `body` in one `BEGIN IMMEDIATE` transaction: every write it makes through the
+    /// [`Batch`] commits together, or (when `body` or the commit fails) none does. One
+    /// operation's own refusal (`Fenced`, `AlreadyClaimed`) writes nothing for that
+    /// operation and leaves the others of the batch intact.
     ///
-    /// Promise: at most one run exists per task and tick for triggers `schedule` and
-    /// `catchup`, however many engines try and however often the service restarts. How:
-    /// the partial unique index `runs_claim` on `(task, scheduled_for)`, inside a
-    /// `BEGIN IMMEDIATE` transaction; the loser gets [`StoreError::AlreadyClaimed`] and
-    /// must not run the tick. The same transaction moves the task's `next_fire_at` on to
-    /// `next_fire_at`, so a restart resumes after the claimed tick.
+    /// This is how the engine turns a tick of a thousand fires into one commit.
+    pub fn batch<T>(
+        &self,
+        body: impl FnOnce(&Batch<'_>) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        self.write(|tx| body(&Batch { tx }))
+    }
+
+    /// [`Batch::claim_fire`] in a transaction of its own.
     pub fn claim_fire(
         &self,
         run: &NewRun,
         now: Instant,
         next_fire_at: Option<Instant>,
     ) -> Result<RunId, StoreError> {
-        self.write(|tx| {
-            let id = insert_run(tx, run, now).map_err(|err| match err {
-                rusqlite::Error::SqliteFailure(code, _) if code.code == rusqlite::ErrorCode::ConstraintViolation => {
-                    StoreError::AlreadyClaimed {
-                        task: run.task.clone(),
-                        scheduled_for: run.scheduled_for,
-                    }
-                }
-                other => StoreError::Sql(other),
-            })?;
-            tx.execute(
-                "INSERT INTO task_state(task, last_fire_at, next_fire_at) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
-                params![run.task.as_str(), to_micros(run.scheduled_for), next_fire_at.map(to_micros)],
-            )?;
-            Ok(id)
-        })
+        self.batch(|b| b.claim_fire(run, now, next_fire_at))
     }
 
-    /// Queues a run that is not a scheduled tick (manual, downstream, retry).
+    /// [`Batch::enqueue`] in a transaction of its own.
     pub fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
-        self.write(|tx| Ok(insert_run(tx, run, now)?))
+        self.batch(|b| b.enqueue(run, now))
     }
 
-    /// Moves run `run` from `from` at attempt `attempt` to `to`: the only writer of a
-    /// run's state.
-    ///
-    /// Promise: the move happens only if it is legal ([`RunState::can_become`]) and the
-    /// run is still exactly in `from` at `attempt`; otherwise nothing is written and the
-    /// error says what was found ([`StoreError::Fenced`]), so an orphaned worker cannot
-    /// overwrite the attempt that replaced it. Entering `running` starts attempt
-    /// `attempt + 1` (returned) and records it in the attempts history; leaving `running`
-    /// closes it. The matching event is appended in the same transaction.
+    /// [`Batch::transition`] in a transaction of its own.
     pub fn transition(
         &self,
         run: RunId,
@@ -396,10 +382,10 @@ impl Store {
         change: &Change,
         now: Instant,
     ) -> Result<Attempt, StoreError> {
-        self.write(|tx| transition_in(tx, run, attempt, from, to, change, now))
+        self.batch(|b| b.transition(run, attempt, from, to, change, now))
     }
 
-    /// Records progress of a running attempt (ignored if the attempt is no longer current).
+    /// [`Batch::record_progress`] in a transaction of its own.
     pub fn record_progress(
         &self,
         run: RunId,
@@ -408,62 +394,30 @@ impl Store {
         phase: Option<&str>,
         now: Instant,
     ) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            let changed = tx.execute(
-                "UPDATE runs SET progress = ?3, phase = COALESCE(?4, phase), heartbeat_at = ?5
-                 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
-                params![run.0, attempt.0, percent, phase, to_micros(now)],
-            )?;
-            if changed > 0 {
-                let message = match phase {
-                    Some(phase) => format!("{percent:.0}% {phase}"),
-                    None => format!("{percent:.0}%"),
-                };
-                append_event(
-                    tx,
-                    now,
-                    "run_progress",
-                    None,
-                    Some(run),
-                    Some(attempt),
-                    &message,
-                )?;
-            }
-            Ok(changed > 0)
-        })
+        self.batch(|b| b.record_progress(run, attempt, percent, phase, now))
     }
 
-    /// Stores the latest checkpoint of a running attempt.
+    /// [`Batch::record_checkpoint`] in a transaction of its own.
     pub fn record_checkpoint(
         &self,
         run: RunId,
         attempt: Attempt,
         checkpoint: &str,
     ) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            Ok(tx.execute(
-                "UPDATE runs SET checkpoint = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
-                params![run.0, attempt.0, checkpoint],
-            )? > 0)
-        })
+        self.batch(|b| b.record_checkpoint(run, attempt, checkpoint))
     }
 
-    /// Stores the result a running attempt reported.
+    /// [`Batch::record_result`] in a transaction of its own.
     pub fn record_result(
         &self,
         run: RunId,
         attempt: Attempt,
         result: &str,
     ) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            Ok(tx.execute(
-                "UPDATE runs SET result = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
-                params![run.0, attempt.0, result],
-            )? > 0)
-        })
+        self.batch(|b| b.record_result(run, attempt, result))
     }
 
-    /// Stores the pid (= process group) of a running attempt's child and when it started.
+    /// [`Batch::record_pid`] in a transaction of its own.
     pub fn record_pid(
         &self,
         run: RunId,
@@ -471,16 +425,7 @@ impl Store {
         pid: u32,
         spawned_at: Instant,
     ) -> Result<bool, StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE attempts SET pid = ?3, spawned_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
-                params![run.0, attempt.0, pid, to_micros(spawned_at)],
-            )?;
-            Ok(tx.execute(
-                "UPDATE runs SET pid = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
-                params![run.0, attempt.0, pid],
-            )? > 0)
-        })
+        self.batch(|b| b.record_pid(run, attempt, pid, spawned_at))
     }
 
     /// Records that instance `owner` is alive, and so are the attempts it runs.
@@ -541,14 +486,35 @@ impl Store {
         })
     }
 
-    /// Running runs of `owner` with an abort request.
-    pub fn abort_requests(&self, owner: &str) -> Result<Vec<RunId>, StoreError> {
+    /// Running runs of `owner` with an abort request, and the reason given.
+    pub fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id FROM runs WHERE state = 'running' AND owner = ?1 AND abort_requested = 1",
+            "SELECT id, reason FROM runs WHERE state = 'running' AND owner = ?1 AND abort_requested = 1",
         )?;
         let ids = statement
-            .query_map([owner], |row| row.get(0).map(RunId))?
+            .query_map([owner], |row| Ok((RunId(row.get(0)?), row.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    /// Ids of the runs in any of `states`.
+    pub fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id FROM runs WHERE state IN (SELECT value FROM json_each(?1)) ORDER BY id",
+        )?;
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let list = format!(
+            "[{}]",
+            names
+                .iter()
+                .map(|n| format!("\"{n}\""))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let ids = statement
+            .query_map([list], |row| row.get(0).map(RunId))?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ids)
     }
@@ -598,17 +564,6 @@ impl Store {
             "SELECT {RUN_COLUMNS} FROM runs WHERE state = ?1 ORDER BY id"
         ))?;
         let rows = statement.query_map([state.as_str()], |row| Ok(read_run(row)))?;
-        collect_runs(rows)
-    }
-
-    /// Queued runs with an id above `after`, oldest first: how an engine finds runs that
-    /// another process (the CLI) queued.
-    pub fn queued_after(&self, after: RunId) -> Result<Vec<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE state = 'queued' AND id > ?1 ORDER BY id"
-        ))?;
-        let rows = statement.query_map([after.0], |row| Ok(read_run(row)))?;
         collect_runs(rows)
     }
 
@@ -680,21 +635,25 @@ impl Store {
         Ok(row.unwrap_or_default())
     }
 
-    /// Sets the earliest unclaimed tick of `task`, computed from `schedule`.
+    /// [`Batch::set_next_fire`] in a transaction of its own.
     pub fn set_next_fire(
         &self,
         task: &TaskName,
         next: Option<Instant>,
         schedule: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
-                params![task.as_str(), next.map(to_micros), schedule],
-            )?;
-            Ok(())
-        })
+        self.batch(|b| b.set_next_fire(task, next, schedule))
+    }
+
+    /// Names of the paused tasks.
+    pub fn paused_tasks(&self) -> Result<std::collections::HashSet<String>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT task FROM task_state WHERE paused = 1")?;
+        let names = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(names)
     }
 
     /// Pauses or resumes `task` (persisted across restarts), with its event.
@@ -720,7 +679,7 @@ impl Store {
         })
     }
 
-    /// Appends an event that is not a run state change.
+    /// [`Batch::record_event`] in a transaction of its own.
     pub fn record_event(
         &self,
         kind: &str,
@@ -729,7 +688,7 @@ impl Store {
         message: &str,
         now: Instant,
     ) -> Result<i64, StoreError> {
-        self.write(|tx| append_event(tx, now, kind, task, run, None, message))
+        self.batch(|b| b.record_event(kind, task, run, message, now))
     }
 
     /// Events after sequence number `after`, oldest first, at most `limit`.

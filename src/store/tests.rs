@@ -322,7 +322,10 @@ fn abort_stops_a_queued_run_at_once_and_flags_a_running_one() {
         store.request_abort(running, "by test", at(0, 3)).unwrap(),
         AbortOutcome::Requested
     );
-    assert_eq!(store.abort_requests("engine-1").unwrap(), vec![running]);
+    assert_eq!(
+        store.abort_requests("engine-1").unwrap(),
+        vec![(running, Some("by test".to_string()))]
+    );
     assert!(store.abort_requests("engine-2").unwrap().is_empty());
     assert!(matches!(
         store.request_abort(RunId(999), "x", at(0, 4)),
