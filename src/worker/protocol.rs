@@ -1,5 +1,5 @@
-//! The JSON-lines protocol a child speaks on its report pipe (file descriptor 3, named
-//! by `TURBOSCHED_REPORT_FD`). One message per line:
+//! The JSON-lines protocol a built-in worker speaks on its report pipe (file descriptor
+//! 3, named by `TURBOSCHED_REPORT_FD`). One message per line:
 //!
 //! ```text
 //! {"type":"heartbeat"}
@@ -9,8 +9,9 @@
 //! {"type":"error","message":"source_dir data/inbox does not exist","fatal":true}
 //! ```
 //!
-//! This is a promise to external programs as much as to our own worker: change it only
-//! by adding optional fields.
+//! Built-in workers speak it on their report pipe. External commands report on stdout
+//! instead, one marker line each (see [`parse_stdout_line`]). Both are promises to
+//! programs outside this crate: change them only by adding optional fields.
 
 use serde::{Deserialize, Serialize};
 
@@ -62,9 +63,21 @@ impl Msg {
     }
 }
 
-/// Parses an external command's stdout progress line, `::progress::45 phase name`.
-pub fn parse_progress_line(line: &str) -> Option<Msg> {
-    let rest = line.trim().strip_prefix("::progress::")?;
+/// Parses an external command's report lines on stdout:
+/// `::progress::45 phase name`, `::checkpoint::{json}`, `::result::{json}`.
+pub fn parse_stdout_line(line: &str) -> Option<Msg> {
+    let line = line.trim();
+    if let Some(json) = line.strip_prefix("::result::") {
+        return serde_json::from_str(json)
+            .ok()
+            .map(|data| Msg::Result { data });
+    }
+    if let Some(json) = line.strip_prefix("::checkpoint::") {
+        return serde_json::from_str(json)
+            .ok()
+            .map(|data| Msg::Checkpoint { data });
+    }
+    let rest = line.strip_prefix("::progress::")?;
     let mut parts = rest.trim().splitn(2, char::is_whitespace);
     let pct: f64 = parts.next()?.trim_end_matches('%').parse().ok()?;
     if !(0.0..=100.0).contains(&pct) {
@@ -107,22 +120,35 @@ mod tests {
     }
 
     #[test]
-    fn progress_lines_from_external_commands_are_read() {
+    fn report_lines_from_external_commands_are_read() {
         assert_eq!(
-            parse_progress_line("::progress::45 loading files"),
+            parse_stdout_line("::progress::45 loading files"),
             Some(Msg::Progress {
                 pct: 45.0,
                 phase: Some("loading files".into())
             })
         );
         assert_eq!(
-            parse_progress_line("::progress::100"),
+            parse_stdout_line("::progress::100"),
             Some(Msg::Progress {
                 pct: 100.0,
                 phase: None
             })
         );
-        assert_eq!(parse_progress_line("::progress::150 too much"), None);
-        assert_eq!(parse_progress_line("progress 45"), None);
+        assert_eq!(parse_stdout_line("::progress::150 too much"), None);
+        assert_eq!(parse_stdout_line("progress 45"), None);
+        assert_eq!(
+            parse_stdout_line("::result::{\"rows\": 42}"),
+            Some(Msg::Result {
+                data: serde_json::json!({"rows": 42})
+            })
+        );
+        assert_eq!(
+            parse_stdout_line("::checkpoint::{\"file\": \"SPX.csv\"}"),
+            Some(Msg::Checkpoint {
+                data: serde_json::json!({"file": "SPX.csv"})
+            })
+        );
+        assert_eq!(parse_stdout_line("::result::not json"), None);
     }
 }

@@ -131,7 +131,7 @@ fn an_external_command_reports_progress_result_and_gets_its_environment() {
     let sandbox = Sandbox::new(
         r#"
 [tasks.script]
-command = ["/bin/sh", "-c", "echo \"id=$TURBOSCHED_RUN_ID task=$TURBOSCHED_TASK attempt=$TURBOSCHED_ATTEMPT greeting=$GREETING\"; echo '::progress::50 halfway'; echo oops >&2; echo '{\"type\":\"result\",\"data\":{\"rows\":42}}' >&$TURBOSCHED_REPORT_FD"]
+command = ["/bin/sh", "-c", "echo \"id=$TURBOSCHED_RUN_ID task=$TURBOSCHED_TASK attempt=$TURBOSCHED_ATTEMPT greeting=$GREETING\"; echo '::progress::50 halfway'; echo oops >&2; echo '::result::{\"rows\":42}'"]
 env = { GREETING = "hello" }
 "#,
     );
