@@ -355,3 +355,109 @@ fn abort_from_the_cli_stops_a_running_run_of_the_service_and_it_is_not_retried()
     assert_eq!(again.status.code(), Some(1));
     assert!(stdout(&again).contains("already finished: aborted"));
 }
+
+#[test]
+fn a_dependency_older_than_dependency_max_age_is_not_satisfied() {
+    let sandbox = Sandbox::new(
+        "[tasks.upstream]\nhandler = \"ping\"\n[tasks.downstream]\nhandler = \"ping\"\ndepends_on = [\"upstream\"]\ndependency_max_age = \"1s\"\n",
+    );
+    assert_eq!(sandbox.cli(&["run", "upstream"]).status.code(), Some(0));
+    let fresh = sandbox.cli(&["run", "downstream"]);
+    assert_eq!(
+        fresh.status.code(),
+        Some(0),
+        "fresh upstream success satisfies: {}",
+        stderr(&fresh)
+    );
+    let finished = sandbox.runs_of("upstream")[0].finished_at.unwrap();
+    wait_until(
+        "the upstream success to age past 1s",
+        Duration::from_secs(5),
+        || (chrono::Utc::now() > finished + chrono::Duration::milliseconds(1100)).then_some(()),
+    );
+    assert_eq!(sandbox.cli(&["run", "downstream"]).status.code(), Some(1));
+    let reason = sandbox.runs_of("downstream")[1]
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("more than dependency_max_age 1s"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn without_max_age_an_upstream_success_must_be_newer_than_its_latest_tick() {
+    // Disabled: the schedules never fire here, they only define freshness.
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.yearly]
+handler = "ping"
+schedule = "0 0 1 1 *"
+enabled = false
+[tasks.every_second]
+handler = "ping"
+schedule = "* * * * * *"
+enabled = false
+[tasks.after_yearly]
+handler = "ping"
+depends_on = ["yearly"]
+[tasks.after_every_second]
+handler = "ping"
+depends_on = ["every_second"]
+"#,
+    );
+    assert_eq!(sandbox.cli(&["run", "yearly"]).status.code(), Some(0));
+    assert_eq!(sandbox.cli(&["run", "every_second"]).status.code(), Some(0));
+    let succeeded = sandbox.runs_of("every_second")[0].scheduled_for;
+    wait_until(
+        "a tick of every_second after its success",
+        Duration::from_secs(5),
+        || (chrono::Utc::now() > succeeded + chrono::Duration::milliseconds(1100)).then_some(()),
+    );
+    assert_eq!(
+        sandbox.cli(&["run", "after_yearly"]).status.code(),
+        Some(0),
+        "newer than Jan 1st"
+    );
+    assert_eq!(
+        sandbox.cli(&["run", "after_every_second"]).status.code(),
+        Some(1)
+    );
+    let reason = sandbox.runs_of("after_every_second")[0]
+        .reason
+        .clone()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("is older than its latest scheduled fire"),
+        "{reason}"
+    );
+}
+
+#[test]
+fn run_wait_hands_the_run_to_the_service_and_reports_its_end() {
+    let sandbox = Sandbox::new("[tasks.hello]\nhandler = \"ping\"\nparams = { sleep_sec = 0.3 }\n[tasks.after]\nhandler = \"ping\"\ndepends_on = [\"hello\"]\n");
+    let service = sandbox.serve();
+    let (code, value) = sandbox.cli_json(&["run", "hello", "--wait", "--downstream", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let runs = value["runs"].as_array().unwrap();
+    let summary: Vec<(&str, &str)> = runs
+        .iter()
+        .map(|r| (r["task"].as_str().unwrap(), r["state"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![("hello", "succeeded"), ("after", "succeeded")]
+    );
+    let instance = sandbox
+        .store()
+        .live_instances(Duration::from_secs(30), chrono::Utc::now())
+        .unwrap();
+    let owner = sandbox.runs_of("hello")[0].owner.clone();
+    assert_eq!(
+        owner,
+        Some(instance[0].id.clone()),
+        "the service ran it, not the CLI"
+    );
+    drop(service);
+}
