@@ -154,3 +154,84 @@ params = { sleep_sec = 30.0 }
     assert_eq!(sandbox.run(long).attempt.0, 2);
     drop(service);
 }
+
+#[test]
+fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_left_alone() {
+    use turbosched::model::{Attempt, TaskName};
+    use turbosched::store::{Change, NewRun};
+
+    let sandbox = Sandbox::new(
+        "[tasks.silent]\nhandler = \"ping\"\nretries = 1\n[tasks.beating]\nhandler = \"ping\"\nretries = 1\n",
+    );
+    let store = sandbox.store();
+    let now = chrono::Utc::now();
+    let long_ago = now - chrono::Duration::seconds(60);
+    // Two instances on another host: pids there mean nothing here, only heartbeats count.
+    store
+        .register_instance("ghost", 4_000_000, "another-host", long_ago)
+        .unwrap();
+    store
+        .register_instance("alive", 4_000_001, "another-host", now)
+        .unwrap();
+    let mut runs = Vec::new();
+    for (task, owner, at) in [("silent", "ghost", long_ago), ("beating", "alive", now)] {
+        let new_run = NewRun {
+            task: TaskName::from(task),
+            trigger: Trigger::Manual,
+            scheduled_for: at,
+            max_attempts: 2,
+            force: false,
+            downstream: false,
+            cascade: None,
+        };
+        let run = store.enqueue(&new_run, at).unwrap();
+        let change = Change {
+            owner: Some(owner.into()),
+            ..Change::default()
+        };
+        store
+            .transition(
+                run,
+                Attempt(0),
+                RunState::Queued,
+                RunState::Running,
+                &change,
+                at,
+            )
+            .unwrap();
+        runs.push(run);
+    }
+    // Keep "alive" beating while our service looks around.
+    let keep_beating = std::thread::spawn({
+        let store = sandbox.store();
+        move || {
+            for _ in 0..40 {
+                store.heartbeat("alive", chrono::Utc::now()).unwrap();
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    });
+    let service = sandbox.serve();
+    let retried = sandbox.wait_for_state(runs[0], RunState::Succeeded, Duration::from_secs(20));
+    assert_eq!(retried.attempt.0, 2);
+    assert!(
+        retried
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .contains("no heartbeat from owner instance ghost"),
+        "{:?}",
+        retried.reason
+    );
+    // Several heartbeats of our service later, the other instance's run is untouched.
+    wait_until("a few orphan checks", Duration::from_secs(5), || {
+        (chrono::Utc::now() > now + chrono::Duration::milliseconds(1500)).then_some(())
+    });
+    let untouched = sandbox.run(runs[1]);
+    assert_eq!(
+        (untouched.state, untouched.owner.as_deref()),
+        (RunState::Running, Some("alive"))
+    );
+    keep_beating.join().unwrap();
+    drop(service);
+}
