@@ -27,6 +27,13 @@ fn open() -> (tempfile::TempDir, Store) {
     (dir, store)
 }
 
+/// Claims the 12:00:00 tick of `task` and returns its queued run.
+fn claim(store: &Store, task: &str) -> RunId {
+    store
+        .claim_fire(&scheduled(task, at(0, 0)), at(0, 5), None)
+        .unwrap()
+}
+
 fn kinds(store: &Store) -> Vec<String> {
     store
         .events_after(0, 1000)
@@ -91,9 +98,7 @@ fn manual_runs_at_the_same_instant_are_not_claims() {
 #[test]
 fn a_run_walks_through_its_states_with_one_event_each() {
     let (_dir, store) = open();
-    let run = store
-        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 5), None)
-        .unwrap();
+    let run = claim(&store, "ingest");
     let owner = Change {
         owner: Some("me".into()),
         ..Change::default()
@@ -189,9 +194,7 @@ fn a_run_walks_through_its_states_with_one_event_each() {
 #[test]
 fn an_illegal_move_is_refused_and_writes_nothing() {
     let (_dir, store) = open();
-    let run = store
-        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 5), None)
-        .unwrap();
+    let run = claim(&store, "ingest");
     let result = store.transition(
         run,
         Attempt(0),
@@ -215,9 +218,7 @@ fn an_illegal_move_is_refused_and_writes_nothing() {
 #[test]
 fn a_stale_attempt_is_fenced_off() {
     let (_dir, store) = open();
-    let run = store
-        .claim_fire(&scheduled("drift", at(0, 0)), at(0, 5), None)
-        .unwrap();
+    let run = claim(&store, "drift");
     let first = store
         .transition(
             run,
@@ -288,9 +289,7 @@ fn a_stale_attempt_is_fenced_off() {
 #[test]
 fn abort_stops_a_queued_run_at_once_and_flags_a_running_one() {
     let (_dir, store) = open();
-    let queued = store
-        .claim_fire(&scheduled("a", at(0, 0)), at(0, 1), None)
-        .unwrap();
+    let queued = claim(&store, "a");
     assert_eq!(
         store.request_abort(queued, "by test", at(0, 2)).unwrap(),
         AbortOutcome::AbortedNow
@@ -301,9 +300,7 @@ fn abort_stops_a_queued_run_at_once_and_flags_a_running_one() {
         AbortOutcome::AlreadyFinished(RunState::Aborted)
     );
 
-    let running = store
-        .claim_fire(&scheduled("b", at(0, 0)), at(0, 1), None)
-        .unwrap();
+    let running = claim(&store, "b");
     let owner = Change {
         owner: Some("engine-1".into()),
         ..Change::default()
