@@ -240,10 +240,12 @@ fn serve(path: &Path) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// True when a service (not a foreground `turbosched run`) is up to take a run.
 fn live_service(config: &Config, store: &Store) -> Result<bool> {
-    Ok(!store
+    Ok(store
         .live_instances(config.scheduler.heartbeat_timeout, SystemClock.now())?
-        .is_empty())
+        .iter()
+        .any(|instance| instance.serving))
 }
 
 fn run(
@@ -437,7 +439,7 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         println!("{}", json!({"service": service, "tasks": views}));
         return Ok(ExitCode::SUCCESS);
     }
-    match instances.first() {
+    match instances.iter().find(|i| i.serving) {
         Some(instance) => println!(
             "service: up (pid {} on {}, instance {})",
             instance.pid, instance.host, instance.id

@@ -318,7 +318,7 @@ impl Engine {
         let pid = std::process::id();
         let host = hostname();
         self.store
-            .register_instance(&self.instance, pid, &host, now)?;
+            .register_instance(&self.instance, pid, &host, self.mode == Mode::Serve, now)?;
         match self.mode {
             Mode::Serve => {
                 self.recover(now)?;

@@ -249,6 +249,9 @@ pub struct InstanceRow {
     pub heartbeat_at: Instant,
     /// Set on clean shutdown.
     pub stopped_at: Option<Instant>,
+    /// A service (`serve`), which adopts runs queued by others; false for a foreground
+    /// `turbosched run`, which runs only its own.
+    pub serving: bool,
 }
 
 /// Filter for [`Store::runs`].
@@ -713,18 +716,19 @@ impl Store {
         Ok(rows)
     }
 
-    /// Registers a serving instance.
+    /// Registers an instance: a service (`serving`) or a foreground `turbosched run`.
     pub fn register_instance(
         &self,
         id: &str,
         pid: u32,
         host: &str,
+        serving: bool,
         now: Instant,
     ) -> Result<(), StoreError> {
         self.write(|tx| {
             tx.execute(
-                "INSERT INTO instances(id, pid, host, started_at, heartbeat_at) VALUES (?1, ?2, ?3, ?4, ?4)",
-                params![id, pid, host, to_micros(now)],
+                "INSERT INTO instances(id, pid, host, started_at, heartbeat_at, serving) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+                params![id, pid, host, to_micros(now), serving as i64],
             )?;
             Ok(())
         })
@@ -750,7 +754,7 @@ impl Store {
         let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at FROM instances
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving FROM instances
              WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
         )?;
         let rows = statement
@@ -763,7 +767,7 @@ impl Store {
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at FROM instances WHERE id = ?1",
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving FROM instances WHERE id = ?1",
         )?;
         Ok(statement.query_row([id], read_instance).optional()?)
     }
@@ -786,6 +790,7 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         host: row.get(2)?,
         heartbeat_at: from_micros(row.get(3)?),
         stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
+        serving: row.get::<_, i64>(5)? != 0,
     })
 }
 

@@ -78,5 +78,6 @@ CREATE TABLE IF NOT EXISTS instances (
     host         TEXT    NOT NULL,
     started_at   INTEGER NOT NULL,
     heartbeat_at INTEGER NOT NULL,
-    stopped_at   INTEGER
+    stopped_at   INTEGER,
+    serving      INTEGER NOT NULL DEFAULT 1   -- 0: a foreground `turbosched run`
 );

@@ -350,10 +350,14 @@ fn pause_and_next_fire_survive_a_reopen() {
 #[test]
 fn live_instances_are_those_beating_and_not_stopped() {
     let (_dir, store) = open();
-    store.register_instance("old", 1, "host", at(0, 0)).unwrap();
-    store.register_instance("new", 2, "host", at(0, 0)).unwrap();
     store
-        .register_instance("gone", 3, "host", at(0, 0))
+        .register_instance("old", 1, "host", true, at(0, 0))
+        .unwrap();
+    store
+        .register_instance("new", 2, "host", true, at(0, 0))
+        .unwrap();
+    store
+        .register_instance("gone", 3, "host", true, at(0, 0))
         .unwrap();
     store.heartbeat("new", at(50, 0)).unwrap();
     store.heartbeat("gone", at(50, 0)).unwrap();

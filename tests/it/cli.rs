@@ -103,3 +103,33 @@ fn run_json_runs_and_show_report_times_state_trigger_and_attempts() {
         stderr(&bad)
     );
 }
+
+#[test]
+fn a_foreground_run_is_not_mistaken_for_a_service() {
+    // Regression: a foreground `turbosched run` registers as an instance, but it adopts
+    // no runs; a second `run` meanwhile must run its task itself, not hand it over.
+    let sandbox = Sandbox::new("[tasks.long]\nhandler = \"ping\"\nparams = { sleep_sec = 3.0 }\n[tasks.short]\nhandler = \"ping\"\n");
+    let mut first = sandbox
+        .command(&["run", "long"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    wait_until(
+        "the foreground run to start",
+        std::time::Duration::from_secs(10),
+        || {
+            sandbox
+                .runs_of("long")
+                .first()
+                .filter(|r| r.state == turbosched::model::RunState::Running)
+                .map(|_| ())
+        },
+    );
+    let (code, value) = sandbox.cli_json(&["run", "short", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    assert_eq!(value["runs"][0]["state"], "succeeded", "{value}");
+    assert!(first.wait().unwrap().success());
+    let status = stdout(&sandbox.cli(&["status"]));
+    assert!(status.contains("service: not running"), "{status}");
+}

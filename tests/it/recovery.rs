@@ -168,10 +168,10 @@ fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_l
     let long_ago = now - chrono::Duration::seconds(60);
     // Two instances on another host: pids there mean nothing here, only heartbeats count.
     store
-        .register_instance("ghost", 4_000_000, "another-host", long_ago)
+        .register_instance("ghost", 4_000_000, "another-host", true, long_ago)
         .unwrap();
     store
-        .register_instance("alive", 4_000_001, "another-host", now)
+        .register_instance("alive", 4_000_001, "another-host", true, now)
         .unwrap();
     let mut runs = Vec::new();
     for (task, owner, at) in [("silent", "ghost", long_ago), ("beating", "alive", now)] {
