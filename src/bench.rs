@@ -49,6 +49,14 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
         "turbosched bench: {tasks} tasks × `* * * * * *` → /bin/true, {seconds}s, database {}",
         database.display()
     );
+    let spawn_ms = spawn_cost_ms(200)?;
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!(
+        "spawn cost:             {spawn_ms:.3} ms per /bin/true (posix_spawn + wait, serial); {tasks} children of one tick need ≥ {:.0} ms on {cores} core(s): the floor of the last child's lag",
+        spawn_ms * tasks as f64 / cores as f64
+    );
     let peak_rss = Arc::new(AtomicU64::new(0));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -158,6 +166,17 @@ fn print_lag(label: &str, sorted_ms: &[f64]) {
         sorted_ms[sorted_ms.len() - 1],
         sorted_ms.len()
     );
+}
+
+/// Mean milliseconds to start and reap `/bin/true`, one at a time.
+fn spawn_cost_ms(count: u32) -> Result<f64> {
+    let started = std::time::Instant::now();
+    for _ in 0..count {
+        std::process::Command::new("/bin/true")
+            .status()
+            .context("cannot run /bin/true")?;
+    }
+    Ok(started.elapsed().as_secs_f64() * 1000.0 / f64::from(count))
 }
 
 fn rss_kib() -> u64 {
