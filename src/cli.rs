@@ -198,14 +198,71 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("cannot start the async runtime")
 }
 
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("TURBOSCHED_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let _ = tracing_subscriber::fmt()
-        .with_env_filter(filter)
+/// The service log: stderr, and with a config also `<log_dir>/scheduler.log` (rotated by
+/// `[logging]`), each line `[<RFC 3339>] <logger> - <LEVEL> - <message>`. Keep the guard
+/// alive: dropping it flushes the file writer.
+fn init_tracing(config: Option<&Config>) -> Option<tracing_appender::non_blocking::WorkerGuard> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    use tracing_subscriber::Layer;
+
+    let filter = || {
+        tracing_subscriber::EnvFilter::try_from_env("TURBOSCHED_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"))
+    };
+    let stderr = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
+        .with_filter(filter());
+    let (file, guard) = match config {
+        Some(config) => {
+            let writer = turbosched::tasklog::RotatingFile::new(
+                config.scheduler.log_dir.join("scheduler.log"),
+                config.logging.max_size,
+                config.logging.scheduler_backups,
+            );
+            let (writer, guard) = tracing_appender::non_blocking(writer);
+            let layer = tracing_subscriber::fmt::layer()
+                .event_format(LineFormat)
+                .with_ansi(false)
+                .with_writer(writer)
+                .with_filter(filter());
+            (Some(layer), Some(guard))
+        }
+        None => (None, None),
+    };
+    let _ = tracing_subscriber::registry()
+        .with(stderr)
+        .with(file)
         .try_init();
+    guard
+}
+
+/// `[2026-11-22T16:30:00.001234Z] turbosched::engine - INFO - scheduler started tasks=2`
+struct LineFormat;
+
+impl<S, N> tracing_subscriber::fmt::FormatEvent<S, N> for LineFormat
+where
+    S: tracing::Subscriber + for<'a> tracing_subscriber::registry::LookupSpan<'a>,
+    N: for<'a> tracing_subscriber::fmt::FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &tracing_subscriber::fmt::FmtContext<'_, S, N>,
+        mut writer: tracing_subscriber::fmt::format::Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let metadata = event.metadata();
+        write!(
+            writer,
+            "[{}] {} - {} - ",
+            chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ"),
+            metadata.target(),
+            metadata.level()
+        )?;
+        ctx.field_format().format_fields(writer.by_ref(), event)?;
+        writeln!(writer)
+    }
 }
 
 /// Cancels the engine on SIGTERM or SIGINT.
@@ -228,8 +285,8 @@ fn shutdown_on_signals(handle: turbosched::engine::Handle) {
 }
 
 fn serve(path: &Path) -> Result<ExitCode> {
-    init_tracing();
     let config = Arc::new(load(path)?);
+    let _log_guard = init_tracing(Some(&config));
     let store = open_store(&config)?;
     let runtime = runtime()?;
     runtime.block_on(async {
@@ -273,7 +330,7 @@ fn run(
         }
         return wait_for(&config, &store, root, downstream, json);
     }
-    init_tracing();
+    let _log_guard = init_tracing(Some(&config));
     let runtime = runtime()?;
     let root = runtime.block_on(async {
         let mut engine = Engine::new(

@@ -1,26 +1,38 @@
-//! Per-task log files, `logs/task_<name>.log`: every line a child prints, prefixed with
-//! time, task, run and attempt:
+//! Log files: `logs/task_<name>.log` per task and `logs/scheduler.log` for the service,
+//! rotated by size.
+//!
+//! Every task line is
 //!
 //! ```text
 //! [2026-11-22T16:30:00.001234Z] task.ingestion - INFO - run=12 attempt=1 - loaded SPX.csv
 //! ```
 //!
-//! Each line is written with one `write` call on a file opened in append mode, so lines
-//! from several runs of one task never interleave inside a line. A write failure is
-//! reported once in the service log and the run goes on: a full disk must not fail a run.
+//! Rotation (`file-rotate`, `ContentLimit::BytesSurpassed`): once a file has grown past
+//! `[logging] max_size`, the next write first moves it to `.1` (`.1` → `.2` …, the oldest
+//! past `task_backups` is deleted). Each line is one `write` call under the log's lock, and
+//! rotation happens only between writes, so a rotation never splits or loses a line, however
+//! many runs of a task write at once. A write failure is reported in the service log and the
+//! run goes on: a full disk must not fail a run.
 
 use std::collections::HashMap;
-use std::fs::{File, OpenOptions};
 use std::io::Write;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use file_rotate::compression::Compression;
+use file_rotate::suffix::AppendCount;
+use file_rotate::{ContentLimit, FileRotate};
+
+use crate::config::LoggingSettings;
 use crate::model::{Attempt, RunId};
 
 /// The log folder and its open files.
 #[derive(Clone)]
 pub struct TaskLogs {
     dir: PathBuf,
+    max_size: u64,
+    backups: usize,
     files: Arc<Mutex<HashMap<String, TaskLog>>>,
 }
 
@@ -28,8 +40,7 @@ pub struct TaskLogs {
 #[derive(Clone)]
 pub struct TaskLog {
     task: String,
-    path: PathBuf,
-    file: Arc<Mutex<Option<File>>>,
+    file: RotatingFile,
 }
 
 /// Severity of a log line.
@@ -54,10 +65,12 @@ impl Level {
 }
 
 impl TaskLogs {
-    /// Logs under `dir` (created on first write).
-    pub fn new(dir: &Path) -> TaskLogs {
+    /// Logs under `dir` (created on first write), rotated as `settings` say.
+    pub fn new(dir: &Path, settings: &LoggingSettings) -> TaskLogs {
         TaskLogs {
             dir: dir.to_path_buf(),
+            max_size: settings.max_size,
+            backups: settings.task_backups,
             files: Arc::new(Mutex::new(HashMap::new())),
         }
     }
@@ -69,17 +82,20 @@ impl TaskLogs {
             .entry(task.to_string())
             .or_insert_with(|| TaskLog {
                 task: task.to_string(),
-                path: self.dir.join(format!("task_{task}.log")),
-                file: Arc::new(Mutex::new(None)),
+                file: RotatingFile::new(
+                    self.dir.join(task_log_name(task)),
+                    self.max_size,
+                    self.backups,
+                ),
             })
             .clone()
     }
 }
 
 impl TaskLog {
-    /// The file path.
+    /// The current file's path.
     pub fn path(&self) -> &Path {
-        &self.path
+        &self.file.path
     }
 
     /// Appends one line.
@@ -91,32 +107,232 @@ impl TaskLog {
             self.task,
             level.as_str()
         );
-        let mut guard = self.file.lock().unwrap_or_else(|p| p.into_inner());
+        self.file.write_line(line.as_bytes());
+    }
+}
+
+/// A size-rotated file shared by every writer in this process; cheap to clone.
+#[derive(Clone)]
+pub struct RotatingFile {
+    path: PathBuf,
+    max_size: u64,
+    backups: usize,
+    inner: Arc<Mutex<Option<FileRotate<AppendCount>>>>,
+}
+
+impl RotatingFile {
+    /// A file at `path`, rotated past `max_size` bytes, keeping `backups` rotated files.
+    /// Nothing is opened until the first write.
+    pub fn new(path: PathBuf, max_size: u64, backups: usize) -> RotatingFile {
+        RotatingFile {
+            path,
+            max_size: max_size.max(1),
+            backups: backups.max(1),
+            inner: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Writes `line` (one whole line, newline included) in one call.
+    pub fn write_line(&self, line: &[u8]) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if guard.is_none() {
-            let opened = self
-                .path
-                .parent()
-                .map(std::fs::create_dir_all)
-                .unwrap_or(Ok(()))
-                .and_then(|_| {
-                    OpenOptions::new()
-                        .create(true)
-                        .append(true)
-                        .open(&self.path)
-                });
+            // file-rotate panics when it cannot create the folder: create it first, and
+            // keep any panic of the crate from reaching a runner or the engine.
+            if let Some(parent) = self.path.parent() {
+                if let Err(err) = std::fs::create_dir_all(parent) {
+                    tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
+                    return;
+                }
+            }
+            let opened = catch_unwind(|| {
+                FileRotate::new(
+                    &self.path,
+                    AppendCount::new(self.backups),
+                    ContentLimit::BytesSurpassed(self.max_size as usize),
+                    Compression::None,
+                    None,
+                )
+            });
             match opened {
                 Ok(file) => *guard = Some(file),
-                Err(err) => {
-                    tracing::warn!(task = %self.task, path = %self.path.display(), "cannot open task log: {err}");
+                Err(_) => {
+                    tracing::warn!(path = %self.path.display(), "cannot open log file");
                     return;
                 }
             }
         }
-        if let Some(file) = guard.as_mut() {
-            if let Err(err) = file.write_all(line.as_bytes()) {
-                tracing::warn!(task = %self.task, path = %self.path.display(), "cannot write task log: {err}");
+        let Some(file) = guard.as_mut() else { return };
+        let written = catch_unwind(AssertUnwindSafe(|| {
+            file.write_all(line).and_then(|_| file.flush())
+        }));
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                tracing::warn!(path = %self.path.display(), "cannot write log file: {err}");
+                *guard = None;
+            }
+            Err(_) => {
+                tracing::warn!(path = %self.path.display(), "log rotation failed");
                 *guard = None;
             }
         }
+    }
+}
+
+impl Write for RotatingFile {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.write_line(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// `task_<name>.log`.
+pub fn task_log_name(task: &str) -> String {
+    format!("task_{task}.log")
+}
+
+/// The files of the log `name` in `dir`, oldest first: `name.N` … `name.1`, then `name`.
+pub fn log_files(dir: &Path, name: &str) -> Vec<PathBuf> {
+    let mut rotated: Vec<(usize, PathBuf)> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| {
+            let file_name = entry.file_name().into_string().ok()?;
+            let number = file_name
+                .strip_prefix(name)?
+                .strip_prefix('.')?
+                .parse()
+                .ok()?;
+            Some((number, entry.path()))
+        })
+        .collect();
+    rotated.sort_by_key(|(number, _)| std::cmp::Reverse(*number));
+    let mut files: Vec<PathBuf> = rotated.into_iter().map(|(_, path)| path).collect();
+    let current = dir.join(name);
+    if current.exists() {
+        files.push(current);
+    }
+    files
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashSet;
+
+    use super::*;
+
+    fn settings(max_size: u64, backups: usize) -> LoggingSettings {
+        LoggingSettings {
+            max_size,
+            task_backups: backups,
+            scheduler_backups: backups,
+            archive_dir: PathBuf::from("archive"),
+        }
+    }
+
+    #[test]
+    fn rotation_at_the_size_limit_keeps_every_line_across_concurrent_writers() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = TaskLogs::new(dir.path(), &settings(4096, 10_000));
+        let writers = 8;
+        let lines_each = 500;
+        std::thread::scope(|scope| {
+            for writer in 0..writers {
+                let log = logs.task("ingestion");
+                scope.spawn(move || {
+                    for n in 0..lines_each {
+                        log.line(
+                            RunId(writer),
+                            Attempt(1),
+                            Level::Info,
+                            &format!("line {n} of writer {writer} {}", "x".repeat(n % 97)),
+                        );
+                    }
+                });
+            }
+        });
+        let files = log_files(dir.path(), "task_ingestion.log");
+        assert!(
+            files.len() > 50,
+            "the limit was reached many times: {} files",
+            files.len()
+        );
+        let mut seen = HashSet::new();
+        for file in &files {
+            let text = std::fs::read_to_string(file).unwrap();
+            assert!(
+                text.ends_with('\n'),
+                "{} ends inside a line",
+                file.display()
+            );
+            for line in text.lines() {
+                let (_, rest) = line
+                    .split_once("] task.ingestion - INFO - run=")
+                    .expect("whole line");
+                let writer: i64 = rest.split_once(' ').unwrap().0.parse().unwrap();
+                let n: usize = rest
+                    .split("line ")
+                    .nth(1)
+                    .unwrap()
+                    .split(' ')
+                    .next()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                let padding = rest.rsplit(' ').next().unwrap();
+                assert_eq!(padding.len(), n % 97, "line intact: {line}");
+                assert!(seen.insert((writer, n)), "line written once: {line}");
+            }
+            let size = std::fs::metadata(file).unwrap().len();
+            assert!(
+                size <= 4096 + 200,
+                "{} is {size} bytes: rotated right after the limit",
+                file.display()
+            );
+        }
+        assert_eq!(
+            seen.len(),
+            writers as usize * lines_each,
+            "every line is somewhere"
+        );
+    }
+
+    #[test]
+    fn only_the_configured_number_of_backups_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = TaskLogs::new(dir.path(), &settings(1024, 3));
+        let log = logs.task("t");
+        for n in 0..200 {
+            log.line(
+                RunId(1),
+                Attempt(1),
+                Level::Info,
+                &format!("{n} {}", "y".repeat(50)),
+            );
+        }
+        let names: Vec<String> = log_files(dir.path(), "task_t.log")
+            .iter()
+            .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            names,
+            vec!["task_t.log.3", "task_t.log.2", "task_t.log.1", "task_t.log"]
+        );
+    }
+
+    #[test]
+    fn an_unwritable_log_folder_loses_the_line_but_never_panics() {
+        let dir = tempfile::tempdir().unwrap();
+        let blocker = dir.path().join("not-a-folder");
+        std::fs::write(&blocker, "a file where the log folder should be").unwrap();
+        let logs = TaskLogs::new(&blocker.join("logs"), &settings(4096, 2));
+        logs.task("t")
+            .line(RunId(1), Attempt(1), Level::Error, "goes nowhere");
+        assert!(!blocker.join("logs").exists());
     }
 }

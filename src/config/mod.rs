@@ -25,10 +25,10 @@ use sha2::{Digest, Sha256};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-pub use raw::{KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
+pub use raw::{KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
 
 /// The built-in handlers that run inside the `worker` subcommand, plus `command`.
-pub const HANDLERS: &[&str] = &["command", "ping"];
+pub const HANDLERS: &[&str] = &["command", "maintenance", "ping"];
 
 /// One problem in a config file, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,6 +85,8 @@ pub struct Config {
     pub scheduler: SchedulerSettings,
     /// `[api]`.
     pub api: ApiSettings,
+    /// `[logging]`.
+    pub logging: LoggingSettings,
     /// Every task, by name.
     pub tasks: BTreeMap<TaskName, TaskSpec>,
     /// Task names in dependency order: every task after all of its upstreams.
@@ -113,6 +115,19 @@ pub struct SchedulerSettings {
     pub log_dir: PathBuf,
     /// Where checkpoints go.
     pub state_dir: PathBuf,
+}
+
+/// `[logging]`: rotation of the log files and where archives go.
+#[derive(Debug, Clone)]
+pub struct LoggingSettings {
+    /// A log file is rotated once it has grown past this many bytes (never inside a line).
+    pub max_size: u64,
+    /// Rotated files kept per task log (`task_<name>.log.1` … `.N`).
+    pub task_backups: usize,
+    /// Rotated files kept of `scheduler.log`.
+    pub scheduler_backups: usize,
+    /// Where log archives and database backups go.
+    pub archive_dir: PathBuf,
 }
 
 /// `[api]`: read now, served by the HTTP layer.

@@ -14,7 +14,7 @@ use toml::Spanned;
 
 use super::{
     closest, ApiSettings, Backoff, CommandSpec, Config, ConfigError, ConfigErrors, Handler,
-    Overlap, SchedulerSettings, TaskSpec, HANDLERS,
+    LoggingSettings, Overlap, SchedulerSettings, TaskSpec, HANDLERS,
 };
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
@@ -54,7 +54,15 @@ pub const KNOWN_SCHEDULER_KEYS: &[&str] = &[
     "state_dir",
 ];
 
-const SECTIONS: &[&str] = &["scheduler", "api", "defaults", "tasks"];
+/// Every key `[logging]` accepts.
+pub const KNOWN_LOGGING_KEYS: &[&str] = &[
+    "max_size",
+    "task_backups",
+    "scheduler_backups",
+    "archive_dir",
+];
+
+const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,6 +76,22 @@ struct RawScheduler {
     shutdown_grace: Option<Spanned<String>>,
     log_dir: Option<String>,
     state_dir: Option<String>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawLogging {
+    max_size: Option<Spanned<RawSize>>,
+    task_backups: Option<Spanned<i64>>,
+    scheduler_backups: Option<Spanned<i64>>,
+    archive_dir: Option<String>,
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(untagged)]
+enum RawSize {
+    Bytes(u64),
+    Text(String),
 }
 
 #[derive(Deserialize)]
@@ -224,6 +248,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
 
     let mut scheduler: Option<RawScheduler> = None;
     let mut api: Option<RawApi> = None;
+    let mut logging: Option<RawLogging> = None;
     let mut defaults = RawTask::default();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
@@ -233,6 +258,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         match name.as_str() {
             "scheduler" => scheduler = report.decode(value, "scheduler"),
             "api" => api = report.decode(value, "api"),
+            "logging" => logging = report.decode(value, "logging"),
             "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
             "tasks" => {
                 let span = value.span();
@@ -272,6 +298,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             .unwrap_or_else(|| "TURBOSCHED_TOKEN".into()),
     };
 
+    let logging = resolve_logging(&mut report, logging.unwrap_or_default());
     let known: BTreeSet<String> = tasks
         .iter()
         .map(|(name, _, _)| name.get_ref().clone())
@@ -325,6 +352,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         hash: String::new(),
         scheduler,
         api,
+        logging,
         tasks: specs,
         topo_order,
     })
@@ -412,6 +440,58 @@ fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> Sche
         ),
         log_dir: PathBuf::from(raw.log_dir.unwrap_or_else(|| "logs".into())),
         state_dir: PathBuf::from(raw.state_dir.unwrap_or_else(|| "data/state".into())),
+    }
+}
+
+fn resolve_logging(report: &mut Report<'_>, raw: RawLogging) -> LoggingSettings {
+    let max_size = match &raw.max_size {
+        None => 10_000_000,
+        Some(value) => {
+            let parsed = match value.get_ref() {
+                RawSize::Bytes(bytes) => Some(*bytes),
+                RawSize::Text(text) => text
+                    .trim()
+                    .parse::<bytesize::ByteSize>()
+                    .ok()
+                    .map(|size| size.as_u64()),
+            };
+            match parsed {
+                Some(bytes) if bytes >= 1024 => bytes,
+                _ => {
+                    let found = match value.get_ref() {
+                        RawSize::Bytes(bytes) => bytes.to_string(),
+                        RawSize::Text(text) => format!("{text:?}"),
+                    };
+                    report.error(
+                        value.span(),
+                        "logging.max_size",
+                        format!("expected a size of at least 1KiB such as \"10MB\", found {found}"),
+                    );
+                    10_000_000
+                }
+            }
+        }
+    };
+    let mut count = |value: &Option<Spanned<i64>>, key: &str, default: usize| match value {
+        None => default,
+        Some(value) if (1..=10_000).contains(value.get_ref()) => *value.get_ref() as usize,
+        Some(value) => {
+            report.error(
+                value.span(),
+                key,
+                format!(
+                    "expected a whole number from 1 to 10000, found {}",
+                    value.get_ref()
+                ),
+            );
+            default
+        }
+    };
+    LoggingSettings {
+        max_size,
+        task_backups: count(&raw.task_backups, "logging.task_backups", 5),
+        scheduler_backups: count(&raw.scheduler_backups, "logging.scheduler_backups", 10),
+        archive_dir: PathBuf::from(raw.archive_dir.unwrap_or_else(|| "archive".into())),
     }
 }
 

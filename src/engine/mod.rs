@@ -254,7 +254,7 @@ impl Engine {
     pub fn new(config: Arc<Config>, store: Store, clock: Arc<dyn Clock>, mode: Mode) -> Engine {
         let (worker_tx, worker_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands_rx) = mpsc::channel(256);
-        let logs = TaskLogs::new(&config.scheduler.log_dir);
+        let logs = TaskLogs::new(&config.scheduler.log_dir, &config.logging);
         Engine {
             config,
             store,
