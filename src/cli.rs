@@ -104,6 +104,29 @@ enum Cmd {
         #[arg(short = 'n', default_value_t = 5)]
         count: usize,
     },
+    /// Print a task's log across its current and rotated files (`scheduler` for the service log).
+    Logs {
+        /// The task, or `scheduler`.
+        task: String,
+        /// Only this run's lines, searched in archived logs too.
+        #[arg(long)]
+        run: Option<i64>,
+        /// Keep printing new lines as they are written.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Print the last N existing lines (0: none, as `tail -n 0`).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        lines: usize,
+        /// Print every existing line.
+        #[arg(long, conflicts_with = "lines")]
+        all: bool,
+    },
+    /// Archive old logs into a verified zip, prune old history, back up the database (what the maintenance task does).
+    Archive {
+        /// Print what would be done, change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
     /// Measure fire lag and throughput with N per-second tasks running /bin/true.
     Bench {
         /// Tasks, each `* * * * * *`.
@@ -157,6 +180,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Show { run_id, json } => show(&cli.config, RunId(run_id), json),
         Cmd::Abort { run_id } => abort(&cli.config, RunId(run_id)),
         Cmd::Next { task, count } => next(&cli.config, &task, count),
+        Cmd::Logs {
+            task,
+            run,
+            follow,
+            lines,
+            all,
+        } => logs(
+            &cli.config,
+            &task,
+            run.map(RunId),
+            follow,
+            (!all).then_some(lines),
+        ),
+        Cmd::Archive { dry_run } => archive(&cli.config, dry_run),
         Cmd::Bench {
             tasks,
             seconds,
@@ -686,6 +723,162 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
         println!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn archive(path: &Path, dry_run: bool) -> Result<ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config)?;
+    // The maintenance task's params, when the config has one, else the defaults.
+    let params = config
+        .tasks
+        .values()
+        .find(|t| t.handler.name() == "maintenance")
+        .map(|t| t.params.clone())
+        .unwrap_or(Value::Null);
+    let mut options = turbosched::maintenance::Options::from_params(&params, SystemClock.now())?;
+    options.dry_run = dry_run;
+    let report = turbosched::maintenance::run(&config, &store, &options)?;
+    for line in report.lines() {
+        println!("{line}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn logs(
+    path: &Path,
+    task: &str,
+    run: Option<RunId>,
+    follow: bool,
+    last: Option<usize>,
+) -> Result<ExitCode> {
+    use std::io::{BufRead, Seek};
+    use turbosched::tasklog::{log_files, task_log_name};
+
+    let config = load(path)?;
+    let name = if task == "scheduler" && config.task(task).is_none() {
+        "scheduler.log".to_string()
+    } else if config.task(task).is_some()
+        || !log_files(&config.scheduler.log_dir, &task_log_name(task)).is_empty()
+    {
+        task_log_name(task)
+    } else {
+        bail!(
+            "unknown task \"{task}\" (known tasks: {}; or scheduler)",
+            config.task_names().join(", ")
+        );
+    };
+    let marker = run.map(|run| format!(" run={run} "));
+    let keep = |line: &str| marker.as_ref().is_none_or(|m| line.contains(m.as_str()));
+    let mut lines: Vec<String> = Vec::new();
+    if run.is_some() {
+        for line in archived_lines(&config.logging.archive_dir, &name)? {
+            if keep(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    let files = log_files(&config.scheduler.log_dir, &name);
+    for file in &files {
+        let reader = std::io::BufReader::new(
+            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?,
+        );
+        for line in reader.lines() {
+            let line = line.with_context(|| format!("cannot read {}", file.display()))?;
+            if keep(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    let start = last
+        .map(|last| lines.len().saturating_sub(last))
+        .unwrap_or(0);
+    for line in &lines[start..] {
+        println!("{line}");
+    }
+    if !follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // Follow the current file; a rotation shows as the file shrinking or being replaced.
+    let current = config.scheduler.log_dir.join(&name);
+    let mut position = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+    let mut partial = String::new();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let Ok(mut file) = std::fs::File::open(&current) else {
+            continue;
+        };
+        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if length < position {
+            position = 0;
+        }
+        if length == position {
+            continue;
+        }
+        file.seek(std::io::SeekFrom::Start(position))?;
+        let mut reader = std::io::BufReader::new(file);
+        let mut chunk = String::new();
+        while reader.read_line(&mut chunk)? > 0 {
+            position += chunk.len() as u64;
+            partial.push_str(&chunk);
+            chunk.clear();
+            if partial.ends_with('\n') {
+                let line = partial.trim_end_matches('\n');
+                if keep(line) {
+                    println!("{line}");
+                }
+                partial.clear();
+            }
+        }
+    }
+}
+
+/// Lines of `name` (and its rotated copies) inside every log archive, oldest archive first.
+fn archived_lines(archive_dir: &Path, name: &str) -> Result<Vec<String>> {
+    use std::io::Read;
+    let mut zips: Vec<PathBuf> = std::fs::read_dir(archive_dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path())
+        .filter(|path| {
+            path.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.starts_with("logs_archive_") && n.ends_with(".zip"))
+        })
+        .collect();
+    zips.sort();
+    let mut lines = Vec::new();
+    for zip in zips {
+        let file =
+            std::fs::File::open(&zip).with_context(|| format!("cannot read {}", zip.display()))?;
+        let mut archive =
+            zip::ZipArchive::new(file).with_context(|| format!("cannot read {}", zip.display()))?;
+        let mut entries: Vec<(usize, String)> = archive
+            .file_names()
+            .filter_map(|entry| entry.ok())
+            .filter_map(|entry| {
+                let rest = entry.strip_prefix(name)?;
+                let order = if rest.is_empty() {
+                    0
+                } else {
+                    rest.strip_prefix('.')?.parse().ok()?
+                };
+                Some((order, entry.to_string()))
+            })
+            .collect();
+        // Oldest first: the highest rotation number.
+        entries.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+        for (_, entry) in entries {
+            let mut text = String::new();
+            archive
+                .by_name(&entry)
+                .with_context(|| format!("{}: {entry}", zip.display()))?
+                .read_to_string(&mut text)
+                .with_context(|| format!("{}: {entry}", zip.display()))?;
+            lines.extend(text.lines().map(str::to_string));
+        }
+    }
+    Ok(lines)
 }
 
 fn rfc3339(at: Instant) -> String {

@@ -10,6 +10,8 @@
 //!   retried with backoff while attempts remain;
 //! - the **engine** ([`engine`]) is the loop that fires, checks dependencies, admits runs
 //!   under `max_workers` and `overlap`, supervises attempts and finds orphans;
+//! - **maintenance** ([`maintenance`]) archives old logs into verified zips, prunes history
+//!   and backs up the database;
 //! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]).
 //!
 //! See ARCHITECTURE.md for the map and the invariants.
@@ -19,6 +21,7 @@
 pub mod config;
 pub mod engine;
 pub mod handlers;
+pub mod maintenance;
 pub mod model;
 pub mod runner;
 pub mod schedule;

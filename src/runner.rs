@@ -53,6 +53,8 @@ pub struct AttemptSpec {
     pub kill_grace: Duration,
     /// Where the last checkpoint is (may not exist yet).
     pub checkpoint_path: PathBuf,
+    /// The service's config file (for the `maintenance` worker).
+    pub config_path: PathBuf,
     /// The task's log.
     pub log: TaskLog,
 }
@@ -261,7 +263,10 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
             let exe = std::env::current_exe()
                 .map_err(|err| format!("cannot find the turbosched binary: {err}"))?;
             let mut command = Command::new(exe);
-            command.arg("worker").env("TURBOSCHED_HANDLER", name);
+            command
+                .arg("worker")
+                .env("TURBOSCHED_HANDLER", name)
+                .env("TURBOSCHED_CONFIG_FILE", &spec.config_path);
             command
         }
         Handler::Command(spec) if spec.shell => {

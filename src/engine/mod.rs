@@ -759,6 +759,7 @@ impl Engine {
             timeout: spec.timeout,
             kill_grace: config.scheduler.kill_grace,
             checkpoint_path: self.checkpoint_path(pending.run),
+            config_path: config.source.clone(),
             log,
         };
         self.busy.insert(pending.task.clone(), pending.run);

@@ -267,6 +267,30 @@ pub struct RunFilter {
     pub limit: usize,
 }
 
+/// What [`Store::prune`] removed (or would remove).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneCounts {
+    /// Finished runs.
+    pub runs: u64,
+    /// Their attempts.
+    pub attempts: u64,
+    /// Events.
+    pub events: u64,
+}
+
+/// Rows per table, for reports and backup checks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RowCounts {
+    /// `runs`.
+    pub runs: u64,
+    /// `attempts`.
+    pub attempts: u64,
+    /// `events`.
+    pub events: u64,
+    /// `task_state`.
+    pub task_state: u64,
+}
+
 /// What [`Store::request_abort`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AbortOutcome {
@@ -772,6 +796,71 @@ impl Store {
         Ok(statement.query_row([id], read_instance).optional()?)
     }
 
+    /// Removes history older than `cutoff`: runs in a terminal state that finished
+    /// before it, with their attempts, and events before it.
+    ///
+    /// Promise: a run still referenced by an unfinished one (the root of a `--downstream`
+    /// cascade that is still going) is kept, and so are its events. With `dry_run`,
+    /// nothing is removed and the counts say what would be.
+    pub fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
+        const OLD_RUNS: &str = "SELECT id FROM runs
+            WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+              AND COALESCE(finished_at, queued_at) < ?1
+              AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
+                             AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
+        let cutoff = to_micros(cutoff);
+        self.write(|tx| {
+            let count = |sql: &str| -> Result<u64, StoreError> {
+                Ok(tx.query_row(sql, [cutoff], |row| row.get::<_, i64>(0))? as u64)
+            };
+            let counts = PruneCounts {
+                runs: count(&format!("SELECT COUNT(*) FROM ({OLD_RUNS})"))?,
+                attempts: count(&format!("SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"))?,
+                events: count(&format!(
+                    "SELECT COUNT(*) FROM events WHERE at < ?1
+                       AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
+                ))?,
+            };
+            if !dry_run {
+                tx.execute(
+                    &format!(
+                        "DELETE FROM events WHERE at < ?1
+                           AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
+                    ),
+                    [cutoff],
+                )?;
+                tx.execute(&format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"), [cutoff])?;
+                tx.execute(&format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"), [cutoff])?;
+            }
+            Ok(counts)
+        })
+    }
+
+    /// Copies the whole database to `destination` while it stays in use (SQLite's online
+    /// backup API), then runs `PRAGMA optimize`. The copy is a complete, consistent
+    /// database file.
+    pub fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
+        let connection = self.lock();
+        let mut target = Connection::open(destination).map_err(|source| StoreError::Open {
+            path: destination.to_path_buf(),
+            source,
+        })?;
+        {
+            let backup = rusqlite::backup::Backup::new(&connection, &mut target)?;
+            backup.run_to_completion(256, Duration::from_millis(5), None)?;
+        }
+        target.execute_batch("PRAGMA journal_mode = DELETE;")?;
+        drop(target);
+        connection.execute_batch("PRAGMA optimize;")?;
+        Ok(())
+    }
+
+    /// Rows per table.
+    pub fn row_counts(&self) -> Result<RowCounts, StoreError> {
+        let connection = self.lock();
+        row_counts(&connection)
+    }
+
     /// Row counts, for the CLI status line and the benchmark.
     pub fn count_runs(&self, state: Option<RunState>) -> Result<i64, StoreError> {
         let connection = self.lock();
@@ -781,6 +870,23 @@ impl Store {
             |row| row.get(0),
         )?)
     }
+}
+
+/// Rows per table of any turbosched database (a backup included).
+pub fn row_counts(connection: &Connection) -> Result<RowCounts, StoreError> {
+    let count = |table: &str| -> Result<u64, StoreError> {
+        Ok(
+            connection.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
+                row.get::<_, i64>(0)
+            })? as u64,
+        )
+    };
+    Ok(RowCounts {
+        runs: count("runs")?,
+        attempts: count("attempts")?,
+        events: count("events")?,
+        task_state: count("task_state")?,
+    })
 }
 
 fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {

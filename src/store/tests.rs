@@ -370,3 +370,143 @@ fn live_instances_are_those_beating_and_not_stopped() {
         .collect();
     assert_eq!(live, vec!["new"]);
 }
+
+/// A run of `task` queued at `queued`, taken through `states` (from queued).
+fn run_through(
+    store: &Store,
+    task: &str,
+    queued: Instant,
+    cascade: Option<RunId>,
+    states: &[RunState],
+) -> RunId {
+    let new_run = NewRun {
+        task: TaskName::from(task),
+        trigger: Trigger::Manual,
+        scheduled_for: queued,
+        max_attempts: 1,
+        force: false,
+        downstream: false,
+        cascade,
+    };
+    let run = store.enqueue(&new_run, queued).unwrap();
+    let (mut from, mut attempt) = (RunState::Queued, Attempt(0));
+    for to in states {
+        attempt = store
+            .transition(run, attempt, from, *to, &Change::default(), queued)
+            .unwrap();
+        from = *to;
+    }
+    run
+}
+
+#[test]
+fn prune_removes_old_history_but_keeps_what_a_running_cascade_references() {
+    let (_dir, store) = open();
+    let old = at(0, 0);
+    let new = at(50, 0);
+    let done = [RunState::Running, RunState::Succeeded];
+    let old_done = run_through(&store, "a", old, None, &done);
+    let old_skipped = run_through(&store, "a", old, None, &[RunState::Skipped]);
+    let new_done = run_through(&store, "a", new, None, &done);
+    // An old cascade root that finished, with a member still running: the root stays.
+    let root = {
+        let new_run = NewRun {
+            downstream: true,
+            ..scheduled("root", old)
+        };
+        let root = store
+            .enqueue(
+                &NewRun {
+                    trigger: Trigger::Manual,
+                    ..new_run
+                },
+                old,
+            )
+            .unwrap();
+        let attempt = store
+            .transition(
+                root,
+                Attempt(0),
+                RunState::Queued,
+                RunState::Running,
+                &Change::default(),
+                old,
+            )
+            .unwrap();
+        store
+            .transition(
+                root,
+                attempt,
+                RunState::Running,
+                RunState::Succeeded,
+                &Change::default(),
+                old,
+            )
+            .unwrap();
+        root
+    };
+    let member = run_through(&store, "member", new, Some(root), &[RunState::Running]);
+    let old_queued = run_through(&store, "a", old, None, &[]);
+    let cutoff = at(30, 0);
+
+    let preview = store.prune(cutoff, true).unwrap();
+    assert_eq!(
+        store.row_counts().unwrap().runs,
+        6,
+        "a dry run removes nothing"
+    );
+    let pruned = store.prune(cutoff, false).unwrap();
+    assert_eq!(pruned, preview, "the dry run said what would go");
+    // Only finished runs older than the cutoff go; the old queued one and the referenced
+    // root stay.
+    assert_eq!(pruned.runs, 2);
+    assert_eq!(pruned.attempts, 1);
+    for gone in [old_done, old_skipped] {
+        assert!(store.run(gone).unwrap().is_none());
+    }
+    for kept in [new_done, root, member, old_queued] {
+        assert!(store.run(kept).unwrap().is_some(), "run {kept} kept");
+    }
+    assert!(store
+        .events_after(0, 1000)
+        .unwrap()
+        .iter()
+        .all(|e| e.run_id != Some(old_done)));
+    assert!(
+        store
+            .events_after(0, 1000)
+            .unwrap()
+            .iter()
+            .any(|e| e.run_id == Some(root)),
+        "a kept run keeps its events"
+    );
+}
+
+#[test]
+fn a_backup_is_a_valid_database_with_the_same_rows() {
+    let (dir, store) = open();
+    for second in 0..20 {
+        let run = store
+            .claim_fire(&scheduled("a", at(second, 0)), at(second, 1), None)
+            .unwrap();
+        store
+            .transition(
+                run,
+                Attempt(0),
+                RunState::Queued,
+                RunState::Running,
+                &Change::default(),
+                at(second, 2),
+            )
+            .unwrap();
+    }
+    let destination = dir.path().join("backup.db");
+    store.backup_to(&destination).unwrap();
+    let copy = Connection::open(&destination).unwrap();
+    let integrity: String = copy
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(integrity, "ok");
+    assert_eq!(row_counts(&copy).unwrap(), store.row_counts().unwrap());
+    assert_eq!(store.row_counts().unwrap().runs, 20);
+}

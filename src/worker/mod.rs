@@ -88,7 +88,12 @@ pub fn main() -> i32 {
         std::thread::sleep(Duration::from_secs(1));
     });
 
-    match handlers::run(&handler, &ctx) {
+    let outcome = match handler.as_str() {
+        // Housekeeping of the service itself: not a TaskContext-only handler.
+        "maintenance" => crate::maintenance::handler(&ctx),
+        other => handlers::run(other, &ctx),
+    };
+    match outcome {
         Ok(result) => {
             reporter.send(&Msg::Result { data: result });
             0

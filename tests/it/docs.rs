@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use turbosched::config::{self, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
+use turbosched::config::{self, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
 
 fn reference() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README_SCHEDULE.md"))
@@ -13,7 +13,11 @@ fn reference() -> String {
 #[test]
 fn every_config_key_has_a_row_in_the_reference() {
     let text = reference();
-    for key in KNOWN_SCHEDULER_KEYS.iter().chain(KNOWN_TASK_KEYS) {
+    for key in KNOWN_SCHEDULER_KEYS
+        .iter()
+        .chain(KNOWN_TASK_KEYS)
+        .chain(KNOWN_LOGGING_KEYS)
+    {
         assert!(
             text.contains(&format!("| `{key}` |")),
             "README_SCHEDULE.md has no row for `{key}`"

@@ -5,6 +5,7 @@
 mod boundaries;
 mod cli;
 mod docs;
+mod maintenance;
 mod recovery;
 mod scheduling;
 mod supervision;
