@@ -353,3 +353,46 @@ fn logs_follow_prints_new_lines_as_they_are_written() {
         "only the two new runs: {seen}"
     );
 }
+
+#[test]
+fn the_service_log_and_task_logs_share_one_line_format() {
+    let sandbox = Sandbox::new("[tasks.echo]\ncommand = [\"/bin/echo\", \"hi\"]\n");
+    let service = sandbox.serve();
+    let run = run_id(&sandbox.cli_json(&["run", "echo", "--json"]).1);
+    sandbox.wait_for_state(run, RunState::Succeeded, Duration::from_secs(10));
+    assert!(service.stop().success());
+    let format = |line: &str| -> Option<(String, String)> {
+        // [2026-11-22T16:30:00.001234Z] <logger> - <LEVEL> - <message>
+        let rest = line.strip_prefix('[')?;
+        let (time, rest) = rest.split_once("] ")?;
+        chrono::DateTime::parse_from_rfc3339(time).ok()?;
+        let (logger, rest) = rest.split_once(" - ")?;
+        let (level, _message) = rest.split_once(" - ")?;
+        ["TRACE", "DEBUG", "INFO", "WARN", "ERROR"]
+            .contains(&level)
+            .then(|| (logger.to_string(), level.to_string()))
+    };
+    let service_log = std::fs::read_to_string(sandbox.path().join("logs/scheduler.log")).unwrap();
+    assert!(service_log.lines().count() >= 3, "{service_log}");
+    for line in service_log.lines() {
+        let (logger, _) = format(line).unwrap_or_else(|| panic!("not in the log format: {line}"));
+        assert!(logger.starts_with("turbosched"), "{line}");
+    }
+    assert!(
+        service_log.contains("turbosched::engine - INFO - scheduler started"),
+        "{service_log}"
+    );
+    let task_log = sandbox.log("echo");
+    for line in task_log.lines() {
+        let (logger, _) = format(line).unwrap_or_else(|| panic!("not in the log format: {line}"));
+        assert_eq!(logger, "task.echo");
+        assert!(
+            line.contains(&format!(" - run={run} attempt=1 - ")),
+            "{line}"
+        );
+    }
+    assert!(
+        task_log.contains("INFO - run=") && task_log.contains(" - hi"),
+        "{task_log}"
+    );
+}
