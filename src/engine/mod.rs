@@ -20,7 +20,12 @@
 //! timers are rebuilt from the store at start-up); every state change goes through
 //! [`Store::transition`]; a store error or a failed run is logged and the loop goes on.
 
+mod board;
+mod metrics;
 mod recovery;
+
+pub use board::{Board, FinishedRun, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS};
+pub use metrics::Metrics;
 
 use recovery::schedule_key;
 
@@ -83,6 +88,30 @@ pub enum EngineError {
     /// The engine has stopped.
     #[error("the engine is not running")]
     Stopped,
+    /// The task's overlap policy refuses a new run while this one is active.
+    #[error("task {task} already has run {run} {what}; its overlap policy is skip")]
+    Overlap {
+        /// Task.
+        task: String,
+        /// The active run.
+        run: RunId,
+        /// "running" or "queued".
+        what: &'static str,
+    },
+    /// No such run.
+    #[error("no run with id {0}")]
+    RunNotFound(RunId),
+    /// Only a finished run can be retried.
+    #[error("run {run} is {state}: only a finished run can be retried")]
+    NotRetryable {
+        /// Run.
+        run: RunId,
+        /// Its state.
+        state: RunState,
+    },
+    /// The config file on disk is invalid; the running config was kept.
+    #[error("config not reloaded, the running config is kept:\n{0}")]
+    Config(crate::config::ConfigErrors),
 }
 
 /// A request to the engine.
@@ -104,6 +133,27 @@ pub enum Command {
         run: RunId,
         /// Answer.
         reply: oneshot::Sender<Result<AbortOutcome, EngineError>>,
+    },
+    /// Pause or resume a task (persisted).
+    Pause {
+        /// Task.
+        task: String,
+        /// Pause (true) or resume (false).
+        paused: bool,
+        /// Answer.
+        reply: oneshot::Sender<Result<(), EngineError>>,
+    },
+    /// Read the config file again; swap only if it is valid.
+    Reload {
+        /// Answer: the new config's hash.
+        reply: oneshot::Sender<Result<String, EngineError>>,
+    },
+    /// Run a finished run's task again, resuming from its last checkpoint.
+    Retry {
+        /// The finished run.
+        run: RunId,
+        /// Answer: the new run.
+        reply: oneshot::Sender<Result<RunId, EngineError>>,
     },
 }
 
@@ -146,6 +196,39 @@ impl Handle {
         answer.await.map_err(|_| EngineError::Stopped)?
     }
 
+    /// Pauses (`true`) or resumes (`false`) `task`.
+    pub async fn pause(&self, task: &str, paused: bool) -> Result<(), EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Pause {
+            task: task.to_string(),
+            paused,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Reloads the config file; on errors the running config stays.
+    pub async fn reload(&self) -> Result<String, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Reload { reply }).await?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Queues a new run of a finished run's task, resuming from its checkpoint.
+    pub async fn retry(&self, run: RunId) -> Result<RunId, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Retry { run, reply }).await?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    async fn send(&self, command: Command) -> Result<(), EngineError> {
+        self.commands
+            .send(command)
+            .await
+            .map_err(|_| EngineError::Stopped)
+    }
+
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
         self.cancel.cancel();
@@ -159,6 +242,8 @@ enum Wake {
     Command(Command),
     Heartbeat,
     Poll,
+    /// The board is stale and its rate limit has passed.
+    Publish,
     Shutdown,
 }
 
@@ -167,6 +252,10 @@ struct Running {
     attempt: Attempt,
     max_attempts: u32,
     cascade: Option<RunId>,
+    trigger: Trigger,
+    scheduled_for: Instant,
+    first_started_at: Instant,
+    attempt_started_at: Instant,
     stop: watch::Sender<Option<StopReason>>,
     stopping: Option<(StopReason, String)>,
 }
@@ -180,6 +269,9 @@ struct Pending {
     state: RunState,
     force: bool,
     cascade: Option<RunId>,
+    trigger: Trigger,
+    scheduled_for: Instant,
+    first_started_at: Option<Instant>,
 }
 
 impl Pending {
@@ -192,6 +284,9 @@ impl Pending {
             state: row.state,
             force: row.force,
             cascade: row.cascade,
+            trigger: row.trigger,
+            scheduled_for: row.scheduled_for,
+            first_started_at: row.started_at,
         }
     }
 
@@ -204,6 +299,9 @@ impl Pending {
             state: RunState::Queued,
             force: new_run.force,
             cascade: new_run.cascade.or(new_run.downstream.then_some(run)),
+            trigger: new_run.trigger,
+            scheduled_for: new_run.scheduled_for,
+            first_started_at: None,
         }
     }
 }
@@ -247,6 +345,16 @@ pub struct Engine {
     cancel: CancellationToken,
     poll_interval: Duration,
     roots: Vec<RunId>,
+    board: Arc<Board>,
+    metrics: Arc<Metrics>,
+    started_at: Instant,
+    paused: std::collections::HashSet<String>,
+    /// Task → its recent finished runs, oldest first (at most `board::RECENT_RUNS`).
+    recent: HashMap<TaskName, VecDeque<FinishedRun>>,
+    /// Something the board shows changed since the last publication.
+    dirty: bool,
+    published_at: std::time::Instant,
+    version: u64,
 }
 
 impl Engine {
@@ -255,6 +363,7 @@ impl Engine {
         let (worker_tx, worker_rx) = mpsc::unbounded_channel();
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let logs = TaskLogs::new(&config.scheduler.log_dir, &config.logging);
+        let clock_now = clock.now();
         Engine {
             config,
             store,
@@ -276,6 +385,14 @@ impl Engine {
             cancel: CancellationToken::new(),
             poll_interval: Duration::from_millis(200),
             roots: Vec::new(),
+            board: Arc::new(Board::default()),
+            metrics: Arc::new(Metrics::new()),
+            started_at: clock_now,
+            paused: Default::default(),
+            recent: HashMap::new(),
+            dirty: true,
+            published_at: std::time::Instant::now(),
+            version: 0,
         }
     }
 
@@ -285,6 +402,16 @@ impl Engine {
             commands: self.commands_tx.clone(),
             cancel: self.cancel.clone(),
         }
+    }
+
+    /// The status board this engine publishes (for the HTTP layer).
+    pub fn board(&self) -> Arc<Board> {
+        self.board.clone()
+    }
+
+    /// The metrics this engine keeps.
+    pub fn metrics(&self) -> Arc<Metrics> {
+        self.metrics.clone()
     }
 
     /// This engine's instance id (the `owner` of the runs it runs).
@@ -319,6 +446,7 @@ impl Engine {
         let host = hostname();
         self.store
             .register_instance(&self.instance, pid, &host, self.mode == Mode::Serve, now)?;
+        self.seed_board();
         match self.mode {
             Mode::Serve => {
                 self.recover(now)?;
@@ -348,6 +476,7 @@ impl Engine {
 
         let mut heartbeat = tokio::time::interval(self.config.scheduler.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.publish(true);
         let mut poll = tokio::time::interval(self.poll_interval);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -355,6 +484,9 @@ impl Engine {
                 break;
             }
             let sleep = self.sleep_until_next_deadline();
+            let publish_due = tokio::time::sleep(
+                Duration::from_millis(50).saturating_sub(self.published_at.elapsed()),
+            );
             let wake = tokio::select! {
                 // Ticks first: under load, a fire must not wait behind worker reports.
                 biased;
@@ -364,6 +496,7 @@ impl Engine {
                 Some(command) = self.commands_rx.recv() => Wake::Command(command),
                 _ = heartbeat.tick() => Wake::Heartbeat,
                 _ = poll.tick(), if self.mode == Mode::Serve => Wake::Poll,
+                _ = publish_due, if self.dirty => Wake::Publish,
             };
             match wake {
                 Wake::Shutdown => break,
@@ -372,8 +505,11 @@ impl Engine {
                 Wake::Tick => self.on_tick(),
                 Wake::Heartbeat => self.on_heartbeat(),
                 Wake::Poll => self.on_poll(),
+                Wake::Publish => {}
             }
             self.dispatch();
+            self.dirty = true;
+            self.publish(false);
         }
         self.shutdown().await;
         Ok(())
@@ -631,14 +767,16 @@ impl Engine {
                         reason: Some(reason.clone()),
                         ..Change::default()
                     };
-                    self.apply(
+                    if self.apply(
                         old.run,
                         old.attempt,
                         old.state,
                         RunState::Aborted,
                         &change,
                         now,
-                    );
+                    ) {
+                        self.note_finished(&old.task, old.run, RunState::Aborted, None, now);
+                    }
                 }
                 self.queue_push(pending);
             }
@@ -734,6 +872,7 @@ impl Engine {
 
     /// Spawns the runner of a run that just entered `running` at `attempt`.
     fn start(&mut self, pending: Pending, attempt: Attempt) {
+        let now = self.clock.now();
         let config = self.config.clone();
         let Some(spec) = config.tasks.get(&pending.task) else {
             return;
@@ -770,6 +909,10 @@ impl Engine {
                 attempt,
                 max_attempts: pending.max_attempts,
                 cascade: pending.cascade,
+                trigger: pending.trigger,
+                scheduled_for: pending.scheduled_for,
+                first_started_at: pending.first_started_at.unwrap_or(now),
+                attempt_started_at: now,
                 stop: stop_tx,
                 stopping: None,
             },
@@ -858,6 +1001,16 @@ impl Engine {
                         finishes.push(finish);
                     }
                 }
+                RunnerEvent::Spawned(_, spawned_at) => {
+                    if let Some(running) = self.running.get(&envelope.run) {
+                        if running.trigger == Trigger::Schedule && running.attempt == Attempt(1) {
+                            let lag = (*spawned_at - running.scheduled_for)
+                                .to_std()
+                                .unwrap_or_default();
+                            self.metrics.fire_lag.observe(lag.as_secs_f64());
+                        }
+                    }
+                }
                 _ => {}
             }
         }
@@ -935,17 +1088,26 @@ impl Engine {
                         finish.run,
                         Pending {
                             run: finish.run,
-                            task: finish.running.task,
+                            task: finish.running.task.clone(),
                             attempt: finish.attempt,
                             max_attempts: finish.running.max_attempts,
                             state: RunState::RetryWait,
                             force: true,
                             cascade: finish.running.cascade,
+                            trigger: finish.running.trigger,
+                            scheduled_for: finish.running.scheduled_for,
+                            first_started_at: Some(finish.running.first_started_at),
                         },
                     );
+                    self.metrics
+                        .retries
+                        .with_label_values(&[finish.running.task.as_str()])
+                        .inc();
                 }
                 RunState::Queued => {}
-                _ => {
+                terminal => {
+                    let duration = (now - finish.running.first_started_at).to_std().ok();
+                    self.note_finished(&finish.running.task, finish.run, terminal, duration, now);
                     if let Some(root) = finish.running.cascade {
                         self.continue_cascade(root, now);
                     }
@@ -1108,21 +1270,7 @@ impl Engine {
                 downstream,
                 reply,
             } => {
-                let result =
-                    enqueue_manual(&self.config, &self.store, now, &task, force, downstream);
-                if let (Ok(run), Some(spec)) = (&result, self.config.task(&task)) {
-                    let pending = Pending {
-                        run: *run,
-                        task: spec.name.clone(),
-                        attempt: Attempt(0),
-                        max_attempts: spec.max_attempts(),
-                        state: RunState::Queued,
-                        force,
-                        cascade: downstream.then_some(*run),
-                    };
-                    self.admit(pending, now);
-                }
-                let _ = reply.send(result);
+                let _ = reply.send(self.trigger(&task, force, downstream, now));
             }
             Command::Abort { run, reply } => {
                 let result = self
@@ -1133,17 +1281,320 @@ impl Engine {
                     self.stop_run(run, StopReason::Abort, "abort requested");
                 }
                 if let Ok(AbortOutcome::AbortedNow) = result {
+                    if let Some(pending) = self.queue.iter().find(|p| p.run == run).cloned() {
+                        self.note_finished(&pending.task, run, RunState::Aborted, None, now);
+                    }
                     self.queue_retain(|p| p.run != run);
                     self.retry_pending.remove(&run);
                     self.retry_due.retain(|(_, r)| *r != run);
                 }
                 let _ = reply.send(result);
             }
+            Command::Pause {
+                task,
+                paused,
+                reply,
+            } => {
+                let _ = reply.send(self.pause(&task, paused, now));
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload(now));
+            }
+            Command::Retry { run, reply } => {
+                let _ = reply.send(self.retry(run, now));
+            }
+        }
+    }
+
+    /// A manual run, refused (409 in the API) when the overlap policy is `skip` and a run
+    /// of the task is active.
+    fn trigger(
+        &mut self,
+        task: &str,
+        force: bool,
+        downstream: bool,
+        now: Instant,
+    ) -> Result<RunId, EngineError> {
+        let config = self.config.clone();
+        let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
+            task: task.to_string(),
+            known: config.task_names().join(", "),
+        })?;
+        if spec.overlap == Overlap::Skip {
+            let active = match self.busy.get(&spec.name) {
+                Some(run) => Some((*run, "running")),
+                None => self
+                    .queue
+                    .iter()
+                    .find(|p| p.task == spec.name)
+                    .map(|p| (p.run, "queued")),
+            };
+            if let Some((run, what)) = active {
+                return Err(EngineError::Overlap {
+                    task: task.to_string(),
+                    run,
+                    what,
+                });
+            }
+        }
+        let run = blocking(|| enqueue_manual(&config, &self.store, now, task, force, downstream))?;
+        let new_run = NewRun {
+            task: spec.name.clone(),
+            trigger: Trigger::Manual,
+            scheduled_for: now,
+            max_attempts: spec.max_attempts(),
+            force,
+            downstream,
+            cascade: None,
+        };
+        self.admit(Pending::new_run(run, &new_run), now);
+        Ok(run)
+    }
+
+    fn pause(&mut self, task: &str, paused: bool, now: Instant) -> Result<(), EngineError> {
+        let spec = self
+            .config
+            .task(task)
+            .ok_or_else(|| EngineError::UnknownTask {
+                task: task.to_string(),
+                known: self.config.task_names().join(", "),
+            })?;
+        blocking(|| self.store.set_paused(&spec.name, paused, now))?;
+        if paused {
+            self.paused.insert(task.to_string());
+        } else {
+            self.paused.remove(task);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Validates the config file, then swaps it in: schedules that changed get a new next
+    /// fire, removed tasks stop firing. On errors the running config stays.
+    fn reload(&mut self, now: Instant) -> Result<String, EngineError> {
+        let source = self.config.source.clone();
+        match crate::config::load(&source) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                for (name, spec) in &new.tasks {
+                    let key = spec.schedule.as_ref().map(schedule_key);
+                    let old_key = self
+                        .config
+                        .tasks
+                        .get(name)
+                        .and_then(|old| old.schedule.as_ref().map(schedule_key));
+                    if key != old_key {
+                        match (&spec.schedule, key) {
+                            (Some(schedule), Some(key)) => {
+                                self.set_next_fire(name, schedule.next_after(now), &key)
+                            }
+                            _ => {
+                                self.next_fire.remove(name);
+                            }
+                        }
+                    }
+                }
+                let removed: Vec<TaskName> = self
+                    .config
+                    .tasks
+                    .keys()
+                    .filter(|t| !new.tasks.contains_key(*t))
+                    .cloned()
+                    .collect();
+                for name in removed {
+                    self.next_fire.remove(&name);
+                }
+                self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
+                let hash = new.hash.clone();
+                self.config = new;
+                self.dirty = true;
+                info!(hash = %hash, tasks = self.config.tasks.len(), "config reloaded");
+                self.log_event(
+                    "config_reloaded",
+                    None,
+                    None,
+                    &format!(
+                        "{} ({} tasks, sha256 {hash})",
+                        source.display(),
+                        self.config.tasks.len()
+                    ),
+                    now,
+                );
+                Ok(hash)
+            }
+            Err(errors) => {
+                warn!("config not reloaded:\n{errors}");
+                self.log_event("config_reload_failed", None, None, &errors.to_string(), now);
+                Err(EngineError::Config(errors))
+            }
+        }
+    }
+
+    /// A new run of a finished run's task (trigger `retry`), handed the old run's last
+    /// checkpoint so it resumes where that one stopped.
+    fn retry(&mut self, old: RunId, now: Instant) -> Result<RunId, EngineError> {
+        let row = blocking(|| self.store.run(old))?.ok_or(EngineError::RunNotFound(old))?;
+        if !row.state.is_terminal() {
+            return Err(EngineError::NotRetryable {
+                run: old,
+                state: row.state,
+            });
+        }
+        let config = self.config.clone();
+        let spec = config
+            .tasks
+            .get(&row.task)
+            .ok_or_else(|| EngineError::UnknownTask {
+                task: row.task.0.clone(),
+                known: config.task_names().join(", "),
+            })?;
+        let new_run = NewRun {
+            task: row.task.clone(),
+            trigger: Trigger::Retry,
+            scheduled_for: now,
+            max_attempts: spec.max_attempts(),
+            force: true,
+            downstream: false,
+            cascade: None,
+        };
+        let run = blocking(|| self.store.enqueue(&new_run, now))?;
+        let checkpoint = std::fs::read(self.checkpoint_path(old))
+            .ok()
+            .or_else(|| row.checkpoint.clone().map(String::into_bytes));
+        if let Some(bytes) = checkpoint {
+            if let Err(err) = write_atomically(&self.checkpoint_path(run), &bytes) {
+                warn!(run = %run, "cannot hand over the checkpoint of run {old}: {err}");
+            }
+        }
+        self.admit(Pending::new_run(run, &new_run), now);
+        Ok(run)
+    }
+
+    /// Records a run's end for the board and the metrics.
+    fn note_finished(
+        &mut self,
+        task: &TaskName,
+        run: RunId,
+        state: RunState,
+        duration: Option<Duration>,
+        now: Instant,
+    ) {
+        self.metrics
+            .runs
+            .with_label_values(&[task.as_str(), state.as_str()])
+            .inc();
+        if let Some(duration) = duration {
+            self.metrics
+                .run_duration
+                .with_label_values(&[task.as_str()])
+                .observe(duration.as_secs_f64());
+        }
+        let recent = self.recent.entry(task.clone()).or_default();
+        recent.push_back(FinishedRun {
+            run,
+            state,
+            finished_at: now,
+            duration,
+        });
+        while recent.len() > board::RECENT_RUNS {
+            recent.pop_front();
+        }
+        self.dirty = true;
+    }
+
+    /// Publishes a new snapshot when something changed (at most every 50 ms) or when
+    /// `force`d (every heartbeat, so readers can tell the loop is alive).
+    fn publish(&mut self, force: bool) {
+        if !force && (!self.dirty || self.published_at.elapsed() < Duration::from_millis(50)) {
+            return;
+        }
+        let now = self.clock.now();
+        let config = self.config.clone();
+        let tasks = config
+            .tasks
+            .values()
+            .map(|spec| {
+                let paused = self.paused.contains(spec.name.as_str());
+                let recent = self.recent.get(&spec.name);
+                TaskSnapshot {
+                    name: spec.name.0.clone(),
+                    paused,
+                    next_fire: if paused || !spec.enabled {
+                        None
+                    } else {
+                        self.next_fire.get(&spec.name).copied()
+                    },
+                    running: self
+                        .busy
+                        .get(&spec.name)
+                        .and_then(|run| self.running.get(run).map(|r| (run, r)))
+                        .map(|(run, r)| RunningRun {
+                            run: *run,
+                            attempt: r.attempt,
+                            started_at: r.attempt_started_at,
+                        })
+                        .into_iter()
+                        .collect(),
+                    last: recent.and_then(|r| r.back().copied()),
+                    stats: recent.map(Stats::of).unwrap_or_default(),
+                }
+            })
+            .collect();
+        self.version += 1;
+        self.metrics.running.set(self.running.len() as i64);
+        self.metrics.queued.set(self.queue.len() as i64);
+        self.board.publish(Snapshot {
+            version: self.version,
+            at: now,
+            instance: self.instance.clone(),
+            started_at: self.started_at,
+            config,
+            busy: self.running.len(),
+            queued: self.queue.len(),
+            retry_waiting: self.retry_due.len(),
+            tasks,
+        });
+        self.dirty = false;
+        self.published_at = std::time::Instant::now();
+    }
+
+    /// Seeds the board's per-task history and pause flags from the store.
+    fn seed_board(&mut self) {
+        match self.store.paused_tasks() {
+            Ok(paused) => self.paused = paused,
+            Err(err) => warn!("cannot read paused tasks: {err}"),
+        }
+        let config = self.config.clone();
+        for name in config.tasks.keys() {
+            let filter = crate::store::RunFilter {
+                task: Some(name.0.clone()),
+                limit: board::RECENT_RUNS,
+                ..Default::default()
+            };
+            let Ok(rows) = self.store.runs(&filter) else {
+                continue;
+            };
+            let recent: VecDeque<FinishedRun> = rows
+                .iter()
+                .rev()
+                .filter(|row| row.state.is_terminal())
+                .map(|row| FinishedRun {
+                    run: row.id,
+                    state: row.state,
+                    finished_at: row.finished_at.unwrap_or(row.queued_at),
+                    duration: row
+                        .started_at
+                        .zip(row.finished_at)
+                        .and_then(|(start, end)| (end - start).to_std().ok()),
+                })
+                .collect();
+            self.recent.insert(name.clone(), recent);
         }
     }
 
     fn on_heartbeat(&mut self) {
         let now = self.clock.now();
+        self.publish(true);
         if let Err(err) = self.store.heartbeat(&self.instance, now) {
             warn!("cannot record heartbeat: {err}");
         }
@@ -1231,6 +1682,7 @@ impl Engine {
             &change,
             now,
         ) {
+            self.note_finished(&pending.task, pending.run, RunState::Skipped, None, now);
             if let Some(root) = pending.cascade {
                 self.continue_cascade(root, now);
             }
@@ -1242,14 +1694,16 @@ impl Engine {
             error: Some(format!("task {} is no longer configured", pending.task)),
             ..Change::default()
         };
-        self.apply(
+        if self.apply(
             pending.run,
             pending.attempt,
             pending.state,
             RunState::Failed,
             &change,
             now,
-        );
+        ) {
+            self.note_finished(&pending.task, pending.run, RunState::Failed, None, now);
+        }
     }
 
     /// One state change through the store; logs and returns false when refused.

@@ -126,6 +126,7 @@ impl Engine {
 
     fn orphan(&mut self, row: &RunRow, reason: &str, now: Instant) {
         warn!(run = %row.id, task = %row.task, "orphaned: {reason}");
+        self.metrics.orphans.inc();
         if let Some(pid) = row.pid {
             kill_orphan_group(row, pid);
         }
@@ -196,6 +197,7 @@ impl Engine {
                 &change,
                 now,
             ) {
+                self.note_finished(&row.task, row.id, RunState::Failed, None, now);
                 self.continue_cascade(row.id, now);
             }
         }

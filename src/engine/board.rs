@@ -1,0 +1,180 @@
+//! The engine's published picture, for readers such as the HTTP layer.
+//!
+//! The engine rebuilds a [`Snapshot`] when something changed (at most every 50 ms, and on
+//! every heartbeat) and swaps it in; readers clone an `Arc` and never touch the engine or
+//! scan the run history. Success rates and durations come from the last
+//! [`RECENT_RUNS`] finished runs per task, kept in memory and seeded from the store at
+//! start-up.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::model::{Attempt, Instant, RunId, RunState};
+
+/// How many finished runs per task the statistics cover.
+pub const RECENT_RUNS: usize = 100;
+
+/// The latest snapshot, shared.
+#[derive(Default)]
+pub struct Board {
+    current: RwLock<Option<Arc<Snapshot>>>,
+}
+
+impl Board {
+    /// The latest snapshot (`None` before the engine has started).
+    pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub(super) fn publish(&self, snapshot: Snapshot) {
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(snapshot));
+    }
+}
+
+/// The scheduler at one instant.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Increases with every publication.
+    pub version: u64,
+    /// When it was built.
+    pub at: Instant,
+    /// This engine's instance id.
+    pub instance: String,
+    /// When the engine started.
+    pub started_at: Instant,
+    /// The config in force.
+    pub config: Arc<Config>,
+    /// Attempts running.
+    pub busy: usize,
+    /// Runs waiting for a worker slot.
+    pub queued: usize,
+    /// Runs waiting for their next attempt.
+    pub retry_waiting: usize,
+    /// Every task.
+    pub tasks: Vec<TaskSnapshot>,
+}
+
+/// One task at one instant.
+#[derive(Debug, Clone)]
+pub struct TaskSnapshot {
+    /// Name.
+    pub name: String,
+    /// Paused (persisted).
+    pub paused: bool,
+    /// Next fire, if scheduled and not paused.
+    pub next_fire: Option<Instant>,
+    /// Its running attempts.
+    pub running: Vec<RunningRun>,
+    /// Its latest finished run.
+    pub last: Option<FinishedRun>,
+    /// Statistics over the recent finished runs.
+    pub stats: Stats,
+}
+
+/// A running attempt.
+#[derive(Debug, Clone)]
+pub struct RunningRun {
+    /// Run.
+    pub run: RunId,
+    /// Attempt.
+    pub attempt: Attempt,
+    /// When this attempt started.
+    pub started_at: Instant,
+}
+
+/// A finished run, as the board remembers it.
+#[derive(Debug, Clone, Copy)]
+pub struct FinishedRun {
+    /// Run.
+    pub run: RunId,
+    /// Terminal state.
+    pub state: RunState,
+    /// When it finished.
+    pub finished_at: Instant,
+    /// From first start to finish (none for skipped runs).
+    pub duration: Option<Duration>,
+}
+
+/// Success rate and duration percentiles over the recent finished runs (skipped runs do
+/// not count).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Stats {
+    /// Runs counted.
+    pub runs: usize,
+    /// Share that succeeded, 0–1.
+    pub success_rate: Option<f64>,
+    /// Median duration of the successful ones.
+    pub p50: Option<Duration>,
+    /// 95th percentile.
+    pub p95: Option<Duration>,
+}
+
+impl Stats {
+    /// Statistics of `recent` (oldest first).
+    pub fn of(recent: &VecDeque<FinishedRun>) -> Stats {
+        let counted: Vec<&FinishedRun> = recent
+            .iter()
+            .filter(|r| r.state != RunState::Skipped)
+            .collect();
+        if counted.is_empty() {
+            return Stats::default();
+        }
+        let succeeded = counted
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded)
+            .count();
+        let mut durations: Vec<Duration> = counted
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded)
+            .filter_map(|r| r.duration)
+            .collect();
+        durations.sort();
+        let percentile = |q: f64| -> Option<Duration> {
+            if durations.is_empty() {
+                return None;
+            }
+            let index = ((durations.len() as f64 - 1.0) * q).round() as usize;
+            durations.get(index).copied()
+        };
+        Stats {
+            runs: counted.len(),
+            success_rate: Some(succeeded as f64 / counted.len() as f64),
+            p50: percentile(0.50),
+            p95: percentile(0.95),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finished(state: RunState, millis: u64) -> FinishedRun {
+        FinishedRun {
+            run: RunId(1),
+            state,
+            finished_at: chrono::Utc::now(),
+            duration: Some(Duration::from_millis(millis)),
+        }
+    }
+
+    #[test]
+    fn stats_count_successes_and_percentiles_of_successful_durations() {
+        let mut recent: VecDeque<FinishedRun> = (1..=19)
+            .map(|n| finished(RunState::Succeeded, n * 10))
+            .collect();
+        recent.push_back(finished(RunState::Failed, 5_000));
+        recent.push_back(finished(RunState::Skipped, 0));
+        let stats = Stats::of(&recent);
+        assert_eq!(stats.runs, 20, "skipped runs are not counted");
+        assert_eq!(stats.success_rate, Some(0.95));
+        assert_eq!(stats.p50, Some(Duration::from_millis(100)));
+        assert_eq!(stats.p95, Some(Duration::from_millis(180)));
+        assert_eq!(Stats::of(&VecDeque::new()).success_rate, None);
+    }
+}
