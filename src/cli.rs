@@ -602,8 +602,8 @@ fn runs(
     let rows = store.runs(&RunFilter {
         task,
         state,
-        before: None,
         limit,
+        ..RunFilter::default()
     })?;
     if json {
         println!("{}", Value::Array(rows.iter().map(run_json).collect()));
@@ -769,26 +769,11 @@ fn logs(
     };
     let marker = run.map(|run| format!(" run={run} "));
     let keep = |line: &str| marker.as_ref().is_none_or(|m| line.contains(m.as_str()));
-    let mut lines: Vec<String> = Vec::new();
-    if run.is_some() {
-        for line in archived_lines(&config.logging.archive_dir, &name)? {
-            if keep(&line) {
-                lines.push(line);
-            }
-        }
-    }
-    let files = log_files(&config.scheduler.log_dir, &name);
-    for file in &files {
-        let reader = std::io::BufReader::new(
-            std::fs::File::open(file).with_context(|| format!("cannot read {}", file.display()))?,
-        );
-        for line in reader.lines() {
-            let line = line.with_context(|| format!("cannot read {}", file.display()))?;
-            if keep(&line) {
-                lines.push(line);
-            }
-        }
-    }
+    let archives = run
+        .is_some()
+        .then_some(config.logging.archive_dir.as_path());
+    let lines = turbosched::tasklog::read_lines(&config.scheduler.log_dir, archives, &name, &keep)
+        .with_context(|| format!("cannot read the logs of {task}"))?;
     let start = last
         .map(|last| lines.len().saturating_sub(last))
         .unwrap_or(0);
@@ -830,55 +815,6 @@ fn logs(
             }
         }
     }
-}
-
-/// Lines of `name` (and its rotated copies) inside every log archive, oldest archive first.
-fn archived_lines(archive_dir: &Path, name: &str) -> Result<Vec<String>> {
-    use std::io::Read;
-    let mut zips: Vec<PathBuf> = std::fs::read_dir(archive_dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|entry| entry.path())
-        .filter(|path| {
-            path.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| n.starts_with("logs_archive_") && n.ends_with(".zip"))
-        })
-        .collect();
-    zips.sort();
-    let mut lines = Vec::new();
-    for zip in zips {
-        let file =
-            std::fs::File::open(&zip).with_context(|| format!("cannot read {}", zip.display()))?;
-        let mut archive =
-            zip::ZipArchive::new(file).with_context(|| format!("cannot read {}", zip.display()))?;
-        let mut entries: Vec<(usize, String)> = archive
-            .file_names()
-            .filter_map(|entry| entry.ok())
-            .filter_map(|entry| {
-                let rest = entry.strip_prefix(name)?;
-                let order = if rest.is_empty() {
-                    0
-                } else {
-                    rest.strip_prefix('.')?.parse().ok()?
-                };
-                Some((order, entry.to_string()))
-            })
-            .collect();
-        // Oldest first: the highest rotation number.
-        entries.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
-        for (_, entry) in entries {
-            let mut text = String::new();
-            archive
-                .by_name(&entry)
-                .with_context(|| format!("{}: {entry}", zip.display()))?
-                .read_to_string(&mut text)
-                .with_context(|| format!("{}: {entry}", zip.display()))?;
-            lines.extend(text.lines().map(str::to_string));
-        }
-    }
-    Ok(lines)
 }
 
 fn rfc3339(at: Instant) -> String {

@@ -220,6 +220,72 @@ pub fn log_files(dir: &Path, name: &str) -> Vec<PathBuf> {
     files
 }
 
+/// Every line of the log `name` that `keep` accepts, oldest first: from the log archives
+/// in `archives` (when given: `logs_archive_*.zip`, oldest first), then the rotated files,
+/// then the current one.
+pub fn read_lines(
+    dir: &Path,
+    archives: Option<&Path>,
+    name: &str,
+    keep: &dyn Fn(&str) -> bool,
+) -> std::io::Result<Vec<String>> {
+    use std::io::{BufRead, Read};
+    let mut lines = Vec::new();
+    if let Some(archive_dir) = archives {
+        let mut zips: Vec<PathBuf> = std::fs::read_dir(archive_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|entry| entry.path())
+            .filter(|path| {
+                path.file_name()
+                    .and_then(|n| n.to_str())
+                    .is_some_and(|n| n.starts_with("logs_archive_") && n.ends_with(".zip"))
+            })
+            .collect();
+        zips.sort();
+        for zip in zips {
+            let bad = |err: zip::result::ZipError| {
+                std::io::Error::other(format!("{}: {err}", zip.display()))
+            };
+            let mut archive = zip::ZipArchive::new(std::fs::File::open(&zip)?).map_err(bad)?;
+            let mut entries: Vec<(usize, String)> = archive
+                .file_names()
+                .filter_map(|entry| entry.ok())
+                .filter_map(|entry| {
+                    let rest = entry.strip_prefix(name)?;
+                    let order = if rest.is_empty() {
+                        0
+                    } else {
+                        rest.strip_prefix('.')?.parse().ok()?
+                    };
+                    Some((order, entry.to_string()))
+                })
+                .collect();
+            // Oldest first: the highest rotation number.
+            entries.sort_by_key(|(order, _)| std::cmp::Reverse(*order));
+            for (_, entry) in entries {
+                let mut text = String::new();
+                archive
+                    .by_name(&entry)
+                    .map_err(bad)?
+                    .read_to_string(&mut text)?;
+                lines.extend(text.lines().filter(|l| keep(l)).map(str::to_string));
+            }
+        }
+    }
+    for file in log_files(dir, name) {
+        let reader = std::io::BufReader::new(std::fs::File::open(&file)?);
+        for line in reader.lines() {
+            let line = line?;
+            if keep(&line) {
+                lines.push(line);
+            }
+        }
+    }
+    Ok(lines)
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;

@@ -263,6 +263,8 @@ pub struct RunFilter {
     pub state: Option<RunState>,
     /// Only runs with id below this (pagination cursor).
     pub before: Option<RunId>,
+    /// Only runs queued at or after this.
+    pub since: Option<Instant>,
     /// At most this many, newest first.
     pub limit: usize,
 }
@@ -532,14 +534,7 @@ impl Store {
             "SELECT id FROM runs WHERE state IN (SELECT value FROM json_each(?1)) ORDER BY id",
         )?;
         let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-        let list = format!(
-            "[{}]",
-            names
-                .iter()
-                .map(|n| format!("\"{n}\""))
-                .collect::<Vec<_>>()
-                .join(",")
-        );
+        let list = serde_free_json_list(&names);
         let ids = statement
             .query_map([list], |row| row.get(0).map(RunId))?
             .collect::<Result<Vec<_>, _>>()?;
@@ -558,6 +553,7 @@ impl Store {
         let mut statement = connection.prepare_cached(&format!(
             "SELECT {RUN_COLUMNS} FROM runs
              WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
+               AND (?5 IS NULL OR queued_at >= ?5)
              ORDER BY id DESC LIMIT ?4"
         ))?;
         let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
@@ -566,7 +562,8 @@ impl Store {
                 filter.task,
                 filter.state.map(|s| s.as_str()),
                 filter.before.map(|r| r.0),
-                limit
+                limit,
+                filter.since.map(to_micros)
             ],
             |row| Ok(read_run(row)),
         )?;
@@ -855,6 +852,43 @@ impl Store {
         Ok(())
     }
 
+    /// Proves the database takes a write within `patience` (for health checks): an empty
+    /// `BEGIN IMMEDIATE … COMMIT` that must get the write lock.
+    pub fn probe_write(&self, patience: Duration) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection.busy_timeout(patience)?;
+        let result = connection.execute_batch(
+            "BEGIN IMMEDIATE; UPDATE meta SET value = value WHERE key = 'schema_version'; COMMIT;",
+        );
+        if result.is_err() {
+            let _ = connection.execute_batch("ROLLBACK;");
+        }
+        connection.busy_timeout(Duration::from_secs(10))?;
+        Ok(result?)
+    }
+
+    /// How many events of the given kinds happened at or after `since`.
+    pub fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
+        let connection = self.lock();
+        let list = serde_free_json_list(kinds);
+        let count: i64 = connection.query_row(
+            "SELECT COUNT(*) FROM events WHERE at >= ?1 AND kind IN (SELECT value FROM json_each(?2))",
+            params![to_micros(since), list],
+            |row| row.get(0),
+        )?;
+        Ok(count as u64)
+    }
+
+    /// The highest event sequence number (0 when there is none).
+    pub fn last_event_seq(&self) -> Result<i64, StoreError> {
+        let connection = self.lock();
+        Ok(
+            connection.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |row| {
+                row.get(0)
+            })?,
+        )
+    }
+
     /// Rows per table.
     pub fn row_counts(&self) -> Result<RowCounts, StoreError> {
         let connection = self.lock();
@@ -870,6 +904,15 @@ impl Store {
             |row| row.get(0),
         )?)
     }
+}
+
+/// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
+fn serde_free_json_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace(['"', '\\'], "")))
+        .collect();
+    format!("[{}]", quoted.join(","))
 }
 
 /// Rows per table of any turbosched database (a backup included).
