@@ -324,14 +324,55 @@ fn shutdown_on_signals(handle: turbosched::engine::Handle) {
 fn serve(path: &Path) -> Result<ExitCode> {
     let config = Arc::new(load(path)?);
     let _log_guard = init_tracing(Some(&config));
+    let token = std::env::var(&config.api.token_env)
+        .ok()
+        .filter(|t| !t.trim().is_empty());
+    turbosched::api::check_bind(&config.api.bind, &config.api.token_env, token.is_some())
+        .map_err(|err| anyhow!(err))?;
     let store = open_store(&config)?;
+    // The API reads through a connection of its own, so reads never queue behind writes.
+    let api_store = open_store(&config)?;
     let runtime = runtime()?;
     runtime.block_on(async {
-        let engine = Engine::new(config, store, Arc::new(SystemClock), Mode::Serve);
+        let mut engine = Engine::new(config.clone(), store, Arc::new(SystemClock), Mode::Serve);
+        let state = turbosched::api::ApiState::new(
+            engine.handle(),
+            engine.board(),
+            engine.metrics(),
+            api_store,
+            token,
+        );
+        let (server, address) = turbosched::api::start(state, &config.api.bind)
+            .with_context(|| format!("cannot serve the API on {} ([api] bind)", config.api.bind))?;
+        engine.set_api_address(address.to_string());
+        tracing::info!("API listening on http://{address}");
+        let server_handle = server.handle();
+        tokio::spawn(server);
         shutdown_on_signals(engine.handle());
-        engine.run().await
+        reload_on_sighup(engine.handle());
+        let result = engine.run().await;
+        server_handle.stop(true).await;
+        result.map_err(anyhow::Error::from)
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// SIGHUP reloads the config, as `POST /scheduler/reload` does; a bad file keeps the
+/// running config and the reason goes to the log.
+fn reload_on_sighup(handle: turbosched::engine::Handle) {
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hangup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP");
+            return;
+        };
+        while hangup.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the config");
+            if let Err(err) = handle.reload().await {
+                tracing::warn!("{err}");
+            }
+        }
+    });
 }
 
 /// True when a service (not a foreground `turbosched run`) is up to take a run.
@@ -535,8 +576,15 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
     }
     match instances.iter().find(|i| i.serving) {
         Some(instance) => println!(
-            "service: up (pid {} on {}, instance {})",
-            instance.pid, instance.host, instance.id
+            "service: up (pid {} on {}, instance {}){}",
+            instance.pid,
+            instance.host,
+            instance.id,
+            instance
+                .api
+                .as_ref()
+                .map(|a| format!(", API http://{a}"))
+                .unwrap_or_default()
         ),
         None => println!("service: not running"),
     }

@@ -12,12 +12,15 @@
 //!   under `max_workers` and `overlap`, supervises attempts and finds orphans;
 //! - **maintenance** ([`maintenance`]) archives old logs into verified zips, prunes history
 //!   and backs up the database;
+//! - the **API** ([`api`]) is the HTTP skin over the engine: status, triggers, runs,
+//!   events as server-sent events, health, metrics;
 //! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]).
 //!
 //! See ARCHITECTURE.md for the map and the invariants.
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod api;
 pub mod config;
 pub mod engine;
 pub mod handlers;

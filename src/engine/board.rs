@@ -17,12 +17,27 @@ use crate::model::{Attempt, Instant, RunId, RunState};
 pub const RECENT_RUNS: usize = 100;
 
 /// The latest snapshot, shared.
-#[derive(Default)]
 pub struct Board {
     current: RwLock<Option<Arc<Snapshot>>>,
+    changes: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Board {
+    fn default() -> Self {
+        Board {
+            current: RwLock::new(None),
+            changes: tokio::sync::watch::channel(0).0,
+        }
+    }
 }
 
 impl Board {
+    /// A receiver that changes whenever a new snapshot is published (for event streams
+    /// to wake up instead of polling).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
     /// The latest snapshot (`None` before the engine has started).
     pub fn snapshot(&self) -> Option<Arc<Snapshot>> {
         self.current
@@ -32,7 +47,9 @@ impl Board {
     }
 
     pub(super) fn publish(&self, snapshot: Snapshot) {
+        let version = snapshot.version;
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(snapshot));
+        self.changes.send_replace(version);
     }
 }
 

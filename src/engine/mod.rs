@@ -347,6 +347,7 @@ pub struct Engine {
     roots: Vec<RunId>,
     board: Arc<Board>,
     metrics: Arc<Metrics>,
+    api_address: Option<String>,
     started_at: Instant,
     paused: std::collections::HashSet<String>,
     /// Task → its recent finished runs, oldest first (at most `board::RECENT_RUNS`).
@@ -387,6 +388,7 @@ impl Engine {
             roots: Vec::new(),
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::new()),
+            api_address: None,
             started_at: clock_now,
             paused: Default::default(),
             recent: HashMap::new(),
@@ -402,6 +404,11 @@ impl Engine {
             commands: self.commands_tx.clone(),
             cancel: self.cancel.clone(),
         }
+    }
+
+    /// Records where this engine's HTTP API listens (shown in the instances table).
+    pub fn set_api_address(&mut self, address: String) {
+        self.api_address = Some(address);
     }
 
     /// The status board this engine publishes (for the HTTP layer).
@@ -446,6 +453,9 @@ impl Engine {
         let host = hostname();
         self.store
             .register_instance(&self.instance, pid, &host, self.mode == Mode::Serve, now)?;
+        if let Some(address) = &self.api_address {
+            self.store.set_instance_api(&self.instance, address)?;
+        }
         self.seed_board();
         match self.mode {
             Mode::Serve => {

@@ -252,6 +252,8 @@ pub struct InstanceRow {
     /// A service (`serve`), which adopts runs queued by others; false for a foreground
     /// `turbosched run`, which runs only its own.
     pub serving: bool,
+    /// The address its HTTP API listens on.
+    pub api: Option<String>,
 }
 
 /// Filter for [`Store::runs`].
@@ -755,6 +757,17 @@ impl Store {
         })
     }
 
+    /// Records the address of an instance's HTTP API.
+    pub fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError> {
+        self.write(|tx| {
+            tx.execute(
+                "UPDATE instances SET api = ?2 WHERE id = ?1",
+                params![id, address],
+            )?;
+            Ok(())
+        })
+    }
+
     /// Marks an instance as cleanly stopped.
     pub fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
         self.write(|tx| {
@@ -775,7 +788,7 @@ impl Store {
         let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving FROM instances
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
              WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
         )?;
         let rows = statement
@@ -788,7 +801,7 @@ impl Store {
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving FROM instances WHERE id = ?1",
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = ?1",
         )?;
         Ok(statement.query_row([id], read_instance).optional()?)
     }
@@ -940,6 +953,7 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         heartbeat_at: from_micros(row.get(3)?),
         stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
         serving: row.get::<_, i64>(5)? != 0,
+        api: row.get(6)?,
     })
 }
 

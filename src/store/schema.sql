@@ -79,5 +79,6 @@ CREATE TABLE IF NOT EXISTS instances (
     started_at   INTEGER NOT NULL,
     heartbeat_at INTEGER NOT NULL,
     stopped_at   INTEGER,
-    serving      INTEGER NOT NULL DEFAULT 1   -- 0: a foreground `turbosched run`
+    serving      INTEGER NOT NULL DEFAULT 1,  -- 0: a foreground `turbosched run`
+    api          TEXT                         -- the HTTP API's address, if serving one
 );

@@ -376,7 +376,13 @@ fn the_service_log_and_task_logs_share_one_line_format() {
     assert!(service_log.lines().count() >= 3, "{service_log}");
     for line in service_log.lines() {
         let (logger, _) = format(line).unwrap_or_else(|| panic!("not in the log format: {line}"));
-        assert!(logger.starts_with("turbosched"), "{line}");
+        assert!(
+            !logger.is_empty()
+                && logger
+                    .chars()
+                    .all(|c| c.is_alphanumeric() || c == '_' || c == ':'),
+            "{line}"
+        );
     }
     assert!(
         service_log.contains("turbosched::engine - INFO - scheduler started"),

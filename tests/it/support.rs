@@ -19,6 +19,9 @@ heartbeat_interval = "200ms"
 heartbeat_timeout = "3s"
 kill_grace = "500ms"
 shutdown_grace = "1s"
+
+[api]
+bind = "127.0.0.1:0"
 "#;
 
 pub struct Sandbox {
@@ -28,6 +31,8 @@ pub struct Sandbox {
 pub struct Service {
     child: Option<Child>,
     stderr: PathBuf,
+    /// `http://127.0.0.1:<port>` of its API.
+    pub api: String,
 }
 
 impl Sandbox {
@@ -79,24 +84,31 @@ impl Sandbox {
 
     /// Starts `turbosched serve` and waits until it has registered.
     pub fn serve(&self) -> Service {
+        self.serve_with(&[])
+    }
+
+    /// Starts `turbosched serve` with extra environment.
+    pub fn serve_with(&self, env: &[(&str, &str)]) -> Service {
         let stderr = self.path().join(format!(
             "serve-{}.log",
             std::process::id() as u128 + now_nanos()
         ));
         let child = self
             .command(&["serve"])
+            .envs(env.iter().copied())
             .env("TURBOSCHED_LOG", "debug")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&stderr).unwrap())
             .spawn()
             .expect("start serve");
-        let service = Service {
+        let mut service = Service {
             child: Some(child),
             stderr,
+            api: String::new(),
         };
         let pid = service.pid();
-        wait_until(
+        let api = wait_until(
             &format!("service pid {pid} registered"),
             Duration::from_secs(20),
             || {
@@ -104,9 +116,12 @@ impl Sandbox {
                 let live = store
                     .live_instances(Duration::from_secs(30), chrono::Utc::now())
                     .ok()?;
-                live.iter().any(|i| i.pid == pid as i64).then_some(())
+                live.into_iter()
+                    .find(|i| i.pid == pid as i64)
+                    .map(|i| i.api.unwrap_or_default())
             },
         );
+        service.api = format!("http://{api}");
         service
     }
 
