@@ -893,8 +893,8 @@ async fn health(state: Data<ApiState>) -> ApiResult {
             .or_else(|_| nix::sys::statvfs::statvfs("."))
         {
             Ok(stats) => {
-                let free = stats.blocks_available() as u64 * stats.fragment_size() as u64;
-                let total = (stats.blocks() as u64 * stats.fragment_size() as u64).max(1);
+                let free = stats.blocks_available() * stats.fragment_size();
+                let total = (stats.blocks() * stats.fragment_size()).max(1);
                 let share = free as f64 / total as f64;
                 let level = if share < 0.01 || free < 50 << 20 {
                     2
