@@ -101,6 +101,7 @@ pub fn start(state: ApiState, bind: &str) -> std::io::Result<(actix_web::dev::Se
                 ApiError::bad_request("bad_query", format!("query string: {err}")).into()
             }))
             .app_data(web::PayloadConfig::default().limit(64 * 1024))
+            .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(json_errors))
             .configure(routes)
             .default_service(web::to(not_found))
     })
@@ -976,6 +977,54 @@ async fn openapi() -> ApiResult {
     Ok(HttpResponse::Ok()
         .content_type("application/json")
         .body(OPENAPI))
+}
+
+/// Any error response that is not already in the JSON shape (an extractor's or actix's
+/// own, such as 413 for an oversized body) is rewritten into it.
+fn json_errors<B: actix_web::body::MessageBody + 'static>(
+    response: actix_web::dev::ServiceResponse<B>,
+) -> actix_web::Result<actix_web::middleware::ErrorHandlerResponse<B>> {
+    use actix_web::middleware::ErrorHandlerResponse;
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
+    if is_json {
+        return Ok(ErrorHandlerResponse::Response(
+            response.map_into_left_body(),
+        ));
+    }
+    let status = response.status();
+    let (code, message) = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => (
+            "payload_too_large",
+            "request body larger than 64 KiB".to_string(),
+        ),
+        StatusCode::NOT_FOUND => ("not_found", "no such route".to_string()),
+        StatusCode::METHOD_NOT_ALLOWED => (
+            "method_not_allowed",
+            "method not allowed on this route".to_string(),
+        ),
+        other if other.is_client_error() => (
+            "bad_request",
+            other
+                .canonical_reason()
+                .unwrap_or("bad request")
+                .to_lowercase(),
+        ),
+        other => (
+            "internal",
+            other
+                .canonical_reason()
+                .unwrap_or("internal error")
+                .to_lowercase(),
+        ),
+    };
+    let (request, _) = response.into_parts();
+    let replaced = ApiError::new(status, code, message).error_response();
+    Ok(ErrorHandlerResponse::Response(
+        actix_web::dev::ServiceResponse::new(request, replaced).map_into_right_body(),
+    ))
 }
 
 async fn not_found(request: HttpRequest) -> ApiResult {

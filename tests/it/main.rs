@@ -2,6 +2,7 @@
 //! processes, each test in its own folder. One test binary for all of them, to keep
 //! link time down.
 
+mod api;
 mod boundaries;
 mod cli;
 mod docs;

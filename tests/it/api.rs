@@ -1,0 +1,787 @@
+//! The HTTP API against a real server on a loopback port: every route's success and bad
+//! input, auth, events, reload, health.
+
+use std::io::{BufRead, BufReader};
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::support::*;
+
+/// A client for one service.
+struct Api {
+    base: String,
+    agent: ureq::Agent,
+    token: Option<String>,
+}
+
+impl Api {
+    fn new(service: &Service, token: Option<&str>) -> Api {
+        let agent: ureq::Agent = ureq::Agent::config_builder()
+            .http_status_as_error(false)
+            .timeout_global(Some(Duration::from_secs(30)))
+            .build()
+            .into();
+        Api {
+            base: service.api.clone(),
+            agent,
+            token: token.map(str::to_string),
+        }
+    }
+
+    fn get(&self, path: &str) -> (u16, String) {
+        let mut response = self
+            .agent
+            .get(format!("{}{path}", self.base))
+            .call()
+            .expect("GET");
+        let status = response.status().as_u16();
+        (
+            status,
+            response.body_mut().read_to_string().unwrap_or_default(),
+        )
+    }
+
+    fn get_json(&self, path: &str) -> (u16, Value) {
+        let (status, body) = self.get(path);
+        (
+            status,
+            serde_json::from_str(&body)
+                .unwrap_or_else(|e| panic!("GET {path}: not JSON ({e}): {body}")),
+        )
+    }
+
+    /// POST with the client's token (if any) and an optional JSON body.
+    fn post(&self, path: &str, body: Option<&str>) -> (u16, Value) {
+        self.post_with(
+            path,
+            body,
+            self.token
+                .as_deref()
+                .map(|t| format!("Bearer {t}"))
+                .as_deref(),
+        )
+    }
+
+    fn post_with(
+        &self,
+        path: &str,
+        body: Option<&str>,
+        authorization: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self.agent.post(format!("{}{path}", self.base));
+        if let Some(value) = authorization {
+            request = request.header("Authorization", value);
+        }
+        let mut response = match body {
+            Some(body) => request
+                .header("Content-Type", "application/json")
+                .send(body),
+            None => request.send_empty(),
+        }
+        .expect("POST");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (
+            status,
+            serde_json::from_str(&text)
+                .unwrap_or_else(|e| panic!("POST {path}: not JSON ({e}): {text}")),
+        )
+    }
+
+    fn request(&self, method: &str, path: &str) -> (u16, Value) {
+        let request = ureq::http::Request::builder()
+            .method(method)
+            .uri(format!("{}{path}", self.base))
+            .body(())
+            .unwrap();
+        let mut response = self.agent.run(request).expect("request");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    /// Waits until run `id` is in `state`, through the API.
+    fn wait_for(&self, id: i64, state: &str) -> Value {
+        wait_until(
+            &format!("run {id} {state}"),
+            Duration::from_secs(20),
+            || {
+                let (code, run) = self.get_json(&format!("/scheduler/runs/{id}"));
+                (code == 200 && run["state"] == state).then_some(run)
+            },
+        )
+    }
+}
+
+/// One server-sent event.
+#[derive(Debug, Clone)]
+struct Sse {
+    id: i64,
+    event: String,
+    data: Value,
+}
+
+/// Reads `/scheduler/events` on a thread; events arrive on the returned channel.
+fn subscribe(api: &Api, query: &str, last_event_id: Option<i64>) -> mpsc::Receiver<Sse> {
+    let mut request = api
+        .agent
+        .get(format!("{}/scheduler/events{query}", api.base));
+    if let Some(id) = last_event_id {
+        request = request.header("Last-Event-ID", id.to_string());
+    }
+    let response = request.call().expect("GET /scheduler/events");
+    assert_eq!(response.status().as_u16(), 200);
+    assert_eq!(
+        response.headers().get("content-type").unwrap(),
+        "text/event-stream"
+    );
+    let (sender, receiver) = mpsc::channel();
+    std::thread::spawn(move || {
+        let reader = BufReader::new(response.into_body().into_reader());
+        let (mut id, mut event, mut data) = (None, String::new(), String::new());
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            if line.is_empty() {
+                if let Some(seq) = id.take() {
+                    let parsed = serde_json::from_str(&data).unwrap_or(Value::Null);
+                    if sender
+                        .send(Sse {
+                            id: seq,
+                            event: std::mem::take(&mut event),
+                            data: parsed,
+                        })
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+                data.clear();
+            } else if let Some(value) = line.strip_prefix("id: ") {
+                id = value.parse().ok();
+            } else if let Some(value) = line.strip_prefix("event: ") {
+                event = value.to_string();
+            } else if let Some(value) = line.strip_prefix("data: ") {
+                data = value.to_string();
+            }
+        }
+    });
+    receiver
+}
+
+/// Collects events until `done` says so (or panics after 20 s).
+fn collect(events: &mpsc::Receiver<Sse>, mut done: impl FnMut(&[Sse]) -> bool) -> Vec<Sse> {
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !done(&seen) {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match events.recv_timeout(left) {
+            Ok(event) => seen.push(event),
+            Err(_) => panic!(
+                "timed out waiting for events; got {:?}",
+                seen.iter().map(|e| (e.id, &e.event)).collect::<Vec<_>>()
+            ),
+        }
+    }
+    seen
+}
+
+const TASKS: &str = r#"
+[tasks.hello]
+handler = "ping"
+schedule = "0 0 3 * * *"
+params = { sleep_sec = 0.2, progress = true }
+[tasks.long]
+handler = "ping"
+params = { sleep_sec = 30.0, progress = true }
+retries = 2
+[tasks.broken]
+handler = "ping"
+params = { fail_times = 9 }
+[tasks.after]
+handler = "ping"
+depends_on = ["hello"]
+"#;
+
+#[test]
+fn run_task_queues_a_run_that_finishes_while_its_events_stream_in_order() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let events = subscribe(&api, "", None);
+
+    let (code, body) = api.post("/scheduler/run_hello", None);
+    assert_eq!(code, 202, "{body}");
+    let id = body["run_id"].as_i64().unwrap();
+    assert_eq!(body["links"]["self"], format!("/scheduler/runs/{id}"));
+    let run = api.wait_for(id, "succeeded");
+    assert_eq!(run["trigger"], "manual");
+    assert_eq!(run["attempts_history"][0]["outcome"], "succeeded");
+    assert_eq!(run["result"]["attempt"], 1);
+
+    let seen = collect(&events, |seen| {
+        seen.iter()
+            .any(|e| e.event == "run_succeeded" && e.data["run_id"] == id)
+    });
+    let ours: Vec<&Sse> = seen.iter().filter(|e| e.data["run_id"] == id).collect();
+    let kinds: Vec<&str> = ours
+        .iter()
+        .map(|e| e.event.as_str())
+        .filter(|k| *k != "run_progress")
+        .collect();
+    assert_eq!(kinds, vec!["run_queued", "run_started", "run_succeeded"]);
+    assert!(
+        ours.iter().any(|e| e.event == "run_progress"),
+        "progress events stream too"
+    );
+    assert!(seen.windows(2).all(|w| w[0].id < w[1].id), "ids increase");
+    assert_eq!(ours[0].data["task"], "hello");
+
+    // The other route does the same; wait=true answers when the run has finished.
+    let (code, body) = api.post("/scheduler/tasks/hello/run?wait=true", None);
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(body["run"]["state"], "succeeded");
+
+    // The board shows it: last run, statistics.
+    let status = wait_until(
+        "the board to show two runs",
+        Duration::from_secs(10),
+        || {
+            let (_, status) = api.get_json("/scheduler/status");
+            let hello = status["tasks"]
+                .as_array()?
+                .iter()
+                .find(|t| t["task"] == "hello")?
+                .clone();
+            (hello["stats"]["runs"] == 2).then_some(status)
+        },
+    );
+    let hello = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task"] == "hello")
+        .unwrap();
+    assert_eq!(hello["last_run"]["state"], "succeeded");
+    assert_eq!(hello["stats"]["success_rate"], 1.0);
+    assert!(hello["stats"]["p50_ms"].as_u64().unwrap() >= 200);
+    assert_eq!(hello["schedule"], "0 0 3 * * *");
+    assert!(hello["next_fire"].as_str().unwrap().ends_with('Z'));
+    assert_eq!(status["scheduler"]["max_workers"], 4);
+    assert_eq!(
+        status["scheduler"]["config_hash"].as_str().unwrap().len(),
+        64
+    );
+    drop(service);
+}
+
+#[test]
+fn triggers_refuse_bad_input_unknown_tasks_and_overlap() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+
+    let (code, body) = api.post("/scheduler/run_nope", None);
+    assert_eq!(code, 404);
+    assert_eq!(body["error"]["code"], "unknown_task");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("known tasks: after, broken, hello, long"),
+        "{body}"
+    );
+
+    for (path, body_text, expected) in [
+        ("/scheduler/run_hello?force=maybe", None, 400),
+        ("/scheduler/run_hello?colour=red", None, 400),
+        ("/scheduler/run_hello", Some("{not json"), 400),
+        ("/scheduler/run_hello", Some("{\"force\": \"yes\"}"), 400),
+        ("/scheduler/run_hello", Some("{\"speed\": 3}"), 400),
+    ] {
+        let (code, body) = api.post(path, body_text);
+        assert_eq!(code, expected, "{path} {body_text:?}: {body}");
+        assert!(
+            body["error"]["code"].is_string() && body["error"]["message"].is_string(),
+            "{body}"
+        );
+    }
+    let huge = format!("{{\"force\": true, \"pad\": \"{}\"}}", "x".repeat(100_000));
+    let (code, body) = api.post("/scheduler/run_hello", Some(&huge));
+    assert_eq!(code, 413, "{body}");
+
+    let (code, first) = api.post("/scheduler/run_long", None);
+    assert_eq!(code, 202);
+    let first = first["run_id"].as_i64().unwrap();
+    api.wait_for(first, "running");
+    let (code, body) = api.post("/scheduler/run_long", None);
+    assert_eq!(code, 409, "{body}");
+    assert_eq!(body["error"]["code"], "overlap");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("run {first} running")),
+        "{body}"
+    );
+
+    // The dependency check, and force, through the API.
+    let (code, body) = api.post("/scheduler/run_after?wait=10", None);
+    assert_eq!(
+        (code, body["run"]["state"].as_str()),
+        (200, Some("skipped")),
+        "{body}"
+    );
+    let (code, body) = api.post(
+        "/scheduler/run_after",
+        Some("{\"force\": true, \"wait\": 10}"),
+    );
+    assert_eq!(
+        (code, body["run"]["state"].as_str()),
+        (200, Some("succeeded")),
+        "{body}"
+    );
+    drop(service);
+}
+
+#[test]
+fn mutating_routes_need_the_bearer_token_and_reads_do_not() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve_with(&[("TURBOSCHED_TOKEN", "s3cret-token")]);
+    let api = Api::new(&service, Some("s3cret-token"));
+    for path in [
+        "/scheduler/run_hello",
+        "/scheduler/tasks/hello/pause",
+        "/scheduler/reload",
+        "/scheduler/runs/1/abort",
+    ] {
+        let (code, body) = api.post_with(path, None, None);
+        assert_eq!(code, 401, "{path}: {body}");
+        assert_eq!(body["error"]["code"], "unauthorized");
+        let (code, body) = api.post_with(path, None, Some("Bearer wrong-token"));
+        assert_eq!(code, 403, "{path}: {body}");
+        let (code, _) = api.post_with(path, None, Some("Basic czNjcmV0"));
+        assert_eq!(code, 401, "{path}: not a bearer token");
+    }
+    let (code, body) = api.post("/scheduler/run_hello", None);
+    assert_eq!(code, 202, "{body}");
+    for path in [
+        "/scheduler/status",
+        "/scheduler/tasks",
+        "/scheduler/runs",
+        "/health",
+        "/metrics",
+    ] {
+        assert_eq!(api.get(path).0, 200, "{path} is readable without a token");
+    }
+    drop(service);
+}
+
+#[test]
+fn serving_beyond_loopback_without_a_token_refuses_to_start() {
+    let sandbox = Sandbox::with_config(&format!(
+        "{}\n{TASKS}",
+        FAST_SCHEDULER.replace("127.0.0.1:0", "0.0.0.0:0")
+    ));
+    let output = sandbox.cli(&["serve"]);
+    assert_eq!(output.status.code(), Some(2));
+    let text = stderr(&output);
+    assert!(
+        text.contains(
+            "refusing to serve the API on 0.0.0.0:0 without a token: set TURBOSCHED_TOKEN"
+        ),
+        "{text}"
+    );
+}
+
+#[test]
+fn runs_are_listed_newest_first_filtered_and_paginated() {
+    let sandbox = Sandbox::new(TASKS);
+    for _ in 0..3 {
+        sandbox.cli(&["run", "hello"]);
+    }
+    sandbox.cli(&["run", "broken"]);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, page) = api.get_json("/scheduler/runs?limit=2");
+    assert_eq!(code, 200);
+    let ids: Vec<i64> = page["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![4, 3]);
+    let cursor = page["next_cursor"].as_i64().unwrap();
+    let (_, next) = api.get_json(&format!("/scheduler/runs?limit=2&cursor={cursor}"));
+    let ids: Vec<i64> = next["runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids, vec![2, 1]);
+    let (_, failed) = api.get_json("/scheduler/runs?state=failed");
+    assert_eq!(failed["runs"].as_array().unwrap().len(), 1);
+    assert_eq!(failed["next_cursor"], Value::Null);
+    let (_, hello) = api.get_json("/scheduler/runs?task=hello&since=2000-01-01T00:00:00Z");
+    assert_eq!(hello["runs"].as_array().unwrap().len(), 3);
+    let (_, future) = api.get_json("/scheduler/runs?since=2999-01-01T00:00:00Z");
+    assert!(future["runs"].as_array().unwrap().is_empty());
+    for bad in [
+        "state=finished",
+        "limit=0",
+        "limit=5000",
+        "since=yesterday",
+        "cursor=abc",
+        "colour=red",
+    ] {
+        let (code, body) = api.get_json(&format!("/scheduler/runs?{bad}"));
+        assert_eq!(code, 400, "{bad}: {body}");
+        assert!(body["error"]["message"].is_string());
+    }
+    drop(service);
+}
+
+#[test]
+fn a_run_can_be_read_aborted_retried_from_its_checkpoint_and_its_log_followed() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    assert_eq!(api.get_json("/scheduler/runs/abc").0, 400);
+    assert_eq!(api.get_json("/scheduler/runs/999").0, 404);
+    assert_eq!(api.post("/scheduler/runs/999/abort", None).0, 404);
+    assert_eq!(api.post("/scheduler/runs/999/retry", None).0, 404);
+
+    let (_, body) = api.post("/scheduler/run_long", None);
+    let id = body["run_id"].as_i64().unwrap();
+    // Let it checkpoint a few of its ten steps (3 s each).
+    let running = wait_until("two checkpointed steps", Duration::from_secs(20), || {
+        let (_, run) = api.get_json(&format!("/scheduler/runs/{id}"));
+        (run["checkpoint"]["step"].as_u64()? >= 2).then_some(run)
+    });
+    assert_eq!(running["state"], "running");
+    assert_eq!(running["phase"], "sleeping");
+    let (code, _) = api.post(&format!("/scheduler/runs/{id}/retry"), None);
+    assert_eq!(code, 409, "a running run cannot be retried");
+
+    // Follow the log while the run goes on; it ends when the run ends.
+    let follower = {
+        let agent = api.agent.clone();
+        let url = format!("{}/scheduler/runs/{id}/log?follow=1", api.base);
+        std::thread::spawn(move || {
+            agent
+                .get(url)
+                .call()
+                .map(|mut r| r.body_mut().read_to_string().unwrap_or_default())
+        })
+    };
+    let (code, body) = api.post(&format!("/scheduler/runs/{id}/abort"), None);
+    assert_eq!(code, 202, "{body}");
+    let aborted = api.wait_for(id, "aborted");
+    assert_eq!(aborted["attempts"], 1, "an aborted run is not retried");
+    let followed = follower.join().unwrap().expect("log stream");
+    assert!(
+        followed.contains(&format!(" run={id} attempt=1 - attempt 1 of 3 started")),
+        "{followed}"
+    );
+    assert!(
+        followed.contains("aborted after"),
+        "the stream went on until the end: {followed}"
+    );
+    let (code, body) = api.post(&format!("/scheduler/runs/{id}/abort"), None);
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (409, Some("already_finished"))
+    );
+
+    let (code, body) = api.post(&format!("/scheduler/runs/{id}/retry"), None);
+    assert_eq!(code, 202, "{body}");
+    let retry = body["run_id"].as_i64().unwrap();
+    let resumed = wait_until("the retry to resume", Duration::from_secs(20), || {
+        let (_, run) = api.get_json(&format!("/scheduler/runs/{retry}"));
+        (run["checkpoint"]["step"].as_u64()? > running["checkpoint"]["step"].as_u64()?)
+            .then_some(run)
+    });
+    assert_eq!(resumed["trigger"], "retry");
+    assert_eq!(
+        api.post(&format!("/scheduler/runs/{retry}/abort"), None).0,
+        202
+    );
+
+    let (code, log) = api.get(&format!("/scheduler/runs/{id}/log"));
+    assert_eq!(code, 200);
+    assert!(
+        log.lines().all(|l| l.contains(&format!(" run={id} "))),
+        "{log}"
+    );
+    assert_eq!(
+        api.get(&format!("/scheduler/runs/{id}/log?follow=maybe")).0,
+        400
+    );
+    drop(service);
+}
+
+#[test]
+fn pause_and_resume_are_persisted_and_shown() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, body) = api.post("/scheduler/tasks/hello/pause", None);
+    assert_eq!((code, &body["paused"]), (200, &Value::Bool(true)));
+    assert!(sandbox.store().task_state(&"hello".into()).unwrap().paused);
+    let task = wait_until(
+        "the board to show the pause",
+        Duration::from_secs(5),
+        || {
+            let (_, task) = api.get_json("/scheduler/tasks/hello");
+            (task["paused"] == true).then_some(task)
+        },
+    );
+    assert_eq!(
+        task["next_fire"],
+        Value::Null,
+        "a paused task shows no next fire"
+    );
+    assert_eq!(task["next_fires"].as_array().unwrap().len(), 5);
+    assert_eq!(task["config"]["overlap"], "skip");
+    assert_eq!(api.post("/scheduler/tasks/nope/pause", None).0, 404);
+    assert_eq!(api.get_json("/scheduler/tasks/nope").0, 404);
+    let (code, _) = api.post("/scheduler/tasks/hello/resume", None);
+    assert_eq!(code, 200);
+    assert!(!sandbox.store().task_state(&"hello".into()).unwrap().paused);
+    let (_, tasks) = api.get_json("/scheduler/tasks");
+    assert_eq!(tasks["tasks"].as_array().unwrap().len(), 4);
+    drop(service);
+}
+
+#[test]
+fn reload_with_a_broken_file_keeps_the_running_config() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let path = sandbox.path().join("config/scheduler.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{original}\n[tasks.added]\nhandler = \"ping\"\n"),
+    )
+    .unwrap();
+    let (code, body) = api.post("/scheduler/reload", None);
+    assert_eq!(code, 200, "{body}");
+    let good_hash = body["config_hash"].as_str().unwrap().to_string();
+    let names = |api: &Api| -> Vec<String> {
+        let (_, tasks) = api.get_json("/scheduler/tasks");
+        tasks["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["task"].as_str().unwrap().to_string())
+            .collect()
+    };
+    wait_until("the new task to show", Duration::from_secs(5), || {
+        names(&api).contains(&"added".to_string()).then_some(())
+    });
+
+    std::fs::write(
+        &path,
+        format!("{original}\n[tasks.added]\nhandler = \"ping\"\ntimeout = \"soon\"\n"),
+    )
+    .unwrap();
+    let (code, body) = api.post("/scheduler/reload", None);
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["error"]["code"], "invalid_config");
+    let detail = &body["error"]["details"][0];
+    assert_eq!(detail["key"], "tasks.added.timeout");
+    assert!(
+        detail["line"].as_u64().unwrap() > 20 && detail["column"] == 11,
+        "{detail}"
+    );
+    // SIGHUP with the same broken file: the service keeps going on the old config.
+    signal(service.pid(), nix::sys::signal::Signal::SIGHUP);
+    wait_until("the failed reload event", Duration::from_secs(5), || {
+        let events = sandbox.store().events_after(0, 10_000).unwrap();
+        (events
+            .iter()
+            .filter(|e| e.kind == "config_reload_failed")
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    assert!(names(&api).contains(&"added".to_string()));
+    let (_, status) = api.get_json("/scheduler/status");
+    assert_eq!(status["scheduler"]["config_hash"], good_hash);
+    let (code, body) = api.post("/scheduler/run_added?wait=10", None);
+    assert_eq!(
+        (code, body["run"]["state"].as_str()),
+        (200, Some("succeeded")),
+        "the old config still runs: {body}"
+    );
+    drop(service);
+}
+
+#[test]
+fn an_event_stream_resumed_from_last_event_id_loses_nothing() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    for _ in 0..3 {
+        assert_eq!(api.post("/scheduler/run_hello?wait=10", None).0, 200);
+    }
+    let all = collect(&subscribe(&api, "?since=0", None), |seen| {
+        seen.iter().filter(|e| e.event == "run_succeeded").count() >= 3
+    });
+    let stored: Vec<i64> = sandbox
+        .store()
+        .events_after(0, 100_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let streamed: Vec<i64> = all.iter().map(|e| e.id).collect();
+    assert_eq!(
+        streamed,
+        stored[..streamed.len()].to_vec(),
+        "?since=0 replays the whole log in order"
+    );
+
+    // A client that saw up to the middle event reconnects, then new events happen.
+    let middle = streamed[streamed.len() / 2];
+    let resumed = subscribe(&api, "", Some(middle));
+    assert_eq!(api.post("/scheduler/run_hello?wait=10", None).0, 200);
+    let got = collect(&resumed, |seen| {
+        seen.iter().filter(|e| e.event == "run_succeeded").count() >= 3
+    });
+    let stored: Vec<i64> = sandbox
+        .store()
+        .events_after(middle, 100_000)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    let ids: Vec<i64> = got.iter().map(|e| e.id).collect();
+    assert_eq!(
+        ids,
+        stored[..ids.len()].to_vec(),
+        "everything after Last-Event-ID, no gap, no repeat"
+    );
+    assert_eq!(ids[0], middle + 1);
+    for bad in ["?since=abc", "?since=-4"] {
+        assert_eq!(api.get(&format!("/scheduler/events{bad}")).0, 400, "{bad}");
+    }
+    drop(service);
+}
+
+#[test]
+fn health_turns_degraded_on_failures_and_unhealthy_when_the_store_cannot_write() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, health) = api.get_json("/health");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (200, Some("healthy")),
+        "{health}"
+    );
+    for check in [
+        "store",
+        "timer_loop",
+        "disk",
+        "stuck_runs",
+        "errors_last_hour",
+    ] {
+        assert_eq!(health["checks"][check]["status"], "ok", "{check}: {health}");
+    }
+
+    assert_eq!(api.post("/scheduler/run_broken?wait=10", None).0, 200);
+    let (code, health) = api.get_json("/health");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (200, Some("degraded")),
+        "{health}"
+    );
+    assert_eq!(health["checks"]["errors_last_hour"]["status"], "degraded");
+
+    // Another process holds the database's write lock: the store check fails.
+    let blocker = rusqlite::Connection::open(sandbox.path().join("data/scheduler.db")).unwrap();
+    blocker.execute_batch("BEGIN EXCLUSIVE;").unwrap();
+    let (code, health) = api.get_json("/health");
+    blocker.execute_batch("ROLLBACK;").unwrap();
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (503, Some("unhealthy")),
+        "{health}"
+    );
+    assert_eq!(health["checks"]["store"]["status"], "failed");
+    let (code, _) = api.get_json("/health");
+    assert_eq!(code, 200, "recovers once the lock is gone");
+    drop(service);
+}
+
+#[test]
+fn metrics_count_runs_by_task_and_state_with_process_figures() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    assert_eq!(api.post("/scheduler/run_hello?wait=10", None).0, 200);
+    assert_eq!(api.post("/scheduler/run_broken?wait=10", None).0, 200);
+    let (code, text) = api.get("/metrics");
+    assert_eq!(code, 200);
+    for line in [
+        "turbosched_runs_total{state=\"succeeded\",task=\"hello\"} 1",
+        "turbosched_runs_total{state=\"failed\",task=\"broken\"} 1",
+        "turbosched_run_duration_seconds_count{task=\"hello\"} 1",
+        "turbosched_fire_lag_seconds_bucket",
+        "turbosched_running ",
+        "turbosched_queued ",
+        "process_resident_memory_bytes ",
+        "process_cpu_seconds_total ",
+    ] {
+        assert!(text.contains(line), "{line} missing:\n{text}");
+    }
+    drop(service);
+}
+
+#[test]
+fn unknown_routes_and_methods_get_json_errors_and_openapi_lists_every_route() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, body) = api.get_json("/nope");
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (404, Some("not_found"))
+    );
+    let (code, body) = api.get_json("/scheduler/reload");
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+    let (code, body) = api.request("DELETE", "/scheduler/status");
+    assert_eq!(
+        (code, body["error"]["code"].as_str()),
+        (405, Some("method_not_allowed"))
+    );
+
+    let (code, spec) = api.get_json("/openapi.json");
+    assert_eq!(code, 200);
+    for (method, path) in turbosched::api::ROUTES {
+        let operation = &spec["paths"][path][method.to_lowercase()];
+        assert!(
+            operation.is_object(),
+            "{method} {path} is not in /openapi.json"
+        );
+        assert!(
+            operation["responses"].is_object(),
+            "{method} {path} has no responses"
+        );
+    }
+    let documented = spec["paths"].as_object().unwrap().len();
+    assert_eq!(
+        documented,
+        turbosched::api::ROUTES.len(),
+        "no undocumented and no stale paths"
+    );
+    drop(service);
+}
