@@ -55,6 +55,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "housekeeping uses the store's prune and backup, never SQL or the engine",
     ),
     (
+        "api",
+        &["rusqlite", "crate::runner", "crate::engine::recovery"],
+        "the HTTP layer is a skin: no database crate, no processes",
+    ),
+    (
         "tasklog.rs",
         &["crate::store", "crate::engine", "crate::runner"],
         "log files know nothing of runs beyond their ids",
