@@ -135,6 +135,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("GET", "/openapi.json"),
+    ("GET", "/"),
 ];
 
 fn routes(cfg: &mut web::ServiceConfig) {
@@ -155,7 +156,8 @@ fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/scheduler/events").route(web::get().to(events)))
         .service(resource("/health").route(web::get().to(health)))
         .service(resource("/metrics").route(web::get().to(metrics)))
-        .service(resource("/openapi.json").route(web::get().to(openapi)));
+        .service(resource("/openapi.json").route(web::get().to(openapi)))
+        .service(resource("/").route(web::get().to(dashboard)));
 }
 
 /// The one error shape: `{"error": {"code", "message"}}`, plus `details` for config errors.
@@ -972,6 +974,16 @@ async fn metrics(state: Data<ApiState>) -> ApiResult {
 
 /// The OpenAPI description of every route.
 pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The dashboard: one static page, embedded in the binary, fed by the routes above and
+/// the event stream.
+const DASHBOARD: &str = include_str!("dashboard.html");
+
+async fn dashboard() -> ApiResult {
+    Ok(HttpResponse::Ok()
+        .content_type("text/html; charset=utf-8")
+        .body(DASHBOARD))
+}
 
 async fn openapi() -> ApiResult {
     Ok(HttpResponse::Ok()

@@ -4,6 +4,7 @@
 
 mod api;
 mod boundaries;
+mod browser;
 mod cli;
 mod docs;
 mod maintenance;
