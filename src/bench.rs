@@ -168,6 +168,67 @@ fn print_lag(label: &str, sorted_ms: &[f64]) {
     );
 }
 
+/// Writes `runs` finished runs (spread over the configured tasks, one a second back from
+/// now, every tenth failed) through the store's batch API, 1,000 per transaction.
+pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<ExitCode> {
+    use turbosched::model::{Attempt, RunState, Trigger};
+    use turbosched::store::{Change, NewRun};
+    let store = Store::open(&config.scheduler.database)?;
+    let tasks: Vec<_> = config.tasks.keys().cloned().collect();
+    anyhow::ensure!(!tasks.is_empty(), "the config has no task to seed runs for");
+    let now = chrono::Utc::now();
+    let started = std::time::Instant::now();
+    let mut written = 0usize;
+    while written < runs {
+        let chunk = (runs - written).min(1000);
+        store.batch(|batch| {
+            for n in written..written + chunk {
+                let at = now - chrono::Duration::seconds((runs - n) as i64);
+                let new_run = NewRun {
+                    task: tasks[n % tasks.len()].clone(),
+                    trigger: Trigger::Manual,
+                    scheduled_for: at,
+                    max_attempts: 1,
+                    force: false,
+                    downstream: false,
+                    cascade: None,
+                };
+                let run = batch.enqueue(&new_run, at)?;
+                let attempt = batch.transition(
+                    run,
+                    Attempt(0),
+                    RunState::Queued,
+                    RunState::Running,
+                    &Change::default(),
+                    at,
+                )?;
+                let end = if n % 10 == 0 {
+                    RunState::Failed
+                } else {
+                    RunState::Succeeded
+                };
+                let finished = at + chrono::Duration::milliseconds(200 + (n % 50) as i64 * 10);
+                batch.transition(
+                    run,
+                    attempt,
+                    RunState::Running,
+                    end,
+                    &Change::default(),
+                    finished,
+                )?;
+            }
+            Ok(())
+        })?;
+        written += chunk;
+    }
+    println!(
+        "seeded {written} runs in {:.1}s into {}",
+        started.elapsed().as_secs_f64(),
+        config.scheduler.database.display()
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Mean milliseconds to start and reap `/bin/true`, one at a time.
 fn spawn_cost_ms(count: u32) -> Result<f64> {
     let started = std::time::Instant::now();

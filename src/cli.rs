@@ -142,6 +142,13 @@ enum Cmd {
     /// Runs one attempt of a built-in handler (started by the service, not by people).
     #[command(hide = true)]
     Worker,
+    /// Writes N finished runs into the history, for benchmarks (bench/status.sh).
+    #[command(hide = true)]
+    BenchSeed {
+        /// How many runs.
+        #[arg(long, default_value_t = 100_000)]
+        runs: usize,
+    },
 }
 
 /// Parses arguments, runs the subcommand, turns errors into exit codes.
@@ -200,6 +207,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             dir,
         } => crate::bench::run(tasks, seconds, dir),
         Cmd::Worker => Ok(ExitCode::SUCCESS),
+        Cmd::BenchSeed { runs } => crate::bench::seed(&load(&cli.config)?, runs),
     }
 }
 

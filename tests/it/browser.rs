@@ -257,3 +257,62 @@ depends_on = ["ingestion"]
     drop(browser);
     drop(service);
 }
+
+#[test]
+fn the_dashboard_asks_for_the_token_once_and_uses_it_for_every_button() {
+    let sandbox =
+        Sandbox::new("[tasks.hello]\nhandler = \"ping\"\n[tasks.other]\nhandler = \"ping\"\n");
+    let service = sandbox.serve_with(&[("TURBOSCHED_TOKEN", "dashboard-token")]);
+    let browser = Browser::start();
+    browser.open(&format!("{}/", service.api));
+    wait_until(
+        "the event stream to connect",
+        Duration::from_secs(10),
+        || (browser.text("#connection") == "live").then_some(()),
+    );
+
+    browser.click("button[data-action='run'][data-task='hello']");
+    // The first mutating click gets 401 and asks for the token.
+    let prompt = wait_until("the token prompt", Duration::from_secs(10), || {
+        browser
+            .session_call("GET", "/alert/text", None)
+            .as_str()
+            .map(str::to_string)
+    });
+    assert!(prompt.contains("API token"), "{prompt}");
+    browser.session_call(
+        "POST",
+        "/alert/text",
+        Some(json!({"text": "dashboard-token"})),
+    );
+    browser.session_call("POST", "/alert/accept", Some(json!({})));
+    wait_until(
+        "the run to succeed on the page",
+        Duration::from_secs(20),
+        || (browser.text("#detail-state") == "succeeded").then_some(()),
+    );
+
+    // The next button uses the remembered token: no second prompt.
+    browser.click("button[data-action='pause'][data-task='other']");
+    wait_until(
+        "the task to show as paused",
+        Duration::from_secs(10),
+        || {
+            browser
+                .text("#tasks tbody tr[data-task='other']")
+                .contains("paused")
+                .then_some(())
+        },
+    );
+    assert!(
+        browser.session_call("GET", "/alert/text", None)["error"] == "no such alert",
+        "asked only once"
+    );
+    assert!(sandbox.store().task_state(&"other".into()).unwrap().paused);
+    assert_eq!(
+        sandbox.runs_of("hello")[0].state,
+        turbosched::model::RunState::Succeeded
+    );
+    drop(browser);
+    drop(service);
+}
