@@ -646,11 +646,7 @@ fn runs(
         Some(text) => Some(RunState::parse(&text).ok_or_else(|| {
             anyhow!(
                 "unknown state {text:?}: expected one of {}",
-                RunState::ALL
-                    .iter()
-                    .map(|s| s.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", ")
+                RunState::names()
             )
         })?),
         None => None,
@@ -887,27 +883,9 @@ fn duration_text(row: &RunRow) -> String {
     }
 }
 
-/// The JSON shape of a run for scripts: a promise, change only by adding fields.
+/// The JSON shape of a run: the API's, so scripts see one shape whichever they use.
 fn run_json(row: &RunRow) -> Value {
-    json!({
-        "id": row.id.0,
-        "task": row.task.as_str(),
-        "trigger": row.trigger.as_str(),
-        "state": row.state.as_str(),
-        "scheduled_for": rfc3339(row.scheduled_for),
-        "queued_at": rfc3339(row.queued_at),
-        "started_at": row.started_at.map(rfc3339),
-        "finished_at": row.finished_at.map(rfc3339),
-        "attempts": row.attempt.0,
-        "max_attempts": row.max_attempts,
-        "exit_code": row.exit_code,
-        "error": row.error,
-        "reason": row.reason,
-        "progress": row.progress,
-        "phase": row.phase,
-        "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
-        "cascade": row.cascade.map(|c| c.0),
-    })
+    turbosched::api::run_view(row)
 }
 
 fn print_runs(rows: &[RunRow]) {

@@ -154,6 +154,11 @@ impl RunState {
             .into_iter()
             .find(|state| state.as_str() == text)
     }
+
+    /// Every name, comma-separated, for "expected one of …" messages.
+    pub fn names() -> String {
+        RunState::ALL.map(RunState::as_str).join(", ")
+    }
 }
 
 impl fmt::Display for RunState {

@@ -13,6 +13,8 @@
 
 mod views;
 
+pub use views::run as run_view;
+
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -501,11 +503,7 @@ async fn runs(query: web::Query<RunsQuery>, state: Data<ApiState>) -> ApiResult 
                 "bad_query",
                 format!(
                     "state: expected one of {}, found {text:?}",
-                    RunState::ALL
-                        .iter()
-                        .map(|s| s.as_str())
-                        .collect::<Vec<_>>()
-                        .join(", ")
+                    RunState::names()
                 ),
             )
         })?),

@@ -126,7 +126,8 @@ pub(super) fn run_links(run: RunId) -> Value {
     })
 }
 
-pub(super) fn run(row: &RunRow) -> Value {
+/// The JSON shape of a run, shared by the API and `turbosched … --json`.
+pub fn run(row: &RunRow) -> Value {
     json!({
         "id": row.id.0,
         "task": row.task.as_str(),

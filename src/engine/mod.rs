@@ -1347,16 +1347,8 @@ impl Engine {
                 });
             }
         }
-        let run = blocking(|| enqueue_manual(&config, &self.store, now, task, force, downstream))?;
-        let new_run = NewRun {
-            task: spec.name.clone(),
-            trigger: Trigger::Manual,
-            scheduled_for: now,
-            max_attempts: spec.max_attempts(),
-            force,
-            downstream,
-            cascade: None,
-        };
+        let new_run = manual_run(spec, now, force, downstream);
+        let run = blocking(|| self.store.enqueue(&new_run, now))?;
         self.admit(Pending::new_run(run, &new_run), now);
         Ok(run)
     }
@@ -1792,6 +1784,19 @@ impl Engine {
     }
 }
 
+/// The run a manual trigger of `spec` creates.
+fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> NewRun {
+    NewRun {
+        task: spec.name.clone(),
+        trigger: Trigger::Manual,
+        scheduled_for: now,
+        max_attempts: spec.max_attempts(),
+        force,
+        downstream,
+        cascade: None,
+    }
+}
+
 /// Queues a manual run of `task`: the shared path of the CLI, the API and foreground runs.
 pub fn enqueue_manual(
     config: &Config,
@@ -1805,16 +1810,7 @@ pub fn enqueue_manual(
         task: task.to_string(),
         known: config.task_names().join(", "),
     })?;
-    let run = NewRun {
-        task: spec.name.clone(),
-        trigger: Trigger::Manual,
-        scheduled_for: now,
-        max_attempts: spec.max_attempts(),
-        force,
-        downstream,
-        cascade: None,
-    };
-    Ok(store.enqueue(&run, now)?)
+    Ok(store.enqueue(&manual_run(spec, now, force, downstream), now)?)
 }
 
 fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
