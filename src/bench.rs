@@ -229,6 +229,50 @@ pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<E
     Ok(ExitCode::SUCCESS)
 }
 
+/// `ingest` speed: writes `files` Yahoo-layout CSV files holding `rows` valid daily bars
+/// in all, then ingests them into a fresh market database and prints rows per second.
+pub(crate) fn ingest(rows: usize, files: usize) -> Result<ExitCode> {
+    use turbosched::pipeline::{ingest, market_db};
+    let dir = tempfile_dir()?.with_extension("ingest");
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir)?;
+    let files = files.max(1);
+    let per_file = rows.div_ceil(files);
+    let start = chrono::NaiveDate::from_ymd_opt(1800, 1, 1).context("start date")?;
+    let mut inputs = Vec::new();
+    for file in 0..files {
+        let mut text = String::from("Date,Open,High,Low,Close,Adj Close,Volume\n");
+        for day in 0..per_file {
+            let date = start + chrono::Duration::days(day as i64);
+            let base = 100.0 + (day % 97) as f64 * 0.5;
+            text.push_str(&format!(
+                "{},{base},{},{},{},{},{}\n",
+                date.format("%-m/%-d/%Y"),
+                base + 2.0,
+                base - 1.5,
+                base + 0.5,
+                base + 0.5,
+                1_000_000 + day
+            ));
+        }
+        inputs.push((format!("SYM{file:03}.csv"), text.into_bytes()));
+    }
+    let mut connection = market_db::open(&dir.join("market.db")).map_err(|e| anyhow::anyhow!(e))?;
+    let layout = ingest::Layout::default();
+    let started = std::time::Instant::now();
+    let mut read = 0u64;
+    for (name, bytes) in &inputs {
+        let report = ingest::ingest_file(&mut connection, name, bytes, "bench", &layout, 0)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anyhow::ensure!(report.inserted == report.rows_read, "{name}: {report:?}");
+        read += report.rows_read;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    println!("ingest: {read} validated rows in {files} files, {seconds:.2} s → {:.0} rows/s (fresh market database, WAL)", read as f64 / seconds);
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(ExitCode::SUCCESS)
+}
+
 /// Mean milliseconds to start and reap `/bin/true`, one at a time.
 fn spawn_cost_ms(count: u32) -> Result<f64> {
     let started = std::time::Instant::now();

@@ -139,6 +139,15 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure `ingest`: validated rows per second into a fresh market database.
+    BenchIngest {
+        /// Rows in all.
+        #[arg(long, default_value_t = 1_000_000)]
+        rows: usize,
+        /// Spread over this many files (symbols).
+        #[arg(long, default_value_t = 10)]
+        files: usize,
+    },
     /// Runs one attempt of a built-in handler (started by the service, not by people).
     #[command(hide = true)]
     Worker,
@@ -207,6 +216,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             dir,
         } => crate::bench::run(tasks, seconds, dir),
         Cmd::Worker => Ok(ExitCode::SUCCESS),
+        Cmd::BenchIngest { rows, files } => crate::bench::ingest(rows, files),
         Cmd::BenchSeed { runs } => crate::bench::seed(&load(&cli.config)?, runs),
     }
 }

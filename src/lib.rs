@@ -14,6 +14,7 @@
 //!   and backs up the database;
 //! - the **API** ([`api`]) is the HTTP skin over the engine: status, triggers, runs,
 //!   events as server-sent events, health, metrics;
+//! - the **pipeline** ([`pipeline`]) is the first users' market tasks, built in: `ingest` today;
 //! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]).
 //!
 //! See ARCHITECTURE.md for the map and the invariants.
@@ -26,6 +27,7 @@ pub mod engine;
 pub mod handlers;
 pub mod maintenance;
 pub mod model;
+pub mod pipeline;
 pub mod runner;
 pub mod schedule;
 pub mod store;

@@ -28,7 +28,7 @@ use crate::schedule::{MisfirePolicy, Schedule};
 pub use raw::{KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
 
 /// The built-in handlers that run inside the `worker` subcommand, plus `command`.
-pub const HANDLERS: &[&str] = &["command", "maintenance", "ping"];
+pub const HANDLERS: &[&str] = &["command", "ingest", "maintenance", "ping"];
 
 /// One problem in a config file, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]

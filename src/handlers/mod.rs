@@ -126,6 +126,7 @@ impl TaskContext {
 pub fn run(name: &str, ctx: &TaskContext) -> Result<serde_json::Value, HandlerError> {
     match name {
         "ping" => ping::run(ctx),
+        "ingest" => crate::pipeline::ingest::run(ctx),
         other => Err(HandlerError::Fatal(format!(
             "unknown built-in handler \"{other}\""
         ))),

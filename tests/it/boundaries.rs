@@ -55,6 +55,18 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "housekeeping uses the store's prune and backup, never SQL or the engine",
     ),
     (
+        "pipeline",
+        &[
+            "crate::engine",
+            "crate::store",
+            "crate::runner",
+            "crate::config",
+            "crate::api",
+            "tokio",
+        ],
+        "the market tasks see only their TaskContext",
+    ),
+    (
         "api",
         &["rusqlite", "crate::runner", "crate::engine::recovery"],
         "the HTTP layer is a skin: no database crate, no processes",

@@ -8,6 +8,7 @@ mod browser;
 mod cli;
 mod docs;
 mod maintenance;
+mod pipeline;
 mod recovery;
 mod scheduling;
 mod supervision;

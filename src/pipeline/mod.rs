@@ -1,0 +1,29 @@
+//! The first users' own tasks, built in: the TurboMode market pipeline.
+//!
+//! Each handler runs in a worker process and sees only its [`TaskContext`]: params,
+//! checkpoint, progress. The pipeline keeps its own SQLite file, the market database
+//! ([`market_db`]), separate from the scheduler's run history.
+//!
+//! Today: [`ingest`] (task 1). Features, training with TreeSHAP, and predictions follow.
+//!
+//! Invariant: nothing here knows the engine, the store, the runner or the config; a
+//! handler fails as `Retryable` or `Fatal` and the runner decides what happens next.
+
+pub mod ingest;
+pub mod market_db;
+
+use crate::handlers::{HandlerError, TaskContext};
+
+/// A string param, or `default`.
+pub(crate) fn param_str<'a>(
+    ctx: &'a TaskContext,
+    name: &str,
+    default: &'a str,
+) -> Result<&'a str, HandlerError> {
+    match ctx.params().get(name) {
+        None => Ok(default),
+        Some(value) => value.as_str().ok_or_else(|| {
+            HandlerError::Fatal(format!("params.{name}: expected a string, found {value}"))
+        }),
+    }
+}
