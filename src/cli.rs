@@ -148,6 +148,15 @@ enum Cmd {
         #[arg(long, default_value_t = 10)]
         files: usize,
     },
+    /// Measure the features: 20 years of daily bars for N symbols.
+    BenchFeatures {
+        /// Symbols.
+        #[arg(long, default_value_t = 100)]
+        symbols: usize,
+        /// Bars per symbol (252 a year).
+        #[arg(long, default_value_t = 5040)]
+        days: usize,
+    },
     /// Runs one attempt of a built-in handler (started by the service, not by people).
     #[command(hide = true)]
     Worker,
@@ -217,6 +226,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         } => crate::bench::run(tasks, seconds, dir),
         Cmd::Worker => Ok(ExitCode::SUCCESS),
         Cmd::BenchIngest { rows, files } => crate::bench::ingest(rows, files),
+        Cmd::BenchFeatures { symbols, days } => crate::bench::features(symbols, days),
         Cmd::BenchSeed { runs } => crate::bench::seed(&load(&cli.config)?, runs),
     }
 }

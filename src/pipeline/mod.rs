@@ -9,6 +9,7 @@
 //! Invariant: nothing here knows the engine, the store, the runner or the config; a
 //! handler fails as `Retryable` or `Fatal` and the runner decides what happens next.
 
+pub mod features;
 pub mod ingest;
 pub mod market_db;
 
