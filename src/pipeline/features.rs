@@ -191,10 +191,10 @@ pub fn rsi_wilder(close: &[f64], n: usize) -> Vec<Option<f64>> {
         }
     };
     out[n] = Some(rsi(gain, loss));
-    for t in n + 1..close.len() {
+    for (t, slot) in out.iter_mut().enumerate().skip(n + 1) {
         gain = (gain * (n as f64 - 1.0) + change(t).max(0.0)) / n as f64;
         loss = (loss * (n as f64 - 1.0) + (-change(t)).max(0.0)) / n as f64;
-        out[t] = Some(rsi(gain, loss));
+        *slot = Some(rsi(gain, loss));
     }
     out
 }
@@ -212,9 +212,9 @@ pub fn atr_wilder(high: &[f64], low: &[f64], close: &[f64], n: usize) -> Vec<Opt
     };
     let mut atr = (1..=n).map(true_range).sum::<f64>() / n as f64;
     out[n] = Some(atr);
-    for t in n + 1..close.len() {
+    for (t, slot) in out.iter_mut().enumerate().skip(n + 1) {
         atr = (atr * (n as f64 - 1.0) + true_range(t)) / n as f64;
-        out[t] = Some(atr);
+        *slot = Some(atr);
     }
     out
 }
