@@ -109,6 +109,9 @@ pub fn start(state: ApiState, bind: &str) -> std::io::Result<(actix_web::dev::Se
     })
     .workers(2)
     .disable_signals()
+    // Backstop: streams end when the engine stops (see `EventCursor`); anything still open
+    // after this is closed.
+    .shutdown_timeout(3)
     .bind(bind)?;
     let address = server
         .addrs()
@@ -670,69 +673,20 @@ async fn run_log(
     }
     let current = log_dir.join(&name);
     let start = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
-    let follow_state = (
-        Some(Bytes::from(text)),
-        start,
-        state.store.clone(),
+    let follow = LogFollow {
+        first: Some(Bytes::from(text)),
+        offset: start,
+        store: state.store.clone(),
         run,
-        current,
+        path: current,
         marker,
-        false,
-    );
-    let stream = futures_util::stream::unfold(
-        follow_state,
-        |(first, mut offset, store, run, path, marker, done)| async move {
-            if let Some(first) = first {
-                return Some((
-                    Ok::<Bytes, actix_web::Error>(first),
-                    (None, offset, store, run, path, marker, done),
-                ));
-            }
-            if done {
-                return None;
-            }
-            loop {
-                tokio::time::sleep(Duration::from_millis(250)).await;
-                let (path2, store2) = (path.clone(), store.clone());
-                let read = web::block(move || -> std::io::Result<(Vec<u8>, bool)> {
-                    use std::io::{Read, Seek};
-                    let finished = store2
-                        .run(run)
-                        .ok()
-                        .flatten()
-                        .is_none_or(|r| r.state.is_terminal());
-                    let mut file = std::fs::File::open(&path2)?;
-                    let length = file.metadata()?.len();
-                    let from = if length < offset { 0 } else { offset };
-                    file.seek(std::io::SeekFrom::Start(from))?;
-                    let mut bytes = Vec::new();
-                    file.read_to_end(&mut bytes)?;
-                    Ok((bytes, finished))
-                })
-                .await;
-                let Ok(Ok((bytes, finished))) = read else {
-                    continue;
-                };
-                let complete = bytes
-                    .iter()
-                    .rposition(|b| *b == b'\n')
-                    .map(|i| i + 1)
-                    .unwrap_or(0);
-                offset += complete as u64;
-                let text: String = String::from_utf8_lossy(&bytes[..complete])
-                    .lines()
-                    .filter(|l| l.contains(&marker))
-                    .map(|l| format!("{l}\n"))
-                    .collect();
-                if !text.is_empty() || finished {
-                    return Some((
-                        Ok(Bytes::from(text)),
-                        (None, offset, store, run, path, marker, finished),
-                    ));
-                }
-            }
-        },
-    );
+        handle: state.handle.clone(),
+        done: false,
+    };
+    let stream = futures_util::stream::unfold(follow, |mut follow| async move {
+        let chunk = follow.next_chunk().await?;
+        Some((Ok::<Bytes, actix_web::Error>(chunk), follow))
+    });
     Ok(HttpResponse::Ok()
         .content_type("text/plain; charset=utf-8")
         .insert_header((header::CACHE_CONTROL, "no-cache"))
@@ -799,9 +753,10 @@ async fn events(
         wake,
         quiet_since: tokio::time::Instant::now(),
         greeted: false,
+        handle: state.handle.clone(),
     };
     let stream = futures_util::stream::unfold(cursor, |mut cursor| async move {
-        let chunk = cursor.next_chunk().await;
+        let chunk = cursor.next_chunk().await?;
         Some((Ok::<Bytes, actix_web::Error>(chunk), cursor))
     });
     Ok(HttpResponse::Ok()
@@ -811,24 +766,97 @@ async fn events(
         .streaming(stream))
 }
 
+/// A run's log as it grows: the lines so far, then new lines of that run until it ends
+/// (or the service stops).
+struct LogFollow {
+    first: Option<Bytes>,
+    offset: u64,
+    store: Store,
+    run: RunId,
+    path: std::path::PathBuf,
+    marker: String,
+    handle: Handle,
+    done: bool,
+}
+
+impl LogFollow {
+    async fn next_chunk(&mut self) -> Option<Bytes> {
+        if let Some(first) = self.first.take() {
+            return Some(first);
+        }
+        if self.done {
+            return None;
+        }
+        loop {
+            tokio::select! {
+                _ = self.handle.stopping() => return None,
+                _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+            }
+            let (path, store, run, offset) =
+                (self.path.clone(), self.store.clone(), self.run, self.offset);
+            let read = web::block(move || -> std::io::Result<(Vec<u8>, u64, bool)> {
+                use std::io::{Read, Seek};
+                let finished = store
+                    .run(run)
+                    .ok()
+                    .flatten()
+                    .is_none_or(|r| r.state.is_terminal());
+                let mut file = std::fs::File::open(&path)?;
+                // A rotation shows as the file being shorter than where we were.
+                let from = if file.metadata()?.len() < offset {
+                    0
+                } else {
+                    offset
+                };
+                file.seek(std::io::SeekFrom::Start(from))?;
+                let mut bytes = Vec::new();
+                file.read_to_end(&mut bytes)?;
+                Ok((bytes, from, finished))
+            })
+            .await;
+            let Ok(Ok((bytes, from, finished))) = read else {
+                continue;
+            };
+            let complete = bytes
+                .iter()
+                .rposition(|b| *b == b'\n')
+                .map(|i| i + 1)
+                .unwrap_or(0);
+            self.offset = from + complete as u64;
+            let text: String = String::from_utf8_lossy(&bytes[..complete])
+                .lines()
+                .filter(|line| line.contains(&self.marker))
+                .map(|line| format!("{line}\n"))
+                .collect();
+            if !text.is_empty() || finished {
+                self.done = finished;
+                return Some(Bytes::from(text));
+            }
+        }
+    }
+}
+
 struct EventCursor {
     last: i64,
     store: Store,
     wake: tokio::sync::watch::Receiver<u64>,
     quiet_since: tokio::time::Instant,
     greeted: bool,
+    handle: Handle,
 }
 
 impl EventCursor {
     const KEEP_ALIVE: Duration = Duration::from_secs(15);
 
-    async fn next_chunk(&mut self) -> Bytes {
+    /// The next piece of the stream; `None` ends it (the service is stopping: clients
+    /// reconnect with their last id and lose nothing).
+    async fn next_chunk(&mut self) -> Option<Bytes> {
         if !self.greeted {
             self.greeted = true;
-            return Bytes::from(format!(
+            return Some(Bytes::from(format!(
                 ": connected, after event {}\nretry: 2000\n\n",
                 self.last
-            ));
+            )));
         }
         loop {
             let (store, after) = (self.store.clone(), self.last);
@@ -837,16 +865,19 @@ impl EventCursor {
                     self.last = last.seq;
                     self.quiet_since = tokio::time::Instant::now();
                     let text: String = events.iter().map(views::sse_event).collect();
-                    return Bytes::from(text);
+                    return Some(Bytes::from(text));
                 }
             }
             if self.quiet_since.elapsed() >= Self::KEEP_ALIVE {
                 self.quiet_since = tokio::time::Instant::now();
-                return Bytes::from_static(b": keep-alive\n\n");
+                return Some(Bytes::from_static(b": keep-alive\n\n"));
             }
             // Wake on the engine's next publication, or after a short while for events
-            // written by other processes (the CLI).
-            let _ = tokio::time::timeout(Duration::from_millis(250), self.wake.changed()).await;
+            // written by other processes (the CLI); end when the service stops.
+            tokio::select! {
+                _ = self.handle.stopping() => return None,
+                _ = tokio::time::timeout(Duration::from_millis(250), self.wake.changed()) => {}
+            }
         }
     }
 }

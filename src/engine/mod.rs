@@ -229,6 +229,12 @@ impl Handle {
             .map_err(|_| EngineError::Stopped)
     }
 
+    /// Resolves once a shutdown has begun (long-lived readers, such as event streams, end
+    /// on it so the HTTP server can stop).
+    pub async fn stopping(&self) {
+        self.cancel.cancelled().await;
+    }
+
     /// Starts a graceful shutdown.
     pub fn shutdown(&self) {
         self.cancel.cancel();

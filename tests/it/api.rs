@@ -785,3 +785,38 @@ fn unknown_routes_and_methods_get_json_errors_and_openapi_lists_every_route() {
     );
     drop(service);
 }
+
+#[test]
+fn an_idle_event_stream_sends_keep_alive_comments() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let response = api
+        .agent
+        .get(format!("{}/scheduler/events", api.base))
+        .call()
+        .expect("GET /scheduler/events");
+    let (lines, received) = mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        let reader = BufReader::new(response.into_body().into_reader());
+        for line in reader.lines() {
+            let Ok(line) = line else { return };
+            if lines.send(line).is_err() {
+                return;
+            }
+        }
+    });
+    let first = received
+        .recv_timeout(Duration::from_secs(5))
+        .expect("a greeting");
+    assert!(first.starts_with(": connected"), "{first}");
+    // Nothing happens on this scheduler: within the 15 s keep-alive period a comment comes.
+    let keep_alive = wait_until("a keep-alive comment", Duration::from_secs(25), || {
+        received
+            .try_recv()
+            .ok()
+            .filter(|line| line == ": keep-alive")
+    });
+    assert_eq!(keep_alive, ": keep-alive");
+    drop(service);
+}

@@ -316,3 +316,57 @@ fn the_dashboard_asks_for_the_token_once_and_uses_it_for_every_button() {
     drop(browser);
     drop(service);
 }
+
+#[test]
+fn the_dashboard_reconnects_after_the_service_restarts_and_catches_up_on_missed_events() {
+    // A fixed port, so the restarted service is the same origin for the page.
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let sandbox = Sandbox::with_config(&format!(
+        "{}\n[tasks.hello]\nhandler = \"ping\"\n",
+        FAST_SCHEDULER.replace("127.0.0.1:0", &format!("127.0.0.1:{port}"))
+    ));
+    let service = sandbox.serve();
+    let browser = Browser::start();
+    browser.open(&format!("{}/", service.api));
+    wait_until("live", Duration::from_secs(10), || {
+        (browser.text("#connection") == "live").then_some(())
+    });
+    browser.script("window.__notReloaded = true; return true;");
+
+    assert!(service.stop().success());
+    wait_until(
+        "the page to notice the drop",
+        Duration::from_secs(15),
+        || {
+            browser
+                .text("#connection")
+                .starts_with("reconnecting")
+                .then_some(())
+        },
+    );
+    // While the service is down, a run happens (the CLI runs it itself).
+    assert_eq!(sandbox.cli(&["run", "hello"]).status.code(), Some(0));
+    let missed = sandbox.runs_of("hello")[0].id;
+
+    let service = sandbox.serve();
+    wait_until("the page to reconnect", Duration::from_secs(40), || {
+        (browser.text("#connection") == "live").then_some(())
+    });
+    let probe = format!("const row = document.querySelector(\"#runs tbody tr[data-run='{missed}'] .state\"); return row ? row.textContent : null;");
+    wait_until(
+        "the missed run to show in the history",
+        Duration::from_secs(10),
+        || (browser.script(&probe) == Value::String("succeeded".into())).then_some(()),
+    );
+    assert_eq!(
+        browser.script("return window.__notReloaded === true;"),
+        Value::Bool(true),
+        "no page reload"
+    );
+    drop(browser);
+    drop(service);
+}
