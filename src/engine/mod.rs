@@ -358,6 +358,8 @@ pub struct Engine {
     paused: std::collections::HashSet<String>,
     /// Task → its recent finished runs, oldest first (at most `board::RECENT_RUNS`).
     recent: HashMap<TaskName, VecDeque<FinishedRun>>,
+    /// Task → `Stats::of` its recent runs, recomputed only when one of them finishes.
+    stats: HashMap<TaskName, Stats>,
     /// Something the board shows changed since the last publication.
     dirty: bool,
     published_at: std::time::Instant,
@@ -398,6 +400,7 @@ impl Engine {
             started_at: clock_now,
             paused: Default::default(),
             recent: HashMap::new(),
+            stats: HashMap::new(),
             dirty: true,
             published_at: std::time::Instant::now(),
             version: 0,
@@ -577,10 +580,9 @@ impl Engine {
     /// to `now`, in one transaction.
     fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
         let config = self.config.clone();
-        let paused = blocking(|| self.store.paused_tasks()).unwrap_or_else(|err| {
-            warn!("cannot read paused tasks: {err}");
-            Default::default()
-        });
+        // The pause flags are the engine's own copy (seeded from the store at start-up and
+        // changed only through `pause`), the same the board shows.
+        let paused = &self.paused;
         struct TaskPlan<'a> {
             task: &'a TaskName,
             key: String,
@@ -1507,6 +1509,8 @@ impl Engine {
         while recent.len() > board::RECENT_RUNS {
             recent.pop_front();
         }
+        let stats = Stats::of(recent);
+        self.stats.insert(task.clone(), stats);
         self.dirty = true;
     }
 
@@ -1544,7 +1548,7 @@ impl Engine {
                         .into_iter()
                         .collect(),
                     last: recent.and_then(|r| r.back().copied()),
-                    stats: recent.map(Stats::of).unwrap_or_default(),
+                    stats: self.stats.get(&spec.name).copied().unwrap_or_default(),
                 }
             })
             .collect();
@@ -1596,6 +1600,7 @@ impl Engine {
                         .and_then(|(start, end)| (end - start).to_std().ok()),
                 })
                 .collect();
+            self.stats.insert(name.clone(), Stats::of(&recent));
             self.recent.insert(name.clone(), recent);
         }
     }
