@@ -269,6 +269,19 @@ fn run_task_queues_a_run_that_finishes_while_its_events_stream_in_order() {
     assert_eq!(hello["schedule"], "0 0 3 * * *");
     assert!(hello["next_fire"].as_str().unwrap().ends_with('Z'));
     assert_eq!(status["scheduler"]["max_workers"], 4);
+    let (code, detail) = api.get_json("/scheduler/tasks/hello");
+    assert_eq!(code, 200);
+    let last_runs: Vec<i64> = detail["last_runs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(last_runs.len(), 2, "{detail}");
+    assert_eq!(
+        last_runs[1], id,
+        "newest first: the first run is the older one"
+    );
     assert_eq!(
         status["scheduler"]["config_hash"].as_str().unwrap().len(),
         64
@@ -315,6 +328,20 @@ fn triggers_refuse_bad_input_unknown_tasks_and_overlap() {
     assert_eq!(code, 202);
     let first = first["run_id"].as_i64().unwrap();
     api.wait_for(first, "running");
+    wait_until(
+        "the board to show the running run",
+        Duration::from_secs(5),
+        || {
+            let (_, status) = api.get_json("/scheduler/status");
+            let long = status["tasks"]
+                .as_array()?
+                .iter()
+                .find(|t| t["task"] == "long")?
+                .clone();
+            (long["running"][0]["run_id"] == first && status["scheduler"]["workers_busy"] == 1)
+                .then_some(())
+        },
+    );
     let (code, body) = api.post("/scheduler/run_long", None);
     assert_eq!(code, 409, "{body}");
     assert_eq!(body["error"]["code"], "overlap");
