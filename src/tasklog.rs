@@ -93,11 +93,6 @@ impl TaskLogs {
 }
 
 impl TaskLog {
-    /// The current file's path.
-    pub fn path(&self) -> &Path {
-        &self.file.path
-    }
-
     /// Appends one line.
     pub fn line(&self, run: RunId, attempt: Attempt, level: Level, text: &str) {
         let now = chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ");

@@ -430,11 +430,6 @@ impl Engine {
         self.metrics.clone()
     }
 
-    /// This engine's instance id (the `owner` of the runs it runs).
-    pub fn instance_id(&self) -> &str {
-        &self.instance
-    }
-
     /// Queues a run of `task` in the store (used by `turbosched run` before
     /// [`Engine::run`] in foreground mode).
     pub fn enqueue_manual(

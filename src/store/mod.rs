@@ -310,7 +310,6 @@ pub enum AbortOutcome {
 #[derive(Clone)]
 pub struct Store {
     connection: Arc<Mutex<Connection>>,
-    path: PathBuf,
 }
 
 const RUN_COLUMNS: &str =
@@ -347,13 +346,7 @@ impl Store {
             .map_err(fail)?;
         Ok(Store {
             connection: Arc::new(Mutex::new(connection)),
-            path: path.to_path_buf(),
         })
-    }
-
-    /// The database file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn lock(&self) -> MutexGuard<'_, Connection> {

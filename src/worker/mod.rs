@@ -44,13 +44,6 @@ impl Reporter {
         }
     }
 
-    /// A reporter that drops every message (for handler unit tests).
-    pub fn discard() -> Reporter {
-        Reporter {
-            pipe: Arc::new(Mutex::new(None)),
-        }
-    }
-
     /// Sends one message; a closed pipe (the service is gone) is ignored.
     pub fn send(&self, msg: &Msg) {
         let mut guard = self.pipe.lock().unwrap_or_else(|p| p.into_inner());
