@@ -68,7 +68,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
     ),
     (
         "api",
-        &["rusqlite", "crate::runner", "crate::engine::recovery"],
+        &["rusqlite", "crate::runner"],
         "the HTTP layer is a skin: no database crate, no processes",
     ),
     (
