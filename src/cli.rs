@@ -157,6 +157,21 @@ enum Cmd {
         #[arg(long, default_value_t = 5040)]
         days: usize,
     },
+    /// Measure the models: training, TreeSHAP, drift, and a 20-year walk-forward backtest.
+    BenchModels {
+        /// Training rows.
+        #[arg(long, default_value_t = 100_000)]
+        rows: usize,
+        /// Features.
+        #[arg(long, default_value_t = 20)]
+        cols: usize,
+        /// Rows explained by TreeSHAP.
+        #[arg(long, default_value_t = 1_000)]
+        shap_rows: usize,
+        /// Rows per side of the drift comparison.
+        #[arg(long, default_value_t = 1_000_000)]
+        drift_rows: usize,
+    },
     /// Runs one attempt of a built-in handler (started by the service, not by people).
     #[command(hide = true)]
     Worker,
@@ -227,6 +242,12 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Worker => Ok(ExitCode::SUCCESS),
         Cmd::BenchIngest { rows, files } => crate::bench::ingest(rows, files),
         Cmd::BenchFeatures { symbols, days } => crate::bench::features(symbols, days),
+        Cmd::BenchModels {
+            rows,
+            cols,
+            shap_rows,
+            drift_rows,
+        } => crate::bench::models(rows, cols, shap_rows, drift_rows),
         Cmd::BenchSeed { runs } => crate::bench::seed(&load(&cli.config)?, runs),
     }
 }

@@ -180,16 +180,20 @@ pub enum Trigger {
     Downstream,
     /// An explicit retry of a finished run.
     Retry,
+    /// Asked for by a finished run's result (`request_runs`), e.g. the drift task asking
+    /// for a retraining.
+    Drift,
 }
 
 impl Trigger {
     /// Every trigger.
-    pub const ALL: [Trigger; 5] = [
+    pub const ALL: [Trigger; 6] = [
         Trigger::Schedule,
         Trigger::Manual,
         Trigger::Catchup,
         Trigger::Downstream,
         Trigger::Retry,
+        Trigger::Drift,
     ];
 
     /// The stored and printed name.
@@ -200,6 +204,7 @@ impl Trigger {
             Trigger::Catchup => "catchup",
             Trigger::Downstream => "downstream",
             Trigger::Retry => "retry",
+            Trigger::Drift => "drift",
         }
     }
 

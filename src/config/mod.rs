@@ -28,7 +28,16 @@ use crate::schedule::{MisfirePolicy, Schedule};
 pub use raw::{KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
 
 /// The built-in handlers that run inside the `worker` subcommand, plus `command`.
-pub const HANDLERS: &[&str] = &["command", "ingest", "maintenance", "ping"];
+pub const HANDLERS: &[&str] = &[
+    "backtest",
+    "command",
+    "drift",
+    "ingest",
+    "maintenance",
+    "ping",
+    "predict",
+    "train",
+];
 
 /// One problem in a config file, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]

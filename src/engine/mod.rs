@@ -264,6 +264,18 @@ struct Running {
     attempt_started_at: Instant,
     stop: watch::Sender<Option<StopReason>>,
     stopping: Option<(StopReason, String)>,
+    /// Runs this attempt's result asked for (`request_runs`), queued if it succeeds.
+    requests: Vec<RunRequest>,
+}
+
+/// A run a handler's result asks the engine to queue: `{"task", "trigger", "reason"}`.
+/// The handler never calls the engine; it says what it wants and the engine decides.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RunRequest {
+    task: String,
+    trigger: String,
+    reason: String,
 }
 
 #[derive(Debug, Clone)]
@@ -928,6 +940,7 @@ impl Engine {
                 attempt_started_at: now,
                 stop: stop_tx,
                 stopping: None,
+                requests: Vec::new(),
             },
         );
         tokio::spawn(runner::run_attempt(
@@ -1001,6 +1014,20 @@ impl Engine {
                     let path = self.checkpoint_path(envelope.run);
                     if let Err(err) = write_atomically(&path, data.to_string().as_bytes()) {
                         warn!(run = %envelope.run, "cannot write checkpoint file {}: {err}", path.display());
+                    }
+                }
+                RunnerEvent::Report(Msg::Result { data }) => {
+                    if let Some(requests) = data.get("request_runs") {
+                        match serde_json::from_value::<Vec<RunRequest>>(requests.clone()) {
+                            Ok(requests) => {
+                                if let Some(running) = self.running.get_mut(&envelope.run) {
+                                    running.requests = requests;
+                                }
+                            }
+                            Err(err) => {
+                                warn!(run = %envelope.run, "ignoring malformed request_runs in the result: {err}")
+                            }
+                        }
                     }
                 }
                 RunnerEvent::Finished { outcome, elapsed } => {
@@ -1121,6 +1148,14 @@ impl Engine {
                 terminal => {
                     let duration = (now - finish.running.first_started_at).to_std().ok();
                     self.note_finished(&finish.running.task, finish.run, terminal, duration, now);
+                    if terminal == RunState::Succeeded {
+                        self.queue_requested_runs(
+                            finish.run,
+                            finish.running.cascade,
+                            &finish.running.requests,
+                            now,
+                        );
+                    }
                     if let Some(root) = finish.running.cascade {
                         self.continue_cascade(root, now);
                     }
@@ -1229,6 +1264,55 @@ impl Engine {
             to,
             change,
         })
+    }
+
+    /// Queues the runs a succeeded run's result asked for, in the requesting run's cascade
+    /// (so `run … --downstream` waits for them too). Only known tasks and the `drift`
+    /// trigger are accepted; anything else is logged and refused.
+    fn queue_requested_runs(
+        &mut self,
+        by: RunId,
+        cascade: Option<RunId>,
+        requests: &[RunRequest],
+        now: Instant,
+    ) {
+        for request in requests {
+            let log = |message: &str| warn!(run = %by, task = %request.task, "{message}");
+            if Trigger::parse(&request.trigger) != Some(Trigger::Drift) {
+                log("refused a requested run: only the \"drift\" trigger may be requested");
+                continue;
+            }
+            let Some(spec) = self
+                .config
+                .tasks
+                .get(&TaskName::from(request.task.as_str()))
+            else {
+                log("refused a requested run: no such task");
+                continue;
+            };
+            let new_run = NewRun {
+                task: spec.name.clone(),
+                trigger: Trigger::Drift,
+                scheduled_for: now,
+                max_attempts: spec.max_attempts(),
+                force: false,
+                downstream: false,
+                cascade,
+            };
+            match self.store.enqueue(&new_run, now) {
+                Ok(id) => {
+                    info!(run = %id, task = %spec.name, requested_by = %by, "queued a requested run: {}", request.reason);
+                    self.logs.task(spec.name.as_str()).line(
+                        id,
+                        Attempt(1),
+                        Level::Info,
+                        &format!("queued at the request of run {by}: {}", request.reason),
+                    );
+                    self.admit(Pending::new_run(id, &new_run), now);
+                }
+                Err(err) => warn!(task = %spec.name, "cannot queue a requested run: {err}"),
+            }
+        }
     }
 
     /// After a run of a `--downstream` cascade ends, queues every task of the cascade whose

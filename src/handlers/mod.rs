@@ -127,6 +127,10 @@ pub fn run(name: &str, ctx: &TaskContext) -> Result<serde_json::Value, HandlerEr
     match name {
         "ping" => ping::run(ctx),
         "ingest" => crate::pipeline::ingest::run(ctx),
+        "train" => crate::pipeline::train::run(ctx),
+        "predict" => crate::pipeline::predict::run(ctx),
+        "backtest" => crate::pipeline::backtest::run(ctx),
+        "drift" => crate::pipeline::drift::run(ctx),
         other => Err(HandlerError::Fatal(format!(
             "unknown built-in handler \"{other}\""
         ))),

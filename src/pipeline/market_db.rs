@@ -6,6 +6,8 @@ use std::path::Path;
 
 use rusqlite::Connection;
 
+use super::features::Bar;
+
 /// Schema migrations; entry `n` takes the database from version `n` to `n + 1`. Never
 /// edit one that has shipped: add the next.
 const MIGRATIONS: &[&str] = &[
@@ -45,6 +47,89 @@ const MIGRATIONS: &[&str] = &[
         rejected_at TEXT NOT NULL
     );
     CREATE INDEX rejects_file ON rejects(file, line);",
+    // 2: features, the model registry, SHAP logs, training baselines, predictions.
+    "CREATE TABLE features (
+        symbol  TEXT NOT NULL,
+        ts      TEXT NOT NULL,
+        horizon INTEGER NOT NULL,
+        vals    TEXT NOT NULL,            -- JSON array, in the order of `features`' names
+        label   INTEGER,                  -- 1 up, 0 not, NULL while the horizon is ahead
+        run_id  INTEGER,
+        PRIMARY KEY (symbol, ts, horizon)
+    ) WITHOUT ROWID;
+    CREATE TABLE models (
+        id          INTEGER PRIMARY KEY,
+        run_id      INTEGER,
+        kind        TEXT NOT NULL,        -- gbdt | logistic
+        created_at  TEXT NOT NULL,
+        artifact    TEXT NOT NULL,        -- file path
+        sha256      TEXT NOT NULL,        -- of the artifact's bytes
+        features    TEXT NOT NULL,        -- JSON array of names, in column order
+        horizon     INTEGER NOT NULL,
+        train_from  TEXT NOT NULL,
+        train_to    TEXT NOT NULL,
+        valid_from  TEXT NOT NULL,
+        valid_to    TEXT NOT NULL,
+        params      TEXT NOT NULL,        -- JSON
+        metrics     TEXT NOT NULL,        -- JSON: auc, accuracy, log_loss, brier, rows
+        is_current  INTEGER NOT NULL DEFAULT 0
+    );
+    CREATE UNIQUE INDEX models_one_current ON models(is_current) WHERE is_current = 1;
+    CREATE TABLE shap_logs (
+        id             INTEGER PRIMARY KEY,
+        model_id       INTEGER NOT NULL REFERENCES models(id),
+        run_id         INTEGER,
+        created_at     TEXT NOT NULL,
+        rows_explained INTEGER NOT NULL,
+        expected_value REAL NOT NULL,
+        top_features   TEXT NOT NULL,     -- JSON array of the 10 names with the largest mean |SHAP|
+        importances    TEXT NOT NULL,     -- JSON array of {feature, mean_abs_shap}, the top 20
+        path           TEXT NOT NULL
+    );
+    CREATE TABLE baselines (
+        run_id  INTEGER NOT NULL,         -- the training run; models(run_id) points here
+        feature TEXT NOT NULL,
+        n       INTEGER NOT NULL,
+        mean    REAL NOT NULL,
+        std     REAL NOT NULL,
+        sample  BLOB NOT NULL,            -- every training value, little-endian f64, sorted
+        PRIMARY KEY (run_id, feature)
+    );
+    CREATE TABLE predictions (
+        id         INTEGER PRIMARY KEY,
+        run_id     INTEGER,
+        model_id   INTEGER NOT NULL REFERENCES models(id),
+        symbol     TEXT NOT NULL,
+        ts         TEXT NOT NULL,         -- the bar the prediction is made on
+        prob_up    REAL NOT NULL,
+        signal     TEXT NOT NULL,         -- long | flat
+        threshold  REAL NOT NULL,
+        created_at TEXT NOT NULL,
+        UNIQUE (model_id, symbol, ts)
+    );
+    CREATE TABLE backtests (
+        id         INTEGER PRIMARY KEY,
+        run_id     INTEGER,
+        created_at TEXT NOT NULL,
+        plan       TEXT NOT NULL,         -- JSON: window, train/step days, model, threshold, costs
+        date_from  TEXT,
+        date_to    TEXT,
+        metrics    TEXT NOT NULL,         -- JSON: portfolio and per symbol, strategy and benchmark
+        report     TEXT NOT NULL          -- the report folder
+    );
+    CREATE TABLE drift_log (
+        id               INTEGER PRIMARY KEY,
+        run_id           INTEGER,
+        model_id         INTEGER NOT NULL,
+        created_at       TEXT NOT NULL,
+        window_from      TEXT NOT NULL,
+        window_to        TEXT NOT NULL,
+        features         TEXT NOT NULL,   -- JSON: per feature PSI, KL, KS D and p, level, drifted
+        drifted_share    REAL NOT NULL,
+        retrain_required INTEGER NOT NULL,
+        verdict          TEXT NOT NULL,
+        report           TEXT NOT NULL
+    );",
 ];
 
 /// The schema version this build writes.
@@ -82,6 +167,44 @@ pub fn open(path: &Path) -> Result<Connection, String> {
         tx.commit().map_err(fail)?;
     }
     Ok(connection)
+}
+
+/// Every symbol with bars, in order.
+pub fn symbols(connection: &Connection) -> rusqlite::Result<Vec<String>> {
+    let mut statement = connection.prepare("SELECT DISTINCT symbol FROM bars ORDER BY symbol")?;
+    let rows = statement.query_map([], |row| row.get(0))?;
+    rows.collect()
+}
+
+/// The bars of `symbol`, oldest first.
+pub fn bars(connection: &Connection, symbol: &str) -> rusqlite::Result<Vec<Bar>> {
+    let mut statement = connection.prepare_cached(
+        "SELECT ts, open, high, low, close, volume FROM bars WHERE symbol = ?1 ORDER BY ts",
+    )?;
+    let rows = statement.query_map([symbol], |row| {
+        Ok(Bar {
+            ts: row.get(0)?,
+            open: row.get(1)?,
+            high: row.get(2)?,
+            low: row.get(3)?,
+            close: row.get(4)?,
+            volume: row.get(5)?,
+        })
+    })?;
+    rows.collect()
+}
+
+/// f64 values as little-endian bytes (a baseline sample).
+pub fn to_blob(values: &[f64]) -> Vec<u8> {
+    values.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+/// The inverse of [`to_blob`].
+pub fn from_blob(bytes: &[u8]) -> Vec<f64> {
+    bytes
+        .chunks_exact(8)
+        .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
+        .collect()
 }
 
 #[cfg(test)]

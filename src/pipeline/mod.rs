@@ -4,14 +4,20 @@
 //! checkpoint, progress. The pipeline keeps its own SQLite file, the market database
 //! ([`market_db`]), separate from the scheduler's run history.
 //!
-//! Today: [`ingest`] (task 1). Features, training with TreeSHAP, and predictions follow.
+//! Tasks: [`ingest`] (1), [`train`] (2), [`predict`] (3), [`backtest`] (4), [`drift`] (5);
+//! [`features`] and [`model`] are shared by them.
 //!
 //! Invariant: nothing here knows the engine, the store, the runner or the config; a
 //! handler fails as `Retryable` or `Fatal` and the runner decides what happens next.
 
+pub mod backtest;
+pub mod drift;
 pub mod features;
 pub mod ingest;
 pub mod market_db;
+pub mod model;
+pub mod predict;
+pub mod train;
 
 use crate::handlers::{HandlerError, TaskContext};
 

@@ -10,7 +10,7 @@ fn validate_prints_every_error_with_file_line_and_column_and_exits_1() {
     let output = sandbox.cli(&["validate"]);
     assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
     let text = stderr(&output);
-    assert!(text.contains("config/scheduler.toml:2:11: tasks.training.handler: unknown handler \"trian\" for task training (known handlers: command, ingest, maintenance, ping)"), "{text}");
+    assert!(text.contains("config/scheduler.toml:2:11: tasks.training.handler: unknown handler \"trian\" for task training (did you mean \"train\"?)"), "{text}");
     assert!(text.contains("config/scheduler.toml:3:11: tasks.training.timeout: expected a duration such as \"90m\", found \"2 hourz\""), "{text}");
     assert!(text.contains("config/scheduler.toml:6:15: tasks.predictions.depends_on: unknown task \"traning\" (did you mean \"training\"?)"), "{text}");
     assert!(text.contains("3 error(s)"), "{text}");

@@ -8,6 +8,7 @@ mod browser;
 mod cli;
 mod docs;
 mod maintenance;
+mod market;
 mod pipeline;
 mod recovery;
 mod scheduling;
