@@ -266,6 +266,29 @@ struct Running {
     stopping: Option<(StopReason, String)>,
     /// Runs this attempt's result asked for (`request_runs`), queued if it succeeds.
     requests: Vec<RunRequest>,
+    /// An event this attempt's result asked to publish (`event`), recorded if it succeeds.
+    announce: Option<ResultEvent>,
+}
+
+/// An event a handler's result asks the engine to publish: `{"kind", "message"}`, e.g.
+/// the drift task's verdict. Kinds are lower-case words joined by `_`; the `run_` kinds
+/// are the engine's own.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResultEvent {
+    kind: String,
+    message: String,
+}
+
+impl ResultEvent {
+    fn is_allowed(&self) -> bool {
+        !self.kind.starts_with("run_")
+            && (1..=40).contains(&self.kind.len())
+            && self
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+    }
 }
 
 /// A run a handler's result asks the engine to queue: `{"task", "trigger", "reason"}`.
@@ -941,6 +964,7 @@ impl Engine {
                 stop: stop_tx,
                 stopping: None,
                 requests: Vec::new(),
+                announce: None,
             },
         );
         tokio::spawn(runner::run_attempt(
@@ -1017,6 +1041,21 @@ impl Engine {
                     }
                 }
                 RunnerEvent::Report(Msg::Result { data }) => {
+                    if let Some(event) = data.get("event") {
+                        match serde_json::from_value::<ResultEvent>(event.clone()) {
+                            Ok(event) if event.is_allowed() => {
+                                if let Some(running) = self.running.get_mut(&envelope.run) {
+                                    running.announce = Some(event);
+                                }
+                            }
+                            Ok(event) => {
+                                warn!(run = %envelope.run, kind = %event.kind, "ignoring a result event: kinds are lower-case words joined by _, not run_*")
+                            }
+                            Err(err) => {
+                                warn!(run = %envelope.run, "ignoring a malformed event in the result: {err}")
+                            }
+                        }
+                    }
                     if let Some(requests) = data.get("request_runs") {
                         match serde_json::from_value::<Vec<RunRequest>>(requests.clone()) {
                             Ok(requests) => {
@@ -1149,6 +1188,15 @@ impl Engine {
                     let duration = (now - finish.running.first_started_at).to_std().ok();
                     self.note_finished(&finish.running.task, finish.run, terminal, duration, now);
                     if terminal == RunState::Succeeded {
+                        if let Some(event) = &finish.running.announce {
+                            self.log_event(
+                                &event.kind,
+                                Some(finish.running.task.as_str()),
+                                Some(finish.run),
+                                &event.message,
+                                now,
+                            );
+                        }
                         self.queue_requested_runs(
                             finish.run,
                             finish.running.cascade,

@@ -361,6 +361,10 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         )
         .map_err(db)?;
     let mut result = report;
+    result["event"] = json!({
+        "kind": if retrain_required { "drift_detected" } else { "drift_checked" },
+        "message": verdict,
+    });
     result["report_dir"] = json!(folder);
     result["chart"] = json!(chart);
     if retrain_required && on_drift == "trigger_training" {

@@ -91,6 +91,14 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
         "queued at the request of run {}",
         runs["drift"][0]["id"]
     )));
+    // The verdict is published as an event of the drift run, after its success.
+    let drift_run = turbosched::model::RunId(runs["drift"][0]["id"].as_i64().unwrap());
+    let kinds = sandbox.event_kinds(drift_run);
+    let at = |kind: &str| kinds.iter().position(|k| k == kind);
+    assert!(
+        at("run_succeeded") < at("drift_detected") && at("drift_detected").is_some(),
+        "{kinds:?}"
+    );
 
     let db = market(&sandbox);
     assert_eq!(one::<i64>(&db, "SELECT COUNT(*) FROM bars"), 10_062);
@@ -315,7 +323,29 @@ fn predictions_refuse_without_a_model_with_an_old_model_and_with_a_changed_artif
         "{error}"
     );
 
+    // A symbol too young for features (fewer than 50 bars) fails the run by name.
     std::fs::write(&config_path, &config).unwrap();
+    let young = sandbox.path().join("samples/market/YOUNG.csv");
+    let mut csv = String::from("Date,Open,High,Low,Close,Adj Close,Volume\n");
+    for day in 1..=20 {
+        csv.push_str(&format!("2018-12-{day:02},10,11,9,10.5,10.5,1000\n"));
+    }
+    std::fs::write(&young, csv).unwrap();
+    assert_eq!(sandbox.cli_json(&["run", "ingestion", "--json"]).0, 0);
+    let (code, value) = sandbox.cli_json(&["run", "predictions", "--json"]);
+    assert_ne!(code, 0);
+    let error = value["runs"][0]["error"].as_str().unwrap().to_string();
+    assert!(
+        error.contains(
+            "YOUNG: no features for its latest bar 2018-12-20 (20 bars; features need 50)"
+        ),
+        "{error}"
+    );
+    std::fs::remove_file(&young).unwrap();
+    market(&sandbox)
+        .execute("DELETE FROM bars WHERE symbol = 'YOUNG'", [])
+        .unwrap();
+
     let db = market(&sandbox);
     let artifact: String = one(&db, "SELECT artifact FROM models WHERE is_current = 1");
     let path = sandbox.path().join(artifact);

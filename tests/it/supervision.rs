@@ -461,3 +461,76 @@ fn run_wait_hands_the_run_to_the_service_and_reports_its_end() {
     );
     drop(service);
 }
+
+#[test]
+fn a_result_may_ask_for_runs_and_an_event_which_the_engine_grants_only_on_success() {
+    let request = r#"{"request_runs":[{"task":"target","trigger":"drift","reason":"features moved"}],"event":{"kind":"drift_detected","message":"3 of 18 drifted"}}"#;
+    let refused = r#"{"request_runs":[{"task":"nope","trigger":"drift","reason":"x"},{"task":"target","trigger":"manual","reason":"y"}],"event":{"kind":"run_succeeded","message":"forged"}}"#;
+    let sandbox = Sandbox::new(&format!(
+        r#"
+[tasks.check]
+command = ["/bin/sh", "-c", '''echo '::result::{request}' ''']
+[tasks.failing]
+command = ["/bin/sh", "-c", '''echo '::result::{request}'; exit 2''']
+[tasks.refused]
+command = ["/bin/sh", "-c", '''echo '::result::{refused}' ''']
+[tasks.target]
+command = ["true"]
+"#
+    ));
+    let _service = sandbox.serve();
+    let targets = |n: usize| {
+        wait_until(
+            &format!("{n} target run(s) succeeded"),
+            Duration::from_secs(20),
+            || {
+                let runs = sandbox.runs_of("target");
+                (runs.len() == n && runs.iter().all(|r| r.state == RunState::Succeeded))
+                    .then_some(runs)
+            },
+        )
+    };
+
+    assert_eq!(
+        sandbox.cli(&["run", "check", "--wait"]).status.code(),
+        Some(0)
+    );
+    let runs = targets(1);
+    assert_eq!(runs[0].trigger, turbosched::model::Trigger::Drift);
+    let check = sandbox.runs_of("check")[0].id;
+    assert!(sandbox.log("target").contains(&format!(
+        "queued at the request of run {check}: features moved"
+    )));
+    assert!(sandbox
+        .event_kinds(check)
+        .contains(&"drift_detected".to_string()));
+
+    // A failed run's requests and event are dropped; unknown tasks, other triggers and
+    // the engine's own event kinds are refused.
+    assert_ne!(
+        sandbox.cli(&["run", "failing", "--wait"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(
+        sandbox.cli(&["run", "refused", "--wait"]).status.code(),
+        Some(0)
+    );
+    // A second granted request: once it is there, the earlier finishes were all handled.
+    assert_eq!(
+        sandbox.cli(&["run", "check", "--wait"]).status.code(),
+        Some(0)
+    );
+    assert_eq!(targets(2).len(), 2);
+    assert_eq!(sandbox.runs_of("nope").len(), 0);
+    let failing = sandbox.runs_of("failing")[0].id;
+    assert!(!sandbox
+        .event_kinds(failing)
+        .contains(&"drift_detected".to_string()));
+    let refused = sandbox.runs_of("refused")[0].id;
+    let kinds = sandbox.event_kinds(refused);
+    assert_eq!(
+        kinds.iter().filter(|k| *k == "run_succeeded").count(),
+        1,
+        "{kinds:?}"
+    );
+}
