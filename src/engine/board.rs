@@ -3,8 +3,8 @@
 //! The engine rebuilds a [`Snapshot`] when something changed (at most every 50 ms, and on
 //! every heartbeat) and swaps it in; readers clone an `Arc` and never touch the engine or
 //! scan the run history. Success rates and durations come from the last
-//! [`RECENT_RUNS`] finished runs per task, kept in memory and seeded from the store at
-//! start-up.
+//! [`RECENT_RUNS`] finished runs per task that were not skipped ([`History`]), kept in
+//! memory and seeded from the store at start-up.
 
 use std::collections::VecDeque;
 use std::sync::{Arc, RwLock};
@@ -132,38 +132,78 @@ pub struct Stats {
 }
 
 impl Stats {
-    /// Statistics of `recent` (oldest first).
-    pub fn of(recent: &VecDeque<FinishedRun>) -> Stats {
-        let counted: Vec<&FinishedRun> = recent
-            .iter()
-            .filter(|r| r.state != RunState::Skipped)
-            .collect();
-        if counted.is_empty() {
+    /// Statistics of a task's [`History`].
+    pub fn of(history: &History) -> Stats {
+        let counted = history.outcomes.len();
+        if counted == 0 {
             return Stats::default();
         }
-        let succeeded = counted
+        let mut durations: Vec<u64> = history
+            .outcomes
             .iter()
-            .filter(|r| r.state == RunState::Succeeded)
-            .count();
-        let mut durations: Vec<Duration> = counted
-            .iter()
-            .filter(|r| r.state == RunState::Succeeded)
-            .filter_map(|r| r.duration)
+            .filter(|o| *o & SUCCEEDED != 0 && *o & !SUCCEEDED != NO_DURATION)
+            .map(|o| o & !SUCCEEDED)
             .collect();
-        durations.sort();
+        let succeeded = history
+            .outcomes
+            .iter()
+            .filter(|o| *o & SUCCEEDED != 0)
+            .count();
+        durations.sort_unstable();
         let percentile = |q: f64| -> Option<Duration> {
-            if durations.is_empty() {
-                return None;
-            }
             let index = ((durations.len() as f64 - 1.0) * q).round() as usize;
-            durations.get(index).copied()
+            durations.get(index).map(|us| Duration::from_micros(*us))
         };
         Stats {
-            runs: counted.len(),
-            success_rate: Some(succeeded as f64 / counted.len() as f64),
+            runs: counted,
+            success_rate: Some(succeeded as f64 / counted as f64),
             p50: percentile(0.50),
             p95: percentile(0.95),
         }
+    }
+}
+
+/// Top bit of an outcome: the run succeeded. The rest: its duration in µs.
+const SUCCEEDED: u64 = 1 << 63;
+/// The duration bits of a run without a duration.
+const NO_DURATION: u64 = SUCCEEDED - 1;
+
+/// One task's recent history, compact: the last finished run in full, and for the
+/// statistics one `u64` per run of the last [`RECENT_RUNS`] that were not skipped
+/// (succeeded or not, duration in µs). A thousand tasks keep under 1 MiB.
+#[derive(Debug, Clone, Default)]
+pub struct History {
+    last: Option<FinishedRun>,
+    outcomes: VecDeque<u64>,
+}
+
+impl History {
+    /// Records a finished run (oldest first).
+    pub fn push(&mut self, run: FinishedRun) {
+        self.last = Some(run);
+        if run.state == RunState::Skipped {
+            return;
+        }
+        if self.outcomes.capacity() == 0 {
+            self.outcomes.reserve_exact(RECENT_RUNS);
+        }
+        if self.outcomes.len() == RECENT_RUNS {
+            self.outcomes.pop_front();
+        }
+        let micros = run
+            .duration
+            .map_or(NO_DURATION, |d| (d.as_micros() as u64).min(NO_DURATION - 1));
+        let succeeded = if run.state == RunState::Succeeded {
+            SUCCEEDED
+        } else {
+            0
+        };
+        self.outcomes.push_back(succeeded | micros);
+    }
+
+    /// The last finished run, skipped or not.
+    pub fn last(&self) -> Option<FinishedRun> {
+        self.last
     }
 }
 
@@ -182,16 +222,41 @@ mod tests {
 
     #[test]
     fn stats_count_successes_and_percentiles_of_successful_durations() {
-        let mut recent: VecDeque<FinishedRun> = (1..=19)
-            .map(|n| finished(RunState::Succeeded, n * 10))
-            .collect();
-        recent.push_back(finished(RunState::Failed, 5_000));
-        recent.push_back(finished(RunState::Skipped, 0));
-        let stats = Stats::of(&recent);
+        let mut history = History::default();
+        for n in 1..=19 {
+            history.push(finished(RunState::Succeeded, n * 10));
+        }
+        history.push(finished(RunState::Failed, 5_000));
+        history.push(finished(RunState::Skipped, 0));
+        let stats = Stats::of(&history);
         assert_eq!(stats.runs, 20, "skipped runs are not counted");
         assert_eq!(stats.success_rate, Some(0.95));
         assert_eq!(stats.p50, Some(Duration::from_millis(100)));
         assert_eq!(stats.p95, Some(Duration::from_millis(180)));
-        assert_eq!(Stats::of(&VecDeque::new()).success_rate, None);
+        assert_eq!(history.last().map(|r| r.state), Some(RunState::Skipped));
+        assert_eq!(Stats::of(&History::default()).success_rate, None);
+    }
+
+    #[test]
+    fn history_keeps_the_last_hundred_counted_runs_with_microsecond_durations() {
+        let mut history = History::default();
+        for n in 0..250u64 {
+            let mut run = finished(RunState::Succeeded, 0);
+            run.duration = Some(Duration::from_micros(1_000 + n));
+            history.push(run);
+        }
+        let stats = Stats::of(&history);
+        assert_eq!(stats.runs, RECENT_RUNS);
+        // The last 100 durations are 1150 … 1249 µs: the median (index 49.5 → 50) is 1200.
+        assert_eq!(stats.p50, Some(Duration::from_micros(1_200)));
+        let mut unknown = finished(RunState::Succeeded, 0);
+        unknown.duration = None;
+        let mut only_unknown = History::default();
+        only_unknown.push(unknown);
+        let stats = Stats::of(&only_unknown);
+        assert_eq!(
+            (stats.runs, stats.success_rate, stats.p50),
+            (1, Some(1.0), None)
+        );
     }
 }

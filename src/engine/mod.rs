@@ -24,7 +24,9 @@ mod board;
 mod metrics;
 mod recovery;
 
-pub use board::{Board, FinishedRun, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS};
+pub use board::{
+    Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
+};
 pub use metrics::Metrics;
 
 use recovery::schedule_key;
@@ -391,8 +393,8 @@ pub struct Engine {
     api_address: Option<String>,
     started_at: Instant,
     paused: std::collections::HashSet<String>,
-    /// Task → its recent finished runs, oldest first (at most `board::RECENT_RUNS`).
-    recent: HashMap<TaskName, VecDeque<FinishedRun>>,
+    /// Task → its recent finished runs (`board::History`, compact).
+    recent: HashMap<TaskName, History>,
     /// Task → `Stats::of` its recent runs, recomputed only when one of them finishes.
     stats: HashMap<TaskName, Stats>,
     /// Something the board shows changed since the last publication.
@@ -1627,15 +1629,12 @@ impl Engine {
                 .observe(duration.as_secs_f64());
         }
         let recent = self.recent.entry(task.clone()).or_default();
-        recent.push_back(FinishedRun {
+        recent.push(FinishedRun {
             run,
             state,
             finished_at: now,
             duration,
         });
-        while recent.len() > board::RECENT_RUNS {
-            recent.pop_front();
-        }
         let stats = Stats::of(recent);
         self.stats.insert(task.clone(), stats);
         self.dirty = true;
@@ -1674,7 +1673,7 @@ impl Engine {
                         })
                         .into_iter()
                         .collect(),
-                    last: recent.and_then(|r| r.back().copied()),
+                    last: recent.and_then(History::last),
                     stats: self.stats.get(&spec.name).copied().unwrap_or_default(),
                 }
             })
@@ -1713,7 +1712,8 @@ impl Engine {
             let Ok(rows) = self.store.runs(&filter) else {
                 continue;
             };
-            let recent: VecDeque<FinishedRun> = rows
+            let mut recent = History::default();
+            for finished in rows
                 .iter()
                 .rev()
                 .filter(|row| row.state.is_terminal())
@@ -1726,7 +1726,9 @@ impl Engine {
                         .zip(row.finished_at)
                         .and_then(|(start, end)| (end - start).to_std().ok()),
                 })
-                .collect();
+            {
+                recent.push(finished);
+            }
             self.stats.insert(name.clone(), Stats::of(&recent));
             self.recent.insert(name.clone(), recent);
         }

@@ -259,7 +259,14 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
                     model.id
                 ))
             })?;
-        baselines.push(market_db::from_blob(&blob));
+        let sample = market_db::from_blob(&blob);
+        if sample.is_empty() {
+            return Err(HandlerError::Fatal(format!(
+                "the training baseline of {name} for model {} (run {baseline_run}) is empty",
+                model.id
+            )));
+        }
+        baselines.push(sample);
     }
 
     // Current: the features of every symbol over the last `window_days` dates.
