@@ -75,6 +75,16 @@ impl TaskLogs {
         }
     }
 
+    /// Opens the logs of `tasks` now. `file-rotate` scans the log folder when it opens a
+    /// file (one `stat` per entry), so opening a thousand task logs costs a million
+    /// `stat`s: the engine pays that once at start-up, before it fires anything, instead
+    /// of in the first burst of runs.
+    pub fn open_all<'a>(&self, tasks: impl IntoIterator<Item = &'a str>) {
+        for task in tasks {
+            self.task(task).file.open();
+        }
+    }
+
     /// The log of `task`.
     pub fn task(&self, task: &str) -> TaskLog {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -127,16 +137,21 @@ impl RotatingFile {
         }
     }
 
-    /// Writes `line` (one whole line, newline included) in one call.
-    pub fn write_line(&self, line: &[u8]) {
+    /// Opens the file now rather than at the first write (see [`TaskLogs::open_all`]).
+    pub fn open(&self) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        self.ensure_open(&mut guard);
+    }
+
+    /// Opens the file into `guard` unless it is open; `false` if it cannot be opened.
+    fn ensure_open(&self, guard: &mut Option<FileRotate<AppendCount>>) -> bool {
         if guard.is_none() {
             // file-rotate panics when it cannot create the folder: create it first, and
             // keep any panic of the crate from reaching a runner or the engine.
             if let Some(parent) = self.path.parent() {
                 if let Err(err) = std::fs::create_dir_all(parent) {
                     tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
-                    return;
+                    return false;
                 }
             }
             let opened = catch_unwind(|| {
@@ -152,9 +167,18 @@ impl RotatingFile {
                 Ok(file) => *guard = Some(file),
                 Err(_) => {
                     tracing::warn!(path = %self.path.display(), "cannot open log file");
-                    return;
+                    return false;
                 }
             }
+        }
+        true
+    }
+
+    /// Writes `line` (one whole line, newline included) in one call.
+    pub fn write_line(&self, line: &[u8]) {
+        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.ensure_open(&mut guard) {
+            return;
         }
         let Some(file) = guard.as_mut() else { return };
         let written = catch_unwind(AssertUnwindSafe(|| {

@@ -127,7 +127,7 @@ pub struct SchedulerSettings {
 }
 
 /// `[logging]`: rotation of the log files and where archives go.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LoggingSettings {
     /// A log file is rotated once it has grown past this many bytes (never inside a line).
     pub max_size: u64,

@@ -489,6 +489,10 @@ impl Engine {
 
     /// Runs the loop until shutdown (serve) or until its runs are done (foreground).
     pub async fn run(mut self) -> Result<(), EngineError> {
+        if self.mode == Mode::Serve {
+            let (logs, config) = (self.logs.clone(), self.config.clone());
+            blocking(|| logs.open_all(config.tasks.keys().map(|t| t.as_str())));
+        }
         let now = self.clock.now();
         let pid = std::process::id();
         let host = hostname();
@@ -1543,7 +1547,11 @@ impl Engine {
                 for name in removed {
                     self.next_fire.remove(&name);
                 }
-                self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
+                if new.scheduler.log_dir != self.config.scheduler.log_dir
+                    || new.logging != self.config.logging
+                {
+                    self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
+                }
                 let hash = new.hash.clone();
                 self.config = new;
                 self.dirty = true;

@@ -2,7 +2,7 @@
 
 use rusqlite::{params, Transaction};
 
-use super::{append_event, insert_run, transition_in, Change, NewRun, StoreError};
+use super::{append_event, cached_execute, insert_run, transition_in, Change, NewRun, StoreError};
 use crate::model::{to_micros, Attempt, Instant, RunId, RunState, TaskName};
 
 /// The writes of one `BEGIN IMMEDIATE` transaction, handed out by [`super::Store::batch`].
@@ -36,7 +36,7 @@ impl Batch<'_> {
             }
             other => StoreError::Sql(other),
         })?;
-        self.tx.execute(
+        cached_execute(self.tx,
             "INSERT INTO task_state(task, last_fire_at, next_fire_at) VALUES (?1, ?2, ?3)
              ON CONFLICT(task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
             params![run.task.as_str(), to_micros(run.scheduled_for), next_fire_at.map(to_micros)],
@@ -79,7 +79,8 @@ impl Batch<'_> {
         phase: Option<&str>,
         now: Instant,
     ) -> Result<bool, StoreError> {
-        let changed = self.tx.execute(
+        let changed = cached_execute(
+            self.tx,
             "UPDATE runs SET progress = ?3, phase = COALESCE(?4, phase), heartbeat_at = ?5
              WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
             params![run.0, attempt.0, percent, phase, to_micros(now)],
@@ -109,7 +110,8 @@ impl Batch<'_> {
         attempt: Attempt,
         checkpoint: &str,
     ) -> Result<bool, StoreError> {
-        Ok(self.tx.execute(
+        Ok(cached_execute(
+            self.tx,
             "UPDATE runs SET checkpoint = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
             params![run.0, attempt.0, checkpoint],
         )? > 0)
@@ -122,7 +124,8 @@ impl Batch<'_> {
         attempt: Attempt,
         result: &str,
     ) -> Result<bool, StoreError> {
-        Ok(self.tx.execute(
+        Ok(cached_execute(
+            self.tx,
             "UPDATE runs SET result = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
             params![run.0, attempt.0, result],
         )? > 0)
@@ -136,11 +139,13 @@ impl Batch<'_> {
         pid: u32,
         spawned_at: Instant,
     ) -> Result<bool, StoreError> {
-        self.tx.execute(
+        cached_execute(
+            self.tx,
             "UPDATE attempts SET pid = ?3, spawned_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
             params![run.0, attempt.0, pid, to_micros(spawned_at)],
         )?;
-        Ok(self.tx.execute(
+        Ok(cached_execute(
+            self.tx,
             "UPDATE runs SET pid = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
             params![run.0, attempt.0, pid],
         )? > 0)
@@ -153,7 +158,7 @@ impl Batch<'_> {
         next: Option<Instant>,
         schedule: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.tx.execute(
+        cached_execute(self.tx,
             "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
              ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
             params![task.as_str(), next.map(to_micros), schedule],
