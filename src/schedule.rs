@@ -22,6 +22,8 @@
 //! assert_eq!(daily.next_after(friday_noon).unwrap().to_rfc3339(), "2026-11-20T21:30:00+00:00");
 //! ```
 
+use std::collections::HashMap;
+use std::sync::{Arc, LazyLock, Mutex, Weak};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -43,8 +45,22 @@ pub struct ScheduleError {
 #[derive(Debug, Clone)]
 pub struct Schedule {
     expr: String,
-    cron: Cron,
+    cron: Arc<Cron>,
     tz: Tz,
+}
+
+/// Compiled expressions, shared: a `croner::Cron` holds a lookup table per field (about
+/// 2.5 KB), and a thousand tasks on a handful of distinct schedules need only a handful.
+fn compile(parser: &CronParser, expr: &str) -> Result<Arc<Cron>, croner::errors::CronError> {
+    static COMPILED: LazyLock<Mutex<HashMap<String, Weak<Cron>>>> = LazyLock::new(Default::default);
+    let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(cron) = compiled.get(expr).and_then(Weak::upgrade) {
+        return Ok(cron);
+    }
+    let cron = Arc::new(parser.parse(expr)?);
+    compiled.retain(|_, cron| cron.strong_count() > 0);
+    compiled.insert(expr.to_string(), Arc::downgrade(&cron));
+    Ok(cron)
 }
 
 impl Schedule {
@@ -52,7 +68,7 @@ impl Schedule {
     /// `@yearly`/`@annually`) for the zone `tz`.
     pub fn parse(expr: &str, tz: Tz) -> Result<Schedule, ScheduleError> {
         let parser = CronParser::builder().seconds(Seconds::Optional).build();
-        let cron = parser.parse(expr.trim()).map_err(|err| ScheduleError {
+        let cron = compile(&parser, expr.trim()).map_err(|err| ScheduleError {
             expr: expr.to_string(),
             reason: err.to_string().to_lowercase(),
         })?;

@@ -651,6 +651,11 @@ async fn run_log(
     let archive_dir = snapshot.config.logging.archive_dir.clone();
     let name = crate::tasklog::task_log_name(row.task.as_str());
     let marker = format!(" run={run} ");
+    // Where following starts, taken before reading: a line appended while we read is then
+    // read twice rather than never, and the follower drops the repeat (lines carry µs
+    // timestamps, so equal text is the same line).
+    let current = log_dir.join(&name);
+    let start = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
     let lines = {
         let (log_dir, name, marker) = (log_dir.clone(), name.clone(), marker.clone());
         web::block(move || {
@@ -671,10 +676,10 @@ async fn run_log(
             .content_type("text/plain; charset=utf-8")
             .body(text));
     }
-    let current = log_dir.join(&name);
-    let start = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
+    let already: Vec<String> = lines.iter().rev().take(200).cloned().collect();
     let follow = LogFollow {
         first: Some(Bytes::from(text)),
+        already,
         offset: start,
         store: state.store.clone(),
         run,
@@ -770,6 +775,8 @@ async fn events(
 /// (or the service stops).
 struct LogFollow {
     first: Option<Bytes>,
+    /// The last lines already sent, which the first read from `offset` may repeat.
+    already: Vec<String>,
     offset: u64,
     store: Store,
     run: RunId,
@@ -826,8 +833,10 @@ impl LogFollow {
             let text: String = String::from_utf8_lossy(&bytes[..complete])
                 .lines()
                 .filter(|line| line.contains(&self.marker))
+                .filter(|line| !self.already.iter().any(|sent| sent == line))
                 .map(|line| format!("{line}\n"))
                 .collect();
+            self.already.clear();
             if !text.is_empty() || finished {
                 self.done = finished;
                 return Some(Bytes::from(text));
