@@ -288,29 +288,8 @@ pub(crate) fn ingest(rows: usize, files: usize) -> Result<ExitCode> {
 /// Feature speed: `symbols` random-walk series of `days` bars each, features computed per
 /// symbol (as training and prediction do), timed.
 pub(crate) fn features(symbols: usize, days: usize) -> Result<ExitCode> {
-    use turbosched::pipeline::features::{compute, Bar};
-    let start = chrono::NaiveDate::from_ymd_opt(2000, 1, 3).context("start date")?;
-    let series: Vec<Vec<Bar>> = (0..symbols)
-        .map(|symbol| {
-            let mut close = 100.0 + symbol as f64;
-            (0..days)
-                .map(|day| {
-                    let step = ((day * 7919 + symbol * 104_729) % 2001) as f64 / 1000.0 - 1.0;
-                    close = (close * (1.0 + step * 0.02)).max(1.0);
-                    Bar {
-                        ts: (start + chrono::Duration::days(day as i64))
-                            .format("%Y-%m-%d")
-                            .to_string(),
-                        open: close,
-                        high: close * 1.01,
-                        low: close * 0.99,
-                        close,
-                        volume: 1e6 + (day % 13) as f64 * 1e4,
-                    }
-                })
-                .collect()
-        })
-        .collect();
+    use turbosched::pipeline::features::compute;
+    let series = random_walk(symbols, days)?;
     let started = std::time::Instant::now();
     let rows: usize = series.iter().map(|bars| compute(bars, 1).len()).sum();
     let seconds = started.elapsed().as_secs_f64();

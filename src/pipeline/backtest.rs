@@ -20,8 +20,7 @@ use serde_json::{json, Value};
 use super::features::{self, Bar, NAMES};
 use super::market_db;
 use super::model::{self, Gbdt, GbdtParams, Logistic, LogisticParams, Model, Table};
-use super::param_str;
-use super::train::write_atomically;
+use super::{nested_params, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Trading days per year.
@@ -403,8 +402,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         threshold: ctx.param_f64("threshold", 0.5)?,
         allow_short: ctx.param_bool("allow_short", false)?,
         cost_bps: ctx.param_f64("cost_bps", 1.0)?,
-        gbdt: nested(ctx, "gbdt")?,
-        logistic: nested(ctx, "logistic")?,
+        gbdt: nested_params(ctx, "gbdt")?,
+        logistic: nested_params(ctx, "logistic")?,
     };
     let connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
     let db = |e: rusqlite::Error| HandlerError::Retryable(format!("market database: {e}"));
@@ -496,17 +495,6 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         "from": report["from"], "to": report["to"], "summary": summary,
         "portfolio": evaluation.metrics["portfolio"],
     }))
-}
-
-fn nested<T: serde::de::DeserializeOwned + Default>(
-    ctx: &TaskContext,
-    name: &str,
-) -> Result<T, HandlerError> {
-    match ctx.params().get(name) {
-        None => Ok(T::default()),
-        Some(value) => serde_json::from_value(value.clone())
-            .map_err(|err| HandlerError::Fatal(format!("params.{name}: {err}"))),
-    }
 }
 
 /// Equity of strategy and buy-and-hold above, the strategy's drawdown below.

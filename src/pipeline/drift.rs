@@ -27,9 +27,8 @@ use serde_json::{json, Value};
 
 use super::features::{self, NAMES};
 use super::market_db;
-use super::param_str;
 use super::predict::current_model;
-use super::train::write_atomically;
+use super::{param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Floor of a bin share before logarithms.

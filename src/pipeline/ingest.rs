@@ -143,10 +143,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         let bytes = std::fs::read(path).map_err(|err| {
             HandlerError::Retryable(format!("cannot read {}: {err}", path.display()))
         })?;
-        let sha256: String = Sha256::digest(&bytes)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
+        let sha256 = super::hex(&Sha256::digest(&bytes));
         let fingerprint = json!({ "name": name, "size": bytes.len(), "sha256": sha256 });
         if done.contains(&fingerprint) {
             resumed += 1;

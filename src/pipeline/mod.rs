@@ -34,3 +34,37 @@ pub(crate) fn param_str<'a>(
         }),
     }
 }
+
+/// A nested params table (`gbdt = {…}`) decoded strictly: an unknown key is an error;
+/// absent, the defaults.
+pub(crate) fn nested_params<T: serde::de::DeserializeOwned + Default>(
+    ctx: &TaskContext,
+    name: &str,
+) -> Result<T, HandlerError> {
+    match ctx.params().get(name) {
+        None => Ok(T::default()),
+        Some(value) => serde_json::from_value(value.clone())
+            .map_err(|err| HandlerError::Fatal(format!("params.{name}: {err}"))),
+    }
+}
+
+/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it into place.
+pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(), HandlerError> {
+    use std::io::Write;
+    let fail = |err: std::io::Error| {
+        HandlerError::Retryable(format!("cannot write {}: {err}", path.display()))
+    };
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(fail)?;
+    }
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
+    file.write_all(bytes).map_err(fail)?;
+    file.sync_all().map_err(fail)?;
+    std::fs::rename(&tmp, path).map_err(fail)
+}
+
+/// Lower-case hex.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}

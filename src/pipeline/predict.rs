@@ -14,8 +14,7 @@ use sha2::{Digest, Sha256};
 use super::features::{self, NAMES};
 use super::market_db;
 use super::model::{self, Model, Table};
-use super::param_str;
-use super::train::hex;
+use super::{hex, param_str};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// A registered model, as the registry row describes it.

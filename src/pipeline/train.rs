@@ -6,7 +6,7 @@
 //! The split is by date, never shuffled: train on the first dates, skip `horizon` dates
 //! (their labels would look into the validation period), validate on the rest.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use chrono::Utc;
 use rand::rngs::StdRng;
@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 use super::features::{self, NAMES};
 use super::market_db;
 use super::model::{self, Gbdt, GbdtParams, Logistic, LogisticParams, Model, Table};
-use super::param_str;
+use super::{hex, nested_params, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Labelled feature rows of every symbol, ordered by date then symbol.
@@ -112,8 +112,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let min_auc = ctx.param_f64("min_auc", 0.5)?;
     let shap_rows = ctx.param_u64("shap_rows", 100)? as usize;
     let seed = ctx.param_u64("seed", 42)?;
-    let gbdt_params: GbdtParams = sub_params(ctx, "gbdt")?;
-    let logistic_params: LogisticParams = sub_params(ctx, "logistic")?;
+    let gbdt_params: GbdtParams = nested_params(ctx, "gbdt")?;
+    let logistic_params: LogisticParams = nested_params(ctx, "logistic")?;
 
     let mut connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
     ctx.progress(5.0, "features");
@@ -390,39 +390,6 @@ pub fn mean_abs_shap(values: &[Vec<f64>]) -> Vec<(&'static str, f64)> {
         .collect();
     out.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(b.0)));
     out
-}
-
-/// A nested params table (`gbdt = {…}`) decoded strictly: an unknown key is an error.
-fn sub_params<T: serde::de::DeserializeOwned + Default>(
-    ctx: &TaskContext,
-    name: &str,
-) -> Result<T, HandlerError> {
-    match ctx.params().get(name) {
-        None => Ok(T::default()),
-        Some(value) => serde_json::from_value(value.clone())
-            .map_err(|err| HandlerError::Fatal(format!("params.{name}: {err}"))),
-    }
-}
-
-/// Writes `bytes` to a temporary file beside `path`, syncs it and renames it into place.
-pub(crate) fn write_atomically(path: &Path, bytes: &[u8]) -> Result<(), HandlerError> {
-    use std::io::Write;
-    let fail = |err: std::io::Error| {
-        HandlerError::Retryable(format!("cannot write {}: {err}", path.display()))
-    };
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent).map_err(fail)?;
-    }
-    let tmp = path.with_extension("tmp");
-    let mut file = std::fs::File::create(&tmp).map_err(fail)?;
-    file.write_all(bytes).map_err(fail)?;
-    file.sync_all().map_err(fail)?;
-    std::fs::rename(&tmp, path).map_err(fail)
-}
-
-/// Lower-case hex.
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]
