@@ -317,14 +317,7 @@ pub fn ingest_file(
                 Ok(bar) => {
                     let stored: Option<(f64, f64, f64, f64, Option<f64>, f64)> = select
                         .query_row(params![bar.symbol, bar.ts], |r| {
-                            Ok((
-                                r.get(0)?,
-                                r.get(1)?,
-                                r.get(2)?,
-                                r.get(3)?,
-                                r.get(4)?,
-                                r.get(5)?,
-                            ))
+                            <(f64, f64, f64, f64, Option<f64>, f64)>::try_from(r)
                         })
                         .optional()
                         .map_err(db)?;

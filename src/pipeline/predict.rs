@@ -52,18 +52,7 @@ pub fn current_model(connection: &Connection) -> Result<Option<Registered>, Stri
             "SELECT id, kind, run_id, created_at, artifact, sha256, horizon, features
              FROM models WHERE is_current = 1",
             [],
-            |r| {
-                Ok((
-                    r.get(0)?,
-                    r.get(1)?,
-                    r.get(2)?,
-                    r.get(3)?,
-                    r.get(4)?,
-                    r.get(5)?,
-                    r.get(6)?,
-                    r.get(7)?,
-                ))
-            },
+            |r| RegistryRow::try_from(r),
         )
         .optional()
         .map_err(|e| format!("market database: {e}"))?;
