@@ -458,3 +458,42 @@ fn a_walk_forward_prediction_never_sees_a_later_bar() {
         .zip(&after)
         .any(|(b, a)| b.ts.as_str() > cut && b.prob_up != a.prob_up));
 }
+
+#[test]
+fn bad_params_fail_the_run_at_once_naming_the_param() {
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.train_bad_model]
+handler = "train"
+retries = 2
+params = { model = "xgboost" }
+[tasks.train_bad_gbdt]
+handler = "train"
+params = { gbdt = { iterations = 10, depth = 3 } }
+[tasks.backtest_bad_window]
+handler = "backtest"
+params = { window = "sliding" }
+[tasks.drift_bad_policy]
+handler = "drift"
+params = { on_drift = "retrain_now" }
+[tasks.predict_bad_age]
+handler = "predict"
+params = { max_model_age = "a week" }
+"#,
+    );
+    for (task, message) in [
+        ("train_bad_model", "params.model: expected \"gbdt\" or \"logistic\", found \"xgboost\""),
+        ("train_bad_gbdt", "params.gbdt: unknown field `depth`"),
+        ("backtest_bad_window", "window must be \"rolling\" or \"expanding\" (found \"sliding\")"),
+        ("drift_bad_policy", "params.on_drift: expected \"none\" or \"trigger_training\", found \"retrain_now\""),
+        ("predict_bad_age", "params.max_model_age: expected a duration like \"7d\", found \"a week\""),
+    ] {
+        let (code, value) = sandbox.cli_json(&["run", task, "--json"]);
+        assert_eq!(code, 1, "{task}: {value}");
+        let run = &value["runs"][0];
+        assert_eq!(run["state"], "failed", "{task}: {run}");
+        assert_eq!(run["attempts"], 1, "{task}: a fatal error is not retried");
+        let error = run["error"].as_str().unwrap_or_default();
+        assert!(error.contains(message), "{task}: {error}");
+    }
+}
