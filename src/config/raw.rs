@@ -107,7 +107,7 @@ struct RawTask {
     schedule: Option<Spanned<String>>,
     timezone: Option<Spanned<String>>,
     handler: Option<Spanned<String>>,
-    params: Option<toml::Table>,
+    params: Option<Spanned<toml::Table>>,
     timeout: Option<Spanned<String>>,
     retries: Option<Spanned<u32>>,
     retry_backoff: Option<RawBackoff>,
@@ -661,8 +661,33 @@ fn resolve_task(
         }
     };
 
-    let params = match pick(&task.params, &defaults.params, task_name, "params").0 {
-        Some(table) => serde_json::to_value(table).unwrap_or(serde_json::Value::Null),
+    let (params_value, params_key) = pick(&task.params, &defaults.params, task_name, "params");
+    if let (Some(table), Some(known)) = (
+        params_value,
+        handler
+            .as_ref()
+            .and_then(|h| super::handler_params(h.name())),
+    ) {
+        for key in table
+            .get_ref()
+            .keys()
+            .filter(|k| !known.contains(&k.as_str()))
+        {
+            let hint = closest(key, known.iter().copied())
+                .map(|near| format!("did you mean \"{near}\"?"))
+                .unwrap_or_else(|| format!("it reads {}", known.join(", ")));
+            report.error(
+                table.span(),
+                &format!("{params_key}.{key}"),
+                format!(
+                    "unknown param for handler \"{}\" ({hint})",
+                    handler.as_ref().map(Handler::name).unwrap_or_default()
+                ),
+            );
+        }
+    }
+    let params = match params_value {
+        Some(table) => serde_json::to_value(table.get_ref()).unwrap_or(serde_json::Value::Null),
         None => serde_json::Value::Object(Default::default()),
     };
 

@@ -349,3 +349,17 @@ fn the_shipped_config_is_valid() {
     let config = load(&path).unwrap_or_else(|e| panic!("{e}"));
     assert!(!config.tasks.is_empty());
 }
+
+#[test]
+fn a_param_the_handler_does_not_read_is_refused_with_a_suggestion() {
+    check_errors(
+        "[tasks.training]\nhandler = \"train\"\nparams = { min_acu = 0.6, model = \"gbdt\" }\n\
+         [tasks.check]\nhandler = \"ping\"\nparams = { colour = \"red\" }\n",
+        &[
+            "3:10: tasks.training.params.min_acu: unknown param for handler \"train\" (did you mean \"min_auc\"?)",
+            "6:10: tasks.check.params.colour: unknown param for handler \"ping\" (it reads fail_times, fatal, progress, sleep_sec)",
+        ],
+    );
+    // External commands get no params checking: their params are not read by turbosched.
+    check_ok("[tasks.x]\ncommand = [\"true\"]\nparams = { anything = 1 }\n");
+}

@@ -1,5 +1,6 @@
 //! The reference cannot fall behind the code: every config key and every subcommand is
-//! documented in README_SCHEDULE.md, and every documented key is accepted.
+//! documented in README_SCHEDULE.md, and every documented key is accepted; the params a
+//! config may give each built-in handler are exactly the ones its code reads.
 
 use std::path::Path;
 
@@ -71,4 +72,52 @@ fn every_subcommand_is_documented() {
             "README_SCHEDULE.md does not document `{command}`"
         );
     }
+}
+
+#[test]
+fn the_params_config_accepts_are_the_params_each_handler_reads() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readers = [
+        "param_str(ctx, \"",
+        "param_f64(\"",
+        "param_u64(\"",
+        "param_bool(\"",
+        "nested_params(ctx, \"",
+        "params().get(\"",
+    ];
+    for (handler, file) in [
+        ("backtest", "src/pipeline/backtest.rs"),
+        ("drift", "src/pipeline/drift.rs"),
+        ("ingest", "src/pipeline/ingest.rs"),
+        ("maintenance", "src/maintenance.rs"),
+        ("ping", "src/handlers/ping.rs"),
+        ("predict", "src/pipeline/predict.rs"),
+        ("train", "src/pipeline/train.rs"),
+    ] {
+        let source = std::fs::read_to_string(root.join(file)).unwrap();
+        // Maintenance reads its whole-number params through a local `number`.
+        let local: &[&str] = if handler == "maintenance" {
+            &["number(\""]
+        } else {
+            &[]
+        };
+        let mut read: Vec<&str> = readers
+            .iter()
+            .chain(local)
+            .flat_map(|reader| source.split(reader).skip(1))
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        read.sort_unstable();
+        read.dedup();
+        let accepted = turbosched::config::handler_params(handler).unwrap();
+        assert_eq!(
+            read, accepted,
+            "{handler}: params read in {file} vs HANDLER_PARAMS"
+        );
+    }
+    assert_eq!(
+        turbosched::config::HANDLER_PARAMS.len(),
+        7,
+        "a new handler needs a row above"
+    );
 }

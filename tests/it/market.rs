@@ -482,11 +482,23 @@ params = { max_model_age = "a week" }
 "#,
     );
     for (task, message) in [
-        ("train_bad_model", "params.model: expected \"gbdt\" or \"logistic\", found \"xgboost\""),
+        (
+            "train_bad_model",
+            "params.model: expected \"gbdt\" or \"logistic\", found \"xgboost\"",
+        ),
         ("train_bad_gbdt", "params.gbdt: unknown field `depth`"),
-        ("backtest_bad_window", "window must be \"rolling\" or \"expanding\" (found \"sliding\")"),
-        ("drift_bad_policy", "params.on_drift: expected \"none\" or \"trigger_training\", found \"retrain_now\""),
-        ("predict_bad_age", "params.max_model_age: expected a duration like \"7d\", found \"a week\""),
+        (
+            "backtest_bad_window",
+            "window must be \"rolling\" or \"expanding\" (found \"sliding\")",
+        ),
+        (
+            "drift_bad_policy",
+            "params.on_drift: expected \"none\" or \"trigger_training\", found \"retrain_now\"",
+        ),
+        (
+            "predict_bad_age",
+            "params.max_model_age: expected a duration like \"7d\", found \"a week\"",
+        ),
     ] {
         let (code, value) = sandbox.cli_json(&["run", task, "--json"]);
         assert_eq!(code, 1, "{task}: {value}");
