@@ -403,18 +403,8 @@ pub(crate) fn models(
         .enumerate()
         .map(|(i, series)| (format!("S{i}"), series))
         .collect();
-    let plan = backtest::Plan {
-        train_days: 756,
-        expanding: false,
-        step_days: 21,
-        horizon: 1,
-        model: "gbdt".into(),
-        threshold: 0.5,
-        allow_short: false,
-        cost_bps: 1.0,
-        gbdt: GbdtParams::default(),
-        logistic: Default::default(),
-    };
+    // The shipped defaults: 756-day rolling window, retrained every 21 days, GBDT.
+    let plan = backtest::Plan::default();
     let started = std::time::Instant::now();
     let predictions =
         backtest::walk_forward(&bars, &plan, |_| {}).map_err(|e| anyhow::anyhow!(e))?;

@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use super::features::{self, Bar, NAMES};
 use super::market_db;
 use super::model::{self, Gbdt, GbdtParams, Logistic, LogisticParams, Model, Table};
-use super::{nested_params, param_str, write_atomically};
+use super::{db, load_bars, nested_params, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Trading days per year.
@@ -49,6 +49,25 @@ pub struct Plan {
     pub gbdt: GbdtParams,
     /// Regression parameters when `model = "logistic"`.
     pub logistic: LogisticParams,
+}
+
+impl Default for Plan {
+    /// The `backtest` task's defaults: a 3-year rolling window, monthly retraining, GBDT,
+    /// long above 0.5, 1 bp per unit of position change.
+    fn default() -> Self {
+        Plan {
+            train_days: 756,
+            expanding: false,
+            step_days: 21,
+            horizon: 1,
+            model: "gbdt".into(),
+            threshold: 0.5,
+            allow_short: false,
+            cost_bps: 1.0,
+            gbdt: GbdtParams::default(),
+            logistic: LogisticParams::default(),
+        }
+    }
 }
 
 /// One out-of-sample prediction and what came of it.
@@ -305,6 +324,12 @@ pub struct Day {
     pub benchmark: f64,
     /// Mean position.
     pub position: f64,
+    /// Growth of 1 in the strategy up to and including this day.
+    pub strategy_equity: f64,
+    /// Growth of 1 in buy-and-hold.
+    pub benchmark_equity: f64,
+    /// The strategy's drawdown from its peak so far (≤ 0).
+    pub drawdown: f64,
 }
 
 /// Per-symbol and portfolio series from predictions.
@@ -356,13 +381,23 @@ pub fn evaluate(predictions: &[Prediction], plan: &Plan) -> Evaluation {
             }),
         );
     }
+    let (mut strategy_equity, mut benchmark_equity, mut peak) = (1.0, 1.0, f64::NEG_INFINITY);
     let days: Vec<Day> = per_date
         .into_iter()
-        .map(|(ts, (s, b, p, n))| Day {
-            ts: ts.to_string(),
-            strategy: s / n as f64,
-            benchmark: b / n as f64,
-            position: p / n as f64,
+        .map(|(ts, (s, b, p, n))| {
+            let (strategy, benchmark) = (s / n as f64, b / n as f64);
+            strategy_equity *= 1.0 + strategy;
+            benchmark_equity *= 1.0 + benchmark;
+            peak = f64::max(peak, strategy_equity);
+            Day {
+                ts: ts.to_string(),
+                strategy,
+                benchmark,
+                position: p / n as f64,
+                strategy_equity,
+                benchmark_equity,
+                drawdown: strategy_equity / peak - 1.0,
+            }
         })
         .collect();
     let strategy: Vec<f64> = days.iter().map(|d| d.strategy).collect();
@@ -393,30 +428,21 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
             "params: window must be \"rolling\" or \"expanding\" (found \"{window}\"), model \"gbdt\" or \"logistic\" (found \"{model_kind}\")"
         )));
     }
+    let d = Plan::default();
     let plan = Plan {
-        train_days: ctx.param_u64("train_days", 756)?.max(50) as usize,
+        train_days: ctx.param_u64("train_days", d.train_days as u64)?.max(50) as usize,
         expanding: window == "expanding",
-        step_days: ctx.param_u64("step_days", 21)?.max(1) as usize,
-        horizon: ctx.param_u64("horizon", 1)?.max(1) as usize,
+        step_days: ctx.param_u64("step_days", d.step_days as u64)?.max(1) as usize,
+        horizon: ctx.param_u64("horizon", d.horizon as u64)?.max(1) as usize,
         model: model_kind.to_string(),
-        threshold: ctx.param_f64("threshold", 0.5)?,
-        allow_short: ctx.param_bool("allow_short", false)?,
-        cost_bps: ctx.param_f64("cost_bps", 1.0)?,
+        threshold: ctx.param_f64("threshold", d.threshold)?,
+        allow_short: ctx.param_bool("allow_short", d.allow_short)?,
+        cost_bps: ctx.param_f64("cost_bps", d.cost_bps)?,
         gbdt: nested_params(ctx, "gbdt")?,
         logistic: nested_params(ctx, "logistic")?,
     };
     let connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
-    let db = |e: rusqlite::Error| HandlerError::Retryable(format!("market database: {e}"));
-    let mut bars = BTreeMap::new();
-    for symbol in market_db::symbols(&connection).map_err(db)? {
-        let series = market_db::bars(&connection, &symbol).map_err(db)?;
-        bars.insert(symbol, series);
-    }
-    if bars.is_empty() {
-        return Err(HandlerError::Fatal(
-            "the market database has no bars: run ingestion first".into(),
-        ));
-    }
+    let bars = load_bars(&connection)?;
     let predictions = walk_forward(&bars, &plan, |share| {
         ctx.progress(5.0 + 80.0 * share, "walk-forward")
     })
@@ -455,20 +481,16 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let mut csv = String::from(
         "date,strategy_return,benchmark_return,position,strategy_equity,benchmark_equity,strategy_drawdown\n",
     );
-    let (mut se, mut be, mut peak) = (1.0f64, 1.0f64, f64::NEG_INFINITY);
     for d in &evaluation.days {
-        se *= 1.0 + d.strategy;
-        be *= 1.0 + d.benchmark;
-        peak = peak.max(se);
         csv.push_str(&format!(
             "{},{},{},{},{},{},{}\n",
             d.ts,
             d.strategy,
             d.benchmark,
             d.position,
-            se,
-            be,
-            se / peak - 1.0
+            d.strategy_equity,
+            d.benchmark_equity,
+            d.drawdown
         ));
     }
     write_atomically(&folder.join("daily.csv"), csv.as_bytes())?;
@@ -502,17 +524,12 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
     use plotters::prelude::*;
     let fail = |err: &dyn std::fmt::Display| format!("chart {}: {err}", path.display());
     let parse = |ts: &str| NaiveDate::parse_from_str(&ts[..10.min(ts.len())], "%Y-%m-%d").ok();
-    let points: Vec<(NaiveDate, f64, f64, f64)> = {
-        let (mut se, mut be, mut peak) = (1.0f64, 1.0f64, f64::NEG_INFINITY);
-        days.iter()
-            .filter_map(|d| {
-                se *= 1.0 + d.strategy;
-                be *= 1.0 + d.benchmark;
-                peak = peak.max(se);
-                parse(&d.ts).map(|t| (t, se, be, se / peak - 1.0))
-            })
-            .collect()
-    };
+    let points: Vec<(NaiveDate, f64, f64, f64)> = days
+        .iter()
+        .filter_map(|d| {
+            parse(&d.ts).map(|t| (t, d.strategy_equity, d.benchmark_equity, d.drawdown))
+        })
+        .collect();
     let (Some(first), Some(last)) = (points.first(), points.last()) else {
         return Err("no days to chart".into());
     };
@@ -630,16 +647,8 @@ mod tests {
             p("2020-01-06", 0.2, false, -0.01), // flat
         ];
         let plan = Plan {
-            train_days: 0,
-            expanding: false,
-            step_days: 1,
-            horizon: 1,
-            model: "logistic".into(),
-            threshold: 0.5,
-            allow_short: false,
             cost_bps: 10.0,
-            gbdt: GbdtParams::default(),
-            logistic: LogisticParams::default(),
+            ..Plan::default()
         };
         let e = evaluate(&predictions, &plan);
         let strategy: Vec<f64> = e.days.iter().map(|d| d.strategy).collect();

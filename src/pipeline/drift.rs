@@ -28,7 +28,7 @@ use serde_json::{json, Value};
 use super::features::{self, NAMES};
 use super::market_db;
 use super::predict::current_model;
-use super::{param_str, write_atomically};
+use super::{db, load_bars, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Floor of a bin share before logarithms.
@@ -220,10 +220,11 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let report_dir = PathBuf::from(param_str(ctx, "report_dir", "reports/drift")?);
     let window_days = ctx.param_u64("window_days", 60)?.max(2) as usize;
     let bins = ctx.param_u64("bins", 10)?.max(2) as usize;
+    let defaults = Thresholds::default();
     let thresholds = Thresholds {
-        psi_moderate: ctx.param_f64("psi_moderate", 0.10)?,
-        psi_significant: ctx.param_f64("psi_significant", 0.25)?,
-        ks_alpha: ctx.param_f64("ks_alpha", 0.01)?,
+        psi_moderate: ctx.param_f64("psi_moderate", defaults.psi_moderate)?,
+        psi_significant: ctx.param_f64("psi_significant", defaults.psi_significant)?,
+        ks_alpha: ctx.param_f64("ks_alpha", defaults.ks_alpha)?,
     };
     let max_drifted_share = ctx.param_f64("max_drifted_share", 0.3)?;
     let on_drift = param_str(ctx, "on_drift", "none")?.to_string();
@@ -235,7 +236,6 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let retrain_task = param_str(ctx, "retrain_task", "training")?.to_string();
 
     let connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
-    let db = |e: rusqlite::Error| HandlerError::Retryable(format!("market database: {e}"));
     let model = current_model(&connection)
         .map_err(HandlerError::Fatal)?
         .ok_or_else(|| {
@@ -271,10 +271,9 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     // Current: the features of every symbol over the last `window_days` dates.
     ctx.progress(20.0, "features");
     let mut rows: Vec<(String, [f64; NAMES.len()])> = Vec::new();
-    for symbol in market_db::symbols(&connection).map_err(db)? {
-        let bars = market_db::bars(&connection, &symbol).map_err(db)?;
+    for series in load_bars(&connection)?.values() {
         rows.extend(
-            features::compute(&bars, model.horizon)
+            features::compute(series, model.horizon)
                 .into_iter()
                 .map(|r| (r.ts, r.values)),
         );

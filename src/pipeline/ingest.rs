@@ -25,7 +25,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::{market_db, param_str};
+use super::{db, market_db, param_str};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// What one file gave.
@@ -156,7 +156,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
                 |r| r.get(0),
             )
             .optional()
-            .map_err(|err| HandlerError::Retryable(format!("market database: {err}")))?;
+            .map_err(db)?;
         if seen.is_some() && !force_reload {
             already += 1;
         } else {
@@ -242,7 +242,6 @@ pub fn ingest_file(
     layout: &Layout,
     run_id: i64,
 ) -> Result<FileReport, HandlerError> {
-    let db = |err: rusqlite::Error| HandlerError::Retryable(format!("market database: {err}"));
     let text = String::from_utf8_lossy(bytes);
     let lines: Vec<&str> = text.lines().collect();
     let mut reader = csv::ReaderBuilder::new()

@@ -2,6 +2,7 @@
 //! `data/market.db`), its schema versioned by `PRAGMA user_version` and brought up to date
 //! by [`open`] with the migrations below, in order, each in one transaction.
 
+use std::collections::BTreeMap;
 use std::path::Path;
 
 use rusqlite::Connection;
@@ -169,29 +170,31 @@ pub fn open(path: &Path) -> Result<Connection, String> {
     Ok(connection)
 }
 
-/// Every symbol with bars, in order.
-pub fn symbols(connection: &Connection) -> rusqlite::Result<Vec<String>> {
-    let mut statement = connection.prepare("SELECT DISTINCT symbol FROM bars ORDER BY symbol")?;
-    let rows = statement.query_map([], |row| row.get(0))?;
-    rows.collect()
-}
-
-/// The bars of `symbol`, oldest first.
-pub fn bars(connection: &Connection, symbol: &str) -> rusqlite::Result<Vec<Bar>> {
+/// Every symbol's bars, oldest first, in one query.
+pub fn all_bars(connection: &Connection) -> rusqlite::Result<BTreeMap<String, Vec<Bar>>> {
     let mut statement = connection.prepare_cached(
-        "SELECT ts, open, high, low, close, volume FROM bars WHERE symbol = ?1 ORDER BY ts",
+        "SELECT symbol, ts, open, high, low, close, volume FROM bars ORDER BY symbol, ts",
     )?;
-    let rows = statement.query_map([symbol], |row| {
-        Ok(Bar {
-            ts: row.get(0)?,
-            open: row.get(1)?,
-            high: row.get(2)?,
-            low: row.get(3)?,
-            close: row.get(4)?,
-            volume: row.get(5)?,
-        })
-    })?;
-    rows.collect()
+    let mut rows = statement.query([])?;
+    let mut out: BTreeMap<String, Vec<Bar>> = BTreeMap::new();
+    while let Some(row) = rows.next()? {
+        let bar = Bar {
+            ts: row.get(1)?,
+            open: row.get(2)?,
+            high: row.get(3)?,
+            low: row.get(4)?,
+            close: row.get(5)?,
+            volume: row.get(6)?,
+        };
+        let symbol: String = row.get(0)?;
+        match out.get_mut(&symbol) {
+            Some(series) => series.push(bar),
+            None => {
+                out.insert(symbol, vec![bar]);
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// f64 values as little-endian bytes (a baseline sample).

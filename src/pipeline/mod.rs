@@ -68,3 +68,21 @@ pub(crate) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> Result<(
 pub(crate) fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
+
+/// Every symbol's bars from the market database; none at all is a fatal error.
+pub(crate) fn load_bars(
+    connection: &rusqlite::Connection,
+) -> Result<std::collections::BTreeMap<String, Vec<features::Bar>>, HandlerError> {
+    let bars = market_db::all_bars(connection).map_err(db)?;
+    if bars.is_empty() {
+        return Err(HandlerError::Fatal(
+            "the market database has no bars: run ingestion first".into(),
+        ));
+    }
+    Ok(bars)
+}
+
+/// A market database error: retryable (a locked or busy file clears up).
+pub(crate) fn db(err: rusqlite::Error) -> HandlerError {
+    HandlerError::Retryable(format!("market database: {err}"))
+}

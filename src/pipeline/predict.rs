@@ -14,7 +14,7 @@ use sha2::{Digest, Sha256};
 use super::features::{self, NAMES};
 use super::market_db;
 use super::model::{self, Model, Table};
-use super::{hex, param_str};
+use super::{db, hex, load_bars, param_str};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// A registered model, as the registry row describes it.
@@ -118,19 +118,11 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         )));
     }
 
-    let db = |e: rusqlite::Error| HandlerError::Retryable(format!("market database: {e}"));
-    let symbols = market_db::symbols(&connection).map_err(db)?;
-    if symbols.is_empty() {
-        return Err(HandlerError::Fatal(
-            "the market database has no bars: run ingestion first".into(),
-        ));
-    }
     let mut latest = Vec::new();
     let mut x = Table::with_columns(NAMES.len());
-    for symbol in &symbols {
-        let bars = market_db::bars(&connection, symbol).map_err(db)?;
+    for (symbol, bars) in &load_bars(&connection)? {
         let last_bar = bars.last().map(|b| b.ts.clone()).unwrap_or_default();
-        let rows = features::compute(&bars, registered.horizon);
+        let rows = features::compute(bars, registered.horizon);
         match rows.last() {
             Some(row) if row.ts == last_bar => {
                 x.push(&row.values);

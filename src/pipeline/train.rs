@@ -6,19 +6,20 @@
 //! The split is by date, never shuffled: train on the first dates, skip `horizon` dates
 //! (their labels would look into the validation period), validate on the rest.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 
 use chrono::Utc;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, OptionalExtension};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 
-use super::features::{self, NAMES};
+use super::features::{self, Bar, NAMES};
 use super::market_db;
 use super::model::{self, Gbdt, GbdtParams, Logistic, LogisticParams, Model, Table};
-use super::{hex, nested_params, param_str, write_atomically};
+use super::{db, hex, load_bars, nested_params, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
 /// Labelled feature rows of every symbol, ordered by date then symbol.
@@ -34,13 +35,11 @@ pub struct Dataset {
 }
 
 impl Dataset {
-    /// The labelled rows of every symbol in the market database.
-    pub fn load(connection: &Connection, horizon: usize) -> Result<Dataset, String> {
+    /// The labelled rows of every symbol.
+    pub fn from_bars(bars: &BTreeMap<String, Vec<Bar>>, horizon: usize) -> Dataset {
         let mut rows = Vec::new();
-        for symbol in market_db::symbols(connection).map_err(|e| format!("market database: {e}"))? {
-            let bars = market_db::bars(connection, &symbol)
-                .map_err(|e| format!("market database: {e}"))?;
-            for row in features::compute(&bars, horizon) {
+        for (symbol, series) in bars {
+            for row in features::compute(series, horizon) {
                 if let Some(label) = row.label {
                     rows.push((row.ts, symbol.clone(), row.values, label));
                 }
@@ -59,7 +58,7 @@ impl Dataset {
             data.x.push(&values);
             data.y.push(if label { 1.0 } else { 0.0 });
         }
-        Ok(data)
+        data
     }
 
     /// Row indices of the training and validation periods: the distinct dates split at
@@ -117,7 +116,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
 
     let mut connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
     ctx.progress(5.0, "features");
-    let data = Dataset::load(&connection, horizon).map_err(HandlerError::Retryable)?;
+    let data = Dataset::from_bars(&load_bars(&connection)?, horizon);
     let (train_idx, valid_idx) = data.split(valid_fraction, horizon);
     if train_idx.len() < 200 || valid_idx.len() < 50 {
         return Err(HandlerError::Fatal(format!(
@@ -176,10 +175,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         HandlerError::Retryable(format!("cannot create {}: {err}", model_dir.display()))
     })?;
     let now = Utc::now().to_rfc3339();
-    let tx = connection
-        .transaction()
-        .map_err(|e| HandlerError::Retryable(format!("market database: {e}")))?;
-    let db = |e: rusqlite::Error| HandlerError::Retryable(format!("market database: {e}"));
+    let tx = connection.transaction().map_err(db)?;
     let mut registered = Vec::new();
     for f in &fitted {
         let artifact = model_dir.join(format!(

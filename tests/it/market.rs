@@ -9,7 +9,7 @@ use rusqlite::Connection;
 use serde_json::Value;
 use turbosched::pipeline::backtest::{self, Plan};
 use turbosched::pipeline::features::{self, Bar};
-use turbosched::pipeline::model::{self, GbdtParams, LogisticParams, Table};
+use turbosched::pipeline::model::{self, GbdtParams, Table};
 use turbosched::pipeline::{drift, ingest, market_db};
 
 use crate::support::*;
@@ -63,7 +63,7 @@ fn sample_bars(symbol: &str) -> Vec<Bar> {
         0,
     )
     .unwrap();
-    market_db::bars(&db, symbol).unwrap()
+    market_db::all_bars(&db).unwrap().remove(symbol).unwrap()
 }
 
 #[test]
@@ -95,10 +95,8 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
     let drift_run = turbosched::model::RunId(runs["drift"][0]["id"].as_i64().unwrap());
     let kinds = sandbox.event_kinds(drift_run);
     let at = |kind: &str| kinds.iter().position(|k| k == kind);
-    assert!(
-        at("run_succeeded") < at("drift_detected") && at("drift_detected").is_some(),
-        "{kinds:?}"
-    );
+    let (succeeded, detected) = (at("run_succeeded"), at("drift_detected"));
+    assert!(succeeded.is_some() && succeeded < detected, "{kinds:?}");
 
     let db = market(&sandbox);
     assert_eq!(one::<i64>(&db, "SELECT COUNT(*) FROM bars"), 10_062);
@@ -236,6 +234,10 @@ fn training_registers_both_models_with_metrics_artifacts_shap_logs_and_baselines
         ),
         18
     );
+    // The feature snapshot it trained and validated on (plus the gap rows).
+    let validation_rows = result["rows"]["validation"].as_i64().unwrap();
+    let snapshot: i64 = one(&db, "SELECT COUNT(*) FROM features");
+    assert!(snapshot >= train_rows + validation_rows, "{snapshot}");
     let blob: Vec<u8> = one(&db, "SELECT sample FROM baselines WHERE feature = 'ret_1'");
     let sample = market_db::from_blob(&blob);
     assert_eq!(sample.len() as i64, train_rows);
@@ -404,18 +406,12 @@ fn a_walk_forward_prediction_never_sees_a_later_bar() {
     }
     let plan = Plan {
         train_days: 500,
-        expanding: false,
         step_days: 63,
-        horizon: 1,
-        model: "gbdt".into(),
-        threshold: 0.5,
-        allow_short: false,
-        cost_bps: 1.0,
         gbdt: GbdtParams {
             iterations: 30,
             ..GbdtParams::default()
         },
-        logistic: LogisticParams::default(),
+        ..Plan::default()
     };
     let before = backtest::walk_forward(&bars, &plan, |_| {}).unwrap();
 
