@@ -66,6 +66,9 @@ pub enum StopReason {
     Abort,
     /// Graceful shutdown ran out of time: the run goes back to the queue.
     Shutdown,
+    /// A built-in worker stopped beating its heartbeat (stopped, hung): the attempt is
+    /// orphaned and retried by policy.
+    Stalled,
 }
 
 /// How an attempt ended.
@@ -197,7 +200,11 @@ pub async fn run_attempt(
                 if let Some(reason) = stop_reason {
                     spec.log.line(spec.run, spec.attempt, Level::Warn, &format!(
                         "{}; stopping process group {pid}",
-                        match reason { StopReason::Abort => "abort requested", StopReason::Shutdown => "service shutting down" }));
+                        match reason {
+                            StopReason::Abort => "abort requested",
+                            StopReason::Shutdown => "service shutting down",
+                            StopReason::Stalled => "no heartbeat from the worker",
+                        }));
                     break stop_group(&mut child, group, spec.kill_grace).await;
                 }
             }

@@ -99,6 +99,11 @@ impl Schedule {
             .map(|next| next.with_timezone(&Utc))
     }
 
+    /// The ticks after `after`, in order (an iterator over [`Schedule::next_after`]).
+    pub fn ticks_after(&self, after: Instant) -> impl Iterator<Item = Instant> + '_ {
+        std::iter::successors(self.next_after(after), move |tick| self.next_after(*tick))
+    }
+
     /// The latest fire at or before `at`, if any (used by the dependency check).
     pub fn latest_at_or_before(&self, at: Instant) -> Option<Instant> {
         let local = at.with_timezone(&self.tz);

@@ -148,10 +148,18 @@ impl RotatingFile {
         if guard.is_none() {
             // file-rotate panics when it cannot create the folder: create it first, and
             // keep any panic of the crate from reaching a runner or the engine.
-            if let Some(parent) = self.path.parent() {
+            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+                let missing = !parent.exists();
                 if let Err(err) = std::fs::create_dir_all(parent) {
                     tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
                     return false;
+                }
+                // Said once: only the writer that finds the folder gone creates it.
+                if missing {
+                    tracing::warn!(
+                        folder = %parent.display(),
+                        "the log folder was missing (deleted?): recreated it; lines written to the deleted files are gone"
+                    );
                 }
             }
             let opened = catch_unwind(|| {
@@ -174,9 +182,14 @@ impl RotatingFile {
         true
     }
 
-    /// Writes `line` (one whole line, newline included) in one call.
+    /// Writes `line` (one whole line, newline included) in one call. If the file was
+    /// deleted under us (say with its folder), it is opened anew first: writing on to the
+    /// unlinked file would lose every line without an error.
     pub fn write_line(&self, line: &[u8]) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if guard.is_some() && !self.path.exists() {
+            *guard = None;
+        }
         if !self.ensure_open(&mut guard) {
             return;
         }

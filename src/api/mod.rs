@@ -188,6 +188,20 @@ impl ApiError {
         ApiError::new(StatusCode::BAD_REQUEST, code, message)
     }
 
+    /// A store error: 503 `store_unavailable` when the database cannot take the operation
+    /// (full disk, I/O error, read-only), so a client knows to try again; else 500.
+    fn store(err: crate::store::StoreError) -> ApiError {
+        if err.is_unavailable() {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "store_unavailable",
+                format!("the run database cannot be written now: {err}"),
+            )
+        } else {
+            ApiError::internal(err)
+        }
+    }
+
     fn internal(message: impl std::fmt::Display) -> ApiError {
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -256,7 +270,7 @@ impl From<EngineError> for ApiError {
             EngineError::Stopped => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "stopping", message)
             }
-            EngineError::Store(err) => ApiError::internal(err),
+            EngineError::Store(err) => ApiError::store(err),
         }
     }
 }
@@ -270,7 +284,7 @@ async fn blocking<T: Send + 'static>(
     web::block(work)
         .await
         .map_err(ApiError::internal)?
-        .map_err(ApiError::internal)
+        .map_err(ApiError::store)
 }
 
 /// Mutating routes need `Authorization: Bearer <token>` when a token is configured.
@@ -897,7 +911,7 @@ async fn health(state: Data<ApiState>) -> ApiResult {
     let snapshot = state.board.snapshot();
     let store = state.store.clone();
     let (probe, errors) = web::block(move || {
-        let probe = store.probe_write(Duration::from_secs(1));
+        let probe = store.probe_write(Duration::from_secs(1), now);
         let errors = store.count_events(
             &["run_failed", "run_timed_out", "run_orphaned"],
             now - chrono::Duration::hours(1),
@@ -916,9 +930,33 @@ async fn health(state: Data<ApiState>) -> ApiResult {
             json!({"status": status, "detail": detail}),
         );
     };
-    match probe {
-        Ok(()) => check("store", 0, "writable".into()),
-        Err(err) => check("store", 2, format!("not writable within 1s: {err}")),
+    let fault = snapshot.as_ref().and_then(|s| s.store_fault.as_ref());
+    match (probe, fault) {
+        (Err(err), _) => check("store", 2, format!("not writable within 1s: {err}")),
+        (Ok(()), Some(fault)) => check(
+            "store",
+            2,
+            format!(
+                "refusing the engine's writes since {} ({}): {}",
+                fault.since.to_rfc3339(),
+                fault.doing,
+                fault.error
+            ),
+        ),
+        (Ok(()), None) => check("store", 0, "writable (a probe write committed)".into()),
+    }
+    match snapshot.as_ref().and_then(|s| s.clock_step.as_ref()) {
+        Some(step) if step.repeating(now) => check(
+            "clock",
+            1,
+            format!(
+                "{}: ticks already claimed up to {} are not run again",
+                step.describe(),
+                step.until.to_rfc3339()
+            ),
+        ),
+        Some(step) => check("clock", 0, format!("last step: {}", step.describe())),
+        None => check("clock", 0, "no step of the wall clock seen".into()),
     }
     match &snapshot {
         None => check("timer_loop", 2, "the engine has not started".into()),

@@ -74,6 +74,10 @@ pub struct Snapshot {
     pub retry_waiting: usize,
     /// Every task.
     pub tasks: Vec<TaskSnapshot>,
+    /// Set while the store refuses the engine's writes.
+    pub store_fault: Option<super::StoreFault>,
+    /// The last step of the wall clock the engine saw.
+    pub clock_step: Option<super::ClockStep>,
 }
 
 /// One task at one instant.

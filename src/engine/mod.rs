@@ -21,13 +21,17 @@
 //! [`Store::transition`]; a store error or a failed run is logged and the loop goes on.
 
 mod board;
+mod faults;
 mod metrics;
 mod recovery;
 
 pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
+pub use faults::{ClockStep, StoreFault};
 pub use metrics::Metrics;
+
+use faults::{WallWatch, STORE_RETRY};
 
 use recovery::schedule_key;
 
@@ -270,6 +274,11 @@ struct Running {
     requests: Vec<RunRequest>,
     /// An event this attempt's result asked to publish (`event`), recorded if it succeeds.
     announce: Option<ResultEvent>,
+    /// A built-in worker, which beats a heartbeat on its report pipe (external commands
+    /// have none: their timeout is their bound).
+    beats: bool,
+    /// When the child last reported anything (or started).
+    last_report: std::time::Instant,
 }
 
 /// An event a handler's result asks the engine to publish: `{"kind", "message"}`, e.g.
@@ -401,6 +410,14 @@ pub struct Engine {
     dirty: bool,
     published_at: std::time::Instant,
     version: u64,
+    /// The store refuses writes (cleared by the next write that succeeds).
+    store_fault: Option<StoreFault>,
+    /// Claims failed: do not try again before this (the ticks stay due meanwhile).
+    claim_retry_at: Option<std::time::Instant>,
+    /// The wall clock against the monotonic one.
+    wall: WallWatch,
+    /// The last step of the wall clock seen.
+    clock_step: Option<ClockStep>,
 }
 
 impl Engine {
@@ -441,6 +458,10 @@ impl Engine {
             dirty: true,
             published_at: std::time::Instant::now(),
             version: 0,
+            store_fault: None,
+            claim_retry_at: None,
+            wall: WallWatch::new(clock_now),
+            clock_step: None,
         }
     }
 
@@ -553,6 +574,9 @@ impl Engine {
                 _ = poll.tick(), if self.mode == Mode::Serve => Wake::Poll,
                 _ = publish_due, if self.dirty => Wake::Publish,
             };
+            if !matches!(wake, Wake::Shutdown) {
+                self.watch_clock();
+            }
             match wake {
                 Wake::Shutdown => break,
                 Wake::Worker(envelope) => self.on_worker(envelope),
@@ -586,6 +610,11 @@ impl Engine {
             Some(at) => (at - self.clock.now()).to_std().unwrap_or(Duration::ZERO),
             // Nothing scheduled: wake rarely; any other cause wakes the loop anyway.
             None => Duration::from_secs(3600),
+        };
+        // After a refused claim the due ticks stay due; try again at a measured pace.
+        let delay = match self.claim_retry_at {
+            Some(at) => delay.max(at.saturating_duration_since(std::time::Instant::now())),
+            None => delay,
         };
         tokio::time::sleep(delay)
     }
@@ -702,29 +731,48 @@ impl Engine {
                 Ok(claims)
             })
         });
-        // Timers move on even if the claims failed: a failed commit claimed nothing, and
-        // retrying the same ticks forever would stall every task. The ticks are reported.
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(err) => {
+                // Nothing of the batch was committed: no tick was claimed, so none may be
+                // passed over. Each task's next fire stays at its first unclaimed tick and
+                // the claims are tried again after STORE_RETRY; once the store takes them,
+                // the ticks missed meanwhile meet the task's misfire policy.
+                for (task, first_due) in due {
+                    let at = self
+                        .next_fire
+                        .get(task)
+                        .map_or(*first_due, |at| (*at).min(*first_due));
+                    self.next_fire.insert(task.clone(), at);
+                }
+                self.claim_retry_at = Some(std::time::Instant::now() + STORE_RETRY);
+                self.store_failed(
+                    &format!("claiming the due ticks of {} task(s)", plans.len()),
+                    &err,
+                    now,
+                );
+                return;
+            }
+        };
+        self.claim_retry_at = None;
+        self.store_ok(now);
         for plan in &plans {
             match plan.plan.next {
                 Some(at) => self.next_fire.insert(plan.task.clone(), at),
                 None => self.next_fire.remove(plan.task),
             };
         }
-        match claims {
-            Ok(claims) => {
-                for (pending, action) in claims {
-                    if action == TickAction::Skip {
-                        self.skip(
-                            &pending,
-                            "misfire policy skip: tick missed while the scheduler was down",
-                            now,
-                        );
-                    } else {
-                        self.admit(pending, now);
-                    }
-                }
+        for (pending, action) in claims {
+            if action == TickAction::Skip {
+                let reason = if at_startup {
+                    "misfire policy skip: tick missed while the scheduler was down"
+                } else {
+                    "misfire policy skip: tick missed while the scheduler could not fire it"
+                };
+                self.skip(&pending, reason, now);
+            } else {
+                self.admit(pending, now);
             }
-            Err(err) => warn!(tasks = plans.len(), "cannot claim due fires: {err}"),
         }
     }
 
@@ -782,12 +830,27 @@ impl Engine {
         {
             return;
         }
-        let running = self.busy.get(&pending.task).copied();
-        let queued = self
-            .queued_per_task
+        // A catch-up is never refused, replaced or made to refuse by the task's overlap
+        // policy: the missed ticks of `misfire = "run_all"` all run, in tick order, one at
+        // a time (dispatch starts one attempt per task). The policy decides only between
+        // the task's other runs.
+        if pending.trigger == Trigger::Catchup {
+            self.queue_push(pending);
+            return;
+        }
+        let running = self
+            .busy
             .get(&pending.task)
             .copied()
-            .unwrap_or(0);
+            .filter(|run| self.running.get(run).map(|r| r.trigger) != Some(Trigger::Catchup));
+        let queued = match self.queued_per_task.get(&pending.task) {
+            Some(_) => self
+                .queue
+                .iter()
+                .filter(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
+                .count(),
+            None => 0,
+        };
         match spec.overlap {
             Overlap::Skip if running.is_some() || queued > 0 => {
                 let (other, what) = match running {
@@ -795,7 +858,7 @@ impl Engine {
                     None => (
                         self.queue
                             .iter()
-                            .find(|p| p.task == pending.task)
+                            .find(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
                             .map(|p| p.run)
                             .unwrap_or(RunId(0)),
                         "is queued",
@@ -816,7 +879,7 @@ impl Engine {
                     self.stop_run(run, StopReason::Abort, &reason);
                 }
                 let task = pending.task.clone();
-                for old in self.queue_retain(|p| p.task != task) {
+                for old in self.queue_retain(|p| p.task != task || p.trigger == Trigger::Catchup) {
                     let change = Change {
                         reason: Some(reason.clone()),
                         ..Change::default()
@@ -971,6 +1034,8 @@ impl Engine {
                 stopping: None,
                 requests: Vec::new(),
                 announce: None,
+                beats: matches!(spec.handler, crate::config::Handler::Builtin(_)),
+                last_report: std::time::Instant::now(),
             },
         );
         tokio::spawn(runner::run_attempt(
@@ -1039,6 +1104,13 @@ impl Engine {
         let now = self.clock.now();
         let mut finishes = Vec::new();
         for envelope in &envelopes {
+            if let RunnerEvent::Report(_) | RunnerEvent::Spawned(..) = &envelope.event {
+                if let Some(running) = self.running.get_mut(&envelope.run) {
+                    if running.attempt == envelope.attempt {
+                        running.last_report = std::time::Instant::now();
+                    }
+                }
+            }
             match &envelope.event {
                 RunnerEvent::Report(Msg::Checkpoint { data }) => {
                     let path = self.checkpoint_path(envelope.run);
@@ -1152,15 +1224,18 @@ impl Engine {
             Ok(applied) => applied,
             Err(err) => {
                 // Nothing of this burst was committed. The finished runs are still
-                // `running` in the store but no longer ours in memory: the next
-                // heartbeat's orphan check settles them by policy.
-                warn!(
-                    finished = finishes.len(),
-                    "cannot record finished attempts: {err}"
+                // `running` in the store but no longer ours in memory: the first
+                // heartbeat's orphan check once the store takes writes again settles them
+                // by policy (queued again while attempts remain).
+                self.store_failed(
+                    &format!("recording {} finished attempt(s)", finishes.len()),
+                    &err,
+                    now,
                 );
                 return;
             }
         };
+        self.store_ok(now);
         for (finish, ok) in finishes.into_iter().zip(applied) {
             if !ok {
                 continue;
@@ -1190,6 +1265,15 @@ impl Engine {
                         .inc();
                 }
                 RunState::Queued => {}
+                RunState::Orphaned => match self.store.run(finish.run) {
+                    Ok(Some(row)) => {
+                        let reason = finish.change.reason.clone().unwrap_or_default();
+                        self.settle_orphan(&row, reason.trim_start_matches("orphaned: "), now);
+                    }
+                    Ok(None) => {}
+                    // Left `orphaned`: the next heartbeat's orphan check settles it.
+                    Err(err) => warn!(run = %finish.run, "cannot read the stalled run: {err}"),
+                },
                 terminal => {
                     let duration = (now - finish.running.first_started_at).to_std().ok();
                     self.note_finished(&finish.running.task, finish.run, terminal, duration, now);
@@ -1250,6 +1334,31 @@ impl Engine {
                     RunState::Aborted,
                     Change {
                         reason,
+                        ..Change::default()
+                    },
+                )
+            }
+            Outcome::Stopped(StopReason::Stalled) => {
+                let reason = running
+                    .stopping
+                    .as_ref()
+                    .map(|(_, reason)| reason.clone())
+                    .unwrap_or_else(|| "the worker stopped beating its heartbeat".into());
+                log.line(
+                    run,
+                    attempt,
+                    Level::Warn,
+                    &format!("orphaned: {reason}; its process group was killed"),
+                );
+                self.metrics.orphans.inc();
+                (
+                    RunState::Orphaned,
+                    Change {
+                        reason: Some(format!("orphaned: {reason}")),
+                        error: Some(format!(
+                            "run {run} ({}, attempt {attempt}): orphaned: {reason}",
+                            running.task
+                        )),
                         ..Change::default()
                     },
                 )
@@ -1699,6 +1808,8 @@ impl Engine {
             queued: self.queue.len(),
             retry_waiting: self.retry_due.len(),
             tasks,
+            store_fault: self.store_fault.clone(),
+            clock_step: self.clock_step.clone(),
         });
         self.dirty = false;
         self.published_at = std::time::Instant::now();
@@ -1745,9 +1856,11 @@ impl Engine {
     fn on_heartbeat(&mut self) {
         let now = self.clock.now();
         self.publish(true);
-        if let Err(err) = self.store.heartbeat(&self.instance, now) {
-            warn!("cannot record heartbeat: {err}");
+        match self.store.heartbeat(&self.instance, now) {
+            Ok(()) => self.store_ok(now),
+            Err(err) => self.store_failed("recording the heartbeat", &err, now),
         }
+        self.find_stalled();
         match self.store.abort_requests(&self.instance) {
             Ok(runs) => {
                 for (run, reason) in runs {
@@ -1886,6 +1999,136 @@ impl Engine {
         if let Err(err) = self.store.record_event(kind, task, run, message, now) {
             warn!("cannot record event {kind}: {err}");
         }
+    }
+
+    /// Stops every built-in worker that has not reported for longer than
+    /// `heartbeat_timeout` (at least three of its one-second heartbeats): a stopped
+    /// (SIGSTOP) or hung worker would otherwise hold its slot until its timeout. Its group
+    /// is killed and the attempt orphaned, then retried or failed by policy.
+    fn find_stalled(&mut self) {
+        let limit = self
+            .config
+            .scheduler
+            .heartbeat_timeout
+            .max(Duration::from_secs(3));
+        let stalled: Vec<(RunId, Duration)> = self
+            .running
+            .iter()
+            .filter(|(_, r)| r.beats && r.stopping.is_none())
+            .map(|(run, r)| (*run, r.last_report.elapsed()))
+            .filter(|(_, silent)| *silent > limit)
+            .collect();
+        for (run, silent) in stalled {
+            let why = format!(
+                "no heartbeat from its worker for {} (heartbeat_timeout {})",
+                humantime::format_duration(Duration::from_secs(silent.as_secs())),
+                humantime::format_duration(limit)
+            );
+            warn!(run = %run, "stalled: {why}");
+            self.stop_run(run, StopReason::Stalled, &why);
+        }
+    }
+
+    /// The store refused a write: remembered (and shown on the board) until one succeeds.
+    fn store_failed(&mut self, doing: &str, err: &StoreError, now: Instant) {
+        match &mut self.store_fault {
+            Some(fault) => {
+                warn!("store still refuses writes ({doing}): {err}");
+                fault.doing = doing.to_string();
+                fault.error = err.to_string();
+            }
+            None => {
+                tracing::error!(
+                    "store refuses writes ({doing}): {err}; due ticks stay due until it takes them"
+                );
+                self.store_fault = Some(StoreFault {
+                    since: now,
+                    doing: doing.to_string(),
+                    error: err.to_string(),
+                });
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// A write succeeded: an outage, if there was one, is over and is put on record.
+    fn store_ok(&mut self, now: Instant) {
+        let Some(fault) = self.store_fault.take() else {
+            return;
+        };
+        let lasted = humantime::format_duration(Duration::from_secs(
+            (now - fault.since).num_seconds().max(0) as u64,
+        ));
+        let message = format!(
+            "the store refused writes for {lasted} (since {}; last: {}: {}); ticks due meanwhile met their misfire policy",
+            fault.since.to_rfc3339(),
+            fault.doing,
+            fault.error
+        );
+        info!("{message}");
+        self.log_event("store_recovered", None, None, &message, now);
+        self.dirty = true;
+    }
+
+    /// Notices a step of the wall clock between two wakes. Stepped back: schedules resume
+    /// at their first unclaimed tick after the new wall time. Stepped forward: the ticks
+    /// passed over are simply due, and meet each task's misfire policy.
+    fn watch_clock(&mut self) {
+        let now = self.clock.now();
+        let Some(step) = self.wall.observe(now) else {
+            return;
+        };
+        let message = if step.by < chrono::TimeDelta::zero() {
+            let moved = self.resume_schedules(now, step.until);
+            format!(
+                "{}: ticks already claimed (up to {}) are not run again; {moved} schedule(s) resume from the new wall time",
+                step.describe(),
+                step.until.to_rfc3339()
+            )
+        } else {
+            format!(
+                "{}: the ticks passed over meet each task's misfire policy",
+                step.describe()
+            )
+        };
+        warn!("{message}");
+        self.log_event("clock_step", None, None, &message, now);
+        self.clock_step = Some(step);
+        self.dirty = true;
+    }
+
+    /// After the wall clock went back to `now` (from `until`): each scheduled task's next
+    /// fire becomes its first tick after `now` that no run has claimed (a claimed tick is
+    /// never run twice). Returns how many next fires moved.
+    fn resume_schedules(&mut self, now: Instant, until: Instant) -> usize {
+        let config = self.config.clone();
+        let mut moved = 0;
+        for spec in config.tasks.values() {
+            let Some(schedule) = &spec.schedule else {
+                continue;
+            };
+            let Some(old) = self.next_fire.get(&spec.name).copied() else {
+                continue;
+            };
+            let claimed = match self.store.claimed_ticks(&spec.name, now, old.max(until)) {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    warn!(task = %spec.name, "cannot read claimed ticks after a clock step: {err}");
+                    continue;
+                }
+            };
+            let next = schedule
+                .ticks_after(now)
+                .take_while(|tick| *tick < old)
+                .take(100_000)
+                .find(|tick| !claimed.contains(tick));
+            if let Some(next) = next {
+                let key = schedule_key(schedule);
+                self.set_next_fire(&spec.name, Some(next), &key);
+                moved += 1;
+            }
+        }
+        moved
     }
 
     fn checkpoint_path(&self, run: RunId) -> PathBuf {

@@ -14,7 +14,7 @@ use nix::sys::signal::{kill, killpg, Signal};
 use nix::unistd::Pid;
 use tracing::{info, warn};
 
-use super::{hostname, Engine, Pending};
+use super::{hostname, ClockStep, Engine, Pending};
 use crate::model::{Attempt, Instant, RunState};
 use crate::schedule::Schedule;
 use crate::store::{Change, RunRow, StoreError};
@@ -50,6 +50,7 @@ impl Engine {
     pub(super) fn plan_startup_fires(&mut self, now: Instant) {
         let config = self.config.clone();
         let mut due = Vec::new();
+        let mut behind = chrono::TimeDelta::zero();
         for spec in config.tasks.values() {
             let Some(schedule) = &spec.schedule else {
                 continue;
@@ -62,12 +63,32 @@ impl Engine {
                 }
                 (Some(next), Some(stored)) if stored == key => {
                     self.next_fire.insert(spec.name.clone(), next);
+                    // A stored next fire beyond the first tick after now was computed on a
+                    // wall clock that is now behind: it was stepped back while we were down.
+                    if let Some(first) = schedule.next_after(now).filter(|first| *first < next) {
+                        behind = behind.max(next - first);
+                    }
                 }
                 _ => {
                     let next = schedule.next_after(now);
                     self.set_next_fire(&spec.name, next, &key);
                 }
             }
+        }
+        if behind > chrono::TimeDelta::zero() {
+            let step = ClockStep {
+                at: now,
+                by: -behind,
+                until: now + behind,
+            };
+            let moved = self.resume_schedules(now, step.until);
+            let message = format!(
+                "the wall clock is up to {} behind the stored next fires (stepped back while the service was down?): ticks already claimed are not run again; {moved} schedule(s) resume from the new wall time",
+                humantime::format_duration(Duration::from_secs(behind.num_seconds().max(0) as u64))
+            );
+            warn!("{message}");
+            self.log_event("clock_step", None, None, &message, now);
+            self.clock_step = Some(step);
         }
         if !due.is_empty() {
             self.fire_due(&due, now, true);
@@ -157,7 +178,7 @@ impl Engine {
     }
 
     /// `orphaned → queued` while attempts remain, else `orphaned → failed`.
-    fn settle_orphan(&mut self, row: &RunRow, reason: &str, now: Instant) {
+    pub(super) fn settle_orphan(&mut self, row: &RunRow, reason: &str, now: Instant) {
         let attempt: Attempt = row.attempt;
         if attempt.0 < row.max_attempts && self.config.tasks.contains_key(&row.task) {
             let change = Change {

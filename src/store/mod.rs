@@ -92,6 +92,36 @@ pub enum StoreError {
     },
 }
 
+impl StoreError {
+    /// True when the database could not take the operation at all — a full disk, an I/O
+    /// error, a read-only or locked file — as opposed to a refusal of this operation
+    /// (`AlreadyClaimed`, `Fenced`, …). Such a store is *unavailable*: the engine keeps its
+    /// ticks due and the API answers 503 until a write succeeds again.
+    pub fn is_unavailable(&self) -> bool {
+        use rusqlite::ErrorCode::*;
+        let source = match self {
+            StoreError::Open { source, .. } => source,
+            StoreError::Sql(source) => source,
+            _ => return false,
+        };
+        match source.sqlite_error_code() {
+            Some(code) => matches!(
+                code,
+                DiskFull
+                    | SystemIoFailure
+                    | ReadOnly
+                    | CannotOpen
+                    | DatabaseBusy
+                    | DatabaseLocked
+                    | PermissionDenied
+                    | OutOfMemory
+                    | FileLockingProtocolFailed
+            ),
+            None => matches!(source, rusqlite::Error::ToSqlConversionFailure(_)),
+        }
+    }
+}
+
 /// A run to insert.
 #[derive(Debug, Clone)]
 pub struct NewRun {
@@ -656,6 +686,28 @@ impl Store {
         Ok(row.unwrap_or_default())
     }
 
+    /// The ticks of `task` in `[from, to]` that a scheduled or catch-up run has claimed.
+    pub fn claimed_ticks(
+        &self,
+        task: &TaskName,
+        from: Instant,
+        to: Instant,
+    ) -> Result<std::collections::HashSet<Instant>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup') \
+             AND scheduled_for BETWEEN ?2 AND ?3",
+        )?;
+        let ticks = statement
+            .query_map(
+                params![task.as_str(), to_micros(from), to_micros(to)],
+                |row| row.get::<_, i64>(0),
+            )?
+            .map(|tick| tick.map(from_micros))
+            .collect::<Result<_, _>>()?;
+        Ok(ticks)
+    }
+
     /// [`Batch::set_next_fire`] in a transaction of its own.
     pub fn set_next_fire(
         &self,
@@ -860,19 +912,21 @@ impl Store {
         Ok(())
     }
 
-    /// Proves the database takes a write within `patience` (for health checks): an empty
-    /// `BEGIN IMMEDIATE … COMMIT` that must get the write lock.
-    pub fn probe_write(&self, patience: Duration) -> Result<(), StoreError> {
+    /// Proves the database takes a write within `patience` (for health checks): a
+    /// transaction that changes a byte (`meta.health_probe` = `now`) and commits. A
+    /// statement that changes nothing would let SQLite skip the write, and a full disk or
+    /// a read-only journal would pass unseen.
+    pub fn probe_write(&self, patience: Duration, now: Instant) -> Result<(), StoreError> {
         let connection = self.lock();
         connection.busy_timeout(patience)?;
-        let result = connection.execute_batch(
-            "BEGIN IMMEDIATE; UPDATE meta SET value = value WHERE key = 'schema_version'; COMMIT;",
+        let result = connection.execute(
+            "INSERT INTO meta(key, value) VALUES ('health_probe', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [to_micros(now).to_string()],
         );
-        if result.is_err() {
-            let _ = connection.execute_batch("ROLLBACK;");
-        }
         connection.busy_timeout(Duration::from_secs(10))?;
-        Ok(result?)
+        result?;
+        Ok(())
     }
 
     /// How many events of the given kinds happened at or after `since`.

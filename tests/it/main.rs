@@ -7,6 +7,7 @@ mod boundaries;
 mod browser;
 mod cli;
 mod docs;
+mod faults;
 mod maintenance;
 mod market;
 mod pipeline;
