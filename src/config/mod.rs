@@ -25,7 +25,9 @@ use sha2::{Digest, Sha256};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-pub use raw::{KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
+pub use raw::{
+    DurationBound, DURATION_BOUNDS, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS,
+};
 
 /// The params each built-in handler reads. Any other key in a task's `params` is a config
 /// error: a misspelt key would otherwise leave its default in force without a word.

@@ -2,10 +2,12 @@
 //! [`resolve`] then performs stage two and builds the [`Config`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::Utc;
 use chrono_tz::Tz;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -64,6 +66,44 @@ pub const KNOWN_LOGGING_KEYS: &[&str] = &[
 
 const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
 
+/// The longest value a duration key accepts, as the reference writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationBound {
+    /// The key within its table (`kill_grace`, `retry_backoff.initial`).
+    pub key: &'static str,
+    /// The bound, inclusive.
+    pub max: Duration,
+    /// The bound as README_SCHEDULE.md writes it ("1h").
+    pub text: &'static str,
+}
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+/// Every duration key and its upper bound. A value past the bound is a mistake (an
+/// absurd `kill_grace` lets a run that ignores SIGTERM outlive its timeout for ever), and
+/// the bounds keep every deadline far from `Instant` overflow.
+pub const DURATION_BOUNDS: &[DurationBound] = &[
+    bound("heartbeat_interval", 10 * MINUTE, "10m"),
+    bound("heartbeat_timeout", HOUR, "1h"),
+    bound("kill_grace", HOUR, "1h"),
+    bound("shutdown_grace", HOUR, "1h"),
+    bound("timeout", 7 * DAY, "7d"),
+    bound("retry_backoff.initial", DAY, "1d"),
+    bound("retry_backoff.max", DAY, "1d"),
+    bound("dependency_max_age", 366 * DAY, "366d"),
+    bound("misfire_grace", 366 * DAY, "366d"),
+];
+
+const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {
+    DurationBound {
+        key,
+        max: Duration::from_secs(secs),
+        text,
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScheduler {
@@ -97,7 +137,7 @@ enum RawSize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
-    bind: Option<String>,
+    bind: Option<Spanned<String>>,
     token_env: Option<String>,
 }
 
@@ -184,6 +224,9 @@ impl Report<'_> {
         }
     }
 
+    /// Parses the duration at `key`, whose last part (after `tasks.<name>.`,
+    /// `defaults.` or `scheduler.`) names its bound in [`DURATION_BOUNDS`]. A value past
+    /// the bound is reported and the bound returned, so no check downstream trips on it.
     fn duration(
         &mut self,
         value: Option<&Spanned<String>>,
@@ -191,8 +234,25 @@ impl Report<'_> {
         default: Duration,
     ) -> Duration {
         let Some(value) = value else { return default };
+        let bound = DURATION_BOUNDS
+            .iter()
+            .find(|b| key.ends_with(&format!(".{}", b.key)));
         match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) => duration,
+            Ok(duration) => match bound {
+                Some(bound) if duration > bound.max => {
+                    self.error(
+                        value.span(),
+                        key,
+                        format!(
+                            "expected a duration of at most {}, found {:?}",
+                            bound.text,
+                            value.get_ref()
+                        ),
+                    );
+                    bound.max
+                }
+                _ => duration,
+            },
             Err(_) => {
                 self.error(
                     value.span(),
@@ -246,6 +306,15 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         }
     };
 
+    if document.get_ref().is_empty() {
+        report.error(
+            0..0,
+            "",
+            "the file is empty: it defines no tasks (add a [tasks.<name>] table)",
+        );
+        return Err(ConfigErrors(report.errors));
+    }
+
     let mut scheduler: Option<RawScheduler> = None;
     let mut api: Option<RawApi> = None;
     let mut logging: Option<RawLogging> = None;
@@ -288,10 +357,13 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     }
 
     let scheduler = resolve_scheduler(&mut report, scheduler);
+    if let Some(bind) = api.as_ref().and_then(|a| a.bind.as_ref()) {
+        check_bind(&mut report, bind);
+    }
     let api = ApiSettings {
         bind: api
             .as_ref()
-            .and_then(|a| a.bind.clone())
+            .and_then(|a| a.bind.as_ref().map(|b| b.get_ref().clone()))
             .unwrap_or_else(|| "127.0.0.1:5000".into()),
         token_env: api
             .and_then(|a| a.token_env)
@@ -356,6 +428,28 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         tasks: specs,
         topo_order,
     })
+}
+
+/// `[api] bind` must be an IP address and a port: the API binds exactly that, and a
+/// refusal at start-up would come without the file's line and column.
+fn check_bind(report: &mut Report<'_>, bind: &Spanned<String>) {
+    let text = bind.get_ref();
+    if text.parse::<SocketAddr>().is_ok() {
+        return;
+    }
+    let port_out_of_range = text.rsplit_once(':').is_some_and(|(_, port)| {
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_err()
+    });
+    let hint = if port_out_of_range {
+        "a port is 0 to 65535"
+    } else {
+        "an IP address and a port"
+    };
+    report.error(
+        bind.span(),
+        "api.bind",
+        format!("expected an address such as \"127.0.0.1:5000\", found {text:?} ({hint})"),
+    );
 }
 
 fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> SchedulerSettings {
@@ -539,6 +633,18 @@ fn resolve_task(
         pick(&task.schedule, &defaults.schedule, task_name, "schedule");
     let schedule = match schedule_value {
         Some(expr) => match Schedule::parse(expr.get_ref(), timezone) {
+            // A date that does not exist (31 February) parses but has no next fire.
+            Ok(schedule) if schedule.next_after(Utc::now()).is_none() => {
+                report.error(
+                    expr.span(),
+                    &schedule_key,
+                    format!(
+                        "schedule {:?} never fires (no date matches)",
+                        expr.get_ref()
+                    ),
+                );
+                None
+            }
             Ok(schedule) => Some(schedule),
             Err(err) => {
                 report.error(expr.span(), &schedule_key, err.to_string());

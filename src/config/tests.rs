@@ -363,3 +363,104 @@ fn a_param_the_handler_does_not_read_is_refused_with_a_suggestion() {
     // External commands get no params checking: their params are not read by turbosched.
     check_ok("[tasks.x]\ncommand = [\"true\"]\nparams = { anything = 1 }\n");
 }
+
+// Regression tests for "No fire lost under the faults operators meet", item 7: configs
+// that can never work are refused, each error at its value.
+
+#[test]
+fn a_schedule_that_never_fires_is_refused_naming_its_line() {
+    check_errors(
+        &format!("{PING}schedule = \"0 0 0 30 2 *\"\n"),
+        &["3:12: tasks.a.schedule: schedule \"0 0 0 30 2 *\" never fires (no date matches)"],
+    );
+    check_errors(
+        "[defaults]\nschedule = \"0 0 31 2 *\"\n[tasks.a]\nhandler = \"ping\"\n",
+        &["2:12: defaults.schedule: schedule \"0 0 31 2 *\" never fires (no date matches)"],
+    );
+    // Once every four years is still a schedule.
+    check_ok(&format!("{PING}schedule = \"0 0 29 2 *\"\n"));
+}
+
+#[test]
+fn a_year_field_is_refused_as_a_seventh_field() {
+    check_errors(
+        &format!("{PING}schedule = \"0 0 0 1 1 * 2020\"\n"),
+        &["3:12: tasks.a.schedule: invalid cron expression \"0 0 0 1 1 * 2020\": expected 5 or 6 fields (min hour dom month dow, or sec min hour dom month dow), found 7"],
+    );
+    check_errors(
+        &format!("{PING}schedule = \"0 0 1 1\"\n"),
+        &["3:12: tasks.a.schedule: invalid cron expression \"0 0 1 1\": expected 5 or 6 fields (min hour dom month dow, or sec min hour dom month dow), found 4"],
+    );
+}
+
+#[test]
+fn an_absurd_kill_grace_is_refused_naming_its_bound() {
+    check_errors(
+        "[scheduler]\nkill_grace = \"500000000000d\"\n",
+        &["2:14: scheduler.kill_grace: expected a duration of at most 1h, found \"500000000000d\""],
+    );
+    check_ok(&format!("[scheduler]\nkill_grace = \"1h\"\n{PING}"));
+}
+
+#[test]
+fn every_duration_key_has_an_upper_bound() {
+    check_errors(
+        r#"[scheduler]
+heartbeat_interval = "11m"
+heartbeat_timeout = "61m"
+shutdown_grace = "61m"
+[defaults]
+misfire_grace = "367d"
+[tasks.a]
+handler = "ping"
+timeout = "8d"
+dependency_max_age = "367d"
+retry_backoff = { initial = "2d", max = "25h" }
+"#,
+        &[
+            "2:22: scheduler.heartbeat_interval: expected a duration of at most 10m, found \"11m\"",
+            "3:21: scheduler.heartbeat_timeout: expected a duration of at most 1h, found \"61m\"",
+            "4:18: scheduler.shutdown_grace: expected a duration of at most 1h, found \"61m\"",
+            "6:17: defaults.misfire_grace: expected a duration of at most 366d, found \"367d\"",
+            "9:11: tasks.a.timeout: expected a duration of at most 7d, found \"8d\"",
+            "10:22: tasks.a.dependency_max_age: expected a duration of at most 366d, found \"367d\"",
+            "11:29: tasks.a.retry_backoff.initial: expected a duration of at most 1d, found \"2d\"",
+            "11:41: tasks.a.retry_backoff.max: expected a duration of at most 1d, found \"25h\"",
+        ],
+    );
+    // Each bound itself is accepted.
+    check_ok(
+        r#"[scheduler]
+heartbeat_interval = "10m"
+heartbeat_timeout = "1h"
+kill_grace = "1h"
+shutdown_grace = "1h"
+[tasks.a]
+handler = "ping"
+timeout = "7d"
+misfire_grace = "366d"
+dependency_max_age = "366d"
+retry_backoff = { initial = "1d", max = "1d" }
+"#,
+    );
+}
+
+#[test]
+fn an_empty_file_is_refused_at_its_start() {
+    let expected = ["1:1: the file is empty: it defines no tasks (add a [tasks.<name>] table)"];
+    check_errors("", &expected);
+    check_errors("\n  \n# only a comment\n", &expected);
+}
+
+#[test]
+fn an_api_address_that_cannot_be_bound_is_refused_at_its_value() {
+    check_errors(
+        &format!("[api]\nbind = \"127.0.0.1:99999\"\n{PING}"),
+        &["2:8: api.bind: expected an address such as \"127.0.0.1:5000\", found \"127.0.0.1:99999\" (a port is 0 to 65535)"],
+    );
+    check_errors(
+        &format!("[api]\nbind = \"localhost:5000\"\n{PING}"),
+        &["2:8: api.bind: expected an address such as \"127.0.0.1:5000\", found \"localhost:5000\" (an IP address and a port)"],
+    );
+    check_ok(&format!("[api]\nbind = \"[::1]:0\"\n{PING}"));
+}
