@@ -185,6 +185,58 @@ struct Report<'a> {
     text: &'a str,
     file: &'a Path,
     errors: Vec<ConfigError>,
+    /// Every key of the document, to name the key an error's span falls in.
+    entries: Vec<Entry>,
+}
+
+/// One key of the document: its full dotted path and where it and its value are.
+#[derive(Debug)]
+struct Entry {
+    path: String,
+    /// The key's own last part (`max_workers`).
+    name: String,
+    /// Tables above it (0 for a top-level key).
+    depth: usize,
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Every key in `table` and below, tables of arrays included.
+fn entries(table: &DeTable<'_>, prefix: &str, depth: usize, out: &mut Vec<Entry>) {
+    for (key, value) in table {
+        let name = key.get_ref().to_string();
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        out.push(Entry {
+            path: path.clone(),
+            name,
+            depth,
+            key: key.span(),
+            value: value.span(),
+        });
+        match value.get_ref() {
+            DeValue::Table(inner) => entries(inner, &path, depth + 1, out),
+            DeValue::Array(items) => {
+                for item in items {
+                    if let DeValue::Table(inner) = item.get_ref() {
+                        entries(inner, &path, depth + 1, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The most specific key at `at`: the key whose own span it is, or whose value holds it.
+fn locate<'e>(entries: &'e [Entry], at: &Range<usize>) -> Option<&'e Entry> {
+    entries
+        .iter()
+        .filter(|e| e.key == *at || (e.value.start <= at.start && at.end <= e.value.end))
+        .max_by_key(|e| e.depth)
 }
 
 impl Report<'_> {
@@ -202,7 +254,8 @@ impl Report<'_> {
         }
     }
 
-    /// Deserializes one value, reporting a failure at its span under `key`.
+    /// Deserializes one value, reporting a failure at its span under the full dotted key
+    /// it falls in (`key` itself, or a key below it).
     fn decode<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, key: &str) -> Option<T> {
         let span = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
@@ -210,14 +263,22 @@ impl Report<'_> {
             Err(err) => {
                 let at = err.span().unwrap_or(span);
                 let message = err.message().trim().to_string();
+                let below = format!("{key}.");
+                let inner = locate(&self.entries, &at)
+                    .filter(|e| e.path.starts_with(&below))
+                    .map(|e| e.path.clone());
                 match unknown_field(&message) {
                     Some((field, expected)) => {
                         let hint = closest(&field, expected.iter().map(String::as_str))
                             .map(|near| format!(" (did you mean \"{near}\"?)"))
                             .unwrap_or_default();
-                        self.error(at, &format!("{key}.{field}"), format!("unknown key{hint}"));
+                        let path = inner.unwrap_or_else(|| format!("{key}.{field}"));
+                        self.error(at, &path, format!("unknown key{hint}"));
                     }
-                    None => self.error(at, key, lowercase_first(&message)),
+                    None => {
+                        let path = inner.unwrap_or_else(|| key.to_string());
+                        self.error(at, &path, explain(&message));
+                    }
                 }
                 None
             }
@@ -292,19 +353,16 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         text,
         file,
         errors: Vec::new(),
+        entries: Vec::new(),
     };
     let document = match DeTable::parse(text) {
         Ok(document) => document,
         Err(err) => {
-            let span = err.span().unwrap_or(0..0);
-            report.error(
-                span,
-                "",
-                format!("invalid TOML: {}", lowercase_first(err.message().trim())),
-            );
+            syntax_error(&mut report, &err);
             return Err(ConfigErrors(report.errors));
         }
     };
+    entries(document.get_ref(), "", 0, &mut report.entries);
 
     if document.get_ref().is_empty() {
         report.error(
@@ -450,6 +508,88 @@ fn check_bind(report: &mut Report<'_>, bind: &Spanned<String>) {
         "api.bind",
         format!("expected an address such as \"127.0.0.1:5000\", found {text:?} ({hint})"),
     );
+}
+
+/// A TOML syntax error, named by the key it falls in when the rest of the file tells.
+/// A duplicate key is named in full, with the line it was first set on when known.
+fn syntax_error(report: &mut Report<'_>, err: &toml::de::Error) {
+    let span = err.span().unwrap_or(0..0);
+    let message = lowercase_first(err.message().trim());
+    // Best-effort recovery keeps the keys before and around the error.
+    let (recovered, _) = DeTable::parse_recoverable(report.text);
+    let mut known = Vec::new();
+    entries(recovered.get_ref(), "", 0, &mut known);
+    if message == "duplicate key" {
+        let name = report
+            .text
+            .get(span.clone())
+            .unwrap_or_default()
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'');
+        // The latest table header before the key tells which table it is in; a header
+        // is a table whose value span is its `[...]` line.
+        let header = known
+            .iter()
+            .filter(|e| {
+                e.value.end <= span.start
+                    && report
+                        .text
+                        .get(e.value.clone())
+                        .is_some_and(|t| t.starts_with('['))
+            })
+            .max_by_key(|e| e.value.start)
+            .map(|e| format!("{}.", e.path));
+        let earlier = |e: &&Entry| e.name == name && e.key.start <= span.start;
+        let first = known
+            .iter()
+            .filter(earlier)
+            .filter(|e| header.as_ref().is_none_or(|h| e.path.starts_with(h)))
+            .max_by_key(|e| e.key.start)
+            .or_else(|| known.iter().filter(earlier).max_by_key(|e| e.key.start));
+        let (path, message) = match first {
+            Some(first) if first.key.start < span.start => (
+                first.path.clone(),
+                format!(
+                    "duplicate key (first set on line {})",
+                    line_column(report.text, first.key.start).0
+                ),
+            ),
+            Some(first) => (first.path.clone(), message),
+            None => (name.to_string(), message),
+        };
+        report.error(span, &path, message);
+        return;
+    }
+    let path = locate(&known, &span)
+        .map(|e| e.path.clone())
+        .unwrap_or_default();
+    report.error(span, &path, format!("invalid TOML: {message}"));
+}
+
+/// A file that is not UTF-8, refused at its first bad byte under the key it falls in.
+pub(super) fn invalid_utf8(bytes: &[u8], valid_up_to: usize, file: &Path) -> ConfigErrors {
+    // Bytes before the first bad one are unchanged by the lossy decoding.
+    let text = String::from_utf8_lossy(bytes);
+    let (recovered, _) = DeTable::parse_recoverable(&text);
+    let mut known = Vec::new();
+    entries(recovered.get_ref(), "", 0, &mut known);
+    let at = valid_up_to..valid_up_to + 1;
+    let mut report = Report {
+        text: &text,
+        file,
+        errors: Vec::new(),
+        entries: Vec::new(),
+    };
+    let path = locate(&known, &at)
+        .map(|e| e.path.clone())
+        .unwrap_or_default();
+    let byte = bytes.get(valid_up_to).copied().unwrap_or_default();
+    report.error(
+        at,
+        &path,
+        format!("expected UTF-8 text, found the byte 0x{byte:02X} (save the file as UTF-8)"),
+    );
+    ConfigErrors(report.errors)
 }
 
 fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> SchedulerSettings {
@@ -998,6 +1138,34 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
         .map(str::to_string)
         .collect();
     Some((field, expected))
+}
+
+/// serde's "invalid type: string \"four\", expected i64" as "expected a whole number,
+/// found string \"four\"", in the words of the config reference.
+fn explain(message: &str) -> String {
+    let mismatch = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    if let Some((found, expected)) = mismatch {
+        let expected = match expected {
+            "i64" | "i32" | "usize" => "a whole number",
+            "u32" => "a whole number from 0 to 4294967295",
+            "u64" => "a whole number of at least 0",
+            "f64" => "a number",
+            "a sequence" => "an array",
+            "a map" => "a table",
+            other => other,
+        };
+        return format!("expected {expected}, found {found}");
+    }
+    if message.contains("untagged enum RawCommand") {
+        return "expected an array of arguments such as [\"/bin/echo\", \"hi\"], or one string with shell = true".into();
+    }
+    if message.contains("untagged enum RawSize") {
+        return "expected a size such as \"10MB\", or a number of bytes".into();
+    }
+    lowercase_first(message)
 }
 
 fn lowercase_first(text: &str) -> String {

@@ -191,3 +191,52 @@ fn serve_refuses_an_out_of_range_port_naming_its_line() {
         stderr(&output)
     );
 }
+
+/// Regression, "No fire lost under the faults operators meet", item 8: a value of the
+/// wrong type, a duplicate key and a byte that is not UTF-8 are each named by their full
+/// dotted key, line and column.
+#[test]
+fn validate_names_the_key_of_type_duplicate_and_encoding_errors() {
+    let sandbox = Sandbox::with_config(
+        "[scheduler]\nmax_workers = \"four\"\n[tasks.a]\nhandler = \"ping\"\nretries = \"three\"\n",
+    );
+    let output = sandbox.cli(&["validate"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    for line in [
+        "config/scheduler.toml:2:15: scheduler.max_workers: expected a whole number, found string \"four\"",
+        "config/scheduler.toml:5:11: tasks.a.retries: expected a whole number from 0 to 4294967295, found string \"three\"",
+        "2 error(s)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+
+    let duplicate = sandbox.path().join("duplicate.toml");
+    std::fs::write(
+        &duplicate,
+        "[tasks.a]\nhandler = \"ping\"\ntimeout = \"1m\"\ntimeout = \"2m\"\n",
+    )
+    .unwrap();
+    let output = sandbox.cli(&["validate", "duplicate.toml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output)
+            .contains("duplicate.toml:4:1: tasks.a.timeout: duplicate key (first set on line 3)"),
+        "{}",
+        stderr(&output)
+    );
+
+    let latin1 = sandbox.path().join("latin1.toml");
+    std::fs::write(
+        &latin1,
+        b"[tasks.a]\nhandler = \"ping\"\ndescription = \"caf\xE9\"\n",
+    )
+    .unwrap();
+    let output = sandbox.cli(&["validate", "latin1.toml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("latin1.toml:3:19: tasks.a.description: expected UTF-8 text, found the byte 0xE9 (save the file as UTF-8)"),
+        "{}",
+        stderr(&output)
+    );
+}
