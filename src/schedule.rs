@@ -28,7 +28,7 @@ use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
-use croner::parser::{CronParser, Seconds};
+use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
 
 use crate::model::{Instant, Trigger};
@@ -66,8 +66,23 @@ fn compile(parser: &CronParser, expr: &str) -> Result<Arc<Cron>, croner::errors:
 impl Schedule {
     /// Compiles `expr` (5 or 6 fields, or `@hourly`, `@daily`, `@weekly`, `@monthly`,
     /// `@yearly`/`@annually`) for the zone `tz`.
+    ///
+    /// A seventh field (croner's year) is refused: the reference documents 5 or 6 fields,
+    /// and a year in the past would make a schedule that never fires.
     pub fn parse(expr: &str, tz: Tz) -> Result<Schedule, ScheduleError> {
-        let parser = CronParser::builder().seconds(Seconds::Optional).build();
+        let fields = expr.split_whitespace().count();
+        if !expr.trim_start().starts_with('@') && !(5..=6).contains(&fields) {
+            return Err(ScheduleError {
+                expr: expr.to_string(),
+                reason: format!(
+                    "expected 5 or 6 fields (min hour dom month dow, or sec min hour dom month dow), found {fields}"
+                ),
+            });
+        }
+        let parser = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build();
         let cron = compile(&parser, expr.trim()).map_err(|err| ScheduleError {
             expr: expr.to_string(),
             reason: err.to_string().to_lowercase(),
@@ -435,7 +450,14 @@ mod tests {
 
     #[test]
     fn bad_expressions_are_refused() {
-        for bad in ["61 * * * *", "* * *", "@fortnightly", "0 0 32 * *"] {
+        // A seventh field is a year to croner; the reference has none.
+        for bad in [
+            "61 * * * *",
+            "* * *",
+            "@fortnightly",
+            "0 0 32 * *",
+            "0 0 0 1 1 * 2099",
+        ] {
             assert!(
                 Schedule::parse(bad, chrono_tz::UTC).is_err(),
                 "{bad} accepted"

@@ -1,7 +1,9 @@
 //! The operator's one file, `config/scheduler.toml`, read in two stages.
 //!
 //! 1. [`raw`] mirrors the TOML with spans and checks what a value can tell alone (a
-//!    duration parses, a time zone exists, no unknown key).
+//!    duration parses and stays within its bound in [`DURATION_BOUNDS`], a time zone
+//!    exists, a schedule fires at least once more, `[api] bind` is an address, no
+//!    unknown key).
 //! 2. [`Config`] is built once the whole file is read: cron compiled, handlers known,
 //!    dependencies known and free of cycles. The engine only ever sees a `Config`.
 //!
@@ -25,7 +27,9 @@ use sha2::{Digest, Sha256};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-pub use raw::{KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
+pub use raw::{
+    DurationBound, DURATION_BOUNDS, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS,
+};
 
 /// The params each built-in handler reads. Any other key in a task's `params` is a config
 /// error: a misspelt key would otherwise leave its default in force without a word.
@@ -389,7 +393,7 @@ impl Config {
 
 /// Reads and validates `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|err| {
+    let bytes = std::fs::read(path).map_err(|err| {
         ConfigErrors(vec![ConfigError {
             file: path.to_path_buf(),
             line: 0,
@@ -398,7 +402,10 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
             message: format!("cannot read config file: {err}"),
         }])
     })?;
-    parse(&text, path)
+    match std::str::from_utf8(&bytes) {
+        Ok(text) => parse(text, path),
+        Err(err) => Err(raw::invalid_utf8(&bytes, err.valid_up_to(), path)),
+    }
 }
 
 /// Validates `text` as if read from `path` (which only names the file in errors).

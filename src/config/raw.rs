@@ -2,10 +2,12 @@
 //! [`resolve`] then performs stage two and builds the [`Config`].
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::net::SocketAddr;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use chrono::Utc;
 use chrono_tz::Tz;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -64,6 +66,44 @@ pub const KNOWN_LOGGING_KEYS: &[&str] = &[
 
 const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
 
+/// The longest value a duration key accepts, as the reference writes it.
+#[derive(Debug, Clone, Copy)]
+pub struct DurationBound {
+    /// The key within its table (`kill_grace`, `retry_backoff.initial`).
+    pub key: &'static str,
+    /// The bound, inclusive.
+    pub max: Duration,
+    /// The bound as README_SCHEDULE.md writes it ("1h").
+    pub text: &'static str,
+}
+
+const MINUTE: u64 = 60;
+const HOUR: u64 = 60 * MINUTE;
+const DAY: u64 = 24 * HOUR;
+
+/// Every duration key and its upper bound. A value past the bound is a mistake (an
+/// absurd `kill_grace` lets a run that ignores SIGTERM outlive its timeout for ever), and
+/// the bounds keep every deadline far from `Instant` overflow.
+pub const DURATION_BOUNDS: &[DurationBound] = &[
+    bound("heartbeat_interval", 10 * MINUTE, "10m"),
+    bound("heartbeat_timeout", HOUR, "1h"),
+    bound("kill_grace", HOUR, "1h"),
+    bound("shutdown_grace", HOUR, "1h"),
+    bound("timeout", 7 * DAY, "7d"),
+    bound("retry_backoff.initial", DAY, "1d"),
+    bound("retry_backoff.max", DAY, "1d"),
+    bound("dependency_max_age", 366 * DAY, "366d"),
+    bound("misfire_grace", 366 * DAY, "366d"),
+];
+
+const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {
+    DurationBound {
+        key,
+        max: Duration::from_secs(secs),
+        text,
+    }
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawScheduler {
@@ -97,7 +137,7 @@ enum RawSize {
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawApi {
-    bind: Option<String>,
+    bind: Option<Spanned<String>>,
     token_env: Option<String>,
 }
 
@@ -145,6 +185,58 @@ struct Report<'a> {
     text: &'a str,
     file: &'a Path,
     errors: Vec<ConfigError>,
+    /// Every key of the document, to name the key an error's span falls in.
+    entries: Vec<Entry>,
+}
+
+/// One key of the document: its full dotted path and where it and its value are.
+#[derive(Debug)]
+struct Entry {
+    path: String,
+    /// The key's own last part (`max_workers`).
+    name: String,
+    /// Tables above it (0 for a top-level key).
+    depth: usize,
+    key: Range<usize>,
+    value: Range<usize>,
+}
+
+/// Every key in `table` and below, tables of arrays included.
+fn entries(table: &DeTable<'_>, prefix: &str, depth: usize, out: &mut Vec<Entry>) {
+    for (key, value) in table {
+        let name = key.get_ref().to_string();
+        let path = if prefix.is_empty() {
+            name.clone()
+        } else {
+            format!("{prefix}.{name}")
+        };
+        out.push(Entry {
+            path: path.clone(),
+            name,
+            depth,
+            key: key.span(),
+            value: value.span(),
+        });
+        match value.get_ref() {
+            DeValue::Table(inner) => entries(inner, &path, depth + 1, out),
+            DeValue::Array(items) => {
+                for item in items {
+                    if let DeValue::Table(inner) = item.get_ref() {
+                        entries(inner, &path, depth + 1, out);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+}
+
+/// The most specific key at `at`: the key whose own span it is, or whose value holds it.
+fn locate<'e>(entries: &'e [Entry], at: &Range<usize>) -> Option<&'e Entry> {
+    entries
+        .iter()
+        .filter(|e| e.key == *at || (e.value.start <= at.start && at.end <= e.value.end))
+        .max_by_key(|e| e.depth)
 }
 
 impl Report<'_> {
@@ -162,7 +254,8 @@ impl Report<'_> {
         }
     }
 
-    /// Deserializes one value, reporting a failure at its span under `key`.
+    /// Deserializes one value, reporting a failure at its span under the full dotted key
+    /// it falls in (`key` itself, or a key below it).
     fn decode<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, key: &str) -> Option<T> {
         let span = value.span();
         match T::deserialize(ValueDeserializer::from(value)) {
@@ -170,20 +263,31 @@ impl Report<'_> {
             Err(err) => {
                 let at = err.span().unwrap_or(span);
                 let message = err.message().trim().to_string();
+                let below = format!("{key}.");
+                let inner = locate(&self.entries, &at)
+                    .filter(|e| e.path.starts_with(&below))
+                    .map(|e| e.path.clone());
                 match unknown_field(&message) {
                     Some((field, expected)) => {
                         let hint = closest(&field, expected.iter().map(String::as_str))
                             .map(|near| format!(" (did you mean \"{near}\"?)"))
                             .unwrap_or_default();
-                        self.error(at, &format!("{key}.{field}"), format!("unknown key{hint}"));
+                        let path = inner.unwrap_or_else(|| format!("{key}.{field}"));
+                        self.error(at, &path, format!("unknown key{hint}"));
                     }
-                    None => self.error(at, key, lowercase_first(&message)),
+                    None => {
+                        let path = inner.unwrap_or_else(|| key.to_string());
+                        self.error(at, &path, explain(&message));
+                    }
                 }
                 None
             }
         }
     }
 
+    /// Parses the duration at `key`, whose last part (after `tasks.<name>.`,
+    /// `defaults.` or `scheduler.`) names its bound in [`DURATION_BOUNDS`]. A value past
+    /// the bound is reported and the bound returned, so no check downstream trips on it.
     fn duration(
         &mut self,
         value: Option<&Spanned<String>>,
@@ -191,8 +295,25 @@ impl Report<'_> {
         default: Duration,
     ) -> Duration {
         let Some(value) = value else { return default };
+        let bound = DURATION_BOUNDS
+            .iter()
+            .find(|b| key.ends_with(&format!(".{}", b.key)));
         match humantime::parse_duration(value.get_ref().trim()) {
-            Ok(duration) => duration,
+            Ok(duration) => match bound {
+                Some(bound) if duration > bound.max => {
+                    self.error(
+                        value.span(),
+                        key,
+                        format!(
+                            "expected a duration of at most {}, found {:?}",
+                            bound.text,
+                            value.get_ref()
+                        ),
+                    );
+                    bound.max
+                }
+                _ => duration,
+            },
             Err(_) => {
                 self.error(
                     value.span(),
@@ -232,19 +353,25 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         text,
         file,
         errors: Vec::new(),
+        entries: Vec::new(),
     };
     let document = match DeTable::parse(text) {
         Ok(document) => document,
         Err(err) => {
-            let span = err.span().unwrap_or(0..0);
-            report.error(
-                span,
-                "",
-                format!("invalid TOML: {}", lowercase_first(err.message().trim())),
-            );
+            syntax_error(&mut report, &err);
             return Err(ConfigErrors(report.errors));
         }
     };
+    entries(document.get_ref(), "", 0, &mut report.entries);
+
+    if document.get_ref().is_empty() {
+        report.error(
+            0..0,
+            "",
+            "the file is empty: it defines no tasks (add a [tasks.<name>] table)",
+        );
+        return Err(ConfigErrors(report.errors));
+    }
 
     let mut scheduler: Option<RawScheduler> = None;
     let mut api: Option<RawApi> = None;
@@ -288,10 +415,13 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     }
 
     let scheduler = resolve_scheduler(&mut report, scheduler);
+    if let Some(bind) = api.as_ref().and_then(|a| a.bind.as_ref()) {
+        check_bind(&mut report, bind);
+    }
     let api = ApiSettings {
         bind: api
             .as_ref()
-            .and_then(|a| a.bind.clone())
+            .and_then(|a| a.bind.as_ref().map(|b| b.get_ref().clone()))
             .unwrap_or_else(|| "127.0.0.1:5000".into()),
         token_env: api
             .and_then(|a| a.token_env)
@@ -356,6 +486,110 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         tasks: specs,
         topo_order,
     })
+}
+
+/// `[api] bind` must be an IP address and a port: the API binds exactly that, and a
+/// refusal at start-up would come without the file's line and column.
+fn check_bind(report: &mut Report<'_>, bind: &Spanned<String>) {
+    let text = bind.get_ref();
+    if text.parse::<SocketAddr>().is_ok() {
+        return;
+    }
+    let port_out_of_range = text.rsplit_once(':').is_some_and(|(_, port)| {
+        !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) && port.parse::<u16>().is_err()
+    });
+    let hint = if port_out_of_range {
+        "a port is 0 to 65535"
+    } else {
+        "an IP address and a port"
+    };
+    report.error(
+        bind.span(),
+        "api.bind",
+        format!("expected an address such as \"127.0.0.1:5000\", found {text:?} ({hint})"),
+    );
+}
+
+/// A TOML syntax error, named by the key it falls in when the rest of the file tells.
+/// A duplicate key is named in full, with the line it was first set on when known.
+fn syntax_error(report: &mut Report<'_>, err: &toml::de::Error) {
+    let span = err.span().unwrap_or(0..0);
+    let message = lowercase_first(err.message().trim());
+    // Best-effort recovery keeps the keys before and around the error.
+    let (recovered, _) = DeTable::parse_recoverable(report.text);
+    let mut known = Vec::new();
+    entries(recovered.get_ref(), "", 0, &mut known);
+    if message == "duplicate key" {
+        let name = report
+            .text
+            .get(span.clone())
+            .unwrap_or_default()
+            .trim()
+            .trim_matches(|c| c == '"' || c == '\'');
+        // The latest table header before the key tells which table it is in; a header
+        // is a table whose value span is its `[...]` line.
+        let header = known
+            .iter()
+            .filter(|e| {
+                e.value.end <= span.start
+                    && report
+                        .text
+                        .get(e.value.clone())
+                        .is_some_and(|t| t.starts_with('['))
+            })
+            .max_by_key(|e| e.value.start)
+            .map(|e| format!("{}.", e.path));
+        let earlier = |e: &&Entry| e.name == name && e.key.start <= span.start;
+        let first = known
+            .iter()
+            .filter(earlier)
+            .filter(|e| header.as_ref().is_none_or(|h| e.path.starts_with(h)))
+            .max_by_key(|e| e.key.start)
+            .or_else(|| known.iter().filter(earlier).max_by_key(|e| e.key.start));
+        let (path, message) = match first {
+            Some(first) if first.key.start < span.start => (
+                first.path.clone(),
+                format!(
+                    "duplicate key (first set on line {})",
+                    line_column(report.text, first.key.start).0
+                ),
+            ),
+            Some(first) => (first.path.clone(), message),
+            None => (name.to_string(), message),
+        };
+        report.error(span, &path, message);
+        return;
+    }
+    let path = locate(&known, &span)
+        .map(|e| e.path.clone())
+        .unwrap_or_default();
+    report.error(span, &path, format!("invalid TOML: {message}"));
+}
+
+/// A file that is not UTF-8, refused at its first bad byte under the key it falls in.
+pub(super) fn invalid_utf8(bytes: &[u8], valid_up_to: usize, file: &Path) -> ConfigErrors {
+    // Bytes before the first bad one are unchanged by the lossy decoding.
+    let text = String::from_utf8_lossy(bytes);
+    let (recovered, _) = DeTable::parse_recoverable(&text);
+    let mut known = Vec::new();
+    entries(recovered.get_ref(), "", 0, &mut known);
+    let at = valid_up_to..valid_up_to + 1;
+    let mut report = Report {
+        text: &text,
+        file,
+        errors: Vec::new(),
+        entries: Vec::new(),
+    };
+    let path = locate(&known, &at)
+        .map(|e| e.path.clone())
+        .unwrap_or_default();
+    let byte = bytes.get(valid_up_to).copied().unwrap_or_default();
+    report.error(
+        at,
+        &path,
+        format!("expected UTF-8 text, found the byte 0x{byte:02X} (save the file as UTF-8)"),
+    );
+    ConfigErrors(report.errors)
 }
 
 fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> SchedulerSettings {
@@ -539,6 +773,18 @@ fn resolve_task(
         pick(&task.schedule, &defaults.schedule, task_name, "schedule");
     let schedule = match schedule_value {
         Some(expr) => match Schedule::parse(expr.get_ref(), timezone) {
+            // A date that does not exist (31 February) parses but has no next fire.
+            Ok(schedule) if schedule.next_after(Utc::now()).is_none() => {
+                report.error(
+                    expr.span(),
+                    &schedule_key,
+                    format!(
+                        "schedule {:?} never fires (no date matches)",
+                        expr.get_ref()
+                    ),
+                );
+                None
+            }
             Ok(schedule) => Some(schedule),
             Err(err) => {
                 report.error(expr.span(), &schedule_key, err.to_string());
@@ -892,6 +1138,34 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
         .map(str::to_string)
         .collect();
     Some((field, expected))
+}
+
+/// serde's "invalid type: string \"four\", expected i64" as "expected a whole number,
+/// found string \"four\"", in the words of the config reference.
+fn explain(message: &str) -> String {
+    let mismatch = message
+        .strip_prefix("invalid type: ")
+        .or_else(|| message.strip_prefix("invalid value: "))
+        .and_then(|rest| rest.rsplit_once(", expected "));
+    if let Some((found, expected)) = mismatch {
+        let expected = match expected {
+            "i64" | "i32" | "usize" => "a whole number",
+            "u32" => "a whole number from 0 to 4294967295",
+            "u64" => "a whole number of at least 0",
+            "f64" => "a number",
+            "a sequence" => "an array",
+            "a map" => "a table",
+            other => other,
+        };
+        return format!("expected {expected}, found {found}");
+    }
+    if message.contains("untagged enum RawCommand") {
+        return "expected an array of arguments such as [\"/bin/echo\", \"hi\"], or one string with shell = true".into();
+    }
+    if message.contains("untagged enum RawSize") {
+        return "expected a size such as \"10MB\", or a number of bytes".into();
+    }
+    lowercase_first(message)
 }
 
 fn lowercase_first(text: &str) -> String {

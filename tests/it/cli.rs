@@ -133,3 +133,110 @@ fn a_foreground_run_is_not_mistaken_for_a_service() {
     let status = stdout(&sandbox.cli(&["status"]));
     assert!(status.contains("service: not running"), "{status}");
 }
+
+/// Regression, "No fire lost under the faults operators meet", item 7: configs that can
+/// never work are refused by `validate`, every one with its place, in one pass.
+#[test]
+fn validate_refuses_configs_that_can_never_work_naming_each_line() {
+    let sandbox = Sandbox::with_config(
+        r#"[scheduler]
+kill_grace = "500000000000d"
+[api]
+bind = "127.0.0.1:99999"
+[tasks.leap]
+handler = "ping"
+schedule = "0 0 31 2 *"
+[tasks.yearly]
+handler = "ping"
+schedule = "0 0 0 1 1 * 2020"
+timeout = "30d"
+"#,
+    );
+    let output = sandbox.cli(&["validate"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    for line in [
+        "config/scheduler.toml:2:14: scheduler.kill_grace: expected a duration of at most 1h, found \"500000000000d\"",
+        "config/scheduler.toml:4:8: api.bind: expected an address such as \"127.0.0.1:5000\", found \"127.0.0.1:99999\" (a port is 0 to 65535)",
+        "config/scheduler.toml:7:12: tasks.leap.schedule: schedule \"0 0 31 2 *\" never fires (no date matches)",
+        "config/scheduler.toml:10:12: tasks.yearly.schedule: invalid cron expression \"0 0 0 1 1 * 2020\": expected 5 or 6 fields (min hour dom month dow, or sec min hour dom month dow), found 7",
+        "config/scheduler.toml:11:11: tasks.yearly.timeout: expected a duration of at most 7d, found \"30d\"",
+        "5 error(s)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+}
+
+#[test]
+fn validate_refuses_an_empty_file_at_its_start() {
+    let sandbox = Sandbox::with_config("# nothing yet\n");
+    let output = sandbox.cli(&["validate"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("config/scheduler.toml:1:1: the file is empty: it defines no tasks (add a [tasks.<name>] table)"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+#[test]
+fn serve_refuses_an_out_of_range_port_naming_its_line() {
+    let sandbox =
+        Sandbox::with_config("[api]\nbind = \"127.0.0.1:99999\"\n[tasks.a]\nhandler = \"ping\"\n");
+    let output = sandbox.cli(&["serve"]);
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("config/scheduler.toml:2:8: api.bind: expected an address"),
+        "{}",
+        stderr(&output)
+    );
+}
+
+/// Regression, "No fire lost under the faults operators meet", item 8: a value of the
+/// wrong type, a duplicate key and a byte that is not UTF-8 are each named by their full
+/// dotted key, line and column.
+#[test]
+fn validate_names_the_key_of_type_duplicate_and_encoding_errors() {
+    let sandbox = Sandbox::with_config(
+        "[scheduler]\nmax_workers = \"four\"\n[tasks.a]\nhandler = \"ping\"\nretries = \"three\"\n",
+    );
+    let output = sandbox.cli(&["validate"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let text = stderr(&output);
+    for line in [
+        "config/scheduler.toml:2:15: scheduler.max_workers: expected a whole number, found string \"four\"",
+        "config/scheduler.toml:5:11: tasks.a.retries: expected a whole number from 0 to 4294967295, found string \"three\"",
+        "2 error(s)",
+    ] {
+        assert!(text.lines().any(|l| l == line), "missing {line:?} in:\n{text}");
+    }
+
+    let duplicate = sandbox.path().join("duplicate.toml");
+    std::fs::write(
+        &duplicate,
+        "[tasks.a]\nhandler = \"ping\"\ntimeout = \"1m\"\ntimeout = \"2m\"\n",
+    )
+    .unwrap();
+    let output = sandbox.cli(&["validate", "duplicate.toml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output)
+            .contains("duplicate.toml:4:1: tasks.a.timeout: duplicate key (first set on line 3)"),
+        "{}",
+        stderr(&output)
+    );
+
+    let latin1 = sandbox.path().join("latin1.toml");
+    std::fs::write(
+        &latin1,
+        b"[tasks.a]\nhandler = \"ping\"\ndescription = \"caf\xE9\"\n",
+    )
+    .unwrap();
+    let output = sandbox.cli(&["validate", "latin1.toml"]);
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        stderr(&output).contains("latin1.toml:3:19: tasks.a.description: expected UTF-8 text, found the byte 0xE9 (save the file as UTF-8)"),
+        "{}",
+        stderr(&output)
+    );
+}

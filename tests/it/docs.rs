@@ -27,6 +27,29 @@ fn every_config_key_has_a_row_in_the_reference() {
 }
 
 #[test]
+fn every_duration_bound_is_in_its_key_row() {
+    let text = reference();
+    for bound in config::DURATION_BOUNDS {
+        let key = bound.key.split('.').next().unwrap_or(bound.key);
+        let row = text
+            .lines()
+            .find(|line| line.starts_with(&format!("| `{key}` |")))
+            .unwrap_or_else(|| panic!("README_SCHEDULE.md has no row for `{key}`"));
+        assert!(
+            row.contains(&format!("at most {}", bound.text)),
+            "the row of `{key}` does not say \"at most {}\"",
+            bound.text
+        );
+        assert_eq!(
+            humantime::parse_duration(bound.text).ok(),
+            Some(bound.max),
+            "{}",
+            bound.key
+        );
+    }
+}
+
+#[test]
 fn every_documented_scheduler_key_is_accepted() {
     let text = reference();
     let section = text
