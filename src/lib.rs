@@ -22,6 +22,7 @@
 #![warn(missing_docs, unreachable_pub)]
 
 pub mod api;
+pub mod audit;
 pub mod config;
 pub mod engine;
 pub mod handlers;

@@ -204,6 +204,36 @@ pub struct DuePlan {
     pub next: Option<Instant>,
 }
 
+impl DuePlan {
+    /// The text of the `misfire` event for the ticks this plan neither runs nor records,
+    /// or `None` when it drops none. It starts with the count, which
+    /// [`dropped_in_misfire_event`] reads back (the tick accounting of `turbosched audit`).
+    pub fn misfire_message(&self, policy: MisfirePolicy) -> Option<String> {
+        (self.dropped > 0 || self.older_than_grace).then(|| {
+            format!(
+                "{} missed tick(s) not run under misfire policy {}{}",
+                self.dropped,
+                policy.as_str(),
+                if self.older_than_grace {
+                    ", and ticks older than misfire_grace"
+                } else {
+                    ""
+                }
+            )
+        })
+    }
+}
+
+/// What a `misfire` event's message says was dropped: the counted ticks, and whether
+/// uncounted ticks older than the grace were passed over too.
+pub fn dropped_in_misfire_event(message: &str) -> Option<(usize, bool)> {
+    let (count, rest) = message.split_once(" missed tick(s) not run")?;
+    Some((
+        count.parse().ok()?,
+        rest.contains("older than misfire_grace"),
+    ))
+}
+
 /// Plans every tick of `schedule` from `first_due` (inclusive) up to `now`.
 ///
 /// `at_startup` says whether the service is coming back from downtime: then every due

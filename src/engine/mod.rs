@@ -693,13 +693,7 @@ impl Engine {
                         batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
                         continue;
                     }
-                    if plan.plan.dropped > 0 || plan.plan.older_than_grace {
-                        let message = format!(
-                            "{} missed tick(s) not run under misfire policy {}{}",
-                            plan.plan.dropped,
-                            plan.spec.misfire.as_str(),
-                            if plan.plan.older_than_grace { ", and ticks older than misfire_grace" } else { "" }
-                        );
+                    if let Some(message) = plan.plan.misfire_message(plan.spec.misfire) {
                         warn!(task = %plan.task, "{message}");
                         batch.record_event("misfire", Some(plan.task.as_str()), None, &message, now)?;
                     }

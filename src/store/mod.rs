@@ -929,6 +929,16 @@ impl Store {
         Ok(())
     }
 
+    /// SQLite's `PRAGMA integrity_check`: "ok", or what is wrong.
+    pub fn integrity_check(&self) -> Result<String, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare("PRAGMA integrity_check")?;
+        let lines = statement
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(lines.join("; "))
+    }
+
     /// How many events of the given kinds happened at or after `since`.
     pub fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
         let connection = self.lock();

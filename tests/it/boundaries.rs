@@ -72,6 +72,17 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the HTTP layer is a skin: no database crate, no processes",
     ),
     (
+        "audit.rs",
+        &[
+            "crate::engine",
+            "crate::runner",
+            "crate::api",
+            "rusqlite",
+            "tokio",
+        ],
+        "the tick accounting reads the store and the config, and acts on nothing",
+    ),
+    (
         "tasklog.rs",
         &["crate::store", "crate::engine", "crate::runner"],
         "log files know nothing of runs beyond their ids",
