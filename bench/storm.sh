@@ -81,9 +81,13 @@ for state in running orphaned; do
   echo "runs left $state: $n"
   stranded=$((stranded + n))
 done
+cd /
 alive=0
 for proc in /proc/[0-9]*; do
-  if [ "$(readlink "$proc/cwd" 2>/dev/null)" = "$dir" ]; then alive=$((alive + 1)); fi
+  if [ "$(readlink "$proc/cwd" 2>/dev/null)" = "$dir" ]; then
+    echo "alive: ${proc#/proc/} $(tr '\0' ' ' <"$proc/cmdline" 2>/dev/null)"
+    alive=$((alive + 1))
+  fi
 done
 echo "processes still alive in the storm's folder: $alive"
 if [ "$audit_status" -ne 0 ] || [ "$stranded" -ne 0 ] || [ "$alive" -ne 0 ]; then
