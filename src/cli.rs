@@ -600,6 +600,10 @@ fn spawn_progress(store: Store, run: RunId) -> tokio::task::JoinHandle<()> {
     })
 }
 
+/// How long `wait_for` waits, once every run of a cascade has ended, for members that were
+/// never queued: far above the service's 200 ms poll and a heartbeat.
+const CASCADE_PATIENCE: Duration = Duration::from_secs(10);
+
 fn wait_for(
     config: &Config,
     store: &Store,
@@ -608,6 +612,7 @@ fn wait_for(
     json: bool,
 ) -> Result<ExitCode> {
     let bar = (!json && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(100));
+    let mut settled_since: Option<std::time::Instant> = None;
     loop {
         let runs = if downstream {
             store.cascade_runs(root)?
@@ -633,9 +638,30 @@ fn wait_for(
         } else {
             1
         };
-        if runs.len() >= expected && runs.iter().all(|r| r.state.is_terminal()) {
+        let settled = runs.iter().all(|r| r.state.is_terminal());
+        // Every member the engine queues is queued when its upstreams end; one that stays
+        // unqueued long after every run ended is a member the engine will not queue (its
+        // task was removed by a reload, say): stop waiting for it rather than for ever.
+        let stalled = match (settled, settled_since) {
+            (true, Some(since)) => since.elapsed() > CASCADE_PATIENCE,
+            (true, None) => {
+                settled_since = Some(std::time::Instant::now());
+                false
+            }
+            (false, _) => {
+                settled_since = None;
+                false
+            }
+        };
+        if settled && (runs.len() >= expected || stalled) {
             if let Some(bar) = bar {
                 bar.finish_and_clear();
+            }
+            if runs.len() < expected {
+                eprintln!(
+                    "note: {} of the {expected} tasks of the cascade ran; the others were never queued",
+                    runs.len()
+                );
             }
             return report_outcome(store, root, downstream, json);
         }

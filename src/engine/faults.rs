@@ -17,7 +17,10 @@
 
 use std::time::Duration;
 
+use tracing::{info, warn};
+
 use crate::model::Instant;
+use crate::store::StoreError;
 
 /// How long the engine waits before it tries again to claim ticks the store refused.
 pub(super) const STORE_RETRY: Duration = Duration::from_millis(500);
@@ -102,6 +105,49 @@ impl WallWatch {
             by,
             until: expected,
         })
+    }
+}
+
+impl super::Engine {
+    /// The store refused a write: remembered (and shown on the board) until one succeeds.
+    pub(super) fn store_failed(&mut self, doing: &str, err: &StoreError, now: Instant) {
+        match &mut self.store_fault {
+            Some(fault) => {
+                warn!("store still refuses writes ({doing}): {err}");
+                fault.doing = doing.to_string();
+                fault.error = err.to_string();
+            }
+            None => {
+                tracing::error!(
+                    "store refuses writes ({doing}): {err}; due ticks stay due until it takes them"
+                );
+                self.store_fault = Some(StoreFault {
+                    since: now,
+                    doing: doing.to_string(),
+                    error: err.to_string(),
+                });
+            }
+        }
+        self.dirty = true;
+    }
+
+    /// A write succeeded: an outage, if there was one, is over and is put on record.
+    pub(super) fn store_ok(&mut self, now: Instant) {
+        let Some(fault) = self.store_fault.take() else {
+            return;
+        };
+        let lasted = humantime::format_duration(Duration::from_secs(
+            (now - fault.since).num_seconds().max(0) as u64,
+        ));
+        let message = format!(
+            "the store refused writes for {lasted} (since {}; last: {}: {}); ticks due meanwhile met their misfire policy",
+            fault.since.to_rfc3339(),
+            fault.doing,
+            fault.error
+        );
+        info!("{message}");
+        self.log_event("store_recovered", None, None, &message, now);
+        self.dirty = true;
     }
 }
 

@@ -219,7 +219,9 @@ impl Engine {
                 now,
             ) {
                 self.note_finished(&row.task, row.id, RunState::Failed, None, now);
-                self.continue_cascade(row.id, now);
+                if let Some(root) = row.cascade {
+                    self.continue_cascade(root, now);
+                }
             }
         }
     }

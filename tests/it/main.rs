@@ -5,6 +5,7 @@
 mod api;
 mod boundaries;
 mod browser;
+mod cascade;
 mod chaos;
 mod cli;
 mod docs;

@@ -1,0 +1,260 @@
+//! Operator commands from a [`Handle`](super::Handle): trigger, abort, pause, reload,
+//! retry; and manual runs queued by the CLI.
+
+use std::sync::Arc;
+
+use super::finish::write_atomically;
+use super::recovery::schedule_key;
+use super::{blocking, Command, Engine, EngineError, Pending};
+use crate::config::Overlap;
+use crate::config::{Config, TaskSpec};
+use crate::model::TaskName;
+use crate::model::{Instant, RunId, RunState, Trigger};
+use crate::runner::StopReason;
+use crate::store::AbortOutcome;
+use crate::store::{NewRun, Store};
+use crate::tasklog::TaskLogs;
+use tracing::{info, warn};
+
+/// The run a manual trigger of `spec` creates.
+fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> NewRun {
+    NewRun {
+        task: spec.name.clone(),
+        trigger: Trigger::Manual,
+        scheduled_for: now,
+        max_attempts: spec.max_attempts(),
+        force,
+        downstream,
+        cascade: None,
+    }
+}
+
+/// Queues a manual run of `task`: the shared path of the CLI, the API and foreground runs.
+pub fn enqueue_manual(
+    config: &Config,
+    store: &Store,
+    now: Instant,
+    task: &str,
+    force: bool,
+    downstream: bool,
+) -> Result<RunId, EngineError> {
+    let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
+        task: task.to_string(),
+        known: config.task_names().join(", "),
+    })?;
+    Ok(store.enqueue(&manual_run(spec, now, force, downstream), now)?)
+}
+
+impl Engine {
+    pub(super) fn on_command(&mut self, command: Command) {
+        let now = self.clock.now();
+        match command {
+            Command::Trigger {
+                task,
+                force,
+                downstream,
+                reply,
+            } => {
+                let _ = reply.send(self.trigger(&task, force, downstream, now));
+            }
+            Command::Abort { run, reply } => {
+                let result = self
+                    .store
+                    .request_abort(run, "abort requested", now)
+                    .map_err(EngineError::from);
+                if let Ok(AbortOutcome::Requested) = result {
+                    self.stop_run(run, StopReason::Abort, "abort requested");
+                }
+                if let Ok(AbortOutcome::AbortedNow) = result {
+                    // The store moved it already; the follow-ups are the same as for any
+                    // waiting run that ends.
+                    let mut ended = self.queue_retain(|p| p.run != run);
+                    ended.extend(self.retry_pending.remove(&run));
+                    self.retry_due.retain(|(_, r)| *r != run);
+                    for pending in ended {
+                        self.end_waiting_run(&pending, RunState::Aborted, None, now);
+                    }
+                }
+                let _ = reply.send(result);
+            }
+            Command::Pause {
+                task,
+                paused,
+                reply,
+            } => {
+                let _ = reply.send(self.pause(&task, paused, now));
+            }
+            Command::Reload { reply } => {
+                let _ = reply.send(self.reload(now));
+            }
+            Command::Retry { run, reply } => {
+                let _ = reply.send(self.retry(run, now));
+            }
+        }
+    }
+
+    /// A manual run, refused (409 in the API) when the overlap policy is `skip` and a run
+    /// of the task is active.
+    pub(super) fn trigger(
+        &mut self,
+        task: &str,
+        force: bool,
+        downstream: bool,
+        now: Instant,
+    ) -> Result<RunId, EngineError> {
+        let config = self.config.clone();
+        let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
+            task: task.to_string(),
+            known: config.task_names().join(", "),
+        })?;
+        if spec.overlap == Overlap::Skip {
+            let active = match self.busy.get(&spec.name) {
+                Some(run) => Some((*run, "running")),
+                None => self
+                    .queue
+                    .iter()
+                    .find(|p| p.task == spec.name)
+                    .map(|p| (p.run, "queued")),
+            };
+            if let Some((run, what)) = active {
+                return Err(EngineError::Overlap {
+                    task: task.to_string(),
+                    run,
+                    what,
+                });
+            }
+        }
+        let new_run = manual_run(spec, now, force, downstream);
+        let run = blocking(|| self.store.enqueue(&new_run, now))?;
+        self.admit(Pending::new_run(run, &new_run), now);
+        Ok(run)
+    }
+
+    pub(super) fn pause(
+        &mut self,
+        task: &str,
+        paused: bool,
+        now: Instant,
+    ) -> Result<(), EngineError> {
+        let spec = self
+            .config
+            .task(task)
+            .ok_or_else(|| EngineError::UnknownTask {
+                task: task.to_string(),
+                known: self.config.task_names().join(", "),
+            })?;
+        blocking(|| self.store.set_paused(&spec.name, paused, now))?;
+        if paused {
+            self.paused.insert(task.to_string());
+        } else {
+            self.paused.remove(task);
+        }
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// Validates the config file, then swaps it in: schedules that changed get a new next
+    /// fire, removed tasks stop firing. On errors the running config stays.
+    pub(super) fn reload(&mut self, now: Instant) -> Result<String, EngineError> {
+        let source = self.config.source.clone();
+        match crate::config::load(&source) {
+            Ok(new) => {
+                let new = Arc::new(new);
+                for (name, spec) in &new.tasks {
+                    let key = spec.schedule.as_ref().map(schedule_key);
+                    let old_key = self
+                        .config
+                        .tasks
+                        .get(name)
+                        .and_then(|old| old.schedule.as_ref().map(schedule_key));
+                    if key != old_key {
+                        match (&spec.schedule, key) {
+                            (Some(schedule), Some(key)) => {
+                                self.set_next_fire(name, schedule.next_after(now), &key)
+                            }
+                            _ => {
+                                self.next_fire.remove(name);
+                            }
+                        }
+                    }
+                }
+                let removed: Vec<TaskName> = self
+                    .config
+                    .tasks
+                    .keys()
+                    .filter(|t| !new.tasks.contains_key(*t))
+                    .cloned()
+                    .collect();
+                for name in removed {
+                    self.next_fire.remove(&name);
+                }
+                if new.scheduler.log_dir != self.config.scheduler.log_dir
+                    || new.logging != self.config.logging
+                {
+                    self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
+                }
+                let hash = new.hash.clone();
+                self.config = new;
+                self.dirty = true;
+                info!(hash = %hash, tasks = self.config.tasks.len(), "config reloaded");
+                self.log_event(
+                    "config_reloaded",
+                    None,
+                    None,
+                    &format!(
+                        "{} ({} tasks, sha256 {hash})",
+                        source.display(),
+                        self.config.tasks.len()
+                    ),
+                    now,
+                );
+                Ok(hash)
+            }
+            Err(errors) => {
+                warn!("config not reloaded:\n{errors}");
+                self.log_event("config_reload_failed", None, None, &errors.to_string(), now);
+                Err(EngineError::Config(errors))
+            }
+        }
+    }
+
+    /// A new run of a finished run's task (trigger `retry`), handed the old run's last
+    /// checkpoint so it resumes where that one stopped.
+    pub(super) fn retry(&mut self, old: RunId, now: Instant) -> Result<RunId, EngineError> {
+        let row = blocking(|| self.store.run(old))?.ok_or(EngineError::RunNotFound(old))?;
+        if !row.state.is_terminal() {
+            return Err(EngineError::NotRetryable {
+                run: old,
+                state: row.state,
+            });
+        }
+        let config = self.config.clone();
+        let spec = config
+            .tasks
+            .get(&row.task)
+            .ok_or_else(|| EngineError::UnknownTask {
+                task: row.task.0.clone(),
+                known: config.task_names().join(", "),
+            })?;
+        let new_run = NewRun {
+            task: row.task.clone(),
+            trigger: Trigger::Retry,
+            scheduled_for: now,
+            max_attempts: spec.max_attempts(),
+            force: true,
+            downstream: false,
+            cascade: None,
+        };
+        let run = blocking(|| self.store.enqueue(&new_run, now))?;
+        let checkpoint = std::fs::read(self.checkpoint_path(old))
+            .ok()
+            .or_else(|| row.checkpoint.clone().map(String::into_bytes));
+        if let Some(bytes) = checkpoint {
+            if let Err(err) = write_atomically(&self.checkpoint_path(run), &bytes) {
+                warn!(run = %run, "cannot hand over the checkpoint of run {old}: {err}");
+            }
+        }
+        self.admit(Pending::new_run(run, &new_run), now);
+        Ok(run)
+    }
+}

@@ -1,0 +1,219 @@
+//! Dispatch: queued runs start while worker slots are free (oldest first, one attempt per
+//! task), after the dependency check, each as a runner task over one child process.
+
+use std::path::PathBuf;
+
+use super::{blocking, Engine, Pending, Running};
+use crate::config::TaskSpec;
+use crate::model::{Attempt, Instant, RunState, TaskName};
+use crate::runner::{self, AttemptSpec};
+use crate::store::Change;
+use crate::tasklog::Level;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+use crate::model::RunId;
+use crate::store::StoreError;
+
+impl Engine {
+    /// Starts queued runs while worker slots are free, oldest first, one attempt per task,
+    /// with all their `→ running` moves in one transaction.
+    pub(super) fn dispatch(&mut self) {
+        if self.cancel.is_cancelled() || self.queue.is_empty() {
+            return;
+        }
+        let now = self.clock.now();
+        let config = self.config.clone();
+        let free = config
+            .scheduler
+            .max_workers
+            .saturating_sub(self.running.len());
+        let mut chosen: Vec<Pending> = Vec::new();
+        let mut chosen_tasks: std::collections::HashSet<TaskName> = Default::default();
+        let mut index = 0;
+        while index < self.queue.len() && chosen.len() < free {
+            let task = &self.queue[index].task;
+            if self.busy.contains_key(task) || chosen_tasks.contains(task) {
+                index += 1;
+                continue;
+            }
+            let Some(pending) = self.queue.remove(index) else {
+                break;
+            };
+            self.uncount_queued(&pending.task);
+            let Some(spec) = config.tasks.get(&pending.task) else {
+                self.fail_unconfigured(&pending, now);
+                continue;
+            };
+            let first_attempt = pending.state == RunState::Queued && pending.attempt.0 == 0;
+            if first_attempt && !pending.force && !spec.depends_on.is_empty() {
+                if let Err(reason) = blocking(|| self.check_dependencies(spec, now)) {
+                    self.skip(&pending, &reason, now);
+                    continue;
+                }
+            }
+            chosen_tasks.insert(pending.task.clone());
+            chosen.push(pending);
+        }
+        if chosen.is_empty() {
+            return;
+        }
+        let change = Change {
+            owner: Some(self.instance.clone()),
+            ..Change::default()
+        };
+        let store = self.store.clone();
+        let started = blocking(|| {
+            store.batch(|batch| {
+                Ok(chosen
+                    .iter()
+                    .map(|p| {
+                        batch.transition(p.run, p.attempt, p.state, RunState::Running, &change, now)
+                    })
+                    .collect::<Vec<_>>())
+            })
+        });
+        let started = match started {
+            Ok(started) => started,
+            Err(err) => {
+                // Nothing was committed: the runs are still queued in the store; put them
+                // back at the front, in order, for the next dispatch.
+                warn!(runs = chosen.len(), "cannot start runs: {err}");
+                for pending in chosen.into_iter().rev() {
+                    *self
+                        .queued_per_task
+                        .entry(pending.task.clone())
+                        .or_default() += 1;
+                    self.queue.push_front(pending);
+                }
+                return;
+            }
+        };
+        for (pending, result) in chosen.into_iter().zip(started) {
+            match result {
+                Ok(attempt) => self.start(pending, attempt),
+                Err(StoreError::Fenced { found_state, .. }) => {
+                    // Another actor moved it (aborted from the CLI, taken by another
+                    // instance): it is no longer ours to start.
+                    debug!(run = %pending.run, "not starting: now {found_state}");
+                }
+                Err(err) => warn!(run = %pending.run, "cannot start run: {err}"),
+            }
+        }
+    }
+
+    /// Spawns the runner of a run that just entered `running` at `attempt`.
+    pub(super) fn start(&mut self, pending: Pending, attempt: Attempt) {
+        let now = self.clock.now();
+        let config = self.config.clone();
+        let Some(spec) = config.tasks.get(&pending.task) else {
+            return;
+        };
+        let (stop_tx, stop_rx) = watch::channel(None);
+        let log = self.logs.task(pending.task.as_str());
+        log.line(
+            pending.run,
+            attempt,
+            Level::Info,
+            &format!(
+                "attempt {attempt} of {} started ({})",
+                pending.max_attempts,
+                spec.handler.name()
+            ),
+        );
+        let attempt_spec = AttemptSpec {
+            run: pending.run,
+            task: pending.task.0.clone(),
+            attempt,
+            handler: spec.handler.clone(),
+            params: spec.params.clone(),
+            timeout: spec.timeout,
+            kill_grace: config.scheduler.kill_grace,
+            checkpoint_path: self.checkpoint_path(pending.run),
+            config_path: config.source.clone(),
+            log,
+        };
+        self.busy.insert(pending.task.clone(), pending.run);
+        self.running.insert(
+            pending.run,
+            Running {
+                task: pending.task,
+                attempt,
+                max_attempts: pending.max_attempts,
+                cascade: pending.cascade,
+                trigger: pending.trigger,
+                scheduled_for: pending.scheduled_for,
+                first_started_at: pending.first_started_at.unwrap_or(now),
+                attempt_started_at: now,
+                stop: stop_tx,
+                stopping: None,
+                requests: Vec::new(),
+                announce: None,
+                beats: matches!(spec.handler, crate::config::Handler::Builtin(_)),
+                last_report: std::time::Instant::now(),
+            },
+        );
+        tokio::spawn(runner::run_attempt(
+            attempt_spec,
+            self.worker_tx.clone(),
+            stop_rx,
+        ));
+    }
+
+    /// The dependency check: every upstream's latest finished run succeeded, and is fresh.
+    pub(super) fn check_dependencies(&self, spec: &TaskSpec, now: Instant) -> Result<(), String> {
+        for upstream in &spec.depends_on {
+            let latest = self
+                .store
+                .latest_finished(upstream)
+                .map_err(|err| format!("dependency {upstream}: cannot read its runs: {err}"))?;
+            let Some(latest) = latest else {
+                return Err(format!("dependency {upstream} has never run"));
+            };
+            if latest.state != RunState::Succeeded {
+                return Err(format!(
+                    "dependency {upstream}: latest run {} {}",
+                    latest.id, latest.state
+                ));
+            }
+            let finished = latest.finished_at.unwrap_or(latest.queued_at);
+            if let Some(max_age) = spec.dependency_max_age {
+                let age = (now - finished).to_std().unwrap_or(Duration::ZERO);
+                if age > max_age {
+                    return Err(format!(
+                        "dependency {upstream}: latest success (run {}) finished {} ago, more than dependency_max_age {}",
+                        latest.id,
+                        humantime::format_duration(Duration::from_secs(age.as_secs())),
+                        humantime::format_duration(max_age)
+                    ));
+                }
+            } else if let Some(upstream_schedule) = self
+                .config
+                .tasks
+                .get(upstream)
+                .and_then(|u| u.schedule.as_ref())
+            {
+                if let Some(latest_tick) = upstream_schedule.latest_at_or_before(now) {
+                    if latest.scheduled_for < latest_tick {
+                        return Err(format!(
+                            "dependency {upstream}: latest success (run {}) is older than its latest scheduled fire {}",
+                            latest.id,
+                            latest_tick.to_rfc3339()
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    pub(super) fn checkpoint_path(&self, run: RunId) -> PathBuf {
+        self.config
+            .scheduler
+            .state_dir
+            .join("checkpoints")
+            .join(format!("run_{run}.json"))
+    }
+}

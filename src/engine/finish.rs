@@ -1,0 +1,457 @@
+//! Worker reports and the end of an attempt: progress, checkpoints and results recorded
+//! (a burst of reports in one transaction), then the retry decision — succeeded,
+//! `retry_wait` with backoff, failed, timed out, aborted, stalled (orphaned), or queued
+//! again after a shutdown.
+
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use super::{blocking, Engine, FinishedRun, Pending, Stats};
+use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
+use crate::runner::{Envelope, Outcome, RunnerEvent, StopReason};
+use crate::store::Change;
+use crate::tasklog::Level;
+use crate::worker::protocol::Msg;
+use tracing::warn;
+
+pub(super) struct Running {
+    pub(super) task: TaskName,
+    pub(super) attempt: Attempt,
+    pub(super) max_attempts: u32,
+    pub(super) cascade: Option<RunId>,
+    pub(super) trigger: Trigger,
+    pub(super) scheduled_for: Instant,
+    pub(super) first_started_at: Instant,
+    pub(super) attempt_started_at: Instant,
+    pub(super) stop: watch::Sender<Option<StopReason>>,
+    pub(super) stopping: Option<(StopReason, String)>,
+    /// Runs this attempt's result asked for (`request_runs`), queued if it succeeds.
+    pub(super) requests: Vec<RunRequest>,
+    /// An event this attempt's result asked to publish (`event`), recorded if it succeeds.
+    pub(super) announce: Option<ResultEvent>,
+    /// A built-in worker, which beats a heartbeat on its report pipe (external commands
+    /// have none: their timeout is their bound).
+    pub(super) beats: bool,
+    /// When the child last reported anything (or started).
+    pub(super) last_report: std::time::Instant,
+}
+
+/// An event a handler's result asks the engine to publish: `{"kind", "message"}`, e.g.
+/// the drift task's verdict. Kinds are lower-case words joined by `_`; the `run_` kinds
+/// are the engine's own.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ResultEvent {
+    pub(super) kind: String,
+    pub(super) message: String,
+}
+
+impl ResultEvent {
+    pub(super) fn is_allowed(&self) -> bool {
+        !self.kind.starts_with("run_")
+            && (1..=40).contains(&self.kind.len())
+            && self
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+    }
+}
+
+/// A run a handler's result asks the engine to queue: `{"task", "trigger", "reason"}`.
+/// The handler never calls the engine; it says what it wants and the engine decides.
+#[derive(Debug, Clone, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RunRequest {
+    pub(super) task: String,
+    pub(super) trigger: String,
+    pub(super) reason: String,
+}
+
+/// What one finished attempt turns into.
+pub(super) struct Finish {
+    pub(super) run: RunId,
+    pub(super) attempt: Attempt,
+    pub(super) running: Running,
+    pub(super) to: RunState,
+    pub(super) change: Change,
+}
+
+pub(super) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
+}
+
+impl Engine {
+    /// Handles a burst of runner events (up to 1024 already waiting) in one transaction.
+    pub(super) fn on_worker(&mut self, first: Envelope) {
+        let mut envelopes = vec![first];
+        while envelopes.len() < 1024 {
+            match self.worker_rx.try_recv() {
+                Ok(envelope) => envelopes.push(envelope),
+                Err(_) => break,
+            }
+        }
+        let now = self.clock.now();
+        let mut finishes = Vec::new();
+        for envelope in &envelopes {
+            if let RunnerEvent::Report(_) | RunnerEvent::Spawned(..) = &envelope.event {
+                if let Some(running) = self.running.get_mut(&envelope.run) {
+                    if running.attempt == envelope.attempt {
+                        running.last_report = std::time::Instant::now();
+                    }
+                }
+            }
+            match &envelope.event {
+                RunnerEvent::Report(Msg::Checkpoint { data }) => {
+                    let path = self.checkpoint_path(envelope.run);
+                    if let Err(err) = write_atomically(&path, data.to_string().as_bytes()) {
+                        warn!(run = %envelope.run, "cannot write checkpoint file {}: {err}", path.display());
+                    }
+                }
+                RunnerEvent::Report(Msg::Result { data }) => {
+                    if let Some(event) = data.get("event") {
+                        match serde_json::from_value::<ResultEvent>(event.clone()) {
+                            Ok(event) if event.is_allowed() => {
+                                if let Some(running) = self.running.get_mut(&envelope.run) {
+                                    running.announce = Some(event);
+                                }
+                            }
+                            Ok(event) => {
+                                warn!(run = %envelope.run, kind = %event.kind, "ignoring a result event: kinds are lower-case words joined by _, not run_*")
+                            }
+                            Err(err) => {
+                                warn!(run = %envelope.run, "ignoring a malformed event in the result: {err}")
+                            }
+                        }
+                    }
+                    if let Some(requests) = data.get("request_runs") {
+                        match serde_json::from_value::<Vec<RunRequest>>(requests.clone()) {
+                            Ok(requests) => {
+                                if let Some(running) = self.running.get_mut(&envelope.run) {
+                                    running.requests = requests;
+                                }
+                            }
+                            Err(err) => {
+                                warn!(run = %envelope.run, "ignoring malformed request_runs in the result: {err}")
+                            }
+                        }
+                    }
+                }
+                RunnerEvent::Finished { outcome, elapsed } => {
+                    if let Some(finish) = self.finish(
+                        envelope.run,
+                        envelope.attempt,
+                        outcome.clone(),
+                        *elapsed,
+                        now,
+                    ) {
+                        finishes.push(finish);
+                    }
+                }
+                RunnerEvent::Spawned(_, spawned_at) => {
+                    if let Some(running) = self.running.get(&envelope.run) {
+                        if running.trigger == Trigger::Schedule && running.attempt == Attempt(1) {
+                            let lag = (*spawned_at - running.scheduled_for)
+                                .to_std()
+                                .unwrap_or_default();
+                            self.metrics.fire_lag.observe(lag.as_secs_f64());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let store = self.store.clone();
+        let applied = blocking(|| {
+            store.batch(|batch| {
+                for Envelope {
+                    run,
+                    attempt,
+                    event,
+                } in &envelopes
+                {
+                    let (run, attempt) = (*run, *attempt);
+                    let written = match event {
+                        RunnerEvent::Spawned(pid, at) => batch.record_pid(run, attempt, *pid, *at),
+                        RunnerEvent::Report(Msg::Progress { pct, phase }) => {
+                            batch.record_progress(run, attempt, *pct, phase.as_deref(), now)
+                        }
+                        RunnerEvent::Report(Msg::Checkpoint { data }) => {
+                            batch.record_checkpoint(run, attempt, &data.to_string())
+                        }
+                        RunnerEvent::Report(Msg::Result { data }) => {
+                            batch.record_result(run, attempt, &data.to_string())
+                        }
+                        RunnerEvent::Report(Msg::Heartbeat | Msg::Error { .. })
+                        | RunnerEvent::Finished { .. } => Ok(true),
+                    };
+                    if let Err(err) = written {
+                        warn!(run = %run, "cannot record runner report: {err}");
+                    }
+                }
+                Ok(finishes
+                    .iter()
+                    .map(|f| {
+                        match batch.transition(
+                            f.run,
+                            f.attempt,
+                            RunState::Running,
+                            f.to,
+                            &f.change,
+                            now,
+                        ) {
+                            Ok(_) => true,
+                            Err(err) => {
+                                warn!(run = %f.run, "{err}");
+                                false
+                            }
+                        }
+                    })
+                    .collect::<Vec<bool>>())
+            })
+        });
+        let applied = match applied {
+            Ok(applied) => applied,
+            Err(err) => {
+                // Nothing of this burst was committed. The finished runs are still
+                // `running` in the store but no longer ours in memory: the first
+                // heartbeat's orphan check once the store takes writes again settles them
+                // by policy (queued again while attempts remain).
+                self.store_failed(
+                    &format!("recording {} finished attempt(s)", finishes.len()),
+                    &err,
+                    now,
+                );
+                return;
+            }
+        };
+        self.store_ok(now);
+        for (finish, ok) in finishes.into_iter().zip(applied) {
+            if !ok {
+                continue;
+            }
+            match finish.to {
+                RunState::RetryWait => {
+                    let at = finish.change.next_attempt_at.unwrap_or(now);
+                    self.retry_due.insert((at, finish.run));
+                    self.retry_pending.insert(
+                        finish.run,
+                        Pending {
+                            run: finish.run,
+                            task: finish.running.task.clone(),
+                            attempt: finish.attempt,
+                            max_attempts: finish.running.max_attempts,
+                            state: RunState::RetryWait,
+                            force: true,
+                            cascade: finish.running.cascade,
+                            trigger: finish.running.trigger,
+                            scheduled_for: finish.running.scheduled_for,
+                            first_started_at: Some(finish.running.first_started_at),
+                        },
+                    );
+                    self.metrics
+                        .retries
+                        .with_label_values(&[finish.running.task.as_str()])
+                        .inc();
+                }
+                RunState::Queued => {}
+                RunState::Orphaned => match self.store.run(finish.run) {
+                    Ok(Some(row)) => {
+                        let reason = finish.change.reason.clone().unwrap_or_default();
+                        self.settle_orphan(&row, reason.trim_start_matches("orphaned: "), now);
+                    }
+                    Ok(None) => {}
+                    // Left `orphaned`: the next heartbeat's orphan check settles it.
+                    Err(err) => warn!(run = %finish.run, "cannot read the stalled run: {err}"),
+                },
+                terminal => {
+                    let duration = (now - finish.running.first_started_at).to_std().ok();
+                    self.note_finished(&finish.running.task, finish.run, terminal, duration, now);
+                    if terminal == RunState::Succeeded {
+                        if let Some(event) = &finish.running.announce {
+                            self.log_event(
+                                &event.kind,
+                                Some(finish.running.task.as_str()),
+                                Some(finish.run),
+                                &event.message,
+                                now,
+                            );
+                        }
+                        self.queue_requested_runs(
+                            finish.run,
+                            finish.running.cascade,
+                            &finish.running.requests,
+                            now,
+                        );
+                    }
+                    if let Some(root) = finish.running.cascade {
+                        self.continue_cascade(root, now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides what a finished attempt becomes, and takes it out of `running`.
+    pub(super) fn finish(
+        &mut self,
+        run: RunId,
+        attempt: Attempt,
+        outcome: Outcome,
+        elapsed: Duration,
+        now: Instant,
+    ) -> Option<Finish> {
+        if self.running.get(&run).map(|r| r.attempt) != Some(attempt) {
+            return None;
+        }
+        let running = self.running.remove(&run)?;
+        if self.busy.get(&running.task) == Some(&run) {
+            self.busy.remove(&running.task);
+        }
+        let config = self.config.clone();
+        let spec = config.tasks.get(&running.task);
+        let log = self.logs.task(running.task.as_str());
+        let took = humantime::format_duration(Duration::from_millis(elapsed.as_millis() as u64));
+        let (to, change) = match outcome {
+            Outcome::Succeeded => {
+                log.line(run, attempt, Level::Info, &format!("succeeded in {took}"));
+                (RunState::Succeeded, Change::default())
+            }
+            Outcome::Stopped(StopReason::Abort) => {
+                log.line(run, attempt, Level::Warn, &format!("aborted after {took}"));
+                let reason = running.stopping.as_ref().map(|(_, reason)| reason.clone());
+                (
+                    RunState::Aborted,
+                    Change {
+                        reason,
+                        ..Change::default()
+                    },
+                )
+            }
+            Outcome::Stopped(StopReason::Stalled) => {
+                let reason = running
+                    .stopping
+                    .as_ref()
+                    .map(|(_, reason)| reason.clone())
+                    .unwrap_or_else(|| "the worker stopped beating its heartbeat".into());
+                log.line(
+                    run,
+                    attempt,
+                    Level::Warn,
+                    &format!("orphaned: {reason}; its process group was killed"),
+                );
+                self.metrics.orphans.inc();
+                (
+                    RunState::Orphaned,
+                    Change {
+                        reason: Some(format!("orphaned: {reason}")),
+                        error: Some(format!(
+                            "run {run} ({}, attempt {attempt}): orphaned: {reason}",
+                            running.task
+                        )),
+                        ..Change::default()
+                    },
+                )
+            }
+            Outcome::Stopped(StopReason::Shutdown) => {
+                log.line(
+                    run,
+                    attempt,
+                    Level::Warn,
+                    &format!("interrupted by shutdown after {took}; queued again"),
+                );
+                let change = Change {
+                    reason: Some("interrupted by shutdown; will run again".into()),
+                    refund_attempt: true,
+                    ..Change::default()
+                };
+                (RunState::Queued, change)
+            }
+            Outcome::TimedOut | Outcome::Failed { .. } => {
+                let (terminal, exit_code, error, fatal) = match outcome {
+                    Outcome::Failed {
+                        exit_code,
+                        error,
+                        fatal,
+                    } => (RunState::Failed, exit_code, error, fatal),
+                    _ => {
+                        let limit = spec.map(|s| s.timeout).unwrap_or_default();
+                        (
+                            RunState::TimedOut,
+                            None,
+                            format!("timed out after {}", humantime::format_duration(limit)),
+                            false,
+                        )
+                    }
+                };
+                let error = format!("run {run} ({}, attempt {attempt}): {error}", running.task);
+                log.line(run, attempt, Level::Error, &error);
+                match spec {
+                    Some(spec) if !fatal && attempt.0 < running.max_attempts => {
+                        let delay = spec.backoff.delay(attempt.0);
+                        let change = Change {
+                            exit_code,
+                            error: Some(error),
+                            next_attempt_at: Some(
+                                now + chrono::Duration::from_std(delay).unwrap_or_default(),
+                            ),
+                            ..Change::default()
+                        };
+                        (RunState::RetryWait, change)
+                    }
+                    _ => (
+                        terminal,
+                        Change {
+                            exit_code,
+                            error: Some(error),
+                            ..Change::default()
+                        },
+                    ),
+                }
+            }
+        };
+        Some(Finish {
+            run,
+            attempt,
+            running,
+            to,
+            change,
+        })
+    }
+
+    /// Records a run's end for the board and the metrics.
+    pub(super) fn note_finished(
+        &mut self,
+        task: &TaskName,
+        run: RunId,
+        state: RunState,
+        duration: Option<Duration>,
+        now: Instant,
+    ) {
+        self.metrics
+            .runs
+            .with_label_values(&[task.as_str(), state.as_str()])
+            .inc();
+        if let Some(duration) = duration {
+            self.metrics
+                .run_duration
+                .with_label_values(&[task.as_str()])
+                .observe(duration.as_secs_f64());
+        }
+        let recent = self.recent.entry(task.clone()).or_default();
+        recent.push(FinishedRun {
+            run,
+            state,
+            finished_at: now,
+            duration,
+        });
+        let stats = Stats::of(recent);
+        self.stats.insert(task.clone(), stats);
+        self.dirty = true;
+    }
+}

@@ -1,0 +1,243 @@
+//! Firing: the due ticks of each task claimed in the store (one transaction a wake) and
+//! handed to the queue, the next fire of each task, and the wall clock watched for steps.
+//!
+//! Promise: a tick is never passed over unclaimed. When the claim batch fails, every next
+//! fire stays where it was and the claims are tried again after `STORE_RETRY`; a clock
+//! stepped back resumes each schedule at its first unclaimed tick.
+
+use super::faults::STORE_RETRY;
+use super::recovery::schedule_key;
+use super::{blocking, Engine, Pending};
+use crate::config::TaskSpec;
+use crate::model::{Instant, TaskName, Trigger};
+use crate::schedule::{plan_due, TickAction};
+use crate::store::{NewRun, StoreError};
+use tracing::{debug, warn};
+
+impl Engine {
+    pub(super) fn on_tick(&mut self) {
+        let now = self.clock.now();
+        let due: Vec<(TaskName, Instant)> = self
+            .next_fire
+            .iter()
+            .filter(|(_, at)| **at <= now)
+            .map(|(task, at)| (task.clone(), *at))
+            .collect();
+        if !due.is_empty() {
+            self.fire_due(&due, now, false);
+        }
+        while let Some((at, run)) = self.retry_due.first().copied() {
+            if at > now {
+                break;
+            }
+            self.retry_due.pop_first();
+            if let Some(pending) = self.retry_pending.remove(&run) {
+                self.queue_push(pending);
+            }
+        }
+    }
+
+    /// Claims and handles every due tick of every task in `due` (task, first due tick) up
+    /// to `now`, in one transaction.
+    pub(super) fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
+        let config = self.config.clone();
+        // The pause flags are the engine's own copy (seeded from the store at start-up and
+        // changed only through `pause`), the same the board shows.
+        let paused = &self.paused;
+        struct TaskPlan<'a> {
+            task: &'a TaskName,
+            key: String,
+            plan: crate::schedule::DuePlan,
+            spec: &'a TaskSpec,
+            fire: bool,
+        }
+        let mut plans = Vec::new();
+        for (task, first_due) in due {
+            let Some(spec) = config.tasks.get(task) else {
+                self.next_fire.remove(task);
+                continue;
+            };
+            let Some(schedule) = &spec.schedule else {
+                self.next_fire.remove(task);
+                continue;
+            };
+            let plan = plan_due(
+                schedule,
+                *first_due,
+                now,
+                spec.misfire,
+                spec.misfire_grace,
+                at_startup,
+            );
+            // Paused and disabled tasks let their ticks pass unclaimed.
+            let fire = spec.enabled && !paused.contains(task.as_str());
+            plans.push(TaskPlan {
+                task,
+                key: schedule_key(schedule),
+                plan,
+                spec,
+                fire,
+            });
+        }
+
+        let store = self.store.clone();
+        let claims = blocking(|| {
+            store.batch(|batch| {
+                let mut claims = Vec::new();
+                for plan in &plans {
+                    if !plan.fire {
+                        batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
+                        continue;
+                    }
+                    if let Some(message) = plan.plan.misfire_message(plan.spec.misfire) {
+                        warn!(task = %plan.task, "{message}");
+                        batch.record_event("misfire", Some(plan.task.as_str()), None, &message, now)?;
+                    }
+                    for (tick, action) in &plan.plan.ticks {
+                        let new_run = NewRun {
+                            task: plan.task.clone(),
+                            trigger: match action {
+                                TickAction::Fire(trigger) => *trigger,
+                                TickAction::Skip => Trigger::Catchup,
+                            },
+                            scheduled_for: *tick,
+                            max_attempts: plan.spec.max_attempts(),
+                            force: false,
+                            downstream: false,
+                            cascade: None,
+                        };
+                        match batch.claim_fire(&new_run, now, plan.plan.next) {
+                            Ok(run) => claims.push((Pending::new_run(run, &new_run), *action)),
+                            Err(StoreError::AlreadyClaimed { .. }) => {
+                                debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
+                            }
+                            Err(err) => return Err(err),
+                        }
+                    }
+                    if plan.plan.ticks.is_empty() {
+                        batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
+                    }
+                }
+                Ok(claims)
+            })
+        });
+        let claims = match claims {
+            Ok(claims) => claims,
+            Err(err) => {
+                // Nothing of the batch was committed: no tick was claimed, so none may be
+                // passed over. Each task's next fire stays at its first unclaimed tick and
+                // the claims are tried again after STORE_RETRY; once the store takes them,
+                // the ticks missed meanwhile meet the task's misfire policy.
+                for (task, first_due) in due {
+                    let at = self
+                        .next_fire
+                        .get(task)
+                        .map_or(*first_due, |at| (*at).min(*first_due));
+                    self.next_fire.insert(task.clone(), at);
+                }
+                self.claim_retry_at = Some(std::time::Instant::now() + STORE_RETRY);
+                self.store_failed(
+                    &format!("claiming the due ticks of {} task(s)", plans.len()),
+                    &err,
+                    now,
+                );
+                return;
+            }
+        };
+        self.claim_retry_at = None;
+        self.store_ok(now);
+        for plan in &plans {
+            match plan.plan.next {
+                Some(at) => self.next_fire.insert(plan.task.clone(), at),
+                None => self.next_fire.remove(plan.task),
+            };
+        }
+        for (pending, action) in claims {
+            if action == TickAction::Skip {
+                let reason = if at_startup {
+                    "misfire policy skip: tick missed while the scheduler was down"
+                } else {
+                    "misfire policy skip: tick missed while the scheduler could not fire it"
+                };
+                self.skip(&pending, reason, now);
+            } else {
+                self.admit(pending, now);
+            }
+        }
+    }
+
+    pub(super) fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {
+        match next {
+            Some(at) => {
+                self.next_fire.insert(task.clone(), at);
+            }
+            None => {
+                self.next_fire.remove(task);
+            }
+        }
+        if let Err(err) = self.store.set_next_fire(task, next, Some(key)) {
+            warn!(task = %task, "cannot store next fire: {err}");
+        }
+    }
+
+    /// Notices a step of the wall clock between two wakes. Stepped back: schedules resume
+    /// at their first unclaimed tick after the new wall time. Stepped forward: the ticks
+    /// passed over are simply due, and meet each task's misfire policy.
+    pub(super) fn watch_clock(&mut self) {
+        let now = self.clock.now();
+        let Some(step) = self.wall.observe(now) else {
+            return;
+        };
+        let message = if step.by < chrono::TimeDelta::zero() {
+            let moved = self.resume_schedules(now, step.until);
+            format!(
+                "{}: ticks already claimed (up to {}) are not run again; {moved} schedule(s) resume from the new wall time",
+                step.describe(),
+                step.until.to_rfc3339()
+            )
+        } else {
+            format!(
+                "{}: the ticks passed over meet each task's misfire policy",
+                step.describe()
+            )
+        };
+        warn!("{message}");
+        self.log_event("clock_step", None, None, &message, now);
+        self.clock_step = Some(step);
+        self.dirty = true;
+    }
+
+    /// After the wall clock went back to `now` (from `until`): each scheduled task's next
+    /// fire becomes its first tick after `now` that no run has claimed (a claimed tick is
+    /// never run twice). Returns how many next fires moved.
+    pub(super) fn resume_schedules(&mut self, now: Instant, until: Instant) -> usize {
+        let config = self.config.clone();
+        let mut moved = 0;
+        for spec in config.tasks.values() {
+            let Some(schedule) = &spec.schedule else {
+                continue;
+            };
+            let Some(old) = self.next_fire.get(&spec.name).copied() else {
+                continue;
+            };
+            let claimed = match self.store.claimed_ticks(&spec.name, now, old.max(until)) {
+                Ok(claimed) => claimed,
+                Err(err) => {
+                    warn!(task = %spec.name, "cannot read claimed ticks after a clock step: {err}");
+                    continue;
+                }
+            };
+            let next = schedule
+                .ticks_after(now)
+                .take_while(|tick| *tick < old)
+                .take(100_000)
+                .find(|tick| !claimed.contains(tick));
+            if let Some(next) = next {
+                let key = schedule_key(schedule);
+                self.set_next_fire(&spec.name, Some(next), &key);
+                moved += 1;
+            }
+        }
+        moved
+    }
+}

@@ -1,0 +1,210 @@
+//! The waiting queue: a new run is admitted under its task's overlap policy (catch-ups
+//! outside it), waits in FIFO order, and a waiting run that will not start is ended here.
+
+use std::collections::VecDeque;
+
+use super::Engine;
+use crate::config::Overlap;
+use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
+use crate::runner::StopReason;
+use crate::store::{Change, NewRun, RunRow};
+use crate::tasklog::Level;
+use tracing::info;
+
+#[derive(Debug, Clone)]
+pub(super) struct Pending {
+    pub(super) run: RunId,
+    pub(super) task: TaskName,
+    pub(super) attempt: Attempt,
+    pub(super) max_attempts: u32,
+    pub(super) state: RunState,
+    pub(super) force: bool,
+    pub(super) cascade: Option<RunId>,
+    pub(super) trigger: Trigger,
+    pub(super) scheduled_for: Instant,
+    pub(super) first_started_at: Option<Instant>,
+}
+
+impl Pending {
+    pub(super) fn from_row(row: &RunRow) -> Pending {
+        Pending {
+            run: row.id,
+            task: row.task.clone(),
+            attempt: row.attempt,
+            max_attempts: row.max_attempts,
+            state: row.state,
+            force: row.force,
+            cascade: row.cascade,
+            trigger: row.trigger,
+            scheduled_for: row.scheduled_for,
+            first_started_at: row.started_at,
+        }
+    }
+
+    pub(super) fn new_run(run: RunId, new_run: &NewRun) -> Pending {
+        Pending {
+            run,
+            task: new_run.task.clone(),
+            attempt: Attempt(0),
+            max_attempts: new_run.max_attempts.max(1),
+            state: RunState::Queued,
+            force: new_run.force,
+            cascade: new_run.cascade.or(new_run.downstream.then_some(run)),
+            trigger: new_run.trigger,
+            scheduled_for: new_run.scheduled_for,
+            first_started_at: None,
+        }
+    }
+}
+
+impl Engine {
+    pub(super) fn queue_push(&mut self, pending: Pending) {
+        *self
+            .queued_per_task
+            .entry(pending.task.clone())
+            .or_default() += 1;
+        self.queue.push_back(pending);
+    }
+
+    /// Keeps only the queued runs `keep` says yes to; returns the others.
+    pub(super) fn queue_retain(&mut self, mut keep: impl FnMut(&Pending) -> bool) -> Vec<Pending> {
+        let (kept, removed): (VecDeque<Pending>, VecDeque<Pending>) =
+            self.queue.drain(..).partition(|p| keep(p));
+        self.queue = kept;
+        for pending in &removed {
+            self.uncount_queued(&pending.task);
+        }
+        removed.into()
+    }
+
+    pub(super) fn uncount_queued(&mut self, task: &TaskName) {
+        if let Some(count) = self.queued_per_task.get_mut(task) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                self.queued_per_task.remove(task);
+            }
+        }
+    }
+
+    /// Applies the task's overlap policy to a new queued run.
+    pub(super) fn admit(&mut self, pending: Pending, now: Instant) {
+        let config = self.config.clone();
+        let Some(spec) = config.tasks.get(&pending.task) else {
+            self.fail_unconfigured(&pending, now);
+            return;
+        };
+        if self.running.contains_key(&pending.run)
+            || self.queue.iter().any(|p| p.run == pending.run)
+        {
+            return;
+        }
+        // A catch-up is never refused, replaced or made to refuse by the task's overlap
+        // policy: the missed ticks of `misfire = "run_all"` all run, in tick order, one at
+        // a time (dispatch starts one attempt per task). The policy decides only between
+        // the task's other runs.
+        if pending.trigger == Trigger::Catchup {
+            self.queue_push(pending);
+            return;
+        }
+        let running = self
+            .busy
+            .get(&pending.task)
+            .copied()
+            .filter(|run| self.running.get(run).map(|r| r.trigger) != Some(Trigger::Catchup));
+        let queued = match self.queued_per_task.get(&pending.task) {
+            Some(_) => self
+                .queue
+                .iter()
+                .filter(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
+                .count(),
+            None => 0,
+        };
+        match spec.overlap {
+            Overlap::Skip if running.is_some() || queued > 0 => {
+                let (other, what) = match running {
+                    Some(run) => (run, "is still running"),
+                    None => (
+                        self.queue
+                            .iter()
+                            .find(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
+                            .map(|p| p.run)
+                            .unwrap_or(RunId(0)),
+                        "is queued",
+                    ),
+                };
+                self.skip(
+                    &pending,
+                    &format!(
+                        "overlap policy skip: run {other} of {} {what}",
+                        pending.task
+                    ),
+                    now,
+                );
+            }
+            Overlap::Replace => {
+                let reason = format!("replaced by run {}", pending.run);
+                if let Some(run) = running {
+                    self.stop_run(run, StopReason::Abort, &reason);
+                }
+                let task = pending.task.clone();
+                for old in self.queue_retain(|p| p.task != task || p.trigger == Trigger::Catchup) {
+                    let change = Change {
+                        reason: Some(reason.clone()),
+                        ..Change::default()
+                    };
+                    self.end_waiting_run(&old, RunState::Aborted, Some(&change), now);
+                }
+                self.queue_push(pending);
+            }
+            Overlap::Skip | Overlap::Queue => self.queue_push(pending),
+        }
+    }
+
+    pub(super) fn skip(&mut self, pending: &Pending, reason: &str, now: Instant) {
+        info!(task = %pending.task, run = %pending.run, "skipped: {reason}");
+        self.logs.task(pending.task.as_str()).line(
+            pending.run,
+            pending.attempt,
+            Level::Warn,
+            &format!("skipped: {reason}"),
+        );
+        let change = Change {
+            reason: Some(reason.to_string()),
+            ..Change::default()
+        };
+        self.end_waiting_run(pending, RunState::Skipped, Some(&change), now);
+    }
+
+    pub(super) fn fail_unconfigured(&mut self, pending: &Pending, now: Instant) {
+        let change = Change {
+            error: Some(format!("task {} is no longer configured", pending.task)),
+            ..Change::default()
+        };
+        self.end_waiting_run(pending, RunState::Failed, Some(&change), now);
+    }
+
+    /// The one way a waiting run (queued, or waiting for its next attempt) ends without
+    /// starting — skipped, aborted, replaced, failed as unconfigured: the state change
+    /// (`change`; `None` when another actor, such as the CLI's abort, already made it in
+    /// the store), the board, and the cascade it belongs to moving on, so that
+    /// `run --downstream --wait` sees every member end. Returns false if the store
+    /// refused the change.
+    pub(super) fn end_waiting_run(
+        &mut self,
+        pending: &Pending,
+        to: RunState,
+        change: Option<&Change>,
+        now: Instant,
+    ) -> bool {
+        if let Some(change) = change {
+            if !self.apply(pending.run, pending.attempt, pending.state, to, change, now) {
+                return false;
+            }
+        }
+        self.note_finished(&pending.task, pending.run, to, None, now);
+        if let Some(root) = pending.cascade {
+            self.continue_cascade(root, now);
+        }
+        true
+    }
+}
