@@ -420,14 +420,24 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Suggests the closest of `known` to `found`, for "did you mean" hints.
+///
+/// Close means a few edits away (two, or a third of the known word), or the start or the
+/// end of the known word: `backups` is close to `task_backups` though five letters short.
 pub(crate) fn closest<'a>(
     found: &str,
     known: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    // Shorter pieces than this are the start or end of too many words to mean one.
+    const MIN_AFFIX: usize = 4;
+    let is_affix = |candidate: &str| {
+        found.len() >= MIN_AFFIX && (candidate.starts_with(found) || candidate.ends_with(found))
+    };
     known
         .into_iter()
         .map(|candidate| (strsim::damerau_levenshtein(found, candidate), candidate))
-        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .filter(|(distance, candidate)| {
+            *distance <= 2.max(candidate.len() / 3) || is_affix(candidate)
+        })
         .min()
         .map(|(_, candidate)| candidate)
 }
