@@ -8,6 +8,8 @@
 //!   becomes: a row in the store that reaches exactly one terminal state ([`model::RunState`]);
 //! - an **attempt** is one child process of a run ([`runner`], [`worker`]); a failed one is
 //!   retried with backoff while attempts remain;
+//! - a **built-in handler** is task code compiled in, listed once in [`builtins`] and run
+//!   by the worker with a [`handlers::TaskContext`];
 //! - the **engine** ([`engine`]) is the loop that fires, checks dependencies, admits runs
 //!   under `max_workers` and `overlap`, supervises attempts and finds orphans;
 //! - **maintenance** ([`maintenance`]) archives old logs into verified zips, prunes history
@@ -23,6 +25,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod builtins;
 pub mod config;
 pub mod engine;
 pub mod handlers;

@@ -24,6 +24,7 @@ use std::time::Duration;
 use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
 
+use crate::builtins::{self, BUILTINS};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
@@ -31,95 +32,19 @@ pub use raw::{
     DurationBound, DURATION_BOUNDS, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS,
 };
 
-/// The params each built-in handler reads. Any other key in a task's `params` is a config
-/// error: a misspelt key would otherwise leave its default in force without a word.
-pub const HANDLER_PARAMS: &[(&str, &[&str])] = &[
-    (
-        "backtest",
-        &[
-            "allow_short",
-            "cost_bps",
-            "gbdt",
-            "horizon",
-            "logistic",
-            "market_db",
-            "model",
-            "report_dir",
-            "step_days",
-            "threshold",
-            "train_days",
-            "window",
-        ],
-    ),
-    (
-        "drift",
-        &[
-            "bins",
-            "ks_alpha",
-            "market_db",
-            "max_drifted_share",
-            "on_drift",
-            "psi_moderate",
-            "psi_significant",
-            "report_dir",
-            "retrain_task",
-            "window_days",
-        ],
-    ),
-    (
-        "ingest",
-        &[
-            "columns",
-            "date_format",
-            "force_reload",
-            "market_db",
-            "source_dir",
-            "symbol_column",
-        ],
-    ),
-    (
-        "maintenance",
-        &["archive_after_days", "keep_backups", "retention_days"],
-    ),
-    ("ping", &["fail_times", "fatal", "progress", "sleep_sec"]),
-    ("predict", &["market_db", "max_model_age", "threshold"]),
-    (
-        "train",
-        &[
-            "gbdt",
-            "horizon",
-            "logistic",
-            "market_db",
-            "min_auc",
-            "model",
-            "model_dir",
-            "seed",
-            "shap_dir",
-            "shap_rows",
-            "valid_fraction",
-        ],
-    ),
-];
-
-/// The params built-in handler `name` reads; `None` for `command` and unknown names.
+/// The params built-in handler `name` reads (its row in [`BUILTINS`]); `None` for
+/// `command` and unknown names. Any other key in a task's `params` is a config error.
 pub fn handler_params(name: &str) -> Option<&'static [&'static str]> {
-    HANDLER_PARAMS
-        .iter()
-        .find(|(handler, _)| *handler == name)
-        .map(|(_, params)| *params)
+    builtins::find(name).map(|builtin| builtin.params)
 }
 
-/// The built-in handlers that run inside the `worker` subcommand, plus `command`.
-pub const HANDLERS: &[&str] = &[
-    "backtest",
-    "command",
-    "drift",
-    "ingest",
-    "maintenance",
-    "ping",
-    "predict",
-    "train",
-];
+/// Every handler a task may name, sorted: the built-ins of [`BUILTINS`] and `command`.
+pub fn handler_names() -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = BUILTINS.iter().map(|builtin| builtin.name).collect();
+    names.push("command");
+    names.sort_unstable();
+    names
+}
 
 /// One problem in a config file, with its place.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -420,14 +345,24 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Suggests the closest of `known` to `found`, for "did you mean" hints.
+///
+/// Close means a few edits away (two, or a third of the known word), or the start or the
+/// end of the known word: `backups` is close to `task_backups` though five letters short.
 pub(crate) fn closest<'a>(
     found: &str,
     known: impl IntoIterator<Item = &'a str>,
 ) -> Option<&'a str> {
+    // Shorter pieces than this are the start or end of too many words to mean one.
+    const MIN_AFFIX: usize = 4;
+    let is_affix = |candidate: &str| {
+        found.len() >= MIN_AFFIX && (candidate.starts_with(found) || candidate.ends_with(found))
+    };
     known
         .into_iter()
         .map(|candidate| (strsim::damerau_levenshtein(found, candidate), candidate))
-        .filter(|(distance, candidate)| *distance <= 2.max(candidate.len() / 3))
+        .filter(|(distance, candidate)| {
+            *distance <= 2.max(candidate.len() / 3) || is_affix(candidate)
+        })
         .min()
         .map(|(_, candidate)| candidate)
 }

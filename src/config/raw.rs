@@ -15,8 +15,8 @@ use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
 use super::{
-    closest, ApiSettings, Backoff, CommandSpec, Config, ConfigError, ConfigErrors, Handler,
-    LoggingSettings, Overlap, SchedulerSettings, TaskSpec, HANDLERS,
+    closest, handler_names, handler_params, ApiSettings, Backoff, CommandSpec, Config, ConfigError,
+    ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
 };
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
@@ -910,9 +910,7 @@ fn resolve_task(
     let (params_value, params_key) = pick(&task.params, &defaults.params, task_name, "params");
     if let (Some(table), Some(known)) = (
         params_value,
-        handler
-            .as_ref()
-            .and_then(|h| super::handler_params(h.name())),
+        handler.as_ref().and_then(|h| handler_params(h.name())),
     ) {
         for key in table
             .get_ref()
@@ -968,26 +966,30 @@ fn resolve_handler(
 ) -> Option<Handler> {
     let (handler_value, handler_key) = pick(&task.handler, &defaults.handler, task_name, "handler");
     let command_key = format!("tasks.{task_name}.command");
-    let handler_name =
-        match (handler_value, &task.command) {
-            (Some(value), _) => value.get_ref().clone(),
-            (None, Some(_)) => "command".to_string(),
-            (None, None) => {
-                report.error(
-                    span,
-                    &format!("tasks.{task_name}"),
-                    format!(
+    let handler_name = match (handler_value, &task.command) {
+        (Some(value), _) => value.get_ref().clone(),
+        (None, Some(_)) => "command".to_string(),
+        (None, None) => {
+            report.error(
+                span,
+                &format!("tasks.{task_name}"),
+                format!(
                     "no handler: set handler to one of {} or give command = [\"program\", \"arg\"]",
-                    HANDLERS.iter().map(|h| format!("\"{h}\"")).collect::<Vec<_>>().join(", ")
+                    handler_names()
+                        .iter()
+                        .map(|h| format!("\"{h}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
                 ),
-                );
-                return None;
-            }
-        };
-    if !HANDLERS.contains(&handler_name.as_str()) {
-        let hint = closest(&handler_name, HANDLERS.iter().copied())
+            );
+            return None;
+        }
+    };
+    if handler_name != "command" && handler_params(&handler_name).is_none() {
+        let known = handler_names();
+        let hint = closest(&handler_name, known.iter().copied())
             .map(|near| format!(" (did you mean \"{near}\"?)"))
-            .unwrap_or_else(|| format!(" (known handlers: {})", HANDLERS.join(", ")));
+            .unwrap_or_else(|| format!(" (known handlers: {})", known.join(", ")));
         let at = handler_value.map(|v| v.span()).unwrap_or(span);
         report.error(
             at,

@@ -126,6 +126,20 @@ fn unknown_keys_are_refused_with_a_suggestion() {
     );
 }
 
+/// Issue "One room per job": a key that is the end or the start of a known key is close
+/// to it, however many letters the known key adds.
+#[test]
+fn an_unknown_key_that_is_part_of_a_known_key_gets_a_suggestion() {
+    check_errors(
+        "[logging]\nbackups = 3\n",
+        &["2:1: logging.backups: unknown key (did you mean \"task_backups\"?)"],
+    );
+    check_errors(
+        "[logging]\nsize = \"10MB\"\n",
+        &["2:1: logging.size: unknown key (did you mean \"max_size\"?)"],
+    );
+}
+
 #[test]
 fn a_bad_cron_expression_is_refused_at_its_value() {
     let errors = parse(

@@ -2,11 +2,21 @@
 //! way to report progress. A handler never knows of the engine, the store or attempts
 //! policy: it fails as [`HandlerError::Retryable`] or [`HandlerError::Fatal`] and the
 //! runner decides what happens next.
+//!
+//! This module is the vocabulary of handlers and imports nothing of the crate: the
+//! pipeline's handlers, `maintenance`, the list of built-ins (`builtins`) and the worker
+//! that runs them all import it, never the other way round. Where progress and checkpoints
+//! go is a [`Report`], which the worker implements over its report pipe.
 
-mod ping;
+pub(crate) mod ping;
 
-use crate::worker::protocol::Msg;
-use crate::worker::Reporter;
+/// Where a handler's progress and checkpoints go: in the worker, the report pipe.
+pub trait Report: Send + Sync {
+    /// Progress in percent (already clamped to 0–100) and the current phase.
+    fn progress(&self, pct: f64, phase: &str);
+    /// State a retry of this run will resume from.
+    fn checkpoint(&self, data: serde_json::Value);
+}
 
 /// How a handler failed.
 #[derive(Debug, thiserror::Error)]
@@ -26,7 +36,7 @@ pub struct TaskContext {
     attempt: u32,
     params: serde_json::Value,
     checkpoint: Option<serde_json::Value>,
-    reporter: Reporter,
+    report: Box<dyn Report>,
 }
 
 impl TaskContext {
@@ -37,7 +47,7 @@ impl TaskContext {
         attempt: u32,
         params: serde_json::Value,
         checkpoint: Option<serde_json::Value>,
-        reporter: Reporter,
+        report: Box<dyn Report>,
     ) -> TaskContext {
         TaskContext {
             run_id,
@@ -45,7 +55,7 @@ impl TaskContext {
             attempt,
             params,
             checkpoint,
-            reporter,
+            report,
         }
     }
 
@@ -76,15 +86,12 @@ impl TaskContext {
 
     /// Reports progress (0–100) and the current phase.
     pub fn progress(&self, pct: f64, phase: &str) {
-        self.reporter.send(&Msg::Progress {
-            pct: pct.clamp(0.0, 100.0),
-            phase: Some(phase.to_string()),
-        });
+        self.report.progress(pct.clamp(0.0, 100.0), phase);
     }
 
     /// Saves a checkpoint: a retry of this run will find it in [`Self::checkpoint`].
     pub fn save_checkpoint(&self, data: serde_json::Value) {
-        self.reporter.send(&Msg::Checkpoint { data });
+        self.report.checkpoint(data);
     }
 
     /// A float param, or `default`; a present value of the wrong type is a fatal error.
@@ -119,20 +126,5 @@ impl TaskContext {
                 ))
             }),
         }
-    }
-}
-
-/// Runs the built-in handler `name`.
-pub fn run(name: &str, ctx: &TaskContext) -> Result<serde_json::Value, HandlerError> {
-    match name {
-        "ping" => ping::run(ctx),
-        "ingest" => crate::pipeline::ingest::run(ctx),
-        "train" => crate::pipeline::train::run(ctx),
-        "predict" => crate::pipeline::predict::run(ctx),
-        "backtest" => crate::pipeline::backtest::run(ctx),
-        "drift" => crate::pipeline::drift::run(ctx),
-        other => Err(HandlerError::Fatal(format!(
-            "unknown built-in handler \"{other}\""
-        ))),
     }
 }

@@ -9,7 +9,8 @@ use super::{HandlerError, TaskContext};
 
 const STEPS: u64 = 10;
 
-pub(super) fn run(ctx: &TaskContext) -> Result<serde_json::Value, HandlerError> {
+/// Runs one attempt of `ping`.
+pub(crate) fn run(ctx: &TaskContext) -> Result<serde_json::Value, HandlerError> {
     let sleep_sec = ctx.param_f64("sleep_sec", 0.0)?;
     let fail_times = ctx.param_u64("fail_times", 0)?;
     let progress = ctx.param_bool("progress", false)?;

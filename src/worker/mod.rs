@@ -4,9 +4,9 @@
 //! The runner starts `turbosched worker` with the attempt in its environment
 //! (`TURBOSCHED_HANDLER`, `TURBOSCHED_PARAMS`, `TURBOSCHED_RUN_ID`, `TURBOSCHED_TASK`,
 //! `TURBOSCHED_ATTEMPT`, `TURBOSCHED_CHECKPOINT`, `TURBOSCHED_REPORT_FD`). The worker
-//! builds a [`TaskContext`], heartbeats on the report pipe from a thread, calls the
-//! handler and reports its result. Exit code 0 is success, 1 a retryable failure, 2 a
-//! fatal one.
+//! builds a [`TaskContext`], heartbeats on the report pipe from a thread, looks the
+//! handler up in [`builtins::BUILTINS`], calls its entry and reports its result. Exit
+//! code 0 is success, 1 a retryable failure, 2 a fatal one.
 
 pub mod protocol;
 
@@ -16,7 +16,8 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::handlers::{self, HandlerError, TaskContext};
+use crate::builtins::{self, Entry};
+use crate::handlers::{HandlerError, Report, TaskContext};
 use protocol::Msg;
 
 /// Writes protocol messages to the report pipe (or nowhere when there is none).
@@ -56,6 +57,19 @@ impl Reporter {
     }
 }
 
+impl Report for Reporter {
+    fn progress(&self, pct: f64, phase: &str) {
+        self.send(&Msg::Progress {
+            pct,
+            phase: Some(phase.to_string()),
+        });
+    }
+
+    fn checkpoint(&self, data: serde_json::Value) {
+        self.send(&Msg::Checkpoint { data });
+    }
+}
+
 /// Entry point of `turbosched worker`; returns the process exit code.
 pub fn main() -> i32 {
     let reporter = Reporter::from_env();
@@ -72,7 +86,7 @@ pub fn main() -> i32 {
         env("TURBOSCHED_ATTEMPT").parse().unwrap_or(1),
         params,
         checkpoint,
-        reporter.clone(),
+        Box::new(reporter.clone()),
     );
 
     let beat = reporter.clone();
@@ -81,10 +95,13 @@ pub fn main() -> i32 {
         std::thread::sleep(Duration::from_secs(1));
     });
 
-    let outcome = match handler.as_str() {
+    let outcome = match builtins::find(&handler).map(|builtin| builtin.entry) {
+        Some(Entry::Task(run)) => run(&ctx),
         // Housekeeping of the service itself: not a TaskContext-only handler.
-        "maintenance" => crate::maintenance::handler(&ctx),
-        other => handlers::run(other, &ctx),
+        Some(Entry::Maintenance) => crate::maintenance::handler(&ctx),
+        None => Err(HandlerError::Fatal(format!(
+            "unknown built-in handler \"{handler}\""
+        ))),
     };
     match outcome {
         Ok(result) => {

@@ -1,6 +1,8 @@
-//! Each module states what it must not know; this scans `use` lines and fails on a
-//! forbidden import, so a boundary cannot decay quietly. See ARCHITECTURE.md.
+//! Each module states what it must not know; this scans `use` lines (and, for paths into
+//! the crate, every line of code) and fails on a forbidden import, so a boundary cannot
+//! decay quietly. The modules also import each other without a circle. See ARCHITECTURE.md.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 
 /// (files under src/, forbidden path prefixes in their `use` lines, why)
@@ -12,10 +14,14 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::store",
             "crate::runner",
             "crate::config",
+            "crate::worker",
+            "crate::builtins",
+            "crate::pipeline",
+            "crate::maintenance",
             "rusqlite",
             "tokio",
         ],
-        "handlers see only TaskContext",
+        "handlers see only TaskContext, and know none of the code that uses it",
     ),
     (
         "schedule.rs",
@@ -62,9 +68,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "crate::runner",
             "crate::config",
             "crate::api",
+            "crate::worker",
+            "crate::builtins",
             "tokio",
         ],
-        "the market tasks see only their TaskContext",
+        "the market tasks see only their TaskContext, not the worker that runs them",
     ),
     (
         "api",
@@ -105,6 +113,16 @@ fn rust_files(path: &Path) -> Vec<PathBuf> {
     files
 }
 
+/// The code of a line: `None` for a comment line, else the line without a trailing
+/// comment.
+fn code(line: &str) -> Option<&str> {
+    let line = line.trim();
+    if line.starts_with("//") {
+        return None;
+    }
+    Some(line.split(" //").next().unwrap_or(line))
+}
+
 #[test]
 fn no_module_imports_what_its_boundary_forbids() {
     let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
@@ -115,16 +133,20 @@ fn no_module_imports_what_its_boundary_forbids() {
         for file in files {
             let text = std::fs::read_to_string(&file).unwrap();
             for (number, line) in text.lines().enumerate() {
-                let line = line.trim();
-                let Some(path) = line
+                let Some(line) = code(line) else { continue };
+                let path = line
                     .strip_prefix("use ")
-                    .or_else(|| line.strip_prefix("pub use "))
-                else {
-                    continue;
-                };
+                    .or_else(|| line.strip_prefix("pub use "));
+                // A path into the crate counts wherever it is written
+                // (`crate::worker::Reporter` in a signature imports as much as a `use`);
+                // external crates are judged by `use` lines only.
                 // `use super::*` inside a tests module of store may see the whole module,
                 // but never reaches beyond it.
-                if let Some(bad) = forbidden.iter().find(|prefix| path.starts_with(*prefix)) {
+                let named = |prefix: &&&str| {
+                    path.is_some_and(|path| path.starts_with(**prefix))
+                        || (prefix.starts_with("crate::") && line.contains(**prefix))
+                };
+                if let Some(bad) = forbidden.iter().find(named) {
                     violations.push(format!(
                         "{}:{}: imports {bad}: {why}",
                         file.display(),
@@ -138,5 +160,151 @@ fn no_module_imports_what_its_boundary_forbids() {
         violations.is_empty(),
         "boundary violations:\n{}",
         violations.join("\n")
+    );
+}
+
+/// The module of the crate a file under `src/` belongs to: its first path component.
+fn module_of(src: &Path, file: &Path) -> String {
+    let relative = file.strip_prefix(src).unwrap();
+    let first = relative.components().next().unwrap().as_os_str();
+    first.to_string_lossy().trim_end_matches(".rs").to_string()
+}
+
+/// Who imports whom among the crate's modules, from every `crate::<module>` written in
+/// code (comments aside).
+fn module_imports() -> BTreeMap<String, BTreeSet<String>> {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut imports: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for file in rust_files(&src) {
+        let module = module_of(&src, &file);
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (number, line) in text.lines().enumerate() {
+            let Some(line) = code(line) else { continue };
+            assert!(
+                !line.contains("crate::{"),
+                "{}:{}: write one `use` per module, so this test can read it",
+                file.display(),
+                number + 1
+            );
+            for rest in line.split("crate::").skip(1) {
+                let target: String = rest
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                if !target.is_empty() && target != module {
+                    imports.entry(module.clone()).or_default().insert(target);
+                }
+            }
+        }
+        imports.entry(module).or_default();
+    }
+    imports
+}
+
+/// A circle of imports, if any, as `a → b → … → a`.
+fn find_circle(imports: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        module: &str,
+        imports: &BTreeMap<String, BTreeSet<String>>,
+        path: &mut Vec<String>,
+        done: &mut BTreeSet<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|m| m == module) {
+            let mut circle = path[start..].to_vec();
+            circle.push(module.to_string());
+            return Some(circle);
+        }
+        if done.contains(module) {
+            return None;
+        }
+        path.push(module.to_string());
+        for next in imports.get(module).into_iter().flatten() {
+            if let Some(circle) = visit(next, imports, path, done) {
+                return Some(circle);
+            }
+        }
+        path.pop();
+        done.insert(module.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    imports
+        .keys()
+        .find_map(|module| visit(module, imports, &mut Vec::new(), &mut done))
+}
+
+/// Issue "One room per job": `handlers` → `worker` → `pipeline` → `handlers` was a
+/// circle; the vocabulary of handlers now sits below everything that uses it.
+#[test]
+fn modules_import_each_other_without_a_circle() {
+    let imports = module_imports();
+    assert!(
+        imports["worker"].contains("builtins") && imports["pipeline"].contains("handlers"),
+        "the scan reads no imports: {imports:?}"
+    );
+    if let Some(circle) = find_circle(&imports) {
+        panic!("import circle: {}", circle.join(" → "));
+    }
+}
+
+#[test]
+fn a_circle_of_imports_is_found() {
+    let imports: BTreeMap<String, BTreeSet<String>> = [
+        ("handlers", &["worker"][..]),
+        ("worker", &["pipeline"]),
+        ("pipeline", &["handlers"]),
+        ("config", &[]),
+    ]
+    .into_iter()
+    .map(|(module, targets)| {
+        let targets = targets.iter().map(|t| t.to_string()).collect();
+        (module.to_string(), targets)
+    })
+    .collect();
+    assert_eq!(
+        find_circle(&imports).map(|circle| circle.join(" → ")),
+        Some("handlers → worker → pipeline → handlers".to_string())
+    );
+}
+
+/// Issue "One room per job": the names of the built-in handlers were written four times
+/// (config twice, handlers, worker). A list of them or a dispatch on them outside
+/// `builtins.rs` is a second list, bound to drift.
+#[test]
+fn built_in_handlers_are_listed_in_builtins_only() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let names: Vec<&str> = turbosched::builtins::BUILTINS
+        .iter()
+        .map(|builtin| builtin.name)
+        .collect();
+    assert!(names.contains(&"ping"), "{names:?}");
+    let mut lists = Vec::new();
+    for file in rust_files(&src) {
+        if file.ends_with("builtins.rs") || file.ends_with("tests.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        // Tests may name handlers as often as they like.
+        let text = text.split("#[cfg(test)]").next().unwrap_or(&text);
+        for (number, line) in text.lines().enumerate() {
+            let Some(line) = code(line) else { continue };
+            let line = line.trim_start_matches('(');
+            // A row of a list (`"ping",`, `("ping", &[…])`) or an arm of a match on the
+            // name (`"ping" => …`).
+            let row = names.iter().find(|name| {
+                let quoted = format!("\"{name}\"");
+                line.strip_prefix(&quoted).is_some_and(|rest| {
+                    rest.starts_with(',') || rest.trim_start().starts_with("=>")
+                })
+            });
+            if let Some(name) = row {
+                lists.push(format!("{}:{}: {name}", file.display(), number + 1));
+            }
+        }
+    }
+    assert!(
+        lists.is_empty(),
+        "built-in handlers listed outside src/builtins.rs:\n{}",
+        lists.join("\n")
     );
 }
