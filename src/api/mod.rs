@@ -183,7 +183,7 @@ fn app(
 }
 
 /// The most a request body may hold, on every route (413 beyond).
-pub const MAX_BODY: usize = 64 * 1024;
+const MAX_BODY: usize = 64 * 1024;
 
 fn payload_too_large() -> ApiError {
     ApiError::new(
@@ -452,20 +452,6 @@ async fn status(state: Data<ApiState>) -> ApiResult {
         .body(body))
 }
 
-/// A trigger's JSON body.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct TriggerOptions {
-    #[serde(default)]
-    force: Option<bool>,
-    #[serde(default)]
-    downstream: Option<bool>,
-    /// `true` (up to 5 minutes) or a number of seconds from 0 to 3600; checked by
-    /// [`WaitFor::from_json`].
-    #[serde(default)]
-    wait: Option<Value>,
-}
-
 #[derive(Clone, Copy)]
 enum WaitFor {
     Flag(bool),
@@ -506,7 +492,7 @@ impl WaitFor {
         Err(WaitFor::error("bad_query", format!("{value:?}")))
     }
 
-    /// `"wait"` in a JSON body: `true`, `false` or a whole number of seconds.
+    /// `"wait"` in a JSON body: `true`, `false` or a whole number of seconds up to 3600.
     fn from_json(value: &Value) -> Result<WaitFor, ApiError> {
         match value {
             Value::Bool(flag) => Ok(WaitFor::Flag(*flag)),
@@ -573,12 +559,29 @@ fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<Trigger, ApiEr
         }
     }
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let from_body: TriggerOptions = serde_json::from_slice(body)
-            .map_err(|err| ApiError::bad_request("bad_body", format!("request body: {err}")))?;
-        options.force = from_body.force.or(options.force);
-        options.downstream = from_body.downstream.or(options.downstream);
-        if let Some(value) = &from_body.wait {
-            options.wait = Some(WaitFor::from_json(value)?);
+        let bad =
+            |message: String| ApiError::bad_request("bad_body", format!("request body: {message}"));
+        let value: Value = serde_json::from_slice(body).map_err(|err| bad(err.to_string()))?;
+        let Value::Object(fields) = value else {
+            return Err(bad(format!(
+                "expected an object such as {{\"force\": true}}, found {value}"
+            )));
+        };
+        // Exactly the schema in /openapi.json (`TriggerOptions`): no nulls, no other keys.
+        for (key, value) in &fields {
+            match (key.as_str(), value) {
+                ("force", Value::Bool(flag)) => options.force = Some(*flag),
+                ("downstream", Value::Bool(flag)) => options.downstream = Some(*flag),
+                ("force" | "downstream", other) => {
+                    return Err(bad(format!("{key}: expected true or false, found {other}")))
+                }
+                ("wait", value) => options.wait = Some(WaitFor::from_json(value)?),
+                (other, _) => {
+                    return Err(bad(format!(
+                        "unknown field {other:?} (known: force, downstream, wait)"
+                    )))
+                }
+            }
         }
     }
     Ok(options)

@@ -312,6 +312,9 @@ fn triggers_refuse_bad_input_unknown_tasks_and_overlap() {
         ("/scheduler/run_hello", Some("{not json"), 400),
         ("/scheduler/run_hello", Some("{\"force\": \"yes\"}"), 400),
         ("/scheduler/run_hello", Some("{\"speed\": 3}"), 400),
+        // The body is exactly the spec's TriggerOptions: no nulls, an object.
+        ("/scheduler/run_hello", Some("{\"force\": null}"), 400),
+        ("/scheduler/run_hello", Some("[true]"), 400),
     ] {
         let (code, body) = api.post(path, body_text);
         assert_eq!(code, expected, "{path} {body_text:?}: {body}");
