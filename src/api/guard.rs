@@ -39,8 +39,8 @@ pub(super) struct Guarded {
 }
 
 enum State {
-    /// Reading the head; nothing passed on yet.
-    Head(Vec<u8>),
+    /// Reading the head; nothing passed on yet. The flag: its first line is complete.
+    Head(Vec<u8>, bool),
     /// The head passed: handing over what was read, then [`State::Through`].
     Replay(Vec<u8>, usize),
     Through,
@@ -56,7 +56,7 @@ impl Guarded {
     pub(super) fn new(io: TcpStream) -> Guarded {
         Guarded {
             io,
-            state: State::Head(Vec::new()),
+            state: State::Head(Vec::new(), false),
             deadline: Box::pin(tokio::time::sleep(HEAD_TIMEOUT)),
         }
     }
@@ -228,13 +228,18 @@ impl AsyncRead for Guarded {
                     }
                     return Poll::Ready(Ok(()));
                 }
-                State::Head(head) => {
+                State::Head(head, first_line) => {
                     let mut chunk = [0u8; 8192];
                     let mut read = ReadBuf::new(&mut chunk);
                     match Pin::new(&mut this.io).poll_read(cx, &mut read) {
                         Poll::Ready(result) => result?,
                         Poll::Pending => {
                             ready!(this.deadline.as_mut().poll(cx));
+                            if head.is_empty() {
+                                // Nothing asked (a browser's spare connection): just close.
+                                this.state = State::Closed;
+                                continue;
+                            }
                             this.state = State::Refuse(
                                 answer(
                                     StatusCode::REQUEST_TIMEOUT,
@@ -258,6 +263,16 @@ impl AsyncRead for Guarded {
                         continue;
                     }
                     head.extend_from_slice(read.filled());
+                    // Parse again only when the verdict can have changed: a line ended or a
+                    // limit was crossed (so a head sent a byte at a time costs one parse a
+                    // line, not one a byte).
+                    let line_ended = read.filled().contains(&b'\n');
+                    *first_line |= line_ended;
+                    let crossed =
+                        head.len() > MAX_HEAD || (!*first_line && head.len() > MAX_TARGET + 64);
+                    if !line_ended && !crossed {
+                        continue;
+                    }
                     match check(head) {
                         Verdict::Incomplete => {}
                         Verdict::Pass => this.state = State::Replay(std::mem::take(head), 0),

@@ -1023,6 +1023,24 @@ fn request_heads_over_the_limits_or_malformed_get_json_errors() {
         check_json_error(what, status, 400, &head, &body);
     }
 
+    // The body's framing is the codec's too: a malformed chunk is a JSON 400.
+    let (status, head, body) = raw(
+        &service,
+        "POST /scheduler/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n",
+        b"zz\r\nnot a chunk\r\n",
+    );
+    check_json_error("a malformed chunk", status, 400, &head, &body);
+
+    // A head that does not come within 5 s.
+    let started = std::time::Instant::now();
+    let (status, head, body) = raw(&service, "GET /health HTTP/1.1\r\nHost: x\r\n", b"");
+    assert_eq!(
+        check_json_error("a slow head", status, 408, &head, &body),
+        "request_timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
     // Within the limits all is normal.
     let (status, _, body) = raw(
         &service,
