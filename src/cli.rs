@@ -466,9 +466,11 @@ fn shutdown_on_signals(handle: turbosched::engine::Handle) {
 fn serve(path: &Path) -> Result<ExitCode> {
     let config = Arc::new(load(path)?);
     let _log_guard = init_tracing(Some(&config));
-    let token = std::env::var(&config.api.token_env)
-        .ok()
-        .filter(|t| !t.trim().is_empty());
+    let token = turbosched::api::token_from_env(
+        &config.api.token_env,
+        std::env::var_os(&config.api.token_env),
+    )
+    .map_err(|err| anyhow!(err))?;
     turbosched::api::check_bind(&config.api.bind, &config.api.token_env, token.is_some())
         .map_err(|err| anyhow!(err))?;
     let store = open_store(&config)?;

@@ -11,6 +11,7 @@
 //! [`Store`]); `GET /scheduler/status` is served from the board, cached per board version,
 //! never from a scan of the history.
 
+mod guard;
 mod views;
 
 pub use views::run as run_view;
@@ -19,11 +20,13 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use actix_web::body::BoxBody;
+use actix_web::body::{BoxBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
 use actix_web::http::header::{self, HeaderValue};
 use actix_web::http::StatusCode;
+use actix_web::middleware::Next;
 use actix_web::web::{self, Bytes, Data};
-use actix_web::{App, HttpRequest, HttpResponse, HttpServer, ResponseError};
+use actix_web::{App, HttpMessage, HttpRequest, HttpResponse, ResponseError};
 use serde::Deserialize;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -79,46 +82,151 @@ pub fn check_bind(bind: &str, token_env: &str, has_token: bool) -> Result<(), St
     Ok(())
 }
 
+/// The API token from the variable named by `[api] token_env` (`value`, as read from the
+/// environment). Unset means no token. Set but empty, with surrounding or inner whitespace,
+/// or not printable ASCII is refused: an empty token would silently turn auth off, and a
+/// token no `Authorization: Bearer <token>` header can carry would lock every client out.
+pub fn token_from_env(
+    token_env: &str,
+    value: Option<std::ffi::OsString>,
+) -> Result<Option<String>, String> {
+    let Some(value) = value else {
+        return Ok(None);
+    };
+    let problem = match value.to_str() {
+        None => "is not valid UTF-8",
+        Some(text) if text.trim().is_empty() => "is set but empty",
+        Some(text) if text.chars().any(char::is_whitespace) => "contains whitespace",
+        Some(text) if !text.bytes().all(|b| b.is_ascii_graphic()) => {
+            "holds characters other than printable ASCII"
+        }
+        Some(text) => return Ok(Some(text.to_string())),
+    };
+    Err(format!(
+        "{token_env} (named by [api] token_env) {problem}: set it to a token of printable \
+         ASCII without spaces (such as the output of `openssl rand -hex 32`), or unset it to \
+         serve on loopback without auth"
+    ))
+}
+
 /// Binds `bind` and returns the server (not yet running) and the address it listens on.
+///
+/// The server is put together by hand rather than with `HttpServer`, so that each
+/// connection goes through [`guard`] before actix's HTTP/1 codec: one request per
+/// connection (no keep-alive), its head checked against the API's limits.
 pub fn start(state: ApiState, bind: &str) -> std::io::Result<(actix_web::dev::Server, SocketAddr)> {
+    use actix_service::{map_config, ServiceFactoryExt};
+    use actix_web::dev::{fn_service, AppConfig};
+
     let data = Data::new(state);
-    let server = HttpServer::new(move || {
-        App::new()
-            .app_data(data.clone())
-            .app_data(
-                web::JsonConfig::default()
-                    .limit(64 * 1024)
-                    .error_handler(|err, _| {
-                        let status = match err {
-                            actix_web::error::JsonPayloadError::Overflow { .. }
-                            | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
-                                StatusCode::PAYLOAD_TOO_LARGE
-                            }
-                            _ => StatusCode::BAD_REQUEST,
-                        };
-                        ApiError::new(status, "bad_body", format!("request body: {err}")).into()
-                    }),
-            )
-            .app_data(web::QueryConfig::default().error_handler(|err, _| {
-                ApiError::bad_request("bad_query", format!("query string: {err}")).into()
-            }))
-            .app_data(web::PayloadConfig::default().limit(64 * 1024))
-            .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(json_errors))
-            .configure(routes)
-            .default_service(web::to(not_found))
-    })
-    .workers(2)
-    .disable_signals()
-    // Backstop: streams end when the engine stops (see `EventCursor`); anything still open
-    // after this is closed.
-    .shutdown_timeout(3)
-    .bind(bind)?;
-    let address = server
-        .addrs()
-        .first()
-        .copied()
-        .ok_or_else(|| std::io::Error::other("no address bound"))?;
-    Ok((server.run(), address))
+    let listener = std::net::TcpListener::bind(bind)?;
+    let address = listener.local_addr()?;
+    let server = actix_web::dev::Server::build()
+        .workers(2)
+        .disable_signals()
+        // Backstop: streams end when the engine stops (see `EventCursor`); anything still
+        // open after this is closed.
+        .shutdown_timeout(3)
+        .listen("turbosched-api", listener, move || {
+            let http = actix_http::HttpService::build()
+                .keep_alive(actix_http::KeepAlive::Disabled)
+                // The guard times out slow heads itself, with a JSON 408.
+                .client_request_timeout(Duration::ZERO)
+                .local_addr(address)
+                .h1(map_config(app(data.clone()), |()| AppConfig::default()));
+            fn_service(|io: actix_web::rt::net::TcpStream| async move {
+                let peer = io.peer_addr().ok();
+                Ok((guard::Guarded::new(io), peer))
+            })
+            .and_then(http)
+        })?
+        .run();
+    Ok((server, address))
+}
+
+/// The application: routes, extractor limits and the JSON error shape.
+fn app(
+    data: Data<ApiState>,
+) -> App<
+    impl actix_web::dev::ServiceFactory<
+        ServiceRequest,
+        Config = (),
+        Response = ServiceResponse<impl MessageBody>,
+        Error = actix_web::Error,
+        InitError = (),
+    >,
+> {
+    App::new()
+        .app_data(data)
+        .app_data(
+            web::JsonConfig::default()
+                .limit(MAX_BODY)
+                .error_handler(|err, _| {
+                    let status = match err {
+                        actix_web::error::JsonPayloadError::Overflow { .. }
+                        | actix_web::error::JsonPayloadError::OverflowKnownLength { .. } => {
+                            StatusCode::PAYLOAD_TOO_LARGE
+                        }
+                        _ => StatusCode::BAD_REQUEST,
+                    };
+                    ApiError::new(status, "bad_body", format!("request body: {err}")).into()
+                }),
+        )
+        .app_data(web::QueryConfig::default().error_handler(|err, _| {
+            ApiError::bad_request("bad_query", format!("query string: {err}")).into()
+        }))
+        .app_data(web::PayloadConfig::default().limit(MAX_BODY))
+        .wrap(actix_web::middleware::from_fn(bounded_body))
+        .wrap(actix_web::middleware::ErrorHandlers::new().default_handler(json_errors))
+        .configure(routes)
+        .default_service(web::to(not_found))
+}
+
+/// The most a request body may hold, on every route (413 beyond).
+const MAX_BODY: usize = 64 * 1024;
+
+fn payload_too_large() -> ApiError {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("request body larger than 64 KiB ({MAX_BODY} bytes)"),
+    )
+}
+
+/// Bounds every request's body, whether or not its route reads one: a declared length over
+/// [`MAX_BODY`] is refused unread; any other body (chunked included) is read here up to the
+/// limit and handed on in memory, so no route can be made to take more.
+async fn bounded_body(
+    mut request: ServiceRequest,
+    next: Next<impl MessageBody + 'static>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    use futures_util::StreamExt;
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY as u64) {
+        let response = payload_too_large().error_response();
+        return Ok(request.into_response(response).map_into_right_body());
+    }
+    let mut payload = request.take_payload();
+    let mut body = web::BytesMut::new();
+    while let Some(chunk) = payload.next().await {
+        let refused = match chunk {
+            Ok(chunk) if body.len() + chunk.len() <= MAX_BODY => {
+                body.extend_from_slice(&chunk);
+                continue;
+            }
+            Ok(_) => payload_too_large(),
+            Err(err) => ApiError::bad_request("bad_body", format!("request body: {err}")),
+        };
+        return Ok(request
+            .into_response(refused.error_response())
+            .map_into_right_body());
+    }
+    request.set_payload(actix_web::dev::Payload::from(body.freeze()));
+    Ok(next.call(request).await?.map_into_left_body())
 }
 
 /// Every route, each refusing other methods with a JSON 405.
@@ -287,32 +395,28 @@ async fn blocking<T: Send + 'static>(
         .map_err(ApiError::store)
 }
 
-/// Mutating routes need `Authorization: Bearer <token>` when a token is configured.
+/// Mutating routes need `Authorization: Bearer <token>` when a token is configured: the
+/// scheme in any case (RFC 6750), exactly one space, then the token with no whitespace.
+/// Anything else is 401; a well-formed but wrong token is 403.
 fn authorize(request: &HttpRequest, state: &ApiState) -> Result<(), ApiError> {
     let Some(expected) = &state.token_digest else {
         return Ok(());
     };
-    let given = request
+    let unauthorized = |message: &str| {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            message.to_string(),
+        )
+    };
+    let value = request
         .headers()
         .get(header::AUTHORIZATION)
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "this route needs Authorization: Bearer <token>",
-            )
-        })?
-        .to_str()
-        .ok()
-        .and_then(|value| value.strip_prefix("Bearer "))
-        .ok_or_else(|| {
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "unauthorized",
-                "expected Authorization: Bearer <token>",
-            )
-        })?;
-    let digest: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
+        .ok_or_else(|| unauthorized("this route needs Authorization: Bearer <token>"))?;
+    let given = bearer_token(value.as_bytes()).ok_or_else(|| {
+        unauthorized("expected Authorization: Bearer <token> (one space, no other whitespace)")
+    })?;
+    let digest: [u8; 32] = Sha256::digest(given).into();
     if bool::from(digest.ct_eq(expected)) {
         Ok(())
     } else {
@@ -322,6 +426,16 @@ fn authorize(request: &HttpRequest, state: &ApiState) -> Result<(), ApiError> {
             "the token is not valid",
         ))
     }
+}
+
+/// The token of `Bearer <token>`: scheme case-insensitive, one space, a token of printable
+/// ASCII without whitespace.
+fn bearer_token(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ")
+        && !token.is_empty()
+        && token.iter().all(u8::is_ascii_graphic))
+    .then_some(token)
 }
 
 fn snapshot(state: &ApiState) -> Result<Arc<crate::engine::Snapshot>, ApiError> {
@@ -352,57 +466,104 @@ async fn status(state: Data<ApiState>) -> ApiResult {
         .body(body))
 }
 
-#[derive(Deserialize, Default)]
-#[serde(deny_unknown_fields)]
-struct TriggerOptions {
-    #[serde(default)]
-    force: Option<bool>,
-    #[serde(default)]
-    downstream: Option<bool>,
-    /// `true` (up to 5 minutes) or a number of seconds (up to 3600).
-    #[serde(default)]
-    wait: Option<WaitFor>,
-}
-
-#[derive(Deserialize, Clone, Copy)]
-#[serde(untagged)]
+#[derive(Clone, Copy)]
 enum WaitFor {
     Flag(bool),
     Seconds(u64),
 }
 
 impl WaitFor {
+    /// The longest wait a caller may ask for, in seconds.
+    const MAX_SECONDS: u64 = 3600;
+
     fn limit(self) -> Option<Duration> {
         match self {
             WaitFor::Flag(false) | WaitFor::Seconds(0) => None,
             WaitFor::Flag(true) => Some(Duration::from_secs(300)),
-            WaitFor::Seconds(seconds) => Some(Duration::from_secs(seconds.min(3600))),
+            WaitFor::Seconds(seconds) => Some(Duration::from_secs(seconds)),
+        }
+    }
+
+    fn error(code: &'static str, found: impl std::fmt::Display) -> ApiError {
+        ApiError::bad_request(
+            code,
+            format!(
+                "wait: expected true, false or a number of seconds from 0 to {}, found {found}",
+                WaitFor::MAX_SECONDS
+            ),
+        )
+    }
+
+    /// `?wait=`: a whole number is seconds (so `1` is one second), else a flag.
+    fn from_query(value: &str) -> Result<WaitFor, ApiError> {
+        if let Ok(seconds) = value.parse::<u64>() {
+            if seconds <= WaitFor::MAX_SECONDS {
+                return Ok(WaitFor::Seconds(seconds));
+            }
+        } else if let Some(flag) = flag_value(value).filter(|_| value != "1" && value != "0") {
+            return Ok(WaitFor::Flag(flag));
+        }
+        Err(WaitFor::error("bad_query", format!("{value:?}")))
+    }
+
+    /// `"wait"` in a JSON body: `true`, `false` or a whole number of seconds up to 3600.
+    fn from_json(value: &Value) -> Result<WaitFor, ApiError> {
+        match value {
+            Value::Bool(flag) => Ok(WaitFor::Flag(*flag)),
+            Value::Number(number) => number
+                .as_u64()
+                .filter(|seconds| *seconds <= WaitFor::MAX_SECONDS)
+                .map(WaitFor::Seconds)
+                .ok_or_else(|| WaitFor::error("bad_body", number)),
+            other => Err(WaitFor::error("bad_body", other)),
         }
     }
 }
 
+/// The spellings of a query flag, the ones `/openapi.json` lists: `?force` alone is true.
+const FLAG_SPELLINGS: [(&str, bool); 7] = [
+    ("true", true),
+    ("false", false),
+    ("1", true),
+    ("0", false),
+    ("yes", true),
+    ("no", false),
+    ("", true),
+];
+
+fn flag_value(value: &str) -> Option<bool> {
+    FLAG_SPELLINGS
+        .iter()
+        .find(|(spelling, _)| *spelling == value)
+        .map(|(_, flag)| *flag)
+}
+
+fn parse_flag(key: &str, value: &str) -> Result<bool, ApiError> {
+    flag_value(value).ok_or_else(|| {
+        ApiError::bad_request(
+            "bad_query",
+            format!("{key}: expected true, false, 1, 0, yes or no, found {value:?}"),
+        )
+    })
+}
+
+/// What a trigger asks for, from its query and body.
+#[derive(Default)]
+struct Trigger {
+    force: Option<bool>,
+    downstream: Option<bool>,
+    wait: Option<WaitFor>,
+}
+
 /// Query `?force=1&downstream=true&wait=30` and/or a JSON body with the same keys.
-fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<TriggerOptions, ApiError> {
-    let mut options = TriggerOptions::default();
+fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<Trigger, ApiError> {
+    let mut options = Trigger::default();
     for pair in request.query_string().split('&').filter(|p| !p.is_empty()) {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, "true"));
-        let flag = || match value {
-            "1" | "true" | "yes" | "" => Ok(true),
-            "0" | "false" | "no" => Ok(false),
-            other => Err(ApiError::bad_request(
-                "bad_query",
-                format!("{key}: expected true or false, found {other:?}"),
-            )),
-        };
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
         match key {
-            "force" => options.force = Some(flag()?),
-            "downstream" => options.downstream = Some(flag()?),
-            "wait" => {
-                options.wait = Some(match value.parse::<u64>() {
-                    Ok(seconds) => WaitFor::Seconds(seconds),
-                    Err(_) => WaitFor::Flag(flag()?),
-                })
-            }
+            "force" => options.force = Some(parse_flag(key, value)?),
+            "downstream" => options.downstream = Some(parse_flag(key, value)?),
+            "wait" => options.wait = Some(WaitFor::from_query(value)?),
             other => {
                 return Err(ApiError::bad_request(
                     "bad_query",
@@ -412,11 +573,30 @@ fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<TriggerOptions
         }
     }
     if !body.iter().all(u8::is_ascii_whitespace) {
-        let from_body: TriggerOptions = serde_json::from_slice(body)
-            .map_err(|err| ApiError::bad_request("bad_body", format!("request body: {err}")))?;
-        options.force = from_body.force.or(options.force);
-        options.downstream = from_body.downstream.or(options.downstream);
-        options.wait = from_body.wait.or(options.wait);
+        let bad =
+            |message: String| ApiError::bad_request("bad_body", format!("request body: {message}"));
+        let value: Value = serde_json::from_slice(body).map_err(|err| bad(err.to_string()))?;
+        let Value::Object(fields) = value else {
+            return Err(bad(format!(
+                "expected an object such as {{\"force\": true}}, found {value}"
+            )));
+        };
+        // Exactly the schema in /openapi.json (`TriggerOptions`): no nulls, no other keys.
+        for (key, value) in &fields {
+            match (key.as_str(), value) {
+                ("force", Value::Bool(flag)) => options.force = Some(*flag),
+                ("downstream", Value::Bool(flag)) => options.downstream = Some(*flag),
+                ("force" | "downstream", other) => {
+                    return Err(bad(format!("{key}: expected true or false, found {other}")))
+                }
+                ("wait", value) => options.wait = Some(WaitFor::from_json(value)?),
+                (other, _) => {
+                    return Err(bad(format!(
+                        "unknown field {other:?} (known: force, downstream, wait)"
+                    )))
+                }
+            }
+        }
     }
     Ok(options)
 }
@@ -647,14 +827,8 @@ async fn run_log(
 ) -> ApiResult {
     let run = parse_run_id(&id)?;
     let follow = match query.follow.as_deref() {
-        None | Some("0") | Some("false") => false,
-        Some("1") | Some("true") => true,
-        Some(other) => {
-            return Err(ApiError::bad_request(
-                "bad_query",
-                format!("follow: expected 1 or 0, found {other:?}"),
-            ))
-        }
+        None => false,
+        Some(value) => parse_flag("follow", value)?,
     };
     let snapshot = snapshot(&state)?;
     let store = state.store.clone();
@@ -1123,10 +1297,27 @@ async fn not_found(request: HttpRequest) -> ApiResult {
     ))
 }
 
-async fn method_not_allowed(request: HttpRequest) -> ApiResult {
-    Err(ApiError::new(
+/// 405 with `Allow` listing the methods [`ROUTES`] gives the matched path.
+async fn method_not_allowed(request: HttpRequest) -> HttpResponse {
+    let pattern = request.match_pattern().unwrap_or_default();
+    let allowed: Vec<&str> = ROUTES
+        .iter()
+        .filter(|(_, path)| *path == pattern)
+        .map(|(method, _)| *method)
+        .collect();
+    let mut response = ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
         "method_not_allowed",
-        format!("{} is not allowed on {}", request.method(), request.path()),
-    ))
+        format!(
+            "{} is not allowed on {} (allowed: {})",
+            request.method(),
+            request.path(),
+            allowed.join(", ")
+        ),
+    )
+    .error_response();
+    if let Ok(value) = HeaderValue::from_str(&allowed.join(", ")) {
+        response.headers_mut().insert(header::ALLOW, value);
+    }
+    response
 }

@@ -312,6 +312,9 @@ fn triggers_refuse_bad_input_unknown_tasks_and_overlap() {
         ("/scheduler/run_hello", Some("{not json"), 400),
         ("/scheduler/run_hello", Some("{\"force\": \"yes\"}"), 400),
         ("/scheduler/run_hello", Some("{\"speed\": 3}"), 400),
+        // The body is exactly the spec's TriggerOptions: no nulls, an object.
+        ("/scheduler/run_hello", Some("{\"force\": null}"), 400),
+        ("/scheduler/run_hello", Some("[true]"), 400),
     ] {
         let (code, body) = api.post(path, body_text);
         assert_eq!(code, expected, "{path} {body_text:?}: {body}");
@@ -845,5 +848,440 @@ fn an_idle_event_stream_sends_keep_alive_comments() {
             .filter(|line| line == ": keep-alive")
     });
     assert_eq!(keep_alive, ": keep-alive");
+    drop(service);
+}
+
+// Issue "No fire lost under the faults operators meet", item 9: API edges.
+
+/// One raw HTTP/1.1 exchange: writes `head` then `body` (ignoring write errors: the server
+/// may answer and close before reading everything), reads until the server closes.
+/// Returns the status, the lower-cased head and the body.
+fn raw(service: &Service, head: &str, body: &[u8]) -> (u16, String, String) {
+    use std::io::{Read, Write};
+    let address = service.api.trim_start_matches("http://");
+    let mut stream = std::net::TcpStream::connect(address).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    let _ = stream.write_all(head.as_bytes());
+    let _ = stream.write_all(body);
+    let mut answer = Vec::new();
+    let mut chunk = [0u8; 8192];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                answer.extend_from_slice(&chunk[..n]);
+                // Keep-alive connections stay open: stop once a whole answer is in.
+                let text = String::from_utf8_lossy(&answer).to_string();
+                if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                    let length = head
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length: ")
+                                .map(|v| v.trim().to_string())
+                        })
+                        .and_then(|v| v.parse::<usize>().ok());
+                    if length.is_some_and(|length| body.len() >= length) {
+                        break;
+                    }
+                }
+            }
+        }
+    }
+    let text = String::from_utf8_lossy(&answer).to_string();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no status line in {text:?}"));
+    (status, head.to_ascii_lowercase(), body.to_string())
+}
+
+/// Asserts an error answer in the stable JSON shape and returns its code.
+fn check_json_error(what: &str, status: u16, expected: u16, head: &str, body: &str) -> String {
+    assert_eq!(status, expected, "{what}: {head}\n{body}");
+    assert!(
+        head.contains("content-type: application/json"),
+        "{what}: not JSON: {head}"
+    );
+    let value: Value =
+        serde_json::from_str(body).unwrap_or_else(|e| panic!("{what}: not JSON ({e}): {body:?}"));
+    assert!(
+        value["error"]["code"].is_string() && value["error"]["message"].is_string(),
+        "{what}: {value}"
+    );
+    value["error"]["code"].as_str().unwrap().to_string()
+}
+
+#[test]
+fn every_route_refuses_bodies_over_64_kib_with_a_json_413() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    // A declared length over the limit is refused before the body is read, on every
+    // route, including those that read no body (reload) and GET routes.
+    for (method, path) in [
+        ("POST", "/scheduler/reload"),
+        ("POST", "/scheduler/run_hello"),
+        ("POST", "/scheduler/tasks/hello/pause"),
+        ("GET", "/health"),
+        ("GET", "/nope"),
+    ] {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Content-Length: 10485760\r\nConnection: close\r\n\r\n"
+        );
+        let (status, head, body) = raw(&service, &head, b"");
+        let code = check_json_error(&format!("{method} {path}"), status, 413, &head, &body);
+        assert_eq!(code, "payload_too_large");
+    }
+    // A chunked body has no declared length: it is counted as it comes.
+    let mut chunked = Vec::new();
+    for _ in 0..5 {
+        chunked.extend_from_slice(format!("{:x}\r\n", 16 * 1024).as_bytes());
+        chunked.extend_from_slice(&[b' '; 16 * 1024]);
+        chunked.extend_from_slice(b"\r\n");
+    }
+    chunked.extend_from_slice(b"0\r\n\r\n");
+    for path in ["/scheduler/reload", "/scheduler/run_hello"] {
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+             Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        );
+        let (status, head, body) = raw(&service, &head, &chunked);
+        check_json_error(&format!("chunked {path}"), status, 413, &head, &body);
+    }
+    // Under the limit still works, chunked too.
+    let small = b"2\r\n{}\r\n0\r\n\r\n";
+    let head = "POST /scheduler/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n";
+    let (status, _, body) = raw(&service, head, small);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        sandbox
+            .store()
+            .events_after(0, 10_000)
+            .unwrap()
+            .iter()
+            .filter(|e| e.kind == "config_reloaded")
+            .count(),
+        1,
+        "only the small request reloaded"
+    );
+    drop(service);
+}
+
+#[test]
+fn request_heads_over_the_limits_or_malformed_get_json_errors() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let long_query = format!(
+        "GET /scheduler/runs?task={} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        "a".repeat(70_000)
+    );
+    let (status, head, body) = raw(&service, &long_query, b"");
+    assert_eq!(
+        check_json_error("70 KB query", status, 414, &head, &body),
+        "uri_too_long"
+    );
+
+    let mut many = String::from("GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n");
+    for i in 0..500 {
+        many.push_str(&format!("X-Header-{i}: {i}\r\n"));
+    }
+    many.push_str("\r\n");
+    let (status, head, body) = raw(&service, &many, b"");
+    assert_eq!(
+        check_json_error("500 headers", status, 431, &head, &body),
+        "headers_too_large"
+    );
+
+    let big_header = format!(
+        "GET /health HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        "b".repeat(40_000)
+    );
+    let (status, head, body) = raw(&service, &big_header, b"");
+    check_json_error("a 40 KB header", status, 431, &head, &body);
+
+    for (what, request) in [
+        ("garbage", "NOT HTTP AT ALL\r\n\r\n"),
+        (
+            "no Host",
+            "GET /health HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ),
+        (
+            "bad content-length",
+            "POST /scheduler/reload HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n",
+        ),
+        (
+            "bad header name",
+            "GET /health HTTP/1.1\r\nHost: x\r\nBad Header: 1\r\n\r\n",
+        ),
+    ] {
+        let (status, head, body) = raw(&service, request, b"");
+        check_json_error(what, status, 400, &head, &body);
+    }
+
+    // The body's framing is the codec's too: a malformed chunk is a JSON 400.
+    let (status, head, body) = raw(
+        &service,
+        "POST /scheduler/reload HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\
+         Connection: close\r\n\r\n",
+        b"zz\r\nnot a chunk\r\n",
+    );
+    check_json_error("a malformed chunk", status, 400, &head, &body);
+
+    // A head that does not come within 5 s.
+    let started = std::time::Instant::now();
+    let (status, head, body) = raw(&service, "GET /health HTTP/1.1\r\nHost: x\r\n", b"");
+    assert_eq!(
+        check_json_error("a slow head", status, 408, &head, &body),
+        "request_timeout"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+
+    // Within the limits all is normal.
+    let (status, _, body) = raw(
+        &service,
+        "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"",
+    );
+    assert_eq!(status, 200, "{body}");
+    drop(service);
+}
+
+#[test]
+fn method_not_allowed_says_which_methods_the_route_accepts() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    for (method, path) in turbosched::api::ROUTES {
+        let path = path.replace("{task}", "hello").replace("{id}", "1");
+        let other = if *method == "GET" { "POST" } else { "GET" };
+        for wrong in [other, "DELETE", "PUT"] {
+            let (status, head, body) = raw(
+                &service,
+                &format!("{wrong} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"),
+                b"",
+            );
+            let code = check_json_error(&format!("{wrong} {path}"), status, 405, &head, &body);
+            assert_eq!(code, "method_not_allowed");
+            assert!(
+                head.contains(&format!("\r\nallow: {method}").to_ascii_lowercase()),
+                "{wrong} {path}: no Allow: {method}: {head}"
+            );
+        }
+    }
+    drop(service);
+}
+
+#[test]
+fn openapi_states_the_bounds_and_enums_the_server_enforces() {
+    let sandbox = Sandbox::new(TASKS);
+    sandbox.cli(&["run", "hello"]);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (_, spec) = api.get_json("/openapi.json");
+    let parameter = |path: &str, method: &str, name: &str| -> Value {
+        spec["paths"][path][method]["parameters"]
+            .as_array()
+            .unwrap_or_else(|| panic!("{method} {path} has no parameters"))
+            .iter()
+            .find(|p| p["name"] == name)
+            .unwrap_or_else(|| panic!("{method} {path} has no parameter {name}"))["schema"]
+            .clone()
+    };
+    let run_id = serde_json::json!({"type": "integer", "format": "int64", "minimum": 1, "maximum": i64::MAX});
+    for (method, path) in turbosched::api::ROUTES {
+        if path.contains("{id}") {
+            assert_eq!(
+                parameter(path, &method.to_lowercase(), "id"),
+                run_id,
+                "{method} {path}"
+            );
+        }
+    }
+    assert_eq!(parameter("/scheduler/runs", "get", "cursor"), run_id);
+    // A run id beyond int64 is a 400 (not a 404, not a 5xx).
+    assert_eq!(api.get_json("/scheduler/runs/9223372036854775807").0, 404);
+    assert_eq!(api.get_json("/scheduler/runs/9223372036854775808").0, 400);
+    assert_eq!(api.get_json("/scheduler/runs/0").0, 400);
+
+    let states = parameter("/scheduler/runs", "get", "state");
+    let names: Vec<String> = turbosched::model::RunState::names()
+        .split(", ")
+        .map(str::to_string)
+        .collect();
+    assert_eq!(states["enum"], serde_json::json!(names));
+    for name in &names {
+        assert_eq!(
+            api.get_json(&format!("/scheduler/runs?state={name}")).0,
+            200
+        );
+    }
+    let limit = parameter("/scheduler/runs", "get", "limit");
+    assert_eq!(
+        (&limit["minimum"], &limit["maximum"]),
+        (&1.into(), &1000.into())
+    );
+    assert_eq!(
+        parameter("/scheduler/runs", "get", "since")["format"],
+        "date-time"
+    );
+    let since = parameter("/scheduler/events", "get", "since");
+    assert_eq!(
+        (&since["minimum"], &since["maximum"]),
+        (&0.into(), &i64::MAX.into())
+    );
+
+    // The flags: exactly the spellings the server takes.
+    let follow = parameter("/scheduler/runs/{id}/log", "get", "follow");
+    let force = parameter("/scheduler/tasks/{task}/run", "post", "force");
+    assert_eq!(follow, force, "one flag syntax");
+    for spelling in follow["enum"].as_array().unwrap() {
+        let spelling = spelling.as_str().unwrap();
+        assert_eq!(
+            api.get(&format!("/scheduler/runs/1/log?follow={spelling}"))
+                .0,
+            200,
+            "follow={spelling}"
+        );
+    }
+    assert_eq!(api.get("/scheduler/runs/1/log?follow=maybe").0, 400);
+
+    // wait: a flag (not 0/1, which are seconds) or 0 to 3600 seconds; the body says the same.
+    let wait = parameter("/scheduler/tasks/{task}/run", "post", "wait");
+    let seconds = wait["anyOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["type"] == "integer")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        (&seconds["minimum"], &seconds["maximum"]),
+        (&0.into(), &3600.into())
+    );
+    let body_wait = &spec["components"]["schemas"]["TriggerOptions"]["properties"]["wait"];
+    assert!(
+        body_wait["oneOf"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["maximum"] == 3600),
+        "{body_wait}"
+    );
+    for (route, path) in [
+        ("/scheduler/run_{task}", "/scheduler/run_hello"),
+        ("/scheduler/tasks/{task}/run", "/scheduler/tasks/hello/run"),
+    ] {
+        assert_eq!(parameter(route, "post", "wait"), wait);
+        let (code, _) = api.post(&format!("{path}?wait=3601"), None);
+        assert_eq!(code, 400, "{path}?wait=3601");
+        let (code, _) = api.post(path, Some("{\"wait\": 3601}"));
+        assert_eq!(code, 400, "{path} wait 3601 in the body");
+    }
+    drop(service);
+}
+
+#[test]
+fn a_bad_wait_says_what_wait_accepts() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    for (query, body) in [
+        ("?wait=-1", None),
+        ("?wait=soon", None),
+        ("", Some("{\"wait\": -1}")),
+        ("", Some("{\"wait\": \"yes\"}")),
+    ] {
+        let (code, answer) = api.post(&format!("/scheduler/run_hello{query}"), body);
+        assert_eq!(code, 400, "{query} {body:?}: {answer}");
+        let message = answer["error"]["message"].as_str().unwrap();
+        assert!(
+            message.contains("wait: expected true, false or a number of seconds from 0 to 3600"),
+            "{query} {body:?}: {message}"
+        );
+    }
+    drop(service);
+}
+
+#[test]
+fn a_set_but_empty_token_variable_refuses_to_start() {
+    let sandbox = Sandbox::new(TASKS);
+    for value in ["", "   ", " s3cret "] {
+        let mut child = sandbox
+            .command(&["serve"])
+            .env("TURBOSCHED_TOKEN", value)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let exited = wait_until_or_none(Duration::from_secs(10), || child.try_wait().unwrap());
+        if exited.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("TURBOSCHED_TOKEN={value:?}: serve started without a usable token");
+        }
+        let output = child.wait_with_output().unwrap();
+        let text = stderr(&output);
+        assert_eq!(output.status.code(), Some(2), "{value:?}: {text}");
+        assert!(
+            text.contains("TURBOSCHED_TOKEN (named by [api] token_env)"),
+            "{value:?}: {text}"
+        );
+    }
+}
+
+/// Polls `check` every 20 ms for at most `within`.
+fn wait_until_or_none<T>(within: Duration, mut check: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = std::time::Instant::now() + within;
+    while std::time::Instant::now() < deadline {
+        if let Some(value) = check() {
+            return Some(value);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    None
+}
+
+#[test]
+fn only_exactly_bearer_space_token_is_accepted() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve_with(&[("TURBOSCHED_TOKEN", "s3cret-token")]);
+    let post = |authorization: &str| {
+        let (status, head, body) = raw(
+            &service,
+            &format!(
+                "POST /scheduler/tasks/hello/pause HTTP/1.1\r\nHost: x\r\n\
+                 Authorization: {authorization}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+            ),
+            b"",
+        );
+        if status >= 400 {
+            check_json_error(authorization, status, status, &head, &body);
+        }
+        status
+    };
+    assert_eq!(post("Bearer s3cret-token"), 200);
+    assert_eq!(
+        post("bearer s3cret-token"),
+        200,
+        "the scheme is case-insensitive"
+    );
+    for bad in [
+        "Bearer  s3cret-token",
+        "Bearer\ts3cret-token",
+        "Bearer s3cret-token\tx",
+        "Bearer s3cret-token x",
+        "Bearer",
+        "Bearer ",
+        "Bearers3cret-token",
+        " s3cret-token",
+    ] {
+        assert_eq!(post(bad), 401, "{bad:?}");
+    }
+    assert_eq!(post("Bearer s3cret-tokenx"), 403);
     drop(service);
 }
