@@ -25,7 +25,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::Handler;
 use crate::model::{Attempt, RunId};
 use crate::tasklog::{Level, TaskLog};
-use crate::worker::protocol::{parse_stdout_line, Msg};
+use crate::worker::protocol::{parse_stdout_line, Msg, Report};
 
 /// The report pipe's descriptor number in a built-in worker.
 pub const REPORT_FD: i32 = 3;
@@ -96,8 +96,8 @@ pub enum Outcome {
 pub enum RunnerEvent {
     /// The child is running with this pid (= its process group id), since this instant.
     Spawned(u32, crate::model::Instant),
-    /// A protocol message (heartbeat, progress, checkpoint, result, error).
-    Report(Msg),
+    /// A protocol message (heartbeat, progress, checkpoint, result, error), decoded.
+    Report(Report),
     /// The attempt is over.
     Finished {
         /// How.
@@ -365,7 +365,7 @@ async fn pump_output(
             let _ = events.send(Envelope {
                 run: spec.run,
                 attempt: spec.attempt,
-                event: RunnerEvent::Report(msg),
+                event: RunnerEvent::Report(Report::from(msg)),
             });
         }
         spec.log.line(spec.run, spec.attempt, level, &line);
@@ -397,7 +397,7 @@ async fn pump_reports(
         let _ = events.send(Envelope {
             run,
             attempt,
-            event: RunnerEvent::Report(msg),
+            event: RunnerEvent::Report(Report::from(msg)),
         });
     }
     reported

@@ -3,7 +3,6 @@
 
 use std::sync::Arc;
 
-use super::finish::write_atomically;
 use super::recovery::schedule_key;
 use super::{blocking, Command, Engine, EngineError, Pending};
 use crate::config::Overlap;
@@ -245,15 +244,16 @@ impl Engine {
             downstream: false,
             cascade: None,
         };
-        let run = blocking(|| self.store.enqueue(&new_run, now))?;
-        let checkpoint = std::fs::read(self.checkpoint_path(old))
-            .ok()
-            .or_else(|| row.checkpoint.clone().map(String::into_bytes));
-        if let Some(bytes) = checkpoint {
-            if let Err(err) = write_atomically(&self.checkpoint_path(run), &bytes) {
-                warn!(run = %run, "cannot hand over the checkpoint of run {old}: {err}");
-            }
-        }
+        // The new run resumes from the old one's last checkpoint, handed over in the store.
+        let run = blocking(|| {
+            self.store.batch(|batch| {
+                let run = batch.enqueue(&new_run, now)?;
+                if let Some(checkpoint) = &row.checkpoint {
+                    batch.hand_checkpoint(run, checkpoint)?;
+                }
+                Ok(run)
+            })
+        })?;
         self.admit(Pending::new_run(run, &new_run), now);
         Ok(run)
     }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use super::{blocking, Engine, Pending, Running};
 use crate::config::TaskSpec;
-use crate::model::{Attempt, Instant, RunState, TaskName};
+use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::runner::{self, AttemptSpec};
 use crate::store::Change;
 use crate::tasklog::Level;
@@ -113,6 +113,10 @@ impl Engine {
         };
         let (stop_tx, stop_rx) = watch::channel(None);
         let log = self.logs.task(pending.task.as_str());
+        // A later attempt, or a retry of another run, resumes from the checkpoint in the
+        // store (its one home): the child reads a copy at TURBOSCHED_CHECKPOINT.
+        let handed_checkpoint = (attempt.0 > 1 || pending.trigger == Trigger::Retry)
+            && self.hand_checkpoint(pending.run);
         log.line(
             pending.run,
             attempt,
@@ -153,6 +157,7 @@ impl Engine {
                 announce: None,
                 beats: matches!(spec.handler, crate::config::Handler::Builtin(_)),
                 last_report: std::time::Instant::now(),
+                handed_checkpoint,
             },
         );
         tokio::spawn(runner::run_attempt(
@@ -160,6 +165,28 @@ impl Engine {
             self.worker_tx.clone(),
             stop_rx,
         ));
+    }
+
+    /// Writes the run's stored checkpoint, if it has one, where its child will read it.
+    fn hand_checkpoint(&self, run: RunId) -> bool {
+        let checkpoint = match blocking(|| self.store.run(run)) {
+            Ok(row) => row.and_then(|row| row.checkpoint),
+            Err(err) => {
+                warn!(run = %run, "cannot read the run's checkpoint: {err}");
+                None
+            }
+        };
+        let Some(checkpoint) = checkpoint else {
+            return false;
+        };
+        let path = self.checkpoint_path(run);
+        match write_atomically(&path, checkpoint.as_bytes()) {
+            Ok(()) => true,
+            Err(err) => {
+                warn!(run = %run, "cannot write the checkpoint file {}: {err}", path.display());
+                false
+            }
+        }
     }
 
     /// The dependency check: every upstream's latest finished run succeeded, and is fresh.
@@ -216,4 +243,15 @@ impl Engine {
             .join("checkpoints")
             .join(format!("run_{run}.json"))
     }
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename: a reader sees the old
+/// file or the new one, never half of one.
+fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let temporary = path.with_extension("json.tmp");
+    std::fs::write(&temporary, bytes)?;
+    std::fs::rename(&temporary, path)
 }

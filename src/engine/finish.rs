@@ -12,7 +12,7 @@ use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::{Envelope, Outcome, RunnerEvent, StopReason};
 use crate::store::Change;
 use crate::tasklog::Level;
-use crate::worker::protocol::Msg;
+use crate::worker::protocol::{Report, ResultEvent, RunRequest};
 use tracing::warn;
 
 pub(super) struct Running {
@@ -35,37 +35,8 @@ pub(super) struct Running {
     pub(super) beats: bool,
     /// When the child last reported anything (or started).
     pub(super) last_report: std::time::Instant,
-}
-
-/// An event a handler's result asks the engine to publish: `{"kind", "message"}`, e.g.
-/// the drift task's verdict. Kinds are lower-case words joined by `_`; the `run_` kinds
-/// are the engine's own.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct ResultEvent {
-    pub(super) kind: String,
-    pub(super) message: String,
-}
-
-impl ResultEvent {
-    pub(super) fn is_allowed(&self) -> bool {
-        !self.kind.starts_with("run_")
-            && (1..=40).contains(&self.kind.len())
-            && self
-                .kind
-                .bytes()
-                .all(|b| b.is_ascii_lowercase() || b == b'_')
-    }
-}
-
-/// A run a handler's result asks the engine to queue: `{"task", "trigger", "reason"}`.
-/// The handler never calls the engine; it says what it wants and the engine decides.
-#[derive(Debug, Clone, serde::Deserialize)]
-#[serde(deny_unknown_fields)]
-pub(super) struct RunRequest {
-    pub(super) task: String,
-    pub(super) trigger: String,
-    pub(super) reason: String,
+    /// A checkpoint file was written for this run's child (deleted when the run ends).
+    pub(super) handed_checkpoint: bool,
 }
 
 /// What one finished attempt turns into.
@@ -75,15 +46,6 @@ pub(super) struct Finish {
     pub(super) running: Running,
     pub(super) to: RunState,
     pub(super) change: Change,
-}
-
-pub(super) fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()> {
-    if let Some(parent) = path.parent() {
-        std::fs::create_dir_all(parent)?;
-    }
-    let temporary = path.with_extension("json.tmp");
-    std::fs::write(&temporary, bytes)?;
-    std::fs::rename(&temporary, path)
 }
 
 impl Engine {
@@ -107,39 +69,13 @@ impl Engine {
                 }
             }
             match &envelope.event {
-                RunnerEvent::Report(Msg::Checkpoint { data }) => {
-                    let path = self.checkpoint_path(envelope.run);
-                    if let Err(err) = write_atomically(&path, data.to_string().as_bytes()) {
-                        warn!(run = %envelope.run, "cannot write checkpoint file {}: {err}", path.display());
+                RunnerEvent::Report(Report::Result(result)) => {
+                    for why in &result.ignored {
+                        warn!(run = %envelope.run, "ignoring part of the result: {why}");
                     }
-                }
-                RunnerEvent::Report(Msg::Result { data }) => {
-                    if let Some(event) = data.get("event") {
-                        match serde_json::from_value::<ResultEvent>(event.clone()) {
-                            Ok(event) if event.is_allowed() => {
-                                if let Some(running) = self.running.get_mut(&envelope.run) {
-                                    running.announce = Some(event);
-                                }
-                            }
-                            Ok(event) => {
-                                warn!(run = %envelope.run, kind = %event.kind, "ignoring a result event: kinds are lower-case words joined by _, not run_*")
-                            }
-                            Err(err) => {
-                                warn!(run = %envelope.run, "ignoring a malformed event in the result: {err}")
-                            }
-                        }
-                    }
-                    if let Some(requests) = data.get("request_runs") {
-                        match serde_json::from_value::<Vec<RunRequest>>(requests.clone()) {
-                            Ok(requests) => {
-                                if let Some(running) = self.running.get_mut(&envelope.run) {
-                                    running.requests = requests;
-                                }
-                            }
-                            Err(err) => {
-                                warn!(run = %envelope.run, "ignoring malformed request_runs in the result: {err}")
-                            }
-                        }
+                    if let Some(running) = self.running.get_mut(&envelope.run) {
+                        running.announce = result.event.clone();
+                        running.requests = result.requests.clone();
                     }
                 }
                 RunnerEvent::Finished { outcome, elapsed } => {
@@ -178,16 +114,16 @@ impl Engine {
                     let (run, attempt) = (*run, *attempt);
                     let written = match event {
                         RunnerEvent::Spawned(pid, at) => batch.record_pid(run, attempt, *pid, *at),
-                        RunnerEvent::Report(Msg::Progress { pct, phase }) => {
+                        RunnerEvent::Report(Report::Progress { pct, phase }) => {
                             batch.record_progress(run, attempt, *pct, phase.as_deref(), now)
                         }
-                        RunnerEvent::Report(Msg::Checkpoint { data }) => {
-                            batch.record_checkpoint(run, attempt, &data.to_string())
+                        RunnerEvent::Report(Report::Checkpoint(json)) => {
+                            batch.record_checkpoint(run, attempt, json)
                         }
-                        RunnerEvent::Report(Msg::Result { data }) => {
-                            batch.record_result(run, attempt, &data.to_string())
+                        RunnerEvent::Report(Report::Result(result)) => {
+                            batch.record_result(run, attempt, &result.json)
                         }
-                        RunnerEvent::Report(Msg::Heartbeat | Msg::Error { .. })
+                        RunnerEvent::Report(Report::Heartbeat | Report::Error { .. })
                         | RunnerEvent::Finished { .. } => Ok(true),
                     };
                     if let Err(err) = written {
@@ -234,6 +170,10 @@ impl Engine {
         for (finish, ok) in finishes.into_iter().zip(applied) {
             if !ok {
                 continue;
+            }
+            if finish.running.handed_checkpoint {
+                // A copy for the child that has ended; the store keeps the checkpoint.
+                let _ = std::fs::remove_file(self.checkpoint_path(finish.run));
             }
             match finish.to {
                 RunState::RetryWait => {

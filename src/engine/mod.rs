@@ -33,6 +33,8 @@ mod publish;
 mod queue;
 mod recovery;
 mod supervise;
+#[cfg(test)]
+mod tests;
 
 pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
@@ -43,7 +45,8 @@ pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
 pub use metrics::Metrics;
 
 use faults::WallWatch;
-use finish::{RunRequest, Running};
+use finish::Running;
+use crate::worker::protocol::RunRequest;
 use queue::Pending;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};

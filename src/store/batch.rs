@@ -117,6 +117,17 @@ impl Batch<'_> {
         )? > 0)
     }
 
+    /// Gives a queued run a checkpoint to start from (a retry resumes where the run it
+    /// retries stopped). The store is a checkpoint's one home; the file a child reads is
+    /// a copy the engine writes when the attempt starts.
+    pub fn hand_checkpoint(&self, run: RunId, checkpoint: &str) -> Result<bool, StoreError> {
+        Ok(cached_execute(
+            self.tx,
+            "UPDATE runs SET checkpoint = ?2 WHERE id = ?1 AND state = 'queued'",
+            params![run.0, checkpoint],
+        )? > 0)
+    }
+
     /// Stores the result a running attempt reported.
     pub fn record_result(
         &self,

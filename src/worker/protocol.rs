@@ -63,6 +63,124 @@ impl Msg {
     }
 }
 
+/// A child's report as the engine receives it: decoded and checked at the runner edge, so
+/// the engine sees no JSON. Checkpoints and results keep their JSON text for the store.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Report {
+    /// Still alive.
+    Heartbeat,
+    /// Progress in percent, with an optional phase name.
+    Progress {
+        /// 0 to 100.
+        pct: f64,
+        /// e.g. "features".
+        phase: Option<String>,
+    },
+    /// State to resume from, as JSON text.
+    Checkpoint(String),
+    /// The attempt's result.
+    Result(ResultReport),
+    /// The attempt failed; `fatal` means retrying cannot help.
+    Error {
+        /// What went wrong.
+        message: String,
+        /// No retry.
+        fatal: bool,
+    },
+}
+
+/// A result: its JSON text, and what it asks the engine for if the run succeeds.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ResultReport {
+    /// The whole result, as JSON text (stored with the run).
+    pub json: String,
+    /// `"event": {"kind", "message"}`: an event to publish, if well-formed and allowed.
+    pub event: Option<ResultEvent>,
+    /// `"request_runs": [{"task", "trigger", "reason"}]`: runs to queue.
+    pub requests: Vec<RunRequest>,
+    /// Why a part of the result was ignored (logged by the engine).
+    pub ignored: Vec<String>,
+}
+
+/// An event a handler's result asks the engine to publish: `{"kind", "message"}`, e.g.
+/// the drift task's verdict. Kinds are lower-case words joined by `_`; the `run_` kinds
+/// are the engine's own, and refused here.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ResultEvent {
+    /// e.g. `drift_detected`.
+    pub kind: String,
+    /// What it says.
+    pub message: String,
+}
+
+impl ResultEvent {
+    fn is_allowed(&self) -> bool {
+        !self.kind.starts_with("run_")
+            && (1..=40).contains(&self.kind.len())
+            && self
+                .kind
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b == b'_')
+    }
+}
+
+/// A run a handler's result asks the engine to queue: `{"task", "trigger", "reason"}`.
+/// The handler never calls the engine; it says what it wants and the engine decides.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRequest {
+    /// The task to run.
+    pub task: String,
+    /// The trigger it asks for (the engine accepts `drift` only).
+    pub trigger: String,
+    /// Why, for the task's log.
+    pub reason: String,
+}
+
+impl From<Msg> for Report {
+    fn from(msg: Msg) -> Report {
+        match msg {
+            Msg::Heartbeat => Report::Heartbeat,
+            Msg::Progress { pct, phase } => Report::Progress { pct, phase },
+            Msg::Checkpoint { data } => Report::Checkpoint(data.to_string()),
+            Msg::Result { data } => Report::Result(ResultReport::decode(&data)),
+            Msg::Error { message, fatal } => Report::Error { message, fatal },
+        }
+    }
+}
+
+impl ResultReport {
+    /// Reads what a result asks for; malformed parts are ignored, each with its reason.
+    pub fn decode(data: &serde_json::Value) -> ResultReport {
+        let mut report = ResultReport {
+            json: data.to_string(),
+            ..ResultReport::default()
+        };
+        if let Some(event) = data.get("event") {
+            match ResultEvent::deserialize(event) {
+                Ok(event) if event.is_allowed() => report.event = Some(event),
+                Ok(event) => report.ignored.push(format!(
+                    "result event kind {:?}: kinds are lower-case words joined by _, not run_*",
+                    event.kind
+                )),
+                Err(err) => report
+                    .ignored
+                    .push(format!("malformed event in the result: {err}")),
+            }
+        }
+        if let Some(requests) = data.get("request_runs") {
+            match Vec::<RunRequest>::deserialize(requests) {
+                Ok(requests) => report.requests = requests,
+                Err(err) => report
+                    .ignored
+                    .push(format!("malformed request_runs in the result: {err}")),
+            }
+        }
+        report
+    }
+}
+
 /// Parses an external command's report lines on stdout:
 /// `::progress::45 phase name`, `::checkpoint::{json}`, `::result::{json}`.
 pub fn parse_stdout_line(line: &str) -> Option<Msg> {
@@ -94,6 +212,29 @@ pub fn parse_stdout_line(line: &str) -> Option<Msg> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_result_is_decoded_at_the_edge_and_its_malformed_parts_are_named() {
+        let good = ResultReport::decode(&serde_json::json!({
+            "rows": 3,
+            "event": {"kind": "drift_detected", "message": "3 of 18 drifted"},
+            "request_runs": [{"task": "training", "trigger": "drift", "reason": "drift"}],
+        }));
+        assert_eq!(good.event.as_ref().map(|e| e.kind.as_str()), Some("drift_detected"));
+        assert_eq!(good.requests.len(), 1);
+        assert!(good.ignored.is_empty());
+        assert!(good.json.contains("\"rows\":3"));
+
+        let bad = ResultReport::decode(&serde_json::json!({
+            "event": {"kind": "run_succeeded", "message": "x"},
+            "request_runs": [{"task": "training"}],
+        }));
+        assert_eq!(bad.event, None);
+        assert!(bad.requests.is_empty());
+        assert_eq!(bad.ignored.len(), 2, "{:?}", bad.ignored);
+        assert!(bad.ignored[0].contains("run_*"));
+        assert!(bad.ignored[1].contains("request_runs"));
+    }
 
     #[test]
     fn messages_round_trip_through_a_line() {
