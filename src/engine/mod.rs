@@ -44,9 +44,9 @@ pub use faults::{ClockStep, StoreFault};
 pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
 pub use metrics::Metrics;
 
+use crate::worker::protocol::RunRequest;
 use faults::WallWatch;
 use finish::Running;
-use crate::worker::protocol::RunRequest;
 use queue::Pending;
 
 use std::collections::{BTreeSet, HashMap, VecDeque};

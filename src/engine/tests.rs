@@ -9,7 +9,7 @@ use chrono::TimeZone;
 
 use super::{Clock, Engine, Mode, Running};
 use crate::config::Config;
-use crate::model::{Attempt, Instant, RunId, RunState, Trigger};
+use crate::model::{Attempt, Instant, RunState, Trigger};
 use crate::runner::Outcome;
 use crate::store::{Change, NewRun, RunFilter, RunRow, Store};
 
@@ -114,7 +114,8 @@ fn after_ten_seconds_down(policy: &str) -> (Bench, Vec<RunRow>) {
 #[test]
 fn run_once_after_downtime_runs_the_latest_missed_tick_and_counts_the_others() {
     let (bench, runs) = after_ten_seconds_down("run_once");
-    let ticks: Vec<(Instant, Trigger)> = runs.iter().map(|r| (r.scheduled_for, r.trigger)).collect();
+    let ticks: Vec<(Instant, Trigger)> =
+        runs.iter().map(|r| (r.scheduled_for, r.trigger)).collect();
     assert_eq!(
         ticks,
         vec![
@@ -131,7 +132,11 @@ fn run_once_after_downtime_runs_the_latest_missed_tick_and_counts_the_others() {
         .into_iter()
         .find(|e| e.kind == "misfire")
         .expect("a misfire event");
-    assert!(misfire.message.starts_with("6 missed tick(s)"), "{}", misfire.message);
+    assert!(
+        misfire.message.starts_with("6 missed tick(s)"),
+        "{}",
+        misfire.message
+    );
 }
 
 #[test]
@@ -197,9 +202,16 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
         };
         bench
             .store
-            .transition(run, Attempt(attempt - 1), from, RunState::Running, &change, now)
+            .transition(
+                run,
+                Attempt(attempt - 1),
+                from,
+                RunState::Running,
+                &change,
+                now,
+            )
             .expect("running");
-        engine.running.insert(run, running(&engine, run, Attempt(attempt), now));
+        engine.running.insert(run, running(Attempt(attempt), now));
         let failed = Outcome::Failed {
             exit_code: Some(1),
             error: "exit 1".into(),
@@ -210,7 +222,14 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
             .expect("our attempt");
         bench
             .store
-            .transition(run, Attempt(attempt), RunState::Running, finish.to, &finish.change, now)
+            .transition(
+                run,
+                Attempt(attempt),
+                RunState::Running,
+                finish.to,
+                &finish.change,
+                now,
+            )
             .expect("recorded");
         match finish.change.next_attempt_at {
             Some(at) => {
@@ -228,9 +247,8 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
 }
 
 /// A running attempt as `start` would record it, without a child.
-fn running(engine: &Engine, run: RunId, attempt: Attempt, now: Instant) -> Running {
+fn running(attempt: Attempt, now: Instant) -> Running {
     let (stop, _) = tokio::sync::watch::channel(None);
-    let _ = engine;
     Running {
         task: "t".into(),
         attempt,
@@ -273,9 +291,19 @@ fn an_hourly_schedule_fires_25_times_on_the_day_berlin_falls_back() {
         bench.clock.set(next);
         engine.on_tick();
     }
-    let ticks: Vec<Instant> = bench.runs("hourly").iter().map(|r| r.scheduled_for).collect();
-    assert_eq!(ticks.len(), 25, "a 25-hour local day: both 02:00 passes fire");
-    assert!(ticks.windows(2).all(|w| w[1] - w[0] == chrono::TimeDelta::hours(1)));
+    let ticks: Vec<Instant> = bench
+        .runs("hourly")
+        .iter()
+        .map(|r| r.scheduled_for)
+        .collect();
+    assert_eq!(
+        ticks.len(),
+        25,
+        "a 25-hour local day: both 02:00 passes fire"
+    );
+    assert!(ticks
+        .windows(2)
+        .all(|w| w[1] - w[0] == chrono::TimeDelta::hours(1)));
     assert!(bench
         .runs("hourly")
         .iter()
@@ -310,19 +338,36 @@ fn a_run_is_orphaned_exactly_when_its_owner_has_been_silent_past_heartbeat_timeo
     };
     bench
         .store
-        .transition(run, Attempt(0), RunState::Queued, RunState::Running, &change, t(0))
+        .transition(
+            run,
+            Attempt(0),
+            RunState::Queued,
+            RunState::Running,
+            &change,
+            t(0),
+        )
         .expect("running elsewhere");
     bench.store.heartbeat("elsewhere", t(5)).expect("beat");
 
     // heartbeat_timeout is 10 s: at 5 + 10 s the owner is still within it.
     let mut engine = bench.engine_at(t(15));
     engine.find_orphans(t(15)).expect("checked");
-    assert_eq!(bench.store.run(run).expect("read").expect("run").state, RunState::Running);
+    assert_eq!(
+        bench.store.run(run).expect("read").expect("run").state,
+        RunState::Running
+    );
 
     bench.clock.set(t(16));
     engine.find_orphans(t(16)).expect("checked");
     let row = bench.store.run(run).expect("read").expect("run");
-    assert_eq!(row.state, RunState::Queued, "orphaned, then queued for its last attempt");
-    assert!(row.reason.unwrap_or_default().contains("no heartbeat from owner instance elsewhere"));
+    assert_eq!(
+        row.state,
+        RunState::Queued,
+        "orphaned, then queued for its last attempt"
+    );
+    assert!(row
+        .reason
+        .unwrap_or_default()
+        .contains("no heartbeat from owner instance elsewhere"));
     assert_eq!(engine.queue.len(), 1);
 }

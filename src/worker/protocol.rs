@@ -220,7 +220,10 @@ mod tests {
             "event": {"kind": "drift_detected", "message": "3 of 18 drifted"},
             "request_runs": [{"task": "training", "trigger": "drift", "reason": "drift"}],
         }));
-        assert_eq!(good.event.as_ref().map(|e| e.kind.as_str()), Some("drift_detected"));
+        assert_eq!(
+            good.event.as_ref().map(|e| e.kind.as_str()),
+            Some("drift_detected")
+        );
         assert_eq!(good.requests.len(), 1);
         assert!(good.ignored.is_empty());
         assert!(good.json.contains("\"rows\":3"));
