@@ -439,6 +439,19 @@ where
             metadata.target(),
             metadata.level()
         )?;
+        // The spans around the event (a run's runner: task, run, attempt) come first.
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                let extensions = span.extensions();
+                if let Some(fields) =
+                    extensions.get::<tracing_subscriber::fmt::FormattedFields<N>>()
+                {
+                    if !fields.is_empty() {
+                        write!(writer, "{fields}: ")?;
+                    }
+                }
+            }
+        }
         ctx.field_format().format_fields(writer.by_ref(), event)?;
         writeln!(writer)
     }

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant as MonoInstant};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
-use tokio::io::{AsyncBufReadExt, AsyncRead, BufReader};
+use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
@@ -30,9 +30,29 @@ use crate::worker::protocol::{parse_stdout_line, Msg, Report};
 /// The report pipe's descriptor number in a built-in worker.
 pub const REPORT_FD: i32 = 3;
 
-/// Read buffer per child pipe. Lines longer than this are still read whole; the buffer
-/// only bounds memory when a thousand attempts run at once.
+/// Read buffer per child pipe: bounds memory when a thousand attempts run at once.
 const OUTPUT_BUFFER: usize = 1024;
+
+/// The longest output line kept whole; the rest of a longer line is cut (and said so), so
+/// one child printing a gigabyte without a newline cannot take the service's memory.
+pub const MAX_OUTPUT_LINE: usize = 64 * 1024;
+
+/// The longest report line (JSON on fd 3) read; a longer one is dropped with a warning.
+pub const MAX_REPORT_LINE: usize = 1024 * 1024;
+
+/// How many runner events may wait for the engine; a runner whose child reports faster
+/// than the engine records waits (the child then blocks on its pipe), nothing grows.
+pub const EVENT_QUEUE: usize = 4096;
+
+/// The process group of a child with pid `pid`: `None` for a pid that cannot be a child's
+/// group (0 is our own group, 1 is init, and anything over `i32::MAX` would wrap to a
+/// negative id, which `kill` reads as "every process").
+pub fn process_group(pid: u32) -> Option<Pid> {
+    i32::try_from(pid)
+        .ok()
+        .filter(|pid| *pid > 1)
+        .map(Pid::from_raw)
+}
 
 /// Everything needed to run one attempt.
 #[derive(Clone)]
@@ -118,40 +138,119 @@ pub struct Envelope {
     pub event: RunnerEvent,
 }
 
+/// Promises that an attempt's end reaches the engine even if its runner task panics:
+/// dropped without [`Finisher::finish`], it kills the child's group and reports the
+/// attempt failed, so the run is never left `running` with fresh heartbeats for ever.
+struct Finisher {
+    events: mpsc::Sender<Envelope>,
+    run: RunId,
+    attempt: Attempt,
+    group: Option<Pid>,
+    started: MonoInstant,
+    done: bool,
+}
+
+impl Finisher {
+    async fn send(&self, event: RunnerEvent) {
+        // The engine outlives every runner; a closed channel means it is shutting down
+        // and nobody needs the event any more.
+        let _ = self
+            .events
+            .send(Envelope {
+                run: self.run,
+                attempt: self.attempt,
+                event,
+            })
+            .await;
+    }
+
+    async fn finish(mut self, outcome: Outcome) {
+        self.done = true;
+        let elapsed = self.started.elapsed();
+        self.send(RunnerEvent::Finished { outcome, elapsed }).await;
+    }
+}
+
+impl Drop for Finisher {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        if let Some(group) = self.group {
+            let _ = killpg(group, Signal::SIGKILL);
+        }
+        let envelope = Envelope {
+            run: self.run,
+            attempt: self.attempt,
+            event: RunnerEvent::Finished {
+                outcome: Outcome::Failed {
+                    exit_code: None,
+                    error: "the service's runner of this attempt failed (a panic); its process group was killed".into(),
+                    fatal: false,
+                },
+                elapsed: self.started.elapsed(),
+            },
+        };
+        let events = self.events.clone();
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => {
+                runtime.spawn(async move {
+                    let _ = events.send(envelope).await;
+                });
+            }
+            Err(_) => {
+                let _ = events.try_send(envelope);
+            }
+        }
+    }
+}
+
 /// Runs one attempt to its end, sending events to `events`. Stop it by sending
 /// `Some(reason)` on `stop`.
 pub async fn run_attempt(
     spec: AttemptSpec,
-    events: mpsc::UnboundedSender<Envelope>,
+    events: mpsc::Sender<Envelope>,
     mut stop: watch::Receiver<Option<StopReason>>,
 ) {
-    let started = MonoInstant::now();
-    let send = |event: RunnerEvent| {
-        // The engine outlives every runner; a closed channel means it is shutting down
-        // and nobody needs the event any more.
-        let _ = events.send(Envelope {
-            run: spec.run,
-            attempt: spec.attempt,
-            event,
-        });
+    let mut finisher = Finisher {
+        events: events.clone(),
+        run: spec.run,
+        attempt: spec.attempt,
+        group: None,
+        started: MonoInstant::now(),
+        done: false,
     };
     let (mut child, report_reader) = match spawn(&spec) {
         Ok(spawned) => spawned,
         Err(error) => {
             spec.log.line(spec.run, spec.attempt, Level::Error, &error);
-            send(RunnerEvent::Finished {
-                outcome: Outcome::Failed {
+            finisher
+                .finish(Outcome::Failed {
                     exit_code: None,
                     error,
                     fatal: false,
-                },
-                elapsed: started.elapsed(),
-            });
+                })
+                .await;
             return;
         }
     };
-    let pid = child.id().unwrap_or(0);
-    send(RunnerEvent::Spawned(pid, chrono::Utc::now()));
+    let Some((pid, group)) = child.id().and_then(|pid| Some((pid, process_group(pid)?))) else {
+        // Never signal a group we cannot name: 0 would be the service's own.
+        let status = child.wait().await;
+        finisher
+            .finish(Outcome::Failed {
+                exit_code: status.ok().and_then(|s| s.code()),
+                error: "lost track of the child process: no usable pid".into(),
+                fatal: false,
+            })
+            .await;
+        return;
+    };
+    finisher.group = Some(group);
+    tracing::debug!(pid, "child started");
+    finisher
+        .send(RunnerEvent::Spawned(pid, chrono::Utc::now()))
+        .await;
 
     let mut readers = Vec::new();
     let (last_stderr_tx, last_stderr_rx) = watch::channel(String::new());
@@ -176,7 +275,6 @@ pub async fn run_attempt(
     let reported_error = report_reader
         .map(|reader| tokio::spawn(pump_reports(reader, spec.run, spec.attempt, events.clone())));
 
-    let group = Pid::from_raw(pid as i32);
     let timeout = tokio::time::sleep(spec.timeout);
     tokio::pin!(timeout);
     let mut stop_reason: Option<StopReason> = None;
@@ -223,7 +321,7 @@ pub async fn run_attempt(
             .flatten(),
         None => None,
     };
-    let elapsed = started.elapsed();
+    let elapsed = finisher.started.elapsed();
 
     let outcome = if timed_out {
         Outcome::TimedOut
@@ -257,7 +355,8 @@ pub async fn run_attempt(
             },
         }
     };
-    send(RunnerEvent::Finished { outcome, elapsed });
+    tracing::debug!(?outcome, "attempt ended");
+    finisher.finish(outcome).await;
 }
 
 /// Starts the child. Only a built-in worker gets the report pipe on fd 3: placing a
@@ -352,21 +451,68 @@ fn describe_exit(status: ExitStatus, elapsed: Duration) -> String {
     }
 }
 
+/// Reads one line of at most `max` bytes (without its newline); the rest of a longer
+/// line is consumed and counted, never held. `None` at the end of the stream.
+async fn read_line_bounded<R: AsyncBufRead + Unpin>(
+    reader: &mut R,
+    max: usize,
+) -> std::io::Result<Option<(String, usize)>> {
+    let mut line: Vec<u8> = Vec::new();
+    let mut cut = 0usize;
+    let mut read_any = false;
+    loop {
+        let available = reader.fill_buf().await?;
+        if available.is_empty() {
+            break;
+        }
+        read_any = true;
+        let newline = available.iter().position(|b| *b == b'\n');
+        let mut end = newline.unwrap_or(available.len());
+        if newline.is_some() && end > 0 && available[end - 1] == b'\r' {
+            end -= 1;
+        }
+        let chunk = &available[..end];
+        let keep = chunk.len().min(max.saturating_sub(line.len()));
+        line.extend_from_slice(&chunk[..keep]);
+        cut += chunk.len() - keep;
+        let used = newline.map_or(available.len(), |at| at + 1);
+        reader.consume(used);
+        if newline.is_some() {
+            break;
+        }
+    }
+    if !read_any {
+        return Ok(None);
+    }
+    if line.last() == Some(&b'\r') {
+        line.pop();
+    }
+    Ok(Some((String::from_utf8_lossy(&line).into_owned(), cut)))
+}
+
 async fn pump_output(
     stream: impl AsyncRead + Unpin,
     spec: AttemptSpec,
     level: Level,
-    events: mpsc::UnboundedSender<Envelope>,
+    events: mpsc::Sender<Envelope>,
     last_line: Option<watch::Sender<String>>,
 ) {
-    let mut lines = BufReader::with_capacity(OUTPUT_BUFFER, stream).lines();
-    while let Ok(Some(line)) = lines.next_line().await {
+    let mut reader = BufReader::with_capacity(OUTPUT_BUFFER, stream);
+    while let Ok(Some((mut line, cut))) = read_line_bounded(&mut reader, MAX_OUTPUT_LINE).await {
+        if cut > 0 {
+            line.push_str(&format!(
+                " … [{cut} more bytes of this line cut: lines are kept to {} KiB]",
+                MAX_OUTPUT_LINE / 1024
+            ));
+        }
         if let Some(msg) = parse_stdout_line(&line) {
-            let _ = events.send(Envelope {
-                run: spec.run,
-                attempt: spec.attempt,
-                event: RunnerEvent::Report(Report::from(msg)),
-            });
+            let _ = events
+                .send(Envelope {
+                    run: spec.run,
+                    attempt: spec.attempt,
+                    event: RunnerEvent::Report(Report::from(msg)),
+                })
+                .await;
         }
         spec.log.line(spec.run, spec.attempt, level, &line);
         if let Some(last) = &last_line {
@@ -382,23 +528,92 @@ async fn pump_reports(
     reader: OwnedFd,
     run: RunId,
     attempt: Attempt,
-    events: mpsc::UnboundedSender<Envelope>,
+    events: mpsc::Sender<Envelope>,
 ) -> Option<(String, bool)> {
     let receiver = tokio::net::unix::pipe::Receiver::from_owned_fd(reader).ok()?;
-    let mut lines = BufReader::with_capacity(OUTPUT_BUFFER, receiver).lines();
+    let mut reader = BufReader::with_capacity(OUTPUT_BUFFER, receiver);
     let mut reported = None;
-    while let Ok(Some(line)) = lines.next_line().await {
+    while let Ok(Some((line, cut))) = read_line_bounded(&mut reader, MAX_REPORT_LINE).await {
+        if cut > 0 {
+            tracing::warn!(run = %run, attempt = %attempt, "dropped a report line over {} KiB", MAX_REPORT_LINE / 1024);
+            continue;
+        }
         let Some(msg) = Msg::parse(&line) else {
             continue;
         };
         if let Msg::Error { message, fatal } = &msg {
             reported = Some((message.clone(), *fatal));
         }
-        let _ = events.send(Envelope {
-            run,
-            attempt,
-            event: RunnerEvent::Report(Report::from(msg)),
-        });
+        let _ = events
+            .send(Envelope {
+                run,
+                attempt,
+                event: RunnerEvent::Report(Report::from(msg)),
+            })
+            .await;
     }
     reported
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_real_child_pid_names_a_process_group() {
+        assert_eq!(process_group(0), None, "0 is the service's own group");
+        assert_eq!(process_group(1), None);
+        assert_eq!(
+            process_group(u32::MAX),
+            None,
+            "would wrap to -1: every process"
+        );
+        assert_eq!(process_group(4242), Some(Pid::from_raw(4242)));
+    }
+
+    #[tokio::test]
+    async fn a_line_longer_than_the_limit_is_cut_and_the_next_line_is_whole() {
+        let mut text = vec![b'x'; 10_000];
+        text.extend_from_slice(b"\r\nnext\nlast without newline");
+        let mut reader = BufReader::with_capacity(64, &text[..]);
+        let (first, cut) = read_line_bounded(&mut reader, 100).await.unwrap().unwrap();
+        assert_eq!((first.len(), cut), (100, 9_900));
+        let (next, cut) = read_line_bounded(&mut reader, 100).await.unwrap().unwrap();
+        assert_eq!((next.as_str(), cut), ("next", 0));
+        let (last, _) = read_line_bounded(&mut reader, 100).await.unwrap().unwrap();
+        assert_eq!(last, "last without newline");
+        assert!(read_line_bounded(&mut reader, 100).await.unwrap().is_none());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_runner_that_panics_still_reports_its_attempt_failed() {
+        let (events, mut received) = mpsc::channel(8);
+        let runner = tokio::spawn(async move {
+            let _finisher = Finisher {
+                events,
+                run: RunId(7),
+                attempt: Attempt(1),
+                group: None,
+                started: MonoInstant::now(),
+                done: false,
+            };
+            panic!("a bug in the runner");
+        });
+        assert!(runner.await.is_err(), "the task panicked");
+        let envelope = tokio::time::timeout(Duration::from_secs(5), received.recv())
+            .await
+            .expect("reported in time")
+            .expect("an event");
+        assert_eq!((envelope.run, envelope.attempt), (RunId(7), Attempt(1)));
+        match envelope.event {
+            RunnerEvent::Finished {
+                outcome: Outcome::Failed { error, fatal, .. },
+                ..
+            } => {
+                assert!(error.contains("panic"), "{error}");
+                assert!(!fatal, "retried by policy");
+            }
+            other => panic!("expected a failed finish, got {other:?}"),
+        }
+    }
 }

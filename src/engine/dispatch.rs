@@ -12,7 +12,7 @@ use crate::tasklog::Level;
 use std::time::Duration;
 
 use tokio::sync::watch;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 
 use crate::model::RunId;
 use crate::store::StoreError;
@@ -158,13 +158,19 @@ impl Engine {
                 beats: matches!(spec.handler, crate::config::Handler::Builtin(_)),
                 last_report: std::time::Instant::now(),
                 handed_checkpoint,
+                timeout: spec.timeout,
             },
         );
-        tokio::spawn(runner::run_attempt(
-            attempt_spec,
-            self.worker_tx.clone(),
-            stop_rx,
-        ));
+        // Every service log line of the attempt's runner carries task, run and attempt.
+        let span = tracing::info_span!(
+            "run",
+            task = %attempt_spec.task,
+            run = %attempt_spec.run,
+            attempt = %attempt_spec.attempt
+        );
+        tokio::spawn(
+            runner::run_attempt(attempt_spec, self.worker_tx.clone(), stop_rx).instrument(span),
+        );
     }
 
     /// Writes the run's stored checkpoint, if it has one, where its child will read it.

@@ -35,6 +35,8 @@ pub(super) struct Running {
     pub(super) beats: bool,
     /// When the child last reported anything (or started).
     pub(super) last_report: std::time::Instant,
+    /// The timeout this attempt runs under (the config may change while it runs).
+    pub(super) timeout: Duration,
     /// A checkpoint file was written for this run's child (deleted when the run ends).
     pub(super) handed_checkpoint: bool,
 }
@@ -320,7 +322,7 @@ impl Engine {
                         fatal,
                     } => (RunState::Failed, exit_code, error, fatal),
                     _ => {
-                        let limit = spec.map(|s| s.timeout).unwrap_or_default();
+                        let limit = running.timeout;
                         (
                             RunState::TimedOut,
                             None,

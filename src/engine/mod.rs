@@ -98,8 +98,8 @@ pub struct Engine {
     next_fire: HashMap<TaskName, Instant>,
     retry_due: BTreeSet<(Instant, RunId)>,
     retry_pending: HashMap<RunId, Pending>,
-    worker_tx: mpsc::UnboundedSender<Envelope>,
-    worker_rx: mpsc::UnboundedReceiver<Envelope>,
+    worker_tx: mpsc::Sender<Envelope>,
+    worker_rx: mpsc::Receiver<Envelope>,
     commands_rx: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
     cancel: CancellationToken,
@@ -131,7 +131,7 @@ pub struct Engine {
 impl Engine {
     /// An engine over `store` for `config`. Nothing runs until [`Engine::run`].
     pub fn new(config: Arc<Config>, store: Store, clock: Arc<dyn Clock>, mode: Mode) -> Engine {
-        let (worker_tx, worker_rx) = mpsc::unbounded_channel();
+        let (worker_tx, worker_rx) = mpsc::channel(crate::runner::EVENT_QUEUE);
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let logs = TaskLogs::new(&config.scheduler.log_dir, &config.logging);
         let clock_now = clock.now();
@@ -285,16 +285,22 @@ impl Engine {
             if !matches!(wake, Wake::Shutdown) {
                 self.watch_clock();
             }
-            match wake {
-                Wake::Shutdown => break,
-                Wake::Worker(envelope) => self.on_worker(envelope),
-                Wake::Command(command) => self.on_command(command),
-                Wake::Tick => self.on_tick(),
-                Wake::Heartbeat => self.on_heartbeat(),
-                Wake::Poll => self.on_poll(),
-                Wake::Publish => {}
+            if let Wake::Shutdown = wake {
+                break;
             }
-            self.dispatch();
+            // Every handler reads or writes the store (and files): the whole of it runs
+            // under `block_in_place`, so runner tasks keep the other threads.
+            blocking(|| {
+                match wake {
+                    Wake::Worker(envelope) => self.on_worker(envelope),
+                    Wake::Command(command) => self.on_command(command),
+                    Wake::Tick => self.on_tick(),
+                    Wake::Heartbeat => self.on_heartbeat(),
+                    Wake::Poll => self.on_poll(),
+                    Wake::Publish | Wake::Shutdown => {}
+                }
+                self.dispatch();
+            });
             self.dirty = true;
             self.publish(false);
         }

@@ -9,7 +9,7 @@ use chrono::TimeZone;
 
 use super::{Clock, Engine, Mode, Running};
 use crate::config::Config;
-use crate::model::{Attempt, Instant, RunState, Trigger};
+use crate::model::{Attempt, Instant, RunId, RunState, Trigger};
 use crate::runner::Outcome;
 use crate::store::{Change, NewRun, RunFilter, RunRow, Store};
 
@@ -265,6 +265,7 @@ fn running(attempt: Attempt, now: Instant) -> Running {
         beats: true,
         last_report: std::time::Instant::now(),
         handed_checkpoint: false,
+        timeout: Duration::from_secs(60),
     }
 }
 
@@ -370,4 +371,23 @@ fn a_run_is_orphaned_exactly_when_its_owner_has_been_silent_past_heartbeat_timeo
         .unwrap_or_default()
         .contains("no heartbeat from owner instance elsewhere"));
     assert_eq!(engine.queue.len(), 1);
+}
+
+#[test]
+fn a_timed_out_attempt_names_the_timeout_it_ran_under_not_a_reloaded_one() {
+    // The config now says 5m; the attempt started under 1m (see `running`).
+    let bench = Bench::new("[tasks.t]\nhandler = \"ping\"\ntimeout = \"5m\"\n");
+    let mut engine = bench.engine_at(t(0));
+    engine.running.insert(RunId(1), running(Attempt(1), t(0)));
+    let finish = engine
+        .finish(
+            RunId(1),
+            Attempt(1),
+            Outcome::TimedOut,
+            Duration::from_secs(60),
+            t(60),
+        )
+        .expect("our attempt");
+    let error = finish.change.error.unwrap_or_default();
+    assert!(error.contains("timed out after 1m"), "{error}");
 }

@@ -534,3 +534,36 @@ command = ["true"]
         "{kinds:?}"
     );
 }
+
+#[test]
+fn a_child_printing_a_huge_line_has_it_cut_to_the_limit_and_the_service_log_names_the_run() {
+    let sandbox = Sandbox::new(
+        "[tasks.big]\ncommand = \"head -c 3000000 /dev/zero | tr '\\\\0' x; echo; echo done\"\nshell = true\n",
+    );
+    let service = sandbox.serve();
+    let output = sandbox.cli(&["run", "big", "--wait", "--json"]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let run = sandbox.runs_of("big").pop().expect("a run");
+    assert_eq!(run.state, RunState::Succeeded);
+    service.stop();
+    let log = sandbox.log("big");
+    let cut = log
+        .lines()
+        .find(|l| l.contains("more bytes of this line cut"))
+        .unwrap_or_else(|| panic!("no cut line in {} bytes of log", log.len()));
+    assert!(cut.len() < 70_000, "a cut line is {} bytes", cut.len());
+    assert!(
+        cut.contains("2934464 more bytes"),
+        "it says how much was cut"
+    );
+    assert!(log.contains("- done"), "the next line is whole");
+    let service_log = std::fs::read_to_string(sandbox.path().join("logs/scheduler.log")).unwrap();
+    let started = service_log
+        .lines()
+        .find(|l| l.contains("child started"))
+        .expect("the runner's line");
+    assert!(
+        started.contains(&format!("task=big run={} attempt=1", run.id)),
+        "the run's span: {started}"
+    );
+}
