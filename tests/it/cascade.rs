@@ -10,22 +10,14 @@ use turbosched::model::{RunId, RunState};
 
 use crate::support::*;
 
-const CHAIN: &str = r#"
-[scheduler]
-timezone = "UTC"
-database = "data/scheduler.db"
-max_workers = 4
-heartbeat_interval = "200ms"
-heartbeat_timeout = "3s"
-kill_grace = "5s"
-shutdown_grace = "1s"
-
-[api]
-bind = "127.0.0.1:0"
-
-[tasks.a]
-handler = "ping"
-"#;
+/// The fast scheduler with a long `kill_grace` (a replaced run that ignores SIGTERM keeps
+/// its slot meanwhile), and the cascade's root task `a`.
+fn chain() -> String {
+    format!(
+        "{}\n[tasks.a]\nhandler = \"ping\"\n",
+        FAST_SCHEDULER.replace("kill_grace = \"500ms\"", "kill_grace = \"5s\"")
+    )
+}
 
 /// `run a --downstream --wait --json`, started in the background.
 fn start_cascade(sandbox: &Sandbox) -> Child {
@@ -78,8 +70,9 @@ fn wait_member(sandbox: &Sandbox, task: &str, state: RunState) -> RunId {
 
 #[test]
 fn a_member_skipped_by_its_dependency_check_moves_the_cascade_on() {
+    let chain = chain();
     let sandbox = Sandbox::with_config(&format!(
-        "{CHAIN}params = {{ fail_times = 5, fatal = true }}\n\
+        "{chain}params = {{ fail_times = 5, fatal = true }}\n\
          [tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\n\
          [tasks.c]\nhandler = \"ping\"\ndepends_on = [\"b\"]\n"
     ));
@@ -94,8 +87,9 @@ fn a_member_skipped_by_its_dependency_check_moves_the_cascade_on() {
 
 #[test]
 fn a_member_aborted_while_queued_moves_the_cascade_on() {
+    let chain = chain();
     let sandbox = Sandbox::with_config(&format!(
-        "{CHAIN}[tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\noverlap = \"queue\"\n\
+        "{chain}[tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\noverlap = \"queue\"\n\
          params = {{ sleep_sec = 8 }}\n\
          [tasks.c]\nhandler = \"ping\"\ndepends_on = [\"b\"]\n"
     ));
@@ -119,8 +113,9 @@ fn a_member_aborted_while_queued_moves_the_cascade_on() {
 
 #[test]
 fn a_member_replaced_while_queued_moves_the_cascade_on() {
+    let chain = chain();
     let sandbox = Sandbox::with_config(&format!(
-        "{CHAIN}[tasks.b]\ncommand = \"trap '' TERM; sleep 8\"\nshell = true\n\
+        "{chain}[tasks.b]\ncommand = \"trap '' TERM; sleep 8\"\nshell = true\n\
          depends_on = [\"a\"]\noverlap = \"replace\"\n\
          [tasks.c]\nhandler = \"ping\"\ndepends_on = [\"b\"]\n"
     ));
@@ -144,8 +139,9 @@ fn a_member_replaced_while_queued_moves_the_cascade_on() {
 
 #[test]
 fn a_member_orphaned_with_no_attempt_left_moves_the_cascade_on() {
+    let chain = chain();
     let sandbox = Sandbox::with_config(&format!(
-        "{CHAIN}[tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\nparams = {{ sleep_sec = 30 }}\n\
+        "{chain}[tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\nparams = {{ sleep_sec = 30 }}\n\
          [tasks.c]\nhandler = \"ping\"\ndepends_on = [\"b\"]\n"
     ));
     let service = sandbox.serve();
@@ -168,7 +164,8 @@ fn a_cascade_whose_tasks_are_removed_while_it_waits_returns() {
     let tasks = "[tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\n\
                  [tasks.c]\nhandler = \"ping\"\ndepends_on = [\"b\"]\n";
     let blocker = "[tasks.blocker]\nhandler = \"ping\"\nparams = { sleep_sec = 8 }\n";
-    let config = format!("{CHAIN}{tasks}{blocker}").replace("max_workers = 4", "max_workers = 1");
+    let chain = chain();
+    let config = format!("{chain}{tasks}{blocker}").replace("max_workers = 4", "max_workers = 1");
     let sandbox = Sandbox::with_config(&config);
     let service = sandbox.serve();
     // The only worker slot is busy: the cascade's root waits queued.

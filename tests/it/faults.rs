@@ -74,29 +74,32 @@ fn agent() -> ureq::Agent {
 }
 
 fn get_json(service: &Service, path: &str) -> (u16, Value) {
-    let mut response = agent()
-        .get(format!("{}{path}", service.api))
-        .call()
-        .expect("GET");
-    let status = response.status().as_u16();
-    let body = response.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("GET {path}: {e}: {body}")),
+    read_json(
+        "GET",
+        path,
+        agent().get(format!("{}{path}", service.api)).call(),
     )
 }
 
 fn post_json(service: &Service, path: &str) -> (u16, Value) {
-    let mut response = agent()
-        .post(format!("{}{path}", service.api))
-        .send_empty()
-        .expect("POST");
+    read_json(
+        "POST",
+        path,
+        agent().post(format!("{}{path}", service.api)).send_empty(),
+    )
+}
+
+fn read_json(
+    method: &str,
+    path: &str,
+    response: Result<ureq::http::Response<ureq::Body>, ureq::Error>,
+) -> (u16, Value) {
+    let mut response = response.unwrap_or_else(|e| panic!("{method} {path}: {e}"));
     let status = response.status().as_u16();
     let body = response.body_mut().read_to_string().unwrap_or_default();
-    (
-        status,
-        serde_json::from_str(&body).unwrap_or_else(|e| panic!("POST {path}: {e}: {body}")),
-    )
+    let value = serde_json::from_str(&body)
+        .unwrap_or_else(|e| panic!("{method} {path}: not JSON ({e}): {body}"));
+    (status, value)
 }
 
 /// Every tick from the task's first run to its last is there exactly once.
