@@ -74,6 +74,20 @@ impl Bench {
         )
     }
 
+    /// A manual run of task `t` queued at `t(0)`.
+    fn manual_run(&self, max_attempts: u32) -> RunId {
+        let run = NewRun {
+            task: "t".into(),
+            trigger: Trigger::Manual,
+            scheduled_for: t(0),
+            max_attempts,
+            force: true,
+            downstream: false,
+            cascade: None,
+        };
+        self.store.enqueue(&run, t(0)).expect("queued")
+    }
+
     fn runs(&self, task: &str) -> Vec<RunRow> {
         let mut runs = self
             .store
@@ -173,21 +187,7 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
          retry_backoff = { initial = \"10s\", factor = 3.0, max = \"2m\", jitter = false }\n",
     );
     let mut engine = bench.engine_at(t(0));
-    let run = bench
-        .store
-        .enqueue(
-            &NewRun {
-                task: "t".into(),
-                trigger: Trigger::Manual,
-                scheduled_for: t(0),
-                max_attempts: 6,
-                force: true,
-                downstream: false,
-                cascade: None,
-            },
-            t(0),
-        )
-        .expect("queued");
+    let run = bench.manual_run(6);
     let mut delays = Vec::new();
     let mut now = t(0);
     for attempt in 1..=6u32 {
@@ -318,21 +318,7 @@ fn a_run_is_orphaned_exactly_when_its_owner_has_been_silent_past_heartbeat_timeo
         .store
         .register_instance("elsewhere", 4242, "another-host", true, t(0))
         .expect("instance");
-    let run = bench
-        .store
-        .enqueue(
-            &NewRun {
-                task: "t".into(),
-                trigger: Trigger::Manual,
-                scheduled_for: t(0),
-                max_attempts: 2,
-                force: true,
-                downstream: false,
-                cascade: None,
-            },
-            t(0),
-        )
-        .expect("queued");
+    let run = bench.manual_run(2);
     let change = Change {
         owner: Some("elsewhere".into()),
         ..Change::default()
