@@ -1,9 +1,53 @@
 //! Every write of the store, as operations on one open transaction.
 
-use rusqlite::{params, Transaction};
+use rusqlite::{params, OptionalExtension, Transaction};
 
-use super::{append_event, cached_execute, insert_run, transition_in, Change, NewRun, StoreError};
-use crate::model::{to_micros, Attempt, Instant, RunId, RunState, TaskName};
+use super::{
+    append_event, cached_execute, cached_query_row, insert_run, transition_in, Change, NewRun,
+    StoreError,
+};
+use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName};
+
+/// Progress events mark steps of this many percent: 0–4.99 is one step, 5–9.99 the
+/// next, …, and 100 a step of its own.
+pub(super) const PROGRESS_STEP: f64 = 5.0;
+
+/// At most one `run_progress` event per run in this long.
+pub(super) const PROGRESS_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last `run_progress` event of the current attempt, as the run row remembers it.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct LastProgressEvent<'a> {
+    pub(super) at: Instant,
+    pub(super) percent: Option<f64>,
+    pub(super) phase: Option<&'a str>,
+}
+
+/// Whether a progress report (`percent`, `phase` — the phase in force after it) deserves
+/// a `run_progress` event, given the attempt's last one.
+///
+/// The rule: the attempt's first report always does. Any later one does when it
+/// says something the last event did not — another phase, or another [`PROGRESS_STEP`]
+/// (reaching 100 % included) — and at least [`PROGRESS_EVENT_INTERVAL`] has passed since
+/// that event. A change held back by the interval is not lost: the next report a second
+/// on still differs from the last event and carries it. So a run emits at most one
+/// progress event a second, and a steadily advancing run at most 21 plus one per phase.
+pub(super) fn progress_is_news(
+    last: Option<LastProgressEvent<'_>>,
+    percent: f64,
+    phase: Option<&str>,
+    now: Instant,
+) -> bool {
+    let Some(last) = last else {
+        return true;
+    };
+    let step = |percent: f64| (percent / PROGRESS_STEP).floor() as i64;
+    let differs = last.phase != phase || last.percent.map(step) != Some(step(percent));
+    let waited = (now - last.at)
+        .to_std()
+        .is_ok_and(|elapsed| elapsed >= PROGRESS_EVENT_INTERVAL);
+    differs && waited
+}
 
 /// The writes of one `BEGIN IMMEDIATE` transaction, handed out by [`super::Store::batch`].
 pub struct Batch<'a> {
@@ -70,7 +114,14 @@ impl Batch<'_> {
         transition_in(self.tx, run, attempt, from, to, change, now)
     }
 
-    /// Records progress of a running attempt (ignored if the attempt is no longer current).
+    /// Records progress of a running attempt (ignored if the attempt is no longer
+    /// current), and appends a `run_progress` event only when the report is news.
+    ///
+    /// Promise: the run row (`progress`, `phase`, `heartbeat_at`) takes every report, so
+    /// `GET /scheduler/runs/<id>` is always current. The event log takes at most one
+    /// `run_progress` event per run and second, and only for a report that differs from
+    /// the attempt's last such event (the rule is `progress_is_news`). A handler reporting a
+    /// thousand times writes a thousand row updates and a few dozen events at most.
     pub fn record_progress(
         &self,
         run: RunId,
@@ -79,14 +130,43 @@ impl Batch<'_> {
         phase: Option<&str>,
         now: Instant,
     ) -> Result<bool, StoreError> {
-        let changed = cached_execute(
+        let current = cached_query_row(
             self.tx,
-            "UPDATE runs SET progress = ?3, phase = COALESCE(?4, phase), heartbeat_at = ?5
+            "SELECT phase, progress_event_at, progress_event_pct, progress_event_phase FROM runs
              WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
-            params![run.0, attempt.0, percent, phase, to_micros(now)],
+            params![run.0, attempt.0],
+            |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, Option<i64>>(1)?,
+                    row.get::<_, Option<f64>>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+        let Some((stored_phase, event_at, event_percent, event_phase)) = current else {
+            return Ok(false);
+        };
+        // A report without a phase keeps the one before.
+        let phase = phase.map(str::to_string).or(stored_phase);
+        let last_event = event_at.map(|at| LastProgressEvent {
+            at: from_micros(at),
+            percent: event_percent,
+            phase: event_phase.as_deref(),
+        });
+        let news = progress_is_news(last_event, percent, phase.as_deref(), now);
+        cached_execute(
+            self.tx,
+            "UPDATE runs SET progress = ?2, phase = ?3, heartbeat_at = ?4,
+                progress_event_at = CASE WHEN ?5 THEN ?4 ELSE progress_event_at END,
+                progress_event_pct = CASE WHEN ?5 THEN ?2 ELSE progress_event_pct END,
+                progress_event_phase = CASE WHEN ?5 THEN ?3 ELSE progress_event_phase END
+             WHERE id = ?1",
+            params![run.0, percent, phase, to_micros(now), news],
         )?;
-        if changed > 0 {
-            let message = match phase {
+        if news {
+            let message = match &phase {
                 Some(phase) => format!("{percent:.0}% {phase}"),
                 None => format!("{percent:.0}%"),
             };
@@ -100,7 +180,7 @@ impl Batch<'_> {
                 &message,
             )?;
         }
-        Ok(changed > 0)
+        Ok(true)
     }
 
     /// Stores the latest checkpoint of a running attempt.

@@ -15,6 +15,17 @@
 //! - This module knows nothing of HTTP, JSON bodies or processes: results and checkpoints
 //!   are opaque text.
 //!
+//! Progress: [`Batch::record_progress`] writes every report to the run row, but appends a
+//! `run_progress` event only when it is news — the attempt's first report; later, another
+//! phase or another 5 % step (100 % being one), at most once a second per run. A handler
+//! reporting a thousand times no longer writes a thousand events, and SSE clients see
+//! each step; the row is what `GET /scheduler/runs/<id>` and the dashboard show.
+//!
+//! Schema: `schema.sql` is the current shape, run (all `IF NOT EXISTS`) at every open;
+//! `meta.schema_version` says which shape a file has, and `MIGRATIONS` takes an older
+//! file forward in the same `BEGIN IMMEDIATE` transaction. A file from a newer
+//! turbosched is refused ([`StoreError::NewerSchema`]).
+//!
 //! Durability: WAL with `synchronous = NORMAL`. A killed process (kill -9, panic, OOM)
 //! loses no committed transaction; a power cut may lose the last few, never consistency.
 
@@ -31,7 +42,22 @@ pub use batch::Batch;
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
 const SCHEMA: &str = include_str!("schema.sql");
-const SCHEMA_VERSION: &str = "1";
+/// The schema version this build writes (`meta.schema_version`).
+const SCHEMA_VERSION: usize = 2;
+
+/// What `schema.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes it
+/// from version `n + 1` to `n + 2`. Run at open, in one `BEGIN IMMEDIATE` transaction
+/// with `schema.sql` (which then adds any new table or index), so concurrent openers
+/// migrate once. Never edit an entry: append one.
+const MIGRATIONS: &[&str] = &[
+    // 1 → 2 (issue "One room per job", item 7): `runs.version` was written and never
+    // read (the fencing guard is state and attempt); progress events remember the last
+    // one of the attempt. The events indexes come from schema.sql.
+    "ALTER TABLE runs DROP COLUMN version;
+     ALTER TABLE runs ADD COLUMN progress_event_at INTEGER;
+     ALTER TABLE runs ADD COLUMN progress_event_pct REAL;
+     ALTER TABLE runs ADD COLUMN progress_event_phase TEXT;",
+];
 
 /// What went wrong in the store, and what the caller should make of it.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +69,14 @@ pub enum StoreError {
         path: PathBuf,
         /// Why.
         source: rusqlite::Error,
+    },
+    /// The database was written by a newer turbosched, whose schema this one cannot read.
+    #[error("run database {path} has schema version {found}, newer than this turbosched ({SCHEMA_VERSION}); use a newer turbosched, or a backup made by this one")]
+    NewerSchema {
+        /// The file.
+        path: PathBuf,
+        /// The version found in `meta.schema_version`.
+        found: usize,
     },
     /// The database said no.
     #[error("run database: {0}")]
@@ -358,7 +392,7 @@ impl Store {
             std::fs::create_dir_all(parent)
                 .map_err(|err| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(err))))?;
         }
-        let connection = Connection::open(path).map_err(fail)?;
+        let mut connection = Connection::open(path).map_err(fail)?;
         connection
             .busy_timeout(Duration::from_secs(10))
             .map_err(fail)?;
@@ -367,15 +401,9 @@ impl Store {
                 "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
             )
             .map_err(fail)?;
-        connection.execute_batch(SCHEMA).map_err(fail)?;
+        migrate(&mut connection, path)?;
         // Room for every statement of the hot path (claims, transitions, events, reads).
         connection.set_prepared_statement_cache_capacity(64);
-        connection
-            .execute(
-                "INSERT OR IGNORE INTO meta(key, value) VALUES ('schema_version', ?1)",
-                [SCHEMA_VERSION],
-            )
-            .map_err(fail)?;
         Ok(Store {
             connection: Arc::new(Mutex::new(connection)),
         })
@@ -767,9 +795,7 @@ impl Store {
     /// Events after sequence number `after`, oldest first, at most `limit`.
     pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2",
-        )?;
+        let mut statement = connection.prepare_cached(EVENTS_AFTER)?;
         let rows = statement
             .query_map(params![after, limit as i64], |row| {
                 Ok(EventRow {
@@ -860,11 +886,6 @@ impl Store {
     /// cascade that is still going) is kept, and so are its events. With `dry_run`,
     /// nothing is removed and the counts say what would be.
     pub fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
-        const OLD_RUNS: &str = "SELECT id FROM runs
-            WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
-              AND COALESCE(finished_at, queued_at) < ?1
-              AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
-                             AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
         let cutoff = to_micros(cutoff);
         self.write(|tx| {
             let count = |sql: &str| -> Result<u64, StoreError> {
@@ -872,22 +893,21 @@ impl Store {
             };
             let counts = PruneCounts {
                 runs: count(&format!("SELECT COUNT(*) FROM ({OLD_RUNS})"))?,
-                attempts: count(&format!("SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"))?,
-                events: count(&format!(
-                    "SELECT COUNT(*) FROM events WHERE at < ?1
-                       AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
+                attempts: count(&format!(
+                    "SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"
                 ))?,
+                events: count(&format!("SELECT COUNT(*) {}", old_events()))?,
             };
             if !dry_run {
+                tx.execute(&format!("DELETE {}", old_events()), [cutoff])?;
                 tx.execute(
-                    &format!(
-                        "DELETE FROM events WHERE at < ?1
-                           AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
-                    ),
+                    &format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"),
                     [cutoff],
                 )?;
-                tx.execute(&format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"), [cutoff])?;
-                tx.execute(&format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"), [cutoff])?;
+                tx.execute(
+                    &format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"),
+                    [cutoff],
+                )?;
             }
             Ok(counts)
         })
@@ -943,11 +963,10 @@ impl Store {
     pub fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
         let connection = self.lock();
         let list = serde_free_json_list(kinds);
-        let count: i64 = connection.query_row(
-            "SELECT COUNT(*) FROM events WHERE at >= ?1 AND kind IN (SELECT value FROM json_each(?2))",
-            params![to_micros(since), list],
-            |row| row.get(0),
-        )?;
+        let count: i64 =
+            connection.query_row(COUNT_EVENTS, params![to_micros(since), list], |row| {
+                row.get(0)
+            })?;
         Ok(count as u64)
     }
 
@@ -977,6 +996,100 @@ impl Store {
         )?)
     }
 }
+
+/// Brings the database at `path` to [`SCHEMA_VERSION`]: creates a new one, migrates an
+/// older one ([`MIGRATIONS`]), refuses a newer one; then `schema.sql` adds whatever is
+/// missing. One `BEGIN IMMEDIATE` transaction: a second process opening the same file
+/// waits, then finds nothing left to do.
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let fail = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail)?;
+    let has_meta: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(fail)?;
+    let stored: Option<String> = if has_meta {
+        tx.query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(fail)?
+    } else {
+        None
+    };
+    // No version: a new file, unless it has runs: version 1 created its tables and wrote
+    // its version in two steps, and may have been stopped between them.
+    let has_runs: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(fail)?;
+    let found = match stored {
+        None if has_runs => 1,
+        None => SCHEMA_VERSION,
+        Some(text) => text.trim().parse::<usize>().map_err(|_| {
+            fail(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("meta.schema_version = {text:?}"),
+                rusqlite::types::Type::Text,
+            ))
+        })?,
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    for migration in MIGRATIONS.iter().skip(found.saturating_sub(1)) {
+        tx.execute_batch(migration).map_err(fail)?;
+    }
+    tx.execute_batch(SCHEMA).map_err(fail)?;
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [SCHEMA_VERSION.to_string()],
+    )
+    .map_err(fail)?;
+    tx.commit().map_err(fail)
+}
+
+/// The finished runs [`Store::prune`] removes: terminal before the cutoff `?1`, and not
+/// the root of a cascade still going.
+const OLD_RUNS: &str = "SELECT id FROM runs
+    WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+      AND COALESCE(finished_at, queued_at) < ?1
+      AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
+                     AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
+
+/// `FROM events WHERE …`: the events [`Store::prune`] removes — before the cutoff `?1`,
+/// and about no run, an old run or a run already gone.
+fn old_events() -> String {
+    format!(
+        "FROM events WHERE at < ?1
+           AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
+    )
+}
+
+/// [`Store::count_events`]: `?1` the start, `?2` a JSON list of kinds (`/health`).
+const COUNT_EVENTS: &str =
+    "SELECT COUNT(*) FROM events WHERE at >= ?1 AND kind IN (SELECT value FROM json_each(?2))";
+
+/// [`Store::events_after`]: `?1` the last sequence number seen, `?2` the limit (SSE).
+const EVENTS_AFTER: &str =
+    "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 
 /// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
 fn serde_free_json_list(names: &[&str]) -> String {
@@ -1077,7 +1190,6 @@ fn transition_in(
         "UPDATE runs SET
             state = ?4,
             attempt = ?5,
-            version = version + 1,
             started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
             finished_at = COALESCE(?8, finished_at),
             exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
@@ -1088,6 +1200,9 @@ fn transition_in(
             heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
             next_attempt_at = ?13,
             progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
+            progress_event_at = CASE WHEN ?6 THEN NULL ELSE progress_event_at END,
+            progress_event_pct = CASE WHEN ?6 THEN NULL ELSE progress_event_pct END,
+            progress_event_phase = CASE WHEN ?6 THEN NULL ELSE progress_event_phase END,
             max_attempts = max_attempts + ?14
          WHERE id = ?1 AND state = ?2 AND attempt = ?3",
         params![

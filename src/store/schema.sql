@@ -1,5 +1,6 @@
--- turbosched run history, schema version 1. Every instant is microseconds since the
--- Unix epoch, UTC.
+-- turbosched run history, schema version 2. Every instant is microseconds since the
+-- Unix epoch, UTC. Run at every open (everything is IF NOT EXISTS), after the migrations
+-- in mod.rs have brought an older database's tables up to this shape.
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value TEXT NOT NULL
@@ -31,7 +32,11 @@ CREATE TABLE IF NOT EXISTS runs (
     force           INTEGER NOT NULL DEFAULT 0,
     downstream      INTEGER NOT NULL DEFAULT 0,
     cascade         INTEGER,            -- root run of a --downstream cascade
-    version         INTEGER NOT NULL DEFAULT 0
+    -- The last run_progress event of the current attempt (NULL before its first): what
+    -- the next report is compared with, so progress is news only when it says something.
+    progress_event_at    INTEGER,
+    progress_event_pct   REAL,
+    progress_event_phase TEXT
 );
 -- The claim: one scheduled or catch-up run per task and tick, whatever restarts happen.
 CREATE UNIQUE INDEX IF NOT EXISTS runs_claim ON runs(task, scheduled_for)
@@ -71,6 +76,10 @@ CREATE TABLE IF NOT EXISTS events (
     attempt INTEGER,
     message TEXT    NOT NULL DEFAULT ''
 );
+-- /health: recent events of a few kinds (count_events); also the benchmark's first start.
+CREATE INDEX IF NOT EXISTS events_kind_at ON events(kind, at);
+-- prune: events before the cutoff. (SSE reads by seq, the primary key.)
+CREATE INDEX IF NOT EXISTS events_at ON events(at);
 
 CREATE TABLE IF NOT EXISTS instances (
     id           TEXT PRIMARY KEY,

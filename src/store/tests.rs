@@ -510,3 +510,299 @@ fn a_backup_is_a_valid_database_with_the_same_rows() {
     assert_eq!(row_counts(&copy).unwrap(), store.row_counts().unwrap());
     assert_eq!(store.row_counts().unwrap().runs, 20);
 }
+
+/// Reports `(seconds after 12:00:00 in ms, percent, phase)` for `run` at `attempt`, then
+/// returns the messages of its `run_progress` events.
+fn report_progress(
+    store: &Store,
+    run: RunId,
+    attempt: Attempt,
+    reports: &[(i64, f64, Option<&str>)],
+) -> Vec<String> {
+    for (millis, percent, phase) in reports {
+        let now = at(0, 0) + chrono::Duration::milliseconds(*millis);
+        assert!(store
+            .record_progress(run, attempt, *percent, *phase, now)
+            .unwrap());
+    }
+    progress_messages(store, run)
+}
+
+fn progress_messages(store: &Store, run: RunId) -> Vec<String> {
+    store
+        .events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "run_progress" && e.run_id == Some(run))
+        .map(|e| e.message)
+        .collect()
+}
+
+fn start(store: &Store, run: RunId, attempt: Attempt, from: RunState) -> Attempt {
+    store
+        .transition(
+            run,
+            attempt,
+            from,
+            RunState::Running,
+            &Change::default(),
+            at(0, 0),
+        )
+        .unwrap()
+}
+
+/// Issue "One room per job", item 7: a handler reporting progress a thousand times wrote
+/// a thousand event rows.
+#[test]
+fn a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current() {
+    let (_dir, store) = open();
+    let run = claim(&store, "train");
+    let attempt = start(&store, run, Attempt(0), RunState::Queued);
+    let reports: Vec<(i64, f64, Option<&str>)> = (0..1000)
+        .map(|i: i32| (i64::from(i), f64::from(i) / 10.0, Some("fit")))
+        .collect();
+    assert_eq!(
+        report_progress(&store, run, attempt, &reports),
+        vec!["0% fit"]
+    );
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.phase.as_deref()),
+        (Some(99.9), Some("fit")),
+        "the run row has every report"
+    );
+    // A second later, 100 % is a step of its own.
+    assert_eq!(
+        report_progress(&store, run, attempt, &[(1000, 100.0, None)]),
+        vec!["0% fit", "100% fit"]
+    );
+}
+
+#[test]
+fn a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second() {
+    let (_dir, store) = open();
+    let run = claim(&store, "train");
+    let attempt = start(&store, run, Attempt(0), RunState::Queued);
+    let messages = report_progress(
+        &store,
+        run,
+        attempt,
+        &[
+            (0, 1.0, Some("load")),    // the attempt's first report: always
+            (2000, 4.9, None),         // same 5 % step, same phase: no
+            (3000, 5.0, None),         // a new step: yes
+            (3500, 12.0, None),        // a new step, but within a second: no…
+            (3600, 13.0, Some("fit")), // …nor a new phase…
+            (4500, 14.0, Some("fit")), // …which the next report a second on carries
+            (9000, 14.5, Some("fit")), // nothing new since the last event: no
+        ],
+    );
+    assert_eq!(messages, vec!["1% load", "5% load", "14% fit"]);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.phase.as_deref()),
+        (Some(14.5), Some("fit"))
+    );
+
+    // A new attempt starts its own count: its first report is an event again.
+    store
+        .transition(
+            run,
+            attempt,
+            RunState::Running,
+            RunState::RetryWait,
+            &Change::default(),
+            at(10, 0),
+        )
+        .unwrap();
+    let second = start(&store, run, attempt, RunState::RetryWait);
+    assert!(
+        !store
+            .record_progress(run, attempt, 50.0, None, at(20, 0))
+            .unwrap(),
+        "a stale attempt's report is ignored"
+    );
+    assert_eq!(
+        report_progress(&store, run, second, &[(9100, 14.5, Some("fit"))]),
+        vec!["1% load", "5% load", "14% fit", "14% fit"]
+    );
+}
+
+/// The plan SQLite chooses for `sql`, one line per step.
+fn plan(store: &Store, sql: &str) -> String {
+    let connection = store.lock();
+    let mut statement = connection
+        .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .unwrap();
+    let unbound = vec![rusqlite::types::Null; statement.parameter_count()];
+    let lines: Vec<String> = statement
+        .query_map(rusqlite::params_from_iter(unbound), |row| {
+            row.get::<_, String>(3)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    lines.join("\n")
+}
+
+/// Issue "One room per job", item 7: `/health` and prune scanned the whole event log.
+#[test]
+fn event_queries_search_an_index_instead_of_scanning_the_log() {
+    let (_dir, store) = open();
+    let health = plan(&store, COUNT_EVENTS);
+    assert!(
+        health.contains("SEARCH events USING COVERING INDEX events_kind_at (kind=? AND at>?)"),
+        "{health}"
+    );
+    for statement in [
+        format!("SELECT COUNT(*) {}", old_events()),
+        format!("DELETE {}", old_events()),
+    ] {
+        let prune = plan(&store, &statement);
+        assert!(
+            prune.contains("SEARCH events USING INDEX events_at (at<?)"),
+            "{statement}:\n{prune}"
+        );
+        assert!(!prune.contains("SCAN events"), "{statement}:\n{prune}");
+    }
+    let stream = plan(&store, EVENTS_AFTER);
+    assert!(
+        stream.contains("SEARCH events USING INTEGER PRIMARY KEY (rowid>?)"),
+        "{stream}"
+    );
+    // The benchmark's start-up probe (`bench.rs`).
+    let first_start = plan(
+        &store,
+        "SELECT MIN(at) FROM events WHERE kind = 'scheduler_started'",
+    );
+    assert!(first_start.contains("events_kind_at"), "{first_start}");
+}
+
+fn columns(connection: &Connection, table: &str) -> Vec<String> {
+    let mut statement = connection
+        .prepare(&format!("SELECT name FROM pragma_table_info('{table}')"))
+        .unwrap();
+    let names = statement
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    names
+}
+
+fn indexes(connection: &Connection, table: &str) -> Vec<String> {
+    let mut statement = connection
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = ?1 AND sql IS NOT NULL ORDER BY name")
+        .unwrap();
+    let names = statement
+        .query_map([table], |row| row.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    names
+}
+
+/// Issue "One room per job", item 7: `runs.version` was written and never read.
+#[test]
+fn a_new_database_has_no_run_version_and_indexes_its_events() {
+    let (_dir, store) = open();
+    let connection = store.lock();
+    assert!(!columns(&connection, "runs").contains(&"version".to_string()));
+    assert_eq!(
+        indexes(&connection, "events"),
+        vec!["events_at", "events_kind_at"]
+    );
+    let version: String = connection
+        .query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert_eq!(version, SCHEMA_VERSION.to_string());
+}
+
+#[test]
+fn a_version_1_database_is_migrated_on_open_and_keeps_its_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("old.db");
+    {
+        let old = Connection::open(&path).unwrap();
+        old.execute_batch(include_str!("testdata/schema_v1.sql"))
+            .unwrap();
+        old.execute_batch(
+            "INSERT INTO meta(key, value) VALUES ('schema_version', '1');
+             INSERT INTO runs(id, task, trigger, scheduled_for, queued_at, state, attempt, max_attempts, version)
+                 VALUES (7, 'train', 'manual', 0, 0, 'queued', 0, 2, 3);
+             INSERT INTO events(at, kind, task, run_id, attempt, message)
+                 VALUES (0, 'run_queued', 'train', 7, 0, 'manual');",
+        )
+        .unwrap();
+        assert!(columns(&old, "runs").contains(&"version".to_string()));
+        assert!(indexes(&old, "events").is_empty());
+    }
+    for _ in 0..2 {
+        // The second open finds nothing left to do.
+        let store = Store::open(&path).unwrap();
+        {
+            let connection = store.lock();
+            assert!(!columns(&connection, "runs").contains(&"version".to_string()));
+            assert_eq!(
+                indexes(&connection, "events"),
+                vec!["events_at", "events_kind_at"]
+            );
+            let version: String = connection
+                .query_row(
+                    "SELECT value FROM meta WHERE key = 'schema_version'",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            assert_eq!(version, SCHEMA_VERSION.to_string());
+        }
+        assert_eq!(
+            store.run(RunId(7)).unwrap().unwrap().state,
+            RunState::Queued
+        );
+        let health = plan(&store, COUNT_EVENTS);
+        assert!(health.contains("events_kind_at"), "{health}");
+        drop(store);
+    }
+    // The old run goes on living: it starts, reports progress, succeeds.
+    let store = Store::open(&path).unwrap();
+    let attempt = start(&store, RunId(7), Attempt(0), RunState::Queued);
+    assert_eq!(
+        report_progress(&store, RunId(7), attempt, &[(0, 30.0, Some("fit"))]),
+        vec!["30% fit"]
+    );
+    store
+        .transition(
+            RunId(7),
+            attempt,
+            RunState::Running,
+            RunState::Succeeded,
+            &Change::default(),
+            at(1, 0),
+        )
+        .unwrap();
+    assert_eq!(store.run(RunId(7)).unwrap().unwrap().progress, Some(100.0));
+}
+
+#[test]
+fn a_database_from_a_newer_turbosched_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("runs.db");
+    drop(Store::open(&path).unwrap());
+    Connection::open(&path)
+        .unwrap()
+        .execute(
+            "UPDATE meta SET value = '999' WHERE key = 'schema_version'",
+            [],
+        )
+        .unwrap();
+    let err = Store::open(&path).err().expect("refused").to_string();
+    assert!(
+        err.contains("schema version 999, newer than this turbosched"),
+        "{err}"
+    );
+}

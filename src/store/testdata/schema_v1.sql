@@ -1,0 +1,84 @@
+-- turbosched run history as schema version 1 created it (before issue "One room per job",
+-- item 7): the fixture the migration tests open. Never edit: it is history.
+CREATE TABLE IF NOT EXISTS meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+
+CREATE TABLE IF NOT EXISTS runs (
+    id              INTEGER PRIMARY KEY,
+    task            TEXT    NOT NULL,
+    trigger         TEXT    NOT NULL,
+    scheduled_for   INTEGER NOT NULL,   -- the nominal tick; the request time for manual runs
+    queued_at       INTEGER NOT NULL,
+    started_at      INTEGER,            -- first attempt's start
+    finished_at     INTEGER,
+    state           TEXT    NOT NULL,
+    attempt         INTEGER NOT NULL DEFAULT 0,   -- attempts started so far
+    max_attempts    INTEGER NOT NULL,
+    next_attempt_at INTEGER,            -- set while retry_wait
+    exit_code       INTEGER,
+    error           TEXT,
+    reason          TEXT,               -- why skipped, aborted, orphaned
+    progress        REAL,
+    phase           TEXT,
+    checkpoint      TEXT,
+    result          TEXT,
+    owner           TEXT,               -- instance id running it
+    pid             INTEGER,            -- child pid = its process group id
+    heartbeat_at    INTEGER,
+    abort_requested INTEGER NOT NULL DEFAULT 0,
+    force           INTEGER NOT NULL DEFAULT 0,
+    downstream      INTEGER NOT NULL DEFAULT 0,
+    cascade         INTEGER,            -- root run of a --downstream cascade
+    version         INTEGER NOT NULL DEFAULT 0
+);
+-- The claim: one scheduled or catch-up run per task and tick, whatever restarts happen.
+CREATE UNIQUE INDEX IF NOT EXISTS runs_claim ON runs(task, scheduled_for)
+    WHERE trigger IN ('schedule', 'catchup');
+CREATE INDEX IF NOT EXISTS runs_state ON runs(state) WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned');
+CREATE INDEX IF NOT EXISTS runs_task ON runs(task, id);
+CREATE INDEX IF NOT EXISTS runs_cascade ON runs(cascade) WHERE cascade IS NOT NULL;
+
+CREATE TABLE IF NOT EXISTS attempts (
+    run_id      INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    attempt     INTEGER NOT NULL,
+    started_at  INTEGER NOT NULL,
+    finished_at INTEGER,
+    outcome     TEXT,                   -- a run state name, or 'interrupted'
+    exit_code   INTEGER,
+    error       TEXT,
+    owner       TEXT,
+    pid         INTEGER,
+    spawned_at  INTEGER,                -- when the child process was started
+    PRIMARY KEY (run_id, attempt)
+);
+
+CREATE TABLE IF NOT EXISTS task_state (
+    task         TEXT PRIMARY KEY,
+    paused       INTEGER NOT NULL DEFAULT 0,
+    last_fire_at INTEGER,
+    next_fire_at INTEGER,               -- the earliest tick not yet claimed
+    schedule     TEXT                   -- the expression next_fire_at was computed from
+);
+
+CREATE TABLE IF NOT EXISTS events (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,   -- never reused: a stream position
+    at      INTEGER NOT NULL,
+    kind    TEXT    NOT NULL,
+    task    TEXT,
+    run_id  INTEGER,
+    attempt INTEGER,
+    message TEXT    NOT NULL DEFAULT ''
+);
+
+CREATE TABLE IF NOT EXISTS instances (
+    id           TEXT PRIMARY KEY,
+    pid          INTEGER NOT NULL,
+    host         TEXT    NOT NULL,
+    started_at   INTEGER NOT NULL,
+    heartbeat_at INTEGER NOT NULL,
+    stopped_at   INTEGER,
+    serving      INTEGER NOT NULL DEFAULT 1,  -- 0: a foreground `turbosched run`
+    api          TEXT                         -- the HTTP API's address, if serving one
+);
