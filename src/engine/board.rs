@@ -32,8 +32,8 @@ impl Default for Board {
 }
 
 impl Board {
-    /// A receiver that changes whenever a new snapshot is published (for event streams
-    /// to wake up instead of polling).
+    /// A receiver that changes whenever something changed: a snapshot with news, or events
+    /// appended (for event streams to wake up instead of polling).
     pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
         self.changes.subscribe()
     }
@@ -46,10 +46,18 @@ impl Board {
             .clone()
     }
 
-    pub(super) fn publish(&self, snapshot: Snapshot) {
-        let version = snapshot.version;
+    /// Swaps in `snapshot`; wakes the subscribers only if `changed` (a snapshot that only
+    /// proves the loop alive wakes no event stream).
+    pub(super) fn publish(&self, snapshot: Snapshot, changed: bool) {
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(snapshot));
-        self.changes.send_replace(version);
+        if changed {
+            self.touch();
+        }
+    }
+
+    /// Wakes the subscribers: the engine wrote something they may want to read (events).
+    pub(super) fn touch(&self) {
+        self.changes.send_modify(|generation| *generation += 1);
     }
 }
 

@@ -139,6 +139,7 @@ impl Engine {
             config_path: config.source.clone(),
             log,
         };
+        self.dirty = true;
         self.busy.insert(pending.task.clone(), pending.run);
         self.running.insert(
             pending.run,

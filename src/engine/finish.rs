@@ -104,6 +104,22 @@ impl Engine {
                 _ => {}
             }
         }
+        let writes = |event: &RunnerEvent| {
+            matches!(
+                event,
+                RunnerEvent::Spawned(..)
+                    | RunnerEvent::Report(
+                        Report::Progress { .. } | Report::Checkpoint(_) | Report::Result(_)
+                    )
+            )
+        };
+        if finishes.is_empty() && !envelopes.iter().any(|e| writes(&e.event)) {
+            // Heartbeats only: nothing to record, no transaction.
+            return;
+        }
+        let progressed = envelopes
+            .iter()
+            .any(|e| matches!(e.event, RunnerEvent::Report(Report::Progress { .. })));
         let store = self.store.clone();
         let applied = blocking(|| {
             store.batch(|batch| {
@@ -169,6 +185,10 @@ impl Engine {
             }
         };
         self.store_ok(now);
+        if progressed {
+            // Progress may have appended events: event streams read them now.
+            self.board.touch();
+        }
         for (finish, ok) in finishes.into_iter().zip(applied) {
             if !ok {
                 continue;
@@ -252,6 +272,7 @@ impl Engine {
             return None;
         }
         let running = self.running.remove(&run)?;
+        self.dirty = true;
         if self.busy.get(&running.task) == Some(&run) {
             self.busy.remove(&running.task);
         }

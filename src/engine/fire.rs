@@ -146,6 +146,7 @@ impl Engine {
         };
         self.claim_retry_at = None;
         self.store_ok(now);
+        self.dirty |= !plans.is_empty();
         for plan in &plans {
             match plan.plan.next {
                 Some(at) => self.next_fire.insert(plan.task.clone(), at),
@@ -167,6 +168,7 @@ impl Engine {
     }
 
     pub(super) fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {
+        self.dirty = true;
         match next {
             Some(at) => {
                 self.next_fire.insert(task.clone(), at);

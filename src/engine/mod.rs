@@ -301,7 +301,6 @@ impl Engine {
                 }
                 self.dispatch();
             });
-            self.dirty = true;
             self.publish(false);
         }
         self.shutdown().await;

@@ -8,7 +8,9 @@ use tracing::warn;
 
 impl Engine {
     /// Publishes a new snapshot when something changed (at most every 50 ms) or when
-    /// `force`d (every heartbeat, so readers can tell the loop is alive).
+    /// `force`d (every heartbeat, so readers can tell the loop is alive). Only a snapshot
+    /// with news wakes the board's subscribers: whatever changes what the board shows sets
+    /// `dirty` where it changes it, never the loop for every wake.
     pub(super) fn publish(&mut self, force: bool) {
         if !force && (!self.dirty || self.published_at.elapsed() < Duration::from_millis(50)) {
             return;
@@ -48,19 +50,23 @@ impl Engine {
         self.version += 1;
         self.metrics.running.set(self.running.len() as i64);
         self.metrics.queued.set(self.queue.len() as i64);
-        self.board.publish(Snapshot {
-            version: self.version,
-            at: now,
-            instance: self.instance.clone(),
-            started_at: self.started_at,
-            config,
-            busy: self.running.len(),
-            queued: self.queue.len(),
-            retry_waiting: self.retry_due.len(),
-            tasks,
-            store_fault: self.store_fault.clone(),
-            clock_step: self.clock_step.clone(),
-        });
+        let changed = self.dirty;
+        self.board.publish(
+            Snapshot {
+                version: self.version,
+                at: now,
+                instance: self.instance.clone(),
+                started_at: self.started_at,
+                config,
+                busy: self.running.len(),
+                queued: self.queue.len(),
+                retry_waiting: self.retry_due.len(),
+                tasks,
+                store_fault: self.store_fault.clone(),
+                clock_step: self.clock_step.clone(),
+            },
+            changed,
+        );
         self.dirty = false;
         self.published_at = std::time::Instant::now();
     }

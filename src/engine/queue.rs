@@ -59,6 +59,7 @@ impl Pending {
 
 impl Engine {
     pub(super) fn queue_push(&mut self, pending: Pending) {
+        self.dirty = true;
         *self
             .queued_per_task
             .entry(pending.task.clone())
@@ -71,6 +72,7 @@ impl Engine {
         let (kept, removed): (VecDeque<Pending>, VecDeque<Pending>) =
             self.queue.drain(..).partition(|p| keep(p));
         self.queue = kept;
+        self.dirty |= !removed.is_empty();
         for pending in &removed {
             self.uncount_queued(&pending.task);
         }

@@ -377,3 +377,30 @@ fn a_timed_out_attempt_names_the_timeout_it_ran_under_not_a_reloaded_one() {
     let error = finish.change.error.unwrap_or_default();
     assert!(error.contains("timed out after 1m"), "{error}");
 }
+
+#[test]
+fn the_board_wakes_its_readers_only_when_something_changed() {
+    let bench = Bench::new("[tasks.t]\nhandler = \"ping\"\nschedule = \"* * * * * *\"\n");
+    let mut engine = bench.engine_at(t(0));
+    engine.plan_startup_fires(t(0));
+    let mut readers = engine.board.subscribe();
+    engine.publish(true);
+    assert!(
+        readers.has_changed().expect("open"),
+        "the first board is news"
+    );
+    readers.borrow_and_update();
+    let first = engine.board.snapshot().expect("published").version;
+
+    // A heartbeat with nothing new: the snapshot is renewed (the loop is alive) but no
+    // reader is woken.
+    engine.publish(true);
+    assert!(!readers.has_changed().expect("open"));
+    assert!(engine.board.snapshot().expect("published").version > first);
+
+    // A tick claims a run: news.
+    bench.clock.set(t(1));
+    engine.on_tick();
+    engine.publish(true);
+    assert!(readers.has_changed().expect("open"));
+}
