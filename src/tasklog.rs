@@ -13,6 +13,10 @@
 //! rotation happens only between writes, so a rotation never splits or loses a line, however
 //! many runs of a task write at once. A write failure is reported in the service log and the
 //! run goes on: a full disk must not fail a run.
+//!
+//! Reading: [`read_lines`] across archives, rotated files and the current file, and
+//! [`LogFollower`], the one follower of a growing log (`turbosched logs --follow` and
+//! `GET /scheduler/runs/{id}/log?follow=1`), which loses no line to a rotation.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -318,9 +322,9 @@ pub fn read_lines(
     Ok(lines)
 }
 
-/// Follows one log (`name` in `dir`) as it grows and rotates: each [`next_lines`]
-/// (LogFollower::next_lines) call returns the whole lines written since the last one,
-/// oldest first, each once. `turbosched logs --follow` and `GET /scheduler/runs/{id}/log?follow=1`
+/// Follows one log (`name` in `dir`) as it grows and rotates: each
+/// [`next_lines`](LogFollower::next_lines) call returns the whole lines written since the
+/// last one, oldest first, each once. `turbosched logs --follow` and `GET /scheduler/runs/{id}/log?follow=1`
 /// both read through it.
 ///
 /// It keeps the file it reads open, so a rotation (the file renamed to `name.1`, a new

@@ -15,7 +15,7 @@
 //! - `auth.rs`: the bearer token of mutating routes;
 //! - `streams.rs`: the long answers: server-sent events and a followed run log;
 //! - `health.rs`: `/health` and `/metrics`;
-//! - `errors.rs`: [`ApiError`](errors::ApiError), the JSON error shape, and the catch-all
+//! - `errors.rs`: `ApiError`, the JSON error shape, and the catch-all
 //!   that puts every other error into it.
 //!
 //! Invariants: no scheduling decision is taken here (triggers, aborts, pauses, reloads and
