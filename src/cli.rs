@@ -10,12 +10,13 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use chrono::SecondsFormat;
 use clap::{Parser, Subcommand};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use turbosched::config::{self, Config};
 use turbosched::engine::{enqueue_manual, Clock, Engine, Mode, SystemClock};
 use turbosched::model::{Instant, RunId, RunState};
 use turbosched::store::{AbortOutcome, RunFilter, RunRow, Store};
+use turbosched::views;
 
 #[derive(Parser)]
 #[command(
@@ -305,30 +306,7 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
     };
     let audit = turbosched::audit::audit(&config, &store, since)?;
     if json {
-        let tasks: Vec<Value> = audit
-            .tasks
-            .iter()
-            .map(|t| {
-                json!({
-                    "task": t.task,
-                    "first_tick": t.span.map(|(first, _)| first.to_rfc3339()),
-                    "last_tick": t.span.map(|(_, last)| last.to_rfc3339()),
-                    "expected": t.expected,
-                    "claimed": t.claimed,
-                    "doubled": t.doubled,
-                    "dropped": t.dropped,
-                    "uncounted": t.uncounted,
-                    "missing": t.missing,
-                    "unfinished": t.unfinished,
-                    "by_state": t.by_state,
-                    "ok": t.ok(),
-                })
-            })
-            .collect();
-        println!(
-            "{}",
-            json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
-        );
+        println!("{}", views::audit(since, &audit));
     } else {
         println!(
             "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  states",
@@ -554,7 +532,7 @@ fn run(
         let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
         if !wait {
             if json {
-                println!("{}", json!({"run_id": root.0, "handed_to_service": true}));
+                println!("{}", views::handed_to_service(root));
             } else {
                 println!("run {root} of {task} queued; the service will start it (turbosched show {root})");
             }
@@ -694,8 +672,7 @@ fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> R
         bail!("run {root} not found");
     }
     if json {
-        let views: Vec<Value> = runs.iter().map(run_json).collect();
-        println!("{}", json!({"run_id": root.0, "runs": views}));
+        println!("{}", views::run_outcome(root, &runs));
     } else {
         print_runs(&runs);
     }
@@ -731,30 +708,16 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         let next = state
             .next_fire_at
             .or_else(|| spec.schedule.as_ref().and_then(|s| s.next_after(now)));
-        tasks.push((spec, state.paused, next, last.into_iter().next(), running));
+        tasks.push(views::StoredTask {
+            spec,
+            paused: state.paused,
+            next_fire: next,
+            last: last.into_iter().next(),
+            running,
+        });
     }
     if json {
-        let views: Vec<Value> = tasks
-            .iter()
-            .map(|(spec, paused, next, last, running)| {
-                json!({
-                    "task": spec.name.as_str(),
-                    "schedule": spec.schedule.as_ref().map(|s| s.expr()),
-                    "timezone": spec.timezone.name(),
-                    "handler": spec.handler.name(),
-                    "enabled": spec.enabled,
-                    "paused": paused,
-                    "next_fire": next.map(|n| n.with_timezone(&spec.timezone).to_rfc3339()),
-                    "running": running,
-                    "last_run": last.as_ref().map(run_json),
-                })
-            })
-            .collect();
-        let service: Vec<Value> = instances
-            .iter()
-            .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": rfc3339(i.heartbeat_at)}))
-            .collect();
-        println!("{}", json!({"service": service, "tasks": views}));
+        println!("{}", views::stored_status(&instances, &tasks));
         return Ok(ExitCode::SUCCESS);
     }
     match instances.iter().find(|i| i.serving) {
@@ -775,7 +738,14 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
         "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
     );
-    for (spec, paused, next, last, running) in tasks {
+    for views::StoredTask {
+        spec,
+        paused,
+        next_fire: next,
+        last,
+        running,
+    } in tasks
+    {
         let schedule = spec
             .schedule
             .as_ref()
@@ -833,7 +803,7 @@ fn runs(
         ..RunFilter::default()
     })?;
     if json {
-        println!("{}", Value::Array(rows.iter().map(run_json).collect()));
+        println!("{}", views::run_list(&rows));
     } else {
         print_runs(&rows);
     }
@@ -848,24 +818,7 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         .ok_or_else(|| anyhow!("no run with id {run}"))?;
     let attempts = store.attempts(run)?;
     if json {
-        let mut view = run_json(&row);
-        view["attempts_history"] = Value::Array(
-            attempts
-                .iter()
-                .map(|a| {
-                    json!({
-                        "attempt": a.attempt.0,
-                        "started_at": rfc3339(a.started_at),
-                        "finished_at": a.finished_at.map(rfc3339),
-                        "outcome": a.outcome,
-                        "exit_code": a.exit_code,
-                        "error": a.error,
-                        "pid": a.pid,
-                    })
-                })
-                .collect(),
-        );
-        println!("{view}");
+        println!("{}", views::run_detail(&row, &attempts));
         return Ok(ExitCode::SUCCESS);
     }
     println!(
@@ -978,8 +931,7 @@ fn logs(
     follow: bool,
     last: Option<usize>,
 ) -> Result<ExitCode> {
-    use std::io::{BufRead, Seek};
-    use turbosched::tasklog::{log_files, task_log_name};
+    use turbosched::tasklog::{log_files, task_log_name, LogFollower};
 
     let config = load(path)?;
     let name = if task == "scheduler" && config.task(task).is_none() {
@@ -995,6 +947,15 @@ fn logs(
         );
     };
     let marker = run.map(|run| format!(" run={run} "));
+    // Following starts before reading, so no line falls between the two; a line read by
+    // both is left out by the follower (`skipping`).
+    let follower = follow.then(|| {
+        let follower = LogFollower::at_end(&config.scheduler.log_dir, &name);
+        match &marker {
+            Some(marker) => follower.only(marker.clone()),
+            None => follower,
+        }
+    });
     let keep = |line: &str| marker.as_ref().is_none_or(|m| line.contains(m.as_str()));
     let archives = run
         .is_some()
@@ -1007,39 +968,18 @@ fn logs(
     for line in &lines[start..] {
         println!("{line}");
     }
-    if !follow {
+    let Some(follower) = follower else {
         return Ok(ExitCode::SUCCESS);
-    }
-    // Follow the current file; a rotation shows as the file shrinking or being replaced.
-    let current = config.scheduler.log_dir.join(&name);
-    let mut position = std::fs::metadata(&current).map(|m| m.len()).unwrap_or(0);
-    let mut partial = String::new();
+    };
+    let already: Vec<String> = lines.iter().rev().take(200).cloned().collect();
+    let mut follower = follower.skipping(already);
     loop {
         std::thread::sleep(Duration::from_millis(200));
-        let Ok(mut file) = std::fs::File::open(&current) else {
-            continue;
-        };
-        let length = file.metadata().map(|m| m.len()).unwrap_or(0);
-        if length < position {
-            position = 0;
-        }
-        if length == position {
-            continue;
-        }
-        file.seek(std::io::SeekFrom::Start(position))?;
-        let mut reader = std::io::BufReader::new(file);
-        let mut chunk = String::new();
-        while reader.read_line(&mut chunk)? > 0 {
-            position += chunk.len() as u64;
-            partial.push_str(&chunk);
-            chunk.clear();
-            if partial.ends_with('\n') {
-                let line = partial.trim_end_matches('\n');
-                if keep(line) {
-                    println!("{line}");
-                }
-                partial.clear();
-            }
+        for line in follower
+            .next_lines()
+            .with_context(|| format!("cannot follow the log of {task}"))?
+        {
+            println!("{line}");
         }
     }
 }
@@ -1056,11 +996,6 @@ fn duration_text(row: &RunRow) -> String {
         }
         _ => String::new(),
     }
-}
-
-/// The JSON shape of a run: the API's, so scripts see one shape whichever they use.
-fn run_json(row: &RunRow) -> Value {
-    turbosched::api::run_view(row)
 }
 
 fn print_runs(rows: &[RunRow]) {

@@ -17,7 +17,9 @@
 //! - the **API** ([`api`]) is the HTTP skin over the engine: status, triggers, runs,
 //!   events as server-sent events, health, metrics;
 //! - the **pipeline** ([`pipeline`]) is the first users' market tasks, built in: `ingest` today;
-//! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]).
+//! - an **event** is a numbered, persisted record of every state change ([`store::EventRow`]);
+//! - a **view** is the JSON shape of one of these, the same from the API and the command
+//!   line ([`views`]).
 //!
 //! See ARCHITECTURE.md for the map and the invariants.
 
@@ -36,4 +38,5 @@ pub mod runner;
 pub mod schedule;
 pub mod store;
 pub mod tasklog;
+pub mod views;
 pub mod worker;

@@ -13,6 +13,10 @@
 //! rotation happens only between writes, so a rotation never splits or loses a line, however
 //! many runs of a task write at once. A write failure is reported in the service log and the
 //! run goes on: a full disk must not fail a run.
+//!
+//! Reading: [`read_lines`] across archives, rotated files and the current file, and
+//! [`LogFollower`], the one follower of a growing log (`turbosched logs --follow` and
+//! `GET /scheduler/runs/{id}/log?follow=1`), which loses no line to a rotation.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -318,6 +322,137 @@ pub fn read_lines(
     Ok(lines)
 }
 
+/// Follows one log (`name` in `dir`) as it grows and rotates: each
+/// [`next_lines`](LogFollower::next_lines) call returns the whole lines written since the
+/// last one, oldest first, each once. `turbosched logs --follow` and `GET /scheduler/runs/{id}/log?follow=1`
+/// both read through it.
+///
+/// It keeps the file it reads open, so a rotation (the file renamed to `name.1`, a new
+/// `name` begun) loses nothing: the rest of the renamed file is read through the open
+/// handle, then every file written after it, found by the identity (device, inode) of the
+/// one it had; a file rotated several times between two calls is read from its rotated
+/// copies while they are kept. A line still being written (no newline yet) is held back
+/// until it is whole. A file truncated in place is read again from its start.
+pub struct LogFollower {
+    dir: PathBuf,
+    name: String,
+    /// The file being read, its identity and how far it has been read.
+    open: Option<(std::fs::File, (u64, u64), u64)>,
+    /// Bytes read after the last newline.
+    partial: Vec<u8>,
+    /// Only lines containing this.
+    only: Option<String>,
+    /// Lines already shown, which the first call may repeat (see [`LogFollower::skipping`]).
+    shown: Vec<String>,
+}
+
+impl LogFollower {
+    /// Follows the log from its current end: nothing written so far comes out.
+    pub fn at_end(dir: &Path, name: &str) -> LogFollower {
+        let mut follower = LogFollower {
+            dir: dir.to_path_buf(),
+            name: name.to_string(),
+            open: None,
+            partial: Vec::new(),
+            only: None,
+            shown: Vec::new(),
+        };
+        if let Ok((file, id, length)) = open_with_id(&dir.join(name)) {
+            follower.open = Some((file, id, length));
+        }
+        follower
+    }
+
+    /// Only lines that contain `text` (such as ` run=12 `).
+    pub fn only(mut self, text: impl Into<String>) -> LogFollower {
+        self.only = Some(text.into());
+        self
+    }
+
+    /// Lines the caller has already shown (read after this follower started, say): the
+    /// first call leaves them out. A task line carries a µs timestamp, so equal text is the
+    /// same line.
+    pub fn skipping(mut self, shown: Vec<String>) -> LogFollower {
+        self.shown = shown;
+        self
+    }
+
+    /// The whole lines written since the last call, oldest first.
+    pub fn next_lines(&mut self) -> std::io::Result<Vec<String>> {
+        use std::io::{Read, Seek, SeekFrom};
+        let mut bytes = std::mem::take(&mut self.partial);
+        if let Some((file, _, position)) = &mut self.open {
+            if file.metadata()?.len() < *position {
+                // Truncated in place: what is there now is new.
+                file.seek(SeekFrom::Start(0))?;
+                *position = 0;
+            }
+            *position += file.read_to_end(&mut bytes)? as u64;
+        }
+        let current = std::fs::metadata(self.dir.join(&self.name))
+            .ok()
+            .map(|m| file_id(&m));
+        let reading = self.open.as_ref().map(|(_, id, _)| *id);
+        if current.is_some() && current != reading {
+            // The file we read was rotated (or there was none): read every file written
+            // after it, oldest first, to its end; the last one is the current file.
+            let files = log_files(&self.dir, &self.name);
+            let ours = reading.and_then(|id| {
+                files
+                    .iter()
+                    .position(|path| std::fs::metadata(path).is_ok_and(|m| file_id(&m) == id))
+            });
+            let newer = match ours {
+                Some(index) => &files[index + 1..],
+                None => &files[files.len().saturating_sub(1)..],
+            };
+            for path in newer {
+                if !bytes.is_empty() && !bytes.ends_with(b"\n") {
+                    bytes.push(b'\n');
+                }
+                let Ok((mut file, id, _)) = open_with_id(path) else {
+                    continue;
+                };
+                file.seek(SeekFrom::Start(0))?;
+                let read = file.read_to_end(&mut bytes)? as u64;
+                self.open = Some((file, id, read));
+            }
+        }
+        let complete = bytes
+            .iter()
+            .rposition(|b| *b == b'\n')
+            .map(|i| i + 1)
+            .unwrap_or(0);
+        self.partial = bytes.split_off(complete);
+        let shown = std::mem::take(&mut self.shown);
+        Ok(String::from_utf8_lossy(&bytes)
+            .lines()
+            .filter(|line| {
+                self.only
+                    .as_ref()
+                    .is_none_or(|only| line.contains(only.as_str()))
+            })
+            .filter(|line| !shown.iter().any(|seen| seen == line))
+            .map(str::to_string)
+            .collect())
+    }
+}
+
+/// A file opened for reading, its identity and its length.
+fn open_with_id(path: &Path) -> std::io::Result<(std::fs::File, (u64, u64), u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::File::open(path)?;
+    let metadata = file.metadata()?;
+    let length = file.seek(SeekFrom::End(0))?;
+    Ok((file, file_id(&metadata), length))
+}
+
+/// (device, inode): the same file under whatever name it has now.
+fn file_id(metadata: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (metadata.dev(), metadata.ino())
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashSet;
@@ -432,5 +567,59 @@ mod tests {
         logs.task("t")
             .line(RunId(1), Attempt(1), Level::Error, "goes nowhere");
         assert!(!blocker.join("logs").exists());
+    }
+
+    /// The numbered lines `lines`, one write each, through `file`.
+    fn write_numbered(file: &RotatingFile, lines: std::ops::Range<usize>) {
+        for n in lines {
+            file.write_line(format!("line {n:04} {}\n", "z".repeat(n % 13)).as_bytes());
+        }
+    }
+
+    #[test]
+    fn a_follower_yields_every_line_once_in_order_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = RotatingFile::new(dir.path().join("task_t.log"), 256, 50);
+        write_numbered(&file, 0..10);
+        let mut follower = LogFollower::at_end(dir.path(), "task_t.log");
+        let mut seen = Vec::new();
+        // Between two reads: none, one or several rotations (a line is ~20 bytes, a file
+        // rotates past 256).
+        for batch in [3, 1, 12, 5, 40, 2, 0, 27] {
+            let from = 10 + seen.len();
+            write_numbered(&file, from..from + batch);
+            let lines = follower.next_lines().unwrap();
+            assert_eq!(lines.len(), batch, "{lines:?}");
+            seen.extend(lines);
+        }
+        let expected: Vec<String> = (10..10 + seen.len())
+            .map(|n| format!("line {n:04} {}", "z".repeat(n % 13)))
+            .collect();
+        assert_eq!(seen, expected);
+        assert!(
+            log_files(dir.path(), "task_t.log").len() > 5,
+            "the log rotated several times"
+        );
+    }
+
+    #[test]
+    fn a_follower_holds_back_a_half_written_line_and_keeps_to_its_filter() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("task_t.log");
+        std::fs::write(&path, "old run=1 \n").unwrap();
+        let mut follower = LogFollower::at_end(dir.path(), "task_t.log")
+            .only(" run=2 ")
+            .skipping(vec!["a run=2 x".into()]);
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
+        file.write_all(b"a run=2 x\nb run=1 y\nc run=2 ").unwrap();
+        assert_eq!(follower.next_lines().unwrap(), Vec::<String>::new());
+        file.write_all(b"z\n").unwrap();
+        assert_eq!(
+            follower.next_lines().unwrap(),
+            vec!["c run=2 z".to_string()]
+        );
     }
 }

@@ -18,7 +18,6 @@ use std::time::Duration;
 
 use actix_web::http::{Method, StatusCode, Uri};
 use actix_web::rt::net::TcpStream;
-use serde_json::json;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 /// The longest request target (path and query), in bytes: 414 beyond.
@@ -193,7 +192,7 @@ fn check(head: &[u8]) -> Verdict {
 
 /// The whole answer to a refused head, in the API's error shape.
 fn answer(status: StatusCode, code: &str, message: &str) -> Vec<u8> {
-    let body = json!({"error": {"code": code, "message": message}}).to_string();
+    let body = super::errors::envelope(code, message, None).to_string();
     format!(
         "HTTP/1.1 {} {}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          connection: close\r\n\r\n{body}",

@@ -1,6 +1,7 @@
 //! Each module states what it must not know; this scans `use` lines (and, for paths into
 //! the crate, every line of code) and fails on a forbidden import, so a boundary cannot
-//! decay quietly. The modules also import each other without a circle. See ARCHITECTURE.md.
+//! decay quietly. The modules also import each other without a circle, the built-ins are
+//! listed once and the JSON the service prints is built in one module. See ARCHITECTURE.md.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
@@ -89,6 +90,18 @@ const RULES: &[(&str, &[&str], &str)] = &[
             "tokio",
         ],
         "the tick accounting reads the store and the config, and acts on nothing",
+    ),
+    (
+        "views.rs",
+        &[
+            "crate::api",
+            "crate::runner",
+            "actix",
+            "rusqlite",
+            "tokio",
+            "std::fs",
+        ],
+        "the JSON shapes are built from values: no HTTP, no I/O, no processes",
     ),
     (
         "tasklog.rs",
@@ -306,5 +319,74 @@ fn built_in_handlers_are_listed_in_builtins_only() {
         lists.is_empty(),
         "built-in handlers listed outside src/builtins.rs:\n{}",
         lists.join("\n")
+    );
+}
+
+/// The edges that print JSON (the HTTP API and the command line) and the one file among
+/// them that may build some: the API's error envelope.
+const JSON_EDGES: &[&str] = &["api", "cli.rs", "main.rs", "bench.rs"];
+const JSON_ENVELOPE: &str = "api/errors.rs";
+
+/// Issue "One room per job", item 4: one JSON edge. `show --json` built a run of its own
+/// that lacked what the API's had; now every shape the API and the command line print is
+/// built in `src/views.rs`, and the edges only pass it on.
+#[test]
+fn json_is_built_in_views_only() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut built = Vec::new();
+    for edge in JSON_EDGES {
+        let files = rust_files(&src.join(edge));
+        assert!(!files.is_empty(), "{edge} matches no file");
+        for file in files {
+            if file.ends_with(JSON_ENVELOPE) {
+                continue;
+            }
+            let text = std::fs::read_to_string(&file).unwrap();
+            for (number, line) in text.lines().enumerate() {
+                let Some(line) = code(line) else { continue };
+                if line.contains("json!") || line.contains("Serialize") {
+                    built.push(format!("{}:{}: {line}", file.display(), number + 1));
+                }
+            }
+        }
+    }
+    assert!(
+        built.is_empty(),
+        "JSON built outside src/views.rs (add a function there):\n{}",
+        built.join("\n")
+    );
+}
+
+/// A run has one shape: the keys only a run's JSON carries are written in `src/views.rs`
+/// and nowhere else in `src/`.
+#[test]
+fn the_run_shape_is_written_once() {
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let keys = [
+        "\"scheduled_for\"",
+        "\"attempts_history\"",
+        "\"next_attempt_at\"",
+    ];
+    let views = std::fs::read_to_string(src.join("views.rs")).unwrap();
+    for key in keys {
+        assert_eq!(views.matches(key).count(), 1, "{key} once in views.rs");
+    }
+    let mut copies = Vec::new();
+    for file in rust_files(&src) {
+        if file.ends_with("views.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (number, line) in text.lines().enumerate() {
+            let Some(line) = code(line) else { continue };
+            if let Some(key) = keys.iter().find(|key| line.contains(**key)) {
+                copies.push(format!("{}:{}: {key}", file.display(), number + 1));
+            }
+        }
+    }
+    assert!(
+        copies.is_empty(),
+        "a run's keys written outside src/views.rs:\n{}",
+        copies.join("\n")
     );
 }

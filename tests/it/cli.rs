@@ -240,3 +240,51 @@ fn validate_names_the_key_of_type_duplicate_and_encoding_errors() {
         stderr(&output)
     );
 }
+
+/// `GET <path>` on a service's API, parsed.
+fn api_json(service: &Service, path: &str) -> serde_json::Value {
+    let mut response = ureq::get(format!("{}{path}", service.api))
+        .call()
+        .unwrap_or_else(|err| panic!("GET {path}: {err}"));
+    let text = response.body_mut().read_to_string().unwrap();
+    serde_json::from_str(&text).unwrap_or_else(|err| panic!("GET {path}: not JSON ({err}): {text}"))
+}
+
+/// Issue "One room per job", item 4: one JSON edge. `show --json` printed a shape of its
+/// own, without the attempts' `spawned_at` and the run's `links`; the CLI and the API now
+/// print runs from one module, so a script sees the same run whichever it asks.
+#[test]
+fn show_runs_and_status_json_print_the_runs_the_api_returns() {
+    let sandbox = Sandbox::new(
+        "[tasks.hello]\nhandler = \"ping\"\nparams = { sleep_sec = 0.1, progress = true }\n",
+    );
+    let service = sandbox.serve();
+    let (code, queued) = sandbox.cli_json(&["run", "hello", "--json"]);
+    assert_eq!(code, 0, "{queued}");
+    let id = run_id(&queued);
+    sandbox.wait_for_state(
+        id,
+        turbosched::model::RunState::Succeeded,
+        std::time::Duration::from_secs(20),
+    );
+
+    let (code, shown) = sandbox.cli_json(&["show", &id.to_string(), "--json"]);
+    assert_eq!(code, 0, "{shown}");
+    let served = api_json(&service, &format!("/scheduler/runs/{id}"));
+    assert_eq!(shown, served, "show --json is the API's run");
+    assert!(
+        shown["attempts_history"][0]["spawned_at"].is_string() && shown["links"].is_object(),
+        "{shown}"
+    );
+
+    let (_, listed) = sandbox.cli_json(&["runs", "--json"]);
+    let page = api_json(&service, "/scheduler/runs");
+    assert_eq!(listed, page["runs"], "runs --json lists the API's runs");
+
+    let (_, status) = sandbox.cli_json(&["status", "--json"]);
+    assert_eq!(
+        status["tasks"][0]["last_run"], page["runs"][0],
+        "status --json shows the last run as the API does"
+    );
+    drop(service);
+}

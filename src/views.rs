@@ -1,0 +1,364 @@
+//! Every JSON shape turbosched prints, the HTTP API's and the command line's: promises to
+//! curl scripts, the dashboard and shell scripts. Built by hand from engine, store and
+//! audit types (they serialize nothing); change them only by adding fields.
+//!
+//! One run has one shape ([`run`], and [`run_detail`] with its attempts and links),
+//! whichever edge prints it: `turbosched show 12 --json` prints exactly what
+//! `GET /scheduler/runs/12` returns. The one shape not here is the API's error envelope
+//! (`{"error": {"code", "message"}}`), which lives with the API's errors.
+//!
+//! Invariant: builds values, decides nothing, reads nothing (no store, no files); the
+//! edges (`api`, `cli.rs`) build no JSON of their own (`tests/it/boundaries.rs`).
+
+use chrono::SecondsFormat;
+use serde_json::{json, Map, Value};
+
+use crate::audit::Audit;
+use crate::config::{Handler, TaskSpec};
+use crate::engine::{Snapshot, TaskSnapshot};
+use crate::model::{Instant, RunId};
+use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow};
+
+fn time(at: Instant) -> String {
+    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+}
+
+fn millis(duration: std::time::Duration) -> u64 {
+    duration.as_millis() as u64
+}
+
+/// `GET /scheduler/status`: the scheduler and every task, from the engine's board.
+pub fn status(snapshot: &Snapshot) -> Value {
+    let config = &snapshot.config;
+    json!({
+        "scheduler": {
+            "up_since": time(snapshot.started_at),
+            "instance": snapshot.instance,
+            "timezone": config.scheduler.timezone.name(),
+            "config_file": config.source.display().to_string(),
+            "config_hash": config.hash,
+            "workers_busy": snapshot.busy,
+            "max_workers": config.scheduler.max_workers,
+            "queue_depth": snapshot.queued,
+            "retry_waiting": snapshot.retry_waiting,
+            "as_of": time(snapshot.at),
+        },
+        "tasks": tasks(snapshot),
+    })
+}
+
+/// `GET /scheduler/tasks`: every task's summary.
+pub fn task_list(snapshot: &Snapshot) -> Value {
+    json!({ "tasks": tasks(snapshot) })
+}
+
+fn tasks(snapshot: &Snapshot) -> Vec<Value> {
+    snapshot
+        .tasks
+        .iter()
+        .filter_map(|task| Some(task_summary(task, snapshot.config.task(&task.name)?)))
+        .collect()
+}
+
+fn task_summary(task: &TaskSnapshot, spec: &TaskSpec) -> Value {
+    json!({
+        "task": task.name,
+        "description": spec.description,
+        "schedule": spec.schedule.as_ref().map(|s| s.expr()),
+        "timezone": spec.timezone.name(),
+        "handler": spec.handler.name(),
+        "depends_on": spec.depends_on.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
+        "enabled": spec.enabled,
+        "paused": task.paused,
+        "next_fire": task.next_fire.map(time),
+        "running": task.running.iter().map(|r| json!({
+            "run_id": r.run.0, "attempt": r.attempt.0, "started_at": time(r.started_at)
+        })).collect::<Vec<_>>(),
+        "last_run": task.last.map(|last| json!({
+            "run_id": last.run.0,
+            "state": last.state.as_str(),
+            "finished_at": time(last.finished_at),
+            "duration_ms": last.duration.map(millis),
+        })),
+        "stats": {
+            "runs": task.stats.runs,
+            "success_rate": task.stats.success_rate,
+            "p50_ms": task.stats.p50.map(millis),
+            "p95_ms": task.stats.p95.map(millis),
+        },
+    })
+}
+
+/// `GET /scheduler/tasks/{task}`: a task's summary, its resolved config, its next fires
+/// and its last runs.
+pub fn task_detail(snapshot: &Snapshot, spec: &TaskSpec, recent: &[RunRow]) -> Value {
+    let mut view = snapshot
+        .tasks
+        .iter()
+        .find(|t| t.name == spec.name.as_str())
+        .map(|task| task_summary(task, spec))
+        .unwrap_or_else(|| json!({ "task": spec.name.as_str() }));
+    let command = match &spec.handler {
+        Handler::Command(command) => json!({
+            "argv": command.argv, "shell": command.shell,
+            "cwd": command.cwd.as_ref().map(|c| c.display().to_string()),
+            "env": command.env,
+        }),
+        Handler::Builtin(_) => Value::Null,
+    };
+    view["config"] = json!({
+        "params": spec.params,
+        "command": command,
+        "timeout_ms": millis(spec.timeout),
+        "retries": spec.retries,
+        "retry_backoff": {
+            "initial_ms": millis(spec.backoff.initial),
+            "factor": spec.backoff.factor,
+            "max_ms": millis(spec.backoff.max),
+            "jitter": spec.backoff.jitter,
+        },
+        "dependency_max_age_ms": spec.dependency_max_age.map(millis),
+        "misfire": spec.misfire.as_str(),
+        "misfire_grace_ms": millis(spec.misfire_grace),
+        "overlap": spec.overlap.as_str(),
+    });
+    view["next_fires"] = json!(spec
+        .schedule
+        .as_ref()
+        .map(|s| s
+            .upcoming(chrono::Utc::now(), 5)
+            .iter()
+            .map(|t| t.to_rfc3339())
+            .collect::<Vec<_>>())
+        .unwrap_or_default());
+    view["last_runs"] = json!(recent.iter().map(run).collect::<Vec<_>>());
+    view
+}
+
+/// Where a run's routes are.
+pub fn run_links(run: RunId) -> Value {
+    json!({
+        "self": format!("/scheduler/runs/{run}"),
+        "log": format!("/scheduler/runs/{run}/log"),
+        "abort": format!("/scheduler/runs/{run}/abort"),
+        "retry": format!("/scheduler/runs/{run}/retry"),
+    })
+}
+
+/// The JSON shape of a run: in the API's lists and answers, in `turbosched run`, `runs`
+/// and `status --json`.
+pub fn run(row: &RunRow) -> Value {
+    json!({
+        "id": row.id.0,
+        "task": row.task.as_str(),
+        "trigger": row.trigger.as_str(),
+        "state": row.state.as_str(),
+        "scheduled_for": time(row.scheduled_for),
+        "queued_at": time(row.queued_at),
+        "started_at": row.started_at.map(time),
+        "finished_at": row.finished_at.map(time),
+        "attempts": row.attempt.0,
+        "max_attempts": row.max_attempts,
+        "next_attempt_at": row.next_attempt_at.map(time),
+        "exit_code": row.exit_code,
+        "error": row.error,
+        "reason": row.reason,
+        "progress": row.progress,
+        "phase": row.phase,
+        "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
+        "abort_requested": row.abort_requested,
+        "cascade": row.cascade.map(|c| c.0),
+    })
+}
+
+/// One run with its checkpoint, its attempts and its links: `GET /scheduler/runs/{id}`
+/// and `turbosched show <id> --json`.
+pub fn run_detail(row: &RunRow, attempts: &[AttemptRow]) -> Value {
+    let mut view = run(row);
+    view["checkpoint"] = json!(row
+        .checkpoint
+        .as_deref()
+        .and_then(|c| serde_json::from_str::<Value>(c).ok()));
+    view["attempts_history"] = json!(attempts
+        .iter()
+        .map(|a| json!({
+            "attempt": a.attempt.0,
+            "started_at": time(a.started_at),
+            "spawned_at": a.spawned_at.map(time),
+            "finished_at": a.finished_at.map(time),
+            "outcome": a.outcome,
+            "exit_code": a.exit_code,
+            "error": a.error,
+            "pid": a.pid,
+        }))
+        .collect::<Vec<_>>());
+    view["links"] = run_links(row.id);
+    view
+}
+
+/// One server-sent event: its sequence number is the SSE id.
+pub fn sse_event(event: &EventRow) -> String {
+    let data = json!({
+        "seq": event.seq,
+        "at": time(event.at),
+        "kind": event.kind,
+        "task": event.task,
+        "run_id": event.run_id.map(|r| r.0),
+        "attempt": event.attempt.map(|a| a.0),
+        "message": event.message,
+    });
+    format!(
+        "id: {}\nevent: {}\ndata: {}\n\n",
+        event.seq, event.kind, data
+    )
+}
+
+/// A page of runs, newest first: `GET /scheduler/runs`. `next_cursor` is the id to pass as
+/// `cursor` for the next page (`null` on the last).
+pub fn run_page(rows: &[RunRow], next_cursor: Option<RunId>) -> Value {
+    json!({
+        "runs": rows.iter().map(run).collect::<Vec<_>>(),
+        "next_cursor": next_cursor.map(|c| c.0),
+    })
+}
+
+/// A trigger accepted: the run is queued (202).
+pub fn run_queued(run: RunId, task: &str) -> Value {
+    json!({"run_id": run.0, "task": task, "state": "queued", "links": run_links(run)})
+}
+
+/// A trigger that waited for its run, which finished (200).
+pub fn run_waited(row: &RunRow) -> Value {
+    json!({"run_id": row.id.0, "run": run(row), "links": run_links(row.id)})
+}
+
+/// A trigger that waited as long as asked, its run still unfinished (202).
+pub fn run_pending(run: RunId, task: &str) -> Value {
+    json!({"run_id": run.0, "task": task, "state": "pending", "waited": true, "links": run_links(run)})
+}
+
+/// A retry queued as a new run.
+pub fn run_retried(run: RunId, retry_of: RunId) -> Value {
+    json!({"run_id": run.0, "retry_of": retry_of.0, "state": "queued", "links": run_links(run)})
+}
+
+/// An abort: done at once (`aborted`), or asked of a running run's engine.
+pub fn run_abort(run: RunId, aborted_now: bool) -> Value {
+    if aborted_now {
+        json!({"run_id": run.0, "state": "aborted"})
+    } else {
+        json!({"run_id": run.0, "state": "running", "abort_requested": true})
+    }
+}
+
+/// A task paused or resumed.
+pub fn task_paused(task: &str, paused: bool) -> Value {
+    json!({"task": task, "paused": paused})
+}
+
+/// The config reloaded.
+pub fn reloaded(config_hash: &str) -> Value {
+    json!({"reloaded": true, "config_hash": config_hash})
+}
+
+/// One component's check in `GET /health`.
+pub struct HealthCheck {
+    /// `store`, `clock`, `timer_loop`, `disk`, `stuck_runs`, `errors_last_hour`.
+    pub name: &'static str,
+    /// `ok`, `degraded` or `failed`.
+    pub status: &'static str,
+    /// What was seen, for people.
+    pub detail: String,
+}
+
+/// `GET /health`: `healthy` | `degraded` | `unhealthy`, with each component's check.
+pub fn health(status: &str, checks: &[HealthCheck]) -> Value {
+    let checks: Map<String, Value> = checks
+        .iter()
+        .map(|check| {
+            let view = json!({"status": check.status, "detail": check.detail});
+            (check.name.to_string(), view)
+        })
+        .collect();
+    json!({"status": status, "checks": checks})
+}
+
+/// `turbosched run --json` when a service took the run.
+pub fn handed_to_service(run: RunId) -> Value {
+    json!({"run_id": run.0, "handed_to_service": true})
+}
+
+/// `turbosched run --json` once the run (and its cascade) ended.
+pub fn run_outcome(root: RunId, runs: &[RunRow]) -> Value {
+    json!({"run_id": root.0, "runs": runs.iter().map(run).collect::<Vec<_>>()})
+}
+
+/// `turbosched runs --json`: the runs, as the API lists them.
+pub fn run_list(rows: &[RunRow]) -> Value {
+    Value::Array(rows.iter().map(run).collect())
+}
+
+/// A task as `turbosched status` reads it from the store (no service needed).
+pub struct StoredTask<'a> {
+    /// Its config.
+    pub spec: &'a TaskSpec,
+    /// Paused by an operator.
+    pub paused: bool,
+    /// The persisted next fire, else the schedule's next tick.
+    pub next_fire: Option<Instant>,
+    /// Its newest run.
+    pub last: Option<RunRow>,
+    /// How many of its runs are running.
+    pub running: usize,
+}
+
+/// `turbosched status --json`: the live instances and every task, read from the store.
+pub fn stored_status(instances: &[InstanceRow], tasks: &[StoredTask<'_>]) -> Value {
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|task| {
+            let spec = task.spec;
+            json!({
+                "task": spec.name.as_str(),
+                "schedule": spec.schedule.as_ref().map(|s| s.expr()),
+                "timezone": spec.timezone.name(),
+                "handler": spec.handler.name(),
+                "enabled": spec.enabled,
+                "paused": task.paused,
+                "next_fire": task.next_fire.map(|n| n.with_timezone(&spec.timezone).to_rfc3339()),
+                "running": task.running,
+                "last_run": task.last.as_ref().map(run),
+            })
+        })
+        .collect();
+    let service: Vec<Value> = instances
+        .iter()
+        .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
+        .collect();
+    json!({"service": service, "tasks": tasks})
+}
+
+/// `turbosched audit --json`: every scheduled task's tick accounting.
+pub fn audit(since: Instant, audit: &Audit) -> Value {
+    let tasks: Vec<Value> = audit
+        .tasks
+        .iter()
+        .map(|t| {
+            json!({
+                "task": t.task,
+                "first_tick": t.span.map(|(first, _)| first.to_rfc3339()),
+                "last_tick": t.span.map(|(_, last)| last.to_rfc3339()),
+                "expected": t.expected,
+                "claimed": t.claimed,
+                "doubled": t.doubled,
+                "dropped": t.dropped,
+                "uncounted": t.uncounted,
+                "missing": t.missing,
+                "unfinished": t.unfinished,
+                "by_state": t.by_state,
+                "ok": t.ok(),
+            })
+        })
+        .collect();
+    json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
+}
