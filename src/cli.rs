@@ -436,16 +436,18 @@ where
 }
 
 /// Cancels the engine on SIGTERM or SIGINT.
+/// The handlers are in place when this returns (a SIGTERM from then on is ours, even
+/// during a long start-up), and the engine stops at its next check.
 fn shutdown_on_signals(handle: turbosched::engine::Handle) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::warn!("cannot listen for SIGTERM/SIGINT");
+        return;
+    };
     tokio::spawn(async move {
-        use tokio::signal::unix::{signal, SignalKind};
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::warn!("cannot listen for SIGTERM/SIGINT");
-            return;
-        };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
             _ = int.recv() => tracing::info!("SIGINT: shutting down"),
@@ -470,6 +472,7 @@ fn serve(path: &Path) -> Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
         let mut engine = Engine::new(config.clone(), store, Arc::new(SystemClock), Mode::Serve);
+        shutdown_on_signals(engine.handle());
         let state = turbosched::api::ApiState::new(
             engine.handle(),
             engine.board(),
@@ -483,7 +486,6 @@ fn serve(path: &Path) -> Result<ExitCode> {
         tracing::info!("API listening on http://{address}");
         let server_handle = server.handle();
         tokio::spawn(server);
-        shutdown_on_signals(engine.handle());
         reload_on_sighup(engine.handle());
         let result = engine.run().await;
         server_handle.stop(true).await;

@@ -79,16 +79,6 @@ impl TaskLogs {
         }
     }
 
-    /// Opens the logs of `tasks` now. `file-rotate` scans the log folder when it opens a
-    /// file (one `stat` per entry), so opening a thousand task logs costs a million
-    /// `stat`s: the engine pays that once at start-up, before it fires anything, instead
-    /// of in the first burst of runs.
-    pub fn open_all<'a>(&self, tasks: impl IntoIterator<Item = &'a str>) {
-        for task in tasks {
-            self.task(task).file.open();
-        }
-    }
-
     /// The log of `task`.
     pub fn task(&self, task: &str) -> TaskLog {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
@@ -121,12 +111,24 @@ impl TaskLog {
 }
 
 /// A size-rotated file shared by every writer in this process; cheap to clone.
+///
+/// Until its first rotation a file is a plain append-mode file: `file-rotate` scans the
+/// whole log folder (a `stat` per entry) when it takes a file over, and paying that for
+/// each of ten thousand task logs at start-up made start-up quadratic in the task count.
+/// The scan happens once the file has passed `max_size`, when `file-rotate` takes it over
+/// and rotates it, and never for a log that stays small.
 #[derive(Clone)]
 pub struct RotatingFile {
     path: PathBuf,
     max_size: u64,
     backups: usize,
-    inner: Arc<Mutex<Option<FileRotate<AppendCount>>>>,
+    inner: Arc<Mutex<Option<Open>>>,
+}
+
+/// An open log file: plain until it first needs rotating, then `file-rotate`'s.
+enum Open {
+    Plain { file: std::fs::File, size: u64 },
+    Rotating(Box<FileRotate<AppendCount>>),
 }
 
 impl RotatingFile {
@@ -141,49 +143,69 @@ impl RotatingFile {
         }
     }
 
-    /// Opens the file now rather than at the first write (see [`TaskLogs::open_all`]).
+    /// Opens the file now rather than at the first write.
     pub fn open(&self) {
         let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         self.ensure_open(&mut guard);
     }
 
     /// Opens the file into `guard` unless it is open; `false` if it cannot be opened.
-    fn ensure_open(&self, guard: &mut Option<FileRotate<AppendCount>>) -> bool {
-        if guard.is_none() {
-            // file-rotate panics when it cannot create the folder: create it first, and
-            // keep any panic of the crate from reaching a runner or the engine.
-            if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-                let missing = !parent.exists();
-                if let Err(err) = std::fs::create_dir_all(parent) {
-                    tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
-                    return false;
-                }
-                // Said once: only the writer that finds the folder gone creates it.
-                if missing {
-                    tracing::warn!(
-                        folder = %parent.display(),
-                        "the log folder was missing (deleted?): recreated it; lines written to the deleted files are gone"
-                    );
-                }
+    fn ensure_open(&self, guard: &mut Option<Open>) -> bool {
+        if guard.is_some() {
+            return true;
+        }
+        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            let missing = !parent.exists();
+            if let Err(err) = std::fs::create_dir_all(parent) {
+                tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
+                return false;
             }
-            let opened = catch_unwind(|| {
-                FileRotate::new(
-                    &self.path,
-                    AppendCount::new(self.backups),
-                    ContentLimit::BytesSurpassed(self.max_size as usize),
-                    Compression::None,
-                    None,
-                )
-            });
-            match opened {
-                Ok(file) => *guard = Some(file),
-                Err(_) => {
-                    tracing::warn!(path = %self.path.display(), "cannot open log file");
-                    return false;
-                }
+            // Said once: only the writer that finds the folder gone creates it.
+            if missing {
+                tracing::warn!(
+                    folder = %parent.display(),
+                    "the log folder was missing (deleted?): recreated it; lines written to the deleted files are gone"
+                );
             }
         }
-        true
+        let opened = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)
+            .and_then(|file| Ok((file.metadata()?.len(), file)));
+        match opened {
+            Ok((size, file)) => {
+                *guard = Some(Open::Plain { file, size });
+                true
+            }
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), "cannot open log file: {err}");
+                false
+            }
+        }
+    }
+
+    /// `file-rotate` takes the file over (it scans the folder for rotated files once, and
+    /// rotates before the next write since the file has passed its limit).
+    fn take_over(&self) -> Option<Open> {
+        // file-rotate panics when it cannot create the folder or open the file: keep any
+        // panic of the crate from reaching a runner or the engine.
+        let taken = catch_unwind(|| {
+            FileRotate::new(
+                &self.path,
+                AppendCount::new(self.backups),
+                ContentLimit::BytesSurpassed(self.max_size as usize),
+                Compression::None,
+                None,
+            )
+        });
+        match taken {
+            Ok(file) => Some(Open::Rotating(Box::new(file))),
+            Err(_) => {
+                tracing::warn!(path = %self.path.display(), "cannot open log file for rotation");
+                None
+            }
+        }
     }
 
     /// Writes `line` (one whole line, newline included) in one call. If the file was
@@ -197,10 +219,22 @@ impl RotatingFile {
         if !self.ensure_open(&mut guard) {
             return;
         }
-        let Some(file) = guard.as_mut() else { return };
-        let written = catch_unwind(AssertUnwindSafe(|| {
-            file.write_all(line).and_then(|_| file.flush())
-        }));
+        if let Some(Open::Plain { size, .. }) = &*guard {
+            if *size > self.max_size {
+                *guard = self.take_over();
+            }
+        }
+        let written = match guard.as_mut() {
+            None => return,
+            Some(Open::Plain { file, size }) => {
+                let written = file.write_all(line);
+                *size += line.len() as u64;
+                Ok(written)
+            }
+            Some(Open::Rotating(file)) => catch_unwind(AssertUnwindSafe(|| {
+                file.write_all(line).and_then(|_| file.flush())
+            })),
+        };
         match written {
             Ok(Ok(())) => {}
             Ok(Err(err)) => {

@@ -218,10 +218,6 @@ impl Engine {
 
     /// Runs the loop until shutdown (serve) or until its runs are done (foreground).
     pub async fn run(mut self) -> Result<(), EngineError> {
-        if self.mode == Mode::Serve {
-            let (logs, config) = (self.logs.clone(), self.config.clone());
-            blocking(|| logs.open_all(config.tasks.keys().map(|t| t.as_str())));
-        }
         let now = self.clock.now();
         let pid = std::process::id();
         let host = hostname();
@@ -230,11 +226,22 @@ impl Engine {
         if let Some(address) = &self.api_address {
             self.store.set_instance_api(&self.instance, address)?;
         }
-        self.seed_board();
+        // Start-up is long with ten thousand tasks: a SIGTERM meanwhile is honoured between
+        // its steps (and every few hundred tasks within them).
+        blocking(|| self.seed_board());
+        if self.mode == Mode::Serve && !self.cancel.is_cancelled() {
+            blocking(|| self.recover(now))?;
+        }
+        if self.mode == Mode::Serve && !self.cancel.is_cancelled() {
+            blocking(|| self.plan_startup_fires(now));
+        }
+        if self.cancel.is_cancelled() {
+            info!("stopped during start-up");
+            self.shutdown().await;
+            return Ok(());
+        }
         match self.mode {
             Mode::Serve => {
-                self.recover(now)?;
-                self.plan_startup_fires(now);
                 self.store.record_event(
                     "scheduler_started",
                     None,

@@ -78,7 +78,10 @@ impl Engine {
             Err(err) => warn!("cannot read paused tasks: {err}"),
         }
         let config = self.config.clone();
-        for name in config.tasks.keys() {
+        for (index, name) in config.tasks.keys().enumerate() {
+            if index % 256 == 255 && self.cancel.is_cancelled() {
+                return;
+            }
             let filter = crate::store::RunFilter {
                 task: Some(name.0.clone()),
                 limit: board::RECENT_RUNS,

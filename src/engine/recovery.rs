@@ -15,7 +15,7 @@ use nix::unistd::Pid;
 use tracing::{info, warn};
 
 use super::{hostname, ClockStep, Engine, Pending};
-use crate::model::{Attempt, Instant, RunState};
+use crate::model::{Attempt, Instant, RunState, TaskName};
 use crate::schedule::Schedule;
 use crate::store::{Change, RunRow, StoreError};
 use crate::tasklog::Level;
@@ -51,7 +51,12 @@ impl Engine {
         let config = self.config.clone();
         let mut due = Vec::new();
         let mut behind = chrono::TimeDelta::zero();
-        for spec in config.tasks.values() {
+        // New next fires are written together: one transaction, not one per task.
+        let mut fresh: Vec<(TaskName, Option<Instant>, String)> = Vec::new();
+        for (index, spec) in config.tasks.values().enumerate() {
+            if index % 256 == 255 && self.cancel.is_cancelled() {
+                return;
+            }
             let Some(schedule) = &spec.schedule else {
                 continue;
             };
@@ -71,8 +76,23 @@ impl Engine {
                 }
                 _ => {
                     let next = schedule.next_after(now);
-                    self.set_next_fire(&spec.name, next, &key);
+                    if let Some(at) = next {
+                        self.next_fire.insert(spec.name.clone(), at);
+                    }
+                    fresh.push((spec.name.clone(), next, key));
                 }
+            }
+        }
+        if !fresh.is_empty() {
+            self.dirty = true;
+            let written = self.store.batch(|batch| {
+                for (task, next, key) in &fresh {
+                    batch.set_next_fire(task, *next, Some(key))?;
+                }
+                Ok(())
+            });
+            if let Err(err) = written {
+                warn!(tasks = fresh.len(), "cannot store the next fires: {err}");
             }
         }
         if behind > chrono::TimeDelta::zero() {

@@ -235,3 +235,42 @@ fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_l
     keep_beating.join().unwrap();
     drop(service);
 }
+
+#[test]
+fn sigterm_during_a_long_start_up_stops_the_service_promptly() {
+    let mut config = String::from(FAST_SCHEDULER);
+    for i in 0..10_000 {
+        config.push_str(&format!(
+            "[tasks.t{i}]\ncommand = [\"/bin/true\"]\nschedule = \"{} {} * * * *\"\n",
+            i % 60,
+            (i / 60) % 60
+        ));
+    }
+    let sandbox = Sandbox::with_config(&config);
+    let stderr_path = sandbox.path().join("serve.log");
+    let mut child = sandbox
+        .command(&["serve"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .expect("start serve");
+    // The API answers before the engine has finished starting its ten thousand tasks.
+    wait_until("the API to listen", Duration::from_secs(60), || {
+        std::fs::read_to_string(&stderr_path)
+            .ok()
+            .filter(|log| log.contains("API listening"))
+    });
+    signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+    let sent = std::time::Instant::now();
+    let status = wait_until("the service to exit", Duration::from_secs(30), || {
+        child.try_wait().expect("try_wait")
+    });
+    let took = sent.elapsed();
+    let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+    assert!(status.success(), "a clean stop: {status:?}\n{log}");
+    assert!(
+        took < Duration::from_secs(2),
+        "stopped {took:?} after SIGTERM\n{log}"
+    );
+}
