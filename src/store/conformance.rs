@@ -19,25 +19,29 @@
 //!    (`an_illegal_move_is_refused_and_writes_nothing`)
 //! 4. A stale (state, attempt) changes nothing and says `Fenced` with what it found; a
 //!    replaced attempt's late reports are ignored. (`a_stale_attempt_is_fenced_off`)
-//! 5. A failed transaction writes nothing — no run, no move, no attempt, no event, no
+//! 5. An attempt cut short (`running → queued`, as at shutdown) is closed as
+//!    `interrupted` and refunded (`max_attempts` + 1), and its run loses its owner; the
+//!    next start is the next attempt, without the last one's progress.
+//!    (`an_interrupted_attempt_goes_back_to_the_queue_refunded`)
+//! 6. A failed transaction writes nothing — no run, no move, no attempt, no event, no
 //!    task state — and leaves no gap in the event sequence.
 //!    (`a_failed_transaction_writes_nothing`)
-//! 6. A refusal inside a transaction (`AlreadyClaimed`, `Fenced`, `IllegalTransition`)
+//! 7. A refusal inside a transaction (`AlreadyClaimed`, `Fenced`, `IllegalTransition`)
 //!    writes nothing for that operation and leaves the others of the transaction intact.
 //!    (`a_refusal_inside_a_transaction_leaves_the_rest_of_it`)
-//! 7. A heartbeat refreshes its instance and the running runs it owns, and nothing else.
+//! 8. A heartbeat refreshes its instance and the running runs it owns, and nothing else.
 //!    (`a_heartbeat_refreshes_the_running_runs_of_its_owner`)
-//! 8. Live instances are those not stopped whose heartbeat is within the timeout.
+//! 9. Live instances are those not stopped whose heartbeat is within the timeout.
 //!    (`live_instances_are_those_beating_and_not_stopped`)
-//! 9. Aborting a queued run is immediate; aborting a running one sets a flag its owner
-//!    reads; a finished one says how it finished; an unknown one is `NotFound`.
-//!    (`abort_stops_a_queued_run_at_once_and_flags_a_running_one`)
-//! 10. Prune removes finished runs before the cutoff, their attempts and old events, but
+//! 10. Aborting a queued run is immediate; aborting a running one sets a flag its owner
+//!     reads; a finished one says how it finished; an unknown one is `NotFound`.
+//!     (`abort_stops_a_queued_run_at_once_and_flags_a_running_one`)
+//! 11. Prune removes finished runs before the cutoff, their attempts and old events, but
 //!     keeps what a running cascade references; a dry run removes nothing and counts the
 //!     same. (`prune_removes_old_history_but_keeps_what_a_running_cascade_references`)
-//! 11. Next-fire and pause state persist across a reopen.
+//! 12. Next-fire and pause state persist across a reopen.
 //!     (`pause_and_next_fire_survive_a_reopen`)
-//! 12. Progress: the run row takes every report; a `run_progress` event is appended only
+//! 13. Progress: the run row takes every report; a `run_progress` event is appended only
 //!     for news — the attempt's first report, then a new 5 % step or phase, at most once a
 //!     second — and a stale attempt's report is ignored.
 //!     (`a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current`,
@@ -64,6 +68,7 @@ macro_rules! conformance_suite {
             a_run_walks_through_its_states_with_one_event_each,
             an_illegal_move_is_refused_and_writes_nothing,
             a_stale_attempt_is_fenced_off,
+            an_interrupted_attempt_goes_back_to_the_queue_refunded,
             a_failed_transaction_writes_nothing,
             a_refusal_inside_a_transaction_leaves_the_rest_of_it,
             a_heartbeat_refreshes_the_running_runs_of_its_owner,
@@ -404,6 +409,85 @@ pub(crate) fn a_stale_attempt_is_fenced_off(open: Open<'_>) {
         store.run(run).unwrap().unwrap().result.as_deref(),
         Some("{\"ok\":true}")
     );
+    let outcomes: Vec<_> = store
+        .attempts(run)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![Some("orphaned".to_string()), None],
+        "the orphaned attempt is closed, its successor open"
+    );
+}
+
+pub(crate) fn an_interrupted_attempt_goes_back_to_the_queue_refunded(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "train");
+    let owner = Change {
+        owner: Some("me".into()),
+        ..Change::default()
+    };
+    let first = start_with(&store, run, Attempt(0), &owner, at(1, 0));
+    store
+        .batch(|tx| tx.record_progress(run, first, 40.0, Some("fit"), at(2, 0)))
+        .unwrap();
+    let shutdown = Change {
+        reason: Some("shutdown".into()),
+        refund_attempt: true,
+        ..Change::default()
+    };
+    let back = Move {
+        run,
+        attempt: first,
+        from: RunState::Running,
+        to: RunState::Queued,
+    };
+    assert_eq!(store.transition(&back, &shutdown, at(3, 0)).unwrap(), first);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (RunState::Queued, first));
+    assert_eq!(row.max_attempts, 3, "an attempt cut short does not count");
+    assert_eq!(row.owner, None, "a queued run has no owner");
+    assert_eq!(row.finished_at, None);
+    let attempts = store.attempts(run).unwrap();
+    assert_eq!(attempts[0].outcome.as_deref(), Some("interrupted"));
+    assert_eq!(attempts[0].finished_at, Some(at(3, 0)));
+    let second = start_with(&store, run, first, &owner, at(4, 0));
+    assert_eq!(second, Attempt(2));
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.owner.as_deref(), row.heartbeat_at),
+        (None, Some("me"), Some(at(4, 0))),
+        "a new attempt starts without the last one's progress"
+    );
+    assert_eq!(
+        kinds(&store),
+        vec![
+            "run_queued",
+            "run_started",
+            "run_progress",
+            "run_requeued",
+            "run_started"
+        ]
+    );
+}
+
+/// Starts the queued run `run` (last attempt `attempt`) for `change.owner`.
+fn start_with(
+    store: &Store,
+    run: RunId,
+    attempt: Attempt,
+    change: &Change,
+    now: Instant,
+) -> Attempt {
+    let step = Move {
+        run,
+        attempt,
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    store.transition(&step, change, now).unwrap()
 }
 
 pub(crate) fn abort_stops_a_queued_run_at_once_and_flags_a_running_one(open: Open<'_>) {
