@@ -184,7 +184,7 @@ fn print_lag(label: &str, sorted_ms: &[f64]) {
 /// now, every tenth failed) through the store's batch API, 1,000 per transaction.
 pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<ExitCode> {
     use turbosched::model::{Attempt, RunState, Trigger};
-    use turbosched::store::{Change, NewRun};
+    use turbosched::store::{Change, Move, NewRun};
     let store = Store::open(&config.scheduler.database)?;
     let tasks: Vec<_> = config.tasks.keys().cloned().collect();
     anyhow::ensure!(!tasks.is_empty(), "the config has no task to seed runs for");
@@ -207,10 +207,12 @@ pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<E
                 };
                 let run = batch.enqueue(&new_run, at)?;
                 let attempt = batch.transition(
-                    run,
-                    Attempt(0),
-                    RunState::Queued,
-                    RunState::Running,
+                    &Move {
+                        run,
+                        attempt: Attempt(0),
+                        from: RunState::Queued,
+                        to: RunState::Running,
+                    },
                     &Change::default(),
                     at,
                 )?;
@@ -221,10 +223,12 @@ pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<E
                 };
                 let finished = at + chrono::Duration::milliseconds(200 + (n % 50) as i64 * 10);
                 batch.transition(
-                    run,
-                    attempt,
-                    RunState::Running,
-                    end,
+                    &Move {
+                        run,
+                        attempt,
+                        from: RunState::Running,
+                        to: end,
+                    },
                     &Change::default(),
                     finished,
                 )?;

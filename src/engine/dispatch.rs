@@ -7,7 +7,7 @@ use super::{blocking, Engine, Pending, Running};
 use crate::config::TaskSpec;
 use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::runner::{self, AttemptSpec};
-use crate::store::Change;
+use crate::store::{Change, Move};
 use crate::tasklog::Level;
 use std::time::Duration;
 
@@ -70,7 +70,13 @@ impl Engine {
                 Ok(chosen
                     .iter()
                     .map(|p| {
-                        batch.transition(p.run, p.attempt, p.state, RunState::Running, &change, now)
+                        let step = Move {
+                            run: p.run,
+                            attempt: p.attempt,
+                            from: p.state,
+                            to: RunState::Running,
+                        };
+                        batch.transition(&step, &change, now)
                     })
                     .collect::<Vec<_>>())
             })

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::{blocking, Engine, FinishedRun, Pending, Stats};
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::{Envelope, Outcome, RunnerEvent, StopReason};
-use crate::store::Change;
+use crate::store::{Change, Move};
 use crate::tasklog::Level;
 use crate::worker::protocol::{Report, ResultEvent, RunRequest};
 use tracing::warn;
@@ -151,14 +151,13 @@ impl Engine {
                 Ok(finishes
                     .iter()
                     .map(|f| {
-                        match batch.transition(
-                            f.run,
-                            f.attempt,
-                            RunState::Running,
-                            f.to,
-                            &f.change,
-                            now,
-                        ) {
+                        let step = Move {
+                            run: f.run,
+                            attempt: f.attempt,
+                            from: RunState::Running,
+                            to: f.to,
+                        };
+                        match batch.transition(&step, &f.change, now) {
                             Ok(_) => true,
                             Err(err) => {
                                 warn!(run = %f.run, "{err}");

@@ -58,9 +58,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::Config;
-use crate::model::{Attempt, Instant, RunId, RunState, TaskName};
+use crate::model::{Instant, RunId, TaskName};
 use crate::runner::{Envelope, StopReason};
-use crate::store::{Change, Store};
+use crate::store::{Change, Move, Store};
 use crate::tasklog::TaskLogs;
 
 /// Every cause of work in the loop.
@@ -340,19 +340,11 @@ impl Engine {
     }
 
     /// One state change through the store; logs and returns false when refused.
-    fn apply(
-        &self,
-        run: RunId,
-        attempt: Attempt,
-        from: RunState,
-        to: RunState,
-        change: &Change,
-        now: Instant,
-    ) -> bool {
-        match self.store.transition(run, attempt, from, to, change, now) {
+    fn apply(&self, step: &Move, change: &Change, now: Instant) -> bool {
+        match self.store.transition(step, change, now) {
             Ok(_) => true,
             Err(err) => {
-                warn!(run = %run, "{err}");
+                warn!(run = %step.run, "{err}");
                 false
             }
         }

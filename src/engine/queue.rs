@@ -7,7 +7,7 @@ use super::Engine;
 use crate::config::Overlap;
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::StopReason;
-use crate::store::{Change, NewRun, RunRow};
+use crate::store::{Change, Move, NewRun, RunRow};
 use crate::tasklog::Level;
 use tracing::info;
 
@@ -199,7 +199,13 @@ impl Engine {
         now: Instant,
     ) -> bool {
         if let Some(change) = change {
-            if !self.apply(pending.run, pending.attempt, pending.state, to, change, now) {
+            let step = Move {
+                run: pending.run,
+                attempt: pending.attempt,
+                from: pending.state,
+                to,
+            };
+            if !self.apply(&step, change, now) {
                 return false;
             }
         }

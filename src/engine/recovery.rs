@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use super::{hostname, ClockStep, Engine, Pending};
 use crate::model::{Attempt, Instant, RunState, TaskName};
 use crate::schedule::Schedule;
-use crate::store::{Change, RunRow, StoreError};
+use crate::store::{Change, Move, RunRow, StoreError};
 use crate::tasklog::Level;
 
 /// The string stored beside `next_fire_at`: a change of expression or zone invalidates it.
@@ -186,10 +186,12 @@ impl Engine {
             ..Change::default()
         };
         if self.apply(
-            row.id,
-            row.attempt,
-            RunState::Running,
-            RunState::Orphaned,
+            &Move {
+                run: row.id,
+                attempt: row.attempt,
+                from: RunState::Running,
+                to: RunState::Orphaned,
+            },
             &change,
             now,
         ) {
@@ -208,10 +210,12 @@ impl Engine {
                 ..Change::default()
             };
             if self.apply(
-                row.id,
-                attempt,
-                RunState::Orphaned,
-                RunState::Queued,
+                &Move {
+                    run: row.id,
+                    attempt,
+                    from: RunState::Orphaned,
+                    to: RunState::Queued,
+                },
                 &change,
                 now,
             ) {
@@ -231,10 +235,12 @@ impl Engine {
                 ..Change::default()
             };
             if self.apply(
-                row.id,
-                attempt,
-                RunState::Orphaned,
-                RunState::Failed,
+                &Move {
+                    run: row.id,
+                    attempt,
+                    from: RunState::Orphaned,
+                    to: RunState::Failed,
+                },
                 &change,
                 now,
             ) {

@@ -11,7 +11,7 @@ use super::{Clock, Engine, Mode, Running};
 use crate::config::Config;
 use crate::model::{Attempt, Instant, RunId, RunState, Trigger};
 use crate::runner::Outcome;
-use crate::store::{Change, NewRun, RunFilter, RunRow, Store};
+use crate::store::{Change, Move, NewRun, RunFilter, RunRow, Store};
 
 /// A wall clock that only the test moves.
 struct FakeClock(Mutex<Instant>);
@@ -203,10 +203,12 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
         bench
             .store
             .transition(
-                run,
-                Attempt(attempt - 1),
-                from,
-                RunState::Running,
+                &Move {
+                    run,
+                    attempt: Attempt(attempt - 1),
+                    from,
+                    to: RunState::Running,
+                },
                 &change,
                 now,
             )
@@ -223,10 +225,12 @@ fn failed_attempts_wait_the_backoff_sequence_up_to_its_cap() {
         bench
             .store
             .transition(
-                run,
-                Attempt(attempt),
-                RunState::Running,
-                finish.to,
+                &Move {
+                    run,
+                    attempt: Attempt(attempt),
+                    from: RunState::Running,
+                    to: finish.to,
+                },
                 &finish.change,
                 now,
             )
@@ -326,10 +330,12 @@ fn a_run_is_orphaned_exactly_when_its_owner_has_been_silent_past_heartbeat_timeo
     bench
         .store
         .transition(
-            run,
-            Attempt(0),
-            RunState::Queued,
-            RunState::Running,
+            &Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            },
             &change,
             t(0),
         )

@@ -1,63 +1,49 @@
-//! The durable truth: runs, attempts, per-task state, events and instances in SQLite.
+//! The durable truth: runs, attempts, per-task state, events and instances.
 //!
-//! A run's life, as the engine drives it through [`Store::transition`]:
+//! A run's life, as the engine drives it through [`Tx::transition`]:
 //! `queued → running → succeeded | failed | timed_out | aborted`, `queued → skipped`,
 //! `running → retry_wait → running`, `running → orphaned → queued | failed`.
 //!
+//! Shape: [`Store`] is the façade every caller holds (cheap to clone); inside it, an
+//! `Arc<dyn Backend>`. A [`Backend`] answers the reads and runs [`Backend::write`]: one
+//! transaction, whose every write goes through one type, [`Tx`]. [`Store::batch`] groups
+//! many writes in one transaction; the single-operation methods of `Store` wrap one. Today
+//! the one backend is SQLite (`sqlite.rs`); what every backend must guarantee is written
+//! once, as the conformance suite (`conformance.rs`), and run against each.
+//!
 //! Invariants:
-//! - [`Store::transition`] is the only code that writes a run's `state`. Its UPDATE is
-//!   guarded by the expected state *and* attempt; zero rows changed is an error
-//!   ([`StoreError::Fenced`]), never ignored. The legal moves are
+//! - [`Tx::transition`] is the only code that writes a run's `state`. Its UPDATE is
+//!   guarded by the expected state *and* attempt (a [`Move`]); zero rows changed is an
+//!   error ([`StoreError::Fenced`]), never ignored. The legal moves are
 //!   [`RunState::can_become`].
-//! - Every write is one transaction (`BEGIN IMMEDIATE`, WAL), and every state change
-//!   appends its event in that same transaction, so the event log never disagrees with
-//!   the runs.
+//! - Every write is one transaction, and every state change appends its event in that
+//!   same transaction, so the event log never disagrees with the runs.
 //! - This module knows nothing of HTTP, JSON bodies or processes: results and checkpoints
 //!   are opaque text.
 //!
-//! Progress: [`Batch::record_progress`] writes every report to the run row, but appends a
+//! Progress: [`Tx::record_progress`] writes every report to the run row, but appends a
 //! `run_progress` event only when it is news — the attempt's first report; later, another
 //! phase or another 5 % step (100 % being one), at most once a second per run. A handler
 //! reporting a thousand times no longer writes a thousand events, and SSE clients see
-//! each step; the row is what `GET /scheduler/runs/<id>` and the dashboard show.
-//!
-//! Schema: `schema.sql` is the current shape, run (all `IF NOT EXISTS`) at every open;
-//! `meta.schema_version` says which shape a file has, and `MIGRATIONS` takes an older
-//! file forward in the same `BEGIN IMMEDIATE` transaction. A file from a newer
-//! turbosched is refused ([`StoreError::NewerSchema`]).
-//!
-//! Durability: WAL with `synchronous = NORMAL`. A killed process (kill -9, panic, OOM)
-//! loses no committed transaction; a power cut may lose the last few, never consistency.
+//! each step; the row is what `GET /scheduler/runs/<id>` and the dashboard show. The rule
+//! is `progress_is_news`, here, shared by every backend.
 
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::Duration;
 
-use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
-mod batch;
+mod sqlite;
 
-pub use batch::Batch;
+#[cfg(test)]
+mod conformance;
+#[cfg(test)]
+mod tests;
 
-use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
-
-const SCHEMA: &str = include_str!("schema.sql");
-/// The schema version this build writes (`meta.schema_version`).
+/// The schema version this build writes (SQLite's `meta.schema_version`).
 const SCHEMA_VERSION: usize = 2;
-
-/// What `schema.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes it
-/// from version `n + 1` to `n + 2`. Run at open, in one `BEGIN IMMEDIATE` transaction
-/// with `schema.sql` (which then adds any new table or index), so concurrent openers
-/// migrate once. Never edit an entry: append one.
-const MIGRATIONS: &[&str] = &[
-    // 1 → 2 (issue "One room per job", item 7): `runs.version` was written and never
-    // read (the fencing guard is state and attempt); progress events remember the last
-    // one of the attempt. The events indexes come from schema.sql.
-    "ALTER TABLE runs DROP COLUMN version;
-     ALTER TABLE runs ADD COLUMN progress_event_at INTEGER;
-     ALTER TABLE runs ADD COLUMN progress_event_pct REAL;
-     ALTER TABLE runs ADD COLUMN progress_event_phase TEXT;",
-];
 
 /// What went wrong in the store, and what the caller should make of it.
 #[derive(Debug, thiserror::Error)]
@@ -192,6 +178,36 @@ pub struct Change {
     pub refund_attempt: bool,
 }
 
+/// A move of one run from one state to another, as its mover believes the run stands:
+/// the guard of [`Tx::transition`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// The run.
+    pub run: RunId,
+    /// The attempt the mover believes current (the one ending, or the last one before a
+    /// start).
+    pub attempt: Attempt,
+    /// The state the mover believes the run is in.
+    pub from: RunState,
+    /// Where it goes.
+    pub to: RunState,
+}
+
+impl Move {
+    /// [`StoreError::IllegalTransition`] unless `from → to` is in the table of legal moves.
+    fn check_legal(&self) -> Result<(), StoreError> {
+        if self.from.can_become(self.to) {
+            Ok(())
+        } else {
+            Err(StoreError::IllegalTransition {
+                run: self.run,
+                from: self.from,
+                to: self.to,
+            })
+        }
+    }
+}
+
 /// One run as stored.
 #[derive(Debug, Clone)]
 pub struct RunRow {
@@ -320,7 +336,7 @@ pub struct InstanceRow {
     pub api: Option<String>,
 }
 
-/// Filter for [`Store::runs`].
+/// Filter for [`Backend::runs`].
 #[derive(Debug, Clone, Default)]
 pub struct RunFilter {
     /// Only this task.
@@ -335,7 +351,7 @@ pub struct RunFilter {
     pub limit: usize,
 }
 
-/// What [`Store::prune`] removed (or would remove).
+/// What [`Tx::prune`] removed (or would remove).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct PruneCounts {
     /// Finished runs.
@@ -346,20 +362,7 @@ pub struct PruneCounts {
     pub events: u64,
 }
 
-/// Rows per table, for reports and backup checks.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RowCounts {
-    /// `runs`.
-    pub runs: u64,
-    /// `attempts`.
-    pub attempts: u64,
-    /// `events`.
-    pub events: u64,
-    /// `task_state`.
-    pub task_state: u64,
-}
-
-/// What [`Store::request_abort`] did.
+/// What [`Tx::request_abort`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum AbortOutcome {
     /// It had not started: it is aborted now.
@@ -370,417 +373,349 @@ pub enum AbortOutcome {
     AlreadyFinished(RunState),
 }
 
-/// The façade over one SQLite file. Cheap to clone; calls are serialized.
-#[derive(Clone)]
-pub struct Store {
-    connection: Arc<Mutex<Connection>>,
+/// A place runs live: the reads, and one door for writes ([`Backend::write`]). Implement
+/// it (and [`Tx`]) for a new database, then run the conformance suite on it.
+pub trait Backend: Send + Sync {
+    /// Runs `body` in one transaction: everything it does through the [`Tx`] commits
+    /// together, or (when `body` or the commit fails) none of it does. A refusal of one
+    /// operation (`Fenced`, `AlreadyClaimed`, an illegal move) writes nothing for that
+    /// operation and leaves the transaction usable. A backend may run `body` again after
+    /// a conflict it resolves by retrying, so `body` keeps its effects to the `Tx` and
+    /// what it returns through its captures.
+    fn write(
+        &self,
+        body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError>;
+
+    /// One run.
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError>;
+    /// Runs matching `filter`, newest first (at most 50 when `filter.limit` is 0).
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError>;
+    /// Runs in a state the engine must act on (queued, running, retry_wait, orphaned),
+    /// oldest first.
+    fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError>;
+    /// The latest run of `task` in a terminal state, `skipped` included (a skipped
+    /// upstream is an unsatisfied one).
+    fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError>;
+    /// Every run of the cascade rooted at `root`, oldest first.
+    fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError>;
+    /// Ids of the runs in any of `states`, oldest first.
+    fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError>;
+    /// Running runs of `owner` with an abort request, and the reason given.
+    fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError>;
+    /// The attempts history of a run, oldest first.
+    fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError>;
+    /// Persisted state of `task` (defaults if never seen).
+    fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError>;
+    /// The ticks of `task` in `[from, to]` that a scheduled or catch-up run has claimed.
+    fn claimed_ticks(
+        &self,
+        task: &TaskName,
+        from: Instant,
+        to: Instant,
+    ) -> Result<HashSet<Instant>, StoreError>;
+    /// Names of the paused tasks.
+    fn paused_tasks(&self) -> Result<HashSet<String>, StoreError>;
+    /// Events after sequence number `after`, oldest first, at most `limit`.
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError>;
+    /// How many events of the given kinds happened at or after `since`.
+    fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError>;
+    /// The highest event sequence number (0 when there is none).
+    fn last_event_seq(&self) -> Result<i64, StoreError>;
+    /// Instances not stopped whose heartbeat is at or after `now - timeout`, latest
+    /// heartbeat first.
+    fn live_instances(
+        &self,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Vec<InstanceRow>, StoreError>;
+    /// One instance.
+    fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
+
+    /// Proves the database takes a write within `patience` (for `/health`): a write that
+    /// really changes something and commits, so a full disk or a read-only database
+    /// cannot pass unseen.
+    fn probe_write(&self, patience: Duration, now: Instant) -> Result<(), StoreError>;
+    /// The database's own consistency check: "ok", or what is wrong.
+    fn integrity_check(&self) -> Result<String, StoreError>;
+    /// Copies the whole database to the file `destination` while it stays in use: a
+    /// complete, consistent copy.
+    fn backup_to(&self, destination: &Path) -> Result<(), StoreError>;
 }
 
-const RUN_COLUMNS: &str =
-    "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
-    attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
-    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
-
-impl Store {
-    /// Opens (creating if needed, with its folder) the database at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let fail = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent)
-                .map_err(|err| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(err))))?;
-        }
-        let mut connection = Connection::open(path).map_err(fail)?;
-        connection
-            .busy_timeout(Duration::from_secs(10))
-            .map_err(fail)?;
-        connection
-            .execute_batch(
-                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
-            )
-            .map_err(fail)?;
-        migrate(&mut connection, path)?;
-        // Room for every statement of the hot path (claims, transitions, events, reads).
-        connection.set_prepared_statement_cache_capacity(64);
-        Ok(Store {
-            connection: Arc::new(Mutex::new(connection)),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Connection> {
-        // A panic while holding the lock cannot leave SQLite half-written (the open
-        // transaction rolls back when dropped), so a poisoned lock is safe to reuse.
-        self.connection
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
-
-    fn write<T>(
-        &self,
-        body: impl FnOnce(&Transaction<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        let mut connection = self.lock();
-        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let value = body(&tx)?;
-        tx.commit()?;
-        Ok(value)
-    }
-
-    /// Runs `body` in one `BEGIN IMMEDIATE` transaction: every write it makes through the
-    /// [`Batch`] commits together, or (when `body` or the commit fails) none does. One
-    /// operation's own refusal (`Fenced`, `AlreadyClaimed`) writes nothing for that
-    /// operation and leaves the others of the batch intact.
+/// Every write of the store, as operations on one open transaction (handed out by
+/// [`Backend::write`], and to callers by [`Store::batch`]).
+pub trait Tx {
+    /// Claims one scheduled or catch-up tick of a task and queues its run.
     ///
-    /// This is how the engine turns a tick of a thousand fires into one commit.
-    pub fn batch<T>(
-        &self,
-        body: impl FnOnce(&Batch<'_>) -> Result<T, StoreError>,
-    ) -> Result<T, StoreError> {
-        self.write(|tx| body(&Batch { tx }))
-    }
-
-    /// [`Batch::claim_fire`] in a transaction of its own.
-    pub fn claim_fire(
+    /// Promise: at most one run exists per task and tick for triggers `schedule` and
+    /// `catchup`, however many engines (processes) try and however often the service
+    /// restarts. The loser gets [`StoreError::AlreadyClaimed`], writes nothing, must not
+    /// run the tick, and its transaction goes on. How (SQLite): the partial unique index
+    /// `runs_claim` on `(task, scheduled_for)`, inside `BEGIN IMMEDIATE`. The same
+    /// transaction moves the task's `next_fire_at` on to `next_fire_at`, so a restart
+    /// resumes after the claimed tick.
+    fn claim_fire(
         &self,
         run: &NewRun,
         now: Instant,
         next_fire_at: Option<Instant>,
-    ) -> Result<RunId, StoreError> {
-        self.batch(|b| b.claim_fire(run, now, next_fire_at))
-    }
+    ) -> Result<RunId, StoreError>;
 
-    /// [`Batch::enqueue`] in a transaction of its own.
-    pub fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
-        self.batch(|b| b.enqueue(run, now))
-    }
+    /// Queues a run that is not a scheduled tick (manual, downstream, retry).
+    fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
 
-    /// [`Batch::transition`] in a transaction of its own.
-    pub fn transition(
-        &self,
-        run: RunId,
-        attempt: Attempt,
-        from: RunState,
-        to: RunState,
-        change: &Change,
-        now: Instant,
-    ) -> Result<Attempt, StoreError> {
-        self.batch(|b| b.transition(run, attempt, from, to, change, now))
-    }
+    /// Moves a run as `step` says: the only writer of a run's state.
+    ///
+    /// Promise: the move happens only if it is legal ([`RunState::can_become`], else
+    /// [`StoreError::IllegalTransition`]) and the run is still exactly in `step.from` at
+    /// `step.attempt`; otherwise nothing is written and the error says what was found
+    /// ([`StoreError::Fenced`]), so an orphaned worker cannot overwrite the attempt that
+    /// replaced it. Entering `running` starts attempt `attempt + 1` (returned) and opens
+    /// its attempts row; leaving `running` closes it. The matching event is appended in
+    /// the same transaction.
+    fn transition(&self, step: &Move, change: &Change, now: Instant)
+        -> Result<Attempt, StoreError>;
 
-    /// [`Batch::record_progress`] in a transaction of its own.
-    pub fn record_progress(
+    /// Records progress of a running attempt (false, and nothing written, if the attempt
+    /// is no longer current), and appends a `run_progress` event only when the report is
+    /// news.
+    ///
+    /// Promise: the run row (`progress`, `phase`, `heartbeat_at`) takes every report, so
+    /// `GET /scheduler/runs/<id>` is always current. The event log takes at most one
+    /// `run_progress` event per run and second, and only for a report that differs from
+    /// the attempt's last such event (the rule is `progress_is_news`). A handler reporting
+    /// a thousand times writes a thousand row updates and a few dozen events at most.
+    fn record_progress(
         &self,
         run: RunId,
         attempt: Attempt,
         percent: f64,
         phase: Option<&str>,
         now: Instant,
-    ) -> Result<bool, StoreError> {
-        self.batch(|b| b.record_progress(run, attempt, percent, phase, now))
-    }
+    ) -> Result<bool, StoreError>;
 
-    /// [`Batch::record_checkpoint`] in a transaction of its own.
-    pub fn record_checkpoint(
+    /// Stores the latest checkpoint of a running attempt (false if no longer current).
+    fn record_checkpoint(
         &self,
         run: RunId,
         attempt: Attempt,
         checkpoint: &str,
-    ) -> Result<bool, StoreError> {
-        self.batch(|b| b.record_checkpoint(run, attempt, checkpoint))
-    }
+    ) -> Result<bool, StoreError>;
 
-    /// [`Batch::record_result`] in a transaction of its own.
-    pub fn record_result(
-        &self,
-        run: RunId,
-        attempt: Attempt,
-        result: &str,
-    ) -> Result<bool, StoreError> {
-        self.batch(|b| b.record_result(run, attempt, result))
-    }
+    /// Gives a queued run a checkpoint to start from (a retry resumes where the run it
+    /// retries stopped). The store is a checkpoint's one home; the file a child reads is
+    /// a copy the engine writes when the attempt starts.
+    fn hand_checkpoint(&self, run: RunId, checkpoint: &str) -> Result<bool, StoreError>;
 
-    /// [`Batch::record_pid`] in a transaction of its own.
-    pub fn record_pid(
+    /// Stores the result a running attempt reported (false if no longer current).
+    fn record_result(&self, run: RunId, attempt: Attempt, result: &str)
+        -> Result<bool, StoreError>;
+
+    /// Stores the pid (= process group) of a running attempt's child and when it started.
+    fn record_pid(
         &self,
         run: RunId,
         attempt: Attempt,
         pid: u32,
         spawned_at: Instant,
-    ) -> Result<bool, StoreError> {
-        self.batch(|b| b.record_pid(run, attempt, pid, spawned_at))
-    }
+    ) -> Result<bool, StoreError>;
+
+    /// Sets the earliest unclaimed tick of `task`, computed from `schedule`.
+    fn set_next_fire(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<(), StoreError>;
+
+    /// Pauses or resumes `task` (persisted across restarts), with its event.
+    fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError>;
+
+    /// Appends an event that is not a run state change; returns its sequence number.
+    fn record_event(
+        &self,
+        kind: &str,
+        task: Option<&str>,
+        run: Option<RunId>,
+        message: &str,
+        now: Instant,
+    ) -> Result<i64, StoreError>;
 
     /// Records that instance `owner` is alive, and so are the attempts it runs.
     ///
-    /// Promise: a running run whose `heartbeat_at` is older than the configured
+    /// Promise: the instance's `heartbeat_at` and that of every running run it owns
+    /// become `now`. A running run whose `heartbeat_at` is older than the configured
     /// `heartbeat_timeout` belongs to an owner that stopped beating; any instance may
     /// then orphan it.
-    pub fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE instances SET heartbeat_at = ?2 WHERE id = ?1",
-                params![owner, to_micros(now)],
-            )?;
-            tx.execute(
-                "UPDATE runs SET heartbeat_at = ?2 WHERE owner = ?1 AND state = 'running'",
-                params![owner, to_micros(now)],
-            )?;
-            Ok(())
-        })
+    fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError>;
+
+    /// One run, as this transaction sees it (the read a write decides on).
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError>;
+
+    /// Sets a run's abort flag and reason; its state is untouched. Use
+    /// [`Tx::request_abort`], which decides between this and an immediate abort.
+    fn flag_abort(&self, run: RunId, reason: &str) -> Result<(), StoreError>;
+
+    /// Asks for run `run` to stop. A queued or waiting run is aborted at once (through
+    /// [`Tx::transition`]); a running or orphaned one is flagged, and the engine that
+    /// owns it stops it; a finished one is left alone. Written once, over the other
+    /// operations: a backend does not override it.
+    fn request_abort(
+        &self,
+        run: RunId,
+        reason: &str,
+        now: Instant,
+    ) -> Result<AbortOutcome, StoreError> {
+        let row = self.run(run)?.ok_or(StoreError::NotFound(run))?;
+        match row.state {
+            RunState::Queued | RunState::RetryWait => {
+                let change = Change {
+                    reason: Some(reason.to_string()),
+                    ..Change::default()
+                };
+                let step = Move {
+                    run,
+                    attempt: row.attempt,
+                    from: row.state,
+                    to: RunState::Aborted,
+                };
+                self.transition(&step, &change, now)?;
+                Ok(AbortOutcome::AbortedNow)
+            }
+            RunState::Running | RunState::Orphaned => {
+                self.flag_abort(run, reason)?;
+                Ok(AbortOutcome::Requested)
+            }
+            finished => Ok(AbortOutcome::AlreadyFinished(finished)),
+        }
     }
 
-    /// Asks for run `run` to stop. A queued or waiting run is aborted at once; a
-    /// running one is flagged, and the engine that owns it stops it.
+    /// Registers an instance: a service (`serving`) or a foreground `turbosched run`.
+    fn register_instance(
+        &self,
+        id: &str,
+        pid: u32,
+        host: &str,
+        serving: bool,
+        now: Instant,
+    ) -> Result<(), StoreError>;
+
+    /// Records the address of an instance's HTTP API.
+    fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError>;
+
+    /// Marks an instance as cleanly stopped.
+    fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError>;
+
+    /// Removes history older than `cutoff`: runs in a terminal state that finished
+    /// before it, with their attempts, and events before it.
+    ///
+    /// Promise: a run still referenced by an unfinished one (the root of a `--downstream`
+    /// cascade that is still going) is kept, and so are its events. With `dry_run`,
+    /// nothing is removed and the counts say what would be.
+    fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError>;
+}
+
+/// The façade every caller holds: the reads, [`Store::batch`] for a transaction of many
+/// writes, and a method per write that callers make alone. Cheap to clone; a clone is
+/// the same database.
+#[derive(Clone)]
+pub struct Store {
+    backend: Arc<dyn Backend>,
+}
+
+impl Store {
+    /// Opens (creating if needed, with its folder) the SQLite database at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Ok(Store::from_backend(Arc::new(sqlite::SqliteBackend::open(
+            path,
+        )?)))
+    }
+
+    /// A store over any backend.
+    pub fn from_backend(backend: Arc<dyn Backend>) -> Store {
+        Store { backend }
+    }
+
+    /// Runs `body` in one transaction ([`Backend::write`]): every write it makes through
+    /// the [`Tx`] commits together, or (when `body` or the commit fails) none does. One
+    /// operation's own refusal (`Fenced`, `AlreadyClaimed`) writes nothing for that
+    /// operation and leaves the others of the batch intact.
+    ///
+    /// This is how the engine turns a tick of a thousand fires into one commit.
+    pub fn batch<T>(
+        &self,
+        mut body: impl FnMut(&dyn Tx) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let mut value = None;
+        self.backend.write(&mut |tx| {
+            value = Some(body(tx)?);
+            Ok(())
+        })?;
+        Ok(value.expect("a committed transaction ran its body"))
+    }
+
+    /// [`Tx::claim_fire`] in a transaction of its own.
+    pub fn claim_fire(
+        &self,
+        run: &NewRun,
+        now: Instant,
+        next_fire_at: Option<Instant>,
+    ) -> Result<RunId, StoreError> {
+        self.batch(|tx| tx.claim_fire(run, now, next_fire_at))
+    }
+
+    /// [`Tx::enqueue`] in a transaction of its own.
+    pub fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        self.batch(|tx| tx.enqueue(run, now))
+    }
+
+    /// [`Tx::transition`] in a transaction of its own.
+    pub fn transition(
+        &self,
+        step: &Move,
+        change: &Change,
+        now: Instant,
+    ) -> Result<Attempt, StoreError> {
+        self.batch(|tx| tx.transition(step, change, now))
+    }
+
+    /// [`Tx::heartbeat`] in a transaction of its own.
+    pub fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
+        self.batch(|tx| tx.heartbeat(owner, now))
+    }
+
+    /// [`Tx::request_abort`] in a transaction of its own.
     pub fn request_abort(
         &self,
         run: RunId,
         reason: &str,
         now: Instant,
     ) -> Result<AbortOutcome, StoreError> {
-        self.write(|tx| {
-            let row = get_run(tx, run)?.ok_or(StoreError::NotFound(run))?;
-            match row.state {
-                RunState::Queued | RunState::RetryWait => {
-                    let change = Change {
-                        reason: Some(reason.to_string()),
-                        ..Change::default()
-                    };
-                    transition_in(
-                        tx,
-                        run,
-                        row.attempt,
-                        row.state,
-                        RunState::Aborted,
-                        &change,
-                        now,
-                    )?;
-                    Ok(AbortOutcome::AbortedNow)
-                }
-                RunState::Running | RunState::Orphaned => {
-                    tx.execute(
-                        "UPDATE runs SET abort_requested = 1, reason = ?2 WHERE id = ?1",
-                        params![run.0, reason],
-                    )?;
-                    Ok(AbortOutcome::Requested)
-                }
-                finished => Ok(AbortOutcome::AlreadyFinished(finished)),
-            }
-        })
+        self.batch(|tx| tx.request_abort(run, reason, now))
     }
 
-    /// Running runs of `owner` with an abort request, and the reason given.
-    pub fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT id, reason FROM runs WHERE state = 'running' AND owner = ?1 AND abort_requested = 1",
-        )?;
-        let ids = statement
-            .query_map([owner], |row| Ok((RunId(row.get(0)?), row.get(1)?)))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ids)
-    }
-
-    /// Ids of the runs in any of `states`.
-    pub fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT id FROM runs WHERE state IN (SELECT value FROM json_each(?1)) ORDER BY id",
-        )?;
-        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
-        let list = serde_free_json_list(&names);
-        let ids = statement
-            .query_map([list], |row| row.get(0).map(RunId))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(ids)
-    }
-
-    /// One run.
-    pub fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
-        let connection = self.lock();
-        get_run(&connection, run)
-    }
-
-    /// Runs matching `filter`, newest first.
-    pub fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs
-             WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
-               AND (?5 IS NULL OR queued_at >= ?5)
-             ORDER BY id DESC LIMIT ?4"
-        ))?;
-        let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
-        let rows = statement.query_map(
-            params![
-                filter.task,
-                filter.state.map(|s| s.as_str()),
-                filter.before.map(|r| r.0),
-                limit,
-                filter.since.map(to_micros)
-            ],
-            |row| Ok(read_run(row)),
-        )?;
-        collect_runs(rows)
-    }
-
-    /// Runs in a state the engine must act on (queued, running, retry_wait, orphaned),
-    /// oldest first.
-    pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned') ORDER BY id"
-        ))?;
-        let rows = statement.query_map([], |row| Ok(read_run(row)))?;
-        collect_runs(rows)
-    }
-
-    /// Runs in `state`, oldest first.
-    pub fn runs_in_state(&self, state: RunState) -> Result<Vec<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE state = ?1 ORDER BY id"
-        ))?;
-        let rows = statement.query_map([state.as_str()], |row| Ok(read_run(row)))?;
-        collect_runs(rows)
-    }
-
-    /// The latest run of `task` that reached a terminal state other than `skipped`… or
-    /// `skipped` too: a skipped upstream is an unsatisfied one.
-    pub fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE task = ?1
-               AND state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
-             ORDER BY finished_at DESC, id DESC LIMIT 1"
-        ))?;
-        let row = statement
-            .query_row([task.as_str()], |row| Ok(read_run(row)))
-            .optional()?;
-        row.transpose()
-    }
-
-    /// Every run of the cascade rooted at `root`, oldest first.
-    pub fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE cascade = ?1 ORDER BY id"
-        ))?;
-        let rows = statement.query_map([root.0], |row| Ok(read_run(row)))?;
-        collect_runs(rows)
-    }
-
-    /// The attempts history of a run.
-    pub fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at FROM attempts
-             WHERE run_id = ?1 ORDER BY attempt",
-        )?;
-        let rows = statement
-            .query_map([run.0], |row| {
-                Ok(AttemptRow {
-                    attempt: Attempt(row.get(0)?),
-                    started_at: from_micros(row.get(1)?),
-                    finished_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
-                    outcome: row.get(3)?,
-                    exit_code: row.get(4)?,
-                    error: row.get(5)?,
-                    pid: row.get(6)?,
-                    spawned_at: row.get::<_, Option<i64>>(7)?.map(from_micros),
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
-    /// Persisted state of `task` (defaults if never seen).
-    pub fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
-        )?;
-        let row = statement
-            .query_row([task.as_str()], |row| {
-                Ok(TaskStateRow {
-                    paused: row.get::<_, i64>(0)? != 0,
-                    last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
-                    next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
-                    schedule: row.get(3)?,
-                })
-            })
-            .optional()?;
-        Ok(row.unwrap_or_default())
-    }
-
-    /// The ticks of `task` in `[from, to]` that a scheduled or catch-up run has claimed.
-    pub fn claimed_ticks(
-        &self,
-        task: &TaskName,
-        from: Instant,
-        to: Instant,
-    ) -> Result<std::collections::HashSet<Instant>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup') \
-             AND scheduled_for BETWEEN ?2 AND ?3",
-        )?;
-        let ticks = statement
-            .query_map(
-                params![task.as_str(), to_micros(from), to_micros(to)],
-                |row| row.get::<_, i64>(0),
-            )?
-            .map(|tick| tick.map(from_micros))
-            .collect::<Result<_, _>>()?;
-        Ok(ticks)
-    }
-
-    /// [`Batch::set_next_fire`] in a transaction of its own.
+    /// [`Tx::set_next_fire`] in a transaction of its own.
     pub fn set_next_fire(
         &self,
         task: &TaskName,
         next: Option<Instant>,
         schedule: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.batch(|b| b.set_next_fire(task, next, schedule))
+        self.batch(|tx| tx.set_next_fire(task, next, schedule))
     }
 
-    /// Names of the paused tasks.
-    pub fn paused_tasks(&self) -> Result<std::collections::HashSet<String>, StoreError> {
-        let connection = self.lock();
-        let mut statement =
-            connection.prepare_cached("SELECT task FROM task_state WHERE paused = 1")?;
-        let names = statement
-            .query_map([], |row| row.get(0))?
-            .collect::<Result<_, _>>()?;
-        Ok(names)
-    }
-
-    /// Pauses or resumes `task` (persisted across restarts), with its event.
+    /// [`Tx::set_paused`] in a transaction of its own.
     pub fn set_paused(
         &self,
         task: &TaskName,
         paused: bool,
         now: Instant,
     ) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO task_state(task, paused) VALUES (?1, ?2)
-                 ON CONFLICT(task) DO UPDATE SET paused = excluded.paused",
-                params![task.as_str(), paused as i64],
-            )?;
-            let kind = if paused {
-                "task_paused"
-            } else {
-                "task_resumed"
-            };
-            append_event(tx, now, kind, Some(task.as_str()), None, None, "")?;
-            Ok(())
-        })
+        self.batch(|tx| tx.set_paused(task, paused, now))
     }
 
-    /// [`Batch::record_event`] in a transaction of its own.
+    /// [`Tx::record_event`] in a transaction of its own.
     pub fn record_event(
         &self,
         kind: &str,
@@ -789,30 +724,10 @@ impl Store {
         message: &str,
         now: Instant,
     ) -> Result<i64, StoreError> {
-        self.batch(|b| b.record_event(kind, task, run, message, now))
+        self.batch(|tx| tx.record_event(kind, task, run, message, now))
     }
 
-    /// Events after sequence number `after`, oldest first, at most `limit`.
-    pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(EVENTS_AFTER)?;
-        let rows = statement
-            .query_map(params![after, limit as i64], |row| {
-                Ok(EventRow {
-                    seq: row.get(0)?,
-                    at: from_micros(row.get(1)?),
-                    kind: row.get(2)?,
-                    task: row.get(3)?,
-                    run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
-                    attempt: row.get::<_, Option<u32>>(5)?.map(Attempt),
-                    message: row.get(6)?,
-                })
-            })?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
-    }
-
-    /// Registers an instance: a service (`serving`) or a foreground `turbosched run`.
+    /// [`Tx::register_instance`] in a transaction of its own.
     pub fn register_instance(
         &self,
         id: &str,
@@ -821,447 +736,142 @@ impl Store {
         serving: bool,
         now: Instant,
     ) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "INSERT INTO instances(id, pid, host, started_at, heartbeat_at, serving) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
-                params![id, pid, host, to_micros(now), serving as i64],
-            )?;
-            Ok(())
-        })
+        self.batch(|tx| tx.register_instance(id, pid, host, serving, now))
     }
 
-    /// Records the address of an instance's HTTP API.
+    /// [`Tx::set_instance_api`] in a transaction of its own.
     pub fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE instances SET api = ?2 WHERE id = ?1",
-                params![id, address],
-            )?;
-            Ok(())
-        })
+        self.batch(|tx| tx.set_instance_api(id, address))
     }
 
-    /// Marks an instance as cleanly stopped.
+    /// [`Tx::stop_instance`] in a transaction of its own.
     pub fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
-        self.write(|tx| {
-            tx.execute(
-                "UPDATE instances SET stopped_at = ?2 WHERE id = ?1",
-                params![id, to_micros(now)],
-            )?;
-            Ok(())
-        })
+        self.batch(|tx| tx.stop_instance(id, now))
     }
 
-    /// Instances not stopped whose heartbeat is newer than `now - timeout`.
+    /// [`Tx::prune`] in a transaction of its own.
+    pub fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
+        self.batch(|tx| tx.prune(cutoff, dry_run))
+    }
+
+    /// [`Backend::run`].
+    pub fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        self.backend.run(run)
+    }
+
+    /// [`Backend::runs`].
+    pub fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+        self.backend.runs(filter)
+    }
+
+    /// [`Backend::unfinished_runs`].
+    pub fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        self.backend.unfinished_runs()
+    }
+
+    /// [`Backend::latest_finished`].
+    pub fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError> {
+        self.backend.latest_finished(task)
+    }
+
+    /// [`Backend::cascade_runs`].
+    pub fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError> {
+        self.backend.cascade_runs(root)
+    }
+
+    /// [`Backend::ids_in_states`].
+    pub fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError> {
+        self.backend.ids_in_states(states)
+    }
+
+    /// [`Backend::abort_requests`].
+    pub fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError> {
+        self.backend.abort_requests(owner)
+    }
+
+    /// [`Backend::attempts`].
+    pub fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
+        self.backend.attempts(run)
+    }
+
+    /// [`Backend::task_state`].
+    pub fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
+        self.backend.task_state(task)
+    }
+
+    /// [`Backend::claimed_ticks`].
+    pub fn claimed_ticks(
+        &self,
+        task: &TaskName,
+        from: Instant,
+        to: Instant,
+    ) -> Result<HashSet<Instant>, StoreError> {
+        self.backend.claimed_ticks(task, from, to)
+    }
+
+    /// [`Backend::paused_tasks`].
+    pub fn paused_tasks(&self) -> Result<HashSet<String>, StoreError> {
+        self.backend.paused_tasks()
+    }
+
+    /// [`Backend::events_after`].
+    pub fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        self.backend.events_after(after, limit)
+    }
+
+    /// [`Backend::count_events`].
+    pub fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
+        self.backend.count_events(kinds, since)
+    }
+
+    /// [`Backend::last_event_seq`].
+    pub fn last_event_seq(&self) -> Result<i64, StoreError> {
+        self.backend.last_event_seq()
+    }
+
+    /// [`Backend::live_instances`].
     pub fn live_instances(
         &self,
         timeout: Duration,
         now: Instant,
     ) -> Result<Vec<InstanceRow>, StoreError> {
-        let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
-             WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
-        )?;
-        let rows = statement
-            .query_map([to_micros(since)], read_instance)?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(rows)
+        self.backend.live_instances(timeout, now)
     }
 
-    /// One instance.
+    /// [`Backend::instance`].
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = ?1",
-        )?;
-        Ok(statement.query_row([id], read_instance).optional()?)
+        self.backend.instance(id)
     }
 
-    /// Removes history older than `cutoff`: runs in a terminal state that finished
-    /// before it, with their attempts, and events before it.
-    ///
-    /// Promise: a run still referenced by an unfinished one (the root of a `--downstream`
-    /// cascade that is still going) is kept, and so are its events. With `dry_run`,
-    /// nothing is removed and the counts say what would be.
-    pub fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
-        let cutoff = to_micros(cutoff);
-        self.write(|tx| {
-            let count = |sql: &str| -> Result<u64, StoreError> {
-                Ok(tx.query_row(sql, [cutoff], |row| row.get::<_, i64>(0))? as u64)
-            };
-            let counts = PruneCounts {
-                runs: count(&format!("SELECT COUNT(*) FROM ({OLD_RUNS})"))?,
-                attempts: count(&format!(
-                    "SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"
-                ))?,
-                events: count(&format!("SELECT COUNT(*) {}", old_events()))?,
-            };
-            if !dry_run {
-                tx.execute(&format!("DELETE {}", old_events()), [cutoff])?;
-                tx.execute(
-                    &format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"),
-                    [cutoff],
-                )?;
-                tx.execute(
-                    &format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"),
-                    [cutoff],
-                )?;
-            }
-            Ok(counts)
-        })
-    }
-
-    /// Copies the whole database to `destination` while it stays in use (SQLite's online
-    /// backup API), then runs `PRAGMA optimize`. The copy is a complete, consistent
-    /// database file.
-    pub fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
-        let connection = self.lock();
-        let mut target = Connection::open(destination).map_err(|source| StoreError::Open {
-            path: destination.to_path_buf(),
-            source,
-        })?;
-        {
-            let backup = rusqlite::backup::Backup::new(&connection, &mut target)?;
-            backup.run_to_completion(256, Duration::from_millis(5), None)?;
-        }
-        target.execute_batch("PRAGMA journal_mode = DELETE;")?;
-        drop(target);
-        connection.execute_batch("PRAGMA optimize;")?;
-        Ok(())
-    }
-
-    /// Proves the database takes a write within `patience` (for health checks): a
-    /// transaction that changes a byte (`meta.health_probe` = `now`) and commits. A
-    /// statement that changes nothing would let SQLite skip the write, and a full disk or
-    /// a read-only journal would pass unseen.
+    /// [`Backend::probe_write`].
     pub fn probe_write(&self, patience: Duration, now: Instant) -> Result<(), StoreError> {
-        let connection = self.lock();
-        connection.busy_timeout(patience)?;
-        let result = connection.execute(
-            "INSERT INTO meta(key, value) VALUES ('health_probe', ?1) \
-             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            [to_micros(now).to_string()],
-        );
-        connection.busy_timeout(Duration::from_secs(10))?;
-        result?;
-        Ok(())
+        self.backend.probe_write(patience, now)
     }
 
-    /// SQLite's `PRAGMA integrity_check`: "ok", or what is wrong.
+    /// [`Backend::integrity_check`].
     pub fn integrity_check(&self) -> Result<String, StoreError> {
-        let connection = self.lock();
-        let mut statement = connection.prepare("PRAGMA integrity_check")?;
-        let lines = statement
-            .query_map([], |row| row.get::<_, String>(0))?
-            .collect::<Result<Vec<_>, _>>()?;
-        Ok(lines.join("; "))
+        self.backend.integrity_check()
     }
 
-    /// How many events of the given kinds happened at or after `since`.
-    pub fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
-        let connection = self.lock();
-        let list = serde_free_json_list(kinds);
-        let count: i64 =
-            connection.query_row(COUNT_EVENTS, params![to_micros(since), list], |row| {
-                row.get(0)
-            })?;
-        Ok(count as u64)
-    }
-
-    /// The highest event sequence number (0 when there is none).
-    pub fn last_event_seq(&self) -> Result<i64, StoreError> {
-        let connection = self.lock();
-        Ok(
-            connection.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |row| {
-                row.get(0)
-            })?,
-        )
-    }
-
-    /// Rows per table.
-    pub fn row_counts(&self) -> Result<RowCounts, StoreError> {
-        let connection = self.lock();
-        row_counts(&connection)
-    }
-
-    /// Row counts, for the CLI status line and the benchmark.
-    pub fn count_runs(&self, state: Option<RunState>) -> Result<i64, StoreError> {
-        let connection = self.lock();
-        Ok(connection.query_row(
-            "SELECT COUNT(*) FROM runs WHERE ?1 IS NULL OR state = ?1",
-            [state.map(|s| s.as_str())],
-            |row| row.get(0),
-        )?)
+    /// [`Backend::backup_to`].
+    pub fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
+        self.backend.backup_to(destination)
     }
 }
 
-/// Brings the database at `path` to [`SCHEMA_VERSION`]: creates a new one, migrates an
-/// older one ([`MIGRATIONS`]), refuses a newer one; then `schema.sql` adds whatever is
-/// missing. One `BEGIN IMMEDIATE` transaction: a second process opening the same file
-/// waits, then finds nothing left to do.
-fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
-    let fail = |source| StoreError::Open {
-        path: path.to_path_buf(),
-        source,
-    };
-    let tx = connection
-        .transaction_with_behavior(TransactionBehavior::Immediate)
-        .map_err(fail)?;
-    let has_meta: bool = tx
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(fail)?;
-    let stored: Option<String> = if has_meta {
-        tx.query_row(
-            "SELECT value FROM meta WHERE key = 'schema_version'",
-            [],
-            |row| row.get(0),
-        )
-        .optional()
-        .map_err(fail)?
+/// The outcome an attempt's row records when `running` ends in `to`: the state's name,
+/// or `interrupted` when the run went back to the queue (shutdown).
+fn attempt_outcome(to: RunState) -> &'static str {
+    if to == RunState::Queued {
+        "interrupted"
     } else {
-        None
-    };
-    // No version: a new file, unless it has runs: version 1 created its tables and wrote
-    // its version in two steps, and may have been stopped between them.
-    let has_runs: bool = tx
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs')",
-            [],
-            |row| row.get(0),
-        )
-        .map_err(fail)?;
-    let found = match stored {
-        None if has_runs => 1,
-        None => SCHEMA_VERSION,
-        Some(text) => text.trim().parse::<usize>().map_err(|_| {
-            fail(rusqlite::Error::InvalidColumnType(
-                0,
-                format!("meta.schema_version = {text:?}"),
-                rusqlite::types::Type::Text,
-            ))
-        })?,
-    };
-    if found > SCHEMA_VERSION {
-        return Err(StoreError::NewerSchema {
-            path: path.to_path_buf(),
-            found,
-        });
+        to.as_str()
     }
-    for migration in MIGRATIONS.iter().skip(found.saturating_sub(1)) {
-        tx.execute_batch(migration).map_err(fail)?;
-    }
-    tx.execute_batch(SCHEMA).map_err(fail)?;
-    tx.execute(
-        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)
-         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-        [SCHEMA_VERSION.to_string()],
-    )
-    .map_err(fail)?;
-    tx.commit().map_err(fail)
 }
 
-/// The finished runs [`Store::prune`] removes: terminal before the cutoff `?1`, and not
-/// the root of a cascade still going.
-const OLD_RUNS: &str = "SELECT id FROM runs
-    WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
-      AND COALESCE(finished_at, queued_at) < ?1
-      AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
-                     AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
-
-/// `FROM events WHERE …`: the events [`Store::prune`] removes — before the cutoff `?1`,
-/// and about no run, an old run or a run already gone.
-fn old_events() -> String {
-    format!(
-        "FROM events WHERE at < ?1
-           AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
-    )
-}
-
-/// [`Store::count_events`]: `?1` the start, `?2` a JSON list of kinds (`/health`).
-const COUNT_EVENTS: &str =
-    "SELECT COUNT(*) FROM events WHERE at >= ?1 AND kind IN (SELECT value FROM json_each(?2))";
-
-/// [`Store::events_after`]: `?1` the last sequence number seen, `?2` the limit (SSE).
-const EVENTS_AFTER: &str =
-    "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
-
-/// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
-fn serde_free_json_list(names: &[&str]) -> String {
-    let quoted: Vec<String> = names
-        .iter()
-        .map(|n| format!("\"{}\"", n.replace(['"', '\\'], "")))
-        .collect();
-    format!("[{}]", quoted.join(","))
-}
-
-/// Rows per table of any turbosched database (a backup included).
-pub fn row_counts(connection: &Connection) -> Result<RowCounts, StoreError> {
-    let count = |table: &str| -> Result<u64, StoreError> {
-        Ok(
-            connection.query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |row| {
-                row.get::<_, i64>(0)
-            })? as u64,
-        )
-    };
-    Ok(RowCounts {
-        runs: count("runs")?,
-        attempts: count("attempts")?,
-        events: count("events")?,
-        task_state: count("task_state")?,
-    })
-}
-
-fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
-    Ok(InstanceRow {
-        id: row.get(0)?,
-        pid: row.get(1)?,
-        host: row.get(2)?,
-        heartbeat_at: from_micros(row.get(3)?),
-        stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
-        serving: row.get::<_, i64>(5)? != 0,
-        api: row.get(6)?,
-    })
-}
-
-fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
-    cached_execute(tx,
-        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
-        params![
-            run.task.as_str(),
-            run.trigger.as_str(),
-            to_micros(run.scheduled_for),
-            to_micros(now),
-            run.max_attempts.max(1),
-            run.force as i64,
-            run.downstream as i64,
-            run.cascade.map(|c| c.0),
-        ],
-    )?;
-    let id = RunId(tx.last_insert_rowid());
-    if run.downstream && run.cascade.is_none() {
-        cached_execute(tx, "UPDATE runs SET cascade = id WHERE id = ?1", [id.0])?;
-    }
-    let message = format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339());
-    append_event(
-        tx,
-        now,
-        "run_queued",
-        Some(run.task.as_str()),
-        Some(id),
-        Some(Attempt(0)),
-        &message,
-    )
-    .map_err(|err| match err {
-        StoreError::Sql(sql) => sql,
-        other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
-    })?;
-    Ok(id)
-}
-
-fn transition_in(
-    tx: &Transaction<'_>,
-    run: RunId,
-    attempt: Attempt,
-    from: RunState,
-    to: RunState,
-    change: &Change,
-    now: Instant,
-) -> Result<Attempt, StoreError> {
-    if !from.can_become(to) {
-        return Err(StoreError::IllegalTransition { run, from, to });
-    }
-    let now_micros = to_micros(now);
-    let starting = to == RunState::Running;
-    let new_attempt = if starting {
-        Attempt(attempt.0 + 1)
-    } else {
-        attempt
-    };
-    let finished_at = to.is_terminal().then_some(now_micros);
-    let changed = cached_execute(
-        tx,
-        "UPDATE runs SET
-            state = ?4,
-            attempt = ?5,
-            started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
-            finished_at = COALESCE(?8, finished_at),
-            exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
-            error = COALESCE(?10, error),
-            reason = COALESCE(?11, reason),
-            owner = CASE WHEN ?6 THEN ?12 WHEN ?4 = 'queued' THEN NULL ELSE owner END,
-            pid = CASE WHEN ?6 THEN NULL ELSE pid END,
-            heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
-            next_attempt_at = ?13,
-            progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
-            progress_event_at = CASE WHEN ?6 THEN NULL ELSE progress_event_at END,
-            progress_event_pct = CASE WHEN ?6 THEN NULL ELSE progress_event_pct END,
-            progress_event_phase = CASE WHEN ?6 THEN NULL ELSE progress_event_phase END,
-            max_attempts = max_attempts + ?14
-         WHERE id = ?1 AND state = ?2 AND attempt = ?3",
-        params![
-            run.0,
-            from.as_str(),
-            attempt.0,
-            to.as_str(),
-            new_attempt.0,
-            starting,
-            now_micros,
-            finished_at,
-            change.exit_code,
-            change.error,
-            change.reason,
-            change.owner,
-            change.next_attempt_at.map(to_micros),
-            change.refund_attempt as i64,
-        ],
-    )?;
-    if changed == 0 {
-        let found = get_run(tx, run)?.ok_or(StoreError::NotFound(run))?;
-        return Err(StoreError::Fenced {
-            run,
-            expected_state: from,
-            expected_attempt: attempt,
-            found_state: found.state,
-            found_attempt: found.attempt,
-        });
-    }
-    if starting {
-        cached_execute(
-            tx,
-            "INSERT INTO attempts(run_id, attempt, started_at, owner) VALUES (?1, ?2, ?3, ?4)",
-            params![run.0, new_attempt.0, now_micros, change.owner],
-        )?;
-    } else if from == RunState::Running {
-        let outcome = if to == RunState::Queued {
-            "interrupted"
-        } else {
-            to.as_str()
-        };
-        cached_execute(
-            tx,
-            "UPDATE attempts SET finished_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
-             WHERE run_id = ?1 AND attempt = ?2",
-            params![
-                run.0,
-                attempt.0,
-                now_micros,
-                outcome,
-                change.exit_code,
-                change.error
-            ],
-        )?;
-    }
-    let task: String =
-        cached_query_row(tx, "SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
-            row.get(0)
-        })?;
+/// The event a move to `to` appends: its kind, and its message (the reason, the error,
+/// and when the next attempt is due).
+fn transition_event(to: RunState, change: &Change) -> (&'static str, String) {
     let kind = match to {
         RunState::Queued => "run_requeued",
         RunState::Running => "run_started",
@@ -1288,126 +898,46 @@ fn transition_in(
             .trim()
             .to_string();
     }
-    append_event(
-        tx,
-        now,
-        kind,
-        Some(&task),
-        Some(run),
-        Some(new_attempt),
-        &message,
-    )?;
-    Ok(new_attempt)
+    (kind, message)
 }
 
-fn append_event(
-    tx: &Transaction<'_>,
+/// Progress events mark steps of this many percent: 0–4.99 is one step, 5–9.99 the
+/// next, …, and 100 a step of its own.
+const PROGRESS_STEP: f64 = 5.0;
+
+/// At most one `run_progress` event per run in this long.
+const PROGRESS_EVENT_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The last `run_progress` event of the current attempt, as the run row remembers it.
+#[derive(Debug, Clone, Copy)]
+struct LastProgressEvent<'a> {
+    at: Instant,
+    percent: Option<f64>,
+    phase: Option<&'a str>,
+}
+
+/// Whether a progress report (`percent`, `phase` — the phase in force after it) deserves
+/// a `run_progress` event, given the attempt's last one.
+///
+/// The rule: the attempt's first report always does. Any later one does when it
+/// says something the last event did not — another phase, or another [`PROGRESS_STEP`]
+/// (reaching 100 % included) — and at least [`PROGRESS_EVENT_INTERVAL`] has passed since
+/// that event. A change held back by the interval is not lost: the next report a second
+/// on still differs from the last event and carries it. So a run emits at most one
+/// progress event a second, and a steadily advancing run at most 21 plus one per phase.
+fn progress_is_news(
+    last: Option<LastProgressEvent<'_>>,
+    percent: f64,
+    phase: Option<&str>,
     now: Instant,
-    kind: &str,
-    task: Option<&str>,
-    run: Option<RunId>,
-    attempt: Option<Attempt>,
-    message: &str,
-) -> Result<i64, StoreError> {
-    let task = match (task, run) {
-        (Some(task), _) => Some(task.to_string()),
-        (None, Some(run)) => {
-            cached_query_row(tx, "SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
-                row.get(0)
-            })
-            .optional()?
-        }
-        (None, None) => None,
+) -> bool {
+    let Some(last) = last else {
+        return true;
     };
-    cached_execute(tx,
-        "INSERT INTO events(at, kind, task, run_id, attempt, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![to_micros(now), kind, task, run.map(|r| r.0), attempt.map(|a| a.0), message],
-    )?;
-    Ok(tx.last_insert_rowid())
-}
-
-fn get_run(connection: &Connection, run: RunId) -> Result<Option<RunRow>, StoreError> {
-    let mut statement =
-        connection.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?;
-    let row = statement
-        .query_row([run.0], |row| Ok(read_run(row)))
-        .optional()?;
-    row.transpose()
-}
-
-fn collect_runs(
-    rows: impl Iterator<Item = rusqlite::Result<Result<RunRow, StoreError>>>,
-) -> Result<Vec<RunRow>, StoreError> {
-    let mut out = Vec::new();
-    for row in rows {
-        out.push(row??);
-    }
-    Ok(out)
-}
-
-fn read_run(row: &Row<'_>) -> Result<RunRow, StoreError> {
-    let id = RunId(row.get(0)?);
-    let trigger_text: String = row.get(2)?;
-    let state_text: String = row.get(7)?;
-    let trigger = Trigger::parse(&trigger_text).ok_or(StoreError::Corrupt {
-        run: id,
-        value: trigger_text.clone(),
-    })?;
-    let state = RunState::parse(&state_text).ok_or(StoreError::Corrupt {
-        run: id,
-        value: state_text.clone(),
-    })?;
-    let instant = |index: usize| -> rusqlite::Result<Option<Instant>> {
-        Ok(row.get::<_, Option<i64>>(index)?.map(from_micros))
-    };
-    Ok(RunRow {
-        id,
-        task: TaskName(row.get(1)?),
-        trigger,
-        scheduled_for: from_micros(row.get(3)?),
-        queued_at: from_micros(row.get(4)?),
-        started_at: instant(5)?,
-        finished_at: instant(6)?,
-        state,
-        attempt: Attempt(row.get(8)?),
-        max_attempts: row.get(9)?,
-        next_attempt_at: instant(10)?,
-        exit_code: row.get(11)?,
-        error: row.get(12)?,
-        reason: row.get(13)?,
-        progress: row.get(14)?,
-        phase: row.get(15)?,
-        checkpoint: row.get(16)?,
-        result: row.get(17)?,
-        owner: row.get(18)?,
-        pid: row.get(19)?,
-        heartbeat_at: instant(20)?,
-        abort_requested: row.get::<_, i64>(21)? != 0,
-        force: row.get::<_, i64>(22)? != 0,
-        downstream: row.get::<_, i64>(23)? != 0,
-        cascade: row.get::<_, Option<i64>>(24)?.map(RunId),
-    })
-}
-
-#[cfg(test)]
-mod tests;
-
-/// `execute` through the connection's statement cache: at a thousand runs a second,
-/// parsing the same SQL again is a tenth of the engine's CPU.
-pub(crate) fn cached_execute(
-    connection: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-) -> rusqlite::Result<usize> {
-    connection.prepare_cached(sql)?.execute(params)
-}
-
-/// `query_row` through the connection's statement cache.
-pub(crate) fn cached_query_row<T>(
-    connection: &Connection,
-    sql: &str,
-    params: impl rusqlite::Params,
-    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
-) -> rusqlite::Result<T> {
-    connection.prepare_cached(sql)?.query_row(params, f)
+    let step = |percent: f64| (percent / PROGRESS_STEP).floor() as i64;
+    let differs = last.phase != phase || last.percent.map(step) != Some(step(percent));
+    let waited = (now - last.at)
+        .to_std()
+        .is_ok_and(|elapsed| elapsed >= PROGRESS_EVENT_INTERVAL);
+    differs && waited
 }

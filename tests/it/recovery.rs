@@ -158,7 +158,7 @@ params = { sleep_sec = 30.0 }
 #[test]
 fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_left_alone() {
     use turbosched::model::{Attempt, TaskName};
-    use turbosched::store::{Change, NewRun};
+    use turbosched::store::{Change, Move, NewRun};
 
     let sandbox = Sandbox::new(
         "[tasks.silent]\nhandler = \"ping\"\nretries = 1\n[tasks.beating]\nhandler = \"ping\"\nretries = 1\n",
@@ -191,10 +191,12 @@ fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_l
         };
         store
             .transition(
-                run,
-                Attempt(0),
-                RunState::Queued,
-                RunState::Running,
+                &Move {
+                    run,
+                    attempt: Attempt(0),
+                    from: RunState::Queued,
+                    to: RunState::Running,
+                },
                 &change,
                 at,
             )

@@ -1,0 +1,986 @@
+//! What every store backend guarantees, written once against [`Store`] (the façade over
+//! any [`Backend`](super::Backend)) and run on each: a backend is done when this suite is
+//! green on it. Each guarantee is a function taking `open`, which hands out another
+//! `Store` over one fresh database each time it is called — as another process would
+//! see it; [`conformance_suite!`] makes them `#[test]`s for a backend (SQLite below:
+//! `conformance::sqlite::*`). A new backend adds one line: `conformance_suite!(name,
+//! fresh_database)`.
+//!
+//! The guarantees:
+//! 1. A scheduled or catch-up tick is claimed once per (task, tick), whatever process
+//!    claims it; the loser gets `AlreadyClaimed`. Manual runs at the same instant are not
+//!    claims. (`a_tick_is_claimed_once_whatever_process_claims`,
+//!    `manual_runs_at_the_same_instant_are_not_claims`)
+//! 2. A run walks through its states one fenced move at a time: entering `running` opens
+//!    an attempts row (attempt + 1), leaving it closes that row with its outcome; each
+//!    move appends one event, in order, with no gap in the sequence; instants keep their
+//!    microseconds. (`a_run_walks_through_its_states_with_one_event_each`)
+//! 3. An illegal move is refused (`IllegalTransition`) and writes nothing.
+//!    (`an_illegal_move_is_refused_and_writes_nothing`)
+//! 4. A stale (state, attempt) changes nothing and says `Fenced` with what it found; a
+//!    replaced attempt's late reports are ignored. (`a_stale_attempt_is_fenced_off`)
+//! 5. An attempt cut short (`running → queued`, as at shutdown) is closed as
+//!    `interrupted` and refunded (`max_attempts` + 1), and its run loses its owner; the
+//!    next start is the next attempt, without the last one's progress.
+//!    (`an_interrupted_attempt_goes_back_to_the_queue_refunded`)
+//! 6. A failed transaction writes nothing — no run, no move, no attempt, no event, no
+//!    task state — and leaves no gap in the event sequence.
+//!    (`a_failed_transaction_writes_nothing`)
+//! 7. A refusal inside a transaction (`AlreadyClaimed`, `Fenced`, `IllegalTransition`)
+//!    writes nothing for that operation and leaves the others of the transaction intact.
+//!    (`a_refusal_inside_a_transaction_leaves_the_rest_of_it`)
+//! 8. A heartbeat refreshes its instance and the running runs it owns, and nothing else.
+//!    (`a_heartbeat_refreshes_the_running_runs_of_its_owner`)
+//! 9. Live instances are those not stopped whose heartbeat is within the timeout.
+//!    (`live_instances_are_those_beating_and_not_stopped`)
+//! 10. Aborting a queued run is immediate; aborting a running one sets a flag its owner
+//!     reads; a finished one says how it finished; an unknown one is `NotFound`.
+//!     (`abort_stops_a_queued_run_at_once_and_flags_a_running_one`)
+//! 11. Prune removes finished runs before the cutoff, their attempts and old events, but
+//!     keeps what a running cascade references; a dry run removes nothing and counts the
+//!     same. (`prune_removes_old_history_but_keeps_what_a_running_cascade_references`)
+//! 12. Next-fire and pause state persist across a reopen.
+//!     (`pause_and_next_fire_survive_a_reopen`)
+//! 13. Progress: the run row takes every report; a `run_progress` event is appended only
+//!     for news — the attempt's first report, then a new 5 % step or phase, at most once a
+//!     second — and a stale attempt's report is ignored.
+//!     (`a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current`,
+//!     `a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second`)
+
+use chrono::{TimeZone, Utc};
+
+use super::{AbortOutcome, Change, Move, NewRun, RunFilter, Store, StoreError};
+use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
+
+/// Hands out another [`Store`] over the one database of a test, each call a new handle
+/// (connection, pool) onto the same data.
+pub(crate) type Open<'a> = &'a dyn Fn() -> Store;
+
+/// Makes every guarantee a `#[test]` in module `$backend`, each on a database of its own
+/// from `$fresh()`, which returns `(guard, open)`: the guard keeps the database alive
+/// until the test ends, `open` is the test's [`Open`].
+macro_rules! conformance_suite {
+    ($backend:ident, $fresh:ident) => {
+        conformance_suite!(
+            @tests $backend, $fresh;
+            a_tick_is_claimed_once_whatever_process_claims,
+            manual_runs_at_the_same_instant_are_not_claims,
+            a_run_walks_through_its_states_with_one_event_each,
+            an_illegal_move_is_refused_and_writes_nothing,
+            a_stale_attempt_is_fenced_off,
+            an_interrupted_attempt_goes_back_to_the_queue_refunded,
+            a_failed_transaction_writes_nothing,
+            a_refusal_inside_a_transaction_leaves_the_rest_of_it,
+            a_heartbeat_refreshes_the_running_runs_of_its_owner,
+            live_instances_are_those_beating_and_not_stopped,
+            abort_stops_a_queued_run_at_once_and_flags_a_running_one,
+            prune_removes_old_history_but_keeps_what_a_running_cascade_references,
+            pause_and_next_fire_survive_a_reopen,
+            a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current,
+            a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second,
+        );
+    };
+    (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[test]
+                fn $guarantee() {
+                    let (_database, open) = super::$fresh();
+                    super::$guarantee(&open);
+                }
+            )*
+        }
+    };
+}
+
+conformance_suite!(sqlite, fresh_sqlite);
+
+/// A SQLite file in a temporary folder (in a folder yet to be made: `open` creates it).
+fn fresh_sqlite() -> (tempfile::TempDir, impl Fn() -> Store) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("nested/runs.db");
+    (dir, move || Store::open(&path).unwrap())
+}
+
+pub(super) fn at(second: u32, micros: i64) -> Instant {
+    Utc.with_ymd_and_hms(2026, 6, 1, 12, 0, second).unwrap()
+        + chrono::Duration::microseconds(micros)
+}
+
+pub(super) fn scheduled(task: &str, tick: Instant) -> NewRun {
+    NewRun {
+        task: TaskName::from(task),
+        trigger: Trigger::Schedule,
+        scheduled_for: tick,
+        max_attempts: 2,
+        force: false,
+        downstream: false,
+        cascade: None,
+    }
+}
+
+/// Claims the 12:00:00 tick of `task` and returns its queued run.
+fn claim(store: &Store, task: &str) -> RunId {
+    store
+        .claim_fire(&scheduled(task, at(0, 0)), at(0, 5), None)
+        .unwrap()
+}
+
+fn kinds(store: &Store) -> Vec<String> {
+    store
+        .events_after(0, 1000)
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect()
+}
+
+pub(crate) fn a_tick_is_claimed_once_whatever_process_claims(open: Open<'_>) {
+    let store = open();
+    let run = store
+        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 10), Some(at(1, 0)))
+        .unwrap();
+    let other = open();
+    let again = other.claim_fire(&scheduled("ingest", at(0, 0)), at(0, 20), Some(at(1, 0)));
+    assert!(
+        matches!(again, Err(StoreError::AlreadyClaimed { .. })),
+        "{again:?}"
+    );
+    let catchup = NewRun {
+        trigger: Trigger::Catchup,
+        ..scheduled("ingest", at(0, 0))
+    };
+    assert!(matches!(
+        other.claim_fire(&catchup, at(0, 30), None),
+        Err(StoreError::AlreadyClaimed { .. })
+    ));
+    // Another task, or the next tick, is a different claim.
+    assert!(other
+        .claim_fire(&scheduled("train", at(0, 0)), at(0, 40), None)
+        .is_ok());
+    assert!(other
+        .claim_fire(&scheduled("ingest", at(1, 0)), at(1, 10), None)
+        .is_ok());
+    let all = RunFilter {
+        limit: 100,
+        ..RunFilter::default()
+    };
+    assert_eq!(store.runs(&all).unwrap().len(), 3);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(row.state, RunState::Queued);
+    assert_eq!(row.scheduled_for, at(0, 0));
+    assert_eq!(
+        store
+            .task_state(&TaskName::from("ingest"))
+            .unwrap()
+            .next_fire_at,
+        None
+    );
+}
+
+pub(crate) fn manual_runs_at_the_same_instant_are_not_claims(open: Open<'_>) {
+    let store = open();
+    let manual = NewRun {
+        trigger: Trigger::Manual,
+        ..scheduled("ingest", at(0, 0))
+    };
+    store.enqueue(&manual, at(0, 0)).unwrap();
+    store.enqueue(&manual, at(0, 0)).unwrap();
+    assert_eq!(store.ids_in_states(&[RunState::Queued]).unwrap().len(), 2);
+}
+
+pub(crate) fn a_run_walks_through_its_states_with_one_event_each(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "ingest");
+    let owner = Change {
+        owner: Some("me".into()),
+        ..Change::default()
+    };
+    let first = store
+        .transition(
+            &Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            },
+            &owner,
+            at(0, 123_456),
+        )
+        .unwrap();
+    assert_eq!(first, Attempt(1));
+    let opened = store.attempts(run).unwrap();
+    assert_eq!(opened.len(), 1, "entering running opens an attempts row");
+    assert_eq!(
+        (
+            opened[0].attempt,
+            opened[0].started_at,
+            opened[0].finished_at
+        ),
+        (Attempt(1), at(0, 123_456), None)
+    );
+    let failed = Change {
+        exit_code: Some(3),
+        error: Some("boom".into()),
+        next_attempt_at: Some(at(5, 0)),
+        ..Change::default()
+    };
+    store
+        .transition(
+            &Move {
+                run,
+                attempt: first,
+                from: RunState::Running,
+                to: RunState::RetryWait,
+            },
+            &failed,
+            at(1, 0),
+        )
+        .unwrap();
+    let second = store
+        .transition(
+            &Move {
+                run,
+                attempt: first,
+                from: RunState::RetryWait,
+                to: RunState::Running,
+            },
+            &owner,
+            at(5, 1),
+        )
+        .unwrap();
+    assert_eq!(second, Attempt(2));
+    store
+        .transition(
+            &Move {
+                run,
+                attempt: second,
+                from: RunState::Running,
+                to: RunState::Succeeded,
+            },
+            &Change::default(),
+            at(6, 0),
+        )
+        .unwrap();
+
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(row.state, RunState::Succeeded);
+    assert_eq!(row.attempt, Attempt(2));
+    assert_eq!(
+        row.started_at,
+        Some(at(0, 123_456)),
+        "µs precision and the first start are kept"
+    );
+    assert_eq!(row.finished_at, Some(at(6, 0)));
+    assert_eq!(row.error.as_deref(), Some("boom"));
+    let attempts = store.attempts(run).unwrap();
+    let outcomes: Vec<_> = attempts
+        .iter()
+        .map(|a| a.outcome.clone().unwrap_or_default())
+        .collect();
+    assert_eq!(outcomes, vec!["retry_wait", "succeeded"]);
+    assert_eq!(attempts[0].exit_code, Some(3));
+    assert_eq!(
+        kinds(&store),
+        vec![
+            "run_queued",
+            "run_started",
+            "run_retrying",
+            "run_started",
+            "run_succeeded"
+        ]
+    );
+    let seqs: Vec<i64> = store
+        .events_after(0, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(
+        seqs.windows(2).all(|w| w[0] + 1 == w[1]),
+        "sequence numbers increase without a gap: {seqs:?}"
+    );
+}
+
+pub(crate) fn an_illegal_move_is_refused_and_writes_nothing(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "ingest");
+    let result = store.transition(
+        &Move {
+            run,
+            attempt: Attempt(0),
+            from: RunState::Queued,
+            to: RunState::Succeeded,
+        },
+        &Change::default(),
+        at(1, 0),
+    );
+    assert!(matches!(
+        result,
+        Err(StoreError::IllegalTransition {
+            from: RunState::Queued,
+            to: RunState::Succeeded,
+            ..
+        })
+    ));
+    assert_eq!(store.run(run).unwrap().unwrap().state, RunState::Queued);
+    assert_eq!(kinds(&store), vec!["run_queued"]);
+}
+
+pub(crate) fn a_stale_attempt_is_fenced_off(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "drift");
+    let first = store
+        .transition(
+            &Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            },
+            &Change::default(),
+            at(1, 0),
+        )
+        .unwrap();
+    store
+        .transition(
+            &Move {
+                run,
+                attempt: first,
+                from: RunState::Running,
+                to: RunState::Orphaned,
+            },
+            &Change::default(),
+            at(2, 0),
+        )
+        .unwrap();
+    store
+        .transition(
+            &Move {
+                run,
+                attempt: first,
+                from: RunState::Orphaned,
+                to: RunState::Queued,
+            },
+            &Change::default(),
+            at(2, 1),
+        )
+        .unwrap();
+    let second = store
+        .transition(
+            &Move {
+                run,
+                attempt: first,
+                from: RunState::Queued,
+                to: RunState::Running,
+            },
+            &Change::default(),
+            at(3, 0),
+        )
+        .unwrap();
+    // The first attempt's worker reports late: it must not overwrite attempt 2.
+    let late = store.transition(
+        &Move {
+            run,
+            attempt: first,
+            from: RunState::Running,
+            to: RunState::Succeeded,
+        },
+        &Change::default(),
+        at(4, 0),
+    );
+    match late {
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => {
+            assert_eq!((found_state, found_attempt), (RunState::Running, second));
+        }
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(!store
+        .batch(|tx| tx.record_result(run, first, "{\"late\":true}"))
+        .unwrap());
+    assert!(store
+        .batch(|tx| tx.record_result(run, second, "{\"ok\":true}"))
+        .unwrap());
+    assert_eq!(
+        store.run(run).unwrap().unwrap().result.as_deref(),
+        Some("{\"ok\":true}")
+    );
+    let outcomes: Vec<_> = store
+        .attempts(run)
+        .unwrap()
+        .into_iter()
+        .map(|a| a.outcome)
+        .collect();
+    assert_eq!(
+        outcomes,
+        vec![Some("orphaned".to_string()), None],
+        "the orphaned attempt is closed, its successor open"
+    );
+}
+
+pub(crate) fn an_interrupted_attempt_goes_back_to_the_queue_refunded(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "train");
+    let owner = Change {
+        owner: Some("me".into()),
+        ..Change::default()
+    };
+    let first = start_with(&store, run, Attempt(0), &owner, at(1, 0));
+    store
+        .batch(|tx| tx.record_progress(run, first, 40.0, Some("fit"), at(2, 0)))
+        .unwrap();
+    let shutdown = Change {
+        reason: Some("shutdown".into()),
+        refund_attempt: true,
+        ..Change::default()
+    };
+    let back = Move {
+        run,
+        attempt: first,
+        from: RunState::Running,
+        to: RunState::Queued,
+    };
+    assert_eq!(store.transition(&back, &shutdown, at(3, 0)).unwrap(), first);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (RunState::Queued, first));
+    assert_eq!(row.max_attempts, 3, "an attempt cut short does not count");
+    assert_eq!(row.owner, None, "a queued run has no owner");
+    assert_eq!(row.finished_at, None);
+    let attempts = store.attempts(run).unwrap();
+    assert_eq!(attempts[0].outcome.as_deref(), Some("interrupted"));
+    assert_eq!(attempts[0].finished_at, Some(at(3, 0)));
+    let second = start_with(&store, run, first, &owner, at(4, 0));
+    assert_eq!(second, Attempt(2));
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.owner.as_deref(), row.heartbeat_at),
+        (None, Some("me"), Some(at(4, 0))),
+        "a new attempt starts without the last one's progress"
+    );
+    assert_eq!(
+        kinds(&store),
+        vec![
+            "run_queued",
+            "run_started",
+            "run_progress",
+            "run_requeued",
+            "run_started"
+        ]
+    );
+}
+
+/// Starts the queued run `run` (last attempt `attempt`) for `change.owner`.
+fn start_with(
+    store: &Store,
+    run: RunId,
+    attempt: Attempt,
+    change: &Change,
+    now: Instant,
+) -> Attempt {
+    let step = Move {
+        run,
+        attempt,
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    store.transition(&step, change, now).unwrap()
+}
+
+pub(crate) fn abort_stops_a_queued_run_at_once_and_flags_a_running_one(open: Open<'_>) {
+    let store = open();
+    let queued = claim(&store, "a");
+    assert_eq!(
+        store.request_abort(queued, "by test", at(0, 2)).unwrap(),
+        AbortOutcome::AbortedNow
+    );
+    assert_eq!(store.run(queued).unwrap().unwrap().state, RunState::Aborted);
+    assert_eq!(
+        store.request_abort(queued, "again", at(0, 3)).unwrap(),
+        AbortOutcome::AlreadyFinished(RunState::Aborted)
+    );
+
+    let running = claim(&store, "b");
+    let owner = Change {
+        owner: Some("engine-1".into()),
+        ..Change::default()
+    };
+    store
+        .transition(
+            &Move {
+                run: running,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            },
+            &owner,
+            at(0, 2),
+        )
+        .unwrap();
+    assert_eq!(
+        store.request_abort(running, "by test", at(0, 3)).unwrap(),
+        AbortOutcome::Requested
+    );
+    assert_eq!(
+        store.abort_requests("engine-1").unwrap(),
+        vec![(running, Some("by test".to_string()))]
+    );
+    assert!(store.abort_requests("engine-2").unwrap().is_empty());
+    assert!(matches!(
+        store.request_abort(RunId(999), "x", at(0, 4)),
+        Err(StoreError::NotFound(RunId(999)))
+    ));
+}
+
+pub(crate) fn pause_and_next_fire_survive_a_reopen(open: Open<'_>) {
+    let store = open();
+    let task = TaskName::from("ingest");
+    store.set_paused(&task, true, at(0, 0)).unwrap();
+    store
+        .set_next_fire(&task, Some(at(30, 0)), Some("*/30 * * * * * @ UTC"))
+        .unwrap();
+    drop(store);
+    let reopened = open();
+    let state = reopened.task_state(&task).unwrap();
+    assert!(state.paused);
+    assert_eq!(state.next_fire_at, Some(at(30, 0)));
+    assert_eq!(state.schedule.as_deref(), Some("*/30 * * * * * @ UTC"));
+    assert_eq!(kinds(&reopened), vec!["task_paused"]);
+}
+
+pub(crate) fn a_failed_transaction_writes_nothing(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "ingest");
+    let before = store.last_event_seq().unwrap();
+    let task = TaskName::from("ingest");
+    let failed: Result<(), StoreError> = store.batch(|tx| {
+        tx.claim_fire(&scheduled("ingest", at(1, 0)), at(1, 1), Some(at(2, 0)))?;
+        let step = Move {
+            run,
+            attempt: Attempt(0),
+            from: RunState::Queued,
+            to: RunState::Running,
+        };
+        tx.transition(&step, &Change::default(), at(1, 2))?;
+        tx.record_event("misfire", Some("ingest"), None, "late", at(1, 3))?;
+        tx.set_paused(&task, true, at(1, 4))?;
+        Err(StoreError::NotFound(RunId(424_242)))
+    });
+    assert!(
+        matches!(failed, Err(StoreError::NotFound(RunId(424_242)))),
+        "{failed:?}"
+    );
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (RunState::Queued, Attempt(0)));
+    assert!(store.attempts(run).unwrap().is_empty());
+    let all = RunFilter {
+        limit: 100,
+        ..RunFilter::default()
+    };
+    assert_eq!(store.runs(&all).unwrap().len(), 1);
+    let state = store.task_state(&task).unwrap();
+    assert!(!state.paused);
+    assert_eq!(state.last_fire_at, Some(at(0, 0)));
+    assert_eq!(state.next_fire_at, None);
+    assert_eq!(store.last_event_seq().unwrap(), before);
+    assert_eq!(kinds(&store), vec!["run_queued"]);
+    // The tick it tried is still free, and the next event follows without a gap.
+    store
+        .claim_fire(&scheduled("ingest", at(1, 0)), at(1, 5), None)
+        .unwrap();
+    assert_eq!(store.last_event_seq().unwrap(), before + 1);
+}
+
+pub(crate) fn a_refusal_inside_a_transaction_leaves_the_rest_of_it(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "ingest");
+    let (next, again, fenced, illegal) = store
+        .batch(|tx| {
+            let next = tx.claim_fire(&scheduled("ingest", at(1, 0)), at(1, 1), Some(at(2, 0)))?;
+            let again = tx.claim_fire(&scheduled("ingest", at(0, 0)), at(1, 2), Some(at(9, 0)));
+            let stale = Move {
+                run,
+                attempt: Attempt(3),
+                from: RunState::Queued,
+                to: RunState::Running,
+            };
+            let fenced = tx.transition(&stale, &Change::default(), at(1, 3));
+            let skip = Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Succeeded,
+            };
+            let illegal = tx.transition(&skip, &Change::default(), at(1, 4));
+            tx.record_event("note", Some("ingest"), None, "after the refusals", at(1, 5))?;
+            Ok((next, again, fenced, illegal))
+        })
+        .unwrap();
+    assert!(
+        matches!(again, Err(StoreError::AlreadyClaimed { .. })),
+        "{again:?}"
+    );
+    match fenced {
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => assert_eq!((found_state, found_attempt), (RunState::Queued, Attempt(0))),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(
+        matches!(illegal, Err(StoreError::IllegalTransition { .. })),
+        "{illegal:?}"
+    );
+    assert_eq!(store.run(next).unwrap().unwrap().state, RunState::Queued);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!((row.state, row.attempt), (RunState::Queued, Attempt(0)));
+    let state = store.task_state(&TaskName::from("ingest")).unwrap();
+    assert_eq!(
+        (state.last_fire_at, state.next_fire_at),
+        (Some(at(1, 0)), Some(at(2, 0))),
+        "the refused claim moved nothing on"
+    );
+    assert_eq!(kinds(&store), vec!["run_queued", "run_queued", "note"]);
+}
+
+pub(crate) fn a_heartbeat_refreshes_the_running_runs_of_its_owner(open: Open<'_>) {
+    let store = open();
+    store
+        .register_instance("mine", 1, "host", true, at(0, 0))
+        .unwrap();
+    store
+        .register_instance("theirs", 2, "host", true, at(0, 0))
+        .unwrap();
+    let start_as = |task: &str, owner: &str| {
+        let run = store
+            .claim_fire(&scheduled(task, at(0, 0)), at(0, 1), None)
+            .unwrap();
+        let change = Change {
+            owner: Some(owner.into()),
+            ..Change::default()
+        };
+        let step = Move {
+            run,
+            attempt: Attempt(0),
+            from: RunState::Queued,
+            to: RunState::Running,
+        };
+        store.transition(&step, &change, at(1, 0)).unwrap();
+        run
+    };
+    let running = start_as("a", "mine");
+    let finished = start_as("b", "mine");
+    let step = Move {
+        run: finished,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to: RunState::Succeeded,
+    };
+    store
+        .transition(&step, &Change::default(), at(2, 0))
+        .unwrap();
+    let others = start_as("c", "theirs");
+    let queued = claim(&store, "d");
+
+    store.heartbeat("mine", at(40, 0)).unwrap();
+    let beat = |run| store.run(run).unwrap().unwrap().heartbeat_at;
+    assert_eq!(beat(running), Some(at(40, 0)));
+    assert_eq!(
+        beat(finished),
+        Some(at(1, 0)),
+        "a finished run keeps its last"
+    );
+    assert_eq!(
+        beat(others),
+        Some(at(1, 0)),
+        "another owner's run is not refreshed"
+    );
+    assert_eq!(beat(queued), None);
+    assert_eq!(
+        store.instance("mine").unwrap().unwrap().heartbeat_at,
+        at(40, 0)
+    );
+    assert_eq!(
+        store.instance("theirs").unwrap().unwrap().heartbeat_at,
+        at(0, 0)
+    );
+}
+
+pub(crate) fn live_instances_are_those_beating_and_not_stopped(open: Open<'_>) {
+    let store = open();
+    store
+        .register_instance("old", 1, "host", true, at(0, 0))
+        .unwrap();
+    store
+        .register_instance("new", 2, "host", true, at(0, 0))
+        .unwrap();
+    store
+        .register_instance("gone", 3, "host", true, at(0, 0))
+        .unwrap();
+    store.heartbeat("new", at(50, 0)).unwrap();
+    store.heartbeat("gone", at(50, 0)).unwrap();
+    store.stop_instance("gone", at(51, 0)).unwrap();
+    let live: Vec<String> = store
+        .live_instances(std::time::Duration::from_secs(30), at(55, 0))
+        .unwrap()
+        .into_iter()
+        .map(|i| i.id)
+        .collect();
+    assert_eq!(live, vec!["new"]);
+}
+
+/// A run of `task` queued at `queued`, taken through `states` (from queued).
+fn run_through(
+    store: &Store,
+    task: &str,
+    queued: Instant,
+    cascade: Option<RunId>,
+    states: &[RunState],
+) -> RunId {
+    let new_run = NewRun {
+        task: TaskName::from(task),
+        trigger: Trigger::Manual,
+        scheduled_for: queued,
+        max_attempts: 1,
+        force: false,
+        downstream: false,
+        cascade,
+    };
+    let run = store.enqueue(&new_run, queued).unwrap();
+    let (mut from, mut attempt) = (RunState::Queued, Attempt(0));
+    for to in states {
+        attempt = store
+            .transition(
+                &Move {
+                    run,
+                    attempt,
+                    from,
+                    to: *to,
+                },
+                &Change::default(),
+                queued,
+            )
+            .unwrap();
+        from = *to;
+    }
+    run
+}
+
+pub(crate) fn prune_removes_old_history_but_keeps_what_a_running_cascade_references(
+    open: Open<'_>,
+) {
+    let store = open();
+    let old = at(0, 0);
+    let new = at(50, 0);
+    let done = [RunState::Running, RunState::Succeeded];
+    let old_done = run_through(&store, "a", old, None, &done);
+    let old_skipped = run_through(&store, "a", old, None, &[RunState::Skipped]);
+    let new_done = run_through(&store, "a", new, None, &done);
+    // An old cascade root that finished, with a member still running: the root stays.
+    let root = {
+        let new_run = NewRun {
+            downstream: true,
+            ..scheduled("root", old)
+        };
+        let root = store
+            .enqueue(
+                &NewRun {
+                    trigger: Trigger::Manual,
+                    ..new_run
+                },
+                old,
+            )
+            .unwrap();
+        let attempt = store
+            .transition(
+                &Move {
+                    run: root,
+                    attempt: Attempt(0),
+                    from: RunState::Queued,
+                    to: RunState::Running,
+                },
+                &Change::default(),
+                old,
+            )
+            .unwrap();
+        store
+            .transition(
+                &Move {
+                    run: root,
+                    attempt,
+                    from: RunState::Running,
+                    to: RunState::Succeeded,
+                },
+                &Change::default(),
+                old,
+            )
+            .unwrap();
+        root
+    };
+    let member = run_through(&store, "member", new, Some(root), &[RunState::Running]);
+    let old_queued = run_through(&store, "a", old, None, &[]);
+    let cutoff = at(30, 0);
+
+    let preview = store.prune(cutoff, true).unwrap();
+    assert_eq!(
+        store
+            .runs(&RunFilter {
+                limit: 100,
+                ..RunFilter::default()
+            })
+            .unwrap()
+            .len(),
+        6,
+        "a dry run removes nothing"
+    );
+    let pruned = store.prune(cutoff, false).unwrap();
+    assert_eq!(pruned, preview, "the dry run said what would go");
+    // Only finished runs older than the cutoff go; the old queued one and the referenced
+    // root stay.
+    assert_eq!(pruned.runs, 2);
+    assert_eq!(pruned.attempts, 1);
+    for gone in [old_done, old_skipped] {
+        assert!(store.run(gone).unwrap().is_none());
+    }
+    for kept in [new_done, root, member, old_queued] {
+        assert!(store.run(kept).unwrap().is_some(), "run {kept} kept");
+    }
+    assert!(store
+        .events_after(0, 1000)
+        .unwrap()
+        .iter()
+        .all(|e| e.run_id != Some(old_done)));
+    assert!(
+        store
+            .events_after(0, 1000)
+            .unwrap()
+            .iter()
+            .any(|e| e.run_id == Some(root)),
+        "a kept run keeps its events"
+    );
+}
+
+/// Reports `(seconds after 12:00:00 in ms, percent, phase)` for `run` at `attempt`, then
+/// returns the messages of its `run_progress` events.
+pub(super) fn report_progress(
+    store: &Store,
+    run: RunId,
+    attempt: Attempt,
+    reports: &[(i64, f64, Option<&str>)],
+) -> Vec<String> {
+    for (millis, percent, phase) in reports {
+        let now = at(0, 0) + chrono::Duration::milliseconds(*millis);
+        assert!(store
+            .batch(|tx| tx.record_progress(run, attempt, *percent, *phase, now))
+            .unwrap());
+    }
+    progress_messages(store, run)
+}
+
+fn progress_messages(store: &Store, run: RunId) -> Vec<String> {
+    store
+        .events_after(0, 100_000)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "run_progress" && e.run_id == Some(run))
+        .map(|e| e.message)
+        .collect()
+}
+
+pub(super) fn start(store: &Store, run: RunId, attempt: Attempt, from: RunState) -> Attempt {
+    store
+        .transition(
+            &Move {
+                run,
+                attempt,
+                from,
+                to: RunState::Running,
+            },
+            &Change::default(),
+            at(0, 0),
+        )
+        .unwrap()
+}
+
+/// Issue "One room per job", item 7: a handler reporting progress a thousand times wrote
+/// a thousand event rows.
+pub(crate) fn a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current(
+    open: Open<'_>,
+) {
+    let store = open();
+    let run = claim(&store, "train");
+    let attempt = start(&store, run, Attempt(0), RunState::Queued);
+    let reports: Vec<(i64, f64, Option<&str>)> = (0..1000)
+        .map(|i: i32| (i64::from(i), f64::from(i) / 10.0, Some("fit")))
+        .collect();
+    assert_eq!(
+        report_progress(&store, run, attempt, &reports),
+        vec!["0% fit"]
+    );
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.phase.as_deref()),
+        (Some(99.9), Some("fit")),
+        "the run row has every report"
+    );
+    // A second later, 100 % is a step of its own.
+    assert_eq!(
+        report_progress(&store, run, attempt, &[(1000, 100.0, None)]),
+        vec!["0% fit", "100% fit"]
+    );
+}
+
+pub(crate) fn a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second(open: Open<'_>) {
+    let store = open();
+    let run = claim(&store, "train");
+    let attempt = start(&store, run, Attempt(0), RunState::Queued);
+    let messages = report_progress(
+        &store,
+        run,
+        attempt,
+        &[
+            (0, 1.0, Some("load")),    // the attempt's first report: always
+            (2000, 4.9, None),         // same 5 % step, same phase: no
+            (3000, 5.0, None),         // a new step: yes
+            (3500, 12.0, None),        // a new step, but within a second: no…
+            (3600, 13.0, Some("fit")), // …nor a new phase…
+            (4500, 14.0, Some("fit")), // …which the next report a second on carries
+            (9000, 14.5, Some("fit")), // nothing new since the last event: no
+        ],
+    );
+    assert_eq!(messages, vec!["1% load", "5% load", "14% fit"]);
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!(
+        (row.progress, row.phase.as_deref()),
+        (Some(14.5), Some("fit"))
+    );
+
+    // A new attempt starts its own count: its first report is an event again.
+    store
+        .transition(
+            &Move {
+                run,
+                attempt,
+                from: RunState::Running,
+                to: RunState::RetryWait,
+            },
+            &Change::default(),
+            at(10, 0),
+        )
+        .unwrap();
+    let second = start(&store, run, attempt, RunState::RetryWait);
+    assert!(
+        !store
+            .batch(|tx| tx.record_progress(run, attempt, 50.0, None, at(20, 0)))
+            .unwrap(),
+        "a stale attempt's report is ignored"
+    );
+    assert_eq!(
+        report_progress(&store, run, second, &[(9100, 14.5, Some("fit"))]),
+        vec!["1% load", "5% load", "14% fit", "14% fit"]
+    );
+}

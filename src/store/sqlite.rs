@@ -1,0 +1,1018 @@
+//! The SQLite backend: one file, WAL, one connection behind a mutex, rusqlite's
+//! statement cache. Every [`Backend::write`] is one `BEGIN IMMEDIATE` transaction, and
+//! [`SqliteTx`] is its [`Tx`]: the SQL of every write lives here, the rules they share
+//! (legal moves, progress news, event wording) in the parent module.
+//!
+//! Schema: `schema.sql` is the current shape, run (all `IF NOT EXISTS`) at every open;
+//! `meta.schema_version` says which shape a file has, and [`MIGRATIONS`] takes an older
+//! file forward in the same `BEGIN IMMEDIATE` transaction. A file from a newer
+//! turbosched is refused ([`StoreError::NewerSchema`]).
+//!
+//! Durability: WAL with `synchronous = NORMAL`. A killed process (kill -9, panic, OOM)
+//! loses no committed transaction; a power cut may lose the last few, never consistency.
+
+use std::collections::HashSet;
+use std::path::Path;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
+
+use super::{
+    attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
+    InstanceRow, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter, RunRow, StoreError,
+    TaskStateRow, Tx, SCHEMA_VERSION,
+};
+use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
+
+const SCHEMA: &str = include_str!("schema.sql");
+
+/// What `schema.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes it
+/// from version `n + 1` to `n + 2`. Run at open, in one `BEGIN IMMEDIATE` transaction
+/// with `schema.sql` (which then adds any new table or index), so concurrent openers
+/// migrate once. Never edit an entry: append one.
+const MIGRATIONS: &[&str] = &[
+    // 1 → 2 (issue "One room per job", item 7): `runs.version` was written and never
+    // read (the fencing guard is state and attempt); progress events remember the last
+    // one of the attempt. The events indexes come from schema.sql.
+    "ALTER TABLE runs DROP COLUMN version;
+     ALTER TABLE runs ADD COLUMN progress_event_at INTEGER;
+     ALTER TABLE runs ADD COLUMN progress_event_pct REAL;
+     ALTER TABLE runs ADD COLUMN progress_event_phase TEXT;",
+];
+
+const RUN_COLUMNS: &str =
+    "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
+    attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+
+/// One SQLite file. Calls are serialized on its one connection.
+pub(super) struct SqliteBackend {
+    connection: Mutex<Connection>,
+}
+
+impl SqliteBackend {
+    /// Opens (creating if needed, with its folder) the database at `path`, and brings it
+    /// to [`SCHEMA_VERSION`].
+    pub(super) fn open(path: &Path) -> Result<SqliteBackend, StoreError> {
+        let fail = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent)
+                .map_err(|err| fail(rusqlite::Error::ToSqlConversionFailure(Box::new(err))))?;
+        }
+        let mut connection = Connection::open(path).map_err(fail)?;
+        connection
+            .busy_timeout(Duration::from_secs(10))
+            .map_err(fail)?;
+        connection
+            .execute_batch(
+                "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+            )
+            .map_err(fail)?;
+        migrate(&mut connection, path)?;
+        // Room for every statement of the hot path (claims, transitions, events, reads).
+        connection.set_prepared_statement_cache_capacity(64);
+        Ok(SqliteBackend {
+            connection: Mutex::new(connection),
+        })
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Connection> {
+        // A panic while holding the lock cannot leave SQLite half-written (the open
+        // transaction rolls back when dropped), so a poisoned lock is safe to reuse.
+        self.connection
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl Backend for SqliteBackend {
+    /// `BEGIN IMMEDIATE`: the write lock is taken at the start, so two writers (two
+    /// processes on one file) queue up instead of failing at their first write. `body`
+    /// runs once.
+    fn write(
+        &self,
+        body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let mut connection = self.lock();
+        let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        body(&SqliteTx { tx: &tx })?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, reason FROM runs WHERE state = 'running' AND owner = ?1 AND abort_requested = 1",
+        )?;
+        let ids = statement
+            .query_map([owner], |row| Ok((RunId(row.get(0)?), row.get(1)?)))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id FROM runs WHERE state IN (SELECT value FROM json_each(?1)) ORDER BY id",
+        )?;
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        let list = serde_free_json_list(&names);
+        let ids = statement
+            .query_map([list], |row| row.get(0).map(RunId))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(ids)
+    }
+
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        let connection = self.lock();
+        get_run(&connection, run)
+    }
+
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs
+             WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
+               AND (?5 IS NULL OR queued_at >= ?5)
+             ORDER BY id DESC LIMIT ?4"
+        ))?;
+        let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
+        let rows = statement.query_map(
+            params![
+                filter.task,
+                filter.state.map(|s| s.as_str()),
+                filter.before.map(|r| r.0),
+                limit,
+                filter.since.map(to_micros)
+            ],
+            |row| Ok(read_run(row)),
+        )?;
+        collect_runs(rows)
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned') ORDER BY id"
+        ))?;
+        let rows = statement.query_map([], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE task = ?1
+               AND state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+             ORDER BY finished_at DESC, id DESC LIMIT 1"
+        ))?;
+        let row = statement
+            .query_row([task.as_str()], |row| Ok(read_run(row)))
+            .optional()?;
+        row.transpose()
+    }
+
+    fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {RUN_COLUMNS} FROM runs WHERE cascade = ?1 ORDER BY id"
+        ))?;
+        let rows = statement.query_map([root.0], |row| Ok(read_run(row)))?;
+        collect_runs(rows)
+    }
+
+    fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at FROM attempts
+             WHERE run_id = ?1 ORDER BY attempt",
+        )?;
+        let rows = statement
+            .query_map([run.0], |row| {
+                Ok(AttemptRow {
+                    attempt: Attempt(row.get(0)?),
+                    started_at: from_micros(row.get(1)?),
+                    finished_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                    outcome: row.get(3)?,
+                    exit_code: row.get(4)?,
+                    error: row.get(5)?,
+                    pid: row.get(6)?,
+                    spawned_at: row.get::<_, Option<i64>>(7)?.map(from_micros),
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
+        )?;
+        let row = statement
+            .query_row([task.as_str()], |row| {
+                Ok(TaskStateRow {
+                    paused: row.get::<_, i64>(0)? != 0,
+                    last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
+                    next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                    schedule: row.get(3)?,
+                })
+            })
+            .optional()?;
+        Ok(row.unwrap_or_default())
+    }
+
+    fn claimed_ticks(
+        &self,
+        task: &TaskName,
+        from: Instant,
+        to: Instant,
+    ) -> Result<HashSet<Instant>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup') \
+             AND scheduled_for BETWEEN ?2 AND ?3",
+        )?;
+        let ticks = statement
+            .query_map(
+                params![task.as_str(), to_micros(from), to_micros(to)],
+                |row| row.get::<_, i64>(0),
+            )?
+            .map(|tick| tick.map(from_micros))
+            .collect::<Result<_, _>>()?;
+        Ok(ticks)
+    }
+
+    fn paused_tasks(&self) -> Result<HashSet<String>, StoreError> {
+        let connection = self.lock();
+        let mut statement =
+            connection.prepare_cached("SELECT task FROM task_state WHERE paused = 1")?;
+        let names = statement
+            .query_map([], |row| row.get(0))?
+            .collect::<Result<_, _>>()?;
+        Ok(names)
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(EVENTS_AFTER)?;
+        let rows = statement
+            .query_map(params![after, limit as i64], |row| {
+                Ok(EventRow {
+                    seq: row.get(0)?,
+                    at: from_micros(row.get(1)?),
+                    kind: row.get(2)?,
+                    task: row.get(3)?,
+                    run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
+                    attempt: row.get::<_, Option<u32>>(5)?.map(Attempt),
+                    message: row.get(6)?,
+                })
+            })?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn live_instances(
+        &self,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
+             WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
+        )?;
+        let rows = statement
+            .query_map([to_micros(since)], read_instance)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
+    }
+
+    fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = ?1",
+        )?;
+        Ok(statement.query_row([id], read_instance).optional()?)
+    }
+
+    /// SQLite's online backup API, then `PRAGMA optimize`; the copy is a plain
+    /// (journal mode `DELETE`) database file.
+    fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
+        let connection = self.lock();
+        let mut target = Connection::open(destination).map_err(|source| StoreError::Open {
+            path: destination.to_path_buf(),
+            source,
+        })?;
+        {
+            let backup = rusqlite::backup::Backup::new(&connection, &mut target)?;
+            backup.run_to_completion(256, Duration::from_millis(5), None)?;
+        }
+        target.execute_batch("PRAGMA journal_mode = DELETE;")?;
+        drop(target);
+        connection.execute_batch("PRAGMA optimize;")?;
+        Ok(())
+    }
+
+    /// Sets `meta.health_probe` to `now` under a busy timeout of `patience`: a statement
+    /// that changed nothing would let SQLite skip the write.
+    fn probe_write(&self, patience: Duration, now: Instant) -> Result<(), StoreError> {
+        let connection = self.lock();
+        connection.busy_timeout(patience)?;
+        let result = connection.execute(
+            "INSERT INTO meta(key, value) VALUES ('health_probe', ?1) \
+             ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            [to_micros(now).to_string()],
+        );
+        connection.busy_timeout(Duration::from_secs(10))?;
+        result?;
+        Ok(())
+    }
+
+    /// `PRAGMA integrity_check`, its lines joined.
+    fn integrity_check(&self) -> Result<String, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare("PRAGMA integrity_check")?;
+        let lines = statement
+            .query_map([], |row| row.get::<_, String>(0))?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(lines.join("; "))
+    }
+
+    fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
+        let connection = self.lock();
+        let list = serde_free_json_list(kinds);
+        let count: i64 =
+            connection.query_row(COUNT_EVENTS, params![to_micros(since), list], |row| {
+                row.get(0)
+            })?;
+        Ok(count as u64)
+    }
+
+    fn last_event_seq(&self) -> Result<i64, StoreError> {
+        let connection = self.lock();
+        Ok(
+            connection.query_row("SELECT COALESCE(MAX(seq), 0) FROM events", [], |row| {
+                row.get(0)
+            })?,
+        )
+    }
+}
+
+/// The writes of one open `BEGIN IMMEDIATE` transaction.
+struct SqliteTx<'a> {
+    tx: &'a Transaction<'a>,
+}
+
+impl Tx for SqliteTx<'_> {
+    /// The partial unique index `runs_claim` on `(task, scheduled_for)` refuses the second
+    /// claim; SQLite undoes only the refused statement, so the transaction goes on.
+    fn claim_fire(
+        &self,
+        run: &NewRun,
+        now: Instant,
+        next_fire_at: Option<Instant>,
+    ) -> Result<RunId, StoreError> {
+        let id = insert_run(self.tx, run, now).map_err(|err| match err {
+            rusqlite::Error::SqliteFailure(code, _)
+                if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::AlreadyClaimed {
+                    task: run.task.clone(),
+                    scheduled_for: run.scheduled_for,
+                }
+            }
+            other => StoreError::Sql(other),
+        })?;
+        cached_execute(self.tx,
+            "INSERT INTO task_state(task, last_fire_at, next_fire_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT(task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
+            params![run.task.as_str(), to_micros(run.scheduled_for), next_fire_at.map(to_micros)],
+        )?;
+        Ok(id)
+    }
+
+    fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        Ok(insert_run(self.tx, run, now)?)
+    }
+
+    fn transition(
+        &self,
+        step: &Move,
+        change: &Change,
+        now: Instant,
+    ) -> Result<Attempt, StoreError> {
+        transition_in(self.tx, step, change, now)
+    }
+
+    fn record_progress(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        percent: f64,
+        phase: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let current = cached_query_row(
+            self.tx,
+            "SELECT phase, progress_event_at, progress_event_pct, progress_event_phase FROM runs
+             WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+            params![run.0, attempt.0],
+            |row| {
+                Ok((
+                    row.get::<_, Option<String>>(0)?,
+                    row.get::<_, Option<i64>>(1)?,
+                    row.get::<_, Option<f64>>(2)?,
+                    row.get::<_, Option<String>>(3)?,
+                ))
+            },
+        )
+        .optional()?;
+        let Some((stored_phase, event_at, event_percent, event_phase)) = current else {
+            return Ok(false);
+        };
+        // A report without a phase keeps the one before.
+        let phase = phase.map(str::to_string).or(stored_phase);
+        let last_event = event_at.map(|at| LastProgressEvent {
+            at: from_micros(at),
+            percent: event_percent,
+            phase: event_phase.as_deref(),
+        });
+        let news = progress_is_news(last_event, percent, phase.as_deref(), now);
+        cached_execute(
+            self.tx,
+            "UPDATE runs SET progress = ?2, phase = ?3, heartbeat_at = ?4,
+                progress_event_at = CASE WHEN ?5 THEN ?4 ELSE progress_event_at END,
+                progress_event_pct = CASE WHEN ?5 THEN ?2 ELSE progress_event_pct END,
+                progress_event_phase = CASE WHEN ?5 THEN ?3 ELSE progress_event_phase END
+             WHERE id = ?1",
+            params![run.0, percent, phase, to_micros(now), news],
+        )?;
+        if news {
+            let message = match &phase {
+                Some(phase) => format!("{percent:.0}% {phase}"),
+                None => format!("{percent:.0}%"),
+            };
+            append_event(
+                self.tx,
+                now,
+                "run_progress",
+                None,
+                Some(run),
+                Some(attempt),
+                &message,
+            )?;
+        }
+        Ok(true)
+    }
+
+    fn record_checkpoint(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        checkpoint: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(cached_execute(
+            self.tx,
+            "UPDATE runs SET checkpoint = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+            params![run.0, attempt.0, checkpoint],
+        )? > 0)
+    }
+
+    fn hand_checkpoint(&self, run: RunId, checkpoint: &str) -> Result<bool, StoreError> {
+        Ok(cached_execute(
+            self.tx,
+            "UPDATE runs SET checkpoint = ?2 WHERE id = ?1 AND state = 'queued'",
+            params![run.0, checkpoint],
+        )? > 0)
+    }
+
+    fn record_result(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        result: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(cached_execute(
+            self.tx,
+            "UPDATE runs SET result = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+            params![run.0, attempt.0, result],
+        )? > 0)
+    }
+
+    fn record_pid(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        pid: u32,
+        spawned_at: Instant,
+    ) -> Result<bool, StoreError> {
+        cached_execute(
+            self.tx,
+            "UPDATE attempts SET pid = ?3, spawned_at = ?4 WHERE run_id = ?1 AND attempt = ?2",
+            params![run.0, attempt.0, pid, to_micros(spawned_at)],
+        )?;
+        Ok(cached_execute(
+            self.tx,
+            "UPDATE runs SET pid = ?3 WHERE id = ?1 AND attempt = ?2 AND state = 'running'",
+            params![run.0, attempt.0, pid],
+        )? > 0)
+    }
+
+    fn set_next_fire(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<(), StoreError> {
+        cached_execute(self.tx,
+            "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
+             ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
+            params![task.as_str(), next.map(to_micros), schedule],
+        )?;
+        Ok(())
+    }
+
+    fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO task_state(task, paused) VALUES (?1, ?2)
+             ON CONFLICT(task) DO UPDATE SET paused = excluded.paused",
+            params![task.as_str(), paused as i64],
+        )?;
+        let kind = if paused {
+            "task_paused"
+        } else {
+            "task_resumed"
+        };
+        append_event(self.tx, now, kind, Some(task.as_str()), None, None, "")?;
+        Ok(())
+    }
+
+    fn record_event(
+        &self,
+        kind: &str,
+        task: Option<&str>,
+        run: Option<RunId>,
+        message: &str,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
+        append_event(self.tx, now, kind, task, run, None, message)
+    }
+
+    fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE instances SET heartbeat_at = ?2 WHERE id = ?1",
+            params![owner, to_micros(now)],
+        )?;
+        self.tx.execute(
+            "UPDATE runs SET heartbeat_at = ?2 WHERE owner = ?1 AND state = 'running'",
+            params![owner, to_micros(now)],
+        )?;
+        Ok(())
+    }
+
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        get_run(self.tx, run)
+    }
+
+    fn flag_abort(&self, run: RunId, reason: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE runs SET abort_requested = 1, reason = ?2 WHERE id = ?1",
+            params![run.0, reason],
+        )?;
+        Ok(())
+    }
+
+    fn register_instance(
+        &self,
+        id: &str,
+        pid: u32,
+        host: &str,
+        serving: bool,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.tx.execute(
+            "INSERT INTO instances(id, pid, host, started_at, heartbeat_at, serving) VALUES (?1, ?2, ?3, ?4, ?4, ?5)",
+            params![id, pid, host, to_micros(now), serving as i64],
+        )?;
+        Ok(())
+    }
+
+    fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE instances SET api = ?2 WHERE id = ?1",
+            params![id, address],
+        )?;
+        Ok(())
+    }
+
+    fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE instances SET stopped_at = ?2 WHERE id = ?1",
+            params![id, to_micros(now)],
+        )?;
+        Ok(())
+    }
+
+    fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
+        let cutoff = to_micros(cutoff);
+        let tx = self.tx;
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            Ok(tx.query_row(sql, [cutoff], |row| row.get::<_, i64>(0))? as u64)
+        };
+        let counts = PruneCounts {
+            runs: count(&format!("SELECT COUNT(*) FROM ({OLD_RUNS})"))?,
+            attempts: count(&format!(
+                "SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"
+            ))?,
+            events: count(&format!("SELECT COUNT(*) {}", old_events()))?,
+        };
+        if !dry_run {
+            tx.execute(&format!("DELETE {}", old_events()), [cutoff])?;
+            tx.execute(
+                &format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"),
+                [cutoff],
+            )?;
+            tx.execute(
+                &format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"),
+                [cutoff],
+            )?;
+        }
+        Ok(counts)
+    }
+}
+
+/// Brings the database at `path` to [`SCHEMA_VERSION`]: creates a new one, migrates an
+/// older one ([`MIGRATIONS`]), refuses a newer one; then `schema.sql` adds whatever is
+/// missing. One `BEGIN IMMEDIATE` transaction: a second process opening the same file
+/// waits, then finds nothing left to do.
+fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let fail = |source| StoreError::Open {
+        path: path.to_path_buf(),
+        source,
+    };
+    let tx = connection
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(fail)?;
+    let has_meta: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(fail)?;
+    let stored: Option<String> = if has_meta {
+        tx.query_row(
+            "SELECT value FROM meta WHERE key = 'schema_version'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()
+        .map_err(fail)?
+    } else {
+        None
+    };
+    // No version: a new file, unless it has runs: version 1 created its tables and wrote
+    // its version in two steps, and may have been stopped between them.
+    let has_runs: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'runs')",
+            [],
+            |row| row.get(0),
+        )
+        .map_err(fail)?;
+    let found = match stored {
+        None if has_runs => 1,
+        None => SCHEMA_VERSION,
+        Some(text) => text.trim().parse::<usize>().map_err(|_| {
+            fail(rusqlite::Error::InvalidColumnType(
+                0,
+                format!("meta.schema_version = {text:?}"),
+                rusqlite::types::Type::Text,
+            ))
+        })?,
+    };
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::NewerSchema {
+            path: path.to_path_buf(),
+            found,
+        });
+    }
+    for migration in MIGRATIONS.iter().skip(found.saturating_sub(1)) {
+        tx.execute_batch(migration).map_err(fail)?;
+    }
+    tx.execute_batch(SCHEMA).map_err(fail)?;
+    tx.execute(
+        "INSERT INTO meta(key, value) VALUES ('schema_version', ?1)
+         ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        [SCHEMA_VERSION.to_string()],
+    )
+    .map_err(fail)?;
+    tx.commit().map_err(fail)
+}
+
+/// The finished runs [`Tx::prune`] removes: terminal before the cutoff `?1`, and not
+/// the root of a cascade still going.
+const OLD_RUNS: &str = "SELECT id FROM runs
+    WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+      AND COALESCE(finished_at, queued_at) < ?1
+      AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
+                     AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
+
+/// `FROM events WHERE …`: the events [`Tx::prune`] removes — before the cutoff `?1`,
+/// and about no run, an old run or a run already gone.
+pub(super) fn old_events() -> String {
+    format!(
+        "FROM events WHERE at < ?1
+           AND (run_id IS NULL OR run_id IN ({OLD_RUNS}) OR run_id NOT IN (SELECT id FROM runs))"
+    )
+}
+
+/// [`Backend::count_events`]: `?1` the start, `?2` a JSON list of kinds (`/health`).
+pub(super) const COUNT_EVENTS: &str =
+    "SELECT COUNT(*) FROM events WHERE at >= ?1 AND kind IN (SELECT value FROM json_each(?2))";
+
+/// [`Backend::events_after`]: `?1` the last sequence number seen, `?2` the limit (SSE).
+pub(super) const EVENTS_AFTER: &str =
+    "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+
+/// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
+fn serde_free_json_list(names: &[&str]) -> String {
+    let quoted: Vec<String> = names
+        .iter()
+        .map(|n| format!("\"{}\"", n.replace(['"', '\\'], "")))
+        .collect();
+    format!("[{}]", quoted.join(","))
+}
+
+fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
+    Ok(InstanceRow {
+        id: row.get(0)?,
+        pid: row.get(1)?,
+        host: row.get(2)?,
+        heartbeat_at: from_micros(row.get(3)?),
+        stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
+        serving: row.get::<_, i64>(5)? != 0,
+        api: row.get(6)?,
+    })
+}
+
+fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
+    cached_execute(tx,
+        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
+        params![
+            run.task.as_str(),
+            run.trigger.as_str(),
+            to_micros(run.scheduled_for),
+            to_micros(now),
+            run.max_attempts.max(1),
+            run.force as i64,
+            run.downstream as i64,
+            run.cascade.map(|c| c.0),
+        ],
+    )?;
+    let id = RunId(tx.last_insert_rowid());
+    if run.downstream && run.cascade.is_none() {
+        cached_execute(tx, "UPDATE runs SET cascade = id WHERE id = ?1", [id.0])?;
+    }
+    let message = format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339());
+    append_event(
+        tx,
+        now,
+        "run_queued",
+        Some(run.task.as_str()),
+        Some(id),
+        Some(Attempt(0)),
+        &message,
+    )
+    .map_err(|err| match err {
+        StoreError::Sql(sql) => sql,
+        other => rusqlite::Error::ToSqlConversionFailure(Box::new(other)),
+    })?;
+    Ok(id)
+}
+
+/// [`Tx::transition`]: the one UPDATE that writes `runs.state`, guarded by the expected
+/// state and attempt.
+fn transition_in(
+    tx: &Transaction<'_>,
+    step: &Move,
+    change: &Change,
+    now: Instant,
+) -> Result<Attempt, StoreError> {
+    let &Move {
+        run,
+        attempt,
+        from,
+        to,
+    } = step;
+    step.check_legal()?;
+    let now_micros = to_micros(now);
+    let starting = to == RunState::Running;
+    let new_attempt = if starting {
+        Attempt(attempt.0 + 1)
+    } else {
+        attempt
+    };
+    let finished_at = to.is_terminal().then_some(now_micros);
+    let changed = cached_execute(
+        tx,
+        "UPDATE runs SET
+            state = ?4,
+            attempt = ?5,
+            started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
+            finished_at = COALESCE(?8, finished_at),
+            exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
+            error = COALESCE(?10, error),
+            reason = COALESCE(?11, reason),
+            owner = CASE WHEN ?6 THEN ?12 WHEN ?4 = 'queued' THEN NULL ELSE owner END,
+            pid = CASE WHEN ?6 THEN NULL ELSE pid END,
+            heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
+            next_attempt_at = ?13,
+            progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
+            progress_event_at = CASE WHEN ?6 THEN NULL ELSE progress_event_at END,
+            progress_event_pct = CASE WHEN ?6 THEN NULL ELSE progress_event_pct END,
+            progress_event_phase = CASE WHEN ?6 THEN NULL ELSE progress_event_phase END,
+            max_attempts = max_attempts + ?14
+         WHERE id = ?1 AND state = ?2 AND attempt = ?3",
+        params![
+            run.0,
+            from.as_str(),
+            attempt.0,
+            to.as_str(),
+            new_attempt.0,
+            starting,
+            now_micros,
+            finished_at,
+            change.exit_code,
+            change.error,
+            change.reason,
+            change.owner,
+            change.next_attempt_at.map(to_micros),
+            change.refund_attempt as i64,
+        ],
+    )?;
+    if changed == 0 {
+        let found = get_run(tx, run)?.ok_or(StoreError::NotFound(run))?;
+        return Err(StoreError::Fenced {
+            run,
+            expected_state: from,
+            expected_attempt: attempt,
+            found_state: found.state,
+            found_attempt: found.attempt,
+        });
+    }
+    if starting {
+        cached_execute(
+            tx,
+            "INSERT INTO attempts(run_id, attempt, started_at, owner) VALUES (?1, ?2, ?3, ?4)",
+            params![run.0, new_attempt.0, now_micros, change.owner],
+        )?;
+    } else if from == RunState::Running {
+        let outcome = attempt_outcome(to);
+        cached_execute(
+            tx,
+            "UPDATE attempts SET finished_at = ?3, outcome = ?4, exit_code = ?5, error = ?6
+             WHERE run_id = ?1 AND attempt = ?2",
+            params![
+                run.0,
+                attempt.0,
+                now_micros,
+                outcome,
+                change.exit_code,
+                change.error
+            ],
+        )?;
+    }
+    let task: String =
+        cached_query_row(tx, "SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
+            row.get(0)
+        })?;
+    let (kind, message) = transition_event(to, change);
+    append_event(
+        tx,
+        now,
+        kind,
+        Some(&task),
+        Some(run),
+        Some(new_attempt),
+        &message,
+    )?;
+    Ok(new_attempt)
+}
+
+fn append_event(
+    tx: &Transaction<'_>,
+    now: Instant,
+    kind: &str,
+    task: Option<&str>,
+    run: Option<RunId>,
+    attempt: Option<Attempt>,
+    message: &str,
+) -> Result<i64, StoreError> {
+    let task = match (task, run) {
+        (Some(task), _) => Some(task.to_string()),
+        (None, Some(run)) => {
+            cached_query_row(tx, "SELECT task FROM runs WHERE id = ?1", [run.0], |row| {
+                row.get(0)
+            })
+            .optional()?
+        }
+        (None, None) => None,
+    };
+    cached_execute(tx,
+        "INSERT INTO events(at, kind, task, run_id, attempt, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        params![to_micros(now), kind, task, run.map(|r| r.0), attempt.map(|a| a.0), message],
+    )?;
+    Ok(tx.last_insert_rowid())
+}
+
+fn get_run(connection: &Connection, run: RunId) -> Result<Option<RunRow>, StoreError> {
+    let mut statement =
+        connection.prepare_cached(&format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = ?1"))?;
+    let row = statement
+        .query_row([run.0], |row| Ok(read_run(row)))
+        .optional()?;
+    row.transpose()
+}
+
+fn collect_runs(
+    rows: impl Iterator<Item = rusqlite::Result<Result<RunRow, StoreError>>>,
+) -> Result<Vec<RunRow>, StoreError> {
+    let mut out = Vec::new();
+    for row in rows {
+        out.push(row??);
+    }
+    Ok(out)
+}
+
+fn read_run(row: &Row<'_>) -> Result<RunRow, StoreError> {
+    let id = RunId(row.get(0)?);
+    let trigger_text: String = row.get(2)?;
+    let state_text: String = row.get(7)?;
+    let trigger = Trigger::parse(&trigger_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: trigger_text.clone(),
+    })?;
+    let state = RunState::parse(&state_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: state_text.clone(),
+    })?;
+    let instant = |index: usize| -> rusqlite::Result<Option<Instant>> {
+        Ok(row.get::<_, Option<i64>>(index)?.map(from_micros))
+    };
+    Ok(RunRow {
+        id,
+        task: TaskName(row.get(1)?),
+        trigger,
+        scheduled_for: from_micros(row.get(3)?),
+        queued_at: from_micros(row.get(4)?),
+        started_at: instant(5)?,
+        finished_at: instant(6)?,
+        state,
+        attempt: Attempt(row.get(8)?),
+        max_attempts: row.get(9)?,
+        next_attempt_at: instant(10)?,
+        exit_code: row.get(11)?,
+        error: row.get(12)?,
+        reason: row.get(13)?,
+        progress: row.get(14)?,
+        phase: row.get(15)?,
+        checkpoint: row.get(16)?,
+        result: row.get(17)?,
+        owner: row.get(18)?,
+        pid: row.get(19)?,
+        heartbeat_at: instant(20)?,
+        abort_requested: row.get::<_, i64>(21)? != 0,
+        force: row.get::<_, i64>(22)? != 0,
+        downstream: row.get::<_, i64>(23)? != 0,
+        cascade: row.get::<_, Option<i64>>(24)?.map(RunId),
+    })
+}
+
+/// `execute` through the connection's statement cache: at a thousand runs a second,
+/// parsing the same SQL again is a tenth of the engine's CPU.
+pub(crate) fn cached_execute(
+    connection: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> rusqlite::Result<usize> {
+    connection.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` through the connection's statement cache.
+pub(crate) fn cached_query_row<T>(
+    connection: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+    f: impl FnOnce(&rusqlite::Row<'_>) -> rusqlite::Result<T>,
+) -> rusqlite::Result<T> {
+    connection.prepare_cached(sql)?.query_row(params, f)
+}
