@@ -92,6 +92,14 @@ retry_backoff = { initial = "400ms", factor = 2.0, max = "10s", jitter = false }
     let result: serde_json::Value = serde_json::from_str(run.result.as_deref().unwrap()).unwrap();
     assert_eq!(result["resumed_from_step"], 10);
     assert_eq!(result["attempt"], 3);
+    // The checkpoint lives in the store; the copy handed to the child is gone with the run.
+    assert!(run.checkpoint.as_deref().unwrap_or("").contains("step"));
+    let folder = sandbox.path().join("data/state/checkpoints");
+    assert!(folder.is_dir(), "the retries were handed copies");
+    let copies = std::fs::read_dir(&folder)
+        .map(|dir| dir.count())
+        .unwrap_or(0);
+    assert_eq!(copies, 0, "no checkpoint file left behind");
     assert_eq!(
         sandbox.event_kinds(run.id),
         vec![
