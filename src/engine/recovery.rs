@@ -53,6 +53,10 @@ impl Engine {
         let mut behind = chrono::TimeDelta::zero();
         // New next fires are written together: one transaction, not one per task.
         let mut fresh: Vec<(TaskName, Option<Instant>, String)> = Vec::new();
+        let mut states = self.store.task_states().unwrap_or_else(|err| {
+            warn!("cannot read the tasks' stored next fires: {err}");
+            Default::default()
+        });
         for (index, spec) in config.tasks.values().enumerate() {
             if index % 256 == 255 && self.cancel.is_cancelled() {
                 return;
@@ -61,7 +65,7 @@ impl Engine {
                 continue;
             };
             let key = schedule_key(schedule);
-            let state = self.store.task_state(&spec.name).unwrap_or_default();
+            let state = states.remove(&spec.name).unwrap_or_default();
             match (state.next_fire_at, state.schedule) {
                 (Some(next), Some(stored)) if stored == key && next <= now => {
                     due.push((spec.name.clone(), next));

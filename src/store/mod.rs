@@ -28,7 +28,7 @@
 //! each step; the row is what `GET /scheduler/runs/<id>` and the dashboard show. The rule
 //! is `progress_is_news`, here, shared by every backend.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -407,6 +407,8 @@ pub trait Backend: Send + Sync {
     fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError>;
     /// Persisted state of `task` (defaults if never seen).
     fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError>;
+    /// Persisted state of every task that has any (one read at start-up, not one a task).
+    fn task_states(&self) -> Result<HashMap<TaskName, TaskStateRow>, StoreError>;
     /// The ticks of `task` in `[from, to]` that a scheduled or catch-up run has claimed.
     fn claimed_ticks(
         &self,
@@ -797,6 +799,11 @@ impl Store {
     /// [`Backend::task_state`].
     pub fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
         self.backend.task_state(task)
+    }
+
+    /// [`Backend::task_states`].
+    pub fn task_states(&self) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+        self.backend.task_states()
     }
 
     /// [`Backend::claimed_ticks`].

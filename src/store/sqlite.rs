@@ -11,7 +11,7 @@
 //! Durability: WAL with `synchronous = NORMAL`. A killed process (kill -9, panic, OOM)
 //! loses no committed transaction; a power cut may lose the last few, never consistency.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
@@ -135,12 +135,7 @@ impl Backend for SqliteBackend {
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
         let connection = self.lock();
-        let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs
-             WHERE (?1 IS NULL OR task = ?1) AND (?2 IS NULL OR state = ?2) AND (?3 IS NULL OR id < ?3)
-               AND (?5 IS NULL OR queued_at >= ?5)
-             ORDER BY id DESC LIMIT ?4"
-        ))?;
+        let mut statement = connection.prepare_cached(&runs_sql(filter))?;
         let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
         let rows = statement.query_map(
             params![
@@ -225,6 +220,25 @@ impl Backend for SqliteBackend {
             })
             .optional()?;
         Ok(row.unwrap_or_default())
+    }
+
+    fn task_states(&self) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(
+            "SELECT task, paused, last_fire_at, next_fire_at, schedule FROM task_state",
+        )?;
+        let rows = statement.query_map([], |row| {
+            Ok((
+                TaskName::from(row.get::<_, String>(0)?.as_str()),
+                TaskStateRow {
+                    paused: row.get::<_, i64>(1)? != 0,
+                    last_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                    next_fire_at: row.get::<_, Option<i64>>(3)?.map(from_micros),
+                    schedule: row.get(4)?,
+                },
+            ))
+        })?;
+        Ok(rows.collect::<Result<_, _>>()?)
     }
 
     fn claimed_ticks(
@@ -941,6 +955,30 @@ fn get_run(connection: &Connection, run: RunId) -> Result<Option<RunRow>, StoreE
         .query_row([run.0], |row| Ok(read_run(row)))
         .optional()?;
     row.transpose()
+}
+
+/// The query of [`Backend::runs`] for `filter`: only the conditions given are written,
+/// since `(?1 IS NULL OR task = ?1)` would keep SQLite from the (task, id) index and scan
+/// the whole history for one task. The first term names every parameter, so each variant
+/// binds the same five (task, state, before, limit, since).
+pub(super) fn runs_sql(filter: &RunFilter) -> String {
+    let mut conditions = vec!["coalesce(?1, ?2, ?3, ?5, 1) IS NOT NULL"];
+    if filter.task.is_some() {
+        conditions.push("task = ?1");
+    }
+    if filter.state.is_some() {
+        conditions.push("state = ?2");
+    }
+    if filter.before.is_some() {
+        conditions.push("id < ?3");
+    }
+    if filter.since.is_some() {
+        conditions.push("queued_at >= ?5");
+    }
+    format!(
+        "SELECT {RUN_COLUMNS} FROM runs WHERE {} ORDER BY id DESC LIMIT ?4",
+        conditions.join(" AND ")
+    )
 }
 
 fn collect_runs(

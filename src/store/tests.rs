@@ -84,6 +84,23 @@ fn plan(backend: &SqliteBackend, sql: &str) -> String {
     lines.join("\n")
 }
 
+/// Start-up read each task's recent runs with `(?1 IS NULL OR task = ?1)`, which scanned
+/// the whole history once per task.
+#[test]
+fn the_runs_of_one_task_are_read_through_the_task_index() {
+    let (_dir, backend, _store) = open();
+    let filter = super::RunFilter {
+        task: Some("t".into()),
+        limit: 100,
+        ..super::RunFilter::default()
+    };
+    let one_task = plan(&backend, &super::sqlite::runs_sql(&filter));
+    assert!(
+        one_task.contains("SEARCH runs USING INDEX runs_task (task=?)"),
+        "{one_task}"
+    );
+}
+
 /// Issue "One room per job", item 7: `/health` and prune scanned the whole event log.
 #[test]
 fn event_queries_search_an_index_instead_of_scanning_the_log() {
