@@ -335,19 +335,47 @@ fn random_walk(
         .collect())
 }
 
-/// Model speed: training (GBDT) on `rows` × `cols`, exact TreeSHAP on `shap_rows` rows,
-/// drift over `drift_rows` × `cols` (baseline and current), and a 20-year walk-forward over
-/// two symbols with monthly retraining.
-pub(crate) fn models(
-    rows: usize,
-    cols: usize,
-    shap_rows: usize,
-    drift_rows: usize,
-) -> Result<ExitCode> {
+/// What `bench-models` measures: the training set's shape, the benchmarked GBDT, and the
+/// sizes of the TreeSHAP and drift measurements.
+pub(crate) struct ModelsBench {
+    /// Training rows.
+    pub(crate) rows: usize,
+    /// Features.
+    pub(crate) cols: usize,
+    /// Trees.
+    pub(crate) trees: usize,
+    /// Maximum tree depth.
+    pub(crate) depth: usize,
+    /// Learning rate.
+    pub(crate) learning_rate: f32,
+    /// Rows explained by TreeSHAP.
+    pub(crate) shap_rows: usize,
+    /// Rows per side of the drift comparison.
+    pub(crate) drift_rows: usize,
+}
+
+/// Model speed: training (GBDT, `trees` of depth `depth`) on `rows` × `cols`, exact
+/// TreeSHAP on `shap_rows` rows with its local-accuracy error (max |Σφ + E − raw|), drift
+/// over `drift_rows` × `cols` (baseline and current), the exact KS p-value at 10,000 × 60,
+/// and a 20-year walk-forward over two symbols with monthly retraining.
+pub(crate) fn models(settings: &ModelsBench) -> Result<ExitCode> {
     use rand::{Rng, SeedableRng};
     use std::collections::BTreeMap;
     use turbosched::pipeline::model::{Gbdt, GbdtParams, Model, Table};
     use turbosched::pipeline::{backtest, drift};
+    let ModelsBench {
+        rows,
+        cols,
+        trees,
+        depth,
+        learning_rate,
+        shap_rows,
+        drift_rows,
+    } = *settings;
+    anyhow::ensure!(
+        cols >= 3,
+        "--cols: expected at least 3 features, found {cols}"
+    );
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
     let mut x = Table::with_columns(cols);
     let mut y = Vec::with_capacity(rows);
@@ -358,22 +386,31 @@ pub(crate) fn models(
         x.push(&row);
     }
     let mut model = Gbdt::new(GbdtParams {
-        iterations: 100,
+        iterations: trees,
+        max_depth: depth,
+        learning_rate,
         ..GbdtParams::default()
     });
     let started = std::time::Instant::now();
     model.fit(&x, &y).map_err(|e| anyhow::anyhow!(e))?;
     println!(
-        "train: GBDT, 100 trees (depth 3) on {rows} rows × {cols} features in {:.2} s",
+        "train: GBDT, {trees} trees (depth {depth}, learning rate {learning_rate}) on {rows} rows × {cols} features in {:.2} s",
         started.elapsed().as_secs_f64()
     );
     let sample = x.select(&(0..shap_rows.min(rows)).collect::<Vec<_>>());
     let started = std::time::Instant::now();
     let explanation = model.explain(&sample);
+    let shap_seconds = started.elapsed().as_secs_f64();
+    // Local accuracy: each row's contributions plus the expected value give its raw output.
+    let local_accuracy = explanation
+        .values
+        .iter()
+        .zip(model.raw(&sample))
+        .map(|(phi, raw)| (phi.iter().sum::<f64>() + explanation.expected_value - raw).abs())
+        .fold(0.0, f64::max);
     println!(
-        "shap: exact TreeSHAP for {} rows × {cols} features in {:.3} s",
+        "shap: exact TreeSHAP for {} rows × {cols} features in {shap_seconds:.3} s; local accuracy max |Σφ + E − raw| = {local_accuracy:.1e}",
         explanation.values.len(),
-        started.elapsed().as_secs_f64()
     );
 
     let names: Vec<String> = (0..cols).map(|j| format!("f{j}")).collect();
@@ -402,6 +439,23 @@ pub(crate) fn models(
         started.elapsed().as_secs_f64()
     );
 
+    // The exact KS p-value at the largest sample it is used for: 10,000 baseline values
+    // against a 60-day window.
+    let mut baseline: Vec<f64> = (0..drift::KS_EXACT_MAX_N)
+        .map(|_| rng.gen::<f64>())
+        .collect();
+    let mut window: Vec<f64> = (0..60).map(|_| rng.gen::<f64>() * 0.9 + 0.05).collect();
+    baseline.sort_unstable_by(f64::total_cmp);
+    window.sort_unstable_by(f64::total_cmp);
+    let d = drift::ks_statistic(&baseline, &window);
+    let (p, method) = drift::ks_p_value(d, baseline.len(), window.len());
+    let (n, m) = (baseline.len(), window.len());
+    println!(
+        "ks: exact two-sided p-value at {n} × {m}: {:.3} ms per call at D = {d:.4} (p = {p:.4}, {method:?}); {:.3} ms at D = 0.5",
+        ks_ms_per_call(d, n, m),
+        ks_ms_per_call(0.5, n, m),
+    );
+
     let bars: BTreeMap<String, _> = random_walk(2, 5040)?
         .into_iter()
         .enumerate()
@@ -418,6 +472,20 @@ pub(crate) fn models(
         started.elapsed().as_secs_f64()
     );
     Ok(ExitCode::SUCCESS)
+}
+
+/// Mean milliseconds of one KS p-value for D = `d` and samples of `n` and `m` values.
+fn ks_ms_per_call(d: f64, n: usize, m: usize) -> f64 {
+    let calls = 200;
+    let started = std::time::Instant::now();
+    for _ in 0..calls {
+        std::hint::black_box(turbosched::pipeline::drift::ks_p_value(
+            std::hint::black_box(d),
+            n,
+            m,
+        ));
+    }
+    started.elapsed().as_secs_f64() * 1000.0 / f64::from(calls)
 }
 
 /// Mean milliseconds to start and reap `/bin/true`, one at a time.

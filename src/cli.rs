@@ -176,6 +176,15 @@ enum Cmd {
         /// Features.
         #[arg(long, default_value_t = 20)]
         cols: usize,
+        /// Trees of the benchmarked GBDT (xgboost's and lightgbm's quoted figures: 100).
+        #[arg(long, default_value_t = 100)]
+        trees: usize,
+        /// Maximum depth of its trees (the references are quoted at 6, i.e. 64 leaves).
+        #[arg(long, default_value_t = 3)]
+        depth: usize,
+        /// Its learning rate (the references: 0.1).
+        #[arg(long, default_value_t = 0.05)]
+        learning_rate: f32,
         /// Rows explained by TreeSHAP.
         #[arg(long, default_value_t = 1_000)]
         shap_rows: usize,
@@ -257,9 +266,20 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::BenchModels {
             rows,
             cols,
+            trees,
+            depth,
+            learning_rate,
             shap_rows,
             drift_rows,
-        } => crate::bench::models(rows, cols, shap_rows, drift_rows),
+        } => crate::bench::models(&crate::bench::ModelsBench {
+            rows,
+            cols,
+            trees,
+            depth,
+            learning_rate,
+            shap_rows,
+            drift_rows,
+        }),
         Cmd::BenchSeed { runs } => crate::bench::seed(&load(&cli.config)?, runs),
     }
 }

@@ -199,7 +199,9 @@ pub struct ReturnMetrics {
     pub sharpe: f64,
     /// mean × 252 / (√(mean(min(r, 0)²)) × √252).
     pub sortino: f64,
-    /// min over t of wealth_t / max_{s ≤ t} wealth_s − 1 (≤ 0).
+    /// min over t of wealth_t / max_{0 ≤ s ≤ t} wealth_s − 1 (≤ 0), the running peak
+    /// including the starting wealth W₀ = 1 as empyrical's does: a series that opens with
+    /// a loss draws down from 1.
     pub max_drawdown: f64,
     /// annual_return / |max_drawdown|.
     pub calmar: f64,
@@ -224,7 +226,9 @@ pub fn return_metrics(returns: &[f64], positions: &[f64]) -> ReturnMetrics {
     let std = (returns.iter().map(|r| (r - mean).powi(2)).sum::<f64>() / (n - 1.0)).sqrt();
     let downside = (returns.iter().map(|r| r.min(0.0).powi(2)).sum::<f64>() / n).sqrt()
         * PERIODS_PER_YEAR.sqrt();
-    let (mut wealth, mut peak, mut max_drawdown) = (1.0f64, f64::NEG_INFINITY, 0.0f64);
+    // The peak starts at W₀ = 1 (empyrical prepends the starting value before its running
+    // maximum), so a loss on the first day is a drawdown.
+    let (mut wealth, mut peak, mut max_drawdown) = (1.0f64, 1.0f64, 0.0f64);
     for r in returns {
         wealth *= 1.0 + r;
         peak = peak.max(wealth);
@@ -328,7 +332,7 @@ pub struct Day {
     pub strategy_equity: f64,
     /// Growth of 1 in buy-and-hold.
     pub benchmark_equity: f64,
-    /// The strategy's drawdown from its peak so far (≤ 0).
+    /// The strategy's drawdown from its peak so far, the starting wealth 1 included (≤ 0).
     pub drawdown: f64,
 }
 
@@ -381,7 +385,8 @@ pub fn evaluate(predictions: &[Prediction], plan: &Plan) -> Evaluation {
             }),
         );
     }
-    let (mut strategy_equity, mut benchmark_equity, mut peak) = (1.0, 1.0, f64::NEG_INFINITY);
+    // The peak starts at the starting wealth 1, as in `return_metrics`.
+    let (mut strategy_equity, mut benchmark_equity, mut peak) = (1.0, 1.0, 1.0);
     let days: Vec<Day> = per_date
         .into_iter()
         .map(|(ts, (s, b, p, n))| {
@@ -629,6 +634,71 @@ mod tests {
         assert_eq!(m.trades, 3);
         assert!(close(m.turnover, 0.6));
         assert!(close(m.exposure, 0.8));
+    }
+
+    fn relative_close(a: f64, b: f64) -> bool {
+        (a - b).abs() <= 1e-12 * b.abs()
+    }
+
+    /// Issue 14, item 1: the running peak starts at the starting wealth W₀ = 1, as
+    /// empyrical's `max_drawdown` does (it prepends the starting value to the cumulative
+    /// returns before the running maximum).
+    #[test]
+    fn max_drawdown_counts_from_the_starting_wealth_on_a_three_day_series() {
+        let m = return_metrics(&[-0.01, 0.02, 0.01], &[1.0; 3]);
+        // Wealth 1 → 0.99 → 1.0098 → 1.019898: the trough 0.99 is 1% below W₀ = 1, and
+        // the new highs after it draw nothing down.
+        assert!(close(m.max_drawdown, -0.01), "{m:?}");
+        // Calmar = annual return / |max drawdown|, annual return = 1.019898^(252/3) − 1
+        // = 1.019898^84 − 1 = 4.23318601270346759… (50-digit decimal arithmetic), so
+        // Calmar = 423.318601270346759…
+        let annual = 1.019898f64.powf(84.0) - 1.0;
+        assert!(relative_close(m.annual_return, annual), "{m:?}");
+        assert!(relative_close(m.calmar, annual / 0.01), "{m:?}");
+        assert!((m.calmar - 423.318_601_270_346_76).abs() < 1e-9, "{m:?}");
+    }
+
+    #[test]
+    fn a_series_opening_with_a_loss_draws_down_from_one_until_it_regains_it() {
+        let r = [-0.10, 0.05, -0.10, 0.20];
+        let m = return_metrics(&r, &[1.0; 4]);
+        // Wealth 0.9, 0.945, 0.8505, 1.0206: 1 is not regained before the trough 0.8505,
+        // so the drawdown is 0.8505 / 1 − 1 = −0.1495 (not 0.8505 / 0.945 − 1 = −0.1).
+        assert!(close(m.max_drawdown, -0.1495), "{m:?}");
+        // Annual return 1.0206^(252/4) − 1 = 1.0206^63 − 1 = 2.61327096941424404…;
+        // Calmar = 2.61327096941424404… / 0.1495 = 17.4800733740083213…
+        assert!(relative_close(
+            m.calmar,
+            (1.0206f64.powi(63) - 1.0) / 0.1495
+        ));
+        assert!((m.calmar - 17.480_073_374_008_32).abs() < 1e-10, "{m:?}");
+
+        // The per-day drawdown of `evaluate` (daily.csv and the chart) counts from 1 too.
+        let predictions: Vec<Prediction> = ["2020-01-01", "2020-01-02", "2020-01-03", "2020-01-06"]
+            .iter()
+            .zip(r)
+            .map(|(ts, next_return)| Prediction {
+                symbol: "X".into(),
+                ts: ts.to_string(),
+                prob_up: 0.9,
+                up: next_return > 0.0,
+                next_return,
+            })
+            .collect();
+        let plan = Plan {
+            cost_bps: 0.0,
+            ..Plan::default()
+        };
+        let e = evaluate(&predictions, &plan);
+        let drawdown: Vec<f64> = e.days.iter().map(|d| d.drawdown).collect();
+        for (found, expected) in drawdown.iter().zip([-0.1, -0.055, -0.1495, 0.0]) {
+            assert!(close(*found, expected), "{drawdown:?}");
+        }
+        let portfolio = e.metrics["portfolio"]["strategy"]["max_drawdown"].as_f64();
+        assert!(
+            portfolio.is_some_and(|d| close(d, -0.1495)),
+            "{portfolio:?}"
+        );
     }
 
     #[test]

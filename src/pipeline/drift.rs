@@ -8,8 +8,13 @@
 //!   open-ended; p = baseline share per bin, q = current share;
 //! - PSI = Σ (q − p)·ln(q / p), p and q each floored at 1e-6, not renormalised;
 //! - KL(current ‖ baseline) = Σ q'·ln(q'/p') over the floored shares renormalised to sum 1;
-//! - KS: D = sup |F_baseline − F_current| and the asymptotic two-sided p-value
-//!   Q(√(nm/(n+m))·D), Q(λ) = 2 Σ_{k≥1} (−1)^{k−1} e^{−2k²λ²} (statrs' `TwoSidedAsymptotic`);
+//! - KS: D = sup |F_baseline − F_current|, both ECDFs evaluated at every value of the
+//!   merged sample (tied values step both at once, as scipy's `ks_2samp`); its two-sided
+//!   p-value by scipy's `method='auto'` rule ([`ks_p_value`]): exact when the larger sample
+//!   has at most [`KS_EXACT_MAX_N`] values ([`ks_p_exact`], the lattice-path counting of
+//!   scipy's `_attempt_exact_2kssamp`), else — or when the exact computation fails — the
+//!   asymptotic Q(√(nm/(n+m))·D), Q(λ) = 2 Σ_{k≥1} (−1)^{k−1} e^{−2k²λ²} ([`ks_p_asymptotic`],
+//!   statrs' `TwoSidedAsymptotic`); each result says which ([`KsMethod`]);
 //! - a feature has drifted when PSI ≥ `psi_significant`, or when PSI ≥ `psi_moderate` and
 //!   the KS p-value < `ks_alpha`; the model needs retraining when the share of drifted
 //!   features ≥ `max_drifted_share`.
@@ -66,8 +71,10 @@ pub struct FeatureDrift {
     pub kl: f64,
     /// Two-sample KS statistic.
     pub ks_d: f64,
-    /// Its asymptotic two-sided p-value.
+    /// Its two-sided p-value.
     pub ks_p: f64,
+    /// Which distribution gave `ks_p`: `exact` or `asymptotic`.
+    pub ks_method: KsMethod,
     /// `stable`, `moderate` or `significant` by PSI.
     pub level: &'static str,
     /// Whether this feature counts as drifted.
@@ -144,8 +151,145 @@ pub fn ks_statistic(a: &[f64], b: &[f64]) -> f64 {
     d
 }
 
+/// Which distribution a KS p-value comes from (recorded per feature in the drift log).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KsMethod {
+    /// The exact null distribution of D for these sample sizes ([`ks_p_exact`]).
+    Exact,
+    /// Kolmogorov's limiting distribution ([`ks_p_asymptotic`]).
+    Asymptotic,
+}
+
+/// The exact p-value is tried when the larger sample has at most this many values
+/// (scipy's `MAX_AUTO_N` of `ks_2samp(method='auto')`).
+pub const KS_EXACT_MAX_N: usize = 10_000;
+
+/// The two-sided p-value of the two-sample KS statistic `d` for samples of sizes `n` and
+/// `m`, by scipy's `ks_2samp(method='auto')` rule: [`ks_p_exact`] when max(n, m) ≤
+/// [`KS_EXACT_MAX_N`] and it succeeds, else [`ks_p_asymptotic`].
+///
+/// Ties: `d` is the statistic of the merged sample with ties stepping both ECDFs at once
+/// ([`ks_statistic`]); the exact distribution assumes continuous data (no ties), as
+/// scipy's does. With ties the p-value is conservative: for any assignment of the pooled
+/// values to the two samples, D compared only at the ends of tie groups is at most D
+/// compared at every position, whose distribution is the no-ties one; so the tie-aware
+/// permutation p-value is never above the one given (checked by enumeration in a test).
+pub fn ks_p_value(d: f64, n: usize, m: usize) -> (f64, KsMethod) {
+    if n.max(m) <= KS_EXACT_MAX_N {
+        if let Some(p) = ks_p_exact(d, n, m) {
+            return (p, KsMethod::Exact);
+        }
+    }
+    (ks_p_asymptotic(d, n, m), KsMethod::Asymptotic)
+}
+
+/// The exact two-sided p-value P(D ≥ d) of the two-sample KS statistic for samples of
+/// sizes `n` and `m` with no ties; `None` when it cannot be computed accurately (an empty
+/// sample, or a result that is not a finite probability), where scipy falls back too.
+///
+/// A port of scipy's `_attempt_exact_2kssamp` (two-sided): with g = gcd(n, m) and
+/// lcm = n·m/g, D takes values h/lcm, so h = round(d·lcm) (which also absorbs the rounding
+/// of `d`). D = 0 gives 1. For n = m, `_compute_prob_outside_square`: the alternating sum
+/// 2 Σ_k (−1)^{k−1} C(2n, n − kh) / C(2n, n) evaluated Horner-wise with each ratio a
+/// product of h simple factors, which avoids both the binomials' overflow and the
+/// subtractive cancellation. For n ≠ m, `_compute_outer_prob_inside_method`: the lattice
+/// paths from (0, 0) to (m, n) that leave the band |x/m − y/n| < h/lcm, counted column by
+/// column over a sliding window with Viehmann's (2021) recursion, which carries the share
+/// of paths that left instead of path counts, so every value stays in [0, 1] and no
+/// rescaling is needed. Cost: O(max(n, m) · min(n, m)) at worst.
+pub fn ks_p_exact(d: f64, n: usize, m: usize) -> Option<f64> {
+    if n == 0 || m == 0 || !d.is_finite() {
+        return None;
+    }
+    let (n, m) = (n as i64, m as i64);
+    let g = gcd(n, m);
+    let lcm = (n / g) * m;
+    let h = (d * lcm as f64).round_ties_even() as i64;
+    if h <= 0 {
+        return Some(1.0);
+    }
+    let p = if n == m {
+        prob_outside_square(n, h.min(n))
+    } else {
+        outer_prob_inside(n, m, g, h.min(lcm))?
+    };
+    // One deviation from scipy: a result past [0, 1] by rounding alone (n = m = 5, D = 1/5
+    // gives 1 + 2⁻⁵²) is clipped and stays exact, where scipy falls back to the asymptotic
+    // value with a warning.
+    const ROUNDING: f64 = 1e-12;
+    (p.is_finite() && (-ROUNDING..=1.0 + ROUNDING).contains(&p)).then(|| p.clamp(0.0, 1.0))
+}
+
+fn gcd(mut a: i64, mut b: i64) -> i64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// scipy's `_compute_prob_outside_square(n, h)`: P(D_{n,n} ≥ h/n), 0 < h ≤ n.
+/// P = 2·A₀(1 − A₁(1 − A₂(1 − …))), A_k = C(2n, n − kh)/C(2n, n − (k−1)h) as h factors.
+fn prob_outside_square(n: i64, h: i64) -> f64 {
+    let mut p = 0.0;
+    let mut k = n / h;
+    while k >= 0 {
+        let mut p1 = 1.0;
+        for j in 0..h {
+            p1 = (n - k * h - j) as f64 * p1 / (n + k * h + j + 1) as f64;
+        }
+        p = p1 * (1.0 - p);
+        k -= 1;
+    }
+    2.0 * p
+}
+
+/// scipy's `_compute_outer_prob_inside_method(m, n, g, h)`: the share of lattice paths
+/// from (0, 0) to (m, n) that do not stay strictly inside |x/m − y/n| < h/lcm(m, n).
+/// `None` if an index leaves the window (it never should; no panic on data either way).
+fn outer_prob_inside(m: i64, n: i64, g: i64, h: i64) -> Option<f64> {
+    // Symmetric in m and n; the columns run over the larger one.
+    let (m, n) = if m < n { (n, m) } else { (m, n) };
+    let (mg, ng) = (m / g, n / g);
+    let floor_div = |a: i64, b: i64| a.div_euclid(b);
+    let ceil_div = |a: i64, b: i64| -((-a).div_euclid(b));
+    // A(x, y) = share of the paths to (x, y) that have left the band; only a sliding window
+    // [min_j, max_j) of one column is kept.
+    let (mut min_j, mut max_j) = (0i64, ceil_div(h, mg).min(n + 1));
+    let mut current_len = max_j - min_j;
+    let len = (2 * max_j + 2).min(n + 1) as usize;
+    let mut a = vec![1.0f64; len];
+    for value in a.iter_mut().take(max_j as usize) {
+        *value = 0.0;
+    }
+    for i in 1..=m {
+        let (last_min_j, last_len) = (min_j, current_len);
+        min_j = (floor_div(ng * i - h, mg) + 1).max(0).min(n);
+        max_j = ceil_div(ng * i + h, mg).min(n + 1);
+        if max_j <= min_j {
+            return Some(1.0);
+        }
+        let mut value = if min_j == 0 { 0.0 } else { 1.0 };
+        for jj in 0..max_j - min_j {
+            let j = jj + min_j;
+            let left = *a.get((jj + min_j - last_min_j) as usize)?;
+            value = (left * i as f64 + value * j as f64) / (i + j) as f64;
+            *a.get_mut(jj as usize)? = value;
+        }
+        current_len = max_j - min_j;
+        if last_len > current_len {
+            // Slots past this column's window still hold the last column's values; the
+            // next column reads them as cells above the band, which every path has left.
+            let start = ((max_j - min_j) as usize).min(len);
+            let end = (start + (last_len - current_len) as usize).min(len);
+            a[start..end].fill(1.0);
+        }
+    }
+    a.get((max_j - min_j - 1) as usize).copied()
+}
+
 /// Kolmogorov's asymptotic two-sided p-value of `d` for samples of sizes `n` and `m`.
-pub fn ks_p_value(d: f64, n: usize, m: usize) -> f64 {
+pub fn ks_p_asymptotic(d: f64, n: usize, m: usize) -> f64 {
     let en = (n as f64 * m as f64) / (n as f64 + m as f64);
     let lambda = en.sqrt() * d;
     if lambda < 0.2 {
@@ -175,7 +319,7 @@ pub fn compare(
     let (p, q) = (shares(baseline_sorted, &e), shares(current_sorted, &e));
     let psi = psi(&p, &q);
     let ks_d = ks_statistic(baseline_sorted, current_sorted);
-    let ks_p = ks_p_value(ks_d, baseline_sorted.len(), current_sorted.len());
+    let (ks_p, ks_method) = ks_p_value(ks_d, baseline_sorted.len(), current_sorted.len());
     let level = if psi >= thresholds.psi_significant {
         "significant"
     } else if psi >= thresholds.psi_moderate {
@@ -189,6 +333,7 @@ pub fn compare(
         kl: kl(&p, &q),
         ks_d,
         ks_p,
+        ks_method,
         level,
         drifted: level == "significant" || (level == "moderate" && ks_p < thresholds.ks_alpha),
     }
@@ -309,12 +454,16 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let retrain_required = share >= max_drifted_share;
     for r in &results {
         println!(
-            "{:<14} PSI {:>8.4}  KL {:>8.4}  KS D {:.4} p {:.3e}  {}{}",
+            "{:<14} PSI {:>8.4}  KL {:>8.4}  KS D {:.4} p {:.3e} ({})  {}{}",
             r.feature,
             r.psi,
             r.kl,
             r.ks_d,
             r.ks_p,
+            match r.ks_method {
+                KsMethod::Exact => "exact",
+                KsMethod::Asymptotic => "asymptotic",
+            },
             r.level,
             if r.drifted { "  DRIFTED" } else { "" }
         );
@@ -539,12 +688,262 @@ mod tests {
             (1.73, 0.0050, 0.0002),
             (1.95, 0.0010, 0.0001),
         ] {
-            let p = ks_p_value(lambda / 10.0, 200, 200);
+            let p = ks_p_asymptotic(lambda / 10.0, 200, 200);
             assert!(
                 (p - published).abs() < tolerance,
                 "Q({lambda}) = {p}, published {published}"
             );
         }
+    }
+
+    /// Every way of interleaving `n` values of one sample with `m` of the other (sample
+    /// `a` takes the merged positions of the mask's bits), as ECDF-difference maxima in
+    /// units of 1/(n·m): max over prefixes of |i·m − j·n|. `group_ends` lists the merged
+    /// positions after which the ECDFs are compared (every position without ties; the
+    /// ends of the tie groups with them).
+    fn every_interleaving(n: usize, m: usize, group_ends: &[usize]) -> Vec<i64> {
+        let total = n + m;
+        (0u32..1 << total)
+            .filter(|mask| mask.count_ones() as usize == n)
+            .map(|mask| {
+                let (mut i, mut j, mut largest) = (0i64, 0i64, 0i64);
+                for position in 0..total {
+                    if mask >> position & 1 == 1 {
+                        i += 1;
+                    } else {
+                        j += 1;
+                    }
+                    if group_ends.contains(&position) {
+                        largest = largest.max((i * m as i64 - j * n as i64).abs());
+                    }
+                }
+                largest
+            })
+            .collect()
+    }
+
+    /// P(D ≥ k/(n·m)) by counting interleavings: the exact permutation p-value.
+    fn share_at_least(maxima: &[i64], k: i64) -> f64 {
+        maxima.iter().filter(|&&d| d >= k).count() as f64 / maxima.len() as f64
+    }
+
+    #[test]
+    fn exact_ks_p_values_equal_a_count_of_every_interleaving_of_two_small_samples() {
+        // Without ties every one of the C(n + m, n) interleavings is equally likely under
+        // the null; the exact p-value is the share whose D reaches the observed one. This
+        // enumerates them all for every attainable D, n = m (scipy's square formula) and
+        // n ≠ m (its lattice-path recursion), including gcd(n, m) > 1.
+        for (n, m) in [
+            (1, 1),
+            (1, 5),
+            (3, 4),
+            (4, 3),
+            (2, 6),
+            (5, 5),
+            (4, 6),
+            (7, 7),
+            (6, 9),
+            (8, 11),
+        ] {
+            let all: Vec<usize> = (0..n + m).collect();
+            let maxima = every_interleaving(n, m, &all);
+            let mut attainable = maxima.clone();
+            attainable.sort_unstable();
+            attainable.dedup();
+            for k in attainable {
+                let d = k as f64 / (n * m) as f64;
+                let counted = share_at_least(&maxima, k);
+                let ours = ks_p_exact(d, n, m).unwrap();
+                assert!(
+                    (ours - counted).abs() < 1e-13,
+                    "n {n} m {m} D {d}: {ours} vs {counted} counted"
+                );
+                assert_eq!(ks_p_value(d, n, m), (ours, KsMethod::Exact));
+            }
+        }
+        // n = m = 5, D = 0.6: 90 of the 252 interleavings, 5/14; scipy's
+        // ks_2samp(method='exact') gives 0.35714285714285715.
+        let maxima = every_interleaving(5, 5, &(0..10).collect::<Vec<_>>());
+        assert_eq!(maxima.iter().filter(|&&d| d >= 15).count(), 90);
+        assert_eq!(ks_p_exact(0.6, 5, 5), Some(0.35714285714285715));
+        // n = 3, m = 4, D = 3/4 (k = |4i − 3j| ≥ 9 in twelfths) by hand: all three a's in
+        // the first four places (C(4, 3) = 4 orderings) or the first three values all b's
+        // (C(4, 3) = 4 ways to place the a's after them); disjoint: 8 of C(7, 3) = 35.
+        let maxima = every_interleaving(3, 4, &(0..7).collect::<Vec<_>>());
+        let counted = share_at_least(&maxima, 9);
+        assert!((ks_p_exact(0.75, 3, 4).unwrap() - counted).abs() < 1e-15);
+        assert!((counted - 8.0 / 35.0).abs() < 1e-15, "{counted}");
+    }
+
+    /// `ks_statistic` then `ks_p_value`, as `compare` does.
+    fn ks(a: &[f64], b: &[f64]) -> (f64, f64, KsMethod) {
+        let (mut a, mut b) = (a.to_vec(), b.to_vec());
+        a.sort_by(f64::total_cmp);
+        b.sort_by(f64::total_cmp);
+        let d = ks_statistic(&a, &b);
+        let (p, method) = ks_p_value(d, a.len(), b.len());
+        (d, p, method)
+    }
+
+    #[test]
+    fn exact_ks_matches_scipys_published_test_values() {
+        // scipy/stats/tests/test_stats.py, TestKSTwoSamples (method 'auto', which is exact
+        // at these sizes): testTwoVsThree, testTwoVsFour, test100_110.
+        let close = |found: (f64, f64, KsMethod), d: f64, p: f64| {
+            assert!((found.0 - d).abs() < 1e-14, "D {found:?}, expected {d}");
+            assert!((found.1 - p).abs() < 1e-14, "p {found:?}, expected {p}");
+            assert_eq!(found.2, KsMethod::Exact);
+        };
+        close(ks(&[0.99, 1.99], &[1.0, 2.0, 3.0]), 2.0 / 3.0, 0.6);
+        close(ks(&[1.01, 2.01], &[1.0, 2.0, 3.0, 4.0]), 0.5, 14.0 / 15.0);
+        close(ks(&[0.99, 1.99], &[1.0, 2.0, 3.0, 4.0]), 0.75, 6.0 / 15.0);
+        // numpy's linspace(1, 100, n): start + i·step.
+        let linspace = |n: usize, shift: f64| -> Vec<f64> {
+            let step = 99.0 / (n - 1) as f64;
+            (0..n).map(|i| 1.0 + i as f64 * step + shift).collect()
+        };
+        let x100 = linspace(100, 0.0);
+        close(
+            ks(&x100, &linspace(110, 20.1)),
+            232.0 / 1100.0,
+            0.015739183865607353,
+        );
+        close(
+            ks(&x100, &linspace(110, 19.9)),
+            229.0 / 1100.0,
+            0.017803803861026313,
+        );
+    }
+
+    #[test]
+    fn tied_samples_get_the_no_ties_exact_p_value_which_is_conservative() {
+        // scipy's testRepeatedValues: D on the merged sample (tied values step both ECDFs
+        // at once) and the exact p-value computed as if there were no ties.
+        let repeat = |groups: &[(f64, usize)]| -> Vec<f64> {
+            groups
+                .iter()
+                .flat_map(|&(v, k)| std::iter::repeat_n(v, k))
+                .collect()
+        };
+        let x2233 = repeat(&[(2.0, 3), (3.0, 4), (5.0, 5), (6.0, 4)]);
+        let x3344: Vec<f64> = x2233.iter().map(|v| v + 1.0).collect();
+        let (d, p, method) = ks(&x2233, &x3344);
+        assert_eq!(method, KsMethod::Exact);
+        assert!((d - 5.0 / 16.0).abs() < 1e-15 && (p - 0.4262934613454952).abs() < 1e-14);
+        let x2356 = repeat(&[(2.0, 3), (3.0, 4), (5.0, 10), (6.0, 4)]);
+        let x3467 = repeat(&[(3.0, 10), (4.0, 2), (6.0, 10), (7.0, 4)]);
+        let (d, p, _) = ks(&x2356, &x3467);
+        assert!((d - 190.0 / 21.0 / 26.0).abs() < 1e-15, "{d}");
+        assert!((p - 0.0919245790168125).abs() < 1e-14, "{p}");
+
+        // A small tied case counted both ways: a = {1, 1, 2, 3}, b = {2, 2, 3, 4, 4}.
+        // Merged and sorted: 1 1 | 2 2 2 | 3 3 | 4 4, groups ending at positions 1, 4, 6, 8.
+        let (a, b) = ([1.0, 1.0, 2.0, 3.0], [2.0, 2.0, 3.0, 4.0, 4.0]);
+        let (d, p, method) = ks(&a, &b);
+        assert_eq!(method, KsMethod::Exact);
+        // F_a(1) − F_b(1) = 2/4 − 0 is the largest gap: D = 1/2, k = 10 in twentieths.
+        assert!((d - 0.5).abs() < 1e-15, "{d}");
+        let no_ties = every_interleaving(4, 5, &(0..9).collect::<Vec<_>>());
+        assert!((p - share_at_least(&no_ties, 10)).abs() < 1e-13, "{p}");
+        // The permutation p-value that respects the ties (D compared at group ends only)
+        // is smaller: the no-ties one given is conservative.
+        let tie_aware = share_at_least(&every_interleaving(4, 5, &[1, 4, 6, 8]), 10);
+        assert!(tie_aware < p, "tie-aware {tie_aware}, given {p}");
+    }
+
+    #[test]
+    fn exact_ks_p_values_of_unequal_samples_match_an_exact_rational_count_and_statrs() {
+        // Reference values: the exact rational share of lattice paths leaving the band,
+        // counted with Python's big integers (no floating point), then rounded to f64:
+        // n = 20, m = 250, D = 120/500 → 0.20281704335176154;
+        // n = 252, m = 20 (a year of daily returns against a 20-day window), D = 225/1260
+        // → 0.5362181460213286 (Kolmogorov's asymptotic gives 0.5958398638510795),
+        // D = 378/1260 = 0.3 → 0.0564264658798493.
+        for (n, m, d, exact) in [
+            (20, 250, 0.24, 0.20281704335176154),
+            (252, 20, 225.0 / 1260.0, 0.5362181460213286),
+            (252, 20, 0.3, 0.0564264658798493),
+        ] {
+            let (p, method) = ks_p_value(d, n, m);
+            assert_eq!(method, KsMethod::Exact);
+            assert!(
+                (p - exact).abs() < 1e-13 * exact.max(1e-3),
+                "n {n} m {m} D {d}: {p}"
+            );
+            assert!(
+                (ks_p_exact(d, m, n).unwrap() - p).abs() < 1e-13,
+                "symmetric in n, m"
+            );
+        }
+        assert!((ks_p_asymptotic(225.0 / 1260.0, 252, 20) - 0.5958398638510795).abs() < 1e-12);
+
+        // statrs' TwoSidedExact (a plain path count, n·m ≤ 10,000) on real-shaped data.
+        use statrs::stats_tests::ks_test::{ks_twosample, KSTwoSampleAlternativeMethod};
+        use statrs::stats_tests::NaNPolicy;
+        let year: Vec<f64> = (0..252)
+            .map(|i| ((i * 7919) % 1009) as f64 / 1009.0 - 0.5)
+            .collect();
+        let window: Vec<f64> = (0..20)
+            .map(|i| ((i * 331) % 97) as f64 / 97.0 - 0.41)
+            .collect();
+        let (d, p, method) = ks(&year, &window);
+        assert_eq!(method, KsMethod::Exact);
+        let (statrs_d, statrs_p) = ks_twosample(
+            year,
+            window,
+            KSTwoSampleAlternativeMethod::TwoSidedExact,
+            NaNPolicy::Error,
+        )
+        .unwrap();
+        assert!((d - statrs_d).abs() < 1e-12, "D {d} vs statrs {statrs_d}");
+        assert!((p - statrs_p).abs() < 1e-9, "p {p} vs statrs {statrs_p}");
+    }
+
+    #[test]
+    fn a_year_against_a_twenty_day_window_uses_the_exact_p_value_and_the_result_says_so() {
+        let year: Vec<f64> = (0..252)
+            .map(|i| ((i * 7919) % 1009) as f64 / 1009.0)
+            .collect();
+        let mut window: Vec<f64> = (0..20)
+            .map(|i| ((i * 331) % 97) as f64 / 97.0 + 0.15)
+            .collect();
+        let mut baseline = year.clone();
+        baseline.sort_by(f64::total_cmp);
+        window.sort_by(f64::total_cmp);
+        let result = compare("ret_1", &baseline, &window, 10, Thresholds::default());
+        assert_eq!(result.ks_method, KsMethod::Exact);
+        assert_eq!(ks_p_exact(result.ks_d, 252, 20), Some(result.ks_p));
+        assert!((result.ks_p - ks_p_asymptotic(result.ks_d, 252, 20)).abs() > 0.01);
+        let logged = serde_json::to_value(&result).unwrap();
+        assert_eq!(logged["ks_method"], "exact");
+    }
+
+    #[test]
+    fn ks_p_values_are_exact_up_to_ten_thousand_values_and_asymptotic_beyond() {
+        // scipy's testLarge: n1 = 10,000, n2 = 110, D = 55275/110000 (method 'auto', so
+        // exact). Its two-sided constant 4.2188474935755949e-15 is asserted there only to
+        // atol 1e-14, i.e. as "below 1e-14". A sharper reference from the same test: D >
+        // 1/2, so D⁺ ≥ D and D⁻ ≥ D cannot both happen and (reversing the merged order
+        // swaps them) are equally likely: the two-sided p is exactly twice the one-sided
+        // one, which scipy's test gives as 3.1317328311518713e-26 (by another algorithm,
+        // `_count_paths_outside_method`).
+        assert_eq!(
+            ks_p_value(55275.0 / 110_000.0, 10_000, 110).1,
+            KsMethod::Exact
+        );
+        let p = ks_p_exact(55275.0 / 110_000.0, 10_000, 110).unwrap();
+        assert!((p - 4.218_847_493_575_595e-15).abs() < 1e-14, "{p}");
+        assert!(
+            (p / (2.0 * 3.1317328311518713e-26) - 1.0).abs() < 1e-10,
+            "{p}"
+        );
+        let (p, method) = ks_p_value(0.1, 10_001, 60);
+        assert_eq!(method, KsMethod::Asymptotic);
+        assert_eq!(p, ks_p_asymptotic(0.1, 10_001, 60));
+        // D = 0 is p = 1 on both paths; an empty sample cannot be exact.
+        assert_eq!(ks_p_value(0.0, 30, 20), (1.0, KsMethod::Exact));
+        assert_eq!(ks_p_exact(0.5, 0, 20), None);
+        assert_eq!(ks_p_value(0.5, 0, 20).1, KsMethod::Asymptotic);
     }
 
     #[test]
@@ -567,6 +966,6 @@ mod tests {
         b.sort_by(f64::total_cmp);
         let ours = ks_statistic(&a, &b);
         assert!((ours - d).abs() < 1e-12, "D {ours} vs statrs {d}");
-        assert!((ks_p_value(ours, 300, 200) - p).abs() < 1e-9);
+        assert!((ks_p_asymptotic(ours, 300, 200) - p).abs() < 1e-9);
     }
 }

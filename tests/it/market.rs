@@ -126,6 +126,19 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
         ),
         1
     );
+    // Each feature's KS p-value says which distribution gave it (issue 14): the training
+    // baseline (under 10,000 rows) and the 60-day window are small enough for the exact one.
+    let logged: String = one(&db, "SELECT features FROM drift_log");
+    let logged: Value = serde_json::from_str(&logged).unwrap();
+    for features in [&logged, &drift_result["features"]] {
+        let methods: Vec<&str> = features
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["ks_method"].as_str().unwrap())
+            .collect();
+        assert_eq!(methods, vec!["exact"; 18], "{features}");
+    }
 
     let backtest_dir = sandbox.path().join(
         runs["backtest"][0]["result"]["report_dir"]
