@@ -194,6 +194,8 @@ impl Engine {
                 }
                 let hash = new.hash.clone();
                 self.config = new;
+                self.metrics
+                    .know_tasks(self.config.tasks.keys().map(|t| t.as_str()));
                 self.dirty = true;
                 info!(hash = %hash, tasks = self.config.tasks.len(), "config reloaded");
                 self.log_event(

@@ -282,7 +282,11 @@ impl Engine {
         let (to, change) = match outcome {
             Outcome::Succeeded => {
                 log.line(run, attempt, Level::Info, &format!("succeeded in {took}"));
-                (RunState::Succeeded, Change::default())
+                let change = Change {
+                    exit_code: Some(0),
+                    ..Change::default()
+                };
+                (RunState::Succeeded, change)
             }
             Outcome::Stopped(StopReason::Abort) => {
                 log.line(run, attempt, Level::Warn, &format!("aborted after {took}"));

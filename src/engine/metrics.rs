@@ -90,6 +90,17 @@ impl Metrics {
         }
     }
 
+    /// Creates every per-task series at zero, so a dashboard or an alert rule sees
+    /// `turbosched_retries_total{task="x"} 0` before the first retry rather than nothing.
+    pub(super) fn know_tasks<'a>(&self, tasks: impl IntoIterator<Item = &'a str>) {
+        for task in tasks {
+            self.retries.with_label_values(&[task]);
+            for state in ["succeeded", "failed", "timed_out", "aborted", "skipped"] {
+                self.runs.with_label_values(&[task, state]);
+            }
+        }
+    }
+
     /// The Prometheus text exposition.
     pub fn render(&self) -> String {
         let mut buffer = Vec::new();
@@ -126,8 +137,11 @@ mod tests {
             .with_label_values(&["ingestion"])
             .observe(1.5);
         metrics.retries.with_label_values(&["ingestion"]).inc();
+        metrics.know_tasks(["drift"]);
         let text = metrics.render();
         for name in [
+            "turbosched_retries_total{task=\"drift\"} 0",
+            "turbosched_runs_total{state=\"failed\",task=\"drift\"} 0",
             "turbosched_runs_total{state=\"succeeded\",task=\"ingestion\"} 1",
             "turbosched_run_duration_seconds_count{task=\"ingestion\"} 1",
             "turbosched_fire_lag_seconds_count 0",

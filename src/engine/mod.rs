@@ -229,6 +229,8 @@ impl Engine {
         // Start-up is long with ten thousand tasks: a SIGTERM meanwhile is honoured between
         // its steps (and every few hundred tasks within them).
         blocking(|| self.seed_board());
+        self.metrics
+            .know_tasks(self.config.tasks.keys().map(|t| t.as_str()));
         if self.mode == Mode::Serve && !self.cancel.is_cancelled() {
             blocking(|| self.recover(now))?;
         }

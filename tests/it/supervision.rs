@@ -553,6 +553,7 @@ fn a_child_printing_a_huge_line_has_it_cut_to_the_limit_and_the_service_log_name
     assert!(output.status.success(), "{}", stderr(&output));
     let run = sandbox.runs_of("big").pop().expect("a run");
     assert_eq!(run.state, RunState::Succeeded);
+    assert_eq!(run.exit_code, Some(0), "a success records its exit code");
     service.stop();
     let log = sandbox.log("big");
     let cut = log
