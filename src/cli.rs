@@ -14,8 +14,8 @@ use serde_json::Value;
 
 use turbosched::config::{self, Config};
 use turbosched::engine::{enqueue_manual, Clock, Engine, Mode, SystemClock};
-use turbosched::model::{Instant, RunId, RunState};
-use turbosched::store::{AbortOutcome, RunFilter, RunRow, Store};
+use turbosched::model::{Instant, RunId, RunState, TaskName};
+use turbosched::store::{AbortOutcome, InstanceRow, RunFilter, RunRow, Store, TaskStateRow};
 use turbosched::views;
 
 #[derive(Parser)]
@@ -293,6 +293,47 @@ fn open_store(config: &Config) -> Result<Store> {
     Ok(Store::open(&config.scheduler.database)?)
 }
 
+/// What a command that only reads the store or talks to the running service works from:
+/// the config when the file is valid, else only the [`config::Locations`] read leniently
+/// from it, so that a file in the middle of an edit does not take the CLI away.
+struct Reading {
+    config: Option<Arc<Config>>,
+    locations: config::Locations,
+}
+
+impl Reading {
+    fn open_store(&self) -> Result<Store> {
+        Ok(Store::open(&self.locations.database)?)
+    }
+}
+
+/// Loads the config for such a command. An invalid file is said once on stderr; a file
+/// that cannot be read at all still ends the command (code 2): its store is unknown.
+fn load_for_reading(path: &Path) -> Result<Reading> {
+    match config::load(path) {
+        Ok(config) => Ok(Reading {
+            locations: config.locations(),
+            config: Some(Arc::new(config)),
+        }),
+        Err(errors) => {
+            let Ok(locations) = config::read_locations(path) else {
+                return Err(anyhow!("invalid config:\n{errors}"));
+            };
+            let count = errors.0.len();
+            eprintln!(
+                "warning: {} is invalid ({count} error{}; `turbosched validate` shows them); reading the store at {}",
+                path.display(),
+                if count == 1 { "" } else { "s" },
+                locations.database.display()
+            );
+            Ok(Reading {
+                config: None,
+                locations,
+            })
+        }
+    }
+}
+
 fn validate(path: &Path) -> Result<ExitCode> {
     match config::load(path) {
         Ok(config) => {
@@ -548,7 +589,10 @@ fn run(
     downstream: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let config = Arc::new(load(path)?);
+    let reading = load_for_reading(path)?;
+    let Some(config) = reading.config.clone() else {
+        return run_by_service(&reading, task, wait, force, downstream, json);
+    };
     let store = open_store(&config)?;
     if live_service(&config, &store)? {
         let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
@@ -563,7 +607,7 @@ fn run(
         if !json {
             println!("run {root} of {task} queued with the running service; waiting");
         }
-        return wait_for(&config, &store, root, downstream, json);
+        return wait_for(Some(&config), &store, root, downstream, json);
     }
     let _log_guard = init_tracing(Some(&config));
     let runtime = runtime()?;
@@ -588,6 +632,99 @@ fn run(
         Ok::<RunId, anyhow::Error>(root)
     })?;
     report_outcome(&store, root, downstream, json)
+}
+
+/// `run` with a broken config: only a running service, with the valid config it loaded,
+/// can take the run. It is asked through its API (`POST /scheduler/tasks/<task>/run`, the
+/// token from `[api] token_env`), as the file's task list is unknown here.
+fn run_by_service(
+    reading: &Reading,
+    task: &str,
+    wait: bool,
+    force: bool,
+    downstream: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let store = reading.open_store()?;
+    let instances = store.live_instances(reading.locations.heartbeat_timeout, SystemClock.now())?;
+    let Some(address) = instances
+        .iter()
+        .filter(|i| i.serving)
+        .find_map(|i| i.api.clone())
+    else {
+        bail!("cannot run {task}: the config is invalid and no service is up to take the run (`turbosched validate` shows the errors)");
+    };
+    if !task
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        bail!("unknown task \"{task}\"");
+    }
+    let token = std::env::var(&reading.locations.token_env)
+        .ok()
+        .filter(|token| !token.trim().is_empty());
+    let body = views::trigger_options(force, downstream).to_string();
+    let (code, answer) = http_post(
+        &address,
+        &format!("/scheduler/tasks/{task}/run"),
+        &body,
+        token.as_deref(),
+    )
+    .with_context(|| format!("cannot reach the service's API at http://{address}"))?;
+    let root = match answer["run_id"].as_i64() {
+        Some(id) if code / 100 == 2 => RunId(id),
+        _ => bail!(
+            "the service refused the run ({code}): {}",
+            answer["error"]["message"].as_str().unwrap_or("no message")
+        ),
+    };
+    if !wait {
+        if json {
+            println!("{}", views::handed_to_service(root));
+        } else {
+            println!(
+                "run {root} of {task} queued; the service will start it (turbosched show {root})"
+            );
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        println!("run {root} of {task} queued with the running service; waiting");
+    }
+    wait_for(None, &store, root, downstream, json)
+}
+
+/// One HTTP/1.1 POST of a JSON body, answered with the status and the JSON body (`null`
+/// if it is not JSON). The CLI's one request: no client library for it.
+fn http_post(
+    address: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, Value)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer")
+        })?;
+    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
 /// A progress bar on the terminal while a run is active.
@@ -620,7 +757,7 @@ fn spawn_progress(store: Store, run: RunId) -> tokio::task::JoinHandle<()> {
 const CASCADE_PATIENCE: Duration = Duration::from_secs(10);
 
 fn wait_for(
-    config: &Config,
+    config: Option<&Config>,
     store: &Store,
     root: RunId,
     downstream: bool,
@@ -645,13 +782,16 @@ fn wait_for(
                 ));
             }
         }
-        let expected = if downstream {
-            let root_row = store
-                .run(root)?
-                .ok_or_else(|| anyhow!("run {root} vanished"))?;
-            1 + config.downstream_of(&root_row.task).len()
-        } else {
-            1
+        // Without a valid config the cascade's size is unknown: wait until it settles.
+        let expected = match (downstream, config) {
+            (false, _) => 1,
+            (true, None) => usize::MAX,
+            (true, Some(config)) => {
+                let root_row = store
+                    .run(root)?
+                    .ok_or_else(|| anyhow!("run {root} vanished"))?;
+                1 + config.downstream_of(&root_row.task).len()
+            }
         };
         let settled = runs.iter().all(|r| r.state.is_terminal());
         // Every member the engine queues is queued when its upstreams end; one that stays
@@ -672,7 +812,7 @@ fn wait_for(
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            if runs.len() < expected {
+            if runs.len() < expected && expected != usize::MAX {
                 eprintln!(
                     "note: {} of the {expected} tasks of the cascade ran; the others were never queued",
                     runs.len()
@@ -707,10 +847,13 @@ fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> R
 }
 
 fn status(path: &Path, json: bool) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let reading = load_for_reading(path)?;
+    let store = reading.open_store()?;
     let now = SystemClock.now();
-    let instances = store.live_instances(config.scheduler.heartbeat_timeout, now)?;
+    let instances = store.live_instances(reading.locations.heartbeat_timeout, now)?;
+    let Some(config) = &reading.config else {
+        return status_from_store(&store, &instances, json);
+    };
     let mut tasks = Vec::new();
     for spec in config.tasks.values() {
         let state = store.task_state(&spec.name)?;
@@ -742,20 +885,7 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         println!("{}", views::stored_status(&instances, &tasks));
         return Ok(ExitCode::SUCCESS);
     }
-    match instances.iter().find(|i| i.serving) {
-        Some(instance) => println!(
-            "service: up (pid {} on {}, instance {}){}",
-            instance.pid,
-            instance.host,
-            instance.id,
-            instance
-                .api
-                .as_ref()
-                .map(|a| format!(", API http://{a}"))
-                .unwrap_or_default()
-        ),
-        None => println!("service: not running"),
-    }
+    print_service(&instances);
     println!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
         "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
@@ -800,6 +930,95 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+fn print_service(instances: &[InstanceRow]) {
+    match instances.iter().find(|i| i.serving) {
+        Some(instance) => println!(
+            "service: up (pid {} on {}, instance {}){}",
+            instance.pid,
+            instance.host,
+            instance.id,
+            instance
+                .api
+                .as_ref()
+                .map(|a| format!(", API http://{a}"))
+                .unwrap_or_default()
+        ),
+        None => println!("service: not running"),
+    }
+}
+
+/// `status` with a broken config: the tasks the store knows (a stored schedule, or a run
+/// among the latest thousand), their stored next fire in UTC (the file names the zones).
+fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Result<ExitCode> {
+    let mut known: std::collections::BTreeMap<TaskName, TaskStateRow> =
+        store.task_states()?.into_iter().collect();
+    let recent = store.runs(&RunFilter {
+        limit: 1000,
+        ..RunFilter::default()
+    })?;
+    for row in recent {
+        known.entry(row.task).or_default();
+    }
+    let mut tasks = Vec::new();
+    for (task, state) in known {
+        let last = store.runs(&RunFilter {
+            task: Some(task.0.clone()),
+            limit: 1,
+            ..RunFilter::default()
+        })?;
+        let running = store
+            .runs(&RunFilter {
+                task: Some(task.0.clone()),
+                state: Some(RunState::Running),
+                limit: 10,
+                ..RunFilter::default()
+            })?
+            .len();
+        tasks.push(views::StoredOnly {
+            task,
+            state,
+            last: last.into_iter().next(),
+            running,
+        });
+    }
+    if json {
+        println!("{}", views::stored_status_without_config(instances, &tasks));
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_service(instances);
+    println!(
+        "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
+        "TASK", "STORED SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
+    );
+    for task in tasks {
+        let next = if task.state.paused {
+            "paused".to_string()
+        } else {
+            task.state
+                .next_fire_at
+                .map(|n| n.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let (last_state, last_detail) = match &task.last {
+            Some(row) => (
+                row.state.to_string(),
+                format!("run {} {}", row.id, duration_text(row)),
+            ),
+            None => ("-".into(), String::new()),
+        };
+        println!(
+            "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
+            task.task,
+            task.state.schedule.as_deref().unwrap_or("-"),
+            next,
+            task.running,
+            last_state,
+            last_detail
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
 fn runs(
     path: &Path,
     task: Option<String>,
@@ -807,8 +1026,7 @@ fn runs(
     limit: usize,
     json: bool,
 ) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let store = load_for_reading(path)?.open_store()?;
     let state = match state {
         Some(text) => Some(RunState::parse(&text).ok_or_else(|| {
             anyhow!(
@@ -833,8 +1051,7 @@ fn runs(
 }
 
 fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let store = load_for_reading(path)?.open_store()?;
     let row = store
         .run(run)?
         .ok_or_else(|| anyhow!("no run with id {run}"))?;
@@ -889,8 +1106,8 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
 }
 
 fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let reading = load_for_reading(path)?;
+    let store = reading.open_store()?;
     match store.request_abort(
         run,
         "abort requested from the command line",
@@ -899,7 +1116,7 @@ fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
         AbortOutcome::AbortedNow => println!("run {run} aborted before it started"),
         AbortOutcome::Requested => println!(
             "abort of run {run} requested; its engine stops it within {}",
-            humantime::format_duration(config.scheduler.heartbeat_interval)
+            humantime::format_duration(reading.locations.heartbeat_interval)
         ),
         AbortOutcome::AlreadyFinished(state) => {
             println!("run {run} already finished: {state}");
@@ -909,8 +1126,11 @@ fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses a broken file: the fire times come from the task's schedule in it.
 fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
-    let config = load(path)?;
+    let config = config::load(path).map_err(|errors| {
+        anyhow!("invalid config (`next` needs the task's schedule from a valid file):\n{errors}")
+    })?;
     let spec = config.task(task).ok_or_else(|| {
         anyhow!(
             "unknown task \"{task}\" (known tasks: {})",
@@ -955,24 +1175,33 @@ fn logs(
 ) -> Result<ExitCode> {
     use turbosched::tasklog::{log_files, task_log_name, LogFollower};
 
-    let config = load(path)?;
-    let name = if task == "scheduler" && config.task(task).is_none() {
+    let reading = load_for_reading(path)?;
+    let log_dir = &reading.locations.log_dir;
+    let configured = reading
+        .config
+        .as_ref()
+        .map(|config| config.task(task).is_some());
+    let name = if task == "scheduler" && configured != Some(true) {
         "scheduler.log".to_string()
-    } else if config.task(task).is_some()
-        || !log_files(&config.scheduler.log_dir, &task_log_name(task)).is_empty()
-    {
+    } else if configured == Some(true) || !log_files(log_dir, &task_log_name(task)).is_empty() {
         task_log_name(task)
     } else {
-        bail!(
-            "unknown task \"{task}\" (known tasks: {}; or scheduler)",
-            config.task_names().join(", ")
-        );
+        match &reading.config {
+            Some(config) => bail!(
+                "unknown task \"{task}\" (known tasks: {}; or scheduler)",
+                config.task_names().join(", ")
+            ),
+            None => bail!(
+                "no log of task \"{task}\" in {} (the config is invalid, so its tasks are unknown)",
+                log_dir.display()
+            ),
+        }
     };
     let marker = run.map(|run| format!(" run={run} "));
     // Following starts before reading, so no line falls between the two; a line read by
     // both is left out by the follower (`skipping`).
     let follower = follow.then(|| {
-        let follower = LogFollower::at_end(&config.scheduler.log_dir, &name);
+        let follower = LogFollower::at_end(log_dir, &name);
         match &marker {
             Some(marker) => follower.only(marker.clone()),
             None => follower,
@@ -981,8 +1210,8 @@ fn logs(
     let keep = |line: &str| marker.as_ref().is_none_or(|m| line.contains(m.as_str()));
     let archives = run
         .is_some()
-        .then_some(config.logging.archive_dir.as_path());
-    let lines = turbosched::tasklog::read_lines(&config.scheduler.log_dir, archives, &name, &keep)
+        .then_some(reading.locations.archive_dir.as_path());
+    let lines = turbosched::tasklog::read_lines(log_dir, archives, &name, &keep)
         .with_context(|| format!("cannot read the logs of {task}"))?;
     let start = last
         .map(|last| lines.len().saturating_sub(last))

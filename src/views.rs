@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use crate::audit::Audit;
 use crate::config::{Handler, TaskSpec};
 use crate::engine::{Snapshot, TaskSnapshot};
-use crate::model::{Instant, RunId};
-use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow};
+use crate::model::{Instant, RunId, TaskName};
+use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow, TaskStateRow};
 
 fn time(at: Instant) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -227,6 +227,11 @@ pub fn run_queued(run: RunId, task: &str) -> Value {
     json!({"run_id": run.0, "task": task, "state": "queued", "links": run_links(run)})
 }
 
+/// The body of `POST /scheduler/tasks/<task>/run` as the CLI sends it (`TriggerOptions`).
+pub fn trigger_options(force: bool, downstream: bool) -> Value {
+    json!({"force": force, "downstream": downstream})
+}
+
 /// A trigger that waited for its run, which finished (200).
 pub fn run_waited(row: &RunRow) -> Value {
     json!({"run_id": row.id.0, "run": run(row), "links": run_links(row.id)})
@@ -336,6 +341,42 @@ pub fn stored_status(instances: &[InstanceRow], tasks: &[StoredTask<'_>]) -> Val
         .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
         .collect();
     json!({"service": service, "tasks": tasks})
+}
+
+/// One task as the store alone knows it, for `status` with a broken config: its name,
+/// stored schedule and next fire, and its latest run.
+pub struct StoredOnly {
+    /// The task.
+    pub task: TaskName,
+    /// What the store remembers of it.
+    pub state: TaskStateRow,
+    /// Its latest run.
+    pub last: Option<RunRow>,
+    /// How many of its runs are running.
+    pub running: usize,
+}
+
+/// `turbosched status --json` when the config file is invalid: what the store knows,
+/// with `"config_valid": false`; the zone of a task is unknown, so times are UTC.
+pub fn stored_status_without_config(instances: &[InstanceRow], tasks: &[StoredOnly]) -> Value {
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|task| {
+            json!({
+                "task": task.task.as_str(),
+                "schedule": task.state.schedule,
+                "paused": task.state.paused,
+                "next_fire": task.state.next_fire_at.map(time),
+                "running": task.running,
+                "last_run": task.last.as_ref().map(run),
+            })
+        })
+        .collect();
+    let service: Vec<Value> = instances
+        .iter()
+        .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
+        .collect();
+    json!({"service": service, "config_valid": false, "tasks": tasks})
 }
 
 /// `turbosched audit --json`: every scheduled task's tick accounting.
