@@ -18,6 +18,34 @@ use turbosched::model::{Instant, RunId, RunState, TaskName};
 use turbosched::store::{AbortOutcome, InstanceRow, RunFilter, RunRow, Store, TaskStateRow};
 use turbosched::views;
 
+/// `println!` that hands back the write's error instead of panicking, so that a closed
+/// pipe (`turbosched status | head -3`) ends the command quietly: see [`StdoutClosed`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)
+    }};
+}
+
+/// Whoever read our stdout has gone (`… | head -1`): the command ends with exit code 0
+/// and says nothing, as ripgrep does. A type of its own, so that a broken pipe to a
+/// worker, say, is never mistaken for it.
+///
+/// Why not restore the default SIGPIPE action instead: the process would then die by the
+/// signal (status 141, not 0), and `serve` and a foreground `run` write to workers' pipes
+/// and to sockets, where a peer that went away is an event to report, never a reason to die.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+struct StdoutClosed;
+
+fn stdout_error(err: std::io::Error) -> anyhow::Error {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(err).context("cannot write to stdout")
+    }
+}
+
 #[derive(Parser)]
 #[command(
     name = "turbosched",
@@ -212,6 +240,7 @@ pub(crate) fn main() -> ExitCode {
     }
     match dispatch(cli) {
         Ok(code) => code,
+        Err(err) if err.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(2)
@@ -337,7 +366,7 @@ fn load_for_reading(path: &Path) -> Result<Reading> {
 fn validate(path: &Path) -> Result<ExitCode> {
     match config::load(path) {
         Ok(config) => {
-            println!("{}: ok, {} task(s)", path.display(), config.tasks.len());
+            out!("{}: ok, {} task(s)", path.display(), config.tasks.len())?;
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -367,15 +396,21 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
     };
     let audit = turbosched::audit::audit(&config, &store, since)?;
     if json {
-        println!("{}", views::audit(since, &audit));
+        out!("{}", views::audit(since, &audit))?;
     } else {
-        println!(
+        out!(
             "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  states",
-            "task", "expected", "claimed", "dropped", "missing", "doubled", "unfinished"
-        );
+            "task",
+            "expected",
+            "claimed",
+            "dropped",
+            "missing",
+            "doubled",
+            "unfinished"
+        )?;
         for t in &audit.tasks {
             let states: Vec<String> = t.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            println!(
+            out!(
                 "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  {}{}",
                 t.task,
                 t.expected,
@@ -390,17 +425,17 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
         }
-        println!("integrity: {}", audit.integrity);
-        println!(
+        out!("integrity: {}", audit.integrity)?;
+        out!(
             "{}",
             if audit.ok() {
                 "ok: every tick accounted for, none doubled"
             } else {
                 "NOT OK"
             }
-        );
+        )?;
     }
     Ok(if audit.ok() {
         ExitCode::SUCCESS
@@ -598,14 +633,14 @@ fn run(
         let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
         if !wait {
             if json {
-                println!("{}", views::handed_to_service(root));
+                out!("{}", views::handed_to_service(root))?;
             } else {
-                println!("run {root} of {task} queued; the service will start it (turbosched show {root})");
+                out!("run {root} of {task} queued; the service will start it (turbosched show {root})")?;
             }
             return Ok(ExitCode::SUCCESS);
         }
         if !json {
-            println!("run {root} of {task} queued with the running service; waiting");
+            out!("run {root} of {task} queued with the running service; waiting")?;
         }
         return wait_for(Some(&config), &store, root, downstream, json);
     }
@@ -620,7 +655,7 @@ fn run(
         );
         let root = engine.enqueue_manual(task, force, downstream)?;
         if !json {
-            println!("run {root} of {task}: no service is running, running it here");
+            out!("run {root} of {task}: no service is running, running it here")?;
         }
         shutdown_on_signals(engine.handle());
         let progress =
@@ -680,16 +715,16 @@ fn run_by_service(
     };
     if !wait {
         if json {
-            println!("{}", views::handed_to_service(root));
+            out!("{}", views::handed_to_service(root))?;
         } else {
-            println!(
+            out!(
                 "run {root} of {task} queued; the service will start it (turbosched show {root})"
-            );
+            )?;
         }
         return Ok(ExitCode::SUCCESS);
     }
     if !json {
-        println!("run {root} of {task} queued with the running service; waiting");
+        out!("run {root} of {task} queued with the running service; waiting")?;
     }
     wait_for(None, &store, root, downstream, json)
 }
@@ -834,9 +869,9 @@ fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> R
         bail!("run {root} not found");
     }
     if json {
-        println!("{}", views::run_outcome(root, &runs));
+        out!("{}", views::run_outcome(root, &runs))?;
     } else {
-        print_runs(&runs);
+        print_runs(&runs)?;
     }
     let all_ok = runs.iter().all(|r| r.state == RunState::Succeeded);
     Ok(if all_ok {
@@ -882,14 +917,18 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         });
     }
     if json {
-        println!("{}", views::stored_status(&instances, &tasks));
+        out!("{}", views::stored_status(&instances, &tasks))?;
         return Ok(ExitCode::SUCCESS);
     }
-    print_service(&instances);
-    println!(
+    print_service(&instances)?;
+    out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
-        "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
-    );
+        "TASK",
+        "SCHEDULE",
+        "NEXT FIRE",
+        "RUNNING",
+        "LAST"
+    )?;
     for views::StoredTask {
         spec,
         paused,
@@ -922,17 +961,22 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
             ),
             None => ("-".into(), String::new()),
         };
-        println!(
+        out!(
             "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
-            spec.name, schedule, next, running, last_state, last_detail
-        );
+            spec.name,
+            schedule,
+            next,
+            running,
+            last_state,
+            last_detail
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_service(instances: &[InstanceRow]) {
+fn print_service(instances: &[InstanceRow]) -> Result<()> {
     match instances.iter().find(|i| i.serving) {
-        Some(instance) => println!(
+        Some(instance) => out!(
             "service: up (pid {} on {}, instance {}){}",
             instance.pid,
             instance.host,
@@ -942,9 +986,10 @@ fn print_service(instances: &[InstanceRow]) {
                 .as_ref()
                 .map(|a| format!(", API http://{a}"))
                 .unwrap_or_default()
-        ),
-        None => println!("service: not running"),
+        )?,
+        None => out!("service: not running")?,
     }
+    Ok(())
 }
 
 /// `status` with a broken config: the tasks the store knows (a stored schedule, or a run
@@ -982,14 +1027,18 @@ fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Re
         });
     }
     if json {
-        println!("{}", views::stored_status_without_config(instances, &tasks));
+        out!("{}", views::stored_status_without_config(instances, &tasks))?;
         return Ok(ExitCode::SUCCESS);
     }
-    print_service(instances);
-    println!(
+    print_service(instances)?;
+    out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
-        "TASK", "STORED SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
-    );
+        "TASK",
+        "STORED SCHEDULE",
+        "NEXT FIRE",
+        "RUNNING",
+        "LAST"
+    )?;
     for task in tasks {
         let next = if task.state.paused {
             "paused".to_string()
@@ -1006,7 +1055,7 @@ fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Re
             ),
             None => ("-".into(), String::new()),
         };
-        println!(
+        out!(
             "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
             task.task,
             task.state.schedule.as_deref().unwrap_or("-"),
@@ -1014,7 +1063,7 @@ fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Re
             task.running,
             last_state,
             last_detail
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1043,9 +1092,9 @@ fn runs(
         ..RunFilter::default()
     })?;
     if json {
-        println!("{}", views::run_list(&rows));
+        out!("{}", views::run_list(&rows))?;
     } else {
-        print_runs(&rows);
+        print_runs(&rows)?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1057,27 +1106,30 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         .ok_or_else(|| anyhow!("no run with id {run}"))?;
     let attempts = store.attempts(run)?;
     if json {
-        println!("{}", views::run_detail(&row, &attempts));
+        out!("{}", views::run_detail(&row, &attempts))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "run {} of {} ({}), {}",
-        row.id, row.task, row.trigger, row.state
-    );
-    println!("  scheduled for {}", rfc3339(row.scheduled_for));
-    println!("  queued at     {}", rfc3339(row.queued_at));
+        row.id,
+        row.task,
+        row.trigger,
+        row.state
+    )?;
+    out!("  scheduled for {}", rfc3339(row.scheduled_for))?;
+    out!("  queued at     {}", rfc3339(row.queued_at))?;
     if let Some(at) = row.started_at {
-        println!("  started at    {}", rfc3339(at));
+        out!("  started at    {}", rfc3339(at))?;
     }
     if let Some(at) = row.finished_at {
-        println!("  finished at   {}", rfc3339(at));
+        out!("  finished at   {}", rfc3339(at))?;
     }
-    println!("  attempts      {} of {}", row.attempt, row.max_attempts);
+    out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
     if let Some(progress) = row.progress {
-        println!(
+        out!(
             "  progress      {progress:.0}% {}",
             row.phase.clone().unwrap_or_default()
-        );
+        )?;
     }
     for (label, value) in [
         ("reason", &row.reason),
@@ -1086,11 +1138,11 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         ("checkpoint", &row.checkpoint),
     ] {
         if let Some(value) = value {
-            println!("  {label:<13} {value}");
+            out!("  {label:<13} {value}")?;
         }
     }
     for attempt in attempts {
-        println!(
+        out!(
             "  attempt {}: {} → {} {}{}",
             attempt.attempt,
             rfc3339(attempt.started_at),
@@ -1100,7 +1152,7 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
                 .unwrap_or_else(|| "…".into()),
             attempt.outcome.unwrap_or_else(|| "running".into()),
             attempt.error.map(|e| format!(": {e}")).unwrap_or_default()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1113,13 +1165,13 @@ fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
         "abort requested from the command line",
         SystemClock.now(),
     )? {
-        AbortOutcome::AbortedNow => println!("run {run} aborted before it started"),
-        AbortOutcome::Requested => println!(
+        AbortOutcome::AbortedNow => out!("run {run} aborted before it started")?,
+        AbortOutcome::Requested => out!(
             "abort of run {run} requested; its engine stops it within {}",
             humantime::format_duration(reading.locations.heartbeat_interval)
-        ),
+        )?,
         AbortOutcome::AlreadyFinished(state) => {
-            println!("run {run} already finished: {state}");
+            out!("run {run} already finished: {state}")?;
             return Ok(ExitCode::from(1));
         }
     }
@@ -1138,11 +1190,11 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
         )
     })?;
     let Some(schedule) = &spec.schedule else {
-        println!("{task} has no schedule: it runs only when triggered");
+        out!("{task} has no schedule: it runs only when triggered")?;
         return Ok(ExitCode::SUCCESS);
     };
     for at in schedule.upcoming(SystemClock.now(), count) {
-        println!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+        out!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1161,7 +1213,7 @@ fn archive(path: &Path, dry_run: bool) -> Result<ExitCode> {
     options.dry_run = dry_run;
     let report = turbosched::maintenance::run(&config, &store, &options)?;
     for line in report.lines() {
-        println!("{line}");
+        out!("{line}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1217,7 +1269,7 @@ fn logs(
         .map(|last| lines.len().saturating_sub(last))
         .unwrap_or(0);
     for line in &lines[start..] {
-        println!("{line}");
+        out!("{line}")?;
     }
     let Some(follower) = follower else {
         return Ok(ExitCode::SUCCESS);
@@ -1230,7 +1282,7 @@ fn logs(
             .next_lines()
             .with_context(|| format!("cannot follow the log of {task}"))?
         {
-            println!("{line}");
+            out!("{line}")?;
         }
     }
 }
@@ -1249,18 +1301,23 @@ fn duration_text(row: &RunRow) -> String {
     }
 }
 
-fn print_runs(rows: &[RunRow]) {
-    println!(
+fn print_runs(rows: &[RunRow]) -> Result<()> {
+    out!(
         "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} DETAIL",
-        "RUN", "TASK", "TRIGGER", "STATE", "SCHEDULED FOR", "ATTEMPT"
-    );
+        "RUN",
+        "TASK",
+        "TRIGGER",
+        "STATE",
+        "SCHEDULED FOR",
+        "ATTEMPT"
+    )?;
     for row in rows {
         let detail = row
             .reason
             .clone()
             .or_else(|| row.error.clone())
             .unwrap_or_else(|| duration_text(row));
-        println!(
+        out!(
             "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} {}",
             row.id,
             row.task,
@@ -1270,6 +1327,7 @@ fn print_runs(rows: &[RunRow]) {
                 .to_rfc3339_opts(SecondsFormat::Millis, true),
             format!("{}/{}", row.attempt, row.max_attempts),
             detail
-        );
+        )?;
     }
+    Ok(())
 }

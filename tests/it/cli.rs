@@ -341,3 +341,40 @@ fn a_broken_config_leaves_the_store_reading_commands_working() {
     drop(service);
     assert_eq!(sandbox.cli(&["serve"]).status.code(), Some(2));
 }
+
+/// Runs `args` with stdout a pipe whose reader is already gone, as `… | head -1` leaves
+/// it once `head` has its line, and asserts a quiet end: exit 0, no panic.
+fn check_quiet_on_closed_pipe(sandbox: &Sandbox, args: &[&str]) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = sandbox
+        .command(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{args:?}: {err}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_pipe_ends_a_command_quietly() {
+    // Issue 15, item 4: `turbosched logs heartbeat | head -1` and `status | head -3`
+    // exited 101 with "failed printing to stdout: Broken pipe".
+    let sandbox = Sandbox::new("[tasks.heartbeat]\nhandler = \"ping\"\n");
+    assert_eq!(sandbox.cli(&["run", "heartbeat"]).status.code(), Some(0));
+    for args in [
+        &["logs", "heartbeat"][..],
+        &["status"],
+        &["runs"],
+        &["show", "1"],
+        &["next", "heartbeat"],
+        &["validate"],
+    ] {
+        check_quiet_on_closed_pipe(&sandbox, args);
+    }
+}
