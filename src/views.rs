@@ -213,6 +213,18 @@ pub fn sse_event(event: &EventRow) -> String {
     )
 }
 
+/// The event an event stream opens with when the client asked to start after an event
+/// beyond the newest (`requested`): its id is the newest, so an `EventSource` that
+/// reconnects resumes from there.
+pub fn sse_resync(requested: i64, newest: i64) -> String {
+    let data = json!({
+        "requested_after": requested,
+        "newest": newest,
+        "message": format!("event {requested} is ahead of the newest event ({newest}): resynchronised, continuing after {newest}"),
+    });
+    format!("id: {newest}\nevent: resync\ndata: {data}\n\n")
+}
+
 /// A page of runs, newest first: `GET /scheduler/runs`. `next_cursor` is the id to pass as
 /// `cursor` for the next page (`null` on the last).
 pub fn run_page(rows: &[RunRow], next_cursor: Option<RunId>) -> Value {
