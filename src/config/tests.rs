@@ -153,11 +153,10 @@ fn a_bad_cron_expression_is_refused_at_its_value() {
         (err.line, err.column, err.key.as_str()),
         (3, 12, "tasks.a.schedule")
     );
-    assert!(
-        err.message
-            .starts_with("invalid cron expression \"61 * * * *\""),
-        "{}",
-        err.message
+    // Issue 15, item 9: the field, its range and what was found.
+    assert_eq!(
+        err.message,
+        "invalid cron expression \"61 * * * *\": minute field \"61\": expected 0–59, found 61"
     );
 }
 
