@@ -14,9 +14,37 @@ use serde_json::Value;
 
 use turbosched::config::{self, Config};
 use turbosched::engine::{enqueue_manual, Clock, Engine, Mode, SystemClock};
-use turbosched::model::{Instant, RunId, RunState};
-use turbosched::store::{AbortOutcome, RunFilter, RunRow, Store};
+use turbosched::model::{Instant, RunId, RunState, TaskName};
+use turbosched::store::{AbortOutcome, InstanceRow, RunFilter, RunRow, Store, TaskStateRow};
 use turbosched::views;
+
+/// `println!` that hands back the write's error instead of panicking, so that a closed
+/// pipe (`turbosched status | head -3`) ends the command quietly: see [`StdoutClosed`].
+macro_rules! out {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        writeln!(std::io::stdout().lock(), $($arg)*).map_err(stdout_error)
+    }};
+}
+
+/// Whoever read our stdout has gone (`… | head -1`): the command ends with exit code 0
+/// and says nothing, as ripgrep does. A type of its own, so that a broken pipe to a
+/// worker, say, is never mistaken for it.
+///
+/// Why not restore the default SIGPIPE action instead: the process would then die by the
+/// signal (status 141, not 0), and `serve` and a foreground `run` write to workers' pipes
+/// and to sockets, where a peer that went away is an event to report, never a reason to die.
+#[derive(Debug, thiserror::Error)]
+#[error("stdout closed")]
+struct StdoutClosed;
+
+fn stdout_error(err: std::io::Error) -> anyhow::Error {
+    if err.kind() == std::io::ErrorKind::BrokenPipe {
+        anyhow::Error::new(StdoutClosed)
+    } else {
+        anyhow::Error::new(err).context("cannot write to stdout")
+    }
+}
 
 #[derive(Parser)]
 #[command(
@@ -212,6 +240,7 @@ pub(crate) fn main() -> ExitCode {
     }
     match dispatch(cli) {
         Ok(code) => code,
+        Err(err) if err.is::<StdoutClosed>() => ExitCode::SUCCESS,
         Err(err) => {
             eprintln!("error: {err:#}");
             ExitCode::from(2)
@@ -293,10 +322,51 @@ fn open_store(config: &Config) -> Result<Store> {
     Ok(Store::open(&config.scheduler.database)?)
 }
 
+/// What a command that only reads the store or talks to the running service works from:
+/// the config when the file is valid, else only the [`config::Locations`] read leniently
+/// from it, so that a file in the middle of an edit does not take the CLI away.
+struct Reading {
+    config: Option<Arc<Config>>,
+    locations: config::Locations,
+}
+
+impl Reading {
+    fn open_store(&self) -> Result<Store> {
+        Ok(Store::open(&self.locations.database)?)
+    }
+}
+
+/// Loads the config for such a command. An invalid file is said once on stderr; a file
+/// that cannot be read at all still ends the command (code 2): its store is unknown.
+fn load_for_reading(path: &Path) -> Result<Reading> {
+    match config::load(path) {
+        Ok(config) => Ok(Reading {
+            locations: config.locations(),
+            config: Some(Arc::new(config)),
+        }),
+        Err(errors) => {
+            let Ok(locations) = config::read_locations(path) else {
+                return Err(anyhow!("invalid config:\n{errors}"));
+            };
+            let count = errors.0.len();
+            eprintln!(
+                "warning: {} is invalid ({count} error{}; `turbosched validate` shows them); reading the store at {}",
+                path.display(),
+                if count == 1 { "" } else { "s" },
+                locations.database.display()
+            );
+            Ok(Reading {
+                config: None,
+                locations,
+            })
+        }
+    }
+}
+
 fn validate(path: &Path) -> Result<ExitCode> {
     match config::load(path) {
         Ok(config) => {
-            println!("{}: ok, {} task(s)", path.display(), config.tasks.len());
+            out!("{}: ok, {} task(s)", path.display(), config.tasks.len())?;
             Ok(ExitCode::SUCCESS)
         }
         Err(errors) => {
@@ -326,15 +396,21 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
     };
     let audit = turbosched::audit::audit(&config, &store, since)?;
     if json {
-        println!("{}", views::audit(since, &audit));
+        out!("{}", views::audit(since, &audit))?;
     } else {
-        println!(
+        out!(
             "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  states",
-            "task", "expected", "claimed", "dropped", "missing", "doubled", "unfinished"
-        );
+            "task",
+            "expected",
+            "claimed",
+            "dropped",
+            "missing",
+            "doubled",
+            "unfinished"
+        )?;
         for t in &audit.tasks {
             let states: Vec<String> = t.by_state.iter().map(|(s, n)| format!("{s} {n}")).collect();
-            println!(
+            out!(
                 "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8} {:>10}  {}{}",
                 t.task,
                 t.expected,
@@ -349,17 +425,17 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
                 } else {
                     ""
                 }
-            );
+            )?;
         }
-        println!("integrity: {}", audit.integrity);
-        println!(
+        out!("integrity: {}", audit.integrity)?;
+        out!(
             "{}",
             if audit.ok() {
                 "ok: every tick accounted for, none doubled"
             } else {
                 "NOT OK"
             }
-        );
+        )?;
     }
     Ok(if audit.ok() {
         ExitCode::SUCCESS
@@ -548,22 +624,25 @@ fn run(
     downstream: bool,
     json: bool,
 ) -> Result<ExitCode> {
-    let config = Arc::new(load(path)?);
+    let reading = load_for_reading(path)?;
+    let Some(config) = reading.config.clone() else {
+        return run_by_service(&reading, task, wait, force, downstream, json);
+    };
     let store = open_store(&config)?;
     if live_service(&config, &store)? {
         let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
         if !wait {
             if json {
-                println!("{}", views::handed_to_service(root));
+                out!("{}", views::handed_to_service(root))?;
             } else {
-                println!("run {root} of {task} queued; the service will start it (turbosched show {root})");
+                out!("run {root} of {task} queued; the service will start it (turbosched show {root})")?;
             }
             return Ok(ExitCode::SUCCESS);
         }
         if !json {
-            println!("run {root} of {task} queued with the running service; waiting");
+            out!("run {root} of {task} queued with the running service; waiting")?;
         }
-        return wait_for(&config, &store, root, downstream, json);
+        return wait_for(Some(&config), &store, root, downstream, json);
     }
     let _log_guard = init_tracing(Some(&config));
     let runtime = runtime()?;
@@ -576,7 +655,7 @@ fn run(
         );
         let root = engine.enqueue_manual(task, force, downstream)?;
         if !json {
-            println!("run {root} of {task}: no service is running, running it here");
+            out!("run {root} of {task}: no service is running, running it here")?;
         }
         shutdown_on_signals(engine.handle());
         let progress =
@@ -588,6 +667,99 @@ fn run(
         Ok::<RunId, anyhow::Error>(root)
     })?;
     report_outcome(&store, root, downstream, json)
+}
+
+/// `run` with a broken config: only a running service, with the valid config it loaded,
+/// can take the run. It is asked through its API (`POST /scheduler/tasks/<task>/run`, the
+/// token from `[api] token_env`), as the file's task list is unknown here.
+fn run_by_service(
+    reading: &Reading,
+    task: &str,
+    wait: bool,
+    force: bool,
+    downstream: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let store = reading.open_store()?;
+    let instances = store.live_instances(reading.locations.heartbeat_timeout, SystemClock.now())?;
+    let Some(address) = instances
+        .iter()
+        .filter(|i| i.serving)
+        .find_map(|i| i.api.clone())
+    else {
+        bail!("cannot run {task}: the config is invalid and no service is up to take the run (`turbosched validate` shows the errors)");
+    };
+    if !task
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c))
+    {
+        bail!("unknown task \"{task}\"");
+    }
+    let token = std::env::var(&reading.locations.token_env)
+        .ok()
+        .filter(|token| !token.trim().is_empty());
+    let body = views::trigger_options(force, downstream).to_string();
+    let (code, answer) = http_post(
+        &address,
+        &format!("/scheduler/tasks/{task}/run"),
+        &body,
+        token.as_deref(),
+    )
+    .with_context(|| format!("cannot reach the service's API at http://{address}"))?;
+    let root = match answer["run_id"].as_i64() {
+        Some(id) if code / 100 == 2 => RunId(id),
+        _ => bail!(
+            "the service refused the run ({code}): {}",
+            answer["error"]["message"].as_str().unwrap_or("no message")
+        ),
+    };
+    if !wait {
+        if json {
+            out!("{}", views::handed_to_service(root))?;
+        } else {
+            out!(
+                "run {root} of {task} queued; the service will start it (turbosched show {root})"
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !json {
+        out!("run {root} of {task} queued with the running service; waiting")?;
+    }
+    wait_for(None, &store, root, downstream, json)
+}
+
+/// One HTTP/1.1 POST of a JSON body, answered with the status and the JSON body (`null`
+/// if it is not JSON). The CLI's one request: no client library for it.
+fn http_post(
+    address: &str,
+    path: &str,
+    body: &str,
+    token: Option<&str>,
+) -> std::io::Result<(u16, Value)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let auth = token
+        .map(|token| format!("Authorization: Bearer {token}\r\n"))
+        .unwrap_or_default();
+    write!(
+        stream,
+        "POST {path} HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n{auth}Connection: close\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    let text = String::from_utf8_lossy(&response);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, "not an HTTP answer")
+        })?;
+    Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
 /// A progress bar on the terminal while a run is active.
@@ -620,7 +792,7 @@ fn spawn_progress(store: Store, run: RunId) -> tokio::task::JoinHandle<()> {
 const CASCADE_PATIENCE: Duration = Duration::from_secs(10);
 
 fn wait_for(
-    config: &Config,
+    config: Option<&Config>,
     store: &Store,
     root: RunId,
     downstream: bool,
@@ -645,13 +817,16 @@ fn wait_for(
                 ));
             }
         }
-        let expected = if downstream {
-            let root_row = store
-                .run(root)?
-                .ok_or_else(|| anyhow!("run {root} vanished"))?;
-            1 + config.downstream_of(&root_row.task).len()
-        } else {
-            1
+        // Without a valid config the cascade's size is unknown: wait until it settles.
+        let expected = match (downstream, config) {
+            (false, _) => 1,
+            (true, None) => usize::MAX,
+            (true, Some(config)) => {
+                let root_row = store
+                    .run(root)?
+                    .ok_or_else(|| anyhow!("run {root} vanished"))?;
+                1 + config.downstream_of(&root_row.task).len()
+            }
         };
         let settled = runs.iter().all(|r| r.state.is_terminal());
         // Every member the engine queues is queued when its upstreams end; one that stays
@@ -672,7 +847,7 @@ fn wait_for(
             if let Some(bar) = bar {
                 bar.finish_and_clear();
             }
-            if runs.len() < expected {
+            if runs.len() < expected && expected != usize::MAX {
                 eprintln!(
                     "note: {} of the {expected} tasks of the cascade ran; the others were never queued",
                     runs.len()
@@ -694,9 +869,9 @@ fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> R
         bail!("run {root} not found");
     }
     if json {
-        println!("{}", views::run_outcome(root, &runs));
+        out!("{}", views::run_outcome(root, &runs))?;
     } else {
-        print_runs(&runs);
+        print_runs(&runs)?;
     }
     let all_ok = runs.iter().all(|r| r.state == RunState::Succeeded);
     Ok(if all_ok {
@@ -707,10 +882,13 @@ fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> R
 }
 
 fn status(path: &Path, json: bool) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let reading = load_for_reading(path)?;
+    let store = reading.open_store()?;
     let now = SystemClock.now();
-    let instances = store.live_instances(config.scheduler.heartbeat_timeout, now)?;
+    let instances = store.live_instances(reading.locations.heartbeat_timeout, now)?;
+    let Some(config) = &reading.config else {
+        return status_from_store(&store, &instances, json);
+    };
     let mut tasks = Vec::new();
     for spec in config.tasks.values() {
         let state = store.task_state(&spec.name)?;
@@ -739,27 +917,18 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         });
     }
     if json {
-        println!("{}", views::stored_status(&instances, &tasks));
+        out!("{}", views::stored_status(&instances, &tasks))?;
         return Ok(ExitCode::SUCCESS);
     }
-    match instances.iter().find(|i| i.serving) {
-        Some(instance) => println!(
-            "service: up (pid {} on {}, instance {}){}",
-            instance.pid,
-            instance.host,
-            instance.id,
-            instance
-                .api
-                .as_ref()
-                .map(|a| format!(", API http://{a}"))
-                .unwrap_or_default()
-        ),
-        None => println!("service: not running"),
-    }
-    println!(
+    print_service(&instances)?;
+    out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
-        "TASK", "SCHEDULE", "NEXT FIRE", "RUNNING", "LAST"
-    );
+        "TASK",
+        "SCHEDULE",
+        "NEXT FIRE",
+        "RUNNING",
+        "LAST"
+    )?;
     for views::StoredTask {
         spec,
         paused,
@@ -792,10 +961,109 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
             ),
             None => ("-".into(), String::new()),
         };
-        println!(
+        out!(
             "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
-            spec.name, schedule, next, running, last_state, last_detail
-        );
+            spec.name,
+            schedule,
+            next,
+            running,
+            last_state,
+            last_detail
+        )?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_service(instances: &[InstanceRow]) -> Result<()> {
+    match instances.iter().find(|i| i.serving) {
+        Some(instance) => out!(
+            "service: up (pid {} on {}, instance {}){}",
+            instance.pid,
+            instance.host,
+            instance.id,
+            instance
+                .api
+                .as_ref()
+                .map(|a| format!(", API http://{a}"))
+                .unwrap_or_default()
+        )?,
+        None => out!("service: not running")?,
+    }
+    Ok(())
+}
+
+/// `status` with a broken config: the tasks the store knows (a stored schedule, or a run
+/// among the latest thousand), their stored next fire in UTC (the file names the zones).
+fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Result<ExitCode> {
+    let mut known: std::collections::BTreeMap<TaskName, TaskStateRow> =
+        store.task_states()?.into_iter().collect();
+    let recent = store.runs(&RunFilter {
+        limit: 1000,
+        ..RunFilter::default()
+    })?;
+    for row in recent {
+        known.entry(row.task).or_default();
+    }
+    let mut tasks = Vec::new();
+    for (task, state) in known {
+        let last = store.runs(&RunFilter {
+            task: Some(task.0.clone()),
+            limit: 1,
+            ..RunFilter::default()
+        })?;
+        let running = store
+            .runs(&RunFilter {
+                task: Some(task.0.clone()),
+                state: Some(RunState::Running),
+                limit: 10,
+                ..RunFilter::default()
+            })?
+            .len();
+        tasks.push(views::StoredOnly {
+            task,
+            state,
+            last: last.into_iter().next(),
+            running,
+        });
+    }
+    if json {
+        out!("{}", views::stored_status_without_config(instances, &tasks))?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_service(instances)?;
+    out!(
+        "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
+        "TASK",
+        "STORED SCHEDULE",
+        "NEXT FIRE",
+        "RUNNING",
+        "LAST"
+    )?;
+    for task in tasks {
+        let next = if task.state.paused {
+            "paused".to_string()
+        } else {
+            task.state
+                .next_fire_at
+                .map(|n| n.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        let (last_state, last_detail) = match &task.last {
+            Some(row) => (
+                row.state.to_string(),
+                format!("run {} {}", row.id, duration_text(row)),
+            ),
+            None => ("-".into(), String::new()),
+        };
+        out!(
+            "{:<16} {:<22} {:<27} {:<8} {:<10} {}",
+            task.task,
+            task.state.schedule.as_deref().unwrap_or("-"),
+            next,
+            task.running,
+            last_state,
+            last_detail
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -807,8 +1075,7 @@ fn runs(
     limit: usize,
     json: bool,
 ) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let store = load_for_reading(path)?.open_store()?;
     let state = match state {
         Some(text) => Some(RunState::parse(&text).ok_or_else(|| {
             anyhow!(
@@ -825,42 +1092,44 @@ fn runs(
         ..RunFilter::default()
     })?;
     if json {
-        println!("{}", views::run_list(&rows));
+        out!("{}", views::run_list(&rows))?;
     } else {
-        print_runs(&rows);
+        print_runs(&rows)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let store = load_for_reading(path)?.open_store()?;
     let row = store
         .run(run)?
         .ok_or_else(|| anyhow!("no run with id {run}"))?;
     let attempts = store.attempts(run)?;
     if json {
-        println!("{}", views::run_detail(&row, &attempts));
+        out!("{}", views::run_detail(&row, &attempts))?;
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    out!(
         "run {} of {} ({}), {}",
-        row.id, row.task, row.trigger, row.state
-    );
-    println!("  scheduled for {}", rfc3339(row.scheduled_for));
-    println!("  queued at     {}", rfc3339(row.queued_at));
+        row.id,
+        row.task,
+        row.trigger,
+        row.state
+    )?;
+    out!("  scheduled for {}", rfc3339(row.scheduled_for))?;
+    out!("  queued at     {}", rfc3339(row.queued_at))?;
     if let Some(at) = row.started_at {
-        println!("  started at    {}", rfc3339(at));
+        out!("  started at    {}", rfc3339(at))?;
     }
     if let Some(at) = row.finished_at {
-        println!("  finished at   {}", rfc3339(at));
+        out!("  finished at   {}", rfc3339(at))?;
     }
-    println!("  attempts      {} of {}", row.attempt, row.max_attempts);
+    out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
     if let Some(progress) = row.progress {
-        println!(
+        out!(
             "  progress      {progress:.0}% {}",
             row.phase.clone().unwrap_or_default()
-        );
+        )?;
     }
     for (label, value) in [
         ("reason", &row.reason),
@@ -869,11 +1138,11 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         ("checkpoint", &row.checkpoint),
     ] {
         if let Some(value) = value {
-            println!("  {label:<13} {value}");
+            out!("  {label:<13} {value}")?;
         }
     }
     for attempt in attempts {
-        println!(
+        out!(
             "  attempt {}: {} → {} {}{}",
             attempt.attempt,
             rfc3339(attempt.started_at),
@@ -883,34 +1152,37 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
                 .unwrap_or_else(|| "…".into()),
             attempt.outcome.unwrap_or_else(|| "running".into()),
             attempt.error.map(|e| format!(": {e}")).unwrap_or_default()
-        );
+        )?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
 fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
-    let config = load(path)?;
-    let store = open_store(&config)?;
+    let reading = load_for_reading(path)?;
+    let store = reading.open_store()?;
     match store.request_abort(
         run,
         "abort requested from the command line",
         SystemClock.now(),
     )? {
-        AbortOutcome::AbortedNow => println!("run {run} aborted before it started"),
-        AbortOutcome::Requested => println!(
+        AbortOutcome::AbortedNow => out!("run {run} aborted before it started")?,
+        AbortOutcome::Requested => out!(
             "abort of run {run} requested; its engine stops it within {}",
-            humantime::format_duration(config.scheduler.heartbeat_interval)
-        ),
+            humantime::format_duration(reading.locations.heartbeat_interval)
+        )?,
         AbortOutcome::AlreadyFinished(state) => {
-            println!("run {run} already finished: {state}");
+            out!("run {run} already finished: {state}")?;
             return Ok(ExitCode::from(1));
         }
     }
     Ok(ExitCode::SUCCESS)
 }
 
+/// Refuses a broken file: the fire times come from the task's schedule in it.
 fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
-    let config = load(path)?;
+    let config = config::load(path).map_err(|errors| {
+        anyhow!("invalid config (`next` needs the task's schedule from a valid file):\n{errors}")
+    })?;
     let spec = config.task(task).ok_or_else(|| {
         anyhow!(
             "unknown task \"{task}\" (known tasks: {})",
@@ -918,11 +1190,11 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
         )
     })?;
     let Some(schedule) = &spec.schedule else {
-        println!("{task} has no schedule: it runs only when triggered");
+        out!("{task} has no schedule: it runs only when triggered")?;
         return Ok(ExitCode::SUCCESS);
     };
     for at in schedule.upcoming(SystemClock.now(), count) {
-        println!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"));
+        out!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"))?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -941,7 +1213,7 @@ fn archive(path: &Path, dry_run: bool) -> Result<ExitCode> {
     options.dry_run = dry_run;
     let report = turbosched::maintenance::run(&config, &store, &options)?;
     for line in report.lines() {
-        println!("{line}");
+        out!("{line}")?;
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -955,24 +1227,33 @@ fn logs(
 ) -> Result<ExitCode> {
     use turbosched::tasklog::{log_files, task_log_name, LogFollower};
 
-    let config = load(path)?;
-    let name = if task == "scheduler" && config.task(task).is_none() {
+    let reading = load_for_reading(path)?;
+    let log_dir = &reading.locations.log_dir;
+    let configured = reading
+        .config
+        .as_ref()
+        .map(|config| config.task(task).is_some());
+    let name = if task == "scheduler" && configured != Some(true) {
         "scheduler.log".to_string()
-    } else if config.task(task).is_some()
-        || !log_files(&config.scheduler.log_dir, &task_log_name(task)).is_empty()
-    {
+    } else if configured == Some(true) || !log_files(log_dir, &task_log_name(task)).is_empty() {
         task_log_name(task)
     } else {
-        bail!(
-            "unknown task \"{task}\" (known tasks: {}; or scheduler)",
-            config.task_names().join(", ")
-        );
+        match &reading.config {
+            Some(config) => bail!(
+                "unknown task \"{task}\" (known tasks: {}; or scheduler)",
+                config.task_names().join(", ")
+            ),
+            None => bail!(
+                "no log of task \"{task}\" in {} (the config is invalid, so its tasks are unknown)",
+                log_dir.display()
+            ),
+        }
     };
     let marker = run.map(|run| format!(" run={run} "));
     // Following starts before reading, so no line falls between the two; a line read by
     // both is left out by the follower (`skipping`).
     let follower = follow.then(|| {
-        let follower = LogFollower::at_end(&config.scheduler.log_dir, &name);
+        let follower = LogFollower::at_end(log_dir, &name);
         match &marker {
             Some(marker) => follower.only(marker.clone()),
             None => follower,
@@ -981,14 +1262,14 @@ fn logs(
     let keep = |line: &str| marker.as_ref().is_none_or(|m| line.contains(m.as_str()));
     let archives = run
         .is_some()
-        .then_some(config.logging.archive_dir.as_path());
-    let lines = turbosched::tasklog::read_lines(&config.scheduler.log_dir, archives, &name, &keep)
+        .then_some(reading.locations.archive_dir.as_path());
+    let lines = turbosched::tasklog::read_lines(log_dir, archives, &name, &keep)
         .with_context(|| format!("cannot read the logs of {task}"))?;
     let start = last
         .map(|last| lines.len().saturating_sub(last))
         .unwrap_or(0);
     for line in &lines[start..] {
-        println!("{line}");
+        out!("{line}")?;
     }
     let Some(follower) = follower else {
         return Ok(ExitCode::SUCCESS);
@@ -1001,7 +1282,7 @@ fn logs(
             .next_lines()
             .with_context(|| format!("cannot follow the log of {task}"))?
         {
-            println!("{line}");
+            out!("{line}")?;
         }
     }
 }
@@ -1020,18 +1301,23 @@ fn duration_text(row: &RunRow) -> String {
     }
 }
 
-fn print_runs(rows: &[RunRow]) {
-    println!(
+fn print_runs(rows: &[RunRow]) -> Result<()> {
+    out!(
         "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} DETAIL",
-        "RUN", "TASK", "TRIGGER", "STATE", "SCHEDULED FOR", "ATTEMPT"
-    );
+        "RUN",
+        "TASK",
+        "TRIGGER",
+        "STATE",
+        "SCHEDULED FOR",
+        "ATTEMPT"
+    )?;
     for row in rows {
         let detail = row
             .reason
             .clone()
             .or_else(|| row.error.clone())
             .unwrap_or_else(|| duration_text(row));
-        println!(
+        out!(
             "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} {}",
             row.id,
             row.task,
@@ -1041,6 +1327,7 @@ fn print_runs(rows: &[RunRow]) {
                 .to_rfc3339_opts(SecondsFormat::Millis, true),
             format!("{}/{}", row.attempt, row.max_attempts),
             detail
-        );
+        )?;
     }
+    Ok(())
 }

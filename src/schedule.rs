@@ -63,6 +63,143 @@ fn compile(parser: &CronParser, expr: &str) -> Result<Arc<Cron>, croner::errors:
     Ok(cron)
 }
 
+/// The aliases croner knows (any case).
+const ALIASES: &[&str] = &[
+    "@yearly",
+    "@annually",
+    "@monthly",
+    "@weekly",
+    "@daily",
+    "@hourly",
+];
+
+/// One field of a cron expression: its name in messages, its range and its names.
+struct Field {
+    name: &'static str,
+    min: u32,
+    max: u32,
+    /// `JAN`…`DEC` or `SUN`…`SAT`, numbered from `min` (months) or 0 (weekdays).
+    words: &'static [&'static str],
+    /// What the message says is expected.
+    expected: &'static str,
+    /// Letters croner reads in this field (`L`, `W`, `#`, `?`): a part with one of them is
+    /// left to croner.
+    special: &'static [char],
+}
+
+const SECOND: Field = Field {
+    name: "second",
+    min: 0,
+    max: 59,
+    words: &[],
+    expected: "0–59",
+    special: &[],
+};
+const MINUTE: Field = Field {
+    name: "minute",
+    ..SECOND
+};
+const HOUR: Field = Field {
+    name: "hour",
+    max: 23,
+    expected: "0–23",
+    ..SECOND
+};
+const DAY_OF_MONTH: Field = Field {
+    name: "day of month",
+    min: 1,
+    max: 31,
+    words: &[],
+    expected: "1–31",
+    special: &['L', 'W', '?'],
+};
+const MONTH: Field = Field {
+    name: "month",
+    min: 1,
+    max: 12,
+    words: &[
+        "JAN", "FEB", "MAR", "APR", "MAY", "JUN", "JUL", "AUG", "SEP", "OCT", "NOV", "DEC",
+    ],
+    expected: "1–12 or JAN–DEC",
+    special: &[],
+};
+const DAY_OF_WEEK: Field = Field {
+    name: "day of week",
+    min: 0,
+    max: 7,
+    words: &["SUN", "MON", "TUE", "WED", "THU", "FRI", "SAT"],
+    expected: "0–7 (0 and 7 are Sunday) or SUN–SAT",
+    special: &['L', '#', '?'],
+};
+
+/// Why croner refused `expr`, naming the field, its range and what was found:
+/// `minute field "61": expected 0–59, found 61`. `None` when no field check finds the
+/// fault (croner's own message is then used).
+fn explain_refusal(expr: &str) -> Option<String> {
+    if expr.starts_with('@') {
+        return (!ALIASES.iter().any(|alias| alias.eq_ignore_ascii_case(expr)))
+            .then(|| format!("unknown alias {expr:?} (known: {})", ALIASES.join(", ")));
+    }
+    let parts: Vec<&str> = expr.split_whitespace().collect();
+    let fields: &[Field] = match parts.len() {
+        5 => &[MINUTE, HOUR, DAY_OF_MONTH, MONTH, DAY_OF_WEEK],
+        6 => &[SECOND, MINUTE, HOUR, DAY_OF_MONTH, MONTH, DAY_OF_WEEK],
+        _ => return None,
+    };
+    parts.iter().zip(fields).find_map(|(text, field)| {
+        check_field(field, text).map(|found| format!("{} field {text:?}: {found}", field.name))
+    })
+}
+
+/// What is wrong with one field's text (`expected …, found …`), if a check can tell.
+fn check_field(field: &Field, text: &str) -> Option<String> {
+    for part in text.split(',') {
+        if part.contains(field.special) {
+            continue;
+        }
+        let (base, step) = match part.split_once('/') {
+            Some((base, step)) => (base, Some(step)),
+            None => (part, None),
+        };
+        if let Some(step) = step {
+            match step.parse::<u32>() {
+                Ok(0) => return Some("expected a step of at least 1, found 0".into()),
+                Ok(_) => {}
+                Err(_) => return Some(format!("expected a whole-number step, found {step:?}")),
+            }
+        }
+        if base == "*" {
+            continue;
+        }
+        let ends = match base.split_once('-') {
+            Some((from, to)) if !from.is_empty() => vec![from, to],
+            _ => vec![base],
+        };
+        for end in ends {
+            if let Some(found) = check_value(field, end) {
+                return Some(format!("expected {}, found {found}", field.expected));
+            }
+        }
+    }
+    None
+}
+
+/// `Some(what was found)` when `text` is no value of `field`.
+fn check_value(field: &Field, text: &str) -> Option<String> {
+    if field
+        .words
+        .iter()
+        .any(|word| word.eq_ignore_ascii_case(text))
+    {
+        return None;
+    }
+    match text.parse::<u32>() {
+        Ok(number) if (field.min..=field.max).contains(&number) => None,
+        Ok(number) => Some(number.to_string()),
+        Err(_) => Some(format!("{text:?}")),
+    }
+}
+
 impl Schedule {
     /// Compiles `expr` (5 or 6 fields, or `@hourly`, `@daily`, `@weekly`, `@monthly`,
     /// `@yearly`/`@annually`) for the zone `tz`.
@@ -83,9 +220,11 @@ impl Schedule {
             .seconds(Seconds::Optional)
             .year(Year::Disallowed)
             .build();
+        // croner compiles; when it refuses, the field checks below say which field, its
+        // range and what was found (croner's own text only if they find nothing).
         let cron = compile(&parser, expr.trim()).map_err(|err| ScheduleError {
             expr: expr.to_string(),
-            reason: err.to_string().to_lowercase(),
+            reason: explain_refusal(expr.trim()).unwrap_or_else(|| err.to_string().to_lowercase()),
         })?;
         Ok(Schedule {
             expr: expr.to_string(),
@@ -328,6 +467,87 @@ mod tests {
 
     fn zone(name: &str) -> Tz {
         name.parse().expect("known zone")
+    }
+
+    /// `expr` is refused with exactly `expected` after `invalid cron expression "<expr>": `.
+    fn check_refused(expr: &str, expected: &str) {
+        let err = Schedule::parse(expr, chrono_tz::UTC).expect_err("should be refused");
+        assert_eq!(
+            err.to_string(),
+            format!("invalid cron expression {expr:?}: {expected}")
+        );
+    }
+
+    #[test]
+    fn a_value_out_of_range_names_its_field_and_the_range() {
+        // Issue 15, item 9: croner said only "number out of bounds.".
+        check_refused("61 * * * *", "minute field \"61\": expected 0–59, found 61");
+        check_refused("0 24 * * *", "hour field \"24\": expected 0–23, found 24");
+        check_refused(
+            "0 0 0 * *",
+            "day of month field \"0\": expected 1–31, found 0",
+        );
+        check_refused(
+            "0 0 1 1-13 *",
+            "month field \"1-13\": expected 1–12 or JAN–DEC, found 13",
+        );
+        check_refused(
+            "0 0 * * 1,8",
+            "day of week field \"1,8\": expected 0–7 (0 and 7 are Sunday) or SUN–SAT, found 8",
+        );
+        check_refused(
+            "60 0 * * * *",
+            "second field \"60\": expected 0–59, found 60",
+        );
+        check_refused(
+            "0 60 * * * *",
+            "minute field \"60\": expected 0–59, found 60",
+        );
+    }
+
+    #[test]
+    fn an_unknown_word_names_its_field_and_what_it_accepts() {
+        // Issue 15, item 9: croner said "cronpattern contains illegal character 'm' in part 'mnd'".
+        check_refused(
+            "0 0 * * mnd",
+            "day of week field \"mnd\": expected 0–7 (0 and 7 are Sunday) or SUN–SAT, found \"mnd\"",
+        );
+        check_refused(
+            "0 0 1 jna *",
+            "month field \"jna\": expected 1–12 or JAN–DEC, found \"jna\"",
+        );
+        check_refused(
+            "x * * * *",
+            "minute field \"x\": expected 0–59, found \"x\"",
+        );
+        check_refused(
+            "*/0 * * * *",
+            "minute field \"*/0\": expected a step of at least 1, found 0",
+        );
+        check_refused(
+            "@dayly",
+            "unknown alias \"@dayly\" (known: @yearly, @annually, @monthly, @weekly, @daily, @hourly)",
+        );
+    }
+
+    #[test]
+    fn what_croner_accepts_stays_accepted() {
+        for expr in [
+            "0 30 16 * * Mon-Fri",
+            "*/15 * * * *",
+            "0 0 L * *",
+            "0 0 15W * *",
+            "0 0 * * 5L",
+            "0 0 * * 5#2",
+            "0 0 ? * MON",
+            "0 0 1 JAN,jul *",
+            "0 0 * * 7",
+            "@daily",
+            "@Weekly",
+            "0-30/10 * * * *",
+        ] {
+            Schedule::parse(expr, chrono_tz::UTC).unwrap_or_else(|err| panic!("{expr}: {err}"));
+        }
     }
 
     /// Local wall time `2026-03-08T00:00` in `tz`, as UTC.

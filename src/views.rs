@@ -16,8 +16,8 @@ use serde_json::{json, Map, Value};
 use crate::audit::Audit;
 use crate::config::{Handler, TaskSpec};
 use crate::engine::{Snapshot, TaskSnapshot};
-use crate::model::{Instant, RunId};
-use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow};
+use crate::model::{Instant, RunId, TaskName};
+use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow, TaskStateRow};
 
 fn time(at: Instant) -> String {
     at.to_rfc3339_opts(SecondsFormat::Micros, true)
@@ -213,6 +213,18 @@ pub fn sse_event(event: &EventRow) -> String {
     )
 }
 
+/// The event an event stream opens with when the client asked to start after an event
+/// beyond the newest (`requested`): its id is the newest, so an `EventSource` that
+/// reconnects resumes from there.
+pub fn sse_resync(requested: i64, newest: i64) -> String {
+    let data = json!({
+        "requested_after": requested,
+        "newest": newest,
+        "message": format!("event {requested} is ahead of the newest event ({newest}): resynchronised, continuing after {newest}"),
+    });
+    format!("id: {newest}\nevent: resync\ndata: {data}\n\n")
+}
+
 /// A page of runs, newest first: `GET /scheduler/runs`. `next_cursor` is the id to pass as
 /// `cursor` for the next page (`null` on the last).
 pub fn run_page(rows: &[RunRow], next_cursor: Option<RunId>) -> Value {
@@ -225,6 +237,11 @@ pub fn run_page(rows: &[RunRow], next_cursor: Option<RunId>) -> Value {
 /// A trigger accepted: the run is queued (202).
 pub fn run_queued(run: RunId, task: &str) -> Value {
     json!({"run_id": run.0, "task": task, "state": "queued", "links": run_links(run)})
+}
+
+/// The body of `POST /scheduler/tasks/<task>/run` as the CLI sends it (`TriggerOptions`).
+pub fn trigger_options(force: bool, downstream: bool) -> Value {
+    json!({"force": force, "downstream": downstream})
 }
 
 /// A trigger that waited for its run, which finished (200).
@@ -336,6 +353,42 @@ pub fn stored_status(instances: &[InstanceRow], tasks: &[StoredTask<'_>]) -> Val
         .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
         .collect();
     json!({"service": service, "tasks": tasks})
+}
+
+/// One task as the store alone knows it, for `status` with a broken config: its name,
+/// stored schedule and next fire, and its latest run.
+pub struct StoredOnly {
+    /// The task.
+    pub task: TaskName,
+    /// What the store remembers of it.
+    pub state: TaskStateRow,
+    /// Its latest run.
+    pub last: Option<RunRow>,
+    /// How many of its runs are running.
+    pub running: usize,
+}
+
+/// `turbosched status --json` when the config file is invalid: what the store knows,
+/// with `"config_valid": false`; the zone of a task is unknown, so times are UTC.
+pub fn stored_status_without_config(instances: &[InstanceRow], tasks: &[StoredOnly]) -> Value {
+    let tasks: Vec<Value> = tasks
+        .iter()
+        .map(|task| {
+            json!({
+                "task": task.task.as_str(),
+                "schedule": task.state.schedule,
+                "paused": task.state.paused,
+                "next_fire": task.state.next_fire_at.map(time),
+                "running": task.running,
+                "last_run": task.last.as_ref().map(run),
+            })
+        })
+        .collect();
+    let service: Vec<Value> = instances
+        .iter()
+        .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
+        .collect();
+    json!({"service": service, "config_valid": false, "tasks": tasks})
 }
 
 /// `turbosched audit --json`: every scheduled task's tick accounting.

@@ -94,6 +94,10 @@ pub(super) struct EventsQuery {
 /// `Last-Event-ID` (a reconnecting client), else after `?since=`, else at the newest
 /// event; every event carries its sequence number as its id, so a client that
 /// reconnects loses nothing. A comment line keeps idle connections alive.
+///
+/// A client ahead of the store (its id beyond the newest event: the database was restored
+/// from a backup or replaced) would otherwise wait for ids that are not coming: it is
+/// told so by a `resync` event, whose id is the newest, and the stream goes on from there.
 pub(super) async fn events(
     request: HttpRequest,
     query: web::Query<EventsQuery>,
@@ -131,9 +135,16 @@ pub(super) async fn events(
             }
         },
     };
+    let store = state.store.clone();
+    let newest = blocking(move || store.last_event_seq()).await?;
+    let resync = (from > newest).then_some(Resync {
+        requested: from,
+        newest,
+    });
     let wake = state.board.subscribe();
     let cursor = EventCursor {
-        last: from,
+        last: from.min(newest),
+        resync,
         store: state.store.clone(),
         wake,
         quiet_since: tokio::time::Instant::now(),
@@ -202,8 +213,16 @@ impl LogFollow {
     }
 }
 
+/// A client's id beyond the newest event, and that newest event.
+struct Resync {
+    requested: i64,
+    newest: i64,
+}
+
 struct EventCursor {
     last: i64,
+    /// Said once, with the greeting.
+    resync: Option<Resync>,
     store: Store,
     wake: tokio::sync::watch::Receiver<u64>,
     quiet_since: tokio::time::Instant,
@@ -219,10 +238,17 @@ impl EventCursor {
     async fn next_chunk(&mut self) -> Option<Bytes> {
         if !self.greeted {
             self.greeted = true;
-            return Some(Bytes::from(format!(
-                ": connected, after event {}\nretry: 2000\n\n",
-                self.last
-            )));
+            let mut greeting = format!(": connected, after event {}\n", self.last);
+            if let Some(Resync { requested, newest }) = self.resync.take() {
+                greeting.push_str(&format!(
+                    ": event {requested} is ahead of the newest event ({newest}): resynchronised, continuing after {newest}\n"
+                ));
+                greeting.push_str("retry: 2000\n\n");
+                greeting.push_str(&views::sse_resync(requested, newest));
+            } else {
+                greeting.push_str("retry: 2000\n\n");
+            }
+            return Some(Bytes::from(greeting));
         }
         loop {
             let (store, after) = (self.store.clone(), self.last);

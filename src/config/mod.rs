@@ -316,6 +316,78 @@ impl Config {
     }
 }
 
+/// Where the store and the logs are, and how to reach the service: all that the commands
+/// which only read the store or talk to the running service need. Read from a valid
+/// [`Config`] ([`Config::locations`]), or leniently from a file with errors
+/// ([`read_locations`]), so that an operator in the middle of an edit can still read a
+/// log or abort a run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Locations {
+    /// `[scheduler] database`.
+    pub database: PathBuf,
+    /// `[scheduler] log_dir`.
+    pub log_dir: PathBuf,
+    /// `[logging] archive_dir`.
+    pub archive_dir: PathBuf,
+    /// `[scheduler] heartbeat_interval`.
+    pub heartbeat_interval: Duration,
+    /// `[scheduler] heartbeat_timeout`.
+    pub heartbeat_timeout: Duration,
+    /// `[api] token_env`.
+    pub token_env: String,
+}
+
+impl Config {
+    /// Where this config puts the store and the logs.
+    pub fn locations(&self) -> Locations {
+        Locations {
+            database: self.scheduler.database.clone(),
+            log_dir: self.scheduler.log_dir.clone(),
+            archive_dir: self.logging.archive_dir.clone(),
+            heartbeat_interval: self.scheduler.heartbeat_interval,
+            heartbeat_timeout: self.scheduler.heartbeat_timeout,
+            token_env: self.api.token_env.clone(),
+        }
+    }
+}
+
+/// The [`Locations`] of a file that may have errors: each value the file gives, if it
+/// parses on its own, else its default (the defaults of [`load`]). A file that is not
+/// TOML at all gives every default. Only a file that cannot be read is an error.
+pub fn read_locations(path: &Path) -> std::io::Result<Locations> {
+    let bytes = std::fs::read(path)?;
+    let document: toml::Table = std::str::from_utf8(&bytes)
+        .ok()
+        .and_then(|text| toml::from_str(text).ok())
+        .unwrap_or_default();
+    let value = |section: &str, key: &str| -> Option<String> {
+        document
+            .get(section)?
+            .as_table()?
+            .get(key)?
+            .as_str()
+            .map(str::to_string)
+    };
+    let duration = |key: &str, default: u64| {
+        value("scheduler", key)
+            .and_then(|text| humantime::parse_duration(text.trim()).ok())
+            .filter(|duration| !duration.is_zero())
+            .unwrap_or(Duration::from_secs(default))
+    };
+    Ok(Locations {
+        database: PathBuf::from(
+            value("scheduler", "database").unwrap_or_else(|| "data/scheduler.db".into()),
+        ),
+        log_dir: PathBuf::from(value("scheduler", "log_dir").unwrap_or_else(|| "logs".into())),
+        archive_dir: PathBuf::from(
+            value("logging", "archive_dir").unwrap_or_else(|| "archive".into()),
+        ),
+        heartbeat_interval: duration("heartbeat_interval", 5),
+        heartbeat_timeout: duration("heartbeat_timeout", 30),
+        token_env: value("api", "token_env").unwrap_or_else(|| "TURBOSCHED_TOKEN".into()),
+    })
+}
+
 /// Reads and validates `path`.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let bytes = std::fs::read(path).map_err(|err| {

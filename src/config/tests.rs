@@ -153,11 +153,10 @@ fn a_bad_cron_expression_is_refused_at_its_value() {
         (err.line, err.column, err.key.as_str()),
         (3, 12, "tasks.a.schedule")
     );
-    assert!(
-        err.message
-            .starts_with("invalid cron expression \"61 * * * *\""),
-        "{}",
-        err.message
+    // Issue 15, item 9: the field, its range and what was found.
+    assert_eq!(
+        err.message,
+        "invalid cron expression \"61 * * * *\": minute field \"61\": expected 0–59, found 61"
     );
 }
 
@@ -545,4 +544,29 @@ fn an_unknown_key_in_an_inline_table_is_named_in_full() {
         "[tasks.a]\nhandler = \"ping\"\nretry_backoff = { inital = \"1s\" }\n",
         &["3:19: tasks.a.retry_backoff.inital: unknown key (did you mean \"initial\"?)"],
     );
+}
+
+/// Writes `text` to a temporary file and reads its locations leniently.
+fn check_locations(text: &str) -> Locations {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("scheduler.toml");
+    std::fs::write(&path, text).unwrap();
+    read_locations(&path).unwrap()
+}
+
+#[test]
+fn a_broken_file_still_names_its_store_and_log_folder() {
+    // Issue 15, item 1: the store-reading commands keep working mid-edit.
+    let text = "[scheduler]\ndatabase = \"var/x.db\"\nlog_dir = \"var/logs\"\nheartbeat_timeout = \"soon\"\n[tasks.a]\nhandler = \"ping\"\ntimout = \"10s\"\n";
+    assert!(parse(text, Path::new(FILE)).is_err());
+    let locations = check_locations(text);
+    assert_eq!(locations.database, Path::new("var/x.db"));
+    assert_eq!(locations.log_dir, Path::new("var/logs"));
+    assert_eq!(locations.heartbeat_timeout, Duration::from_secs(30));
+}
+
+#[test]
+fn a_file_that_is_not_toml_gives_the_default_locations() {
+    let locations = check_locations("[scheduler\ndatabase = \"var/x.db\"\n");
+    assert_eq!(locations, check_ok(PING).locations());
 }

@@ -1285,3 +1285,42 @@ fn only_exactly_bearer_space_token_is_accepted() {
     assert_eq!(post("Bearer s3cret-tokenx"), 403);
     drop(service);
 }
+
+#[test]
+fn an_event_stream_ahead_of_the_store_is_told_and_resynchronised() {
+    // Issue 15, item 3: `Last-Event-ID: 1200` on a store whose newest event is far lower
+    // (a restored or new database) delivered nothing, ever. The stream now says so with a
+    // `resync` event whose id is the newest, and goes on from there.
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    for (query, last_event_id) in [("", Some(1200)), ("?since=1200", None)] {
+        let newest = sandbox.store().last_event_seq().unwrap();
+        assert!(newest < 1200, "{newest}");
+        let stream = subscribe(&api, query, last_event_id);
+        assert_eq!(api.post("/scheduler/run_hello?wait=10", None).0, 200);
+        let got = collect(&stream, |seen| {
+            seen.iter().any(|e| e.event == "run_succeeded")
+        });
+        let resync = &got[0];
+        assert_eq!(resync.event, "resync", "{query}: {got:?}");
+        assert_eq!(resync.data["requested_after"], 1200, "{}", resync.data);
+        assert_eq!(resync.data["newest"], resync.id, "{}", resync.data);
+        assert!(resync.id >= newest, "{}", resync.data);
+        let ids: Vec<i64> = got[1..].iter().map(|e| e.id).collect();
+        let stored: Vec<i64> = sandbox
+            .store()
+            .events_after(resync.id, 100_000)
+            .unwrap()
+            .iter()
+            .map(|e| e.seq)
+            .collect();
+        assert_eq!(
+            ids,
+            stored[..ids.len()].to_vec(),
+            "{query}: from the newest on"
+        );
+        assert!(got[1..].iter().any(|e| e.event == "run_started"), "{got:?}");
+    }
+    drop(service);
+}

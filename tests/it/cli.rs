@@ -288,3 +288,93 @@ fn show_runs_and_status_json_print_the_runs_the_api_returns() {
     );
     drop(service);
 }
+
+/// What a command with a broken config says once on stderr.
+const BROKEN_NOTE: &str = "config/scheduler.toml is invalid (1 error; `turbosched validate` shows them); reading the store at data/scheduler.db";
+
+#[test]
+fn a_broken_config_leaves_the_store_reading_commands_working() {
+    // Issue 15, item 1: mid-edit, an operator can still read the history and the logs,
+    // abort a run and hand a run to the service; `next` needs the schedule and refuses.
+    let tasks = "[tasks.hello]\nhandler = \"ping\"\n";
+    let sandbox = Sandbox::new(tasks);
+    let (code, value) = sandbox.cli_json(&["run", "hello", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let id = value["runs"][0]["id"].to_string();
+    let service = sandbox.serve();
+    std::fs::write(
+        sandbox.path().join("config/scheduler.toml"),
+        format!("{FAST_SCHEDULER}\n{tasks}timout = \"10s\"\n"),
+    )
+    .unwrap();
+
+    let check = |args: &[&str], code: i32, out: &str| {
+        let output = sandbox.cli(args);
+        let (text, err) = (stdout(&output), stderr(&output));
+        assert_eq!(output.status.code(), Some(code), "{args:?}: {text}\n{err}");
+        assert!(text.contains(out), "{args:?}: {text}");
+        assert_eq!(err.matches(BROKEN_NOTE).count(), 1, "{args:?}: {err}");
+    };
+    check(&["status"], 0, "hello");
+    check(&["status"], 0, "service: up");
+    check(&["runs"], 0, "succeeded");
+    check(&["show", &id], 0, "succeeded");
+    check(&["logs", "hello"], 0, &format!("run={id} "));
+    check(&["abort", &id], 1, "already finished");
+
+    let (code, queued) = sandbox.cli_json(&["run", "hello", "--json"]);
+    assert_eq!(code, 0, "{queued}");
+    sandbox.wait_for_state(
+        run_id(&queued),
+        turbosched::model::RunState::Succeeded,
+        std::time::Duration::from_secs(20),
+    );
+
+    let next = sandbox.cli(&["next", "hello"]);
+    assert_eq!(next.status.code(), Some(2));
+    assert!(
+        stderr(&next).contains("timout") && stderr(&next).contains("`next` needs"),
+        "{}",
+        stderr(&next)
+    );
+    assert_eq!(sandbox.cli(&["validate"]).status.code(), Some(1));
+    drop(service);
+    assert_eq!(sandbox.cli(&["serve"]).status.code(), Some(2));
+}
+
+/// Runs `args` with stdout a pipe whose reader is already gone, as `… | head -1` leaves
+/// it once `head` has its line, and asserts a quiet end: exit 0, no panic.
+fn check_quiet_on_closed_pipe(sandbox: &Sandbox, args: &[&str]) {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let output = sandbox
+        .command(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = stderr(&output);
+    assert_eq!(output.status.code(), Some(0), "{args:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{args:?}: {err}"
+    );
+}
+
+#[test]
+fn a_closed_stdout_pipe_ends_a_command_quietly() {
+    // Issue 15, item 4: `turbosched logs heartbeat | head -1` and `status | head -3`
+    // exited 101 with "failed printing to stdout: Broken pipe".
+    let sandbox = Sandbox::new("[tasks.heartbeat]\nhandler = \"ping\"\n");
+    assert_eq!(sandbox.cli(&["run", "heartbeat"]).status.code(), Some(0));
+    for args in [
+        &["logs", "heartbeat"][..],
+        &["status"],
+        &["runs"],
+        &["show", "1"],
+        &["next", "heartbeat"],
+        &["validate"],
+    ] {
+        check_quiet_on_closed_pipe(&sandbox, args);
+    }
+}
