@@ -20,7 +20,11 @@
 //!   features ≥ `max_drifted_share`.
 //!
 //! With `on_drift = "trigger_training"` the result asks the engine for one run of
-//! `retrain_task` (trigger `drift`); the handler never calls the engine itself.
+//! `retrain_task` (trigger `drift`); the handler never calls the engine itself. It does not
+//! ask when a model was already trained on the bars now in the database (same per-symbol
+//! last bar and row count, [`market_db::fingerprint`]): the verdict then ends with
+//! "retraining not requested: no new data since model N", and `retrain_not_requested`
+//! in the result says the same.
 
 use std::path::{Path, PathBuf};
 
@@ -477,6 +481,30 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         model.id,
         if retrain_required { "retraining required" } else { "no retraining needed" }
     );
+    // A retraining on the data the latest model already learned from would fit the same
+    // model again (training is seeded): it is not asked for, and the verdict says why.
+    let mut verdict = verdict;
+    let mut retrain_requested = retrain_required && on_drift == "trigger_training";
+    let mut retrain_not_requested = None;
+    if retrain_requested {
+        let summary = market_db::data_summary(&connection).map_err(db)?;
+        if let Some((trained, _)) =
+            market_db::model_trained_on(&connection, &market_db::fingerprint(&summary))
+                .map_err(db)?
+        {
+            let why = format!(
+                "no new data since model {trained} (bars to {})",
+                summary
+                    .values()
+                    .map(|s| s.last_bar.as_str())
+                    .max()
+                    .unwrap_or("?")
+            );
+            verdict = format!("{verdict}; retraining not requested: {why}");
+            retrain_requested = false;
+            retrain_not_requested = Some(why);
+        }
+    }
     println!("{verdict}");
 
     ctx.progress(80.0, "report");
@@ -488,7 +516,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         "window": { "from": first, "to": last, "days": window_days },
         "bins": bins, "thresholds": thresholds, "max_drifted_share": max_drifted_share,
         "features": results, "drifted": drifted, "drifted_share": share,
-        "retrain_required": retrain_required, "verdict": verdict,
+        "retrain_required": retrain_required, "retrain_requested": retrain_requested,
+        "retrain_not_requested": retrain_not_requested, "verdict": verdict,
     });
     write_atomically(
         &folder.join("drift.json"),
@@ -521,7 +550,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     });
     result["report_dir"] = json!(folder);
     result["chart"] = json!(chart);
-    if retrain_required && on_drift == "trigger_training" {
+    if retrain_requested {
         result["request_runs"] =
             json!([{ "task": retrain_task, "trigger": "drift", "reason": verdict }]);
     }
