@@ -510,7 +510,12 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     ctx.progress(80.0, "report");
     let folder = report_dir.join(format!("run_{}", ctx.run_id()));
     let chart = folder.join("psi.svg");
-    psi_chart(&chart, &results, thresholds).map_err(HandlerError::Retryable)?;
+    let window = PsiWindow {
+        from: &first,
+        to: &last,
+        model_id: model.id,
+    };
+    psi_chart(&chart, &results, thresholds, &window).map_err(HandlerError::Retryable)?;
     let report = json!({
         "run_id": ctx.run_id(), "model_id": model.id, "baseline_run": baseline_run,
         "window": { "from": first, "to": last, "days": window_days },
@@ -559,7 +564,19 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
 
 /// PSI per feature as horizontal bars on a log axis (so 0.1 and 6 both read), coloured by
 /// level, the moderate and significant thresholds as vertical lines.
-fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(), String> {
+/// What a PSI chart compares: the current window and the model whose baseline it is.
+struct PsiWindow<'a> {
+    from: &'a str,
+    to: &'a str,
+    model_id: i64,
+}
+
+fn psi_chart(
+    path: &Path,
+    results: &[FeatureDrift],
+    t: Thresholds,
+    window: &PsiWindow<'_>,
+) -> Result<(), String> {
     use plotters::prelude::*;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -577,8 +594,11 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "PSI per feature: current window against the training baseline",
-            ("sans-serif", 20),
+            format!(
+                "PSI per feature, {} → {} against the training baseline of model {}",
+                window.from, window.to, window.model_id
+            ),
+            ("sans-serif", 18),
         )
         .margin(14)
         .x_label_area_size(40)
@@ -599,13 +619,30 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
         .x_desc("PSI (log scale; * = drifted)")
         .draw()
         .map_err(|e| fail(&e))?;
+    let colour_of = |level: &str| match level {
+        "significant" => RGBColor(200, 40, 40),
+        "moderate" => RGBColor(230, 150, 0),
+        _ => RGBColor(70, 130, 180),
+    };
+    // The bar colours in the legend: an empty series per level carries its entry.
+    for (level, meaning) in [
+        ("stable", format!("PSI < {:.2}", t.psi_moderate)),
+        (
+            "moderate",
+            format!("{:.2} ≤ PSI < {:.2}", t.psi_moderate, t.psi_significant),
+        ),
+        ("significant", format!("PSI ≥ {:.2}", t.psi_significant)),
+    ] {
+        let colour = colour_of(level);
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, SegmentValue<usize>)>>())
+            .map_err(|e| fail(&e))?
+            .label(format!("{level} bar: {meaning}"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], colour.filled()));
+    }
     chart
         .draw_series(results.iter().enumerate().map(|(i, r)| {
-            let colour = match r.level {
-                "significant" => RGBColor(200, 40, 40),
-                "moderate" => RGBColor(230, 150, 0),
-                _ => RGBColor(70, 130, 180),
-            };
+            let colour = colour_of(r.level);
             let mut bar = Rectangle::new(
                 [
                     (FLOOR, SegmentValue::Exact(i)),
@@ -654,6 +691,47 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_psi_chart_names_its_window_and_model_and_its_bar_colours_in_the_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psi.svg");
+        let feature = |name: &str, psi: f64, level: &'static str| FeatureDrift {
+            feature: name.into(),
+            psi,
+            kl: 0.0,
+            ks_d: 0.0,
+            ks_p: 1.0,
+            ks_method: KsMethod::Exact,
+            level,
+            drifted: level == "significant",
+        };
+        let results = [
+            feature("rsi_14", 0.02, "stable"),
+            feature("atr_14", 0.4, "significant"),
+        ];
+        let window = PsiWindow {
+            from: "2018-10-04",
+            to: "2018-12-31",
+            model_id: 7,
+        };
+        psi_chart(&path, &results, Thresholds::default(), &window).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.contains(
+                "PSI per feature, 2018-10-04 → 2018-12-31 against the training baseline of model 7"
+            ),
+            "{svg}"
+        );
+        for legend in [
+            "stable bar",
+            "moderate bar",
+            "significant bar",
+            "significant (0.25)",
+        ] {
+            assert!(svg.contains(legend), "{legend}: {svg}");
+        }
+    }
 
     #[test]
     fn quantile_edges_follow_numpys_linear_rule_and_drop_duplicates() {

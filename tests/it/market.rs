@@ -153,12 +153,21 @@ fn the_shipped_config_runs_ingestion_through_drift_and_drift_asks_no_retraining_
     for file in ["metrics.json", "daily.csv", "equity.svg"] {
         assert!(backtest_dir.join(file).is_file(), "{file}");
     }
+    let equity = std::fs::read_to_string(backtest_dir.join("equity.svg")).unwrap();
+    assert!(
+        equity.contains("Equal-weighted portfolio of IXIC, SPX")
+            && equity.contains("strategy: CAGR ")
+            && equity.contains("buy-and-hold: CAGR "),
+        "{equity}"
+    );
     let drift_dir = sandbox
         .path()
         .join(drift_result["report_dir"].as_str().unwrap());
     let svg = std::fs::read_to_string(drift_dir.join("psi.svg")).unwrap();
     assert!(
-        svg.contains("significant (0.25)") && svg.contains("atr_14"),
+        svg.contains("significant (0.25)")
+            && svg.contains("atr_14")
+            && svg.contains("2018-10-04 → 2018-12-31 against the training baseline of model 1"),
         "{svg}"
     );
 }
