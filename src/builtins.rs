@@ -108,6 +108,7 @@ pub const BUILTINS: &[Builtin] = &[
             "min_auc",
             "model",
             "model_dir",
+            "predict_task",
             "seed",
             "shap_dir",
             "shap_rows",

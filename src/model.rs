@@ -181,7 +181,8 @@ pub enum Trigger {
     /// An explicit retry of a finished run.
     Retry,
     /// Asked for by a finished run's result (`request_runs`), e.g. the drift task asking
-    /// for a retraining.
+    /// for a retraining, or that retraining asking for predictions from the model it
+    /// promoted.
     Drift,
 }
 

@@ -23,7 +23,7 @@ use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Handler;
-use crate::model::{Attempt, RunId};
+use crate::model::{Attempt, RunId, Trigger};
 use crate::tasklog::{Level, TaskLog};
 use crate::worker::protocol::{parse_stdout_line, Msg, Report};
 
@@ -63,6 +63,8 @@ pub struct AttemptSpec {
     pub task: String,
     /// This attempt's number.
     pub attempt: Attempt,
+    /// What started the run (the child reads it as `TURBOSCHED_TRIGGER`).
+    pub trigger: Trigger,
     /// What to run.
     pub handler: Handler,
     /// The task's params, as JSON.
@@ -396,6 +398,7 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
         .env("TURBOSCHED_RUN_ID", spec.run.to_string())
         .env("TURBOSCHED_TASK", &spec.task)
         .env("TURBOSCHED_ATTEMPT", spec.attempt.to_string())
+        .env("TURBOSCHED_TRIGGER", spec.trigger.as_str())
         .env("TURBOSCHED_CHECKPOINT", &spec.checkpoint_path)
         .env("TURBOSCHED_PARAMS", spec.params.to_string())
         .stdin(Stdio::null())

@@ -10,8 +10,9 @@ use tracing::{info, warn};
 
 impl Engine {
     /// Queues the runs a succeeded run's result asked for, in the requesting run's cascade
-    /// (so `run … --downstream` waits for them too). Only known tasks and the `drift`
-    /// trigger are accepted; anything else is logged and refused.
+    /// (so `run … --downstream` waits for them too, and a requested run's own requests —
+    /// drift → training → predictions — join it). Only known tasks and the `drift` trigger
+    /// are accepted; anything else is logged and refused.
     pub(super) fn queue_requested_runs(
         &mut self,
         by: RunId,

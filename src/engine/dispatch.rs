@@ -137,6 +137,7 @@ impl Engine {
             run: pending.run,
             task: pending.task.0.clone(),
             attempt,
+            trigger: pending.trigger,
             handler: spec.handler.clone(),
             params: spec.params.clone(),
             timeout: spec.timeout,

@@ -34,6 +34,7 @@ pub struct TaskContext {
     run_id: i64,
     task: String,
     attempt: u32,
+    trigger: String,
     params: serde_json::Value,
     checkpoint: Option<serde_json::Value>,
     report: Box<dyn Report>,
@@ -53,10 +54,23 @@ impl TaskContext {
             run_id,
             task,
             attempt,
+            trigger: String::new(),
             params,
             checkpoint,
             report,
         }
+    }
+
+    /// The same context, for a run started by `trigger` (`schedule`, `manual`, `drift`…).
+    pub fn with_trigger(mut self, trigger: String) -> TaskContext {
+        self.trigger = trigger;
+        self
+    }
+
+    /// What started this run: `schedule`, `manual`, `catchup`, `downstream`, `retry` or
+    /// `drift` (asked for by another run's result); empty when not told.
+    pub fn trigger(&self) -> &str {
+        &self.trigger
     }
 
     /// The run id.

@@ -500,7 +500,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     }
     write_atomically(&folder.join("daily.csv"), csv.as_bytes())?;
     let chart = folder.join("equity.svg");
-    equity_chart(&chart, &evaluation.days).map_err(HandlerError::Retryable)?;
+    let symbols: Vec<String> = bars.keys().cloned().collect();
+    equity_chart(&chart, &evaluation.days, &symbols, portfolio).map_err(HandlerError::Retryable)?;
 
     connection
         .execute(
@@ -525,8 +526,26 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
 }
 
 /// Equity of strategy and buy-and-hold above, the strategy's drawdown below.
-fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
+/// The equity and drawdown chart of the equal-weighted portfolio of `symbols`; `portfolio`
+/// is its metrics (`strategy` and `benchmark`: `annual_return`, `sharpe`, `max_drawdown`),
+/// put in the legend so the chart carries its headline figures.
+fn equity_chart(
+    path: &Path,
+    days: &[Day],
+    symbols: &[String],
+    portfolio: &Value,
+) -> Result<(), String> {
     use plotters::prelude::*;
+    let headline = |name: &str, line: &str| {
+        let m = &portfolio[line];
+        let get = |key: &str| m[key].as_f64().unwrap_or(f64::NAN);
+        format!(
+            "{name}: CAGR {}, Sharpe {:.2}, max drawdown {}",
+            percent(get("annual_return"), 1),
+            get("sharpe"),
+            percent(get("max_drawdown"), 1)
+        )
+    };
     let fail = |err: &dyn std::fmt::Display| format!("chart {}: {err}", path.display());
     let parse = |ts: &str| NaiveDate::parse_from_str(&ts[..10.min(ts.len())], "%Y-%m-%d").ok();
     let points: Vec<(NaiveDate, f64, f64, f64)> = days
@@ -546,8 +565,11 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
     let (upper, lower) = root.split_vertically(420);
     let mut equity = ChartBuilder::on(&upper)
         .caption(
-            "Walk-forward equity: strategy vs buy-and-hold",
-            ("sans-serif", 20),
+            format!(
+                "Equal-weighted portfolio of {}, walk-forward: strategy vs buy-and-hold",
+                symbols.join(", ")
+            ),
+            ("sans-serif", 18),
         )
         .margin(10)
         .x_label_area_size(30)
@@ -565,7 +587,7 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
             BLUE.stroke_width(2),
         ))
         .map_err(|e| fail(&e))?
-        .label("strategy")
+        .label(headline("strategy", "strategy"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], BLUE.stroke_width(2)));
     equity
         .draw_series(LineSeries::new(
@@ -573,7 +595,7 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
             RGBColor(120, 120, 120),
         ))
         .map_err(|e| fail(&e))?
-        .label("buy-and-hold")
+        .label(headline("buy-and-hold", "benchmark"))
         .legend(|(x, y)| PathElement::new([(x, y), (x + 20, y)], RGBColor(120, 120, 120)));
     equity
         .configure_series_labels()
@@ -591,7 +613,7 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
     drawdown
         .configure_mesh()
         .y_desc("strategy drawdown")
-        .y_label_formatter(&|v| format!("{:.0}%", v * 100.0))
+        .y_label_formatter(&|v| percent(*v, 0))
         .draw()
         .map_err(|e| fail(&e))?;
     drawdown
@@ -603,9 +625,53 @@ fn equity_chart(path: &Path, days: &[Day]) -> Result<(), String> {
     root.present().map_err(|e| fail(&e))
 }
 
+/// A share as a percentage with `decimals`, never "-0%": a value that rounds to zero is 0.
+fn percent(share: f64, decimals: usize) -> String {
+    let text = format!("{:.*}%", decimals, share * 100.0);
+    match text.strip_prefix('-') {
+        Some(rest) if rest.chars().all(|c| matches!(c, '0' | '.' | '%')) => rest.to_string(),
+        _ => text,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_equity_chart_says_what_it_shows_and_carries_the_headline_metrics_without_minus_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("equity.svg");
+        let day = |ts: &str, equity: f64, drawdown: f64| Day {
+            ts: ts.into(),
+            strategy: 0.0,
+            benchmark: 0.0,
+            position: 1.0,
+            strategy_equity: equity,
+            benchmark_equity: 1.0,
+            drawdown,
+        };
+        let days = [
+            day("2017-01-03", 1.0, 0.0),
+            day("2017-06-30", 0.9995, -0.0005),
+            day("2018-12-31", 1.2, 0.0),
+        ];
+        let metrics = json!({
+            "strategy": { "annual_return": 0.0954, "sharpe": 0.81, "max_drawdown": -0.1234 },
+            "benchmark": { "annual_return": 0.05, "sharpe": 0.4, "max_drawdown": -0.2 },
+        });
+        let symbols = ["IXIC".to_string(), "SPX".to_string()];
+        equity_chart(&path, &days, &symbols, &metrics).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        for text in [
+            "Equal-weighted portfolio of IXIC, SPX, walk-forward: strategy vs buy-and-hold",
+            "strategy: CAGR 9.5%, Sharpe 0.81, max drawdown -12.3%",
+            "buy-and-hold: CAGR 5.0%, Sharpe 0.40, max drawdown -20.0%",
+        ] {
+            assert!(svg.contains(text), "{text}: {svg}");
+        }
+        assert!(!svg.contains(">-0%<"), "{svg}");
+    }
 
     fn close(a: f64, b: f64) -> bool {
         (a - b).abs() < 1e-12

@@ -20,7 +20,11 @@
 //!   features ≥ `max_drifted_share`.
 //!
 //! With `on_drift = "trigger_training"` the result asks the engine for one run of
-//! `retrain_task` (trigger `drift`); the handler never calls the engine itself.
+//! `retrain_task` (trigger `drift`); the handler never calls the engine itself. It does not
+//! ask when a model was already trained on the bars now in the database (same per-symbol
+//! last bar and row count, [`market_db::fingerprint`]): the verdict then ends with
+//! "retraining not requested: no new data since model N", and `retrain_not_requested`
+//! in the result says the same.
 
 use std::path::{Path, PathBuf};
 
@@ -477,18 +481,48 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         model.id,
         if retrain_required { "retraining required" } else { "no retraining needed" }
     );
+    // A retraining on the data the latest model already learned from would fit the same
+    // model again (training is seeded): it is not asked for, and the verdict says why.
+    let mut verdict = verdict;
+    let mut retrain_requested = retrain_required && on_drift == "trigger_training";
+    let mut retrain_not_requested = None;
+    if retrain_requested {
+        let summary = market_db::data_summary(&connection).map_err(db)?;
+        if let Some((trained, _)) =
+            market_db::model_trained_on(&connection, &market_db::fingerprint(&summary))
+                .map_err(db)?
+        {
+            let why = format!(
+                "no new data since model {trained} (bars to {})",
+                summary
+                    .values()
+                    .map(|s| s.last_bar.as_str())
+                    .max()
+                    .unwrap_or("?")
+            );
+            verdict = format!("{verdict}; retraining not requested: {why}");
+            retrain_requested = false;
+            retrain_not_requested = Some(why);
+        }
+    }
     println!("{verdict}");
 
     ctx.progress(80.0, "report");
     let folder = report_dir.join(format!("run_{}", ctx.run_id()));
     let chart = folder.join("psi.svg");
-    psi_chart(&chart, &results, thresholds).map_err(HandlerError::Retryable)?;
+    let window = PsiWindow {
+        from: &first,
+        to: &last,
+        model_id: model.id,
+    };
+    psi_chart(&chart, &results, thresholds, &window).map_err(HandlerError::Retryable)?;
     let report = json!({
         "run_id": ctx.run_id(), "model_id": model.id, "baseline_run": baseline_run,
         "window": { "from": first, "to": last, "days": window_days },
         "bins": bins, "thresholds": thresholds, "max_drifted_share": max_drifted_share,
         "features": results, "drifted": drifted, "drifted_share": share,
-        "retrain_required": retrain_required, "verdict": verdict,
+        "retrain_required": retrain_required, "retrain_requested": retrain_requested,
+        "retrain_not_requested": retrain_not_requested, "verdict": verdict,
     });
     write_atomically(
         &folder.join("drift.json"),
@@ -521,7 +555,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     });
     result["report_dir"] = json!(folder);
     result["chart"] = json!(chart);
-    if retrain_required && on_drift == "trigger_training" {
+    if retrain_requested {
         result["request_runs"] =
             json!([{ "task": retrain_task, "trigger": "drift", "reason": verdict }]);
     }
@@ -530,7 +564,19 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
 
 /// PSI per feature as horizontal bars on a log axis (so 0.1 and 6 both read), coloured by
 /// level, the moderate and significant thresholds as vertical lines.
-fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(), String> {
+/// What a PSI chart compares: the current window and the model whose baseline it is.
+struct PsiWindow<'a> {
+    from: &'a str,
+    to: &'a str,
+    model_id: i64,
+}
+
+fn psi_chart(
+    path: &Path,
+    results: &[FeatureDrift],
+    t: Thresholds,
+    window: &PsiWindow<'_>,
+) -> Result<(), String> {
     use plotters::prelude::*;
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
@@ -548,8 +594,11 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            "PSI per feature: current window against the training baseline",
-            ("sans-serif", 20),
+            format!(
+                "PSI per feature, {} → {} against the training baseline of model {}",
+                window.from, window.to, window.model_id
+            ),
+            ("sans-serif", 18),
         )
         .margin(14)
         .x_label_area_size(40)
@@ -570,13 +619,30 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
         .x_desc("PSI (log scale; * = drifted)")
         .draw()
         .map_err(|e| fail(&e))?;
+    let colour_of = |level: &str| match level {
+        "significant" => RGBColor(200, 40, 40),
+        "moderate" => RGBColor(230, 150, 0),
+        _ => RGBColor(70, 130, 180),
+    };
+    // The bar colours in the legend: an empty series per level carries its entry.
+    for (level, meaning) in [
+        ("stable", format!("PSI < {:.2}", t.psi_moderate)),
+        (
+            "moderate",
+            format!("{:.2} ≤ PSI < {:.2}", t.psi_moderate, t.psi_significant),
+        ),
+        ("significant", format!("PSI ≥ {:.2}", t.psi_significant)),
+    ] {
+        let colour = colour_of(level);
+        chart
+            .draw_series(std::iter::empty::<Rectangle<(f64, SegmentValue<usize>)>>())
+            .map_err(|e| fail(&e))?
+            .label(format!("{level} bar: {meaning}"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], colour.filled()));
+    }
     chart
         .draw_series(results.iter().enumerate().map(|(i, r)| {
-            let colour = match r.level {
-                "significant" => RGBColor(200, 40, 40),
-                "moderate" => RGBColor(230, 150, 0),
-                _ => RGBColor(70, 130, 180),
-            };
+            let colour = colour_of(r.level);
             let mut bar = Rectangle::new(
                 [
                     (FLOOR, SegmentValue::Exact(i)),
@@ -625,6 +691,47 @@ fn psi_chart(path: &Path, results: &[FeatureDrift], t: Thresholds) -> Result<(),
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_psi_chart_names_its_window_and_model_and_its_bar_colours_in_the_legend() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psi.svg");
+        let feature = |name: &str, psi: f64, level: &'static str| FeatureDrift {
+            feature: name.into(),
+            psi,
+            kl: 0.0,
+            ks_d: 0.0,
+            ks_p: 1.0,
+            ks_method: KsMethod::Exact,
+            level,
+            drifted: level == "significant",
+        };
+        let results = [
+            feature("rsi_14", 0.02, "stable"),
+            feature("atr_14", 0.4, "significant"),
+        ];
+        let window = PsiWindow {
+            from: "2018-10-04",
+            to: "2018-12-31",
+            model_id: 7,
+        };
+        psi_chart(&path, &results, Thresholds::default(), &window).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        assert!(
+            svg.contains(
+                "PSI per feature, 2018-10-04 → 2018-12-31 against the training baseline of model 7"
+            ),
+            "{svg}"
+        );
+        for legend in [
+            "stable bar",
+            "moderate bar",
+            "significant bar",
+            "significant (0.25)",
+        ] {
+            assert!(svg.contains(legend), "{legend}: {svg}");
+        }
+    }
 
     #[test]
     fn quantile_edges_follow_numpys_linear_rule_and_drop_duplicates() {

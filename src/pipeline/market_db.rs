@@ -131,6 +131,11 @@ const MIGRATIONS: &[&str] = &[
         verdict          TEXT NOT NULL,
         report           TEXT NOT NULL
     );",
+    // 3: what each model learned from, and the comparison that decided its promotion.
+    "ALTER TABLE models ADD COLUMN data TEXT;        -- JSON: per symbol {last_bar, rows}
+    ALTER TABLE models ADD COLUMN data_fingerprint TEXT; -- sha256 of `data`
+    ALTER TABLE models ADD COLUMN comparison TEXT;  -- JSON: the promotion decision
+    CREATE INDEX models_data_fingerprint ON models(data_fingerprint);",
 ];
 
 /// The schema version this build writes.
@@ -197,6 +202,58 @@ pub fn all_bars(connection: &Connection) -> rusqlite::Result<BTreeMap<String, Ve
     Ok(out)
 }
 
+/// What a training learns from, per symbol: its last bar's date and its number of bars.
+/// A new bar changes it; a file ingested again (or a bar revised in place) does not.
+pub type DataSummary = BTreeMap<String, SymbolData>;
+
+/// One symbol's part of a [`DataSummary`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SymbolData {
+    /// The date of its latest bar.
+    pub last_bar: String,
+    /// How many bars it has.
+    pub rows: i64,
+}
+
+/// The bars in the database, summarised per symbol (one grouped query).
+pub fn data_summary(connection: &Connection) -> rusqlite::Result<DataSummary> {
+    let mut statement =
+        connection.prepare_cached("SELECT symbol, MAX(ts), COUNT(*) FROM bars GROUP BY symbol")?;
+    let rows = statement.query_map([], |row| {
+        Ok((
+            row.get::<_, String>(0)?,
+            SymbolData {
+                last_bar: row.get(1)?,
+                rows: row.get(2)?,
+            },
+        ))
+    })?;
+    rows.collect()
+}
+
+/// The sha256 (hex) of a summary's JSON: symbols in order, so equal data, equal text.
+pub fn fingerprint(summary: &DataSummary) -> String {
+    use sha2::Digest;
+    let text = serde_json::to_string(summary).unwrap_or_default();
+    super::hex(&sha2::Sha256::digest(text.as_bytes()))
+}
+
+/// The latest model trained on data with this fingerprint: `(id, is_current)`.
+pub fn model_trained_on(
+    connection: &Connection,
+    fingerprint: &str,
+) -> rusqlite::Result<Option<(i64, bool)>> {
+    use rusqlite::OptionalExtension;
+    connection
+        .query_row(
+            "SELECT id, is_current FROM models WHERE data_fingerprint = ?1
+             ORDER BY is_current DESC, id DESC LIMIT 1",
+            [fingerprint],
+            |row| Ok((row.get(0)?, row.get::<_, i64>(1)? == 1)),
+        )
+        .optional()
+}
+
 /// f64 values as little-endian bytes (a baseline sample).
 pub fn to_blob(values: &[f64]) -> Vec<u8> {
     values.iter().flat_map(|v| v.to_le_bytes()).collect()
@@ -230,6 +287,62 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM rejects", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 1);
+    }
+
+    fn bar(connection: &Connection, symbol: &str, ts: &str, close: f64) {
+        connection
+            .execute(
+                "INSERT INTO bars(symbol, ts, open, high, low, close, volume, source)
+                 VALUES (?1, ?2, 1, 1, 1, ?3, 1, 'f')
+                 ON CONFLICT(symbol, ts) DO UPDATE SET close = excluded.close",
+                rusqlite::params![symbol, ts, close],
+            )
+            .unwrap();
+    }
+
+    #[test]
+    fn the_data_fingerprint_changes_with_a_new_bar_and_not_with_a_bar_ingested_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = open(&dir.path().join("market.db")).unwrap();
+        bar(&connection, "SPX", "2018-12-28", 1.0);
+        bar(&connection, "SPX", "2018-12-31", 2.0);
+        bar(&connection, "IXIC", "2018-12-31", 3.0);
+        let summary = data_summary(&connection).unwrap();
+        assert_eq!(
+            summary["SPX"],
+            SymbolData {
+                last_bar: "2018-12-31".into(),
+                rows: 2
+            }
+        );
+        let before = fingerprint(&summary);
+        bar(&connection, "SPX", "2018-12-31", 2.5);
+        assert_eq!(fingerprint(&data_summary(&connection).unwrap()), before);
+        bar(&connection, "IXIC", "2019-01-02", 4.0);
+        assert_ne!(fingerprint(&data_summary(&connection).unwrap()), before);
+    }
+
+    #[test]
+    fn the_registry_finds_the_model_trained_on_a_fingerprint_current_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let connection = open(&dir.path().join("market.db")).unwrap();
+        for (fingerprint, current) in [("a", 1), ("a", 0), ("b", 0)] {
+            connection
+                .execute(
+                    "INSERT INTO models(kind, created_at, artifact, sha256, features, horizon,
+                        train_from, train_to, valid_from, valid_to, params, metrics,
+                        is_current, data_fingerprint)
+                     VALUES ('gbdt', 'now', 'x', 'y', '[]', 1, 'a', 'b', 'c', 'd', '{}', '{}', ?1, ?2)",
+                    rusqlite::params![current, fingerprint],
+                )
+                .unwrap();
+        }
+        assert_eq!(model_trained_on(&connection, "a").unwrap(), Some((1, true)));
+        assert_eq!(
+            model_trained_on(&connection, "b").unwrap(),
+            Some((3, false))
+        );
+        assert_eq!(model_trained_on(&connection, "c").unwrap(), None);
     }
 
     #[test]

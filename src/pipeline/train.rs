@@ -19,6 +19,7 @@ use sha2::{Digest, Sha256};
 use super::features::{self, Bar, NAMES};
 use super::market_db;
 use super::model::{self, Gbdt, GbdtParams, Logistic, LogisticParams, Model, Table};
+use super::predict::current_model;
 use super::{db, hex, load_bars, nested_params, param_str, write_atomically};
 use crate::handlers::{HandlerError, TaskContext};
 
@@ -114,7 +115,44 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let gbdt_params: GbdtParams = nested_params(ctx, "gbdt")?;
     let logistic_params: LogisticParams = nested_params(ctx, "logistic")?;
 
+    let predict_task = param_str(ctx, "predict_task", "")?.to_string();
+
     let mut connection = market_db::open(&market_db_path).map_err(HandlerError::Retryable)?;
+    // What this training learns from. A retraining drift asked for, on bars a model was
+    // already trained on, would fit that model again: it is skipped, and says why.
+    let data_summary = market_db::data_summary(&connection).map_err(db)?;
+    let data_fingerprint = market_db::fingerprint(&data_summary);
+    if ctx.trigger() == "drift" {
+        if let Some((trained, is_current)) =
+            market_db::model_trained_on(&connection, &data_fingerprint).map_err(db)?
+        {
+            let reason = format!(
+                "skipped: no new data since model {trained} ({} bars to {})",
+                data_summary.values().map(|s| s.rows).sum::<i64>(),
+                data_summary
+                    .values()
+                    .map(|s| s.last_bar.as_str())
+                    .max()
+                    .unwrap_or("?")
+            );
+            println!("{reason}");
+            let current: Option<i64> = connection
+                .query_row("SELECT id FROM models WHERE is_current = 1", [], |r| {
+                    r.get(0)
+                })
+                .optional()
+                .map_err(db)?;
+            return Ok(json!({
+                "skipped": true,
+                "reason": reason,
+                "trained_on_same_data": { "model_id": trained, "is_current": is_current },
+                "promoted": false,
+                "current_model_id": current,
+                "data": data_summary,
+                "data_fingerprint": data_fingerprint,
+            }));
+        }
+    }
     ctx.progress(5.0, "features");
     let data = Dataset::from_bars(&load_bars(&connection)?, horizon);
     let (train_idx, valid_idx) = data.split(valid_fraction, horizon);
@@ -170,6 +208,38 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         fitted.push(Fitted { model, metrics });
     }
 
+    // The rival of the candidate, scored on the candidate's validation rows: the current
+    // model (same label horizon), else — on first training — the logistic baseline.
+    let mut rival = None;
+    let mut rival_note = None;
+    match current_model(&connection) {
+        Ok(Some(current)) if current.horizon == horizon => {
+            let p: Vec<f64> = current
+                .model
+                .raw(&valid_x)
+                .into_iter()
+                .map(model::sigmoid)
+                .collect();
+            rival = Some(Rival {
+                model_id: current.id,
+                role: "current",
+                kind: current.kind.clone(),
+                metrics: model::metrics(&p, &valid_y),
+            });
+        }
+        Ok(Some(current)) => {
+            rival_note = Some(format!(
+                "current model {} predicts {} bars ahead, not {horizon}: not comparable",
+                current.id, current.horizon
+            ))
+        }
+        Ok(None) => {}
+        Err(err) => rival_note = Some(format!("the current model cannot be loaded: {err}")),
+    }
+    if let Some(note) = &rival_note {
+        println!("{note}");
+    }
+
     ctx.progress(80.0, "register");
     std::fs::create_dir_all(&model_dir).map_err(|err| {
         HandlerError::Retryable(format!("cannot create {}: {err}", model_dir.display()))
@@ -188,8 +258,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         let sha256 = hex(&Sha256::digest(body.as_bytes()));
         tx.execute(
             "INSERT INTO models(run_id, kind, created_at, artifact, sha256, features, horizon,
-                train_from, train_to, valid_from, valid_to, params, metrics)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                train_from, train_to, valid_from, valid_to, params, metrics, data, data_fingerprint)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)",
             params![
                 ctx.run_id(),
                 f.model.kind(),
@@ -204,6 +274,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
                 range["valid_to"].as_str(),
                 f.model.params().to_string(),
                 json!(f.metrics).to_string(),
+                json!(data_summary).to_string(),
+                data_fingerprint,
             ],
         )
         .map_err(db)?;
@@ -213,20 +285,53 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         }));
     }
 
-    // Promotion: the configured kind becomes current only if it meets min_auc.
+    // Promotion: the configured kind becomes current only if it clears min_auc and beats
+    // its rival on the same validation rows (`decide`); the registry keeps the comparison.
     let (index, candidate) = fitted
         .iter()
         .enumerate()
         .find(|(_, f)| f.model.kind() == candidate_kind)
         .ok_or_else(|| HandlerError::Fatal("no candidate model".into()))?;
     let candidate_id = registered[index]["id"].as_i64().unwrap_or_default();
-    let previous: Option<i64> = tx
-        .query_row("SELECT id FROM models WHERE is_current = 1", [], |r| {
-            r.get(0)
-        })
-        .optional()
-        .map_err(db)?;
-    let (promoted, reason) = if candidate.metrics.auc >= min_auc {
+    if rival.is_none() && candidate_kind == "gbdt" {
+        if let Some((j, baseline)) = fitted
+            .iter()
+            .enumerate()
+            .find(|(_, f)| f.model.kind() == "logistic")
+        {
+            rival = Some(Rival {
+                model_id: registered[j]["id"].as_i64().unwrap_or_default(),
+                role: "baseline",
+                kind: "logistic".into(),
+                metrics: baseline.metrics.clone(),
+            });
+        }
+    }
+    let decision = decide(
+        &candidate_kind,
+        candidate_id,
+        &candidate.metrics,
+        rival.as_ref(),
+        min_auc,
+    );
+    let (promoted, reason) = (decision.promote, decision.reason);
+    let comparison = json!({
+        "candidate": { "model_id": candidate_id, "kind": candidate_kind, "metrics": candidate.metrics },
+        "against": rival.as_ref().map(|r| json!({
+            "model_id": r.model_id, "role": r.role, "kind": r.kind, "metrics": r.metrics,
+        })),
+        "note": rival_note,
+        "window": { "from": range["valid_from"], "to": range["valid_to"], "rows": valid_idx.len() },
+        "min_auc": min_auc,
+        "promoted": promoted,
+        "reason": reason,
+    });
+    tx.execute(
+        "UPDATE models SET comparison = ?1 WHERE id = ?2",
+        params![comparison.to_string(), candidate_id],
+    )
+    .map_err(db)?;
+    if promoted {
         tx.execute("UPDATE models SET is_current = 0 WHERE is_current = 1", [])
             .map_err(db)?;
         tx.execute(
@@ -234,26 +339,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
             [candidate_id],
         )
         .map_err(db)?;
-        (
-            true,
-            format!(
-                "{candidate_kind} model {candidate_id} is current: validation AUC {:.4} ≥ min_auc {min_auc}",
-                candidate.metrics.auc
-            ),
-        )
-    } else {
-        (
-            false,
-            format!(
-                "{candidate_kind} model {candidate_id} not promoted: validation AUC {:.4} < min_auc {min_auc}; {}",
-                candidate.metrics.auc,
-                match previous {
-                    Some(id) => format!("model {id} stays current"),
-                    None => "there is no current model yet".to_string(),
-                }
-            ),
-        )
-    };
+    }
     println!("{reason}");
 
     // The drift baseline: every training value of every feature, sorted.
@@ -363,17 +449,114 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         .map_err(db)?;
     tx.commit().map_err(db)?;
     ctx.progress(100.0, "done");
-    Ok(json!({
+    let mut result = json!({
         "models": registered,
         "candidate": candidate_kind,
         "promoted": promoted,
         "reason": reason,
+        "comparison": comparison,
         "current_model_id": current,
+        "data": data_summary,
+        "data_fingerprint": data_fingerprint,
         "rows": { "train": train_idx.len(), "validation": valid_idx.len() },
         "range": range,
         "shap_log": shap_path,
         "top_features": shap_models.get(index).map(|m| m["top_features"].clone()),
-    }))
+    });
+    // A retraining outside the daily chain (drift asked for it) that moved "current" asks
+    // for predictions at once, so they always come from the current model.
+    if promoted && ctx.trigger() == "drift" && !predict_task.is_empty() {
+        result["request_runs"] = json!([{
+            "task": predict_task, "trigger": "drift",
+            "reason": format!("model {candidate_id} became current: predictions from it"),
+        }]);
+    }
+    Ok(result)
+}
+
+/// What a candidate model is measured against, on the candidate's own validation window.
+pub struct Rival {
+    /// Its registry id.
+    pub model_id: i64,
+    /// `current` (the model predictions come from) or `baseline` (the logistic model
+    /// fitted beside a GBDT candidate when no model is current yet).
+    pub role: &'static str,
+    /// `gbdt` or `logistic`.
+    pub kind: String,
+    /// Its scores on the candidate's validation rows.
+    pub metrics: model::Metrics,
+}
+
+/// A promotion decision: whether the candidate becomes current, and why.
+pub struct Decision {
+    /// The candidate becomes current.
+    pub promote: bool,
+    /// One sentence, for the log and the result.
+    pub reason: String,
+}
+
+/// Differences this small are ties: a model reloaded from its JSON artifact may score the
+/// same rows a rounding away from the fitted one.
+const TIE: f64 = 1e-9;
+
+/// The promotion rule: the candidate becomes current when its validation AUC is at least
+/// `min_auc` and it beats its rival on the same rows — a higher AUC, or an equal one (within
+/// 1e-9) and a lower log loss. Without a rival (a logistic candidate, no model current
+/// yet), `min_auc` alone decides.
+pub fn decide(
+    candidate_kind: &str,
+    candidate_id: i64,
+    candidate: &model::Metrics,
+    rival: Option<&Rival>,
+    min_auc: f64,
+) -> Decision {
+    let name = format!("{candidate_kind} model {candidate_id}");
+    let stays = match rival {
+        Some(rival) if rival.role == "current" => {
+            format!("; model {} stays current", rival.model_id)
+        }
+        _ => "; there is no current model".to_string(),
+    };
+    if candidate.auc < min_auc {
+        return Decision {
+            promote: false,
+            reason: format!(
+                "{name} not promoted: validation AUC {:.4} < min_auc {min_auc}{stays}",
+                candidate.auc
+            ),
+        };
+    }
+    let Some(rival) = rival else {
+        return Decision {
+            promote: true,
+            reason: format!(
+                "{name} is current: validation AUC {:.4} ≥ min_auc {min_auc}",
+                candidate.auc
+            ),
+        };
+    };
+    let against = format!(
+        "the {} {} model {}: AUC {:.4}, log loss {:.4}",
+        rival.role, rival.kind, rival.model_id, rival.metrics.auc, rival.metrics.log_loss
+    );
+    let auc_gain = candidate.auc - rival.metrics.auc;
+    let beats = auc_gain > TIE
+        || (auc_gain.abs() <= TIE && rival.metrics.log_loss - candidate.log_loss > TIE);
+    let own = format!(
+        "AUC {:.4}, log loss {:.4} on the same {} validation rows",
+        candidate.auc, candidate.log_loss, candidate.rows
+    );
+    if beats {
+        Decision {
+            promote: true,
+            reason: format!("{name} is current: {own} beat {against}"),
+        }
+    } else {
+        Decision {
+            promote: false,
+            reason: format!("{name} not promoted: {own} do not beat {against}{stays}"),
+        }
+    }
 }
 
 /// Mean |SHAP| per feature, largest first.
@@ -403,6 +586,90 @@ mod tests {
             x,
             y: vec![0.0; dates.len()],
         }
+    }
+
+    fn scores(auc: f64, log_loss: f64) -> model::Metrics {
+        model::Metrics {
+            auc,
+            accuracy: 0.5,
+            log_loss,
+            brier: 0.25,
+            rows: 100,
+        }
+    }
+
+    fn current(auc: f64, log_loss: f64) -> Rival {
+        Rival {
+            model_id: 1,
+            role: "current",
+            kind: "gbdt".into(),
+            metrics: scores(auc, log_loss),
+        }
+    }
+
+    fn check_decision(candidate: (f64, f64), rival: Option<Rival>, min_auc: f64) -> (bool, String) {
+        let decision = decide(
+            "gbdt",
+            3,
+            &scores(candidate.0, candidate.1),
+            rival.as_ref(),
+            min_auc,
+        );
+        (decision.promote, decision.reason)
+    }
+
+    #[test]
+    fn a_candidate_is_promoted_only_when_it_beats_the_current_model_on_auc() {
+        let (promote, reason) = check_decision((0.56, 0.69), Some(current(0.55, 0.68)), 0.52);
+        assert!(promote, "{reason}");
+        assert!(reason.contains("beat the current gbdt model 1"), "{reason}");
+        let (promote, reason) = check_decision((0.54, 0.60), Some(current(0.55, 0.70)), 0.52);
+        assert!(!promote, "{reason}");
+        assert!(reason.ends_with("model 1 stays current"), "{reason}");
+    }
+
+    #[test]
+    fn an_equal_auc_is_decided_by_log_loss_and_an_identical_model_is_not_promoted() {
+        let (promote, _) = check_decision((0.55, 0.67), Some(current(0.55, 0.68)), 0.52);
+        assert!(promote);
+        let (promote, _) = check_decision((0.55, 0.69), Some(current(0.55, 0.68)), 0.52);
+        assert!(!promote);
+        // The same data and seed fit the same model again: a retraining that changes
+        // nothing (issue 14: "AUC 0.5029 four times") moves nothing.
+        let (promote, reason) =
+            check_decision((0.5029, 0.6932), Some(current(0.5029 + 1e-12, 0.6932)), 0.5);
+        assert!(!promote, "{reason}");
+    }
+
+    #[test]
+    fn min_auc_is_a_floor_even_for_a_candidate_that_beats_its_rival() {
+        let (promote, reason) = check_decision((0.51, 0.69), Some(current(0.48, 0.70)), 0.52);
+        assert!(!promote);
+        assert_eq!(
+            reason,
+            "gbdt model 3 not promoted: validation AUC 0.5100 < min_auc 0.52; model 1 stays current"
+        );
+        let (promote, _) = check_decision((0.53, 0.69), None, 0.52);
+        assert!(promote);
+    }
+
+    #[test]
+    fn on_first_training_a_gbdt_must_beat_the_logistic_baseline() {
+        let baseline = |auc| Rival {
+            model_id: 2,
+            role: "baseline",
+            kind: "logistic".into(),
+            metrics: scores(auc, 0.69),
+        };
+        let (promote, reason) = check_decision((0.5029, 0.6932), Some(baseline(0.4981)), 0.5);
+        assert!(promote, "{reason}");
+        assert!(
+            reason.contains("beat the baseline logistic model 2"),
+            "{reason}"
+        );
+        let (promote, reason) = check_decision((0.5029, 0.6932), Some(baseline(0.51)), 0.5);
+        assert!(!promote, "{reason}");
+        assert!(reason.ends_with("there is no current model"), "{reason}");
     }
 
     #[test]

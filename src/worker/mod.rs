@@ -3,7 +3,8 @@
 //!
 //! The runner starts `turbosched worker` with the attempt in its environment
 //! (`TURBOSCHED_HANDLER`, `TURBOSCHED_PARAMS`, `TURBOSCHED_RUN_ID`, `TURBOSCHED_TASK`,
-//! `TURBOSCHED_ATTEMPT`, `TURBOSCHED_CHECKPOINT`, `TURBOSCHED_REPORT_FD`). The worker
+//! `TURBOSCHED_ATTEMPT`, `TURBOSCHED_TRIGGER`, `TURBOSCHED_CHECKPOINT`,
+//! `TURBOSCHED_REPORT_FD`). The worker
 //! builds a [`TaskContext`], heartbeats on the report pipe from a thread, looks the
 //! handler up in [`builtins::BUILTINS`], calls its entry and reports its result. Exit
 //! code 0 is success, 1 a retryable failure, 2 a fatal one.
@@ -87,7 +88,8 @@ pub fn main() -> i32 {
         params,
         checkpoint,
         Box::new(reporter.clone()),
-    );
+    )
+    .with_trigger(env("TURBOSCHED_TRIGGER"));
 
     let beat = reporter.clone();
     std::thread::spawn(move || loop {

@@ -67,7 +67,8 @@ fn sample_bars(symbol: &str) -> Vec<Bar> {
 }
 
 #[test]
-fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_one_retraining() {
+fn the_shipped_config_runs_ingestion_through_drift_and_drift_asks_no_retraining_on_the_data_just_trained_on(
+) {
     let sandbox = shipped();
     let (code, value) = sandbox.cli_json(&["run", "ingestion", "--downstream", "--json"]);
     assert_eq!(code, 0, "{value}");
@@ -76,21 +77,25 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
         assert_eq!(runs[task].len(), 1, "{task}: {value}");
         assert_eq!(runs[task][0]["state"], "succeeded", "{task}: {value}");
     }
-    // Training ran in the cascade, and once more at the drift task's request: Q4 2018
-    // drifted far from the 1999–2015 training baseline.
+    // Q4 2018 drifted far from the 1999–2015 training baseline, but the model was trained
+    // on these very bars minutes ago: a retraining would fit it again, so drift does not
+    // ask for one and says why (issue 14, item 3).
     let drift_result = &runs["drift"][0]["result"];
     assert_eq!(drift_result["retrain_required"], true, "{drift_result}");
+    assert_eq!(drift_result["retrain_requested"], false, "{drift_result}");
+    assert_eq!(
+        drift_result["retrain_not_requested"],
+        "no new data since model 1 (bars to 2018-12-31)"
+    );
+    assert!(drift_result["verdict"]
+        .as_str()
+        .unwrap()
+        .ends_with("retraining required; retraining not requested: no new data since model 1 (bars to 2018-12-31)"));
+    assert!(drift_result.get("request_runs").is_none(), "{drift_result}");
     let training = &runs["training"];
-    let triggers: Vec<&str> = training
-        .iter()
-        .map(|r| r["trigger"].as_str().unwrap())
-        .collect();
-    assert_eq!(triggers, ["downstream", "drift"], "{value}");
-    assert!(training.iter().all(|r| r["state"] == "succeeded"));
-    assert!(sandbox.log("training").contains(&format!(
-        "queued at the request of run {}",
-        runs["drift"][0]["id"]
-    )));
+    assert_eq!(training.len(), 1, "{value}");
+    assert_eq!(training[0]["trigger"], "downstream");
+    assert_eq!(training[0]["state"], "succeeded");
     // The verdict is published as an event of the drift run, after its success.
     let drift_run = turbosched::model::RunId(runs["drift"][0]["id"].as_i64().unwrap());
     let kinds = sandbox.event_kinds(drift_run);
@@ -100,7 +105,7 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
 
     let db = market(&sandbox);
     assert_eq!(one::<i64>(&db, "SELECT COUNT(*) FROM bars"), 10_062);
-    assert_eq!(one::<i64>(&db, "SELECT COUNT(*) FROM models"), 4); // two runs × two kinds
+    assert_eq!(one::<i64>(&db, "SELECT COUNT(*) FROM models"), 2); // one run × two kinds
     assert_eq!(
         one::<i64>(&db, "SELECT COUNT(*) FROM models WHERE is_current = 1"),
         1
@@ -148,14 +153,206 @@ fn the_shipped_config_runs_ingestion_through_drift_and_the_drift_verdict_queues_
     for file in ["metrics.json", "daily.csv", "equity.svg"] {
         assert!(backtest_dir.join(file).is_file(), "{file}");
     }
+    let equity = std::fs::read_to_string(backtest_dir.join("equity.svg")).unwrap();
+    assert!(
+        equity.contains("Equal-weighted portfolio of IXIC, SPX")
+            && equity.contains("strategy: CAGR ")
+            && equity.contains("buy-and-hold: CAGR "),
+        "{equity}"
+    );
     let drift_dir = sandbox
         .path()
         .join(drift_result["report_dir"].as_str().unwrap());
     let svg = std::fs::read_to_string(drift_dir.join("psi.svg")).unwrap();
     assert!(
-        svg.contains("significant (0.25)") && svg.contains("atr_14"),
+        svg.contains("significant (0.25)")
+            && svg.contains("atr_14")
+            && svg.contains("2018-10-04 → 2018-12-31 against the training baseline of model 1"),
         "{svg}"
     );
+}
+
+/// Rewrites the sandbox's config with `from` replaced by `to` (which must occur).
+fn edit_config(sandbox: &Sandbox, from: &str, to: &str) {
+    let path = sandbox.path().join("config/scheduler.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    assert!(text.contains(from), "{from}");
+    std::fs::write(&path, text.replace(from, to)).unwrap();
+}
+
+/// The shipped sample files without their last `n` bars (the data of an earlier night).
+fn samples_without_last(sandbox: &Sandbox, n: usize) {
+    for file in ["SPX.csv", "IXIC.csv"] {
+        let text = std::fs::read_to_string(repo("samples/market").join(file)).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        let kept = lines[..lines.len() - n].join("\n") + "\n";
+        std::fs::write(sandbox.path().join("samples/market").join(file), kept).unwrap();
+    }
+}
+
+fn restore_samples(sandbox: &Sandbox) {
+    for file in ["SPX.csv", "IXIC.csv"] {
+        std::fs::copy(
+            repo("samples/market").join(file),
+            sandbox.path().join("samples/market").join(file),
+        )
+        .unwrap();
+    }
+}
+
+#[test]
+fn the_shipped_schedule_run_twice_on_the_same_data_does_not_retrain_the_second_night_and_says_why()
+{
+    let sandbox = shipped();
+    let (code, value) = sandbox.cli_json(&["run", "ingestion", "--downstream", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let (code, value) = sandbox.cli_json(&["run", "ingestion", "--downstream", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let runs = by_task(&value);
+    // The nightly training fits the same model on the same bars: it is registered, but
+    // it does not beat the current model on the same validation rows, so nothing moves.
+    let training = &runs["training"][0]["result"];
+    assert_eq!(training["promoted"], false, "{training}");
+    assert_eq!(training["current_model_id"], 1, "{training}");
+    let reason = training["reason"].as_str().unwrap();
+    assert!(
+        reason.starts_with("gbdt model 3 not promoted: AUC 0.5029, log loss 0.6932 on the same 1992 validation rows do not beat the current gbdt model 1: AUC 0.5029"),
+        "{reason}"
+    );
+    assert!(reason.ends_with("model 1 stays current"), "{reason}");
+    assert_eq!(training["comparison"]["against"]["role"], "current");
+    // Drift still sees Q4 2018 far from the baseline, and says why it asks for nothing.
+    let drift = &runs["drift"][0]["result"];
+    assert_eq!(drift["retrain_required"], true, "{drift}");
+    assert_eq!(drift["retrain_requested"], false, "{drift}");
+    assert_eq!(
+        drift["retrain_not_requested"],
+        "no new data since model 1 (bars to 2018-12-31)"
+    );
+    assert_eq!(runs["training"].len(), 1, "{value}");
+    assert_eq!(runs["predictions"][0]["result"]["model_id"], 1);
+    let db = market(&sandbox);
+    let logged: String = one(
+        &db,
+        "SELECT verdict FROM drift_log ORDER BY id DESC LIMIT 1",
+    );
+    assert!(
+        logged
+            .ends_with("retraining not requested: no new data since model 1 (bars to 2018-12-31)"),
+        "{logged}"
+    );
+    // The registry keeps what each model learned from and the comparison that decided.
+    let (data, comparison): (String, String) = db
+        .query_row(
+            "SELECT data, comparison FROM models WHERE id = 3",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let data: Value = serde_json::from_str(&data).unwrap();
+    assert_eq!(data["SPX"]["last_bar"], "2018-12-31");
+    assert_eq!(data["SPX"]["rows"], 5031);
+    let comparison: Value = serde_json::from_str(&comparison).unwrap();
+    assert_eq!(comparison["against"]["model_id"], 1, "{comparison}");
+    assert_eq!(comparison["promoted"], false);
+}
+
+#[test]
+fn a_retraining_drift_asks_for_on_unchanged_bars_is_skipped_and_says_why() {
+    let sandbox = shipped();
+    assert_eq!(sandbox.cli_json(&["run", "ingestion", "--json"]).0, 0);
+    assert_eq!(sandbox.cli_json(&["run", "training", "--json"]).0, 0);
+    struct Quiet;
+    impl turbosched::handlers::Report for Quiet {
+        fn progress(&self, _: f64, _: &str) {}
+        fn checkpoint(&self, _: Value) {}
+    }
+    let db_path = sandbox.path().join("data/market.db");
+    let context = |trigger: &str| {
+        turbosched::handlers::TaskContext::new(
+            99,
+            "training".into(),
+            1,
+            serde_json::json!({
+                "market_db": db_path.to_str().unwrap(),
+                "model_dir": sandbox.path().join("data/models").to_str().unwrap(),
+                "shap_dir": sandbox.path().join("shap_logs").to_str().unwrap(),
+            }),
+            None,
+            Box::new(Quiet),
+        )
+        .with_trigger(trigger.into())
+    };
+    let result = turbosched::pipeline::train::run(&context("drift")).unwrap();
+    assert_eq!(result["skipped"], true, "{result}");
+    assert_eq!(
+        result["reason"],
+        "skipped: no new data since model 1 (10062 bars to 2018-12-31)"
+    );
+    assert_eq!(
+        one::<i64>(&market(&sandbox), "SELECT COUNT(*) FROM models"),
+        2
+    );
+    // Asked for by a person, training always trains.
+    let result = turbosched::pipeline::train::run(&context("manual")).unwrap();
+    assert_eq!(result.get("skipped"), None, "{result}");
+}
+
+#[test]
+fn new_bars_make_drift_ask_for_a_retraining_and_its_promotion_reruns_predictions_in_the_same_cascade(
+) {
+    let sandbox = shipped();
+    // An earlier night: 40 fewer bars per symbol, and a logistic model made current.
+    samples_without_last(&sandbox, 40);
+    edit_config(
+        &sandbox,
+        "model = \"gbdt\", horizon",
+        "model = \"logistic\", horizon",
+    );
+    edit_config(&sandbox, "min_auc = 0.5,", "min_auc = 0.0,");
+    assert_eq!(sandbox.cli_json(&["run", "ingestion", "--json"]).0, 0);
+    let (code, value) = sandbox.cli_json(&["run", "training", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    assert_eq!(value["runs"][0]["result"]["current_model_id"], 2, "{value}");
+    // Tonight: the shipped config again, and 40 new bars per symbol (drift is forced: its
+    // other upstream, the backtest, is not what this test is about).
+    edit_config(
+        &sandbox,
+        "model = \"logistic\", horizon",
+        "model = \"gbdt\", horizon",
+    );
+    edit_config(&sandbox, "min_auc = 0.0,", "min_auc = 0.5,");
+    restore_samples(&sandbox);
+    assert_eq!(sandbox.cli_json(&["run", "ingestion", "--json"]).0, 0);
+    let (code, value) = sandbox.cli_json(&["run", "drift", "--downstream", "--force", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let runs = by_task(&value);
+    let drift = &runs["drift"][0]["result"];
+    assert_eq!(drift["retrain_requested"], true, "{drift}");
+    let training = &runs["training"];
+    assert_eq!(training.len(), 1, "{value}");
+    assert_eq!(training[0]["trigger"], "drift");
+    let trained = &training[0]["result"];
+    assert_eq!(trained["promoted"], true, "{trained}");
+    assert_eq!(trained["comparison"]["against"]["model_id"], 2, "{trained}");
+    assert_eq!(trained["comparison"]["against"]["role"], "current");
+    let promoted = trained["current_model_id"].as_i64().unwrap();
+    assert_eq!(promoted, 3, "{trained}");
+    // The promotion asked for predictions, in the same cascade, from the new model.
+    let predictions = &runs["predictions"];
+    assert_eq!(predictions.len(), 1, "{value}");
+    assert_eq!(predictions[0]["trigger"], "drift");
+    assert_eq!(predictions[0]["state"], "succeeded", "{value}");
+    assert_eq!(predictions[0]["result"]["model_id"], promoted);
+    let db = market(&sandbox);
+    let newest: (i64, String) = db
+        .query_row(
+            "SELECT model_id, ts FROM predictions ORDER BY id DESC LIMIT 1",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    assert_eq!(newest, (promoted, "2018-12-31".to_string()));
 }
 
 #[test]

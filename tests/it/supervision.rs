@@ -139,7 +139,7 @@ fn an_external_command_reports_progress_result_and_gets_its_environment() {
     let sandbox = Sandbox::new(
         r#"
 [tasks.script]
-command = ["/bin/sh", "-c", "echo \"id=$TURBOSCHED_RUN_ID task=$TURBOSCHED_TASK attempt=$TURBOSCHED_ATTEMPT greeting=$GREETING\"; echo '::progress::50 halfway'; echo oops >&2; echo '::result::{\"rows\":42}'"]
+command = ["/bin/sh", "-c", "echo \"id=$TURBOSCHED_RUN_ID task=$TURBOSCHED_TASK attempt=$TURBOSCHED_ATTEMPT trigger=$TURBOSCHED_TRIGGER greeting=$GREETING\"; echo '::progress::50 halfway'; echo oops >&2; echo '::result::{\"rows\":42}'"]
 env = { GREETING = "hello" }
 "#,
     );
@@ -150,7 +150,7 @@ env = { GREETING = "hello" }
     assert_eq!(run.phase.as_deref(), Some("halfway"));
     let log = sandbox.log("script");
     let line = format!(
-        "task.script - INFO - run={} attempt=1 - id={} task=script attempt=1 greeting=hello",
+        "task.script - INFO - run={} attempt=1 - id={} task=script attempt=1 trigger=manual greeting=hello",
         run.id, run.id
     );
     assert!(log.contains(&line), "{log}");
