@@ -9,8 +9,11 @@
 //! inside `block_in_place`, the API from actix's blocking pool, the CLI and the
 //! maintenance task from plain threads — while the client is async. The backend owns a
 //! small tokio runtime (one worker thread, which drives the connections) and `block_on`s
-//! each operation on it, so any thread that is not itself running async code can call
-//! it. Dropping the backend shuts that runtime down in the background, so even the last
+//! each operation on it (`block_on` here), so any thread can call it: a plain one, or a
+//! worker of a multi-thread runtime (the engine calls some reads outside its
+//! `block_in_place` sections), where the call runs under `block_in_place`. Only an async
+//! task of a current-thread runtime cannot (actix handlers go through `web::block`).
+//! Dropping the backend shuts that runtime down in the background, so even the last
 //! `Store` dropped on an async thread does not block it.
 //!
 //! How the guarantees are kept:
@@ -131,6 +134,21 @@ impl From<PoolError> for StoreError {
     }
 }
 
+/// Runs `future` to completion on the backend's `runtime`, from any thread that is not
+/// driving a current-thread runtime: a plain thread, actix's blocking pool, or a worker
+/// of a multi-thread runtime — there (the engine's own calls outside its
+/// `block_in_place` sections) under `block_in_place`, since a bare `block_on` would
+/// panic, and the runtime moves its other tasks to other threads meanwhile (nested in a
+/// `block_in_place` already, that is a no-op).
+fn block_on<F: std::future::Future>(runtime: &Runtime, future: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| runtime.block_on(future))
+        }
+        _ => runtime.block_on(future),
+    }
+}
+
 /// A deadlock or serialization failure: the transaction may be run again.
 fn is_conflict(err: &PostgresError) -> bool {
     matches!(err.code.as_deref(), Some("40001" | "40P01"))
@@ -227,7 +245,7 @@ impl PostgresBackend {
     /// Creates a new database's tables, migrates an older one, refuses a newer one; one
     /// transaction under [`MIGRATION_LOCK`].
     fn migrate(&self, database: &str) -> Result<(), StoreError> {
-        self.runtime().block_on(async {
+        block_on(self.runtime(), async {
             let mut client = self.pool.get().await?;
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
@@ -272,7 +290,7 @@ impl PostgresBackend {
     /// Rows of one read, on a pooled connection (prepared statements cached per
     /// connection).
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
-        self.runtime().block_on(async {
+        block_on(self.runtime(), async {
             let client = self.pool.get().await?;
             let statement = client.prepare_cached(sql).await?;
             Ok(client.query(&statement, params).await?)
@@ -310,8 +328,9 @@ impl Backend for PostgresBackend {
         let runtime = self.runtime();
         let mut retries = 0;
         loop {
-            let mut client = runtime.block_on(self.pool.get())?;
-            let tx = runtime.block_on(
+            let mut client = block_on(runtime, self.pool.get())?;
+            let tx = block_on(
+                runtime,
                 client
                     .build_transaction()
                     .isolation_level(IsolationLevel::ReadCommitted)
@@ -325,10 +344,10 @@ impl Backend for PostgresBackend {
             let result = body(&postgres_tx);
             let failed = postgres_tx.failed.into_inner();
             let outcome = match (result, failed) {
-                (Ok(()), None) => runtime.block_on(tx.commit()).map_err(StoreError::from),
+                (Ok(()), None) => block_on(runtime, tx.commit()).map_err(StoreError::from),
                 (result, failed) => {
                     // Rolled back explicitly, so the connection goes back to the pool clean.
-                    let _ = runtime.block_on(tx.rollback());
+                    let _ = block_on(runtime, tx.rollback());
                     match (result, failed) {
                         (Err(StoreError::Postgres(err)), _) | (Ok(()), Some(err)) => {
                             Err(StoreError::Postgres(err))
@@ -578,7 +597,7 @@ impl Backend for PostgresBackend {
             tx.commit().await?;
             Ok::<(), StoreError>(())
         };
-        self.runtime().block_on(async {
+        block_on(self.runtime(), async {
             tokio::time::timeout(patience, probe)
                 .await
                 .unwrap_or_else(|_| {
@@ -633,7 +652,7 @@ struct PostgresTx<'t, 'c> {
 
 impl PostgresTx<'_, '_> {
     fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
-        let result = self.runtime.block_on(async {
+        let result = block_on(self.runtime, async {
             let statement = self.tx.prepare_cached(sql).await?;
             self.tx.query(&statement, params).await
         });
@@ -649,7 +668,7 @@ impl PostgresTx<'_, '_> {
     }
 
     fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
-        let result = self.runtime.block_on(async {
+        let result = block_on(self.runtime, async {
             let statement = self.tx.prepare_cached(sql).await?;
             self.tx.execute(&statement, params).await
         });
@@ -1252,7 +1271,7 @@ fn admin(server: &str, sql: &str) -> Result<(), String> {
         .enable_all()
         .build()
         .map_err(|err| err.to_string())?;
-    runtime.block_on(async {
+    let result = block_on(&runtime, async {
         let (client, connection) = tokio_postgres::connect(&format!("{server}/postgres"), NoTls)
             .await
             .map_err(|err| with_causes(&err))?;
@@ -1264,7 +1283,10 @@ fn admin(server: &str, sql: &str) -> Result<(), String> {
         drop(client);
         let _ = driver.await;
         result
-    })
+    });
+    // A plain drop would block, which panics on an async thread.
+    runtime.shutdown_background();
+    result
 }
 
 #[cfg(test)]
@@ -1331,6 +1353,21 @@ mod tests {
         store
             .probe_write(Duration::from_secs(5), crate::model::from_micros(1))
             .unwrap();
+    }
+
+    /// The engine calls the store from its runtime's threads too, not only under
+    /// `block_in_place`; the last `Store` may be dropped there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_works_and_drops_on_an_async_thread_of_a_multi_thread_runtime() {
+        let database = ScratchDatabase::create();
+        let store = Store::open(std::path::Path::new(&database.url())).unwrap();
+        let task = TaskName::from("ingest");
+        store
+            .set_paused(&task, true, crate::model::from_micros(1))
+            .unwrap();
+        assert!(store.task_state(&task).unwrap().paused);
+        drop(store);
+        drop(database);
     }
 
     /// Runs `sql` on the scratch database itself.
