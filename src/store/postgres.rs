@@ -250,6 +250,10 @@ impl PostgresBackend {
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
+            // `IF NOT EXISTS` on an existing table is a NOTICE, which tokio-postgres logs
+            // at INFO: a dozen lines in the service log at every open.
+            tx.batch_execute("SET LOCAL client_min_messages = warning")
+                .await?;
             tx.batch_execute(
                 "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
             )
