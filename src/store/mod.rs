@@ -7,8 +7,9 @@
 //! Shape: [`Store`] is the façade every caller holds (cheap to clone); inside it, an
 //! `Arc<dyn Backend>`. A [`Backend`] answers the reads and runs [`Backend::write`]: one
 //! transaction, whose every write goes through one type, [`Tx`]. [`Store::batch`] groups
-//! many writes in one transaction; the single-operation methods of `Store` wrap one. Today
-//! the one backend is SQLite (`sqlite.rs`); what every backend must guarantee is written
+//! many writes in one transaction; the single-operation methods of `Store` wrap one. The
+//! backends are SQLite (`sqlite.rs`) and PostgreSQL (`postgres.rs`, single-instance
+//! semantics so far), chosen by [`Store::open`]; what every backend must guarantee is written
 //! once, as the conformance suite (`conformance.rs`), and run against each.
 //!
 //! Invariants:
