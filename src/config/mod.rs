@@ -114,7 +114,7 @@ pub struct Config {
 pub struct SchedulerSettings {
     /// Default zone for schedules.
     pub timezone: Tz,
-    /// SQLite file of the run history.
+    /// SQLite file of the run history, or a `postgres://` URL (`Store::open` decides).
     pub database: PathBuf,
     /// Attempts running at once, over all tasks.
     pub max_workers: usize,

@@ -3,7 +3,8 @@
 //! green on it. Each guarantee is a function taking `open`, which hands out another
 //! `Store` over one fresh database each time it is called — as another process would
 //! see it; [`conformance_suite!`] makes them `#[test]`s for a backend (SQLite below:
-//! `conformance::sqlite::*`). A new backend adds one line: `conformance_suite!(name,
+//! `conformance::sqlite::*`; PostgreSQL: `conformance::postgres::*`, each test on a
+//! database of its own on the server `.ci/run` starts). A new backend adds one line: `conformance_suite!(name,
 //! fresh_database)`.
 //!
 //! The guarantees:
@@ -100,6 +101,16 @@ fn fresh_sqlite() -> (tempfile::TempDir, impl Fn() -> Store) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("nested/runs.db");
     (dir, move || Store::open(&path).unwrap())
+}
+
+conformance_suite!(postgres, fresh_postgres);
+
+/// A PostgreSQL database of its own (`ts_<random>`, dropped with the guard), opened as
+/// the `database` setting would: through its URL.
+fn fresh_postgres() -> (super::postgres::ScratchDatabase, impl Fn() -> Store) {
+    let database = super::postgres::ScratchDatabase::create();
+    let url = std::path::PathBuf::from(database.url());
+    (database, move || Store::open(&url).unwrap())
 }
 
 pub(super) fn at(second: u32, micros: i64) -> Instant {

@@ -7,8 +7,9 @@
 //! Shape: [`Store`] is the façade every caller holds (cheap to clone); inside it, an
 //! `Arc<dyn Backend>`. A [`Backend`] answers the reads and runs [`Backend::write`]: one
 //! transaction, whose every write goes through one type, [`Tx`]. [`Store::batch`] groups
-//! many writes in one transaction; the single-operation methods of `Store` wrap one. Today
-//! the one backend is SQLite (`sqlite.rs`); what every backend must guarantee is written
+//! many writes in one transaction; the single-operation methods of `Store` wrap one. The
+//! backends are SQLite (`sqlite.rs`) and PostgreSQL (`postgres.rs`, single-instance
+//! semantics so far), chosen by [`Store::open`]; what every backend must guarantee is written
 //! once, as the conformance suite (`conformance.rs`), and run against each.
 //!
 //! Invariants:
@@ -35,6 +36,7 @@ use std::time::Duration;
 
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
+mod postgres;
 mod sqlite;
 
 #[cfg(test)]
@@ -56,17 +58,38 @@ pub enum StoreError {
         /// Why.
         source: rusqlite::Error,
     },
+    /// The PostgreSQL database could not be reached or prepared.
+    #[error("cannot open run database {database}: {reason}")]
+    PostgresOpen {
+        /// The URL, without its password.
+        database: String,
+        /// Why.
+        reason: String,
+    },
     /// The database was written by a newer turbosched, whose schema this one cannot read.
-    #[error("run database {path} has schema version {found}, newer than this turbosched ({SCHEMA_VERSION}); use a newer turbosched, or a backup made by this one")]
+    #[error("run database {database} has schema version {found}, newer than this turbosched ({supported}); use a newer turbosched, or a backup made by this one")]
     NewerSchema {
-        /// The file.
-        path: PathBuf,
+        /// The file, or the URL without its password.
+        database: String,
         /// The version found in `meta.schema_version`.
         found: usize,
+        /// The newest version this build reads (each backend numbers its own).
+        supported: usize,
     },
     /// The database said no.
     #[error("run database: {0}")]
     Sql(#[from] rusqlite::Error),
+    /// PostgreSQL, or the pool of connections to it, said no.
+    #[error("run database: {0}")]
+    Postgres(PostgresError),
+    /// This backend does not do that; the message says what to use instead.
+    #[error("{operation}: not supported; {instead}")]
+    NotSupported {
+        /// What was asked.
+        operation: String,
+        /// What to do instead.
+        instead: &'static str,
+    },
     /// Somebody already claimed this task's tick: do not run it again.
     #[error("{task} at {scheduled_for} is already claimed")]
     AlreadyClaimed {
@@ -122,6 +145,8 @@ impl StoreError {
         let source = match self {
             StoreError::Open { source, .. } => source,
             StoreError::Sql(source) => source,
+            StoreError::PostgresOpen { .. } => return true,
+            StoreError::Postgres(err) => return err.unavailable,
             _ => return false,
         };
         match source.sqlite_error_code() {
@@ -141,6 +166,25 @@ impl StoreError {
         }
     }
 }
+
+/// An error from PostgreSQL or its connection pool (`postgres.rs` builds it): the
+/// message with its causes, the SQLSTATE, and whether it means the database cannot take
+/// operations at all (no connection, the server shutting down, a full disk, a read-only
+/// server) rather than refusing this one.
+#[derive(Debug, Clone)]
+pub struct PostgresError {
+    message: String,
+    code: Option<String>,
+    unavailable: bool,
+}
+
+impl std::fmt::Display for PostgresError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for PostgresError {}
 
 /// A run to insert.
 #[derive(Debug, Clone)]
@@ -627,11 +671,20 @@ pub struct Store {
 }
 
 impl Store {
-    /// Opens (creating if needed, with its folder) the SQLite database at `path`.
-    pub fn open(path: &Path) -> Result<Store, StoreError> {
-        Ok(Store::from_backend(Arc::new(sqlite::SqliteBackend::open(
-            path,
-        )?)))
+    /// Opens the run database the `database` setting names: a `postgres://` or
+    /// `postgresql://` URL opens that PostgreSQL database (its tables created or
+    /// migrated); anything else is the path of a SQLite file, created if needed with its
+    /// folder. The setting stays a path in the config (`scheduler.database`), so every
+    /// caller opens either through this one function.
+    pub fn open(database: &Path) -> Result<Store, StoreError> {
+        let backend: Arc<dyn Backend> = match database
+            .to_str()
+            .filter(|setting| postgres::is_postgres_url(setting))
+        {
+            Some(url) => Arc::new(postgres::PostgresBackend::open(url)?),
+            None => Arc::new(sqlite::SqliteBackend::open(database)?),
+        };
+        Ok(Store::from_backend(backend))
     }
 
     /// A store over any backend.

@@ -714,8 +714,9 @@ fn migrate(connection: &mut Connection, path: &Path) -> Result<(), StoreError> {
     };
     if found > SCHEMA_VERSION {
         return Err(StoreError::NewerSchema {
-            path: path.to_path_buf(),
+            database: path.display().to_string(),
             found,
+            supported: SCHEMA_VERSION,
         });
     }
     for migration in MIGRATIONS.iter().skip(found.saturating_sub(1)) {

@@ -1,0 +1,1393 @@
+//! The PostgreSQL backend: `tokio-postgres` connections in a `deadpool-postgres` pool.
+//! Every [`Backend::write`] is one `READ COMMITTED` transaction, and [`PostgresTx`] is its
+//! [`Tx`]: the SQL of every write lives here, the rules they share (legal moves, progress
+//! news, event wording) in the parent module. Today it gives the single-instance
+//! semantics of SQLite (the conformance suite); cluster mode (leases, `SKIP LOCKED`
+//! firing, config agreement) is not here yet.
+//!
+//! Why a runtime of its own: the store's interface is synchronous — the engine calls it
+//! inside `block_in_place`, the API from actix's blocking pool, the CLI and the
+//! maintenance task from plain threads — while the client is async. The backend owns a
+//! small tokio runtime (one worker thread, which drives the connections) and `block_on`s
+//! each operation on it (`block_on` here), so any thread can call it: a plain one, or a
+//! worker of a multi-thread runtime (the engine calls some reads outside its
+//! `block_in_place` sections), where the call runs under `block_in_place`. Only an async
+//! task of a current-thread runtime cannot (actix handlers go through `web::block`).
+//! Dropping the backend shuts that runtime down in the background, so even the last
+//! `Store` dropped on an async thread does not block it.
+//!
+//! How the guarantees are kept:
+//! - Claims: `INSERT … ON CONFLICT DO NOTHING` against the partial unique index
+//!   `runs_claim`; no row back means `AlreadyClaimed`. (A unique violation would abort
+//!   the whole PostgreSQL transaction, and a refusal must leave the rest of the batch.)
+//! - Fenced moves: the `UPDATE … WHERE id AND state AND attempt`; zero rows is `Fenced`,
+//!   with the state and attempt found. Under `READ COMMITTED` a concurrent UPDATE of the
+//!   same row waits for the first to commit and re-checks the guard on the new row.
+//! - Events: `seq` is `meta.event_seq` bumped in the appending transaction, not a
+//!   sequence: a `bigserial` leaves gaps on rollback and can commit out of order. The
+//!   counter row stays locked until commit, so appends are serialized and committed in
+//!   `seq` order, without gaps.
+//! - A deadlock or serialization failure (two transactions taking the counter and a row
+//!   in opposite orders) rolls back and runs the body again, at most
+//!   [`CONFLICT_RETRIES`] times, as [`Backend::write`] allows.
+//! - Instants are BIGINT microseconds since the epoch, as in SQLite: exact.
+//!
+//! Schema: `postgres.sql` is the current shape, run at every open in one transaction
+//! under an advisory lock (concurrent openers migrate once); `meta.schema_version` says
+//! which shape a database has, [`MIGRATIONS`] takes an older one forward, and a newer
+//! one is refused ([`StoreError::NewerSchema`]).
+
+use std::cell::RefCell;
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Transaction};
+use tokio::runtime::Runtime;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{IsolationLevel, NoTls, Row};
+
+use super::{
+    attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
+    InstanceRow, LastProgressEvent, Move, NewRun, PostgresError, PruneCounts, RunFilter, RunRow,
+    StoreError, TaskStateRow, Tx,
+};
+use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
+
+const SCHEMA: &str = include_str!("postgres.sql");
+
+/// The schema version this build writes into a PostgreSQL database's
+/// `meta.schema_version` (numbered apart from SQLite's).
+const POSTGRES_SCHEMA_VERSION: usize = 1;
+
+/// What `postgres.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes
+/// it from version `n + 1` to `n + 2`. None yet. Never edit an entry: append one.
+const MIGRATIONS: &[&str] = &[];
+
+/// The advisory lock the migration holds, so concurrent openers migrate once.
+const MIGRATION_LOCK: i64 = 0x7475_7262_6f73_6368; // "turbosch"
+
+/// Connections per backend: the engine, the API's blocking threads and the heartbeat
+/// share them; a write holds one for its transaction.
+const POOL_SIZE: usize = 8;
+
+/// Times a write runs its body again after a deadlock or serialization failure.
+const CONFLICT_RETRIES: usize = 5;
+
+const RUN_COLUMNS: &str =
+    "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
+    attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+
+/// Whether the `database` setting names a PostgreSQL database rather than a SQLite file.
+pub(super) fn is_postgres_url(setting: &str) -> bool {
+    setting.starts_with("postgres://") || setting.starts_with("postgresql://")
+}
+
+impl From<tokio_postgres::Error> for PostgresError {
+    fn from(err: tokio_postgres::Error) -> PostgresError {
+        let code = err.code().map(|code| code.code().to_string());
+        let io = std::error::Error::source(&err).is_some_and(|s| s.is::<std::io::Error>());
+        // Classes 08 (connection), 53 (resources: disk full, out of memory), 57
+        // (operator intervention: shutdown), 58 (system: I/O); 25006 a read-only server.
+        let unavailable = err.is_closed()
+            || io
+            || err.to_string() == "timeout waiting for server"
+            || code.as_deref().is_some_and(|code| {
+                ["08", "53", "57", "58"].iter().any(|c| code.starts_with(c)) || code == "25006"
+            });
+        PostgresError {
+            message: with_causes(&err),
+            code,
+            unavailable,
+        }
+    }
+}
+
+impl From<PoolError> for PostgresError {
+    fn from(err: PoolError) -> PostgresError {
+        match err {
+            PoolError::Backend(err) => err.into(),
+            PoolError::Timeout(_) | PoolError::Closed => PostgresError {
+                message: format!("no connection: {err}"),
+                code: None,
+                unavailable: true,
+            },
+            other => PostgresError {
+                message: other.to_string(),
+                code: None,
+                unavailable: false,
+            },
+        }
+    }
+}
+
+impl From<tokio_postgres::Error> for StoreError {
+    fn from(err: tokio_postgres::Error) -> StoreError {
+        StoreError::Postgres(err.into())
+    }
+}
+
+impl From<PoolError> for StoreError {
+    fn from(err: PoolError) -> StoreError {
+        StoreError::Postgres(err.into())
+    }
+}
+
+/// Runs `future` to completion on the backend's `runtime`, from any thread that is not
+/// driving a current-thread runtime: a plain thread, actix's blocking pool, or a worker
+/// of a multi-thread runtime — there (the engine's own calls outside its
+/// `block_in_place` sections) under `block_in_place`, since a bare `block_on` would
+/// panic, and the runtime moves its other tasks to other threads meanwhile (nested in a
+/// `block_in_place` already, that is a no-op).
+fn block_on<F: std::future::Future>(runtime: &Runtime, future: F) -> F::Output {
+    match tokio::runtime::Handle::try_current() {
+        Ok(handle) if handle.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(|| runtime.block_on(future))
+        }
+        _ => runtime.block_on(future),
+    }
+}
+
+/// A deadlock or serialization failure: the transaction may be run again.
+fn is_conflict(err: &PostgresError) -> bool {
+    matches!(err.code.as_deref(), Some("40001" | "40P01"))
+}
+
+/// `error: cause: cause`, since tokio-postgres says only "db error" at the top.
+fn with_causes(err: &dyn std::error::Error) -> String {
+    let mut message = err.to_string();
+    let mut source = err.source();
+    while let Some(cause) = source {
+        message = format!("{message}: {cause}");
+        source = cause.source();
+    }
+    message
+}
+
+/// The URL without its password, for messages.
+fn redacted(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
+    };
+    match rest.split_once('@') {
+        Some((user, host)) => {
+            let user = user.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}@{host}")
+        }
+        None => url.to_string(),
+    }
+}
+
+/// One PostgreSQL database, through a pool, driven by a runtime of its own.
+pub(super) struct PostgresBackend {
+    pool: Pool,
+    /// `Some` until dropped (see the `Drop` impl).
+    runtime: Option<Runtime>,
+}
+
+impl Drop for PostgresBackend {
+    /// The runtime is shut down in the background: dropping it plainly would block, which
+    /// panics when the last `Store` is dropped on an async thread.
+    fn drop(&mut self) {
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_background();
+        }
+    }
+}
+
+impl PostgresBackend {
+    /// Connects to the database at `url` (`postgres://user@host:port/name`) and brings its
+    /// schema to [`POSTGRES_SCHEMA_VERSION`].
+    pub(super) fn open(url: &str) -> Result<PostgresBackend, StoreError> {
+        let database = redacted(url);
+        let fail = |reason: String| StoreError::PostgresOpen {
+            database: database.clone(),
+            reason,
+        };
+        let config: tokio_postgres::Config = url.parse().map_err(|err| fail(with_causes(&err)))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .thread_name("turbosched-postgres")
+            .enable_all()
+            .build()
+            .map_err(|err| fail(err.to_string()))?;
+        let manager = Manager::from_config(
+            config,
+            NoTls,
+            ManagerConfig {
+                recycling_method: RecyclingMethod::Fast,
+            },
+        );
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE)
+            .runtime(deadpool_postgres::Runtime::Tokio1)
+            .wait_timeout(Some(Duration::from_secs(30)))
+            .create_timeout(Some(Duration::from_secs(10)))
+            .recycle_timeout(Some(Duration::from_secs(10)))
+            .build()
+            .map_err(|err| fail(err.to_string()))?;
+        let backend = PostgresBackend {
+            pool,
+            runtime: Some(runtime),
+        };
+        backend.migrate(&database).map_err(|err| match err {
+            StoreError::Postgres(err) => fail(err.to_string()),
+            other => other,
+        })?;
+        Ok(backend)
+    }
+
+    fn runtime(&self) -> &Runtime {
+        self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// Creates a new database's tables, migrates an older one, refuses a newer one; one
+    /// transaction under [`MIGRATION_LOCK`].
+    fn migrate(&self, database: &str) -> Result<(), StoreError> {
+        block_on(self.runtime(), async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
+                .await?;
+            // `IF NOT EXISTS` on an existing table is a NOTICE, which tokio-postgres logs
+            // at INFO: a dozen lines in the service log at every open.
+            tx.batch_execute("SET LOCAL client_min_messages = warning")
+                .await?;
+            tx.batch_execute(
+                "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value BIGINT NOT NULL)",
+            )
+            .await?;
+            let stored = tx
+                .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+                .await?
+                .map(|row| row.try_get::<_, i64>(0))
+                .transpose()?;
+            let found = stored.map_or(POSTGRES_SCHEMA_VERSION, |v| v.max(0) as usize);
+            if found > POSTGRES_SCHEMA_VERSION {
+                return Err(StoreError::NewerSchema {
+                    database: database.to_string(),
+                    found,
+                    supported: POSTGRES_SCHEMA_VERSION,
+                });
+            }
+            for migration in MIGRATIONS.iter().skip(found.saturating_sub(1)) {
+                tx.batch_execute(migration).await?;
+            }
+            tx.batch_execute(SCHEMA).await?;
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES ('schema_version', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&(POSTGRES_SCHEMA_VERSION as i64)],
+            )
+            .await?;
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES ('event_seq', 0) ON CONFLICT (key) DO NOTHING",
+                &[],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok(())
+        })
+    }
+
+    /// Rows of one read, on a pooled connection (prepared statements cached per
+    /// connection).
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        block_on(self.runtime(), async {
+            let client = self.pool.get().await?;
+            let statement = client.prepare_cached(sql).await?;
+            Ok(client.query(&statement, params).await?)
+        })
+    }
+
+    fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    fn runs_where(
+        &self,
+        condition: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<RunRow>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE {condition}");
+        self.query(&sql, params)?.iter().map(read_run).collect()
+    }
+}
+
+impl Backend for PostgresBackend {
+    /// One `READ COMMITTED` transaction on one pooled connection. `body` runs again (at
+    /// most [`CONFLICT_RETRIES`] times) after a deadlock or serialization failure. A
+    /// statement that failed inside `body` aborts the PostgreSQL transaction: the write
+    /// then fails with that error even if `body` went on, since PostgreSQL would turn
+    /// the COMMIT into a silent rollback.
+    fn write(
+        &self,
+        body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
+        let runtime = self.runtime();
+        let mut retries = 0;
+        loop {
+            let mut client = block_on(runtime, self.pool.get())?;
+            let tx = block_on(
+                runtime,
+                client
+                    .build_transaction()
+                    .isolation_level(IsolationLevel::ReadCommitted)
+                    .start(),
+            )?;
+            let postgres_tx = PostgresTx {
+                runtime,
+                tx: &tx,
+                failed: RefCell::new(None),
+            };
+            let result = body(&postgres_tx);
+            let failed = postgres_tx.failed.into_inner();
+            let outcome = match (result, failed) {
+                (Ok(()), None) => block_on(runtime, tx.commit()).map_err(StoreError::from),
+                (result, failed) => {
+                    // Rolled back explicitly, so the connection goes back to the pool clean.
+                    let _ = block_on(runtime, tx.rollback());
+                    match (result, failed) {
+                        (Err(StoreError::Postgres(err)), _) | (Ok(()), Some(err)) => {
+                            Err(StoreError::Postgres(err))
+                        }
+                        (Err(err), _) => Err(err),
+                        (Ok(()), None) => unreachable!("committed above"),
+                    }
+                }
+            };
+            match outcome {
+                Err(StoreError::Postgres(err))
+                    if is_conflict(&err) && retries < CONFLICT_RETRIES =>
+                {
+                    retries += 1;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        Ok(self.runs_where("id = $1", &[&run.0])?.into_iter().next())
+    }
+
+    fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
+        // Only the conditions given are written, so the planner can use (task, id).
+        let state = filter.state.map(|s| s.as_str());
+        let before = filter.before.map(|r| r.0);
+        let since = filter.since.map(to_micros);
+        let limit = if filter.limit == 0 { 50 } else { filter.limit } as i64;
+        let mut conditions: Vec<String> = Vec::new();
+        let mut params: Vec<&(dyn ToSql + Sync)> = Vec::new();
+        if let Some(task) = &filter.task {
+            params.push(task);
+            conditions.push(format!("task = ${}", params.len()));
+        }
+        if let Some(state) = &state {
+            params.push(state);
+            conditions.push(format!("state = ${}", params.len()));
+        }
+        if let Some(before) = &before {
+            params.push(before);
+            conditions.push(format!("id < ${}", params.len()));
+        }
+        if let Some(since) = &since {
+            params.push(since);
+            conditions.push(format!("queued_at >= ${}", params.len()));
+        }
+        params.push(&limit);
+        let condition = if conditions.is_empty() {
+            "TRUE".to_string()
+        } else {
+            conditions.join(" AND ")
+        };
+        self.runs_where(
+            &format!("{condition} ORDER BY id DESC LIMIT ${}", params.len()),
+            &params,
+        )
+    }
+
+    fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
+        self.runs_where(
+            "state IN ('queued', 'running', 'retry_wait', 'orphaned') ORDER BY id",
+            &[],
+        )
+    }
+
+    fn latest_finished(&self, task: &TaskName) -> Result<Option<RunRow>, StoreError> {
+        Ok(self
+            .runs_where(
+                "task = $1 AND state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+                 ORDER BY finished_at DESC NULLS LAST, id DESC LIMIT 1",
+                &[&task.as_str()],
+            )?
+            .into_iter()
+            .next())
+    }
+
+    fn cascade_runs(&self, root: RunId) -> Result<Vec<RunRow>, StoreError> {
+        self.runs_where("cascade = $1 ORDER BY id", &[&root.0])
+    }
+
+    fn ids_in_states(&self, states: &[RunState]) -> Result<Vec<RunId>, StoreError> {
+        let names: Vec<&str> = states.iter().map(|s| s.as_str()).collect();
+        self.query(
+            "SELECT id FROM runs WHERE state = ANY($1) ORDER BY id",
+            &[&names],
+        )?
+        .iter()
+        .map(|row| Ok(RunId(row.try_get(0)?)))
+        .collect()
+    }
+
+    fn abort_requests(&self, owner: &str) -> Result<Vec<(RunId, Option<String>)>, StoreError> {
+        self.query(
+            "SELECT id, reason FROM runs WHERE state = 'running' AND owner = $1 AND abort_requested ORDER BY id",
+            &[&owner],
+        )?
+        .iter()
+        .map(|row| Ok((RunId(row.try_get(0)?), row.try_get(1)?)))
+        .collect()
+    }
+
+    fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
+        self.query(
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at
+             FROM attempts WHERE run_id = $1 ORDER BY attempt",
+            &[&run.0],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(AttemptRow {
+                attempt: attempt_at(row, 0)?,
+                started_at: from_micros(row.try_get(1)?),
+                finished_at: instant_at(row, 2)?,
+                outcome: row.try_get(3)?,
+                exit_code: row.try_get(4)?,
+                error: row.try_get(5)?,
+                pid: row.try_get(6)?,
+                spawned_at: instant_at(row, 7)?,
+            })
+        })
+        .collect()
+    }
+
+    fn task_state(&self, task: &TaskName) -> Result<TaskStateRow, StoreError> {
+        let row = self.query_opt(
+            "SELECT task, paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = $1",
+            &[&task.as_str()],
+        )?;
+        Ok(row
+            .map(|row| read_task_state(&row))
+            .transpose()?
+            .map(|(_, state)| state)
+            .unwrap_or_default())
+    }
+
+    fn task_states(&self) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+        self.query(
+            "SELECT task, paused, last_fire_at, next_fire_at, schedule FROM task_state",
+            &[],
+        )?
+        .iter()
+        .map(read_task_state)
+        .collect()
+    }
+
+    fn claimed_ticks(
+        &self,
+        task: &TaskName,
+        from: Instant,
+        to: Instant,
+    ) -> Result<HashSet<Instant>, StoreError> {
+        self.query(
+            "SELECT scheduled_for FROM runs WHERE task = $1 AND trigger IN ('schedule', 'catchup')
+             AND scheduled_for BETWEEN $2 AND $3",
+            &[&task.as_str(), &to_micros(from), &to_micros(to)],
+        )?
+        .iter()
+        .map(|row| Ok(from_micros(row.try_get(0)?)))
+        .collect()
+    }
+
+    fn paused_tasks(&self) -> Result<HashSet<String>, StoreError> {
+        self.query("SELECT task FROM task_state WHERE paused", &[])?
+            .iter()
+            .map(|row| Ok(row.try_get(0)?))
+            .collect()
+    }
+
+    fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
+        self.query(
+            "SELECT seq, at, kind, task, run_id, attempt, message FROM events
+             WHERE seq > $1 ORDER BY seq LIMIT $2",
+            &[&after, &(limit as i64)],
+        )?
+        .iter()
+        .map(|row| {
+            Ok(EventRow {
+                seq: row.try_get(0)?,
+                at: from_micros(row.try_get(1)?),
+                kind: row.try_get(2)?,
+                task: row.try_get(3)?,
+                run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
+                attempt: row.try_get::<_, Option<i64>>(5)?.map(|a| Attempt(a as u32)),
+                message: row.try_get(6)?,
+            })
+        })
+        .collect()
+    }
+
+    fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
+        let row = self.query_opt(
+            "SELECT COUNT(*) FROM events WHERE at >= $1 AND kind = ANY($2)",
+            &[&to_micros(since), &kinds],
+        )?;
+        Ok(row
+            .map(|row| row.try_get::<_, i64>(0))
+            .transpose()?
+            .unwrap_or(0) as u64)
+    }
+
+    /// The counter, not `MAX(seq)`: a number handed out stays used after a prune.
+    fn last_event_seq(&self) -> Result<i64, StoreError> {
+        let row = self.query_opt("SELECT value FROM meta WHERE key = 'event_seq'", &[])?;
+        Ok(row.map(|row| row.try_get(0)).transpose()?.unwrap_or(0))
+    }
+
+    fn live_instances(
+        &self,
+        timeout: Duration,
+        now: Instant,
+    ) -> Result<Vec<InstanceRow>, StoreError> {
+        let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
+        self.query(
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
+             WHERE stopped_at IS NULL AND heartbeat_at >= $1 ORDER BY heartbeat_at DESC",
+            &[&to_micros(since)],
+        )?
+        .iter()
+        .map(read_instance)
+        .collect()
+    }
+
+    fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
+        self.query_opt(
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = $1",
+            &[&id],
+        )?
+        .as_ref()
+        .map(read_instance)
+        .transpose()
+    }
+
+    /// Sets `meta.health_probe` to `now` and commits, all within `patience` (the pool's
+    /// wait included); a transaction cut short by the deadline rolls back.
+    fn probe_write(&self, patience: Duration, now: Instant) -> Result<(), StoreError> {
+        let probe = async {
+            let mut client = self.pool.get().await?;
+            let tx = client.transaction().await?;
+            tx.execute(
+                "INSERT INTO meta(key, value) VALUES ('health_probe', $1)
+                 ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                &[&to_micros(now)],
+            )
+            .await?;
+            tx.commit().await?;
+            Ok::<(), StoreError>(())
+        };
+        block_on(self.runtime(), async {
+            tokio::time::timeout(patience, probe)
+                .await
+                .unwrap_or_else(|_| {
+                    Err(StoreError::Postgres(PostgresError {
+                        message: format!("no write committed within {patience:?}"),
+                        code: None,
+                        unavailable: true,
+                    }))
+                })
+        })
+    }
+
+    /// PostgreSQL checks its own pages; what is checked here is the store's one
+    /// invariant of its own that the schema does not enforce: the event counter is at
+    /// or past every stored event. "ok", or what is wrong.
+    fn integrity_check(&self) -> Result<String, StoreError> {
+        let row = self.query_opt(
+            "SELECT (SELECT value FROM meta WHERE key = 'event_seq'),
+                    (SELECT COALESCE(MAX(seq), 0) FROM events)",
+            &[],
+        )?;
+        let (counter, highest): (Option<i64>, i64) = match row {
+            Some(row) => (row.try_get(0)?, row.try_get(1)?),
+            None => (None, 0),
+        };
+        Ok(match counter {
+            None => "meta.event_seq is missing".to_string(),
+            Some(counter) if counter < highest => {
+                format!("meta.event_seq is {counter}, behind the highest event seq {highest}")
+            }
+            Some(_) => "ok".to_string(),
+        })
+    }
+
+    /// Not done here: a PostgreSQL database is backed up by `pg_dump` (or the server's
+    /// own base backups), run by whoever runs the server.
+    fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
+        Err(StoreError::NotSupported {
+            operation: format!("backing up the run database to {}", destination.display()),
+            instead: "on PostgreSQL, use pg_dump (or the server's own backups)",
+        })
+    }
+}
+
+/// The writes of one open transaction. A statement's error is remembered in `failed`:
+/// PostgreSQL has aborted the transaction, whatever the body does with the error.
+struct PostgresTx<'t, 'c> {
+    runtime: &'t Runtime,
+    tx: &'t Transaction<'c>,
+    failed: RefCell<Option<PostgresError>>,
+}
+
+impl PostgresTx<'_, '_> {
+    fn query(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<Vec<Row>, StoreError> {
+        let result = block_on(self.runtime, async {
+            let statement = self.tx.prepare_cached(sql).await?;
+            self.tx.query(&statement, params).await
+        });
+        result.map_err(|err| self.remember(err))
+    }
+
+    fn query_opt(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<Row>, StoreError> {
+        Ok(self.query(sql, params)?.into_iter().next())
+    }
+
+    fn execute(&self, sql: &str, params: &[&(dyn ToSql + Sync)]) -> Result<u64, StoreError> {
+        let result = block_on(self.runtime, async {
+            let statement = self.tx.prepare_cached(sql).await?;
+            self.tx.execute(&statement, params).await
+        });
+        result.map_err(|err| self.remember(err))
+    }
+
+    fn remember(&self, err: tokio_postgres::Error) -> StoreError {
+        let err = PostgresError::from(err);
+        self.failed.borrow_mut().get_or_insert_with(|| err.clone());
+        StoreError::Postgres(err)
+    }
+
+    /// Inserts a run (`ON CONFLICT DO NOTHING`: `None` when the claim key is taken) and
+    /// its `run_queued` event.
+    fn insert_run(&self, run: &NewRun, now: Instant) -> Result<Option<RunId>, StoreError> {
+        let row = self.query_opt(
+            "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8)
+             ON CONFLICT DO NOTHING
+             RETURNING id",
+            &[
+                &run.task.as_str(),
+                &run.trigger.as_str(),
+                &to_micros(run.scheduled_for),
+                &to_micros(now),
+                &i64::from(run.max_attempts.max(1)),
+                &run.force,
+                &run.downstream,
+                &run.cascade.map(|c| c.0),
+            ],
+        )?;
+        let Some(row) = row else {
+            return Ok(None);
+        };
+        let id = RunId(row.try_get(0)?);
+        if run.downstream && run.cascade.is_none() {
+            self.execute("UPDATE runs SET cascade = id WHERE id = $1", &[&id.0])?;
+        }
+        let message = format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339());
+        self.append_event(
+            now,
+            "run_queued",
+            Some(run.task.as_str()),
+            Some(id),
+            Some(Attempt(0)),
+            &message,
+        )?;
+        Ok(Some(id))
+    }
+
+    /// Appends an event numbered by `meta.event_seq`, bumped in this transaction.
+    fn append_event(
+        &self,
+        now: Instant,
+        kind: &str,
+        task: Option<&str>,
+        run: Option<RunId>,
+        attempt: Option<Attempt>,
+        message: &str,
+    ) -> Result<i64, StoreError> {
+        let row = self.query_opt(
+            "WITH next AS (UPDATE meta SET value = value + 1 WHERE key = 'event_seq' RETURNING value)
+             INSERT INTO events(seq, at, kind, task, run_id, attempt, message)
+             SELECT next.value, $1, $2,
+                    COALESCE($3::TEXT, (SELECT task FROM runs WHERE id = $4::BIGINT)),
+                    $4::BIGINT, $5, $6
+             FROM next
+             RETURNING seq",
+            &[
+                &to_micros(now),
+                &kind,
+                &task,
+                &run.map(|r| r.0),
+                &attempt.map(|a| i64::from(a.0)),
+                &message,
+            ],
+        )?;
+        let row = row.ok_or_else(|| {
+            StoreError::Postgres(PostgresError {
+                message: "meta.event_seq is missing: the schema was not set up".into(),
+                code: None,
+                unavailable: false,
+            })
+        })?;
+        Ok(row.try_get(0)?)
+    }
+}
+
+impl Tx for PostgresTx<'_, '_> {
+    /// `INSERT … ON CONFLICT DO NOTHING` against the partial unique index `runs_claim`:
+    /// no row back is the refusal, and the transaction goes on (a unique violation would
+    /// have aborted it).
+    fn claim_fire(
+        &self,
+        run: &NewRun,
+        now: Instant,
+        next_fire_at: Option<Instant>,
+    ) -> Result<RunId, StoreError> {
+        let id = self
+            .insert_run(run, now)?
+            .ok_or_else(|| StoreError::AlreadyClaimed {
+                task: run.task.clone(),
+                scheduled_for: run.scheduled_for,
+            })?;
+        self.execute(
+            "INSERT INTO task_state(task, last_fire_at, next_fire_at) VALUES ($1, $2, $3)
+             ON CONFLICT (task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
+            &[
+                &run.task.as_str(),
+                &to_micros(run.scheduled_for),
+                &next_fire_at.map(to_micros),
+            ],
+        )?;
+        Ok(id)
+    }
+
+    fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        self.insert_run(run, now)?
+            .ok_or_else(|| StoreError::AlreadyClaimed {
+                task: run.task.clone(),
+                scheduled_for: run.scheduled_for,
+            })
+    }
+
+    /// The one UPDATE that writes `runs.state`, guarded by the expected state and
+    /// attempt; zero rows is [`StoreError::Fenced`] with what was found.
+    fn transition(
+        &self,
+        step: &Move,
+        change: &Change,
+        now: Instant,
+    ) -> Result<Attempt, StoreError> {
+        let &Move {
+            run,
+            attempt,
+            from,
+            to,
+        } = step;
+        step.check_legal()?;
+        let now_micros = to_micros(now);
+        let starting = to == RunState::Running;
+        let new_attempt = if starting {
+            Attempt(attempt.0 + 1)
+        } else {
+            attempt
+        };
+        let finished_at = to.is_terminal().then_some(now_micros);
+        let updated = self.query_opt(
+            "UPDATE runs SET
+                state = $4::TEXT,
+                attempt = $5::BIGINT,
+                started_at = CASE WHEN $6::BOOLEAN AND started_at IS NULL THEN $7::BIGINT ELSE started_at END,
+                finished_at = COALESCE($8::BIGINT, finished_at),
+                exit_code = CASE WHEN $6 THEN NULL ELSE COALESCE($9::INTEGER, exit_code) END,
+                error = COALESCE($10::TEXT, error),
+                reason = COALESCE($11::TEXT, reason),
+                owner = CASE WHEN $6 THEN $12::TEXT WHEN $4 = 'queued' THEN NULL ELSE owner END,
+                pid = CASE WHEN $6 THEN NULL ELSE pid END,
+                heartbeat_at = CASE WHEN $6 THEN $7 ELSE heartbeat_at END,
+                next_attempt_at = $13::BIGINT,
+                progress = CASE WHEN $6 THEN NULL WHEN $4 = 'succeeded' THEN 100.0 ELSE progress END,
+                progress_event_at = CASE WHEN $6 THEN NULL ELSE progress_event_at END,
+                progress_event_pct = CASE WHEN $6 THEN NULL ELSE progress_event_pct END,
+                progress_event_phase = CASE WHEN $6 THEN NULL ELSE progress_event_phase END,
+                max_attempts = max_attempts + $14::BIGINT
+             WHERE id = $1::BIGINT AND state = $2::TEXT AND attempt = $3::BIGINT
+             RETURNING task",
+            &[
+                &run.0,
+                &from.as_str(),
+                &i64::from(attempt.0),
+                &to.as_str(),
+                &i64::from(new_attempt.0),
+                &starting,
+                &now_micros,
+                &finished_at,
+                &change.exit_code,
+                &change.error,
+                &change.reason,
+                &change.owner,
+                &change.next_attempt_at.map(to_micros),
+                &i64::from(change.refund_attempt),
+            ],
+        )?;
+        let Some(updated) = updated else {
+            let found = self.run(run)?.ok_or(StoreError::NotFound(run))?;
+            return Err(StoreError::Fenced {
+                run,
+                expected_state: from,
+                expected_attempt: attempt,
+                found_state: found.state,
+                found_attempt: found.attempt,
+            });
+        };
+        let task: String = updated.try_get(0)?;
+        if starting {
+            self.execute(
+                "INSERT INTO attempts(run_id, attempt, started_at, owner) VALUES ($1, $2, $3, $4)",
+                &[
+                    &run.0,
+                    &i64::from(new_attempt.0),
+                    &now_micros,
+                    &change.owner,
+                ],
+            )?;
+        } else if from == RunState::Running {
+            self.execute(
+                "UPDATE attempts SET finished_at = $3, outcome = $4, exit_code = $5, error = $6
+                 WHERE run_id = $1 AND attempt = $2",
+                &[
+                    &run.0,
+                    &i64::from(attempt.0),
+                    &now_micros,
+                    &attempt_outcome(to),
+                    &change.exit_code,
+                    &change.error,
+                ],
+            )?;
+        }
+        let (kind, message) = transition_event(to, change);
+        self.append_event(
+            now,
+            kind,
+            Some(&task),
+            Some(run),
+            Some(new_attempt),
+            &message,
+        )?;
+        Ok(new_attempt)
+    }
+
+    /// The row is read `FOR UPDATE`, so a concurrent move of the run waits for this
+    /// report (or this report sees the move and is refused).
+    fn record_progress(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        percent: f64,
+        phase: Option<&str>,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let current = self.query_opt(
+            "SELECT phase, progress_event_at, progress_event_pct, progress_event_phase FROM runs
+             WHERE id = $1 AND attempt = $2 AND state = 'running' FOR UPDATE",
+            &[&run.0, &i64::from(attempt.0)],
+        )?;
+        let Some(current) = current else {
+            return Ok(false);
+        };
+        let stored_phase: Option<String> = current.try_get(0)?;
+        let event_at: Option<i64> = current.try_get(1)?;
+        let event_percent: Option<f64> = current.try_get(2)?;
+        let event_phase: Option<String> = current.try_get(3)?;
+        // A report without a phase keeps the one before.
+        let phase = phase.map(str::to_string).or(stored_phase);
+        let last_event = event_at.map(|at| LastProgressEvent {
+            at: from_micros(at),
+            percent: event_percent,
+            phase: event_phase.as_deref(),
+        });
+        let news = progress_is_news(last_event, percent, phase.as_deref(), now);
+        self.execute(
+            "UPDATE runs SET progress = $2, phase = $3, heartbeat_at = $4,
+                progress_event_at = CASE WHEN $5 THEN $4 ELSE progress_event_at END,
+                progress_event_pct = CASE WHEN $5 THEN $2 ELSE progress_event_pct END,
+                progress_event_phase = CASE WHEN $5 THEN $3 ELSE progress_event_phase END
+             WHERE id = $1",
+            &[&run.0, &percent, &phase, &to_micros(now), &news],
+        )?;
+        if news {
+            let message = match &phase {
+                Some(phase) => format!("{percent:.0}% {phase}"),
+                None => format!("{percent:.0}%"),
+            };
+            self.append_event(
+                now,
+                "run_progress",
+                None,
+                Some(run),
+                Some(attempt),
+                &message,
+            )?;
+        }
+        Ok(true)
+    }
+
+    fn record_checkpoint(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        checkpoint: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.execute(
+            "UPDATE runs SET checkpoint = $3 WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&run.0, &i64::from(attempt.0), &checkpoint],
+        )? > 0)
+    }
+
+    fn hand_checkpoint(&self, run: RunId, checkpoint: &str) -> Result<bool, StoreError> {
+        Ok(self.execute(
+            "UPDATE runs SET checkpoint = $2 WHERE id = $1 AND state = 'queued'",
+            &[&run.0, &checkpoint],
+        )? > 0)
+    }
+
+    fn record_result(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        result: &str,
+    ) -> Result<bool, StoreError> {
+        Ok(self.execute(
+            "UPDATE runs SET result = $3 WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&run.0, &i64::from(attempt.0), &result],
+        )? > 0)
+    }
+
+    fn record_pid(
+        &self,
+        run: RunId,
+        attempt: Attempt,
+        pid: u32,
+        spawned_at: Instant,
+    ) -> Result<bool, StoreError> {
+        let pid = i64::from(pid);
+        self.execute(
+            "UPDATE attempts SET pid = $3, spawned_at = $4 WHERE run_id = $1 AND attempt = $2",
+            &[&run.0, &i64::from(attempt.0), &pid, &to_micros(spawned_at)],
+        )?;
+        Ok(self.execute(
+            "UPDATE runs SET pid = $3 WHERE id = $1 AND attempt = $2 AND state = 'running'",
+            &[&run.0, &i64::from(attempt.0), &pid],
+        )? > 0)
+    }
+
+    fn set_next_fire(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO task_state(task, next_fire_at, schedule) VALUES ($1, $2, $3)
+             ON CONFLICT (task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
+            &[&task.as_str(), &next.map(to_micros), &schedule],
+        )?;
+        Ok(())
+    }
+
+    fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO task_state(task, paused) VALUES ($1, $2)
+             ON CONFLICT (task) DO UPDATE SET paused = excluded.paused",
+            &[&task.as_str(), &paused],
+        )?;
+        let kind = if paused {
+            "task_paused"
+        } else {
+            "task_resumed"
+        };
+        self.append_event(now, kind, Some(task.as_str()), None, None, "")?;
+        Ok(())
+    }
+
+    fn record_event(
+        &self,
+        kind: &str,
+        task: Option<&str>,
+        run: Option<RunId>,
+        message: &str,
+        now: Instant,
+    ) -> Result<i64, StoreError> {
+        self.append_event(now, kind, task, run, None, message)
+    }
+
+    fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
+        let now = to_micros(now);
+        self.execute(
+            "UPDATE instances SET heartbeat_at = $2 WHERE id = $1",
+            &[&owner, &now],
+        )?;
+        self.execute(
+            "UPDATE runs SET heartbeat_at = $2 WHERE owner = $1 AND state = 'running'",
+            &[&owner, &now],
+        )?;
+        Ok(())
+    }
+
+    fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
+        let sql = format!("SELECT {RUN_COLUMNS} FROM runs WHERE id = $1");
+        self.query_opt(&sql, &[&run.0])?
+            .as_ref()
+            .map(read_run)
+            .transpose()
+    }
+
+    fn flag_abort(&self, run: RunId, reason: &str) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE runs SET abort_requested = TRUE, reason = $2 WHERE id = $1",
+            &[&run.0, &reason],
+        )?;
+        Ok(())
+    }
+
+    fn register_instance(
+        &self,
+        id: &str,
+        pid: u32,
+        host: &str,
+        serving: bool,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        self.execute(
+            "INSERT INTO instances(id, pid, host, started_at, heartbeat_at, serving) VALUES ($1, $2, $3, $4, $4, $5)",
+            &[&id, &i64::from(pid), &host, &to_micros(now), &serving],
+        )?;
+        Ok(())
+    }
+
+    fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE instances SET api = $2 WHERE id = $1",
+            &[&id, &address],
+        )?;
+        Ok(())
+    }
+
+    fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE instances SET stopped_at = $2 WHERE id = $1",
+            &[&id, &to_micros(now)],
+        )?;
+        Ok(())
+    }
+
+    fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
+        let cutoff = to_micros(cutoff);
+        let count = |sql: &str| -> Result<u64, StoreError> {
+            let row = self.query_opt(sql, &[&cutoff])?;
+            Ok(row
+                .map(|row| row.try_get::<_, i64>(0))
+                .transpose()?
+                .unwrap_or(0) as u64)
+        };
+        let counts = PruneCounts {
+            runs: count(&format!("SELECT COUNT(*) FROM ({OLD_RUNS}) AS old"))?,
+            attempts: count(&format!(
+                "SELECT COUNT(*) FROM attempts WHERE run_id IN ({OLD_RUNS})"
+            ))?,
+            events: count(&format!("SELECT COUNT(*) {OLD_EVENTS}"))?,
+        };
+        if !dry_run {
+            self.execute(&format!("DELETE {OLD_EVENTS}"), &[&cutoff])?;
+            self.execute(
+                &format!("DELETE FROM attempts WHERE run_id IN ({OLD_RUNS})"),
+                &[&cutoff],
+            )?;
+            self.execute(
+                &format!("DELETE FROM runs WHERE id IN ({OLD_RUNS})"),
+                &[&cutoff],
+            )?;
+        }
+        Ok(counts)
+    }
+}
+
+/// The finished runs [`Tx::prune`] removes: terminal before the cutoff `$1`, and not
+/// the root of a cascade still going.
+const OLD_RUNS: &str = "SELECT id FROM runs
+    WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+      AND COALESCE(finished_at, queued_at) < $1
+      AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
+                     AND state IN ('queued', 'running', 'retry_wait', 'orphaned'))";
+
+/// `FROM events WHERE …`: the events [`Tx::prune`] removes — before the cutoff `$1`,
+/// and about no run, an old run or a run already gone.
+const OLD_EVENTS: &str = "FROM events WHERE at < $1
+    AND (run_id IS NULL
+         OR run_id IN (SELECT id FROM runs
+             WHERE state IN ('succeeded', 'failed', 'timed_out', 'aborted', 'skipped')
+               AND COALESCE(finished_at, queued_at) < $1
+               AND id NOT IN (SELECT cascade FROM runs WHERE cascade IS NOT NULL
+                              AND state IN ('queued', 'running', 'retry_wait', 'orphaned')))
+         OR run_id NOT IN (SELECT id FROM runs))";
+
+fn instant_at(row: &Row, index: usize) -> Result<Option<Instant>, tokio_postgres::Error> {
+    Ok(row.try_get::<_, Option<i64>>(index)?.map(from_micros))
+}
+
+fn attempt_at(row: &Row, index: usize) -> Result<Attempt, tokio_postgres::Error> {
+    Ok(Attempt(row.try_get::<_, i64>(index)? as u32))
+}
+
+fn read_task_state(row: &Row) -> Result<(TaskName, TaskStateRow), StoreError> {
+    Ok((
+        TaskName::from(row.try_get::<_, &str>(0)?),
+        TaskStateRow {
+            paused: row.try_get(1)?,
+            last_fire_at: instant_at(row, 2)?,
+            next_fire_at: instant_at(row, 3)?,
+            schedule: row.try_get(4)?,
+        },
+    ))
+}
+
+fn read_instance(row: &Row) -> Result<InstanceRow, StoreError> {
+    Ok(InstanceRow {
+        id: row.try_get(0)?,
+        pid: row.try_get(1)?,
+        host: row.try_get(2)?,
+        heartbeat_at: from_micros(row.try_get(3)?),
+        stopped_at: instant_at(row, 4)?,
+        serving: row.try_get(5)?,
+        api: row.try_get(6)?,
+    })
+}
+
+fn read_run(row: &Row) -> Result<RunRow, StoreError> {
+    let id = RunId(row.try_get(0)?);
+    let trigger_text: String = row.try_get(2)?;
+    let state_text: String = row.try_get(7)?;
+    let trigger = Trigger::parse(&trigger_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: trigger_text.clone(),
+    })?;
+    let state = RunState::parse(&state_text).ok_or(StoreError::Corrupt {
+        run: id,
+        value: state_text.clone(),
+    })?;
+    Ok(RunRow {
+        id,
+        task: TaskName(row.try_get(1)?),
+        trigger,
+        scheduled_for: from_micros(row.try_get(3)?),
+        queued_at: from_micros(row.try_get(4)?),
+        started_at: instant_at(row, 5)?,
+        finished_at: instant_at(row, 6)?,
+        state,
+        attempt: attempt_at(row, 8)?,
+        max_attempts: row.try_get::<_, i64>(9)? as u32,
+        next_attempt_at: instant_at(row, 10)?,
+        exit_code: row.try_get(11)?,
+        error: row.try_get(12)?,
+        reason: row.try_get(13)?,
+        progress: row.try_get(14)?,
+        phase: row.try_get(15)?,
+        checkpoint: row.try_get(16)?,
+        result: row.try_get(17)?,
+        owner: row.try_get(18)?,
+        pid: row.try_get(19)?,
+        heartbeat_at: instant_at(row, 20)?,
+        abort_requested: row.try_get(21)?,
+        force: row.try_get(22)?,
+        downstream: row.try_get(23)?,
+        cascade: row.try_get::<_, Option<i64>>(24)?.map(RunId),
+    })
+}
+
+/// A database of its own for one test, on the PostgreSQL server of
+/// `TURBOSCHED_TEST_POSTGRES` (default `postgres://postgres@127.0.0.1:5432`, the server
+/// `.ci/run` starts): `CREATE DATABASE ts_<random>` through the `postgres` database,
+/// and `DROP DATABASE … WITH (FORCE)` when dropped.
+#[cfg(test)]
+pub(super) struct ScratchDatabase {
+    server: String,
+    name: String,
+}
+
+#[cfg(test)]
+impl ScratchDatabase {
+    pub(super) fn create() -> ScratchDatabase {
+        let server = std::env::var("TURBOSCHED_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string());
+        let name = format!("ts_{}", uuid::Uuid::new_v4().simple());
+        admin(&server, &format!("CREATE DATABASE {name}"))
+            .unwrap_or_else(|err| panic!("{}: create database {name}: {err}", redacted(&server)));
+        ScratchDatabase { server, name }
+    }
+
+    /// The URL a `Store` opens.
+    pub(super) fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+}
+
+#[cfg(test)]
+impl Drop for ScratchDatabase {
+    fn drop(&mut self) {
+        let drop_it = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
+        if let Err(err) = admin(&self.server, &drop_it) {
+            eprintln!("{}: {drop_it}: {err}", redacted(&self.server));
+        }
+    }
+}
+
+/// Runs `sql` on the `postgres` database of `server`, on a runtime of its own.
+#[cfg(test)]
+fn admin(server: &str, sql: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| err.to_string())?;
+    let result = block_on(&runtime, async {
+        let (client, connection) = tokio_postgres::connect(&format!("{server}/postgres"), NoTls)
+            .await
+            .map_err(|err| with_causes(&err))?;
+        let driver = tokio::spawn(connection);
+        let result = client
+            .batch_execute(sql)
+            .await
+            .map_err(|err| with_causes(&err));
+        drop(client);
+        let _ = driver.await;
+        result
+    });
+    // A plain drop would block, which panics on an async thread.
+    runtime.shutdown_background();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    #[test]
+    fn the_url_is_shown_without_its_password() {
+        assert_eq!(
+            redacted("postgres://ts:secret@db:5432/runs"),
+            "postgres://ts@db:5432/runs"
+        );
+        assert_eq!(redacted("postgresql://db/runs"), "postgresql://db/runs");
+    }
+
+    #[test]
+    fn only_postgres_urls_open_postgres() {
+        assert!(is_postgres_url("postgres://db/runs"));
+        assert!(is_postgres_url("postgresql://db/runs"));
+        assert!(!is_postgres_url("data/postgres://x.db"));
+        assert!(!is_postgres_url("data/scheduler.db"));
+    }
+
+    #[test]
+    fn a_server_that_does_not_answer_is_unavailable_and_named_without_password() {
+        // Port 1 on the loopback: refused at once, nothing listens there.
+        let url = std::path::Path::new("postgres://ts:secret@127.0.0.1:1/runs");
+        let err = Store::open(url).err().expect("refused");
+        assert!(err.is_unavailable(), "{err}");
+        let text = err.to_string();
+        assert!(
+            text.starts_with("cannot open run database postgres://ts@127.0.0.1:1/runs: "),
+            "{text}"
+        );
+        assert!(!text.contains("secret"), "{text}");
+    }
+
+    #[test]
+    fn a_postgres_database_from_a_newer_turbosched_is_refused() {
+        let database = ScratchDatabase::create();
+        let url = std::path::PathBuf::from(database.url());
+        drop(Store::open(&url).unwrap());
+        admin_on(
+            &database,
+            "UPDATE meta SET value = 999 WHERE key = 'schema_version'",
+        );
+        let err = Store::open(&url).err().expect("refused").to_string();
+        assert!(
+            err.contains("schema version 999, newer than this turbosched (1)"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_postgres_backup_says_to_use_pg_dump_and_the_integrity_check_says_ok() {
+        let database = ScratchDatabase::create();
+        let store = Store::open(std::path::Path::new(&database.url())).unwrap();
+        let err = store
+            .backup_to(std::path::Path::new("/tmp/x.db"))
+            .unwrap_err();
+        assert!(err.to_string().contains("use pg_dump"), "{err}");
+        assert_eq!(store.integrity_check().unwrap(), "ok");
+        store
+            .probe_write(Duration::from_secs(5), crate::model::from_micros(1))
+            .unwrap();
+    }
+
+    /// The engine calls the store from its runtime's threads too, not only under
+    /// `block_in_place`; the last `Store` may be dropped there.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_store_works_and_drops_on_an_async_thread_of_a_multi_thread_runtime() {
+        let database = ScratchDatabase::create();
+        let store = Store::open(std::path::Path::new(&database.url())).unwrap();
+        let task = TaskName::from("ingest");
+        store
+            .set_paused(&task, true, crate::model::from_micros(1))
+            .unwrap();
+        assert!(store.task_state(&task).unwrap().paused);
+        drop(store);
+        drop(database);
+    }
+
+    /// Runs `sql` on the scratch database itself.
+    fn admin_on(database: &ScratchDatabase, sql: &str) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            client.batch_execute(sql).await.unwrap();
+            drop(client);
+            let _ = driver.await;
+        });
+    }
+}
