@@ -34,7 +34,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
+use crate::model::{to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
 mod postgres;
 mod sqlite;
@@ -237,7 +237,36 @@ pub struct Move {
     pub to: RunState,
 }
 
+/// What a legal [`Move`] writes besides the state, the same for every backend.
+pub(crate) struct Landing {
+    /// The move enters `running`: a new attempt starts.
+    pub(crate) starting: bool,
+    /// The attempt the run is left at (one more when starting).
+    pub(crate) attempt: Attempt,
+    /// `now` in microseconds.
+    pub(crate) now: i64,
+    /// When the run finished, for a terminal state.
+    pub(crate) finished_at: Option<i64>,
+}
+
 impl Move {
+    /// Checks the move is legal and works out what it writes besides the state.
+    pub(crate) fn landing(&self, now: Instant) -> Result<Landing, StoreError> {
+        self.check_legal()?;
+        let starting = self.to == RunState::Running;
+        let now = to_micros(now);
+        Ok(Landing {
+            starting,
+            attempt: if starting {
+                Attempt(self.attempt.0 + 1)
+            } else {
+                self.attempt
+            },
+            now,
+            finished_at: self.to.is_terminal().then_some(now),
+        })
+    }
+
     /// [`StoreError::IllegalTransition`] unless `from → to` is in the table of legal moves.
     fn check_legal(&self) -> Result<(), StoreError> {
         if self.from.can_become(self.to) {

@@ -49,8 +49,8 @@ use tokio_postgres::{IsolationLevel, NoTls, Row};
 
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    InstanceRow, LastProgressEvent, Move, NewRun, PostgresError, PruneCounts, RunFilter, RunRow,
-    StoreError, TaskStateRow, Tx,
+    InstanceRow, Landing, LastProgressEvent, Move, NewRun, PostgresError, PruneCounts, RunFilter,
+    RunRow, StoreError, TaskStateRow, Tx,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -811,15 +811,12 @@ impl Tx for PostgresTx<'_, '_> {
             from,
             to,
         } = step;
-        step.check_legal()?;
-        let now_micros = to_micros(now);
-        let starting = to == RunState::Running;
-        let new_attempt = if starting {
-            Attempt(attempt.0 + 1)
-        } else {
-            attempt
-        };
-        let finished_at = to.is_terminal().then_some(now_micros);
+        let Landing {
+            starting,
+            attempt: new_attempt,
+            now: now_micros,
+            finished_at,
+        } = step.landing(now)?;
         let updated = self.query_opt(
             "UPDATE runs SET
                 state = $4::TEXT,

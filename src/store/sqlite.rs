@@ -20,8 +20,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    InstanceRow, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter, RunRow, StoreError,
-    TaskStateRow, Tx, SCHEMA_VERSION,
+    InstanceRow, Landing, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter, RunRow,
+    StoreError, TaskStateRow, Tx, SCHEMA_VERSION,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -828,15 +828,12 @@ fn transition_in(
         from,
         to,
     } = step;
-    step.check_legal()?;
-    let now_micros = to_micros(now);
-    let starting = to == RunState::Running;
-    let new_attempt = if starting {
-        Attempt(attempt.0 + 1)
-    } else {
-        attempt
-    };
-    let finished_at = to.is_terminal().then_some(now_micros);
+    let Landing {
+        starting,
+        attempt: new_attempt,
+        now: now_micros,
+        finished_at,
+    } = step.landing(now)?;
     let changed = cached_execute(
         tx,
         "UPDATE runs SET
