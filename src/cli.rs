@@ -506,13 +506,14 @@ where
         event: &tracing::Event<'_>,
     ) -> std::fmt::Result {
         let metadata = event.metadata();
-        write!(
-            writer,
+        let prefix = format!(
             "[{}] {} - {} - ",
             chrono::Utc::now().format("%Y-%m-%dT%H:%M:%S%.6fZ"),
             metadata.target(),
             metadata.level()
-        )?;
+        );
+        let mut message = String::new();
+        let mut into = tracing_subscriber::fmt::format::Writer::new(&mut message);
         // The spans around the event (a run's runner: task, run, attempt) come first.
         if let Some(scope) = ctx.event_scope() {
             for span in scope.from_root() {
@@ -521,13 +522,18 @@ where
                     extensions.get::<tracing_subscriber::fmt::FormattedFields<N>>()
                 {
                     if !fields.is_empty() {
-                        write!(writer, "{fields}: ")?;
+                        write!(into, "{fields}: ")?;
                     }
                 }
             }
         }
-        ctx.field_format().format_fields(writer.by_ref(), event)?;
-        writeln!(writer)
+        ctx.field_format().format_fields(into.by_ref(), event)?;
+        // A message of several lines (a reload's config errors) keeps the prefix on each,
+        // so every line of the file can be grepped and parsed alike.
+        for line in message.trim_end_matches('\n').split('\n') {
+            writeln!(writer, "{prefix}{line}")?;
+        }
+        Ok(())
     }
 }
 

@@ -360,6 +360,27 @@ fn the_service_log_and_task_logs_share_one_line_format() {
     let service = sandbox.serve();
     let run = run_id(&sandbox.cli_json(&["run", "echo", "--json"]).1);
     sandbox.wait_for_state(run, RunState::Succeeded, Duration::from_secs(10));
+    // A reload of a file with two errors logs one warning of several lines: each keeps
+    // the prefix.
+    let config = sandbox.path().join("config/scheduler.toml");
+    let good = std::fs::read_to_string(&config).unwrap();
+    std::fs::write(
+        &config,
+        format!(
+            "{good}timout = \"1s\"\n[tasks.bad]\nschedule = \"61 * * * *\"\ncommand = [\"true\"]\n"
+        ),
+    )
+    .unwrap();
+    signal(service.pid(), nix::sys::signal::Signal::SIGHUP);
+    wait_until(
+        "the reload's errors in the log",
+        Duration::from_secs(10),
+        || {
+            std::fs::read_to_string(sandbox.path().join("logs/scheduler.log"))
+                .ok()
+                .filter(|log| log.contains("timout") && log.contains("minute field"))
+        },
+    );
     assert!(service.stop().success());
     let format = |line: &str| -> Option<(String, String)> {
         // [2026-11-22T16:30:00.001234Z] <logger> - <LEVEL> - <message>
