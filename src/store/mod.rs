@@ -1005,6 +1005,14 @@ struct LastProgressEvent<'a> {
     phase: Option<&'a str>,
 }
 
+/// The text of a `run_progress` event: `45% features`, or `45%` without a phase.
+pub(crate) fn progress_message(percent: f64, phase: Option<&str>) -> String {
+    match phase {
+        Some(phase) => format!("{percent:.0}% {phase}"),
+        None => format!("{percent:.0}%"),
+    }
+}
+
 /// Whether a progress report (`percent`, `phase` — the phase in force after it) deserves
 /// a `run_progress` event, given the attempt's last one.
 ///

@@ -47,6 +47,7 @@ use tokio::runtime::Runtime;
 use tokio_postgres::types::ToSql;
 use tokio_postgres::{IsolationLevel, NoTls, Row};
 
+use super::progress_message;
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
     InstanceRow, Landing, LastProgressEvent, Move, NewRun, PostgresError, PruneCounts, RunFilter,
@@ -940,10 +941,7 @@ impl Tx for PostgresTx<'_, '_> {
             &[&run.0, &percent, &phase, &to_micros(now), &news],
         )?;
         if news {
-            let message = match &phase {
-                Some(phase) => format!("{percent:.0}% {phase}"),
-                None => format!("{percent:.0}%"),
-            };
+            let message = progress_message(percent, phase.as_deref());
             self.append_event(
                 now,
                 "run_progress",

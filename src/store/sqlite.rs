@@ -18,6 +18,7 @@ use std::time::Duration;
 
 use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, TransactionBehavior};
 
+use super::progress_message;
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
     InstanceRow, Landing, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter, RunRow,
@@ -469,10 +470,7 @@ impl Tx for SqliteTx<'_> {
             params![run.0, percent, phase, to_micros(now), news],
         )?;
         if news {
-            let message = match &phase {
-                Some(phase) => format!("{percent:.0}% {phase}"),
-                None => format!("{percent:.0}%"),
-            };
+            let message = progress_message(percent, phase.as_deref());
             append_event(
                 self.tx,
                 now,
