@@ -447,6 +447,10 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
 fn runtime() -> Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Idle threads stay: a child started with PR_SET_PDEATHSIG (cluster mode) dies
+        // with the thread that started it, which must therefore live as long as the
+        // service (tokio ends idle threads after 10 s by default).
+        .thread_keep_alive(Duration::from_secs(100 * 365 * 24 * 3600))
         .build()
         .context("cannot start the async runtime")
 }

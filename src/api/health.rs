@@ -13,8 +13,11 @@ use super::ApiState;
 
 /// `healthy` | `degraded` | `unhealthy`, with each component's check; 503 when unhealthy.
 pub(super) async fn health(state: Data<ApiState>) -> ApiResult {
-    let now = chrono::Utc::now();
     let snapshot = state.board.snapshot();
+    // The engine's clock: database time in cluster mode.
+    let now = snapshot
+        .as_ref()
+        .map_or_else(chrono::Utc::now, |snapshot| snapshot.engine_now());
     let store = state.store.clone();
     let (probe, errors) = web::block(move || {
         let probe = store.probe_write(Duration::from_secs(1), now);
@@ -64,6 +67,47 @@ pub(super) async fn health(state: Data<ApiState>) -> ApiResult {
         ),
         Some(step) => check("clock", 0, format!("last step: {}", step.describe())),
         None => check("clock", 0, "no step of the wall clock seen".into()),
+    }
+    if let Some(cluster) = snapshot.as_ref().and_then(|s| s.cluster.as_ref()) {
+        let offset = format!(
+            "this host's clock is {} ms {} the database's",
+            cluster.offset.num_milliseconds().abs(),
+            if cluster.offset < chrono::TimeDelta::zero() {
+                "behind"
+            } else {
+                "ahead of"
+            }
+        );
+        if cluster.fenced {
+            check(
+                "cluster",
+                2,
+                "fenced: the lease could not be renewed; no runs are claimed or started here"
+                    .into(),
+            );
+        } else if !cluster.conflicts.is_empty() {
+            let tasks: Vec<String> = cluster
+                .conflicts
+                .iter()
+                .map(|(task, c)| format!("{task} (here \"{}\", cluster \"{}\")", c.ours, c.stored))
+                .collect();
+            check(
+                "cluster",
+                1,
+                format!(
+                    "config differs from the cluster's, not firing: {}",
+                    tasks.join(", ")
+                ),
+            );
+        } else if cluster.offset_too_large() {
+            check(
+                "cluster",
+                1,
+                format!("{offset} (more than 1 s): fix the host's time sync"),
+            );
+        } else {
+            check("cluster", 0, format!("lease held; {offset}"));
+        }
     }
     match &snapshot {
         None => check("timer_loop", 2, "the engine has not started".into()),

@@ -86,6 +86,20 @@ pub struct Snapshot {
     pub store_fault: Option<super::StoreFault>,
     /// The last step of the wall clock the engine saw.
     pub clock_step: Option<super::ClockStep>,
+    /// Cluster mode only: the offset from the database's clock, the lease, the tasks
+    /// whose schedule here is not the cluster's.
+    pub cluster: Option<super::ClusterView>,
+}
+
+impl Snapshot {
+    /// Now on the engine's clock (database time in cluster mode), from the local clock.
+    pub fn engine_now(&self) -> Instant {
+        let local = chrono::Utc::now();
+        match &self.cluster {
+            Some(cluster) => local - cluster.offset,
+            None => local,
+        }
+    }
 }
 
 /// One task at one instant.

@@ -21,7 +21,7 @@ impl Engine {
     /// Starts queued runs while worker slots are free, oldest first, one attempt per task,
     /// with all their `→ running` moves in one transaction.
     pub(super) fn dispatch(&mut self) {
-        if self.cancel.is_cancelled() || self.queue.is_empty() {
+        if self.cancel.is_cancelled() || self.queue.is_empty() || !self.may_claim() {
             return;
         }
         let now = self.clock.now();
@@ -35,7 +35,10 @@ impl Engine {
         let mut index = 0;
         while index < self.queue.len() && chosen.len() < free {
             let task = &self.queue[index].task;
-            if self.busy.contains_key(task) || chosen_tasks.contains(task) {
+            if self.busy.contains_key(task)
+                || chosen_tasks.contains(task)
+                || self.busy_elsewhere.contains_key(task)
+            {
                 index += 1;
                 continue;
             }
@@ -64,6 +67,10 @@ impl Engine {
             owner: Some(self.instance.clone()),
             ..Change::default()
         };
+        // Starts take their task's lock in the database (one attempt per task across
+        // instances): in task order, so two instances' dispatches never wait on each other
+        // in a circle.
+        chosen.sort_by(|a, b| a.task.cmp(&b.task));
         let store = self.store.clone();
         let started = blocking(|| {
             store.batch(|batch| {
@@ -105,6 +112,12 @@ impl Engine {
                     // instance): it is no longer ours to start.
                     debug!(run = %pending.run, "not starting: now {found_state}");
                 }
+                Err(StoreError::TaskBusy { running, .. }) => {
+                    // Its task runs on another instance: the run waits (or meets its
+                    // overlap policy) until the next poll says the task is free.
+                    self.busy_elsewhere.insert(pending.task.clone(), running);
+                    self.wait_for_task_elsewhere(pending, running, now);
+                }
                 Err(err) => warn!(run = %pending.run, "cannot start run: {err}"),
             }
         }
@@ -145,6 +158,7 @@ impl Engine {
             checkpoint_path: self.checkpoint_path(pending.run),
             config_path: config.source.clone(),
             log,
+            die_with_parent: self.clustered(),
         };
         self.dirty = true;
         self.busy.insert(pending.task.clone(), pending.run);

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::{blocking, Engine, FinishedRun, Pending, Stats};
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::{Envelope, Outcome, RunnerEvent, StopReason};
-use crate::store::{Change, Move};
+use crate::store::{Change, Move, StoreError};
 use crate::tasklog::Level;
 use crate::worker::protocol::{Report, ResultEvent, RunRequest};
 use tracing::warn;
@@ -148,7 +148,7 @@ impl Engine {
                         warn!(run = %run, "cannot record runner report: {err}");
                     }
                 }
-                Ok(finishes
+                finishes
                     .iter()
                     .map(|f| {
                         let step = Move {
@@ -158,14 +158,31 @@ impl Engine {
                             to: f.to,
                         };
                         match batch.transition(&step, &f.change, now) {
-                            Ok(_) => true,
+                            Ok(_) => Ok(true),
+                            Err(err @ StoreError::Fenced { .. }) => {
+                                // Another instance reaped this attempt (its owner lost
+                                // the lease): the late outcome is refused, and says so.
+                                let message = format!(
+                                    "late {} of attempt {} refused: {err}",
+                                    f.to, f.attempt
+                                );
+                                warn!(run = %f.run, "{message}");
+                                batch.record_event(
+                                    "result_refused",
+                                    None,
+                                    Some(f.run),
+                                    &message,
+                                    now,
+                                )?;
+                                Ok(false)
+                            }
                             Err(err) => {
                                 warn!(run = %f.run, "{err}");
-                                false
+                                Ok(false)
                             }
                         }
                     })
-                    .collect::<Vec<bool>>())
+                    .collect::<Result<Vec<bool>, StoreError>>()
             })
         });
         let applied = match applied {
@@ -323,6 +340,25 @@ impl Engine {
                         ..Change::default()
                     },
                 )
+            }
+            Outcome::Stopped(StopReason::Fenced) => {
+                log.line(
+                    run,
+                    attempt,
+                    Level::Warn,
+                    &format!(
+                        "interrupted after {took}: this instance lost its lease; queued again"
+                    ),
+                );
+                let change = Change {
+                    reason: Some(
+                        "interrupted: its instance could not renew its lease; will run again"
+                            .into(),
+                    ),
+                    refund_attempt: true,
+                    ..Change::default()
+                };
+                (RunState::Queued, change)
             }
             Outcome::Stopped(StopReason::Shutdown) => {
                 log.line(

@@ -5,6 +5,9 @@
 //! fire stays where it was and the claims are tried again after `STORE_RETRY`; a clock
 //! stepped back resumes each schedule at its first unclaimed tick.
 
+use std::collections::HashMap;
+
+use super::cluster::HOLD_RETRY;
 use super::faults::STORE_RETRY;
 use super::recovery::schedule_key;
 use super::{blocking, Engine, Pending};
@@ -17,6 +20,11 @@ use tracing::{debug, warn};
 impl Engine {
     pub(super) fn on_tick(&mut self) {
         let now = self.clock.now();
+        if !self.may_claim() {
+            // Fenced: the ticks stay due until the lease is renewed; retries wait too.
+            self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY * 20);
+            return;
+        }
         let due: Vec<(TaskName, Instant)> = self
             .next_fire
             .iter()
@@ -46,6 +54,7 @@ impl Engine {
         let paused = &self.paused;
         struct TaskPlan<'a> {
             task: &'a TaskName,
+            first_due: Instant,
             key: String,
             plan: crate::schedule::DuePlan,
             spec: &'a TaskSpec,
@@ -73,6 +82,7 @@ impl Engine {
             let fire = spec.enabled && !paused.contains(task.as_str());
             plans.push(TaskPlan {
                 task,
+                first_due: *first_due,
                 key: schedule_key(schedule),
                 plan,
                 spec,
@@ -80,11 +90,40 @@ impl Engine {
             });
         }
 
+        /// What one transaction of claims did, task by task.
+        #[derive(Default)]
+        struct Fired {
+            claims: Vec<(Pending, TickAction)>,
+            /// Held by another instance, or not due by the database's clock: look again.
+            deferred: Vec<TaskName>,
+            /// Another instance moved the next fire on: this is where it is now.
+            adopted: Vec<(TaskName, Option<Instant>)>,
+            /// Stored under another config's schedule (task, stored key).
+            disagreeing: Vec<(TaskName, String)>,
+        }
         let store = self.store.clone();
-        let claims = blocking(|| {
+        let names: Vec<TaskName> = plans.iter().map(|plan| plan.task.clone()).collect();
+        let fired = blocking(|| {
             store.batch(|batch| {
-                let mut claims = Vec::new();
+                let mut fired = Fired::default();
+                // The compare-and-set: fire a task only from the next fire and schedule
+                // the store holds; another instance's advance is adopted, not repeated.
+                let held = batch.hold_schedules(&names)?;
                 for plan in &plans {
+                    let Some(stored) = held.get(plan.task) else {
+                        fired.deferred.push(plan.task.clone());
+                        continue;
+                    };
+                    if let Some(key) = stored.schedule.as_deref() {
+                        if key != plan.key {
+                            fired.disagreeing.push((plan.task.clone(), key.to_string()));
+                            continue;
+                        }
+                        if stored.next_fire_at != Some(plan.first_due) {
+                            fired.adopted.push((plan.task.clone(), stored.next_fire_at));
+                            continue;
+                        }
+                    }
                     if !plan.fire {
                         batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
                         continue;
@@ -93,6 +132,7 @@ impl Engine {
                         warn!(task = %plan.task, "{message}");
                         batch.record_event("misfire", Some(plan.task.as_str()), None, &message, now)?;
                     }
+                    let mut next_written = false;
                     for (tick, action) in &plan.plan.ticks {
                         let new_run = NewRun {
                             task: plan.task.clone(),
@@ -107,22 +147,36 @@ impl Engine {
                             cascade: None,
                         };
                         match batch.claim_fire(&new_run, now, plan.plan.next) {
-                            Ok(run) => claims.push((Pending::new_run(run, &new_run), *action)),
+                            Ok(run) => {
+                                next_written = true;
+                                fired.claims.push((Pending::new_run(run, &new_run), *action));
+                            }
                             Err(StoreError::AlreadyClaimed { .. }) => {
                                 debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
                             }
                             Err(err) => return Err(err),
                         }
                     }
-                    if plan.plan.ticks.is_empty() {
+                    // A claim writes the next fire; with no claim (no tick, or each one
+                    // claimed already) it is written here, or the store keeps the old one.
+                    if !next_written {
                         batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
                     }
                 }
-                Ok(claims)
+                Ok(fired)
             })
         });
-        let claims = match claims {
-            Ok(claims) => claims,
+        let claims = fired.map(|fired| {
+            let Fired {
+                claims,
+                deferred,
+                adopted,
+                disagreeing,
+            } = fired;
+            (claims, deferred, adopted, disagreeing)
+        });
+        let (claims, deferred, adopted, disagreeing) = match claims {
+            Ok(fired) => fired,
             Err(err) => {
                 // Nothing of the batch was committed: no tick was claimed, so none may be
                 // passed over. Each task's next fire stays at its first unclaimed tick and
@@ -147,8 +201,25 @@ impl Engine {
         self.claim_retry_at = None;
         self.store_ok(now);
         self.dirty |= !plans.is_empty();
+        let deferred: std::collections::HashSet<TaskName> = deferred.into_iter().collect();
+        let disagreeing: HashMap<TaskName, String> = disagreeing.into_iter().collect();
+        let adopted: HashMap<TaskName, Option<Instant>> = adopted.into_iter().collect();
         for plan in &plans {
-            match plan.plan.next {
+            if deferred.contains(plan.task) {
+                // Still due: another instance is firing it, or the database's clock has
+                // not reached it yet.
+                self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY);
+                continue;
+            }
+            let next = match adopted.get(plan.task) {
+                Some(stored) => *stored,
+                None => plan.plan.next,
+            };
+            match disagreeing.get(plan.task) {
+                Some(stored) => self.config_disagrees(plan.task, &plan.key, stored, now),
+                None => self.config_agrees(plan.task),
+            }
+            match next {
                 Some(at) => self.next_fire.insert(plan.task.clone(), at),
                 None => self.next_fire.remove(plan.task),
             };

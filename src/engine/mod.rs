@@ -22,6 +22,7 @@
 
 mod board;
 mod cascade;
+mod cluster;
 mod commands;
 mod dispatch;
 mod faults;
@@ -39,6 +40,7 @@ mod tests;
 pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
+pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
 pub use commands::enqueue_manual;
 pub use faults::{ClockStep, StoreFault};
 pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
@@ -92,6 +94,8 @@ pub struct Engine {
     running: HashMap<RunId, Running>,
     /// Task → its running run (at most one attempt per task runs at a time).
     busy: HashMap<TaskName, RunId>,
+    /// Task → its run running on another instance (cluster mode; as of the last poll).
+    busy_elsewhere: HashMap<TaskName, RunId>,
     queue: VecDeque<Pending>,
     /// Task → how many of its runs wait in `queue`.
     queued_per_task: HashMap<TaskName, usize>,
@@ -126,6 +130,10 @@ pub struct Engine {
     wall: WallWatch,
     /// The last step of the wall clock seen.
     clock_step: Option<ClockStep>,
+    /// Cluster mode (a database several instances share): lease and database clock.
+    cluster: Option<cluster::Cluster>,
+    /// What the board shows of the cluster.
+    cluster_view: ClusterView,
 }
 
 impl Engine {
@@ -144,6 +152,7 @@ impl Engine {
             logs,
             running: HashMap::new(),
             busy: HashMap::new(),
+            busy_elsewhere: HashMap::new(),
             queue: VecDeque::new(),
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
@@ -170,6 +179,8 @@ impl Engine {
             claim_retry_at: None,
             wall: WallWatch::new(clock_now),
             clock_step: None,
+            cluster: None,
+            cluster_view: ClusterView::default(),
         }
     }
 
@@ -218,6 +229,9 @@ impl Engine {
 
     /// Runs the loop until shutdown (serve) or until its runs are done (foreground).
     pub async fn run(mut self) -> Result<(), EngineError> {
+        if self.mode == Mode::Serve {
+            blocking(|| self.join_cluster());
+        }
         let now = self.clock.now();
         let pid = std::process::id();
         let host = hostname();
@@ -292,6 +306,9 @@ impl Engine {
                 _ = publish_due, if self.dirty => Wake::Publish,
             };
             if !matches!(wake, Wake::Shutdown) {
+                // A lease that may have been reaped is noticed before anything else is
+                // done: a process resumed after a SIGSTOP fences itself first.
+                self.check_lease();
                 self.watch_clock();
             }
             if let Wake::Shutdown = wake {

@@ -64,6 +64,7 @@ impl Engine {
                 tasks,
                 store_fault: self.store_fault.clone(),
                 clock_step: self.clock_step.clone(),
+                cluster: self.clustered().then(|| self.cluster_view.clone()),
             },
             changed,
         );

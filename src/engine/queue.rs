@@ -162,6 +162,48 @@ impl Engine {
         }
     }
 
+    /// A run could not start because its task runs on another instance (`running`): it
+    /// meets its overlap policy across the cluster — skipped (a first attempt under
+    /// `skip`), the other run asked to stop (`replace`), or it waits at the front of the
+    /// queue until the task is free.
+    pub(super) fn wait_for_task_elsewhere(
+        &mut self,
+        pending: Pending,
+        running: RunId,
+        now: Instant,
+    ) {
+        let overlap = self
+            .config
+            .tasks
+            .get(&pending.task)
+            .map(|spec| spec.overlap);
+        let first_attempt = pending.state == RunState::Queued && pending.attempt.0 == 0;
+        let subject = pending.trigger != Trigger::Catchup && first_attempt;
+        match overlap {
+            Some(Overlap::Skip) if subject => {
+                let reason = format!(
+                    "overlap policy skip: run {running} of {} is still running on another instance",
+                    pending.task
+                );
+                self.skip(&pending, &reason, now);
+                return;
+            }
+            Some(Overlap::Replace) if subject => {
+                let reason = format!("replaced by run {}", pending.run);
+                if let Err(err) = self.store.request_abort(running, &reason, now) {
+                    tracing::warn!(run = %running, "cannot ask for the replaced run to stop: {err}");
+                }
+            }
+            _ => {}
+        }
+        *self
+            .queued_per_task
+            .entry(pending.task.clone())
+            .or_default() += 1;
+        self.queue.push_front(pending);
+        self.dirty = true;
+    }
+
     pub(super) fn skip(&mut self, pending: &Pending, reason: &str, now: Instant) {
         info!(task = %pending.task, run = %pending.run, "skipped: {reason}");
         self.logs.task(pending.task.as_str()).line(

@@ -1,21 +1,31 @@
 //! Supervision on every heartbeat and poll: the instance's liveness, abort requests,
 //! stalled workers, orphans, and runs queued by other processes.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use super::{blocking, Engine, Mode, Pending};
-use crate::model::{RunId, RunState};
+use crate::model::{RunId, RunState, Trigger};
 use crate::runner::StopReason;
+use crate::store::RunRow;
 use tracing::warn;
+
+/// In a cluster, a run queued by another instance is left to it for this long: then it
+/// is anyone's (its claimer has no free worker slot, or is gone).
+const ADOPT_AFTER: Duration = Duration::from_secs(1);
 
 impl Engine {
     pub(super) fn on_heartbeat(&mut self) {
         let now = self.clock.now();
         self.publish(true);
         match self.store.heartbeat(&self.instance, now) {
-            Ok(()) => self.store_ok(now),
+            Ok(()) => {
+                self.store_ok(now);
+                self.lease_renewed();
+            }
             Err(err) => self.store_failed("recording the heartbeat", &err, now),
         }
+        self.measure_offset();
         self.find_stalled();
         match self.store.abort_requests(&self.instance) {
             Ok(runs) => {
@@ -36,24 +46,33 @@ impl Engine {
         }
     }
 
-    /// Adopts runs another process queued (the CLI), and drops from the queue runs that
-    /// another process moved on (aborted while queued).
+    /// Adopts runs another process queued (the CLI; in cluster mode, another instance),
+    /// drops from the queue runs that another process moved on (aborted while queued,
+    /// started elsewhere), and notes which tasks run on other instances.
     pub(super) fn on_poll(&mut self) {
         let now = self.clock.now();
-        let waiting = blocking(|| {
-            self.store
-                .ids_in_states(&[RunState::Queued, RunState::RetryWait])
-        });
-        // Oldest first: runs queued by other processes are admitted in FIFO order.
-        let waiting_in_order: Vec<RunId> = match waiting {
-            Ok(ids) => ids,
+        let unfinished = match blocking(|| self.store.unfinished_runs()) {
+            Ok(rows) => rows,
             Err(err) => {
                 warn!("cannot poll for queued runs: {err}");
                 return;
             }
         };
-        let waiting: std::collections::HashSet<RunId> = waiting_in_order.iter().copied().collect();
-        // Waiting runs another process ended (the CLI's abort): same follow-ups as ours.
+        // Oldest first: runs queued by other processes are admitted in FIFO order.
+        let waiting: HashSet<RunId> = unfinished
+            .iter()
+            .filter(|row| matches!(row.state, RunState::Queued | RunState::RetryWait))
+            .map(|row| row.id)
+            .collect();
+        self.busy_elsewhere = unfinished
+            .iter()
+            .filter(|row| {
+                row.state == RunState::Running
+                    && row.owner.as_deref() != Some(self.instance.as_str())
+            })
+            .map(|row| (row.task.clone(), row.id))
+            .collect();
+        // Waiting runs another process ended or started: same follow-ups as ours.
         let mut ended = self.queue_retain(|p| waiting.contains(&p.run));
         let gone: Vec<RunId> = self
             .retry_pending
@@ -76,20 +95,42 @@ impl Engine {
                 }
             }
         }
-        let known: std::collections::HashSet<RunId> = self
+        let known: HashSet<RunId> = self
             .queue
             .iter()
             .map(|p| p.run)
             .chain(self.running.keys().copied())
             .chain(self.retry_pending.keys().copied())
             .collect();
-        for run in waiting_in_order.iter().filter(|run| !known.contains(run)) {
-            match self.store.run(*run) {
-                Ok(Some(row)) if row.state == RunState::Queued => {
-                    self.admit(Pending::from_row(&row), now)
+        let clustered = self.clustered();
+        // In a cluster, a task this instance's config does not have is another
+        // instance's (a rolling change of config): its runs are left to them.
+        let config = self.config.clone();
+        let ours = |row: &&RunRow| !clustered || config.tasks.contains_key(&row.task);
+        for row in unfinished
+            .iter()
+            .filter(|row| !known.contains(&row.id))
+            .filter(ours)
+        {
+            match row.state {
+                // In a cluster, the instance that claimed a run starts it; the others
+                // take it only when it has waited (its claimer is busy or gone).
+                RunState::Queued
+                    if !clustered
+                        || row.trigger == Trigger::Manual
+                        || (now - row.queued_at).to_std().unwrap_or_default() > ADOPT_AFTER =>
+                {
+                    self.admit(Pending::from_row(row), now)
                 }
-                Ok(_) => {}
-                Err(err) => warn!(run = %run, "cannot read queued run: {err}"),
+                // A retry whose instance is gone: whoever reaches it first starts it.
+                RunState::RetryWait if clustered => {
+                    let at = row.next_attempt_at.unwrap_or(now);
+                    self.retry_due.insert((at, row.id));
+                    let mut pending = Pending::from_row(row);
+                    pending.force = true;
+                    self.retry_pending.insert(row.id, pending);
+                }
+                _ => {}
             }
         }
     }

@@ -47,6 +47,16 @@
 //!     second — and a stale attempt's report is ignored.
 //!     (`a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current`,
 //!     `a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second`)
+//! 14. The compare-and-set on next fires: a holder of a task's schedule row sees the next
+//!     fire and schedule key another instance wrote before it, so an instance that
+//!     planned from an older value sees it moved and fires nothing; a task without a row
+//!     is held as an empty one. (`a_next_fire_advanced_by_another_instance_is_what_the_next_holder_sees`)
+//! 15. One attempt per task at a time, across every handle on the database: starting a
+//!     second run of a task while one runs is `TaskBusy` naming the running one, and
+//!     writes nothing; once that one ends, the other starts.
+//!     (`a_task_runs_one_attempt_at_a_time_across_instances`)
+//! 16. The database's clock: `None` for an embedded database (its time is the local
+//!     clock), else the server's time now. (`the_database_clock_is_the_servers_time_now`)
 
 use chrono::{TimeZone, Utc};
 
@@ -79,6 +89,9 @@ macro_rules! conformance_suite {
             pause_and_next_fire_survive_a_reopen,
             a_thousand_progress_reports_in_a_second_append_one_event_and_the_row_stays_current,
             a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second,
+            a_next_fire_advanced_by_another_instance_is_what_the_next_holder_sees,
+            a_task_runs_one_attempt_at_a_time_across_instances,
+            the_database_clock_is_the_servers_time_now,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -994,4 +1007,138 @@ pub(crate) fn a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second(o
         report_progress(&store, run, second, &[(9100, 14.5, Some("fit"))]),
         vec!["1% load", "5% load", "14% fit", "14% fit"]
     );
+}
+
+pub(crate) fn a_next_fire_advanced_by_another_instance_is_what_the_next_holder_sees(
+    open: Open<'_>,
+) {
+    let first = open();
+    let second = open();
+    let task = TaskName::from("ingest");
+    let key = "* * * * * * @ UTC";
+    first
+        .set_next_fire(&task, Some(at(0, 0)), Some(key))
+        .unwrap();
+    // Both planned from 12:00:00. The first to hold the row fires that tick and moves
+    // the next fire on, in the same transaction.
+    let fired = first
+        .batch(|tx| {
+            let held = tx.hold_schedules(std::slice::from_ref(&task))?;
+            let state = held.get(&task).cloned().unwrap_or_default();
+            assert_eq!(state.next_fire_at, Some(at(0, 0)));
+            assert_eq!(state.schedule.as_deref(), Some(key));
+            tx.claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), Some(at(1, 0)))
+        })
+        .unwrap();
+    // The second holder sees the moved next fire, not the one it planned from.
+    let seen = second
+        .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
+        .unwrap();
+    assert_eq!(seen[&task].next_fire_at, Some(at(1, 0)));
+    assert_eq!(seen[&task].schedule.as_deref(), Some(key));
+    assert_eq!(seen[&task].last_fire_at, Some(at(0, 0)));
+    assert_eq!(second.run(fired).unwrap().unwrap().state, RunState::Queued);
+    // A task nobody has written is held as an empty row.
+    let fresh = TaskName::from("never_seen");
+    let held = second
+        .batch(|tx| tx.hold_schedules(std::slice::from_ref(&fresh)))
+        .unwrap();
+    assert_eq!(held[&fresh].next_fire_at, None);
+    assert_eq!(held[&fresh].schedule, None);
+}
+
+pub(crate) fn a_task_runs_one_attempt_at_a_time_across_instances(open: Open<'_>) {
+    let here = open();
+    let there = open();
+    let manual = NewRun {
+        trigger: Trigger::Manual,
+        ..scheduled("ingest", at(0, 0))
+    };
+    let first = here.enqueue(&manual, at(0, 0)).unwrap();
+    let second = there.enqueue(&manual, at(0, 1)).unwrap();
+    let start = |run| Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    let owner = |name: &str| Change {
+        owner: Some(name.into()),
+        ..Change::default()
+    };
+    here.transition(&start(first), &owner("a"), at(1, 0))
+        .unwrap();
+    let events_before = here.last_event_seq().unwrap();
+    let refused = there.transition(&start(second), &owner("b"), at(1, 1));
+    match refused {
+        Err(StoreError::TaskBusy { run, task, running }) => {
+            assert_eq!((run, task.as_str(), running), (second, "ingest", first));
+        }
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
+    let row = there.run(second).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.owner),
+        (RunState::Queued, Attempt(0), None)
+    );
+    assert!(there.attempts(second).unwrap().is_empty());
+    assert_eq!(there.last_event_seq().unwrap(), events_before);
+    // Another task is not held up.
+    let other = there
+        .enqueue(
+            &NewRun {
+                task: TaskName::from("train"),
+                ..manual.clone()
+            },
+            at(1, 2),
+        )
+        .unwrap();
+    there
+        .transition(&start(other), &owner("b"), at(1, 3))
+        .unwrap();
+    // Once the first ends, the second starts.
+    let finish = Move {
+        run: first,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to: RunState::Succeeded,
+    };
+    here.transition(&finish, &Change::default(), at(2, 0))
+        .unwrap();
+    assert_eq!(
+        there
+            .transition(&start(second), &owner("b"), at(2, 1))
+            .unwrap(),
+        Attempt(1)
+    );
+    // Each attempt names the instance that ran it.
+    assert_eq!(here.attempts(first).unwrap()[0].owner.as_deref(), Some("a"));
+    assert_eq!(
+        here.attempts(second).unwrap()[0].owner.as_deref(),
+        Some("b")
+    );
+}
+
+pub(crate) fn the_database_clock_is_the_servers_time_now(open: Open<'_>) {
+    let store = open();
+    let before = Utc::now();
+    let reading = store.database_now().unwrap();
+    let after = Utc::now();
+    match reading {
+        // SQLite: the local clock is the database's.
+        None => {}
+        // The server runs on this machine in the tests: its clock is ours.
+        Some(now) => {
+            assert!(
+                now >= before - chrono::Duration::seconds(1)
+                    && now <= after + chrono::Duration::seconds(1),
+                "database time {now} outside [{before}, {after}]"
+            );
+            let later = store.database_now().unwrap().unwrap();
+            assert!(
+                later >= now,
+                "the server's clock went back: {now} then {later}"
+            );
+        }
+    }
 }

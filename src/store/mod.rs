@@ -122,6 +122,17 @@ pub enum StoreError {
         /// The attempt found.
         found_attempt: Attempt,
     },
+    /// Another run of the task is running (on this instance or another): one attempt
+    /// per task at a time, across every instance on the database.
+    #[error("run {run}: {task} already has run {running} running")]
+    TaskBusy {
+        /// The run that was to start.
+        run: RunId,
+        /// Its task.
+        task: TaskName,
+        /// The run of that task that is running.
+        running: RunId,
+    },
     /// No such run.
     #[error("no run with id {0}")]
     NotFound(RunId),
@@ -355,6 +366,8 @@ pub struct AttemptRow {
     pub pid: Option<i64>,
     /// When the child process was started.
     pub spawned_at: Option<Instant>,
+    /// The instance that ran it.
+    pub owner: Option<String>,
 }
 
 /// One event of the persisted log.
@@ -506,6 +519,11 @@ pub trait Backend: Send + Sync {
     ) -> Result<Vec<InstanceRow>, StoreError>;
     /// One instance.
     fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError>;
+    /// The database's own clock, when it has one that several instances share
+    /// (PostgreSQL's `clock_timestamp()`); `None` for an embedded database, whose time is
+    /// the local clock. Instances measure their offset from it: due-ness and leases are
+    /// judged on database time.
+    fn database_now(&self) -> Result<Option<Instant>, StoreError>;
 
     /// Proves the database takes a write within `patience` (for `/health`): a write that
     /// really changes something and commits, so a full disk or a read-only database
@@ -606,6 +624,18 @@ pub trait Tx {
 
     /// Pauses or resumes `task` (persisted across restarts), with its event.
     fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError>;
+    /// Takes the schedule rows of `tasks` for this transaction: the compare half of the
+    /// compare-and-set that advances a next fire. A task is in the answer (its stored
+    /// row, or an empty row if it has none) when this transaction holds it and its stored
+    /// next fire is due by the database's clock; a task left out is being fired by
+    /// another instance right now (PostgreSQL: `FOR UPDATE SKIP LOCKED`), or is not due
+    /// yet by database time. The caller fires a held task only if its stored next fire
+    /// and schedule key are the ones it planned from, and writes the new next fire in the
+    /// same transaction (`claim_fire`, `set_next_fire`).
+    fn hold_schedules(
+        &self,
+        tasks: &[TaskName],
+    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError>;
 
     /// Appends an event that is not a run state change; returns its sequence number.
     fn record_event(
@@ -927,7 +957,12 @@ impl Store {
         self.backend.live_instances(timeout, now)
     }
 
-    /// [`Backend::instance`].
+    /// See [`Backend::database_now`].
+    pub fn database_now(&self) -> Result<Option<Instant>, StoreError> {
+        self.backend.database_now()
+    }
+
+    /// See [`Backend::instance`].
     pub fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
         self.backend.instance(id)
     }

@@ -81,6 +81,10 @@ const RUN_COLUMNS: &str =
     result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
 
 /// Whether the `database` setting names a PostgreSQL database rather than a SQLite file.
+/// The server's clock now, in µs since the epoch: what due-ness and leases are judged on
+/// when several instances share the database.
+const DATABASE_NOW: &str = "(extract(epoch FROM clock_timestamp()) * 1000000)::BIGINT";
+
 pub(super) fn is_postgres_url(setting: &str) -> bool {
     setting.starts_with("postgres://") || setting.starts_with("postgresql://")
 }
@@ -458,7 +462,7 @@ impl Backend for PostgresBackend {
 
     fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
         self.query(
-            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at, owner
              FROM attempts WHERE run_id = $1 ORDER BY attempt",
             &[&run.0],
         )?
@@ -473,6 +477,7 @@ impl Backend for PostgresBackend {
                 error: row.try_get(5)?,
                 pid: row.try_get(6)?,
                 spawned_at: instant_at(row, 7)?,
+                owner: row.try_get(8)?,
             })
         })
         .collect()
@@ -575,6 +580,19 @@ impl Backend for PostgresBackend {
         .iter()
         .map(read_instance)
         .collect()
+    }
+
+    /// `clock_timestamp()`: the server's time now (not the transaction's start).
+    fn database_now(&self) -> Result<Option<Instant>, StoreError> {
+        let rows = self.query(&format!("SELECT {DATABASE_NOW}"), &[])?;
+        let row = rows.first().ok_or_else(|| {
+            StoreError::Postgres(PostgresError {
+                message: "SELECT clock_timestamp() returned no row".into(),
+                code: None,
+                unavailable: false,
+            })
+        })?;
+        Ok(Some(from_micros(row.try_get(0)?)))
     }
 
     fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
@@ -818,6 +836,32 @@ impl Tx for PostgresTx<'_, '_> {
             now: now_micros,
             finished_at,
         } = step.landing(now)?;
+        if starting {
+            // One attempt per task at a time, across instances: the task's advisory lock
+            // (held to commit) orders concurrent starts, and the check is a statement of
+            // its own, so under READ COMMITTED its snapshot, taken after the lock, sees any
+            // start committed before it.
+            self.query(
+                "SELECT pg_advisory_xact_lock(hashtextextended('turbosched task ' || task, 0))
+                 FROM runs WHERE id = $1",
+                &[&run.0],
+            )?;
+            let running = self.query_opt(
+                "SELECT other.id, other.task FROM runs AS this
+                 JOIN runs AS other ON other.task = this.task AND other.state = 'running' AND other.id <> this.id
+                 WHERE this.id = $1
+                 LIMIT 1",
+                &[&run.0],
+            )?;
+            if let Some(row) = running {
+                let task: String = row.try_get(1)?;
+                return Err(StoreError::TaskBusy {
+                    run,
+                    task: TaskName::from(task.as_str()),
+                    running: RunId(row.try_get(0)?),
+                });
+            }
+        }
         let updated = self.query_opt(
             "UPDATE runs SET
                 state = $4::TEXT,
@@ -1030,6 +1074,49 @@ impl Tx for PostgresTx<'_, '_> {
         };
         self.append_event(now, kind, Some(task.as_str()), None, None, "")?;
         Ok(())
+    }
+
+    /// The compare half of the compare-and-set on next fires: the due rows of `tasks`,
+    /// locked `FOR UPDATE SKIP LOCKED` (a row another instance is firing is left out, and
+    /// nobody waits), due by the server's clock (a row not due yet is left out too, whatever
+    /// the local clock says). A task with no row yet is held as an empty row: its first
+    /// fire is decided by the claim key alone.
+    fn hold_schedules(
+        &self,
+        tasks: &[TaskName],
+    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+        let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
+        let sql = format!(
+            "SELECT task, paused, last_fire_at, next_fire_at, schedule FROM task_state
+             WHERE task = ANY($1) AND (next_fire_at IS NULL OR next_fire_at <= {DATABASE_NOW})
+             FOR UPDATE SKIP LOCKED"
+        );
+        let mut held = HashMap::with_capacity(tasks.len());
+        for row in self.query(&sql, &[&names])? {
+            let (task, state) = read_task_state(&row)?;
+            held.insert(task, state);
+        }
+        if held.len() < tasks.len() {
+            let missing: Vec<&str> = names
+                .iter()
+                .copied()
+                .filter(|name| !held.contains_key(&TaskName::from(*name)))
+                .collect();
+            let existing: HashSet<String> = self
+                .query(
+                    "SELECT task FROM task_state WHERE task = ANY($1)",
+                    &[&missing],
+                )?
+                .iter()
+                .map(|row| row.try_get(0))
+                .collect::<Result<_, _>>()?;
+            for name in missing {
+                if !existing.contains(name) {
+                    held.insert(TaskName::from(name), TaskStateRow::default());
+                }
+            }
+        }
+        Ok(held)
     }
 
     fn record_event(
@@ -1367,6 +1454,71 @@ mod tests {
         assert!(store.task_state(&task).unwrap().paused);
         drop(store);
         drop(database);
+    }
+
+    /// Leaderless firing: while one instance holds a task's schedule row (it is firing
+    /// it), another's hold skips that row at once instead of waiting, and takes the rest.
+    #[test]
+    fn a_schedule_row_held_by_one_instance_is_skipped_not_waited_for_by_another() {
+        let database = ScratchDatabase::create();
+        let url = std::path::PathBuf::from(database.url());
+        let first = Store::open(&url).unwrap();
+        let second = Store::open(&url).unwrap();
+        let (ingest, train) = (TaskName::from("ingest"), TaskName::from("train"));
+        let past = crate::model::from_micros(1_000_000);
+        for task in [&ingest, &train] {
+            first.set_next_fire(task, Some(past), Some("k")).unwrap();
+        }
+        let (held_tx, held_rx) = std::sync::mpsc::channel();
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let holder = std::thread::spawn(move || {
+            first
+                .batch(|tx| {
+                    let held =
+                        tx.hold_schedules(std::slice::from_ref(&TaskName::from("ingest")))?;
+                    held_tx.send(held.len()).unwrap();
+                    release_rx.recv().unwrap();
+                    Ok(())
+                })
+                .unwrap();
+        });
+        assert_eq!(held_rx.recv().unwrap(), 1);
+        let started = std::time::Instant::now();
+        let seen = second
+            .batch(|tx| tx.hold_schedules(&[ingest.clone(), train.clone()]))
+            .unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "waited for the lock"
+        );
+        assert!(!seen.contains_key(&ingest), "{seen:?}");
+        assert_eq!(seen[&train].next_fire_at, Some(past));
+        release_tx.send(()).unwrap();
+        holder.join().unwrap();
+    }
+
+    /// Due-ness is the server's clock's: a row due an hour from now is not held, whatever
+    /// the caller's clock says.
+    #[test]
+    fn a_schedule_row_not_due_by_the_servers_clock_is_not_held() {
+        let database = ScratchDatabase::create();
+        let store = Store::open(std::path::Path::new(&database.url())).unwrap();
+        let task = TaskName::from("ingest");
+        let later = chrono::Utc::now() + chrono::Duration::hours(1);
+        store.set_next_fire(&task, Some(later), Some("k")).unwrap();
+        let held = store
+            .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
+            .unwrap();
+        assert!(held.is_empty(), "{held:?}");
+        let now = chrono::Utc::now() - chrono::Duration::seconds(1);
+        store.set_next_fire(&task, Some(now), Some("k")).unwrap();
+        let held = store
+            .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
+            .unwrap();
+        assert_eq!(
+            held[&task].next_fire_at.map(|t| t.timestamp_micros()),
+            Some(now.timestamp_micros())
+        );
     }
 
     /// Runs `sql` on the scratch database itself.

@@ -44,6 +44,9 @@ CREATE UNIQUE INDEX IF NOT EXISTS runs_claim ON runs(task, scheduled_for)
     WHERE trigger IN ('schedule', 'catchup');
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state) WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned');
 CREATE INDEX IF NOT EXISTS runs_task ON runs(task, id);
+-- One attempt per task at a time, across instances: a start takes the task's advisory
+-- lock, then looks for a running run of its task here.
+CREATE INDEX IF NOT EXISTS runs_running_task ON runs(task) WHERE state = 'running';
 CREATE INDEX IF NOT EXISTS runs_cascade ON runs(cascade) WHERE cascade IS NOT NULL;
 
 CREATE TABLE IF NOT EXISTS attempts (

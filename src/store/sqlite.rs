@@ -185,7 +185,7 @@ impl Backend for SqliteBackend {
     fn attempts(&self, run: RunId) -> Result<Vec<AttemptRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at FROM attempts
+            "SELECT attempt, started_at, finished_at, outcome, exit_code, error, pid, spawned_at, owner FROM attempts
              WHERE run_id = ?1 ORDER BY attempt",
         )?;
         let rows = statement
@@ -199,6 +199,7 @@ impl Backend for SqliteBackend {
                     error: row.get(5)?,
                     pid: row.get(6)?,
                     spawned_at: row.get::<_, Option<i64>>(7)?.map(from_micros),
+                    owner: row.get(8)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -307,6 +308,11 @@ impl Backend for SqliteBackend {
             .query_map([to_micros(since)], read_instance)?
             .collect::<Result<Vec<_>, _>>()?;
         Ok(rows)
+    }
+
+    /// An embedded database has no clock of its own: its time is the local clock.
+    fn database_now(&self) -> Result<Option<Instant>, StoreError> {
+        Ok(None)
     }
 
     fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
@@ -564,6 +570,32 @@ impl Tx for SqliteTx<'_> {
         };
         append_event(self.tx, now, kind, Some(task.as_str()), None, None, "")?;
         Ok(())
+    }
+
+    /// `BEGIN IMMEDIATE` already holds the whole database: every task is held, and due
+    /// is the local clock's business.
+    fn hold_schedules(
+        &self,
+        tasks: &[TaskName],
+    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+        let mut statement = self.tx.prepare_cached(
+            "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
+        )?;
+        let mut held = HashMap::with_capacity(tasks.len());
+        for task in tasks {
+            let row = statement
+                .query_row([task.as_str()], |row| {
+                    Ok(TaskStateRow {
+                        paused: row.get::<_, i64>(0)? != 0,
+                        last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
+                        next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
+                        schedule: row.get(3)?,
+                    })
+                })
+                .optional()?;
+            held.insert(task.clone(), row.unwrap_or_default());
+        }
+        Ok(held)
     }
 
     fn record_event(
@@ -832,6 +864,26 @@ fn transition_in(
         now: now_micros,
         finished_at,
     } = step.landing(now)?;
+    if starting {
+        // One attempt per task at a time: `BEGIN IMMEDIATE` holds the database, so
+        // nothing can start another between this check and the update.
+        let running: Option<(i64, String)> = cached_query_row(
+            tx,
+            "SELECT other.id, other.task FROM runs AS this
+             JOIN runs AS other ON other.task = this.task AND other.state = 'running' AND other.id != this.id
+             WHERE this.id = ?1 LIMIT 1",
+            params![run.0],
+            |row| Ok((row.get(0)?, row.get(1)?)),
+        )
+        .optional()?;
+        if let Some((running, task)) = running {
+            return Err(StoreError::TaskBusy {
+                run,
+                task: TaskName::from(task.as_str()),
+                running: RunId(running),
+            });
+        }
+    }
     let changed = cached_execute(
         tx,
         "UPDATE runs SET

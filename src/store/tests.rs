@@ -40,7 +40,11 @@ fn a_backup_is_a_valid_database_with_the_same_rows() {
     let (dir, backend, store) = open();
     for second in 0..20 {
         let run = store
-            .claim_fire(&scheduled("a", at(second, 0)), at(second, 1), None)
+            .claim_fire(
+                &scheduled(&format!("task{second}"), at(second, 0)),
+                at(second, 1),
+                None,
+            )
             .unwrap();
         store
             .transition(

@@ -73,7 +73,7 @@ fn agent() -> ureq::Agent {
         .into()
 }
 
-fn get_json(service: &Service, path: &str) -> (u16, Value) {
+pub(crate) fn get_json(service: &Service, path: &str) -> (u16, Value) {
     read_json(
         "GET",
         path,

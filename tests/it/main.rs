@@ -8,6 +8,7 @@ mod browser;
 mod cascade;
 mod chaos;
 mod cli;
+mod cluster;
 mod docs;
 mod faults;
 mod maintenance;

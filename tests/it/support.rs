@@ -26,6 +26,8 @@ bind = "127.0.0.1:0"
 
 pub struct Sandbox {
     dir: tempfile::TempDir,
+    /// Its config's `database`: a file under the folder, or a PostgreSQL URL.
+    database: PathBuf,
 }
 
 pub struct Service {
@@ -45,7 +47,16 @@ impl Sandbox {
         let dir = tempfile::tempdir().expect("temp dir");
         std::fs::create_dir_all(dir.path().join("config")).unwrap();
         std::fs::write(dir.path().join("config/scheduler.toml"), config).unwrap();
-        Sandbox { dir }
+        let database = dir.path().join("data/scheduler.db");
+        Sandbox { dir, database }
+    }
+
+    /// A folder whose config (which names `database` itself) keeps its runs in
+    /// `database`, a PostgreSQL URL.
+    pub fn with_config_on(config: &str, database: &str) -> Sandbox {
+        let mut sandbox = Sandbox::with_config(config);
+        sandbox.database = PathBuf::from(database);
+        sandbox
     }
 
     pub fn path(&self) -> &Path {
@@ -112,7 +123,7 @@ impl Sandbox {
             &format!("service pid {pid} registered"),
             Duration::from_secs(20),
             || {
-                let store = Store::open(&self.path().join("data/scheduler.db")).ok()?;
+                let store = Store::open(&self.database).ok()?;
                 let live = store
                     .live_instances(Duration::from_secs(30), chrono::Utc::now())
                     .ok()?;
@@ -126,7 +137,7 @@ impl Sandbox {
     }
 
     pub fn store(&self) -> Store {
-        Store::open(&self.path().join("data/scheduler.db")).expect("open store")
+        Store::open(&self.database).expect("open store")
     }
 
     pub fn runs_of(&self, task: &str) -> Vec<RunRow> {

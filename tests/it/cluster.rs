@@ -1,0 +1,597 @@
+//! Cluster mode: several `turbosched serve` processes, each in its own folder, sharing one
+//! PostgreSQL database (the real server on 127.0.0.1:5432; a database of its own per
+//! test, dropped after). The database decides every claim: every (task, tick) runs once
+//! whichever instance fires it, a dead or stopped instance's runs move to a live one
+//! after its lease, a late result of a reaped attempt is refused, an instance whose
+//! config differs for a task does not fire it, and a host clock far from the database's
+//! neither fires early nor twice.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use turbosched::model::{RunId, RunState};
+use turbosched::store::{RunFilter, RunRow, Store};
+
+use crate::faults::get_json;
+use crate::support::*;
+
+/// A database of its own on the test server (`TURBOSCHED_TEST_POSTGRES`, default
+/// `postgres://postgres@127.0.0.1:5432`), dropped with `WITH (FORCE)` when dropped.
+pub struct Database {
+    server: String,
+    name: String,
+}
+
+impl Database {
+    pub fn create() -> Database {
+        let server = std::env::var("TURBOSCHED_TEST_POSTGRES")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".to_string());
+        let name = format!("ts_it_{}", uuid::Uuid::new_v4().simple());
+        sql_on(
+            &format!("{server}/postgres"),
+            &format!("CREATE DATABASE {name}"),
+        );
+        Database { server, name }
+    }
+
+    pub fn url(&self) -> String {
+        format!("{}/{}", self.server, self.name)
+    }
+
+    /// Runs `sql` on this database.
+    pub fn sql(&self, sql: &str) {
+        sql_on(&self.url(), sql);
+    }
+
+    pub fn store(&self) -> Store {
+        Store::open(std::path::Path::new(&self.url())).expect("open the cluster's store")
+    }
+
+    /// Every run of `task`, oldest first.
+    pub fn runs_of(&self, task: &str) -> Vec<RunRow> {
+        let mut rows = self
+            .store()
+            .runs(&RunFilter {
+                task: Some(task.into()),
+                limit: 1_000_000,
+                ..RunFilter::default()
+            })
+            .unwrap();
+        rows.reverse();
+        rows
+    }
+
+    pub fn events_of_kind(&self, kind: &str) -> Vec<turbosched::store::EventRow> {
+        self.store()
+            .events_after(0, 1_000_000)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == kind)
+            .collect()
+    }
+}
+
+impl Drop for Database {
+    fn drop(&mut self) {
+        sql_on(
+            &format!("{}/postgres", self.server),
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+fn sql_on(url: &str, sql: &str) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        let driver = tokio::spawn(connection);
+        client
+            .batch_execute(sql)
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        drop(client);
+        let _ = driver.await;
+    });
+}
+
+/// A config for one instance of the cluster: fast leases, its own folders, `tasks`.
+pub fn instance_config(database: &Database, tasks: &str) -> String {
+    format!(
+        r#"
+[scheduler]
+timezone = "UTC"
+database = "{}"
+max_workers = 16
+heartbeat_interval = "200ms"
+heartbeat_timeout = "3s"
+kill_grace = "500ms"
+shutdown_grace = "1s"
+
+[api]
+bind = "127.0.0.1:0"
+
+{tasks}
+"#,
+        database.url()
+    )
+}
+
+/// One instance: a folder with its config, on the cluster's database.
+pub fn instance(database: &Database, tasks: &str) -> Sandbox {
+    Sandbox::with_config_on(&instance_config(database, tasks), &database.url())
+}
+
+/// Every run, grouped by (task, tick) for the scheduled and catch-up ones.
+fn claims(runs: &[RunRow]) -> BTreeMap<(String, i64), Vec<RunId>> {
+    let mut ticks: BTreeMap<(String, i64), Vec<RunId>> = BTreeMap::new();
+    for run in runs {
+        if matches!(
+            run.trigger,
+            turbosched::model::Trigger::Schedule | turbosched::model::Trigger::Catchup
+        ) {
+            ticks
+                .entry((run.task.to_string(), run.scheduled_for.timestamp()))
+                .or_default()
+                .push(run.id);
+        }
+    }
+    ticks
+}
+
+/// Asserts every second from `first` to `last` (inclusive) has exactly one run of `task`.
+fn assert_every_tick_once(database: &Database, task: &str, first: i64, last: i64) {
+    let runs = database.runs_of(task);
+    let ticks = claims(&runs);
+    for second in first..=last {
+        let runs = ticks.get(&(task.to_string(), second));
+        assert_eq!(
+            runs.map_or(0, Vec::len),
+            1,
+            "{task} at {second}: runs {runs:?}"
+        );
+    }
+}
+
+const EVERY_SECOND_TRUE: &str = r#"
+[tasks.tick]
+command = ["/bin/true"]
+schedule = "* * * * * *"
+misfire = "run_all"
+misfire_grace = "1h"
+"#;
+
+#[test]
+fn three_instances_fire_every_tick_once_between_them() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..3)
+        .map(|_| instance(&database, EVERY_SECOND_TRUE))
+        .collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    let start = chrono::Utc::now().timestamp() + 1;
+    wait_until("six seconds of ticks", Duration::from_secs(30), || {
+        let runs = database.runs_of("tick");
+        runs.iter()
+            .any(|r| r.scheduled_for.timestamp() >= start + 6 && r.state.is_terminal())
+            .then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
+    assert_every_tick_once(&database, "tick", start, start + 6);
+    let runs = database.runs_of("tick");
+    assert!(
+        runs.iter().all(|r| r.state == RunState::Succeeded),
+        "{runs:?}"
+    );
+    // Every instance took part: the claims are spread over the cluster.
+    let owners: std::collections::HashSet<String> = runs
+        .iter()
+        .filter_map(|r| database.store().attempts(r.id).ok())
+        .flatten()
+        .filter_map(|a| a.owner)
+        .collect();
+    assert!(
+        owners.len() >= 2,
+        "one instance did all the work: {owners:?}"
+    );
+}
+
+const LONG_CHILD: &str = r#"
+[tasks.long]
+command = ["/bin/sleep", "2"]
+retries = 2
+"#;
+
+#[test]
+fn an_instance_killed_with_its_child_running_loses_the_child_and_a_peer_runs_the_attempt_again() {
+    let database = Database::create();
+    let first = instance(&database, LONG_CHILD);
+    let second = instance(&database, LONG_CHILD);
+    let doomed = first.serve();
+    let (code, body) = first.cli_json(&["run", "long", "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let run = run_id(&body);
+    let row = wait_until("the child started", Duration::from_secs(20), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
+    });
+    let child = row.pid.expect("pid");
+    // The peer starts after the run is running: it did not take the run away.
+    let peer = second.serve();
+    doomed.kill9();
+    wait_until(
+        "the child to die with its instance",
+        Duration::from_secs(5),
+        || (!process_alive(child)).then_some(()),
+    );
+    let done = wait_until("the peer to run it again", Duration::from_secs(30), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Succeeded).then_some(row)
+    });
+    assert_eq!(done.attempt.0, 2, "{done:?}");
+    let attempts = database.store().attempts(run).unwrap();
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(
+        attempts[0].outcome.as_deref(),
+        Some("orphaned"),
+        "{attempts:?}"
+    );
+    assert_eq!(
+        attempts[1].outcome.as_deref(),
+        Some("succeeded"),
+        "{attempts:?}"
+    );
+    assert_ne!(attempts[0].owner, attempts[1].owner);
+    assert!(peer.stop().success());
+}
+
+const SLEEPER: &str = r#"
+[tasks.sleeper]
+command = ["/bin/sleep", "1.5"]
+retries = 2
+"#;
+
+#[test]
+fn an_instance_stopped_past_its_lease_fences_itself_and_its_late_result_is_refused() {
+    let database = Database::create();
+    let first = instance(&database, SLEEPER);
+    let second = instance(&database, SLEEPER);
+    let stopped = first.serve();
+    let (code, body) = first.cli_json(&["run", "sleeper", "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let run = run_id(&body);
+    let row = wait_until("the attempt running", Duration::from_secs(20), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
+    });
+    let owner = row.owner.clone().expect("owner");
+    let peer = second.serve();
+    signal(stopped.pid(), nix::sys::signal::Signal::SIGSTOP);
+    // The peer reaps the silent owner's run after the lease (3 s) and runs it again.
+    let rerun = wait_until("the peer's attempt", Duration::from_secs(30), || {
+        let row = database.store().run(run).ok()??;
+        (row.attempt.0 >= 2 && row.owner.as_deref() != Some(owner.as_str())).then_some(row)
+    });
+    assert!(
+        !process_alive(row.pid.unwrap_or(0)),
+        "the first attempt's child lives on"
+    );
+    signal(stopped.pid(), nix::sys::signal::Signal::SIGCONT);
+    wait_until(
+        "the stopped instance to fence itself",
+        Duration::from_secs(10),
+        || {
+            let fenced = database.events_of_kind("instance_fenced");
+            (!fenced.is_empty()).then_some(())
+        },
+    );
+    let done = wait_until("the run to finish", Duration::from_secs(30), || {
+        let row = database.store().run(run).ok()??;
+        row.state.is_terminal().then_some(row)
+    });
+    assert_eq!(done.state, RunState::Succeeded, "{done:?}");
+    assert_eq!(done.attempt, rerun.attempt, "no attempt after the peer's");
+    let attempts = database.store().attempts(run).unwrap();
+    let succeeded: Vec<_> = attempts
+        .iter()
+        .filter(|a| a.outcome.as_deref() == Some("succeeded"))
+        .collect();
+    assert_eq!(succeeded.len(), 1, "{attempts:?}");
+    assert_eq!(
+        attempts[0].outcome.as_deref(),
+        Some("orphaned"),
+        "{attempts:?}"
+    );
+    // The stopped instance works again once its heartbeat renews the lease.
+    wait_until(
+        "the fenced instance to renew its lease",
+        Duration::from_secs(10),
+        || (!database.events_of_kind("instance_unfenced").is_empty()).then_some(()),
+    );
+    assert!(stopped.stop().success());
+    assert!(peer.stop().success());
+}
+
+#[test]
+fn an_instance_whose_schedule_differs_does_not_fire_the_task_and_says_so() {
+    let database = Database::create();
+    let every_second = instance(&database, EVERY_SECOND_TRUE);
+    let every_two = instance(
+        &database,
+        &EVERY_SECOND_TRUE.replace("\"* * * * * *\"", "\"*/2 * * * * *\""),
+    );
+    let old = every_second.serve();
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("tick").is_empty()).then_some(())
+    });
+    // The instance started last with another schedule stores its own: it fires the task,
+    // the other stops firing it and says why.
+    let new = every_two.serve();
+    wait_until(
+        "the old instance to notice",
+        Duration::from_secs(20),
+        || (!database.events_of_kind("config_mismatch").is_empty()).then_some(()),
+    );
+    let since = chrono::Utc::now().timestamp() + 1;
+    let (status, health) = get_json(&old, "/health");
+    assert_eq!(status, 200, "{health}");
+    assert_eq!(
+        health["checks"]["cluster"]["status"], "degraded",
+        "{health}"
+    );
+    let detail = health["checks"]["cluster"]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("tick"), "{detail}");
+    wait_until("six more seconds of runs", Duration::from_secs(30), || {
+        database
+            .runs_of("tick")
+            .iter()
+            .any(|r| r.scheduled_for.timestamp() >= since + 6 && r.state.is_terminal())
+            .then_some(())
+    });
+    let late: Vec<i64> = database
+        .runs_of("tick")
+        .iter()
+        .map(|r| r.scheduled_for.timestamp())
+        .filter(|second| *second >= since)
+        .collect();
+    assert!(late.len() >= 3, "{late:?}");
+    assert!(
+        late.iter().all(|second| second % 2 == 0),
+        "odd ticks fired: {late:?}"
+    );
+    let message = &database.events_of_kind("config_mismatch")[0].message;
+    assert!(message.contains("*/2 * * * * *"), "{message}");
+    assert!(old.stop().success());
+    assert!(new.stop().success());
+}
+
+#[test]
+fn hosts_thirty_seconds_ahead_and_behind_fire_neither_early_nor_twice() {
+    if std::process::Command::new("faketime")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        panic!("faketime is not installed (apt-get install faketime; .ci/run installs it)");
+    }
+    let database = Database::create();
+    let ahead = instance(&database, EVERY_SECOND_TRUE);
+    let behind = instance(&database, EVERY_SECOND_TRUE);
+    let skewed = |sandbox: &Sandbox, offset: &str| {
+        let library = faketime_library();
+        sandbox.serve_with(&[
+            ("LD_PRELOAD", library.as_str()),
+            ("FAKETIME", offset),
+            ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+            ("FAKETIME_NO_CACHE", "1"),
+        ])
+    };
+    let services = [skewed(&ahead, "+30s"), skewed(&behind, "-30s")];
+    // Watch the runs appear, on the true clock, for eight seconds of ticks.
+    let mut first_seen: HashMap<RunId, chrono::DateTime<chrono::Utc>> = HashMap::new();
+    let start = chrono::Utc::now().timestamp() + 1;
+    wait_until("eight seconds of ticks", Duration::from_secs(40), || {
+        let runs = database.runs_of("tick");
+        // Read after the query: a run it returned was committed before this instant, so
+        // an instant before the run's tick proves an early fire.
+        let now = chrono::Utc::now();
+        for run in &runs {
+            first_seen.entry(run.id).or_insert(now);
+        }
+        runs.iter()
+            .any(|r| r.scheduled_for.timestamp() >= start + 8 && r.state.is_terminal())
+            .then_some(())
+    });
+    // Each instance measured its offset from the database's clock and shows it.
+    for (service, way) in services.iter().zip(["ahead of", "behind"]) {
+        let (_, health) = get_json(service, "/health");
+        assert_eq!(
+            health["checks"]["cluster"]["status"], "degraded",
+            "{health}"
+        );
+        let detail = health["checks"]["cluster"]["detail"].as_str().unwrap_or("");
+        assert!(detail.contains(way), "{detail}");
+    }
+    for service in services {
+        assert!(service.stop().success());
+    }
+    let runs = database.runs_of("tick");
+    for run in &runs {
+        let seen = first_seen[&run.id];
+        // Seen no earlier than its tick (the poll may see it late; 30 s early shows).
+        assert!(
+            seen >= run.scheduled_for,
+            "run {} for {} appeared at {seen}, early",
+            run.id,
+            run.scheduled_for
+        );
+    }
+    assert_every_tick_once(&database, "tick", start + 1, start + 8);
+}
+
+fn faketime_library() -> String {
+    for candidate in [
+        "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",
+        "/usr/lib/faketime/libfaketime.so.1",
+    ] {
+        if std::path::Path::new(candidate).exists() {
+            return candidate.to_string();
+        }
+    }
+    panic!("libfaketime.so.1 not found (apt-get install faketime)");
+}
+
+const OVERLAPPING: &str = r#"
+[tasks.slow]
+command = ["/bin/sleep", "2.5"]
+schedule = "* * * * * *"
+overlap = "skip"
+"#;
+
+#[test]
+fn the_skip_overlap_policy_holds_across_instances() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..2).map(|_| instance(&database, OVERLAPPING)).collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    wait_until("two finished runs", Duration::from_secs(40), || {
+        (database
+            .runs_of("slow")
+            .iter()
+            .filter(|r| r.state == RunState::Succeeded)
+            .count()
+            >= 2)
+            .then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
+    let runs = database.runs_of("slow");
+    // Never two attempts at once, whichever instance ran them.
+    let mut spans: Vec<(i64, i64)> = runs
+        .iter()
+        .flat_map(|r| database.store().attempts(r.id).unwrap())
+        .filter_map(|a| {
+            Some((
+                a.started_at.timestamp_micros(),
+                a.finished_at?.timestamp_micros(),
+            ))
+        })
+        .collect();
+    spans.sort();
+    for pair in spans.windows(2) {
+        assert!(pair[0].1 <= pair[1].0, "attempts overlap: {pair:?}");
+    }
+    let skipped: Vec<&RunRow> = runs
+        .iter()
+        .filter(|r| r.state == RunState::Skipped)
+        .collect();
+    assert!(!skipped.is_empty(), "{runs:?}");
+    assert!(
+        skipped.iter().all(|r| r
+            .reason
+            .as_deref()
+            .unwrap_or("")
+            .starts_with("overlap policy skip")),
+        "{skipped:?}"
+    );
+}
+
+const RUN_ONCE: &str = r#"
+[tasks.once]
+command = ["/bin/true"]
+schedule = "* * * * * *"
+misfire = "run_once"
+misfire_grace = "1h"
+"#;
+
+#[test]
+fn all_instances_down_across_ticks_apply_the_misfire_policy_once_not_once_each() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..2).map(|_| instance(&database, RUN_ONCE)).collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("once").is_empty()).then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
+    let down = std::time::Instant::now();
+    wait_until("four ticks missed", Duration::from_secs(10), || {
+        (down.elapsed() > Duration::from_secs(4)).then_some(())
+    });
+    // Both come back at once: one catch-up between them, one misfire record.
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    let back = chrono::Utc::now().timestamp() + 2;
+    wait_until("runs after the restart", Duration::from_secs(20), || {
+        database
+            .runs_of("once")
+            .iter()
+            .any(|r| r.scheduled_for.timestamp() >= back && r.state.is_terminal())
+            .then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
+    let catchups: Vec<RunRow> = database
+        .runs_of("once")
+        .into_iter()
+        .filter(|r| r.trigger == turbosched::model::Trigger::Catchup)
+        .collect();
+    assert_eq!(catchups.len(), 1, "{catchups:?}");
+    assert_eq!(database.events_of_kind("misfire").len(), 1);
+    let ticks = claims(&database.runs_of("once"));
+    assert!(ticks.values().all(|runs| runs.len() == 1), "{ticks:?}");
+}
+
+#[test]
+fn connections_terminated_by_the_server_are_replaced_and_firing_goes_on() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..2)
+        .map(|_| instance(&database, EVERY_SECOND_TRUE))
+        .collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("tick").is_empty()).then_some(())
+    });
+    let start = chrono::Utc::now().timestamp() + 1;
+    for _ in 0..3 {
+        let cut = chrono::Utc::now().timestamp();
+        database.sql(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND pid <> pg_backend_pid()",
+        );
+        wait_until(
+            "a tick fired after the cut",
+            Duration::from_secs(20),
+            || {
+                database
+                    .runs_of("tick")
+                    .iter()
+                    .any(|r| r.scheduled_for.timestamp() > cut && r.state.is_terminal())
+                    .then_some(())
+            },
+        );
+    }
+    let after = chrono::Utc::now().timestamp() + 1;
+    wait_until(
+        "runs after the terminations",
+        Duration::from_secs(30),
+        || {
+            database
+                .runs_of("tick")
+                .iter()
+                .any(|r| r.scheduled_for.timestamp() >= after + 3 && r.state.is_terminal())
+                .then_some(())
+        },
+    );
+    for service in services {
+        assert!(service.stop().success());
+    }
+    assert_every_tick_once(&database, "tick", start, after + 3);
+}
