@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use chrono::{NaiveDate, Utc};
+use chrono::{Datelike, NaiveDate, Utc};
 use rusqlite::params;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -560,6 +560,16 @@ fn equity_chart(
     let top = points.iter().map(|p| p.1.max(p.2)).fold(1.0, f64::max) * 1.05;
     let bottom = points.iter().map(|p| p.1.min(p.2)).fold(1.0, f64::min) * 0.95;
     let deepest = points.iter().map(|p| p.3).fold(0.0, f64::min).min(-0.01) * 1.05;
+    let dates: Vec<NaiveDate> = points.iter().map(|p| p.0).collect();
+    let ticks = date_ticks(&dates);
+    let tick_dates: Vec<NaiveDate> = ticks.iter().map(|(date, _)| *date).collect();
+    let tick_label = |date: &NaiveDate| {
+        ticks
+            .iter()
+            .find(|(tick, _)| tick == date)
+            .map(|(_, label)| label.clone())
+            .unwrap_or_default()
+    };
     let root = SVGBackend::new(path, (1000, 620)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
     let (upper, lower) = root.split_vertically(420);
@@ -574,10 +584,14 @@ fn equity_chart(
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(first.0..last.0, bottom..top)
+        .build_cartesian_2d(
+            (first.0..last.0).with_key_points(tick_dates.clone()),
+            bottom..top,
+        )
         .map_err(|e| fail(&e))?;
     equity
         .configure_mesh()
+        .x_label_formatter(&tick_label)
         .y_desc("growth of 1")
         .draw()
         .map_err(|e| fail(&e))?;
@@ -608,10 +622,11 @@ fn equity_chart(
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
-        .build_cartesian_2d(first.0..last.0, deepest..0.0)
+        .build_cartesian_2d((first.0..last.0).with_key_points(tick_dates), deepest..0.0)
         .map_err(|e| fail(&e))?;
     drawdown
         .configure_mesh()
+        .x_label_formatter(&tick_label)
         .y_desc("strategy drawdown")
         .y_label_formatter(&|v| percent(*v, 0))
         .draw()
@@ -624,6 +639,47 @@ fn equity_chart(
         .map_err(|e| fail(&e))?;
     root.present().map_err(|e| fail(&e))
 }
+
+/// The date axis' ticks for `dates` (in order): the first date of each year after the
+/// first one's, labelled with the year ("2025"), so a tick falls on a year's first trading
+/// day; only every second, fifth, tenth… year when there would be more than
+/// [`MAX_DATE_TICKS`]. A series within one year gets its months' first dates instead
+/// ("2025-03"; twelve at most).
+fn date_ticks(dates: &[NaiveDate]) -> Vec<(NaiveDate, String)> {
+    let starts = |key: fn(&NaiveDate) -> (i32, u32)| -> Vec<NaiveDate> {
+        dates
+            .windows(2)
+            .filter(|pair| key(&pair[0]) != key(&pair[1]))
+            .map(|pair| pair[1])
+            .collect()
+    };
+    let years = starts(|d| (d.year(), 0));
+    if years.is_empty() {
+        let months = starts(|d| (d.year(), d.month()));
+        return months
+            .into_iter()
+            .map(|d| (d, d.format("%Y-%m").to_string()))
+            .collect();
+    }
+    let every = |step: i32| -> Vec<NaiveDate> {
+        years
+            .iter()
+            .copied()
+            .filter(|d| d.year().rem_euclid(step) == 0)
+            .collect()
+    };
+    let kept = [1, 2, 5, 10, 20, 50, 100, 1000]
+        .into_iter()
+        .map(every)
+        .find(|kept| kept.len() <= MAX_DATE_TICKS)
+        .unwrap_or_default();
+    kept.into_iter()
+        .map(|d| (d, d.year().to_string()))
+        .collect()
+}
+
+/// At most this many date labels on the equity chart's axis (1000 px wide).
+const MAX_DATE_TICKS: usize = 20;
 
 /// A share as a percentage with `decimals`, never "-0%": a value that rounds to zero is 0.
 fn percent(share: f64, decimals: usize) -> String {
@@ -671,6 +727,120 @@ mod tests {
             assert!(svg.contains(text), "{text}: {svg}");
         }
         assert!(!svg.contains(">-0%<"), "{svg}");
+    }
+
+    /// Trading days from `from` to `to`: weekdays but New Year's Day.
+    fn trading_days(from: &str, to: &str) -> Vec<NaiveDate> {
+        let parse = |d: &str| NaiveDate::parse_from_str(d, "%Y-%m-%d").unwrap();
+        parse(from)
+            .iter_days()
+            .take_while(|d| *d <= parse(to))
+            .filter(|d| d.weekday().number_from_monday() <= 5)
+            .filter(|d| !(d.month() == 1 && d.day() == 1))
+            .collect()
+    }
+
+    fn check_ticks(from: &str, to: &str, expected: &[(&str, &str)]) {
+        let ticks: Vec<(String, String)> = date_ticks(&trading_days(from, to))
+            .into_iter()
+            .map(|(date, label)| (date.to_string(), label))
+            .collect();
+        let expected: Vec<(String, String)> = expected
+            .iter()
+            .map(|(date, label)| (date.to_string(), label.to_string()))
+            .collect();
+        assert_eq!(ticks, expected);
+    }
+
+    #[test]
+    fn date_ticks_fall_on_each_years_first_trading_day_and_say_the_year() {
+        // 2024-01-01 (Monday) and 2025-01-01 (Wednesday) are holidays.
+        check_ticks(
+            "2023-10-02",
+            "2025-03-31",
+            &[("2024-01-02", "2024"), ("2025-01-02", "2025")],
+        );
+        // 2022-01-01 is a Saturday: the first trading day is Monday the 3rd.
+        check_ticks("2021-07-01", "2022-06-30", &[("2022-01-03", "2022")]);
+        // A series that opens on a year's first trading day gets no tick there: it is
+        // the axis' start, and a later series start would not be a year boundary at all.
+        check_ticks(
+            "2024-01-02",
+            "2024-12-31",
+            &[
+                ("2024-02-01", "2024-02"),
+                ("2024-03-01", "2024-03"),
+                ("2024-04-01", "2024-04"),
+                ("2024-05-01", "2024-05"),
+                ("2024-06-03", "2024-06"),
+                ("2024-07-01", "2024-07"),
+                ("2024-08-01", "2024-08"),
+                ("2024-09-02", "2024-09"),
+                ("2024-10-01", "2024-10"),
+                ("2024-11-01", "2024-11"),
+                ("2024-12-02", "2024-12"),
+            ],
+        );
+    }
+
+    #[test]
+    fn date_ticks_over_decades_keep_every_second_year_at_most_twenty() {
+        let ticks = date_ticks(&trading_days("1990-03-01", "2025-03-31"));
+        let labels: Vec<&str> = ticks.iter().map(|(_, label)| label.as_str()).collect();
+        let even: Vec<String> = (1992..=2024).step_by(2).map(|y| y.to_string()).collect();
+        assert_eq!(labels, even);
+        assert!(ticks.len() <= MAX_DATE_TICKS);
+        assert_eq!(ticks[0].0.to_string(), "1992-01-02");
+    }
+
+    /// Days of a flat chart over `dates`.
+    fn flat_days(dates: &[NaiveDate]) -> Vec<Day> {
+        dates
+            .iter()
+            .enumerate()
+            .map(|(i, date)| Day {
+                ts: date.to_string(),
+                strategy: 0.0,
+                benchmark: 0.0,
+                position: 1.0,
+                strategy_equity: 1.0 + 0.001 * i as f64,
+                benchmark_equity: 1.0 - 0.0005 * i as f64,
+                drawdown: -0.02 * (i % 7) as f64 / 7.0,
+            })
+            .collect()
+    }
+
+    fn headline_metrics() -> Value {
+        json!({
+            "strategy": { "annual_return": 0.0954, "sharpe": 0.81, "max_drawdown": -0.1234 },
+            "benchmark": { "annual_return": 0.05, "sharpe": 0.4, "max_drawdown": -0.2 },
+        })
+    }
+
+    #[test]
+    fn the_equity_charts_date_axes_are_labelled_with_the_years_it_crosses_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("equity.svg");
+        let days = flat_days(&trading_days("2023-10-02", "2025-03-31"));
+        equity_chart(&path, &days, &["SPX".to_string()], &headline_metrics()).unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // Date-like labels: digits and dashes only (the value axes have "." or "%").
+        let dates: Vec<String> = super::super::chart_check::texts(&svg)
+            .into_iter()
+            .filter(|t| t.len() >= 4 && t.chars().all(|c| c.is_ascii_digit() || c == '-'))
+            .collect();
+        // Once under the equity panel, once under the drawdown panel.
+        assert_eq!(dates, ["2024", "2025", "2024", "2025"], "{svg}");
+    }
+
+    #[test]
+    fn the_equity_chart_renders_as_a_png_of_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("equity.svg");
+        let days = flat_days(&trading_days("2016-01-04", "2018-12-31"));
+        let symbols = ["IXIC".to_string(), "SPX".to_string()];
+        equity_chart(&path, &days, &symbols, &headline_metrics()).unwrap();
+        super::super::chart_check::check_renders_as_png(&path, (1000, 620), 20_000);
     }
 
     fn close(a: f64, b: f64) -> bool {

@@ -562,8 +562,9 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     Ok(result)
 }
 
-/// PSI per feature as horizontal bars on a log axis (so 0.1 and 6 both read), coloured by
-/// level, the moderate and significant thresholds as vertical lines.
+/// The PSI chart's width in pixels: the plot, then 230 for the legend.
+const PSI_CHART_WIDTH: u32 = 1000;
+
 /// What a PSI chart compares: the current window and the model whose baseline it is.
 struct PsiWindow<'a> {
     from: &'a str,
@@ -571,6 +572,53 @@ struct PsiWindow<'a> {
     model_id: i64,
 }
 
+/// The PSI chart's log axis: from the power of ten at or below the smallest PSI (at least
+/// 10⁻⁴, at most the one below the moderate threshold) to the power of ten above the
+/// largest PSI and the significant threshold, so both ends are labelled values. The
+/// labels: every power of ten, with 2 and 5 times each when the axis spans at most three
+/// decades.
+fn psi_axis(results: &[FeatureDrift], t: Thresholds) -> (f64, f64, Vec<f64>) {
+    // A hair above, so 0.1 (whose log10 may round below −1) is in decade −1.
+    let decade = |v: f64| (v.log10() + 1e-9).floor() as i32;
+    // A PSI of 0 (identical shares) is below any log axis: it takes the lowest one.
+    let smallest = results
+        .iter()
+        .map(|r| r.psi.max(1e-300))
+        .filter(|psi| psi.is_finite())
+        .fold(t.psi_moderate, f64::min);
+    let low = decade(smallest).clamp(-4, decade(t.psi_moderate));
+    let largest = results
+        .iter()
+        .map(|r| r.psi)
+        .filter(|psi| psi.is_finite())
+        .fold(t.psi_significant, f64::max);
+    // The decade above, so the largest bar ends inside the axis, never on its end.
+    let high = (decade(largest) + 1).max(low + 1);
+    let multiples: &[f64] = if high - low <= 3 {
+        &[1.0, 2.0, 5.0]
+    } else {
+        &[1.0]
+    };
+    let mut ticks = Vec::new();
+    for exponent in low..high {
+        for m in multiples {
+            ticks.push(m * 10f64.powi(exponent));
+        }
+    }
+    ticks.push(10f64.powi(high));
+    (10f64.powi(low), 10f64.powi(high), ticks)
+}
+
+/// A PSI axis label: the value's shortest decimal form ("0.001", "0.2", "10").
+fn psi_label(value: f64) -> String {
+    let rounded = (value * 1e6).round() / 1e6;
+    format!("{rounded}")
+}
+
+/// PSI per feature as horizontal bars, one slot per feature and no other, on a log axis (so
+/// 0.1 and 6 both read) whose ends are labelled powers of ten ([`psi_axis`]), coloured by
+/// level, the colours and the moderate and significant thresholds (vertical lines)
+/// explained in the legend.
 fn psi_chart(
     path: &Path,
     results: &[FeatureDrift],
@@ -578,21 +626,22 @@ fn psi_chart(
     window: &PsiWindow<'_>,
 ) -> Result<(), String> {
     use plotters::prelude::*;
+    use plotters::style::text_anchor::{HPos, Pos, VPos};
     if let Some(parent) = path.parent() {
         std::fs::create_dir_all(parent)
             .map_err(|err| format!("cannot create {}: {err}", parent.display()))?;
     }
     let fail = |err: &dyn std::fmt::Display| format!("chart {}: {err}", path.display());
-    const FLOOR: f64 = 1e-3;
-    let top = results
-        .iter()
-        .map(|r| r.psi)
-        .fold(t.psi_significant * 2.0, f64::max)
-        * 1.5;
     let n = results.len();
-    let root = SVGBackend::new(path, (900, 140 + 26 * n as u32)).into_drawing_area();
+    let Some(last_slot) = n.checked_sub(1) else {
+        return Err(format!("chart {}: no features to chart", path.display()));
+    };
+    let (floor, top, ticks) = psi_axis(results, t);
+    let root = SVGBackend::new(path, (PSI_CHART_WIDTH, 140 + 26 * n as u32)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| fail(&e))?;
-    let mut chart = ChartBuilder::on(&root)
+    // The legend has a column of its own, right of the plot: it never covers a bar.
+    let (plot, legend) = root.split_horizontally(PSI_CHART_WIDTH - 230);
+    let mut chart = ChartBuilder::on(&plot)
         .caption(
             format!(
                 "PSI per feature, {} → {} against the training baseline of model {}",
@@ -603,7 +652,11 @@ fn psi_chart(
         .margin(14)
         .x_label_area_size(40)
         .y_label_area_size(120)
-        .build_cartesian_2d((FLOOR..top).log_scale(), (0..n).into_segmented())
+        // A range of integers is inclusive as segments: 0..n − 1 is n slots, one per feature.
+        .build_cartesian_2d(
+            (floor..top).log_scale().with_key_points(ticks),
+            (0..last_slot).into_segmented(),
+        )
         .map_err(|e| fail(&e))?;
     chart
         .configure_mesh()
@@ -616,75 +669,109 @@ fn psi_chart(
                 .unwrap_or_default(),
             _ => String::new(),
         })
+        .x_label_formatter(&|v| psi_label(*v))
         .x_desc("PSI (log scale; * = drifted)")
         .draw()
         .map_err(|e| fail(&e))?;
+    // The lower edge of slot `i`; the top of the last slot is the top of the axis.
+    let slot_edge = |i: usize| {
+        if i < n {
+            SegmentValue::Exact(i)
+        } else {
+            SegmentValue::Last
+        }
+    };
     let colour_of = |level: &str| match level {
         "significant" => RGBColor(200, 40, 40),
         "moderate" => RGBColor(230, 150, 0),
         _ => RGBColor(70, 130, 180),
     };
-    // The bar colours in the legend: an empty series per level carries its entry.
-    for (level, meaning) in [
-        ("stable", format!("PSI < {:.2}", t.psi_moderate)),
-        (
-            "moderate",
-            format!("{:.2} ≤ PSI < {:.2}", t.psi_moderate, t.psi_significant),
-        ),
-        ("significant", format!("PSI ≥ {:.2}", t.psi_significant)),
-    ] {
-        let colour = colour_of(level);
-        chart
-            .draw_series(std::iter::empty::<Rectangle<(f64, SegmentValue<usize>)>>())
-            .map_err(|e| fail(&e))?
-            .label(format!("{level} bar: {meaning}"))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 20, y + 5)], colour.filled()));
-    }
     chart
         .draw_series(results.iter().enumerate().map(|(i, r)| {
             let colour = colour_of(r.level);
             let mut bar = Rectangle::new(
-                [
-                    (FLOOR, SegmentValue::Exact(i)),
-                    (r.psi.max(FLOOR), SegmentValue::Exact(i + 1)),
-                ],
+                [(floor, slot_edge(i)), (r.psi.max(floor), slot_edge(i + 1))],
                 colour.filled(),
             );
             bar.set_margin(3, 3, 0, 0);
             bar
         }))
         .map_err(|e| fail(&e))?;
-    for (value, label, colour) in [
-        (
-            t.psi_moderate,
-            format!("moderate ({:.2})", t.psi_moderate),
-            RGBColor(230, 150, 0),
-        ),
-        (
-            t.psi_significant,
-            format!("significant ({:.2})", t.psi_significant),
-            RGBColor(200, 40, 40),
-        ),
-    ] {
+    // Each bar's value at its end: outside, or inside (in white) when the bar nearly fills
+    // the axis and the text would run past it.
+    let share_of_axis = |v: f64| (v.max(floor) / floor).ln() / (top / floor).ln();
+    chart
+        .draw_series(results.iter().enumerate().map(|(i, r)| {
+            let inside = share_of_axis(r.psi) > 0.85;
+            let (offset, anchor, colour) = if inside {
+                (-6, HPos::Right, WHITE)
+            } else {
+                (6, HPos::Left, BLACK)
+            };
+            let style = ("sans-serif", 12)
+                .into_font()
+                .color(&colour)
+                .pos(Pos::new(anchor, VPos::Center));
+            EmptyElement::at((r.psi.max(floor), SegmentValue::CenterOf(i)))
+                + Text::new(format!("{:.3}", r.psi), (offset, 0), style)
+        }))
+        .map_err(|e| fail(&e))?;
+    let moderate = RGBColor(230, 150, 0);
+    let significant = RGBColor(200, 40, 40);
+    for (value, colour) in [(t.psi_moderate, moderate), (t.psi_significant, significant)] {
         chart
             .draw_series(LineSeries::new(
-                [
-                    (value, SegmentValue::Exact(0)),
-                    (value, SegmentValue::Exact(n)),
-                ],
+                [(value, slot_edge(0)), (value, slot_edge(n))],
                 colour.stroke_width(2),
             ))
-            .map_err(|e| fail(&e))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new([(x, y), (x + 20, y)], colour.stroke_width(2)));
+            .map_err(|e| fail(&e))?;
     }
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::LowerRight)
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .draw()
+    // The legend: what each bar colour and each threshold line means.
+    let entries = [
+        (
+            colour_of("stable"),
+            true,
+            format!("stable bar: PSI < {:.2}", t.psi_moderate),
+        ),
+        (
+            colour_of("moderate"),
+            true,
+            format!(
+                "moderate bar: {:.2} ≤ PSI < {:.2}",
+                t.psi_moderate, t.psi_significant
+            ),
+        ),
+        (
+            colour_of("significant"),
+            true,
+            format!("significant bar: PSI ≥ {:.2}", t.psi_significant),
+        ),
+        (moderate, false, format!("moderate ({:.2})", t.psi_moderate)),
+        (
+            significant,
+            false,
+            format!("significant ({:.2})", t.psi_significant),
+        ),
+    ];
+    for (k, (colour, is_bar, label)) in entries.into_iter().enumerate() {
+        let y = 50 + 20 * k as i32;
+        if is_bar {
+            legend.draw(&Rectangle::new([(10, y - 6), (30, y + 6)], colour.filled()))
+        } else {
+            legend.draw(&PathElement::new(
+                [(10, y), (30, y)],
+                colour.stroke_width(2),
+            ))
+        }
         .map_err(|e| fail(&e))?;
+        let style = ("sans-serif", 12)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        legend
+            .draw(&Text::new(label, (38, y), style))
+            .map_err(|e| fail(&e))?;
+    }
     root.present().map_err(|e| fail(&e))
 }
 
@@ -731,6 +818,144 @@ mod tests {
         ] {
             assert!(svg.contains(legend), "{legend}: {svg}");
         }
+    }
+
+    fn feature(name: &str, psi: f64, level: &'static str) -> FeatureDrift {
+        FeatureDrift {
+            feature: name.into(),
+            psi,
+            kl: 0.0,
+            ks_d: 0.0,
+            ks_p: 1.0,
+            ks_method: KsMethod::Exact,
+            level,
+            drifted: level == "significant",
+        }
+    }
+
+    /// Three features, one per level; `smallest` is the stable one's PSI.
+    fn three_features(smallest: f64) -> Vec<FeatureDrift> {
+        vec![
+            feature("rsi_14", smallest, "stable"),
+            feature("ret_5", 0.15, "moderate"),
+            feature("atr_14", 3.2, "significant"),
+        ]
+    }
+
+    const WINDOW: PsiWindow<'static> = PsiWindow {
+        from: "2018-10-04",
+        to: "2018-12-31",
+        model_id: 7,
+    };
+
+    #[test]
+    fn the_psi_axis_starts_and_ends_at_labelled_powers_of_ten() {
+        let t = Thresholds::default();
+        // 0.004 → from 0.001; 3.2 → to 10; four decades: powers of ten only.
+        let (from, to, ticks) = psi_axis(&three_features(0.004), t);
+        assert_eq!((from, to), (1e-3, 10.0));
+        let labels: Vec<String> = ticks.iter().map(|v| psi_label(*v)).collect();
+        assert_eq!(labels, ["0.001", "0.01", "0.1", "1", "10"]);
+        // Within three decades, 2 and 5 times each too.
+        let (from, to, ticks) = psi_axis(&[feature("a", 0.03, "stable")], t);
+        assert_eq!((from, to), (0.01, 1.0));
+        let labels: Vec<String> = ticks.iter().map(|v| psi_label(*v)).collect();
+        assert_eq!(labels, ["0.01", "0.02", "0.05", "0.1", "0.2", "0.5", "1"]);
+        // A PSI of 0 (or below 10⁻⁴) does not pull the axis below 10⁻⁴.
+        let (from, _, _) = psi_axis(&three_features(0.0), t);
+        assert_eq!(from, 1e-4);
+        let (from, _, _) = psi_axis(&three_features(1e-7), t);
+        assert_eq!(from, 1e-4);
+    }
+
+    #[test]
+    fn the_psi_charts_value_axis_is_labelled_at_its_start_and_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psi.svg");
+        psi_chart(
+            &path,
+            &three_features(0.004),
+            Thresholds::default(),
+            &WINDOW,
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        let texts = super::super::chart_check::texts(&svg);
+        let numbers: Vec<&str> = texts
+            .iter()
+            .map(|t| t.as_str())
+            .filter(|t| t.parse::<f64>().is_ok())
+            .collect();
+        // The axis, then each bar's value.
+        let axis_then_bars = ["0.001", "0.01", "0.1", "1", "10", "0.004", "0.150", "3.200"];
+        assert_eq!(numbers, axis_then_bars, "{svg}");
+    }
+
+    /// The numbers in an SVG attribute `name="…"` of `element`.
+    fn attribute(element: &str, name: &str) -> Vec<i32> {
+        let start = element.find(&format!(" {name}=\"")).unwrap() + name.len() + 3;
+        let value = &element[start..start + element[start..].find('"').unwrap()];
+        value
+            .split([' ', ','])
+            .filter(|v| !v.is_empty())
+            .map(|v| v.parse().unwrap())
+            .collect()
+    }
+
+    #[test]
+    fn the_psi_chart_has_one_slot_per_feature_and_no_empty_one() {
+        // Issue 14: the feature axis had one slot more than features, empty at the top.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psi.svg");
+        psi_chart(
+            &path,
+            &three_features(0.004),
+            Thresholds::default(),
+            &WINDOW,
+        )
+        .unwrap();
+        let svg = std::fs::read_to_string(&path).unwrap();
+        // The feature axis: the longest vertical black line.
+        let axis_height = svg
+            .split('<')
+            .filter(|e| e.starts_with("polyline") && e.contains("stroke=\"#000000\""))
+            .map(|e| attribute(e, "points"))
+            .filter(|p| p[0] == p[2])
+            .map(|p| (p[3] - p[1]).abs())
+            .max()
+            .unwrap();
+        // The bars: the level-coloured rectangles taller than a legend swatch (12 px), 3 px of
+        // margin above and below each, together as tall as the axis (to rounding).
+        let bars: Vec<i32> = svg
+            .split('<')
+            .filter(|e| {
+                let level_fill = ["#4682B4", "#E69600", "#C82828"]
+                    .iter()
+                    .any(|colour| e.contains(&format!("fill=\"{colour}\"")));
+                e.starts_with("rect") && level_fill
+            })
+            .map(|e| attribute(e, "height")[0])
+            .filter(|height| *height > 14)
+            .collect();
+        assert_eq!(bars.len(), 3, "{svg}");
+        let slots: i32 = bars.iter().map(|height| height + 6).sum();
+        assert!(
+            (slots - axis_height).abs() <= 3,
+            "slots {slots}, axis {axis_height}: {svg}"
+        );
+    }
+
+    #[test]
+    fn the_psi_chart_renders_as_a_png_of_its_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("psi.svg");
+        let results = three_features(0.004);
+        psi_chart(&path, &results, Thresholds::default(), &WINDOW).unwrap();
+        super::super::chart_check::check_renders_as_png(
+            &path,
+            (PSI_CHART_WIDTH, 140 + 26 * 3),
+            10_000,
+        );
     }
 
     #[test]

@@ -86,3 +86,78 @@ pub(crate) fn load_bars(
 pub(crate) fn db(err: rusqlite::Error) -> HandlerError {
     HandlerError::Retryable(format!("market database: {err}"))
 }
+
+/// What the chart tests share: a chart is looked at as a PNG, not only written.
+#[cfg(test)]
+pub(crate) mod chart_check {
+    use std::path::Path;
+    use std::process::Command;
+
+    /// Converts the SVG at `svg` to PNG with `rsvg-convert` (Debian's `librsvg2-bin`), as a
+    /// reader's viewer would draw it, and checks that it succeeds without a warning and gives
+    /// a PNG of the SVG's `width` × `height` of more than `min_bytes` (a chart, not a blank
+    /// page). Returns the PNG's path, or `None` with a printed note when rsvg-convert is
+    /// not on PATH.
+    pub(crate) fn check_renders_as_png(
+        svg: &Path,
+        (width, height): (u32, u32),
+        min_bytes: usize,
+    ) -> Option<std::path::PathBuf> {
+        let png = svg.with_extension("png");
+        let output = match Command::new("rsvg-convert")
+            .arg("--format=png")
+            .arg("--output")
+            .arg(&png)
+            .arg(svg)
+            .output()
+        {
+            Ok(output) => output,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                println!(
+                    "note: rsvg-convert is not on PATH (apt-get install librsvg2-bin): {} not rendered to PNG",
+                    svg.display()
+                );
+                return None;
+            }
+            Err(err) => panic!("rsvg-convert {}: {err}", svg.display()),
+        };
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            output.status.success() && stderr.trim().is_empty(),
+            "rsvg-convert {}: {}: {stderr}",
+            svg.display(),
+            output.status
+        );
+        let bytes = std::fs::read(&png).unwrap();
+        assert!(
+            bytes.starts_with(b"\x89PNG\r\n\x1a\n") && &bytes[12..16] == b"IHDR",
+            "{}: not a PNG",
+            png.display()
+        );
+        let dimension = |at: usize| u32::from_be_bytes(bytes[at..at + 4].try_into().unwrap());
+        assert_eq!(
+            (dimension(16), dimension(20)),
+            (width, height),
+            "{}",
+            png.display()
+        );
+        assert!(
+            bytes.len() > min_bytes,
+            "{}: {} bytes, a blank page?",
+            png.display(),
+            bytes.len()
+        );
+        Some(png)
+    }
+
+    /// The text of every `<text>` element of an SVG, in order.
+    pub(crate) fn texts(svg: &str) -> Vec<String> {
+        svg.split("<text")
+            .skip(1)
+            .filter_map(|element| {
+                let body = &element[element.find('>')? + 1..];
+                Some(body[..body.find("</text>")?].trim().to_string())
+            })
+            .collect()
+    }
+}
