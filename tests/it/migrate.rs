@@ -380,20 +380,39 @@ impl ScratchDatabase {
 }
 
 impl Drop for ScratchDatabase {
+    /// Never panics: it also runs while a failed test unwinds.
     fn drop(&mut self) {
         let drop_it = format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name);
-        if std::panic::catch_unwind(|| admin(&self.server, &drop_it)).is_err() {
-            eprintln!("{}: {drop_it} failed", self.server);
+        if let Err(err) = try_admin(&self.server, &drop_it) {
+            eprintln!("{}: {drop_it}: {err}", self.server);
         }
     }
 }
 
 fn admin(server: &str, sql: &str) {
-    let sql = sql.to_string();
-    on_postgres(&format!("{server}/postgres"), |client| async move {
-        client
-            .batch_execute(&sql)
+    try_admin(server, sql).unwrap_or_else(|err| panic!("{server}: {sql}: {err}"));
+}
+
+/// Runs `sql` on the `postgres` database of `server`.
+fn try_admin(server: &str, sql: &str) -> Result<(), String> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|err| err.to_string())?;
+    let result = runtime.block_on(async {
+        let (client, connection) =
+            tokio_postgres::connect(&format!("{server}/postgres"), tokio_postgres::NoTls)
+                .await
+                .map_err(|err| err.to_string())?;
+        let driver = tokio::spawn(connection);
+        let result = client
+            .batch_execute(sql)
             .await
-            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+            .map_err(|err| err.to_string());
+        drop(client);
+        let _ = driver.await;
+        result
     });
+    runtime.shutdown_background();
+    result
 }
