@@ -1,5 +1,5 @@
 //! Subcommands: `serve`, `run`, `status`, `runs`, `show`, `abort`, `validate`, `next`,
-//! `bench`, and the hidden `worker`.
+//! `migrate`, `bench`, and the hidden `worker`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -166,6 +166,19 @@ enum Cmd {
         #[arg(long)]
         dry_run: bool,
     },
+    /// Copy the SQLite history (runs, attempts, events, task state, instances) into an empty
+    /// PostgreSQL database, in one transaction verified by row counts.
+    Migrate {
+        /// The PostgreSQL database to fill, which must be empty: postgresql://user@host:5432/db.
+        #[arg(long)]
+        to: String,
+        /// The SQLite file to copy (default: `[scheduler] database` of --config).
+        #[arg(long)]
+        from: Option<PathBuf>,
+        /// Copy even while an instance is live on the SQLite file (what it writes after the copy's snapshot stays behind).
+        #[arg(long)]
+        force: bool,
+    },
     /// Measure fire lag and throughput with N per-second tasks running /bin/true.
     Bench {
         /// Tasks, each `* * * * * *`.
@@ -284,6 +297,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             (!all).then_some(lines),
         ),
         Cmd::Archive { dry_run } => archive(&cli.config, dry_run),
+        Cmd::Migrate { to, from, force } => migrate(&cli.config, &to, from, force),
         Cmd::Bench {
             tasks,
             seconds,
@@ -442,6 +456,85 @@ fn audit(path: &Path, since: &str, json: bool) -> Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// `turbosched migrate`: refuses a source that is no turbosched SQLite file, is newer than
+/// this build, or has a live instance (unless `force`), and a target that is not empty
+/// (`store::migrate` says why each); then copies, verifies and prints the counts.
+fn migrate(path: &Path, to: &str, from: Option<PathBuf>, force: bool) -> Result<ExitCode> {
+    use turbosched::store::migrate;
+    let (source, heartbeat_timeout) = match from {
+        // The config, when there is one, only says how long an instance's heartbeat lasts
+        // (30 s, `[scheduler] heartbeat_timeout`'s default, without one).
+        Some(from) => (
+            from,
+            config::read_locations(path)
+                .map(|locations| locations.heartbeat_timeout)
+                .unwrap_or(Duration::from_secs(30)),
+        ),
+        None => {
+            let reading = load_for_reading(path)?;
+            let database = reading.locations.database;
+            let setting = database.to_string_lossy();
+            if setting.starts_with("postgres://") || setting.starts_with("postgresql://") {
+                bail!(
+                    "{}: [scheduler] database is already a PostgreSQL URL; name the SQLite file to copy with --from",
+                    path.display()
+                );
+            }
+            (database, reading.locations.heartbeat_timeout)
+        }
+    };
+    migrate::check_source(&source)?;
+    {
+        // Opened as every command opens it: an older file is brought forward here.
+        let store = Store::open(&source)?;
+        let now = SystemClock.now();
+        let live = store.live_instances(heartbeat_timeout, now)?;
+        if let Some(instance) = live.first().filter(|_| !force) {
+            let ago = (now - instance.heartbeat_at).num_milliseconds() as f64 / 1000.0;
+            bail!(
+                "{}: instance {} (pid {} on {}, {}) is live, its last heartbeat {ago:.1} s ago: \
+                 what it writes after the copy would be left behind; stop it (`kill -TERM {}`) \
+                 and migrate again, or pass --force",
+                source.display(),
+                instance.id,
+                instance.pid,
+                instance.host,
+                if instance.serving {
+                    "serving"
+                } else {
+                    "a foreground `turbosched run`"
+                },
+                instance.pid
+            );
+        }
+    }
+    let migration = migrate::sqlite_to_postgres(&source, to)?;
+    out!(
+        "migrated {} -> {} in {:.2} s",
+        migration.from.display(),
+        migration.to,
+        migration.elapsed.as_secs_f64()
+    )?;
+    out!("{:<16} {:>12} {:>12}", "table", "sqlite", "postgresql")?;
+    for table in &migration.tables {
+        out!(
+            "{:<16} {:>12} {:>12}",
+            table.name,
+            table.sqlite,
+            table.postgres
+        )?;
+    }
+    out!(
+        "ok: every count equal; new runs are numbered from {}",
+        migration.max_run_id.unwrap_or(0) + 1
+    )?;
+    out!(
+        "next: set database = \"{}\" under [scheduler] (with its password, if any) and start the service",
+        migration.to
+    )?;
+    Ok(ExitCode::SUCCESS)
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {

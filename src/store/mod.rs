@@ -36,6 +36,7 @@ use std::time::Duration;
 
 use crate::model::{to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
+pub mod migrate;
 mod postgres;
 mod sqlite;
 

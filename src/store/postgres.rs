@@ -171,7 +171,7 @@ fn with_causes(err: &dyn std::error::Error) -> String {
 }
 
 /// The URL without its password, for messages.
-fn redacted(url: &str) -> String {
+pub(super) fn redacted(url: &str) -> String {
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_string();
     };
@@ -245,6 +245,20 @@ impl PostgresBackend {
 
     fn runtime(&self) -> &Runtime {
         self.runtime.as_ref().expect("the runtime lives until drop")
+    }
+
+    /// Runs `work` on one pooled connection, on the backend's runtime: for what is no
+    /// [`Tx`] of run state (`migrate.rs`'s copy: a transaction of its own, `COPY`, DDL).
+    pub(super) fn with_connection<T, E, F, Fut>(&self, work: F) -> Result<T, E>
+    where
+        E: From<StoreError>,
+        F: FnOnce(deadpool_postgres::Object) -> Fut,
+        Fut: std::future::Future<Output = Result<T, E>>,
+    {
+        block_on(self.runtime(), async {
+            let client = self.pool.get().await.map_err(StoreError::from)?;
+            work(client).await
+        })
     }
 
     /// Creates a new database's tables, migrates an older one, refuses a newer one; one

@@ -13,6 +13,7 @@ mod docs;
 mod faults;
 mod maintenance;
 mod market;
+mod migrate;
 mod pipeline;
 mod recovery;
 mod scheduling;

@@ -100,6 +100,16 @@ impl Sandbox {
 
     /// Starts `turbosched serve` with extra environment.
     pub fn serve_with(&self, env: &[(&str, &str)]) -> Service {
+        self.start_serving(env, &self.database)
+    }
+
+    /// Starts `turbosched serve` whose config names `database` (a file, or a PostgreSQL
+    /// URL), and waits until it has registered there.
+    pub fn serve_on(&self, database: &Path) -> Service {
+        self.start_serving(&[], database)
+    }
+
+    fn start_serving(&self, env: &[(&str, &str)], database: &Path) -> Service {
         let stderr = self.path().join(format!(
             "serve-{}.log",
             std::process::id() as u128 + now_nanos()
@@ -123,7 +133,7 @@ impl Sandbox {
             &format!("service pid {pid} registered"),
             Duration::from_secs(20),
             || {
-                let store = Store::open(&self.database).ok()?;
+                let store = Store::open(database).ok()?;
                 let live = store
                     .live_instances(Duration::from_secs(30), chrono::Utc::now())
                     .ok()?;
