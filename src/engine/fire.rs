@@ -49,9 +49,6 @@ impl Engine {
     /// to `now`, in one transaction.
     pub(super) fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
         let config = self.config.clone();
-        // The pause flags are the engine's own copy (seeded from the store at start-up and
-        // changed only through `pause`), the same the board shows.
-        let paused = &self.paused;
         struct TaskPlan<'a> {
             task: &'a TaskName,
             first_due: Instant,
@@ -78,8 +75,9 @@ impl Engine {
                 spec.misfire_grace,
                 at_startup,
             );
-            // Paused and disabled tasks let their ticks pass unclaimed.
-            let fire = spec.enabled && !paused.contains(task.as_str());
+            // Disabled tasks, and tasks paused in the store (read when their row is held,
+            // below), let their ticks pass unclaimed.
+            let fire = spec.enabled;
             plans.push(TaskPlan {
                 task,
                 first_due: *first_due,
@@ -100,6 +98,8 @@ impl Engine {
             adopted: Vec<(TaskName, Option<Instant>)>,
             /// Stored under another config's schedule (task, stored key).
             disagreeing: Vec<(TaskName, String)>,
+            /// The stored pause flags (another instance may have changed them).
+            paused: Vec<(TaskName, bool)>,
         }
         let store = self.store.clone();
         let names: Vec<TaskName> = plans.iter().map(|plan| plan.task.clone()).collect();
@@ -110,10 +110,11 @@ impl Engine {
                 // the store holds; another instance's advance is adopted, not repeated.
                 let held = batch.hold_schedules(&names)?;
                 for plan in &plans {
-                    let Some(stored) = held.get(plan.task) else {
+                    let Some(held) = held.get(plan.task) else {
                         fired.deferred.push(plan.task.clone());
                         continue;
                     };
+                    let stored = &held.state;
                     if let Some(key) = stored.schedule.as_deref() {
                         if key != plan.key {
                             fired.disagreeing.push((plan.task.clone(), key.to_string()));
@@ -124,7 +125,15 @@ impl Engine {
                             continue;
                         }
                     }
-                    if !plan.fire {
+                    if !held.due {
+                        // Due by this host's clock, not yet by the database's.
+                        fired.deferred.push(plan.task.clone());
+                        continue;
+                    }
+                    // The stored pause flag is the truth: a pause or resume made on
+                    // another instance holds here too.
+                    fired.paused.push((plan.task.clone(), stored.paused));
+                    if !plan.fire || stored.paused {
                         batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
                         continue;
                     }
@@ -172,7 +181,16 @@ impl Engine {
                 deferred,
                 adopted,
                 disagreeing,
+                paused,
             } = fired;
+            for (task, paused) in paused {
+                let changed = if paused {
+                    self.paused.insert(task.as_str().to_string())
+                } else {
+                    self.paused.remove(task.as_str())
+                };
+                self.dirty |= changed;
+            }
             (claims, deferred, adopted, disagreeing)
         });
         let (claims, deferred, adopted, disagreeing) = match claims {

@@ -1024,7 +1024,9 @@ pub(crate) fn a_next_fire_advanced_by_another_instance_is_what_the_next_holder_s
     let fired = first
         .batch(|tx| {
             let held = tx.hold_schedules(std::slice::from_ref(&task))?;
-            let state = held.get(&task).cloned().unwrap_or_default();
+            let held = held.get(&task).cloned().unwrap_or_default();
+            assert!(held.due);
+            let state = held.state;
             assert_eq!(state.next_fire_at, Some(at(0, 0)));
             assert_eq!(state.schedule.as_deref(), Some(key));
             tx.claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), Some(at(1, 0)))
@@ -1034,17 +1036,19 @@ pub(crate) fn a_next_fire_advanced_by_another_instance_is_what_the_next_holder_s
     let seen = second
         .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
         .unwrap();
-    assert_eq!(seen[&task].next_fire_at, Some(at(1, 0)));
-    assert_eq!(seen[&task].schedule.as_deref(), Some(key));
-    assert_eq!(seen[&task].last_fire_at, Some(at(0, 0)));
+    let seen = &seen[&task].state;
+    assert_eq!(seen.next_fire_at, Some(at(1, 0)));
+    assert_eq!(seen.schedule.as_deref(), Some(key));
+    assert_eq!(seen.last_fire_at, Some(at(0, 0)));
     assert_eq!(second.run(fired).unwrap().unwrap().state, RunState::Queued);
     // A task nobody has written is held as an empty row.
     let fresh = TaskName::from("never_seen");
     let held = second
         .batch(|tx| tx.hold_schedules(std::slice::from_ref(&fresh)))
         .unwrap();
-    assert_eq!(held[&fresh].next_fire_at, None);
-    assert_eq!(held[&fresh].schedule, None);
+    assert_eq!(held[&fresh].state.next_fire_at, None);
+    assert_eq!(held[&fresh].state.schedule, None);
+    assert!(held[&fresh].due);
 }
 
 pub(crate) fn a_task_runs_one_attempt_at_a_time_across_instances(open: Open<'_>) {

@@ -371,6 +371,18 @@ enum Kind {
 }
 
 impl Kind {
+    /// The kind of a PostgreSQL column, from `information_schema.columns.data_type`.
+    fn of(data_type: &str) -> Option<Kind> {
+        Some(match data_type {
+            "bigint" => Kind::Int,
+            "integer" => Kind::Int4,
+            "double precision" => Kind::Real,
+            "text" => Kind::Text,
+            "boolean" => Kind::Flag,
+            _ => return None,
+        })
+    }
+
     fn postgres_type(self) -> Type {
         match self {
             Kind::Int => Type::INT8,
@@ -382,111 +394,42 @@ impl Kind {
     }
 }
 
-/// A table copied, its columns in both schemas (`schema.sql`, `postgres.sql`).
+/// A table copied. Its columns are PostgreSQL's (`postgres.sql`, read from
+/// `information_schema` at copy time, so a column added to both schemas is copied
+/// without a change here); SQLite's table (`schema.sql`) has the same names.
 struct Table {
     name: &'static str,
     /// The plural in messages ("3 runs, 0 task_state rows").
     noun: &'static str,
-    columns: &'static [(&'static str, Kind)],
     /// The primary key: rows are copied in its order.
     order: &'static str,
 }
-
-use Kind::{Flag, Int, Int4, Real, Text};
 
 /// Every table of history, parents first (attempts reference runs).
 const TABLES: [Table; 5] = [
     Table {
         name: "runs",
         noun: "runs",
-        columns: &[
-            ("id", Int),
-            ("task", Text),
-            ("trigger", Text),
-            ("scheduled_for", Int),
-            ("queued_at", Int),
-            ("started_at", Int),
-            ("finished_at", Int),
-            ("state", Text),
-            ("attempt", Int),
-            ("max_attempts", Int),
-            ("next_attempt_at", Int),
-            ("exit_code", Int4),
-            ("error", Text),
-            ("reason", Text),
-            ("progress", Real),
-            ("phase", Text),
-            ("checkpoint", Text),
-            ("result", Text),
-            ("owner", Text),
-            ("pid", Int),
-            ("heartbeat_at", Int),
-            ("abort_requested", Flag),
-            ("force", Flag),
-            ("downstream", Flag),
-            ("cascade", Int),
-            ("progress_event_at", Int),
-            ("progress_event_pct", Real),
-            ("progress_event_phase", Text),
-        ],
         order: "id",
     },
     Table {
         name: "attempts",
         noun: "attempts",
-        columns: &[
-            ("run_id", Int),
-            ("attempt", Int),
-            ("started_at", Int),
-            ("finished_at", Int),
-            ("outcome", Text),
-            ("exit_code", Int4),
-            ("error", Text),
-            ("owner", Text),
-            ("pid", Int),
-            ("spawned_at", Int),
-        ],
         order: "run_id, attempt",
     },
     Table {
         name: "task_state",
         noun: "task_state rows",
-        columns: &[
-            ("task", Text),
-            ("paused", Flag),
-            ("last_fire_at", Int),
-            ("next_fire_at", Int),
-            ("schedule", Text),
-        ],
         order: "task",
     },
     Table {
         name: "events",
         noun: "events",
-        columns: &[
-            ("seq", Int),
-            ("at", Int),
-            ("kind", Text),
-            ("task", Text),
-            ("run_id", Int),
-            ("attempt", Int),
-            ("message", Text),
-        ],
         order: "seq",
     },
     Table {
         name: "instances",
         noun: "instances",
-        columns: &[
-            ("id", Text),
-            ("pid", Int),
-            ("host", Text),
-            ("started_at", Int),
-            ("heartbeat_at", Int),
-            ("stopped_at", Int),
-            ("serving", Flag),
-            ("api", Text),
-        ],
         order: "id",
     },
 ];
@@ -663,16 +606,41 @@ async fn copy_table(
     table: &Table,
     database: &str,
 ) -> Result<u64, MigrateError> {
-    let types: Vec<Type> = table
-        .columns
-        .iter()
-        .map(|(_, kind)| kind.postgres_type())
-        .collect();
     let pg_fail = |err: tokio_postgres::Error| MigrateError::Postgres {
         database: database.to_string(),
         step: format!("copy {}", table.name),
         source: err.into(),
     };
+    let mut columns: Vec<(String, Kind)> = Vec::new();
+    let described = tx
+        .query(
+            "SELECT column_name::TEXT, data_type::TEXT FROM information_schema.columns
+             WHERE table_schema = current_schema() AND table_name = $1 ORDER BY ordinal_position",
+            &[&table.name],
+        )
+        .await
+        .map_err(pg_fail)?;
+    for row in described {
+        let name: String = row.try_get(0).map_err(pg_fail)?;
+        let data_type: String = row.try_get(1).map_err(pg_fail)?;
+        let kind = Kind::of(&data_type).ok_or_else(|| MigrateError::Postgres {
+            database: database.to_string(),
+            step: format!("copy {}", table.name),
+            source: PostgresError {
+                message: format!(
+                    "column {}.{name} is {data_type}; expected bigint, integer, double precision, text or boolean",
+                    table.name
+                ),
+                code: None,
+                unavailable: false,
+            },
+        })?;
+        columns.push((name, kind));
+    }
+    let types: Vec<Type> = columns
+        .iter()
+        .map(|(_, kind)| kind.postgres_type())
+        .collect();
     let sqlite_fail = |row: u64| {
         move |source| MigrateError::Sqlite {
             path: path.to_path_buf(),
@@ -681,8 +649,7 @@ async fn copy_table(
         }
     };
     // Quoted: `trigger` and `force` are keywords in one dialect or the other.
-    let quoted = table
-        .columns
+    let quoted = columns
         .iter()
         .map(|(name, _)| format!("\"{name}\""))
         .collect::<Vec<_>>()
@@ -703,11 +670,11 @@ async fn copy_table(
         .map_err(sqlite_fail(0))?;
     let mut rows = statement.query([]).map_err(sqlite_fail(0))?;
     let mut count = 0u64;
-    let mut cells: Vec<Cell> = Vec::with_capacity(table.columns.len());
+    let mut cells: Vec<Cell> = Vec::with_capacity(columns.len());
     while let Some(row) = rows.next().map_err(sqlite_fail(count + 1))? {
         count += 1;
         cells.clear();
-        for (index, (_, kind)) in table.columns.iter().enumerate() {
+        for (index, (_, kind)) in columns.iter().enumerate() {
             cells.push(Cell::read(row, index, *kind).map_err(sqlite_fail(count))?);
         }
         let values: Vec<&(dyn ToSql + Sync)> = cells.iter().map(Cell::value).collect();

@@ -403,6 +403,16 @@ pub struct TaskStateRow {
     pub schedule: Option<String>,
 }
 
+/// A task's schedule row held by a transaction ([`Tx::hold_schedules`]).
+#[derive(Debug, Clone, Default)]
+pub struct HeldSchedule {
+    /// What is stored.
+    pub state: TaskStateRow,
+    /// The stored next fire has come by the database's clock (always, for a database
+    /// whose clock is the local one), or there is none.
+    pub due: bool,
+}
+
 /// A serving instance as registered.
 #[derive(Debug, Clone)]
 pub struct InstanceRow {
@@ -627,16 +637,16 @@ pub trait Tx {
     fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError>;
     /// Takes the schedule rows of `tasks` for this transaction: the compare half of the
     /// compare-and-set that advances a next fire. A task is in the answer (its stored
-    /// row, or an empty row if it has none) when this transaction holds it and its stored
-    /// next fire is due by the database's clock; a task left out is being fired by
-    /// another instance right now (PostgreSQL: `FOR UPDATE SKIP LOCKED`), or is not due
-    /// yet by database time. The caller fires a held task only if its stored next fire
-    /// and schedule key are the ones it planned from, and writes the new next fire in the
+    /// row, or an empty row if it has none) when this transaction holds it; a task left
+    /// out is being fired by another instance right now (PostgreSQL: `FOR UPDATE SKIP
+    /// LOCKED`). `due` says whether its stored next fire has come by the database's
+    /// clock. The caller fires a held task only if it is due and its stored next fire and
+    /// schedule key are the ones it planned from, and writes the new next fire in the
     /// same transaction (`claim_fire`, `set_next_fire`).
     fn hold_schedules(
         &self,
         tasks: &[TaskName],
-    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError>;
+    ) -> Result<HashMap<TaskName, HeldSchedule>, StoreError>;
 
     /// Appends an event that is not a run state change; returns its sequence number.
     fn record_event(

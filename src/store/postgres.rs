@@ -50,8 +50,8 @@ use tokio_postgres::{IsolationLevel, NoTls, Row};
 use super::progress_message;
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    InstanceRow, Landing, LastProgressEvent, Move, NewRun, PostgresError, PruneCounts, RunFilter,
-    RunRow, StoreError, TaskStateRow, Tx,
+    HeldSchedule, InstanceRow, Landing, LastProgressEvent, Move, NewRun, PostgresError,
+    PruneCounts, RunFilter, RunRow, StoreError, TaskStateRow, Tx,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -1090,25 +1090,27 @@ impl Tx for PostgresTx<'_, '_> {
         Ok(())
     }
 
-    /// The compare half of the compare-and-set on next fires: the due rows of `tasks`,
+    /// The compare half of the compare-and-set on next fires: the rows of `tasks`,
     /// locked `FOR UPDATE SKIP LOCKED` (a row another instance is firing is left out, and
-    /// nobody waits), due by the server's clock (a row not due yet is left out too, whatever
-    /// the local clock says). A task with no row yet is held as an empty row: its first
-    /// fire is decided by the claim key alone.
+    /// nobody waits), each with whether it is due by the server's clock (whatever the
+    /// local clock says). A task with no row yet is held as an empty row: its first fire
+    /// is decided by the claim key alone.
     fn hold_schedules(
         &self,
         tasks: &[TaskName],
-    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+    ) -> Result<HashMap<TaskName, HeldSchedule>, StoreError> {
         let names: Vec<&str> = tasks.iter().map(|t| t.as_str()).collect();
         let sql = format!(
-            "SELECT task, paused, last_fire_at, next_fire_at, schedule FROM task_state
-             WHERE task = ANY($1) AND (next_fire_at IS NULL OR next_fire_at <= {DATABASE_NOW})
+            "SELECT task, paused, last_fire_at, next_fire_at, schedule,
+                    next_fire_at IS NULL OR next_fire_at <= {DATABASE_NOW}
+             FROM task_state WHERE task = ANY($1)
              FOR UPDATE SKIP LOCKED"
         );
         let mut held = HashMap::with_capacity(tasks.len());
         for row in self.query(&sql, &[&names])? {
             let (task, state) = read_task_state(&row)?;
-            held.insert(task, state);
+            let due: bool = row.try_get(5)?;
+            held.insert(task, HeldSchedule { state, due });
         }
         if held.len() < tasks.len() {
             let missing: Vec<&str> = names
@@ -1126,7 +1128,11 @@ impl Tx for PostgresTx<'_, '_> {
                 .collect::<Result<_, _>>()?;
             for name in missing {
                 if !existing.contains(name) {
-                    held.insert(TaskName::from(name), TaskStateRow::default());
+                    let empty = HeldSchedule {
+                        state: TaskStateRow::default(),
+                        due: true,
+                    };
+                    held.insert(TaskName::from(name), empty);
                 }
             }
         }
@@ -1506,15 +1512,17 @@ mod tests {
             "waited for the lock"
         );
         assert!(!seen.contains_key(&ingest), "{seen:?}");
-        assert_eq!(seen[&train].next_fire_at, Some(past));
+        assert_eq!(seen[&train].state.next_fire_at, Some(past));
+        assert!(seen[&train].due);
         release_tx.send(()).unwrap();
         holder.join().unwrap();
     }
 
-    /// Due-ness is the server's clock's: a row due an hour from now is not held, whatever
-    /// the caller's clock says.
+    /// Due-ness is the server's clock's: a row whose next fire is an hour from now is
+    /// held (its value is what a caller compares with) but not due, whatever the caller's
+    /// clock says.
     #[test]
-    fn a_schedule_row_not_due_by_the_servers_clock_is_not_held() {
+    fn a_schedule_row_is_due_by_the_servers_clock() {
         let database = ScratchDatabase::create();
         let store = Store::open(std::path::Path::new(&database.url())).unwrap();
         let task = TaskName::from("ingest");
@@ -1523,16 +1531,17 @@ mod tests {
         let held = store
             .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
             .unwrap();
-        assert!(held.is_empty(), "{held:?}");
+        assert!(!held[&task].due, "{held:?}");
+        assert_eq!(
+            held[&task].state.next_fire_at.map(|t| t.timestamp_micros()),
+            Some(later.timestamp_micros())
+        );
         let now = chrono::Utc::now() - chrono::Duration::seconds(1);
         store.set_next_fire(&task, Some(now), Some("k")).unwrap();
         let held = store
             .batch(|tx| tx.hold_schedules(std::slice::from_ref(&task)))
             .unwrap();
-        assert_eq!(
-            held[&task].next_fire_at.map(|t| t.timestamp_micros()),
-            Some(now.timestamp_micros())
-        );
+        assert!(held[&task].due, "{held:?}");
     }
 
     /// Runs `sql` on the scratch database itself.

@@ -21,8 +21,8 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 use super::progress_message;
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    InstanceRow, Landing, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter, RunRow,
-    StoreError, TaskStateRow, Tx, SCHEMA_VERSION,
+    HeldSchedule, InstanceRow, Landing, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter,
+    RunRow, StoreError, TaskStateRow, Tx, SCHEMA_VERSION,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -577,7 +577,7 @@ impl Tx for SqliteTx<'_> {
     fn hold_schedules(
         &self,
         tasks: &[TaskName],
-    ) -> Result<HashMap<TaskName, TaskStateRow>, StoreError> {
+    ) -> Result<HashMap<TaskName, HeldSchedule>, StoreError> {
         let mut statement = self.tx.prepare_cached(
             "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
         )?;
@@ -593,7 +593,8 @@ impl Tx for SqliteTx<'_> {
                     })
                 })
                 .optional()?;
-            held.insert(task.clone(), row.unwrap_or_default());
+            let state = row.unwrap_or_default();
+            held.insert(task.clone(), HeldSchedule { state, due: true });
         }
         Ok(held)
     }

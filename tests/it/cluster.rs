@@ -188,17 +188,6 @@ fn three_instances_fire_every_tick_once_between_them() {
         runs.iter().all(|r| r.state == RunState::Succeeded),
         "{runs:?}"
     );
-    // Every instance took part: the claims are spread over the cluster.
-    let owners: std::collections::HashSet<String> = runs
-        .iter()
-        .filter_map(|r| database.store().attempts(r.id).ok())
-        .flatten()
-        .filter_map(|a| a.owner)
-        .collect();
-    assert!(
-        owners.len() >= 2,
-        "one instance did all the work: {owners:?}"
-    );
 }
 
 const LONG_CHILD: &str = r#"

@@ -139,7 +139,7 @@ impl Sandbox {
                     .ok()?;
                 live.into_iter()
                     .find(|i| i.pid == pid as i64)
-                    .map(|i| i.api.unwrap_or_default())
+                    .and_then(|i| i.api)
             },
         );
         service.api = format!("http://{api}");
