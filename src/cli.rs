@@ -676,7 +676,7 @@ fn serve(path: &Path) -> Result<ExitCode> {
             engine.handle(),
             engine.board(),
             engine.metrics(),
-            api_store,
+            api_store.written_by(engine.instance()),
             token,
         );
         let (server, address) = turbosched::api::start(state, &config.api.bind)
@@ -988,9 +988,12 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
     let reading = load_for_reading(path)?;
     let store = reading.open_store()?;
     let now = SystemClock.now();
-    let instances = store.live_instances(reading.locations.heartbeat_timeout, now)?;
+    let instances = live_instances_and_runs(
+        &store,
+        store.live_instances(reading.locations.heartbeat_timeout, now)?,
+    )?;
     let Some(config) = &reading.config else {
-        return status_from_store(&store, &instances, json);
+        return status_from_store(&store, &instances, json, now);
     };
     let mut tasks = Vec::new();
     for spec in config.tasks.values() {
@@ -1020,10 +1023,10 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         });
     }
     if json {
-        out!("{}", views::stored_status(&instances, &tasks))?;
+        out!("{}", views::stored_status(&instances, &tasks, now))?;
         return Ok(ExitCode::SUCCESS);
     }
-    print_service(&instances)?;
+    print_service(&instances, now)?;
     out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
         "TASK",
@@ -1077,9 +1080,36 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_service(instances: &[InstanceRow]) -> Result<()> {
-    match instances.iter().find(|i| i.serving) {
-        Some(instance) => out!(
+/// The live instances with the runs each is running (cluster mode shows them all).
+fn live_instances_and_runs(
+    store: &Store,
+    live: Vec<InstanceRow>,
+) -> Result<Vec<(InstanceRow, Vec<RunId>)>> {
+    let running = store.runs(&RunFilter {
+        state: Some(RunState::Running),
+        limit: 100_000,
+        ..RunFilter::default()
+    })?;
+    Ok(live
+        .into_iter()
+        .map(|row| {
+            let mut runs: Vec<RunId> = running
+                .iter()
+                .filter(|run| run.owner.as_deref() == Some(row.id.as_str()))
+                .map(|run| run.id)
+                .collect();
+            runs.sort();
+            (row, runs)
+        })
+        .collect())
+}
+
+fn print_service(instances: &[(InstanceRow, Vec<RunId>)], now: Instant) -> Result<()> {
+    let serving: Vec<&(InstanceRow, Vec<RunId>)> =
+        instances.iter().filter(|(row, _)| row.serving).collect();
+    match serving.as_slice() {
+        [] => out!("service: not running")?,
+        [(instance, _)] => out!(
             "service: up (pid {} on {}, instance {}){}",
             instance.pid,
             instance.host,
@@ -1090,14 +1120,48 @@ fn print_service(instances: &[InstanceRow]) -> Result<()> {
                 .map(|a| format!(", API http://{a}"))
                 .unwrap_or_default()
         )?,
-        None => out!("service: not running")?,
+        several => {
+            out!("service: up, {} instances", several.len())?;
+            out!(
+                "  {:<36} {:<22} {:<10} {:<12} RUNNING",
+                "INSTANCE",
+                "HOST (PID)",
+                "LEASE AGE",
+                "CONFIG"
+            )?;
+            for (instance, runs) in several {
+                let age = (now - instance.heartbeat_at).to_std().unwrap_or_default();
+                let runs: Vec<String> = runs.iter().map(|r| r.to_string()).collect();
+                out!(
+                    "  {:<36} {:<22} {:<10} {:<12} {}",
+                    instance.id,
+                    format!("{} ({})", instance.host, instance.pid),
+                    format!("{} ms", age.as_millis()),
+                    instance
+                        .config_hash
+                        .as_deref()
+                        .map(|h| h.chars().take(12).collect::<String>())
+                        .unwrap_or_else(|| "-".into()),
+                    if runs.is_empty() {
+                        "-".to_string()
+                    } else {
+                        runs.join(" ")
+                    }
+                )?;
+            }
+        }
     }
     Ok(())
 }
 
 /// `status` with a broken config: the tasks the store knows (a stored schedule, or a run
 /// among the latest thousand), their stored next fire in UTC (the file names the zones).
-fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Result<ExitCode> {
+fn status_from_store(
+    store: &Store,
+    instances: &[(InstanceRow, Vec<RunId>)],
+    json: bool,
+    now: Instant,
+) -> Result<ExitCode> {
     let mut known: std::collections::BTreeMap<TaskName, TaskStateRow> =
         store.task_states()?.into_iter().collect();
     let recent = store.runs(&RunFilter {
@@ -1130,10 +1194,13 @@ fn status_from_store(store: &Store, instances: &[InstanceRow], json: bool) -> Re
         });
     }
     if json {
-        out!("{}", views::stored_status_without_config(instances, &tasks))?;
+        out!(
+            "{}",
+            views::stored_status_without_config(instances, &tasks, now)
+        )?;
         return Ok(ExitCode::SUCCESS);
     }
-    print_service(instances)?;
+    print_service(instances, now)?;
     out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
         "TASK",

@@ -160,6 +160,8 @@ pub struct Report {
     pub pruned: PruneCounts,
     /// The backup written (or that would be).
     pub backup: Option<PathBuf>,
+    /// Why no backup was written (the database is not one this can copy).
+    pub backup_skipped: Option<String>,
     /// Older backups removed.
     pub backups_removed: Vec<PathBuf>,
     /// Nothing was changed.
@@ -185,6 +187,7 @@ impl Report {
                 "events": self.pruned.events,
             },
             "backup": self.backup.as_ref().map(|p| p.display().to_string()),
+            "backup_skipped": self.backup_skipped,
             "backups_removed": self.backups_removed.len(),
         })
     }
@@ -233,6 +236,9 @@ impl Report {
                 backup.display()
             ));
         }
+        if let Some(skipped) = &self.backup_skipped {
+            lines.push(skipped.clone());
+        }
         for removed in &self.backups_removed {
             lines.push(format!("removed old backup {}", removed.display()));
         }
@@ -257,6 +263,21 @@ pub fn run(config: &Config, store: &Store, options: &Options) -> Result<Report, 
         .archive_dir
         .join(format!("scheduler_backup_{stamp}.db"));
     let mut backups_removed = Vec::new();
+    if !store.can_back_up() {
+        // PostgreSQL: the server's own backups (pg_dump, base backups) are the way; the
+        // report says so instead of failing the whole maintenance run.
+        return Ok(Report {
+            archive,
+            pruned,
+            backup: None,
+            backup_skipped: Some(
+                "database backup skipped: on PostgreSQL, back up with pg_dump (or the server's own backups)"
+                    .into(),
+            ),
+            backups_removed,
+            dry_run: options.dry_run,
+        });
+    }
     if !options.dry_run {
         create_dir(&config.logging.archive_dir)?;
         store.backup_to(&backup)?;
@@ -274,6 +295,7 @@ pub fn run(config: &Config, store: &Store, options: &Options) -> Result<Report, 
         archive,
         pruned,
         backup: Some(backup),
+        backup_skipped: None,
         backups_removed,
         dry_run: options.dry_run,
     })

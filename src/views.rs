@@ -44,6 +44,16 @@ pub fn status(snapshot: &Snapshot) -> Value {
             "as_of": time(snapshot.at),
         },
         "tasks": tasks(snapshot),
+        "cluster": snapshot.cluster.as_ref().map(|cluster| json!({
+            "offset_ms": cluster.offset.num_milliseconds(),
+            "fenced": cluster.fenced,
+            "config_conflicts": cluster.conflicts.iter().map(|(task, c)| json!({
+                "task": task, "here": c.ours, "cluster": c.stored,
+            })).collect::<Vec<_>>(),
+            "instances": cluster.instances.iter()
+                .map(|(row, runs)| instance(row, runs, snapshot.at))
+                .collect::<Vec<_>>(),
+        })),
     })
 }
 
@@ -206,6 +216,7 @@ pub fn sse_event(event: &EventRow) -> String {
         "run_id": event.run_id.map(|r| r.0),
         "attempt": event.attempt.map(|a| a.0),
         "message": event.message,
+        "instance": event.instance,
     });
     format!(
         "id: {}\nevent: {}\ndata: {}\n\n",
@@ -330,7 +341,11 @@ pub struct StoredTask<'a> {
 }
 
 /// `turbosched status --json`: the live instances and every task, read from the store.
-pub fn stored_status(instances: &[InstanceRow], tasks: &[StoredTask<'_>]) -> Value {
+pub fn stored_status(
+    instances: &[(InstanceRow, Vec<RunId>)],
+    tasks: &[StoredTask<'_>],
+    now: Instant,
+) -> Value {
     let tasks: Vec<Value> = tasks
         .iter()
         .map(|task| {
@@ -350,9 +365,25 @@ pub fn stored_status(instances: &[InstanceRow], tasks: &[StoredTask<'_>]) -> Val
         .collect();
     let service: Vec<Value> = instances
         .iter()
-        .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
+        .map(|(row, runs)| instance(row, runs, now))
         .collect();
     json!({"service": service, "tasks": tasks})
+}
+
+/// One live instance: where it runs, how old its lease is (since its last heartbeat), the
+/// config it serves, and the runs it is running.
+pub fn instance(row: &InstanceRow, runs: &[RunId], now: Instant) -> Value {
+    let lease_age = (now - row.heartbeat_at).to_std().unwrap_or_default();
+    json!({
+        "instance": row.id,
+        "pid": row.pid,
+        "host": row.host,
+        "api": row.api,
+        "heartbeat_at": time(row.heartbeat_at),
+        "lease_age_ms": millis(lease_age),
+        "config_hash": row.config_hash,
+        "runs": runs.iter().map(|r| r.0).collect::<Vec<_>>(),
+    })
 }
 
 /// One task as the store alone knows it, for `status` with a broken config: its name,
@@ -370,7 +401,11 @@ pub struct StoredOnly {
 
 /// `turbosched status --json` when the config file is invalid: what the store knows,
 /// with `"config_valid": false`; the zone of a task is unknown, so times are UTC.
-pub fn stored_status_without_config(instances: &[InstanceRow], tasks: &[StoredOnly]) -> Value {
+pub fn stored_status_without_config(
+    instances: &[(InstanceRow, Vec<RunId>)],
+    tasks: &[StoredOnly],
+    now: Instant,
+) -> Value {
     let tasks: Vec<Value> = tasks
         .iter()
         .map(|task| {
@@ -386,7 +421,7 @@ pub fn stored_status_without_config(instances: &[InstanceRow], tasks: &[StoredOn
         .collect();
     let service: Vec<Value> = instances
         .iter()
-        .map(|i| json!({"instance": i.id, "pid": i.pid, "host": i.host, "heartbeat_at": time(i.heartbeat_at)}))
+        .map(|(row, runs)| instance(row, runs, now))
         .collect();
     json!({"service": service, "config_valid": false, "tasks": tasks})
 }

@@ -35,6 +35,7 @@ use tracing::{error, info, warn};
 use super::{Clock, Engine};
 use crate::model::{Instant, RunId, TaskName};
 use crate::runner::StopReason;
+use crate::store::InstanceRow;
 
 /// An offset between this host's clock and the database's larger than this is shown.
 pub const OFFSET_WARNING: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
@@ -86,7 +87,7 @@ pub(super) struct Cluster {
 }
 
 /// The cluster as the board shows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     /// This host's clock minus the database's (positive: the host is ahead).
     pub offset: chrono::TimeDelta,
@@ -94,6 +95,8 @@ pub struct ClusterView {
     pub fenced: bool,
     /// Tasks whose stored schedule is another config's: task → the stored key.
     pub conflicts: BTreeMap<String, ConfigConflict>,
+    /// The live instances (as of the last heartbeat) and the runs each is running.
+    pub instances: Vec<(InstanceRow, Vec<RunId>)>,
 }
 
 /// A task this instance does not fire because the cluster's schedule for it is another.
@@ -238,6 +241,37 @@ impl Engine {
                 now,
             );
         }
+    }
+
+    /// Every heartbeat in cluster mode: the live instances and the runs each is running,
+    /// for the board (`/scheduler/status`, the dashboard).
+    pub(super) fn survey_cluster(&mut self, now: Instant) {
+        if self.cluster.is_none() {
+            return;
+        }
+        let live = match self
+            .store
+            .live_instances(self.config.scheduler.heartbeat_timeout, now)
+        {
+            Ok(live) => live,
+            Err(err) => {
+                warn!("cannot read the live instances: {err}");
+                return;
+            }
+        };
+        self.cluster_view.instances = live
+            .into_iter()
+            .filter(|row| row.serving)
+            .map(|row| {
+                let runs = self
+                    .running_by_owner
+                    .get(&row.id)
+                    .cloned()
+                    .unwrap_or_default();
+                (row, runs)
+            })
+            .collect();
+        self.dirty = true;
     }
 
     /// False while this instance is fenced: it claims and starts nothing.

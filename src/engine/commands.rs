@@ -193,6 +193,9 @@ impl Engine {
                     self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
                 }
                 let hash = new.hash.clone();
+                if let Err(err) = self.store.set_instance_config(&self.instance, &hash) {
+                    warn!("cannot record the reloaded config's hash: {err}");
+                }
                 self.config = new;
                 self.metrics
                     .know_tasks(self.config.tasks.keys().map(|t| t.as_str()));

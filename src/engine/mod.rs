@@ -96,6 +96,8 @@ pub struct Engine {
     busy: HashMap<TaskName, RunId>,
     /// Task → its run running on another instance (cluster mode; as of the last poll).
     busy_elsewhere: HashMap<TaskName, RunId>,
+    /// Instance → the runs it is running (as of the last poll).
+    running_by_owner: HashMap<String, Vec<RunId>>,
     queue: VecDeque<Pending>,
     /// Task → how many of its runs wait in `queue`.
     queued_per_task: HashMap<TaskName, usize>,
@@ -143,16 +145,19 @@ impl Engine {
         let (commands_tx, commands_rx) = mpsc::channel(256);
         let logs = TaskLogs::new(&config.scheduler.log_dir, &config.logging);
         let clock_now = clock.now();
+        // A new instance id per process; every event this engine appends names it.
+        let instance = uuid::Uuid::new_v4().to_string();
         Engine {
             config,
-            store,
+            store: store.written_by(&instance),
             clock,
             mode,
-            instance: uuid::Uuid::new_v4().to_string(),
+            instance,
             logs,
             running: HashMap::new(),
             busy: HashMap::new(),
             busy_elsewhere: HashMap::new(),
+            running_by_owner: HashMap::new(),
             queue: VecDeque::new(),
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
@@ -190,6 +195,11 @@ impl Engine {
             commands: self.commands_tx.clone(),
             cancel: self.cancel.clone(),
         }
+    }
+
+    /// This engine's instance id (new for each process).
+    pub fn instance(&self) -> &str {
+        &self.instance
     }
 
     /// Records where this engine's HTTP API listens (shown in the instances table).
@@ -240,6 +250,8 @@ impl Engine {
         if let Some(address) = &self.api_address {
             self.store.set_instance_api(&self.instance, address)?;
         }
+        self.store
+            .set_instance_config(&self.instance, &self.config.hash)?;
         // Start-up is long with ten thousand tasks: a SIGTERM meanwhile is honoured between
         // its steps (and every few hundred tasks within them).
         blocking(|| self.seed_board());

@@ -26,6 +26,7 @@ impl Engine {
             Err(err) => self.store_failed("recording the heartbeat", &err, now),
         }
         self.measure_offset();
+        self.survey_cluster(now);
         self.find_stalled();
         match self.store.abort_requests(&self.instance) {
             Ok(runs) => {
@@ -64,6 +65,18 @@ impl Engine {
             .filter(|row| matches!(row.state, RunState::Queued | RunState::RetryWait))
             .map(|row| row.id)
             .collect();
+        self.running_by_owner.clear();
+        for row in unfinished
+            .iter()
+            .filter(|row| row.state == RunState::Running)
+        {
+            if let Some(owner) = &row.owner {
+                self.running_by_owner
+                    .entry(owner.clone())
+                    .or_default()
+                    .push(row.id);
+            }
+        }
         self.busy_elsewhere = unfinished
             .iter()
             .filter(|row| {

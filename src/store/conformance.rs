@@ -57,6 +57,9 @@
 //!     (`a_task_runs_one_attempt_at_a_time_across_instances`)
 //! 16. The database's clock: `None` for an embedded database (its time is the local
 //!     clock), else the server's time now. (`the_database_clock_is_the_servers_time_now`)
+//! 17. Each event names the instance whose store handle wrote it (`Store::written_by`),
+//!     none for a handle writing for nobody (the CLI): one event stream for a cluster.
+//!     (`each_event_names_the_instance_that_wrote_it`)
 
 use chrono::{TimeZone, Utc};
 
@@ -92,6 +95,7 @@ macro_rules! conformance_suite {
             a_next_fire_advanced_by_another_instance_is_what_the_next_holder_sees,
             a_task_runs_one_attempt_at_a_time_across_instances,
             the_database_clock_is_the_servers_time_now,
+            each_event_names_the_instance_that_wrote_it,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1145,4 +1149,38 @@ pub(crate) fn the_database_clock_is_the_servers_time_now(open: Open<'_>) {
             );
         }
     }
+}
+
+pub(crate) fn each_event_names_the_instance_that_wrote_it(open: Open<'_>) {
+    let cli = open();
+    let first = cli.written_by("instance-a");
+    let second = open().written_by("instance-b");
+    let run = first
+        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), None)
+        .unwrap();
+    let start = Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    second
+        .transition(&start, &Change::default(), at(0, 2))
+        .unwrap();
+    cli.record_event("note", None, None, "by hand", at(0, 3))
+        .unwrap();
+    let events: Vec<(String, Option<String>)> = cli
+        .events_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.kind, e.instance))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("run_queued".to_string(), Some("instance-a".to_string())),
+            ("run_started".to_string(), Some("instance-b".to_string())),
+            ("note".to_string(), None),
+        ]
+    );
 }

@@ -46,7 +46,7 @@ mod conformance;
 mod tests;
 
 /// The schema version this build writes (SQLite's `meta.schema_version`).
-const SCHEMA_VERSION: usize = 2;
+const SCHEMA_VERSION: usize = 3;
 
 /// What went wrong in the store, and what the caller should make of it.
 #[derive(Debug, thiserror::Error)]
@@ -388,6 +388,8 @@ pub struct EventRow {
     pub attempt: Option<Attempt>,
     /// Human text.
     pub message: String,
+    /// The instance that wrote it (`None` for the CLI, or history from before version 3).
+    pub instance: Option<String>,
 }
 
 /// Per-task persisted state.
@@ -431,6 +433,8 @@ pub struct InstanceRow {
     pub serving: bool,
     /// The address its HTTP API listens on.
     pub api: Option<String>,
+    /// The hash of the config it serves (instances that agree have the same).
+    pub config_hash: Option<String>,
 }
 
 /// Filter for [`Backend::runs`].
@@ -479,8 +483,11 @@ pub trait Backend: Send + Sync {
     /// operation and leaves the transaction usable. A backend may run `body` again after
     /// a conflict it resolves by retrying, so `body` keeps its effects to the `Tx` and
     /// what it returns through its captures.
+    /// `author` is the instance the transaction's events are written by
+    /// (`events.instance`).
     fn write(
         &self,
+        author: Option<&str>,
         body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError>;
 
@@ -535,6 +542,12 @@ pub trait Backend: Send + Sync {
     /// the local clock. Instances measure their offset from it: due-ness and leases are
     /// judged on database time.
     fn database_now(&self) -> Result<Option<Instant>, StoreError>;
+
+    /// Whether [`Backend::backup_to`] works here (an embedded database copies itself;
+    /// a server's database is backed up by the server's own tools).
+    fn can_back_up(&self) -> bool {
+        true
+    }
 
     /// Proves the database takes a write within `patience` (for `/health`): a write that
     /// really changes something and commits, so a full disk or a read-only database
@@ -720,6 +733,9 @@ pub trait Tx {
     /// Records the address of an instance's HTTP API.
     fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError>;
 
+    /// Records the hash of the config an instance serves.
+    fn set_instance_config(&self, id: &str, hash: &str) -> Result<(), StoreError>;
+
     /// Marks an instance as cleanly stopped.
     fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError>;
 
@@ -738,6 +754,8 @@ pub trait Tx {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
+    /// The instance this handle writes for: its events name it.
+    author: Option<Arc<str>>,
 }
 
 impl Store {
@@ -759,7 +777,19 @@ impl Store {
 
     /// A store over any backend.
     pub fn from_backend(backend: Arc<dyn Backend>) -> Store {
-        Store { backend }
+        Store {
+            backend,
+            author: None,
+        }
+    }
+
+    /// This store, writing for `instance`: every event it appends names it (one event
+    /// stream for a cluster, each event saying which instance wrote it).
+    pub fn written_by(&self, instance: &str) -> Store {
+        Store {
+            backend: self.backend.clone(),
+            author: Some(Arc::from(instance)),
+        }
     }
 
     /// Runs `body` in one transaction ([`Backend::write`]): every write it makes through
@@ -773,7 +803,7 @@ impl Store {
         mut body: impl FnMut(&dyn Tx) -> Result<T, StoreError>,
     ) -> Result<T, StoreError> {
         let mut value = None;
-        self.backend.write(&mut |tx| {
+        self.backend.write(self.author.as_deref(), &mut |tx| {
             value = Some(body(tx)?);
             Ok(())
         })?;
@@ -867,6 +897,11 @@ impl Store {
     /// [`Tx::set_instance_api`] in a transaction of its own.
     pub fn set_instance_api(&self, id: &str, address: &str) -> Result<(), StoreError> {
         self.batch(|tx| tx.set_instance_api(id, address))
+    }
+
+    /// [`Tx::set_instance_config`] in a transaction of its own.
+    pub fn set_instance_config(&self, id: &str, hash: &str) -> Result<(), StoreError> {
+        self.batch(|tx| tx.set_instance_config(id, hash))
     }
 
     /// [`Tx::stop_instance`] in a transaction of its own.
@@ -966,6 +1001,11 @@ impl Store {
         now: Instant,
     ) -> Result<Vec<InstanceRow>, StoreError> {
         self.backend.live_instances(timeout, now)
+    }
+
+    /// See [`Backend::can_back_up`].
+    pub fn can_back_up(&self) -> bool {
+        self.backend.can_back_up()
     }
 
     /// See [`Backend::database_now`].

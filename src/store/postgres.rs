@@ -59,11 +59,15 @@ const SCHEMA: &str = include_str!("postgres.sql");
 
 /// The schema version this build writes into a PostgreSQL database's
 /// `meta.schema_version` (numbered apart from SQLite's).
-const POSTGRES_SCHEMA_VERSION: usize = 1;
+const POSTGRES_SCHEMA_VERSION: usize = 2;
 
 /// What `postgres.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes
-/// it from version `n + 1` to `n + 2`. None yet. Never edit an entry: append one.
-const MIGRATIONS: &[&str] = &[];
+/// it from version `n + 1` to `n + 2`. Never edit an entry: append one.
+const MIGRATIONS: &[&str] = &[
+    // 1 → 2 (issue "Cluster mode"): each event names the instance that wrote it.
+    "ALTER TABLE events ADD COLUMN IF NOT EXISTS instance TEXT;
+     ALTER TABLE instances ADD COLUMN IF NOT EXISTS config_hash TEXT;",
+];
 
 /// The advisory lock the migration holds, so concurrent openers migrate once.
 const MIGRATION_LOCK: i64 = 0x7475_7262_6f73_6368; // "turbosch"
@@ -346,6 +350,7 @@ impl Backend for PostgresBackend {
     /// the COMMIT into a silent rollback.
     fn write(
         &self,
+        author: Option<&str>,
         body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let runtime = self.runtime();
@@ -363,6 +368,7 @@ impl Backend for PostgresBackend {
                 runtime,
                 tx: &tx,
                 failed: RefCell::new(None),
+                author,
             };
             let result = body(&postgres_tx);
             let failed = postgres_tx.failed.into_inner();
@@ -544,7 +550,7 @@ impl Backend for PostgresBackend {
 
     fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError> {
         self.query(
-            "SELECT seq, at, kind, task, run_id, attempt, message FROM events
+            "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events
              WHERE seq > $1 ORDER BY seq LIMIT $2",
             &[&after, &(limit as i64)],
         )?
@@ -558,6 +564,7 @@ impl Backend for PostgresBackend {
                 run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
                 attempt: row.try_get::<_, Option<i64>>(5)?.map(|a| Attempt(a as u32)),
                 message: row.try_get(6)?,
+                instance: row.try_get(7)?,
             })
         })
         .collect()
@@ -587,7 +594,7 @@ impl Backend for PostgresBackend {
     ) -> Result<Vec<InstanceRow>, StoreError> {
         let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
         self.query(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api, config_hash FROM instances
              WHERE stopped_at IS NULL AND heartbeat_at >= $1 ORDER BY heartbeat_at DESC",
             &[&to_micros(since)],
         )?
@@ -611,7 +618,7 @@ impl Backend for PostgresBackend {
 
     fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
         self.query_opt(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = $1",
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api, config_hash FROM instances WHERE id = $1",
             &[&id],
         )?
         .as_ref()
@@ -669,6 +676,10 @@ impl Backend for PostgresBackend {
         })
     }
 
+    fn can_back_up(&self) -> bool {
+        false
+    }
+
     /// Not done here: a PostgreSQL database is backed up by `pg_dump` (or the server's
     /// own base backups), run by whoever runs the server.
     fn backup_to(&self, destination: &Path) -> Result<(), StoreError> {
@@ -685,6 +696,8 @@ struct PostgresTx<'t, 'c> {
     runtime: &'t Runtime,
     tx: &'t Transaction<'c>,
     failed: RefCell<Option<PostgresError>>,
+    /// The instance whose events these are (`events.instance`).
+    author: Option<&'t str>,
 }
 
 impl PostgresTx<'_, '_> {
@@ -768,10 +781,10 @@ impl PostgresTx<'_, '_> {
     ) -> Result<i64, StoreError> {
         let row = self.query_opt(
             "WITH next AS (UPDATE meta SET value = value + 1 WHERE key = 'event_seq' RETURNING value)
-             INSERT INTO events(seq, at, kind, task, run_id, attempt, message)
+             INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
              SELECT next.value, $1, $2,
                     COALESCE($3::TEXT, (SELECT task FROM runs WHERE id = $4::BIGINT)),
-                    $4::BIGINT, $5, $6
+                    $4::BIGINT, $5, $6, $7
              FROM next
              RETURNING seq",
             &[
@@ -781,6 +794,7 @@ impl PostgresTx<'_, '_> {
                 &run.map(|r| r.0),
                 &attempt.map(|a| i64::from(a.0)),
                 &message,
+                &self.author,
             ],
         )?;
         let row = row.ok_or_else(|| {
@@ -1202,6 +1216,14 @@ impl Tx for PostgresTx<'_, '_> {
         Ok(())
     }
 
+    fn set_instance_config(&self, id: &str, hash: &str) -> Result<(), StoreError> {
+        self.execute(
+            "UPDATE instances SET config_hash = $2 WHERE id = $1",
+            &[&id, &hash],
+        )?;
+        Ok(())
+    }
+
     fn stop_instance(&self, id: &str, now: Instant) -> Result<(), StoreError> {
         self.execute(
             "UPDATE instances SET stopped_at = $2 WHERE id = $1",
@@ -1289,6 +1311,7 @@ fn read_instance(row: &Row) -> Result<InstanceRow, StoreError> {
         stopped_at: instant_at(row, 4)?,
         serving: row.try_get(5)?,
         api: row.try_get(6)?,
+        config_hash: row.try_get(7)?,
     })
 }
 
@@ -1442,7 +1465,7 @@ mod tests {
         );
         let err = Store::open(&url).err().expect("refused").to_string();
         assert!(
-            err.contains("schema version 999, newer than this turbosched (1)"),
+            err.contains("schema version 999, newer than this turbosched (2)"),
             "{err}"
         );
     }

@@ -1,4 +1,4 @@
--- turbosched run history on PostgreSQL, schema version 1 (postgres.rs's
+-- turbosched run history on PostgreSQL, schema version 2 (postgres.rs's
 -- POSTGRES_SCHEMA_VERSION; numbered apart from SQLite's). The same tables as schema.sql,
 -- in PostgreSQL's types: every instant is BIGINT microseconds since the Unix epoch, UTC
 -- (exact, and the same numbers as SQLite); flags are BOOLEAN. Run at every open, inside
@@ -80,7 +80,8 @@ CREATE TABLE IF NOT EXISTS events (
     task    TEXT,
     run_id  BIGINT,
     attempt BIGINT,
-    message TEXT   NOT NULL DEFAULT ''
+    message TEXT   NOT NULL DEFAULT '',
+    instance TEXT                   -- the instance that wrote it, if one did
 );
 CREATE INDEX IF NOT EXISTS events_kind_at ON events(kind, at);
 CREATE INDEX IF NOT EXISTS events_at ON events(at);
@@ -93,5 +94,6 @@ CREATE TABLE IF NOT EXISTS instances (
     heartbeat_at BIGINT  NOT NULL,
     stopped_at   BIGINT,
     serving      BOOLEAN NOT NULL DEFAULT TRUE,  -- false: a foreground `turbosched run`
-    api          TEXT                            -- the HTTP API's address, if serving one
+    api          TEXT,                           -- the HTTP API's address, if serving one
+    config_hash  TEXT                            -- the hash of the config it serves
 );

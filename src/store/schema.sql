@@ -1,4 +1,4 @@
--- turbosched run history, schema version 2. Every instant is microseconds since the
+-- turbosched run history, schema version 3. Every instant is microseconds since the
 -- Unix epoch, UTC. Run at every open (everything is IF NOT EXISTS), after the migrations
 -- in mod.rs have brought an older database's tables up to this shape.
 CREATE TABLE IF NOT EXISTS meta (
@@ -76,7 +76,8 @@ CREATE TABLE IF NOT EXISTS events (
     task    TEXT,
     run_id  INTEGER,
     attempt INTEGER,
-    message TEXT    NOT NULL DEFAULT ''
+    message TEXT    NOT NULL DEFAULT '',
+    instance TEXT                                -- the instance that wrote it, if one did
 );
 -- /health: recent events of a few kinds (count_events); also the benchmark's first start.
 CREATE INDEX IF NOT EXISTS events_kind_at ON events(kind, at);
@@ -91,5 +92,6 @@ CREATE TABLE IF NOT EXISTS instances (
     heartbeat_at INTEGER NOT NULL,
     stopped_at   INTEGER,
     serving      INTEGER NOT NULL DEFAULT 1,  -- 0: a foreground `turbosched run`
-    api          TEXT                         -- the HTTP API's address, if serving one
+    api          TEXT,                        -- the HTTP API's address, if serving one
+    config_hash  TEXT                         -- the hash of the config it serves
 );

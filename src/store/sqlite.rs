@@ -40,6 +40,9 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE runs ADD COLUMN progress_event_at INTEGER;
      ALTER TABLE runs ADD COLUMN progress_event_pct REAL;
      ALTER TABLE runs ADD COLUMN progress_event_phase TEXT;",
+    // 2 → 3 (issue "Cluster mode"): each event names the instance that wrote it.
+    "ALTER TABLE events ADD COLUMN instance TEXT;
+     ALTER TABLE instances ADD COLUMN config_hash TEXT;",
 ];
 
 const RUN_COLUMNS: &str =
@@ -96,11 +99,12 @@ impl Backend for SqliteBackend {
     /// runs once.
     fn write(
         &self,
+        author: Option<&str>,
         body: &mut dyn FnMut(&dyn Tx) -> Result<(), StoreError>,
     ) -> Result<(), StoreError> {
         let mut connection = self.lock();
         let tx = connection.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        body(&SqliteTx { tx: &tx })?;
+        body(&SqliteTx { tx: &tx, author })?;
         tx.commit()?;
         Ok(())
     }
@@ -287,6 +291,7 @@ impl Backend for SqliteBackend {
                     run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
                     attempt: row.get::<_, Option<u32>>(5)?.map(Attempt),
                     message: row.get(6)?,
+                    instance: row.get(7)?,
                 })
             })?
             .collect::<Result<Vec<_>, _>>()?;
@@ -301,7 +306,7 @@ impl Backend for SqliteBackend {
         let since = now - chrono::Duration::from_std(timeout).unwrap_or(chrono::Duration::MAX);
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api, config_hash FROM instances
              WHERE stopped_at IS NULL AND heartbeat_at >= ?1 ORDER BY heartbeat_at DESC",
         )?;
         let rows = statement
@@ -318,7 +323,7 @@ impl Backend for SqliteBackend {
     fn instance(&self, id: &str) -> Result<Option<InstanceRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api FROM instances WHERE id = ?1",
+            "SELECT id, pid, host, heartbeat_at, stopped_at, serving, api, config_hash FROM instances WHERE id = ?1",
         )?;
         Ok(statement.query_row([id], read_instance).optional()?)
     }
@@ -389,6 +394,8 @@ impl Backend for SqliteBackend {
 /// The writes of one open `BEGIN IMMEDIATE` transaction.
 struct SqliteTx<'a> {
     tx: &'a Transaction<'a>,
+    /// The instance whose events these are (`events.instance`).
+    author: Option<&'a str>,
 }
 
 impl Tx for SqliteTx<'_> {
@@ -400,7 +407,7 @@ impl Tx for SqliteTx<'_> {
         now: Instant,
         next_fire_at: Option<Instant>,
     ) -> Result<RunId, StoreError> {
-        let id = insert_run(self.tx, run, now).map_err(|err| match err {
+        let id = insert_run(self, run, now).map_err(|err| match err {
             rusqlite::Error::SqliteFailure(code, _)
                 if code.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -420,7 +427,7 @@ impl Tx for SqliteTx<'_> {
     }
 
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
-        Ok(insert_run(self.tx, run, now)?)
+        Ok(insert_run(self, run, now)?)
     }
 
     fn transition(
@@ -429,7 +436,7 @@ impl Tx for SqliteTx<'_> {
         change: &Change,
         now: Instant,
     ) -> Result<Attempt, StoreError> {
-        transition_in(self.tx, step, change, now)
+        transition_in(self, step, change, now)
     }
 
     fn record_progress(
@@ -478,7 +485,7 @@ impl Tx for SqliteTx<'_> {
         if news {
             let message = progress_message(percent, phase.as_deref());
             append_event(
-                self.tx,
+                self,
                 now,
                 "run_progress",
                 None,
@@ -568,7 +575,7 @@ impl Tx for SqliteTx<'_> {
         } else {
             "task_resumed"
         };
-        append_event(self.tx, now, kind, Some(task.as_str()), None, None, "")?;
+        append_event(self, now, kind, Some(task.as_str()), None, None, "")?;
         Ok(())
     }
 
@@ -607,7 +614,7 @@ impl Tx for SqliteTx<'_> {
         message: &str,
         now: Instant,
     ) -> Result<i64, StoreError> {
-        append_event(self.tx, now, kind, task, run, None, message)
+        append_event(self, now, kind, task, run, None, message)
     }
 
     fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
@@ -653,6 +660,14 @@ impl Tx for SqliteTx<'_> {
         self.tx.execute(
             "UPDATE instances SET api = ?2 WHERE id = ?1",
             params![id, address],
+        )?;
+        Ok(())
+    }
+
+    fn set_instance_config(&self, id: &str, hash: &str) -> Result<(), StoreError> {
+        self.tx.execute(
+            "UPDATE instances SET config_hash = ?2 WHERE id = ?1",
+            params![id, hash],
         )?;
         Ok(())
     }
@@ -786,7 +801,7 @@ pub(super) const COUNT_EVENTS: &str =
 
 /// [`Backend::events_after`]: `?1` the last sequence number seen, `?2` the limit (SSE).
 pub(super) const EVENTS_AFTER: &str =
-    "SELECT seq, at, kind, task, run_id, attempt, message FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+    "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
 
 /// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
 fn serde_free_json_list(names: &[&str]) -> String {
@@ -806,10 +821,12 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
         stopped_at: row.get::<_, Option<i64>>(4)?.map(from_micros),
         serving: row.get::<_, i64>(5)? != 0,
         api: row.get(6)?,
+        config_hash: row.get(7)?,
     })
 }
 
-fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
+fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
+    let (writer, tx) = (tx, tx.tx);
     cached_execute(tx,
         "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
          VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
@@ -830,7 +847,7 @@ fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Res
     }
     let message = format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339());
     append_event(
-        tx,
+        writer,
         now,
         "run_queued",
         Some(run.task.as_str()),
@@ -848,11 +865,12 @@ fn insert_run(tx: &Transaction<'_>, run: &NewRun, now: Instant) -> rusqlite::Res
 /// [`Tx::transition`]: the one UPDATE that writes `runs.state`, guarded by the expected
 /// state and attempt.
 fn transition_in(
-    tx: &Transaction<'_>,
+    tx: &SqliteTx<'_>,
     step: &Move,
     change: &Change,
     now: Instant,
 ) -> Result<Attempt, StoreError> {
+    let (writer, tx) = (tx, tx.tx);
     let &Move {
         run,
         attempt,
@@ -960,7 +978,7 @@ fn transition_in(
         })?;
     let (kind, message) = transition_event(to, change);
     append_event(
-        tx,
+        writer,
         now,
         kind,
         Some(&task),
@@ -972,7 +990,7 @@ fn transition_in(
 }
 
 fn append_event(
-    tx: &Transaction<'_>,
+    tx: &SqliteTx<'_>,
     now: Instant,
     kind: &str,
     task: Option<&str>,
@@ -980,6 +998,7 @@ fn append_event(
     attempt: Option<Attempt>,
     message: &str,
 ) -> Result<i64, StoreError> {
+    let (author, tx) = (tx.author, tx.tx);
     let task = match (task, run) {
         (Some(task), _) => Some(task.to_string()),
         (None, Some(run)) => {
@@ -991,8 +1010,8 @@ fn append_event(
         (None, None) => None,
     };
     cached_execute(tx,
-        "INSERT INTO events(at, kind, task, run_id, attempt, message) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
-        params![to_micros(now), kind, task, run.map(|r| r.0), attempt.map(|a| a.0), message],
+        "INSERT INTO events(at, kind, task, run_id, attempt, message, instance) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        params![to_micros(now), kind, task, run.map(|r| r.0), attempt.map(|a| a.0), message, author],
     )?;
     Ok(tx.last_insert_rowid())
 }

@@ -10,14 +10,14 @@ use serde_json::Value;
 use crate::support::*;
 
 /// A client for one service.
-struct Api {
+pub(crate) struct Api {
     base: String,
     agent: ureq::Agent,
     token: Option<String>,
 }
 
 impl Api {
-    fn new(service: &Service, token: Option<&str>) -> Api {
+    pub(crate) fn new(service: &Service, token: Option<&str>) -> Api {
         let agent: ureq::Agent = ureq::Agent::config_builder()
             .http_status_as_error(false)
             .timeout_global(Some(Duration::from_secs(30)))
@@ -117,14 +117,14 @@ impl Api {
 
 /// One server-sent event.
 #[derive(Debug, Clone)]
-struct Sse {
-    id: i64,
-    event: String,
-    data: Value,
+pub(crate) struct Sse {
+    pub(crate) id: i64,
+    pub(crate) event: String,
+    pub(crate) data: Value,
 }
 
 /// Reads `/scheduler/events` on a thread; events arrive on the returned channel.
-fn subscribe(api: &Api, query: &str, last_event_id: Option<i64>) -> mpsc::Receiver<Sse> {
+pub(crate) fn subscribe(api: &Api, query: &str, last_event_id: Option<i64>) -> mpsc::Receiver<Sse> {
     let mut request = api
         .agent
         .get(format!("{}/scheduler/events{query}", api.base));
@@ -171,7 +171,10 @@ fn subscribe(api: &Api, query: &str, last_event_id: Option<i64>) -> mpsc::Receiv
 }
 
 /// Collects events until `done` says so (or panics after 20 s).
-fn collect(events: &mpsc::Receiver<Sse>, mut done: impl FnMut(&[Sse]) -> bool) -> Vec<Sse> {
+pub(crate) fn collect(
+    events: &mpsc::Receiver<Sse>,
+    mut done: impl FnMut(&[Sse]) -> bool,
+) -> Vec<Sse> {
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while !done(&seen) {

@@ -12,6 +12,8 @@ use std::time::Duration;
 use turbosched::model::{RunId, RunState};
 use turbosched::store::{RunFilter, RunRow, Store};
 
+use serde_json::json;
+
 use crate::faults::get_json;
 use crate::support::*;
 
@@ -188,6 +190,106 @@ fn three_instances_fire_every_tick_once_between_them() {
         runs.iter().all(|r| r.state == RunState::Succeeded),
         "{runs:?}"
     );
+}
+
+#[test]
+fn every_instance_shows_the_whole_cluster_and_streams_every_instances_events() {
+    let database = Database::create();
+    let first = instance(&database, SLEEPER);
+    let second = instance(&database, SLEEPER);
+    let services = [first.serve(), second.serve()];
+    let (code, body) = first.cli_json(&["run", "sleeper", "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let run = run_id(&body);
+    let owner = wait_until("the run started", Duration::from_secs(20), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Running).then_some(row.owner?)
+    });
+    // Any instance's status lists both, with their lease age and config, and which one
+    // runs the run.
+    for service in &services {
+        let status = wait_until(
+            "both instances and the run on the board",
+            Duration::from_secs(10),
+            || {
+                let (_, status) = get_json(service, "/scheduler/status");
+                let instances = status["cluster"]["instances"].as_array()?.clone();
+                let runs_it = instances.iter().any(|i| {
+                    i["instance"] == owner.as_str()
+                        && i["runs"]
+                            .as_array()
+                            .is_some_and(|r| r.contains(&json!(run.0)))
+                });
+                (instances.len() == 2 && runs_it).then_some(status)
+            },
+        );
+        let instances = status["cluster"]["instances"].as_array().unwrap();
+        let hashes: Vec<&serde_json::Value> = instances.iter().map(|i| &i["config_hash"]).collect();
+        assert!(
+            hashes[0].is_string() && hashes[0] == hashes[1],
+            "{status:#}"
+        );
+        assert!(
+            instances
+                .iter()
+                .all(|i| i["lease_age_ms"].as_u64().unwrap_or(u64::MAX) < 3_000),
+            "{status:#}"
+        );
+        assert_eq!(status["cluster"]["fenced"], false);
+    }
+    // The command line shows the cluster too.
+    let text = stdout(&second.cli(&["status"]));
+    assert!(text.contains("service: up, 2 instances"), "{text}");
+    assert!(
+        text.contains(&owner) && text.contains(&run.0.to_string()),
+        "{text}"
+    );
+    // One event stream: the second instance streams the first's events, each naming it.
+    let api = crate::api::Api::new(&services[1], None);
+    let events = crate::api::subscribe(&api, "?since=0", None);
+    let seen = crate::api::collect(&events, |seen| {
+        seen.iter()
+            .any(|e| e.event == "run_succeeded" && e.data["run_id"] == run.0)
+    });
+    let started: std::collections::HashSet<String> = seen
+        .iter()
+        .filter(|e| e.event == "scheduler_started")
+        .filter_map(|e| e.data["instance"].as_str().map(str::to_string))
+        .collect();
+    assert_eq!(
+        started.len(),
+        2,
+        "each instance's start, named: {started:?}"
+    );
+    let run_started = seen
+        .iter()
+        .find(|e| e.event == "run_started" && e.data["run_id"] == run.0)
+        .expect("run_started");
+    assert_eq!(run_started.data["instance"], owner.as_str());
+    for service in services {
+        assert!(service.stop().success());
+    }
+}
+
+#[test]
+fn maintenance_on_postgres_archives_and_prunes_and_leaves_the_backup_to_pg_dump() {
+    let database = Database::create();
+    let sandbox = instance(
+        &database,
+        "[tasks.maintenance]\nhandler = \"maintenance\"\nparams = { archive_after_days = 30, retention_days = 90, keep_backups = 2 }\n",
+    );
+    let (code, value) = sandbox.cli_json(&["run", "maintenance", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let result = &value["runs"][0]["result"];
+    assert_eq!(result["backup"], serde_json::Value::Null, "{result}");
+    assert!(
+        result["backup_skipped"]
+            .as_str()
+            .unwrap_or("")
+            .contains("pg_dump"),
+        "{result}"
+    );
+    assert_eq!(value["runs"][0]["state"], "succeeded", "{value}");
 }
 
 const LONG_CHILD: &str = r#"
