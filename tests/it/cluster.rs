@@ -14,7 +14,7 @@ use turbosched::store::{RunFilter, RunRow, Store};
 
 use serde_json::json;
 
-use crate::faults::get_json;
+use crate::faults::{get_json, post_json};
 use crate::support::*;
 
 /// A database of its own on the test server (`TURBOSCHED_TEST_POSTGRES`, default
@@ -290,6 +290,85 @@ fn maintenance_on_postgres_archives_and_prunes_and_leaves_the_backup_to_pg_dump(
         "{result}"
     );
     assert_eq!(value["runs"][0]["state"], "succeeded", "{value}");
+}
+
+const LONG_SLEEP: &str = r#"
+[tasks.long]
+command = ["/bin/sleep", "60"]
+"#;
+
+#[test]
+fn an_abort_asked_of_any_instance_stops_the_run_where_it_runs() {
+    let database = Database::create();
+    let first = instance(&database, LONG_SLEEP);
+    let second = instance(&database, LONG_SLEEP);
+    let services = [first.serve(), second.serve()];
+    let (code, body) = first.cli_json(&["run", "long", "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let run = run_id(&body);
+    let row = wait_until("the run started", Duration::from_secs(20), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
+    });
+    let owner = row.owner.clone().expect("owner");
+    // Ask the instance that does not run it.
+    let other = services
+        .iter()
+        .find(|service| {
+            let (_, status) = get_json(service, "/scheduler/status");
+            status["scheduler"]["instance"] != owner.as_str()
+        })
+        .expect("an instance that does not own the run");
+    let (status, body) = post_json(other, &format!("/scheduler/runs/{run}/abort"));
+    assert_eq!(status, 202, "{body}");
+    let done = wait_until("the run aborted", Duration::from_secs(15), || {
+        let row = database.store().run(run).ok()??;
+        row.state.is_terminal().then_some(row)
+    });
+    assert_eq!(done.state, RunState::Aborted, "{done:?}");
+    assert!(!process_alive(row.pid.unwrap_or(0)), "the child lives on");
+    for service in services {
+        assert!(service.stop().success());
+    }
+}
+
+#[test]
+fn a_pause_asked_of_one_instance_holds_on_every_instance() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..2)
+        .map(|_| instance(&database, EVERY_SECOND_TRUE))
+        .collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("tick").is_empty()).then_some(())
+    });
+    let (status, body) = post_json(&services[0], "/scheduler/tasks/tick/pause");
+    assert_eq!(status, 200, "{body}");
+    let paused_at = chrono::Utc::now();
+    // Four seconds on: no tick after the pause fired, on either instance.
+    wait_until("four seconds paused", Duration::from_secs(10), || {
+        (chrono::Utc::now() - paused_at > chrono::Duration::seconds(4)).then_some(())
+    });
+    let late: Vec<RunRow> = database
+        .runs_of("tick")
+        .into_iter()
+        .filter(|r| r.scheduled_for > paused_at + chrono::Duration::seconds(1))
+        .collect();
+    assert!(late.is_empty(), "fired while paused: {late:?}");
+    // Resumed through the other instance: firing goes on.
+    let (status, body) = post_json(&services[1], "/scheduler/tasks/tick/resume");
+    assert_eq!(status, 200, "{body}");
+    let resumed_at = chrono::Utc::now();
+    wait_until("a run after the resume", Duration::from_secs(10), || {
+        database
+            .runs_of("tick")
+            .iter()
+            .any(|r| r.scheduled_for > resumed_at)
+            .then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
 }
 
 const LONG_CHILD: &str = r#"
