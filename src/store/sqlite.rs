@@ -216,14 +216,7 @@ impl Backend for SqliteBackend {
             "SELECT paused, last_fire_at, next_fire_at, schedule FROM task_state WHERE task = ?1",
         )?;
         let row = statement
-            .query_row([task.as_str()], |row| {
-                Ok(TaskStateRow {
-                    paused: row.get::<_, i64>(0)? != 0,
-                    last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
-                    next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
-                    schedule: row.get(3)?,
-                })
-            })
+            .query_row([task.as_str()], |row| read_task_state(row, 0))
             .optional()?;
         Ok(row.unwrap_or_default())
     }
@@ -236,12 +229,7 @@ impl Backend for SqliteBackend {
         let rows = statement.query_map([], |row| {
             Ok((
                 TaskName::from(row.get::<_, String>(0)?.as_str()),
-                TaskStateRow {
-                    paused: row.get::<_, i64>(1)? != 0,
-                    last_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
-                    next_fire_at: row.get::<_, Option<i64>>(3)?.map(from_micros),
-                    schedule: row.get(4)?,
-                },
+                read_task_state(row, 1)?,
             ))
         })?;
         Ok(rows.collect::<Result<_, _>>()?)
@@ -591,14 +579,7 @@ impl Tx for SqliteTx<'_> {
         let mut held = HashMap::with_capacity(tasks.len());
         for task in tasks {
             let row = statement
-                .query_row([task.as_str()], |row| {
-                    Ok(TaskStateRow {
-                        paused: row.get::<_, i64>(0)? != 0,
-                        last_fire_at: row.get::<_, Option<i64>>(1)?.map(from_micros),
-                        next_fire_at: row.get::<_, Option<i64>>(2)?.map(from_micros),
-                        schedule: row.get(3)?,
-                    })
-                })
+                .query_row([task.as_str()], |row| read_task_state(row, 0))
                 .optional()?;
             let state = row.unwrap_or_default();
             held.insert(task.clone(), HeldSchedule { state, due: true });
@@ -810,6 +791,16 @@ fn serde_free_json_list(names: &[&str]) -> String {
         .map(|n| format!("\"{}\"", n.replace(['"', '\\'], "")))
         .collect();
     format!("[{}]", quoted.join(","))
+}
+
+/// `paused, last_fire_at, next_fire_at, schedule`, read from column `first` on.
+fn read_task_state(row: &Row<'_>, first: usize) -> rusqlite::Result<TaskStateRow> {
+    Ok(TaskStateRow {
+        paused: row.get::<_, i64>(first)? != 0,
+        last_fire_at: row.get::<_, Option<i64>>(first + 1)?.map(from_micros),
+        next_fire_at: row.get::<_, Option<i64>>(first + 2)?.map(from_micros),
+        schedule: row.get(first + 3)?,
+    })
 }
 
 fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {

@@ -10,7 +10,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use turbosched::model::{RunId, RunState};
-use turbosched::store::{RunFilter, RunRow, Store};
+use turbosched::store::{RunRow, Store};
 
 use serde_json::json;
 
@@ -51,16 +51,7 @@ impl Database {
 
     /// Every run of `task`, oldest first.
     pub fn runs_of(&self, task: &str) -> Vec<RunRow> {
-        let mut rows = self
-            .store()
-            .runs(&RunFilter {
-                task: Some(task.into()),
-                limit: 1_000_000,
-                ..RunFilter::default()
-            })
-            .unwrap();
-        rows.reverse();
-        rows
+        runs_of(&self.store(), task)
     }
 
     pub fn events_of_kind(&self, kind: &str) -> Vec<turbosched::store::EventRow> {
@@ -126,6 +117,18 @@ bind = "127.0.0.1:0"
 /// One instance: a folder with its config, on the cluster's database.
 pub fn instance(database: &Database, tasks: &str) -> Sandbox {
     Sandbox::with_config_on(&instance_config(database, tasks), &database.url())
+}
+
+/// Queues a run of `task` through `sandbox`'s command line and waits until a child
+/// runs it; returns the run as it is then.
+fn start_run(database: &Database, sandbox: &Sandbox, task: &str) -> RunRow {
+    let (code, body) = sandbox.cli_json(&["run", task, "--json"]);
+    assert_eq!(code, 0, "{body}");
+    let run = run_id(&body);
+    wait_until("the run's child started", Duration::from_secs(20), || {
+        let row = database.store().run(run).ok()??;
+        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
+    })
 }
 
 /// Every run, grouped by (task, tick) for the scheduled and catch-up ones.
@@ -303,13 +306,8 @@ fn an_abort_asked_of_any_instance_stops_the_run_where_it_runs() {
     let first = instance(&database, LONG_SLEEP);
     let second = instance(&database, LONG_SLEEP);
     let services = [first.serve(), second.serve()];
-    let (code, body) = first.cli_json(&["run", "long", "--json"]);
-    assert_eq!(code, 0, "{body}");
-    let run = run_id(&body);
-    let row = wait_until("the run started", Duration::from_secs(20), || {
-        let row = database.store().run(run).ok()??;
-        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
-    });
+    let row = start_run(&database, &first, "long");
+    let run = row.id;
     let owner = row.owner.clone().expect("owner");
     // Ask the instance that does not run it.
     let other = services
@@ -383,13 +381,8 @@ fn an_instance_killed_with_its_child_running_loses_the_child_and_a_peer_runs_the
     let first = instance(&database, LONG_CHILD);
     let second = instance(&database, LONG_CHILD);
     let doomed = first.serve();
-    let (code, body) = first.cli_json(&["run", "long", "--json"]);
-    assert_eq!(code, 0, "{body}");
-    let run = run_id(&body);
-    let row = wait_until("the child started", Duration::from_secs(20), || {
-        let row = database.store().run(run).ok()??;
-        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
-    });
+    let row = start_run(&database, &first, "long");
+    let run = row.id;
     let child = row.pid.expect("pid");
     // The peer starts after the run is running: it did not take the run away.
     let peer = second.serve();
@@ -432,13 +425,8 @@ fn an_instance_stopped_past_its_lease_fences_itself_and_its_late_result_is_refus
     let first = instance(&database, SLEEPER);
     let second = instance(&database, SLEEPER);
     let stopped = first.serve();
-    let (code, body) = first.cli_json(&["run", "sleeper", "--json"]);
-    assert_eq!(code, 0, "{body}");
-    let run = run_id(&body);
-    let row = wait_until("the attempt running", Duration::from_secs(20), || {
-        let row = database.store().run(run).ok()??;
-        (row.state == RunState::Running && row.pid.is_some()).then_some(row)
-    });
+    let row = start_run(&database, &first, "sleeper");
+    let run = row.id;
     let owner = row.owner.clone().expect("owner");
     let peer = second.serve();
     signal(stopped.pid(), nix::sys::signal::Signal::SIGSTOP);

@@ -151,16 +151,7 @@ impl Sandbox {
     }
 
     pub fn runs_of(&self, task: &str) -> Vec<RunRow> {
-        let mut rows = self
-            .store()
-            .runs(&RunFilter {
-                task: Some(task.into()),
-                limit: 10_000,
-                ..RunFilter::default()
-            })
-            .unwrap();
-        rows.reverse();
-        rows
+        runs_of(&self.store(), task)
     }
 
     pub fn run(&self, id: RunId) -> RunRow {
@@ -292,4 +283,17 @@ pub fn run_id(value: &Value) -> RunId {
             .as_i64()
             .unwrap_or_else(|| panic!("no run_id in {value}")),
     )
+}
+
+/// Every run of `task` in `store`, oldest first.
+pub fn runs_of(store: &Store, task: &str) -> Vec<RunRow> {
+    let mut rows = store
+        .runs(&RunFilter {
+            task: Some(task.into()),
+            limit: 1_000_000,
+            ..RunFilter::default()
+        })
+        .unwrap();
+    rows.reverse();
+    rows
 }
