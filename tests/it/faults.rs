@@ -81,7 +81,7 @@ pub(crate) fn get_json(service: &Service, path: &str) -> (u16, Value) {
     )
 }
 
-fn post_json(service: &Service, path: &str) -> (u16, Value) {
+pub(crate) fn post_json(service: &Service, path: &str) -> (u16, Value) {
     read_json(
         "POST",
         path,
