@@ -131,6 +131,9 @@ pub struct SchedulerSettings {
     pub log_dir: PathBuf,
     /// Where checkpoints go.
     pub state_dir: PathBuf,
+    /// PostgreSQL: no LISTEN, runs queued elsewhere, aborts and schedule changes found by
+    /// polling alone (for PgBouncer in transaction mode, where LISTEN does not work).
+    pub poll_only: bool,
 }
 
 /// `[logging]`: rotation of the log files and where archives go.

@@ -54,6 +54,7 @@ pub const KNOWN_SCHEDULER_KEYS: &[&str] = &[
     "shutdown_grace",
     "log_dir",
     "state_dir",
+    "poll_only",
 ];
 
 /// Every key `[logging]` accepts.
@@ -116,6 +117,7 @@ struct RawScheduler {
     shutdown_grace: Option<Spanned<String>>,
     log_dir: Option<String>,
     state_dir: Option<String>,
+    poll_only: Option<bool>,
 }
 
 #[derive(Deserialize, Default)]
@@ -603,6 +605,7 @@ fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> Sche
         shutdown_grace: None,
         log_dir: None,
         state_dir: None,
+        poll_only: None,
     });
     let timezone = report.timezone(raw.timezone.as_ref(), "scheduler.timezone", chrono_tz::UTC);
     let max_workers = match &raw.max_workers {
@@ -674,6 +677,7 @@ fn resolve_scheduler(report: &mut Report<'_>, raw: Option<RawScheduler>) -> Sche
         ),
         log_dir: PathBuf::from(raw.log_dir.unwrap_or_else(|| "logs".into())),
         state_dir: PathBuf::from(raw.state_dir.unwrap_or_else(|| "data/state".into())),
+        poll_only: raw.poll_only.unwrap_or(false),
     }
 }
 

@@ -570,3 +570,18 @@ fn a_file_that_is_not_toml_gives_the_default_locations() {
     let locations = check_locations("[scheduler\ndatabase = \"var/x.db\"\n");
     assert_eq!(locations, check_ok(PING).locations());
 }
+
+#[test]
+fn poll_only_is_off_by_default_and_takes_a_boolean() {
+    assert!(!check_ok(PING).scheduler.poll_only);
+    let config = check_ok(&format!("[scheduler]\npoll_only = true\n{PING}"));
+    assert!(config.scheduler.poll_only);
+    check_errors(
+        &format!("[scheduler]\npoll_only = \"yes\"\n{PING}"),
+        &["2:13: scheduler.poll_only: expected a boolean, found string \"yes\""],
+    );
+    check_errors(
+        &format!("[scheduler]\npoll_onyl = true\n{PING}"),
+        &["2:1: scheduler.poll_onyl: unknown key (did you mean \"poll_only\"?)"],
+    );
+}

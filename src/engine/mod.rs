@@ -4,7 +4,9 @@
 //! Every cause of work is a [`Wake`] variant, and the loop is one `select!` over them:
 //! `Tick` (the earliest persisted next fire or retry is due), `Worker` (a runner event),
 //! `Command` (from a [`Handle`]), `Heartbeat` (liveness, abort requests, orphans), `Poll`
-//! (runs queued by another process, such as the CLI) and `Shutdown`.
+//! (runs queued by another process, such as the CLI), `Hint` (the database says another
+//! process changed something: the poll's or the abort check's work at once) and
+//! `Shutdown`.
 //!
 //! The timer is our own: it sleeps until the earliest next fire, wakes early on any other
 //! cause, and re-reads the wall clock after waking; a fire is claimed in the store before
@@ -29,6 +31,7 @@ mod faults;
 mod finish;
 mod fire;
 mod handle;
+mod hints;
 mod metrics;
 mod publish;
 mod queue;
@@ -72,6 +75,8 @@ enum Wake {
     Command(Command),
     Heartbeat,
     Poll,
+    /// Another process changed something (the store's hints); `None`: the feed ended.
+    Hint(Option<crate::store::Hint>),
     /// The board is stale and its rate limit has passed.
     Publish,
     Shutdown,
@@ -109,7 +114,10 @@ pub struct Engine {
     commands_rx: mpsc::Receiver<Command>,
     commands_tx: mpsc::Sender<Command>,
     cancel: CancellationToken,
-    poll_interval: Duration,
+    /// When runs queued by other processes were last looked for (`hints.rs`).
+    polled_at: std::time::Instant,
+    /// Wake-ups from the database (cluster mode, unless `poll_only`).
+    hints: Option<crate::store::Hints>,
     roots: Vec<RunId>,
     board: Arc<Board>,
     metrics: Arc<Metrics>,
@@ -168,7 +176,8 @@ impl Engine {
             commands_rx,
             commands_tx,
             cancel: CancellationToken::new(),
-            poll_interval: Duration::from_millis(200),
+            polled_at: std::time::Instant::now(),
+            hints: None,
             roots: Vec::new(),
             board: Arc::new(Board::default()),
             metrics: Arc::new(Metrics::new()),
@@ -241,6 +250,7 @@ impl Engine {
     pub async fn run(mut self) -> Result<(), EngineError> {
         if self.mode == Mode::Serve {
             blocking(|| self.join_cluster());
+            self.subscribe_hints();
         }
         let now = self.clock.now();
         let pid = std::process::id();
@@ -296,8 +306,7 @@ impl Engine {
         let mut heartbeat = tokio::time::interval(self.config.scheduler.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.publish(true);
-        let mut poll = tokio::time::interval(self.poll_interval);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        self.polled_at = std::time::Instant::now();
         loop {
             if self.mode == Mode::Foreground && self.is_idle() {
                 break;
@@ -306,6 +315,10 @@ impl Engine {
             let publish_due = tokio::time::sleep(
                 Duration::from_millis(50).saturating_sub(self.published_at.elapsed()),
             );
+            let poll_due = tokio::time::sleep(
+                self.poll_interval()
+                    .saturating_sub(self.polled_at.elapsed()),
+            );
             let wake = tokio::select! {
                 // Ticks first: under load, a fire must not wait behind worker reports.
                 biased;
@@ -313,8 +326,9 @@ impl Engine {
                 _ = sleep => Wake::Tick,
                 Some(envelope) = self.worker_rx.recv() => Wake::Worker(envelope),
                 Some(command) = self.commands_rx.recv() => Wake::Command(command),
+                hint = hints::next_hint(&mut self.hints), if self.hints.is_some() => Wake::Hint(hint),
                 _ = heartbeat.tick() => Wake::Heartbeat,
-                _ = poll.tick(), if self.mode == Mode::Serve => Wake::Poll,
+                _ = poll_due, if self.mode == Mode::Serve => Wake::Poll,
                 _ = publish_due, if self.dirty => Wake::Publish,
             };
             if !matches!(wake, Wake::Shutdown) {
@@ -334,7 +348,11 @@ impl Engine {
                     Wake::Command(command) => self.on_command(command),
                     Wake::Tick => self.on_tick(),
                     Wake::Heartbeat => self.on_heartbeat(),
-                    Wake::Poll => self.on_poll(),
+                    Wake::Poll => {
+                        self.polled_at = std::time::Instant::now();
+                        self.on_poll()
+                    }
+                    Wake::Hint(hint) => self.on_hint(hint),
                     Wake::Publish | Wake::Shutdown => {}
                 }
                 self.dispatch();

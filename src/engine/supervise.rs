@@ -28,6 +28,17 @@ impl Engine {
         self.measure_offset();
         self.survey_cluster(now);
         self.find_stalled();
+        self.check_abort_requests();
+        if self.mode == Mode::Serve {
+            if let Err(err) = self.find_orphans(now) {
+                warn!("cannot look for orphaned runs: {err}");
+            }
+        }
+    }
+
+    /// Stops this instance's running runs whose abort was requested (every heartbeat, and
+    /// at once on an abort hint).
+    pub(super) fn check_abort_requests(&mut self) {
         match self.store.abort_requests(&self.instance) {
             Ok(runs) => {
                 for (run, reason) in runs {
@@ -39,11 +50,6 @@ impl Engine {
                 }
             }
             Err(err) => warn!("cannot read abort requests: {err}"),
-        }
-        if self.mode == Mode::Serve {
-            if let Err(err) = self.find_orphans(now) {
-                warn!("cannot look for orphaned runs: {err}");
-            }
         }
     }
 

@@ -30,7 +30,9 @@
 //! is `progress_is_news`, here, shared by every backend.
 
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -415,6 +417,67 @@ pub struct HeldSchedule {
     pub due: bool,
 }
 
+/// What other processes changed in the database since the last hint, as a [`Hints`]
+/// feed tells it. A hint is a nudge to read the store now rather than at the next poll:
+/// hints are lost while the listening connection is down, so a subscriber keeps polling
+/// (less often while [`Hints::live`]). A feed never tells its own backend's writes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Hint {
+    /// A run was queued, or moved back to `queued` or `retry_wait`.
+    pub queued: bool,
+    /// An abort was requested.
+    pub abort: bool,
+    /// A task was paused or resumed, or stored with another schedule.
+    pub schedule: bool,
+    /// Events were appended.
+    pub event: bool,
+}
+
+impl Hint {
+    /// Every kind: what a subscriber assumes after hints may have been lost.
+    pub const ALL: Hint = Hint {
+        queued: true,
+        abort: true,
+        schedule: true,
+        event: true,
+    };
+
+    /// True when any kind is set.
+    pub fn any(&self) -> bool {
+        self.queued || self.abort || self.schedule || self.event
+    }
+}
+
+/// A backend's side of a [`Hints`] subscription (the PostgreSQL listener's watch channel;
+/// boxed so this module names no async runtime).
+pub trait HintFeed: Send {
+    /// Waits for the next hint; `None` once the feed has ended (the backend is gone).
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Option<Hint>> + Send + '_>>;
+    /// True while hints arrive (the listening connection is up).
+    fn live(&self) -> bool;
+}
+
+/// One subscriber's wake-ups from the database ([`Store::hints`]): cheap to wait on,
+/// and cancel-safe (a hint not yet taken stays for the next call).
+pub struct Hints(Box<dyn HintFeed>);
+
+impl Hints {
+    /// Wraps a backend's feed.
+    pub fn new(feed: Box<dyn HintFeed>) -> Hints {
+        Hints(feed)
+    }
+
+    /// The next hint (what happened since the last one); `None` once the feed has ended.
+    pub async fn next(&mut self) -> Option<Hint> {
+        self.0.next().await
+    }
+
+    /// True while hints arrive: a subscriber may then poll less often.
+    pub fn live(&self) -> bool {
+        self.0.live()
+    }
+}
+
 /// A serving instance as registered.
 #[derive(Debug, Clone)]
 pub struct InstanceRow {
@@ -542,6 +605,13 @@ pub trait Backend: Send + Sync {
     /// the local clock. Instances measure their offset from it: due-ness and leases are
     /// judged on database time.
     fn database_now(&self) -> Result<Option<Instant>, StoreError>;
+    /// A subscription to what other processes change in the database (runs queued,
+    /// aborts requested, schedules changed, events appended), for a backend several
+    /// processes share and that can tell (PostgreSQL: LISTEN/NOTIFY). `None` (the
+    /// default; SQLite): poll.
+    fn hints(&self) -> Option<Hints> {
+        None
+    }
 
     /// Whether [`Backend::backup_to`] works here (an embedded database copies itself;
     /// a server's database is backed up by the server's own tools).
@@ -1011,6 +1081,11 @@ impl Store {
     /// See [`Backend::database_now`].
     pub fn database_now(&self) -> Result<Option<Instant>, StoreError> {
         self.backend.database_now()
+    }
+
+    /// See [`Backend::hints`].
+    pub fn hints(&self) -> Option<Hints> {
+        self.backend.hints()
     }
 
     /// See [`Backend::instance`].

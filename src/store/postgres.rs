@@ -31,27 +31,36 @@
 //!   in opposite orders) rolls back and runs the body again, at most
 //!   [`CONFLICT_RETRIES`] times, as [`Backend::write`] allows.
 //! - Instants are BIGINT microseconds since the epoch, as in SQLite: exact.
+//! - Hints ([`Backend::hints`]): a transaction that queues a run, flags an abort, changes
+//!   a pause flag or a schedule key, or appends events sends one NOTIFY just before its
+//!   COMMIT (delivered at commit, never for a rollback); [`listen`] hears them on a
+//!   connection of its own, reconnecting when it drops. Hints only bring work forward.
 //!
 //! Schema: `postgres.sql` is the current shape, run at every open in one transaction
 //! under an advisory lock (concurrent openers migrate once); `meta.schema_version` says
 //! which shape a database has, [`MIGRATIONS`] takes an older one forward, and a newer
 //! one is refused ([`StoreError::NewerSchema`]).
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::path::Path;
+use std::pin::Pin;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Transaction};
 use tokio::runtime::Runtime;
+use tokio::sync::watch;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{IsolationLevel, NoTls, Row};
+use tokio_postgres::{AsyncMessage, IsolationLevel, NoTls, Row};
+use tracing::{info, warn};
 
 use super::progress_message;
 use super::{
     attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    HeldSchedule, InstanceRow, Landing, LastProgressEvent, Move, NewRun, PostgresError,
-    PruneCounts, RunFilter, RunRow, StoreError, TaskStateRow, Tx,
+    HeldSchedule, Hint, HintFeed, Hints, InstanceRow, Landing, LastProgressEvent, Move, NewRun,
+    PostgresError, PruneCounts, RunFilter, RunRow, StoreError, TaskStateRow, Tx,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -193,6 +202,12 @@ pub(super) struct PostgresBackend {
     pool: Pool,
     /// `Some` until dropped (see the `Drop` impl).
     runtime: Option<Runtime>,
+    /// How to connect (the listener opens a connection of its own).
+    config: tokio_postgres::Config,
+    /// This backend's name in its hints' payloads, so its listener skips its own writes.
+    origin: String,
+    /// The listener's counts, once [`Backend::hints`] has started it.
+    listener: OnceLock<watch::Sender<HintCounts>>,
 }
 
 impl Drop for PostgresBackend {
@@ -222,7 +237,7 @@ impl PostgresBackend {
             .build()
             .map_err(|err| fail(err.to_string()))?;
         let manager = Manager::from_config(
-            config,
+            config.clone(),
             NoTls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
@@ -239,6 +254,9 @@ impl PostgresBackend {
         let backend = PostgresBackend {
             pool,
             runtime: Some(runtime),
+            config,
+            origin: uuid::Uuid::new_v4().simple().to_string(),
+            listener: OnceLock::new(),
         };
         backend.migrate(&database).map_err(|err| match err {
             StoreError::Postgres(err) => fail(err.to_string()),
@@ -369,11 +387,21 @@ impl Backend for PostgresBackend {
                 tx: &tx,
                 failed: RefCell::new(None),
                 author,
+                hints: Cell::new(0),
             };
             let result = body(&postgres_tx);
+            let hinted = postgres_tx.hints.get();
             let failed = postgres_tx.failed.into_inner();
             let outcome = match (result, failed) {
-                (Ok(()), None) => block_on(runtime, tx.commit()).map_err(StoreError::from),
+                (Ok(()), None) => block_on(runtime, async {
+                    if hinted != 0 {
+                        let notify = tx.prepare_cached("SELECT pg_notify($1, $2)").await?;
+                        let payload = hint_payload(&self.origin, hinted);
+                        tx.execute(&notify, &[&HINT_CHANNEL, &payload]).await?;
+                    }
+                    tx.commit().await
+                })
+                .map_err(StoreError::from),
                 (result, failed) => {
                     // Rolled back explicitly, so the connection goes back to the pool clean.
                     let _ = block_on(runtime, tx.rollback());
@@ -688,6 +716,209 @@ impl Backend for PostgresBackend {
             instead: "on PostgreSQL, use pg_dump (or the server's own backups)",
         })
     }
+
+    /// LISTEN/NOTIFY: the first call starts the listener (a connection of its own, on
+    /// the backend's runtime, see [`listen`]); every call subscribes to it. Hints of this
+    /// backend's own writes are left out: its caller made them.
+    fn hints(&self) -> Option<Hints> {
+        let sender = self.listener.get_or_init(|| {
+            let (sender, _) = watch::channel(HintCounts::default());
+            let listening = listen(self.config.clone(), self.origin.clone(), sender.clone());
+            self.runtime().spawn(listening);
+            sender
+        });
+        let receiver = sender.subscribe();
+        let seen = *receiver.borrow();
+        Some(Hints::new(Box::new(PostgresHints { receiver, seen })))
+    }
+}
+
+/// The channel writers NOTIFY and the listener LISTENs on.
+const HINT_CHANNEL: &str = "turbosched";
+
+const HINT_QUEUED: u8 = 1;
+const HINT_ABORT: u8 = 2;
+const HINT_SCHEDULE: u8 = 4;
+const HINT_EVENT: u8 = 8;
+
+/// Each kind of hint, and its word in a payload.
+const HINT_KINDS: [(u8, &str); 4] = [
+    (HINT_QUEUED, "queued"),
+    (HINT_ABORT, "abort"),
+    (HINT_SCHEDULE, "schedule"),
+    (HINT_EVENT, "event"),
+];
+
+/// The listener's first wait before connecting again; it doubles up to
+/// [`LISTEN_RETRY_MAX`].
+const LISTEN_RETRY_MIN: Duration = Duration::from_millis(200);
+const LISTEN_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// `<origin> <kind>,<kind>`: one NOTIFY per transaction whatever it wrote (PostgreSQL
+/// delivers it at commit, and nothing of a rolled-back one).
+fn hint_payload(origin: &str, mask: u8) -> String {
+    let kinds: Vec<&str> = HINT_KINDS
+        .iter()
+        .filter(|(bit, _)| mask & bit != 0)
+        .map(|(_, word)| *word)
+        .collect();
+    format!("{origin} {}", kinds.join(","))
+}
+
+/// The kinds a payload names, unless it comes from `origin` (or names none we know: a
+/// newer turbosched's kinds are ignored).
+fn parse_hint(payload: &str, origin: &str) -> u8 {
+    let Some((from, kinds)) = payload.split_once(' ') else {
+        return 0;
+    };
+    if from == origin {
+        return 0;
+    }
+    kinds
+        .split(',')
+        .filter_map(|word| HINT_KINDS.iter().find(|(_, w)| *w == word))
+        .fold(0, |mask, (bit, _)| mask | bit)
+}
+
+/// How many hints of each kind the listener has received, and whether it is listening:
+/// a subscriber compares counts with the ones it saw last, so hints coalesce but none
+/// is missed between two looks.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct HintCounts {
+    counts: [u64; 4],
+    live: bool,
+}
+
+impl HintCounts {
+    fn add(&mut self, mask: u8) {
+        for (count, (bit, _)) in self.counts.iter_mut().zip(HINT_KINDS) {
+            if mask & bit != 0 {
+                *count += 1;
+            }
+        }
+    }
+
+    /// What changed since `seen`.
+    fn since(&self, seen: &HintCounts) -> Hint {
+        let changed = |kind: usize| self.counts[kind] != seen.counts[kind];
+        Hint {
+            queued: changed(0),
+            abort: changed(1),
+            schedule: changed(2),
+            event: changed(3),
+        }
+    }
+}
+
+/// A subscriber's view of the listener's watch channel.
+struct PostgresHints {
+    receiver: watch::Receiver<HintCounts>,
+    seen: HintCounts,
+}
+
+impl HintFeed for PostgresHints {
+    fn next(&mut self) -> Pin<Box<dyn Future<Output = Option<Hint>> + Send + '_>> {
+        Box::pin(async move {
+            loop {
+                self.receiver.changed().await.ok()?;
+                let now = *self.receiver.borrow_and_update();
+                let hint = now.since(&self.seen);
+                self.seen = now;
+                if hint.any() {
+                    return Some(hint);
+                }
+            }
+        })
+    }
+
+    fn live(&self) -> bool {
+        self.receiver.borrow().live
+    }
+}
+
+/// The listener: a connection of its own (not pooled: a pooled one goes back to the pool
+/// and LISTEN with it) that `LISTEN`s on [`HINT_CHANNEL`] and counts what it hears into
+/// `hints`. When the connection drops it connects again, waiting from
+/// [`LISTEN_RETRY_MIN`] doubling up to [`LISTEN_RETRY_MAX`]; one warning per outage, one
+/// line when it is back, and then every kind is counted once (hints sent meanwhile were
+/// lost), so subscribers read everything again. Runs until the backend's runtime stops.
+async fn listen(
+    mut config: tokio_postgres::Config,
+    origin: String,
+    hints: watch::Sender<HintCounts>,
+) {
+    config
+        .application_name("turbosched listener")
+        .connect_timeout(Duration::from_secs(5))
+        .keepalives(true)
+        .keepalives_idle(Duration::from_secs(10))
+        .keepalives_interval(Duration::from_secs(5))
+        .keepalives_retries(3);
+    let mut delay = LISTEN_RETRY_MIN;
+    let mut down_since: Option<std::time::Instant> = None;
+    let mut connected_before = false;
+    loop {
+        let lost = match config.connect(NoTls).await {
+            Ok((client, mut connection)) => {
+                let (origin, sender) = (origin.clone(), hints.clone());
+                let driver = tokio::spawn(async move {
+                    loop {
+                        match std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+                            Some(Ok(AsyncMessage::Notification(note))) => {
+                                let mask = parse_hint(note.payload(), &origin);
+                                if note.channel() == HINT_CHANNEL && mask != 0 {
+                                    sender.send_modify(|counts| counts.add(mask));
+                                }
+                            }
+                            Some(Ok(_)) => {}
+                            Some(Err(err)) => return with_causes(&err),
+                            None => return "the server closed it".to_string(),
+                        }
+                    }
+                });
+                match client
+                    .batch_execute(&format!("LISTEN {HINT_CHANNEL}"))
+                    .await
+                {
+                    Ok(()) => {
+                        hints.send_modify(|counts| {
+                            counts.live = true;
+                            if connected_before {
+                                counts.add(u8::MAX);
+                            }
+                        });
+                        connected_before = true;
+                        delay = LISTEN_RETRY_MIN;
+                        if let Some(since) = down_since.take() {
+                            info!(
+                                "listening for wake-ups again (LISTEN {HINT_CHANNEL}) after {}",
+                                humantime::format_duration(Duration::from_millis(
+                                    since.elapsed().as_millis() as u64
+                                ))
+                            );
+                        }
+                        let why = driver
+                            .await
+                            .unwrap_or_else(|err| format!("its task ended: {err}"));
+                        drop(client);
+                        hints.send_modify(|counts| counts.live = false);
+                        why
+                    }
+                    Err(err) => {
+                        driver.abort();
+                        with_causes(&err)
+                    }
+                }
+            }
+            Err(err) => with_causes(&err),
+        };
+        if down_since.is_none() {
+            down_since = Some(std::time::Instant::now());
+            warn!("the connection listening for wake-ups (LISTEN {HINT_CHANNEL}) is down: {lost}; polling until it is back, connecting again every {} at most", humantime::format_duration(LISTEN_RETRY_MAX));
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(LISTEN_RETRY_MAX);
+    }
 }
 
 /// The writes of one open transaction. A statement's error is remembered in `failed`:
@@ -698,6 +929,8 @@ struct PostgresTx<'t, 'c> {
     failed: RefCell<Option<PostgresError>>,
     /// The instance whose events these are (`events.instance`).
     author: Option<&'t str>,
+    /// The kinds of hint this transaction sends at commit (`HINT_*` bits).
+    hints: Cell<u8>,
 }
 
 impl PostgresTx<'_, '_> {
@@ -723,6 +956,11 @@ impl PostgresTx<'_, '_> {
             self.tx.execute(&statement, params).await
         });
         result.map_err(|err| self.remember(err))
+    }
+
+    /// Sends a hint of these kinds when the transaction commits.
+    fn hint(&self, kinds: u8) {
+        self.hints.set(self.hints.get() | kinds);
     }
 
     fn remember(&self, err: tokio_postgres::Error) -> StoreError {
@@ -754,6 +992,7 @@ impl PostgresTx<'_, '_> {
             return Ok(None);
         };
         let id = RunId(row.try_get(0)?);
+        self.hint(HINT_QUEUED);
         if run.downstream && run.cascade.is_none() {
             self.execute("UPDATE runs SET cascade = id WHERE id = $1", &[&id.0])?;
         }
@@ -804,6 +1043,7 @@ impl PostgresTx<'_, '_> {
                 unavailable: false,
             })
         })?;
+        self.hint(HINT_EVENT);
         Ok(row.try_get(0)?)
     }
 }
@@ -938,6 +1178,9 @@ impl Tx for PostgresTx<'_, '_> {
             });
         };
         let task: String = updated.try_get(0)?;
+        if matches!(to, RunState::Queued | RunState::RetryWait) {
+            self.hint(HINT_QUEUED);
+        }
         if starting {
             self.execute(
                 "INSERT INTO attempts(run_id, attempt, started_at, owner) VALUES ($1, $2, $3, $4)",
@@ -1081,11 +1324,17 @@ impl Tx for PostgresTx<'_, '_> {
         next: Option<Instant>,
         schedule: Option<&str>,
     ) -> Result<(), StoreError> {
-        self.execute(
-            "INSERT INTO task_state(task, next_fire_at, schedule) VALUES ($1, $2, $3)
-             ON CONFLICT (task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule",
+        // Whether the schedule key changed (the CTE reads the row as it was).
+        let changed = self.query_opt(
+            "WITH old AS (SELECT schedule FROM task_state WHERE task = $1)
+             INSERT INTO task_state(task, next_fire_at, schedule) VALUES ($1, $2, $3)
+             ON CONFLICT (task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule
+             RETURNING (SELECT schedule FROM old) IS DISTINCT FROM $3::TEXT",
             &[&task.as_str(), &next.map(to_micros), &schedule],
         )?;
+        if changed.map(|row| row.try_get::<_, bool>(0)).transpose()? == Some(true) {
+            self.hint(HINT_SCHEDULE);
+        }
         Ok(())
     }
 
@@ -1095,6 +1344,7 @@ impl Tx for PostgresTx<'_, '_> {
              ON CONFLICT (task) DO UPDATE SET paused = excluded.paused",
             &[&task.as_str(), &paused],
         )?;
+        self.hint(HINT_SCHEDULE);
         let kind = if paused {
             "task_paused"
         } else {
@@ -1190,6 +1440,7 @@ impl Tx for PostgresTx<'_, '_> {
             "UPDATE runs SET abort_requested = TRUE, reason = $2 WHERE id = $1",
             &[&run.0, &reason],
         )?;
+        self.hint(HINT_ABORT);
         Ok(())
     }
 
@@ -1582,5 +1833,95 @@ mod tests {
             drop(client);
             let _ = driver.await;
         });
+    }
+
+    #[test]
+    fn a_hint_payload_names_its_origin_and_kinds_and_ones_own_are_left_out() {
+        let mask = HINT_QUEUED | HINT_EVENT;
+        assert_eq!(hint_payload("abc", mask), "abc queued,event");
+        assert_eq!(parse_hint("abc queued,event", "other"), mask);
+        assert_eq!(parse_hint("abc queued,event", "abc"), 0);
+        assert_eq!(parse_hint("abc abort,later_kind", "other"), HINT_ABORT);
+        assert_eq!(parse_hint("nonsense", "other"), 0);
+    }
+
+    /// LISTEN/NOTIFY: a subscriber hears what other stores commit, kind by kind, once a
+    /// transaction, neither its own store's writes nor a rolled-back transaction's; a
+    /// dropped listener connects again and then tells every kind (hints may be lost).
+    #[test]
+    fn hints_tell_other_stores_commits_by_kind_and_come_back_after_a_cut() {
+        let database = ScratchDatabase::create();
+        let url = std::path::PathBuf::from(database.url());
+        let listening = Store::open(&url).unwrap();
+        let other = Store::open(&url).unwrap();
+        let mut hints = listening.hints().expect("PostgreSQL tells hints");
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let next = |hints: &mut Hints| {
+            runtime.block_on(async {
+                tokio::time::timeout(Duration::from_secs(10), hints.next())
+                    .await
+                    .expect("a hint within 10 s")
+                    .expect("the feed goes on")
+            })
+        };
+        let until_live = |hints: &Hints, live: bool| {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while hints.live() != live {
+                assert!(std::time::Instant::now() < deadline, "live never {live}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        };
+        until_live(&hints, true);
+        let task = TaskName::from("ingest");
+        let now = crate::model::from_micros(1);
+        // Its own write is not told; the other's enqueue is (a run queued, an event).
+        listening.set_paused(&task, true, now).unwrap();
+        let run = other
+            .enqueue(&crate::store::conformance::scheduled("ingest", now), now)
+            .unwrap();
+        let queued = Hint {
+            queued: true,
+            event: true,
+            ..Hint::default()
+        };
+        assert_eq!(next(&mut hints), queued);
+        // A rolled-back enqueue sends nothing; a resume is a schedule change.
+        let refused = other.batch(|tx| {
+            tx.enqueue(&crate::store::conformance::scheduled("train", now), now)?;
+            Err::<(), _>(StoreError::NotFound(run))
+        });
+        assert!(refused.is_err());
+        other.set_paused(&task, false, now).unwrap();
+        let schedule = Hint {
+            schedule: true,
+            event: true,
+            ..Hint::default()
+        };
+        assert_eq!(next(&mut hints), schedule);
+        // A next fire stored under another schedule is told; under the same one, not.
+        other.set_next_fire(&task, Some(now), Some("a")).unwrap();
+        let stored = Hint {
+            schedule: true,
+            ..Hint::default()
+        };
+        assert_eq!(next(&mut hints), stored);
+        other.set_next_fire(&task, None, Some("a")).unwrap();
+        other.batch(|tx| tx.flag_abort(run, "stop")).unwrap();
+        let abort = Hint {
+            abort: true,
+            ..Hint::default()
+        };
+        assert_eq!(next(&mut hints), abort);
+        // The listener cut by the server: not live, then back, telling every kind.
+        admin_on(
+            &database,
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE datname = current_database() AND query LIKE 'LISTEN%'",
+        );
+        assert_eq!(next(&mut hints), Hint::ALL);
+        assert!(hints.live());
     }
 }

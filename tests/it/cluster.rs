@@ -753,3 +753,231 @@ fn connections_terminated_by_the_server_are_replaced_and_firing_goes_on() {
     }
     assert_every_tick_once(&database, "tick", start, after + 3);
 }
+
+// Wake-ups (issue 12, "What it must show" 7): LISTEN/NOTIFY brings work forward, the poll
+// always backs it up.
+
+/// How many connections `LISTEN` on the database (one per instance's engine).
+fn listeners(database: &Database) -> i64 {
+    query_i64(
+        database,
+        &format!(
+            "SELECT COUNT(*) FROM pg_stat_activity WHERE datname = '{}' AND query LIKE 'LISTEN%'",
+            database.name
+        ),
+    )
+}
+
+/// Terminates every connection listening on the database; how many there were.
+fn terminate_listeners(database: &Database) -> i64 {
+    query_i64(
+        database,
+        &format!(
+            "SELECT COUNT(pg_terminate_backend(pid)) FROM pg_stat_activity
+             WHERE datname = '{}' AND query LIKE 'LISTEN%' AND pid <> pg_backend_pid()",
+            database.name
+        ),
+    )
+}
+
+/// The one BIGINT `sql` returns, read on the server's `postgres` database.
+fn query_i64(database: &Database, sql: &str) -> i64 {
+    let url = format!("{}/postgres", database.server);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+            .await
+            .unwrap_or_else(|err| panic!("connect to {url}: {err}"));
+        let driver = tokio::spawn(connection);
+        let row = client
+            .query_one(sql, &[])
+            .await
+            .unwrap_or_else(|err| panic!("{sql}: {err}"));
+        drop(client);
+        let _ = driver.await;
+        row.get(0)
+    })
+}
+
+#[test]
+fn the_listen_connection_dropped_runs_still_fire_through_the_poll_and_it_comes_back() {
+    let database = Database::create();
+    let instances: Vec<Sandbox> = (0..2)
+        .map(|_| instance(&database, EVERY_SECOND_TRUE))
+        .collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    wait_until("both instances listening", Duration::from_secs(20), || {
+        (listeners(&database) == 2).then_some(())
+    });
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("tick").is_empty()).then_some(())
+    });
+    let start = chrono::Utc::now().timestamp() + 1;
+    // Cut the listeners as soon as they are back, for three seconds (paced, not awaited:
+    // the outage is the point).
+    let outage = std::time::Instant::now();
+    let mut cut = 0;
+    while outage.elapsed() < Duration::from_secs(3) {
+        cut += terminate_listeners(&database);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(cut >= 2, "no LISTEN connection was found to terminate");
+    let after = chrono::Utc::now().timestamp() + 1;
+    // Each listener connects again and says so.
+    wait_until("both listening again", Duration::from_secs(20), || {
+        (listeners(&database) == 2).then_some(())
+    });
+    for service in &services {
+        wait_until(
+            "the listener's return logged",
+            Duration::from_secs(10),
+            || {
+                service
+                    .stderr_text()
+                    .contains("listening for wake-ups again")
+                    .then_some(())
+            },
+        );
+        let log = service.stderr_text();
+        let warnings = log
+            .matches("listening for wake-ups (LISTEN turbosched) is down")
+            .count();
+        assert!(
+            (1..=cut as usize).contains(&warnings),
+            "{warnings} warnings for {cut} terminations:\n{log}"
+        );
+    }
+    wait_until("ticks after the outage", Duration::from_secs(30), || {
+        database
+            .runs_of("tick")
+            .iter()
+            .any(|r| r.scheduled_for.timestamp() >= after + 2 && r.state.is_terminal())
+            .then_some(())
+    });
+    for service in services {
+        assert!(service.stop().success());
+    }
+    assert_every_tick_once(&database, "tick", start, after + 2);
+}
+
+const BUSY: &str = r#"
+[tasks.hold]
+command = ["/bin/sleep", "60"]
+
+[tasks.quick]
+command = ["/bin/true"]
+"#;
+
+/// Two instances of one worker slot each; `hold` occupies one of them, then `quick` is
+/// queued through that busy instance's API and started by the other. Returns the time
+/// from `quick`'s queueing to its start (both on the database's clock), and the time
+/// from `hold`'s abort, requested through the idle instance, to its end.
+fn queued_on_a_busy_instance(poll_only: bool) -> (Duration, Duration) {
+    let database = Database::create();
+    let config = instance_config(&database, BUSY).replace(
+        "max_workers = 16",
+        &format!("max_workers = 1\npoll_only = {poll_only}"),
+    );
+    let sandboxes: Vec<Sandbox> = (0..2)
+        .map(|_| Sandbox::with_config_on(&config, &database.url()))
+        .collect();
+    let services: Vec<Service> = sandboxes.iter().map(Sandbox::serve).collect();
+    let expected = if poll_only { 0 } else { 2 };
+    wait_until("the listeners", Duration::from_secs(20), || {
+        (listeners(&database) == expected).then_some(())
+    });
+    let (status, body) = crate::faults::post_json(&services[0], "/scheduler/tasks/hold/run");
+    assert_eq!(status, 202, "{body}");
+    let hold = run_id(&body);
+    // Either instance may start it; the one that does is the busy one.
+    let held = wait_until("hold running", Duration::from_secs(20), || {
+        let row = database.store().run(hold).ok()??;
+        (row.state == RunState::Running).then_some(row)
+    });
+    let busy_owner = held.owner.clone().expect("owner");
+    let busy_api = database
+        .store()
+        .instance(&busy_owner)
+        .unwrap()
+        .and_then(|i| i.api)
+        .expect("the busy instance's API");
+    let (busy, idle) = if services[0].api.ends_with(&busy_api) {
+        (&services[0], &services[1])
+    } else {
+        (&services[1], &services[0])
+    };
+    let (status, body) = crate::faults::post_json(busy, "/scheduler/tasks/quick/run");
+    assert_eq!(status, 202, "{body}");
+    let quick = run_id(&body);
+    let started = wait_until(
+        "quick started by the idle peer",
+        Duration::from_secs(20),
+        || {
+            let row = database.store().run(quick).ok()??;
+            row.started_at.map(|_| row)
+        },
+    );
+    let attempts = database.store().attempts(quick).unwrap();
+    assert_ne!(attempts[0].owner.as_deref(), Some(busy_owner.as_str()));
+    let to_start = (started.started_at.unwrap() - started.queued_at)
+        .to_std()
+        .unwrap_or_default();
+    // An abort sent to the idle instance reaches the owner.
+    let asked = std::time::Instant::now();
+    let (status, body) =
+        crate::faults::post_json(idle, &format!("/scheduler/runs/{}/abort", hold.0));
+    assert!(status < 300, "{status} {body}");
+    wait_until("hold aborted", Duration::from_secs(20), || {
+        let row = database.store().run(hold).ok()??;
+        (row.state == RunState::Aborted).then_some(())
+    });
+    let to_abort = asked.elapsed();
+    for service in services {
+        assert!(service.stop().success());
+    }
+    (to_start, to_abort)
+}
+
+#[test]
+fn a_run_queued_on_a_busy_instance_is_started_by_a_peer_at_once_thanks_to_the_hint() {
+    let (to_start, to_abort) = queued_on_a_busy_instance(false);
+    println!(
+        "with LISTEN/NOTIFY: queued on the busy instance → started by its peer in {to_start:?}; abort through the peer → aborted in {to_abort:?}"
+    );
+    // Without the hint it would wait for the peer's poll (every second while hints
+    // arrive); generous bound for a loaded machine.
+    assert!(to_start < Duration::from_secs(3), "{to_start:?}");
+}
+
+#[test]
+fn poll_only_instances_fire_every_tick_once_and_open_no_listen_connection() {
+    let database = Database::create();
+    let config = instance_config(&database, EVERY_SECOND_TRUE)
+        .replace("max_workers = 16", "max_workers = 16\npoll_only = true");
+    let instances: Vec<Sandbox> = (0..2)
+        .map(|_| Sandbox::with_config_on(&config, &database.url()))
+        .collect();
+    let services: Vec<Service> = instances.iter().map(Sandbox::serve).collect();
+    let start = chrono::Utc::now().timestamp() + 1;
+    wait_until("five seconds of ticks", Duration::from_secs(30), || {
+        database
+            .runs_of("tick")
+            .iter()
+            .any(|r| r.scheduled_for.timestamp() >= start + 5 && r.state.is_terminal())
+            .then_some(())
+    });
+    assert_eq!(listeners(&database), 0);
+    for service in services {
+        assert!(service.stop().success());
+    }
+    assert_every_tick_once(&database, "tick", start, start + 5);
+    // A run queued on a busy instance still moves to its peer, by the poll (200 ms).
+    let (to_start, to_abort) = queued_on_a_busy_instance(true);
+    println!(
+        "poll_only: queued on the busy instance → started by its peer in {to_start:?}; abort through the peer → aborted in {to_abort:?}"
+    );
+    assert!(to_start < Duration::from_secs(3), "{to_start:?}");
+}

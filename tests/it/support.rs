@@ -187,6 +187,11 @@ impl Service {
         self.child.as_ref().map(|c| c.id()).unwrap_or(0)
     }
 
+    /// What the service has written to its stderr so far (its log, at debug).
+    pub fn stderr_text(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
     /// SIGTERM and wait for a clean exit.
     pub fn stop(mut self) -> std::process::ExitStatus {
         let mut child = self.child.take().expect("running");
