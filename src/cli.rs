@@ -665,6 +665,17 @@ fn serve(path: &Path) -> Result<ExitCode> {
     .map_err(|err| anyhow!(err))?;
     turbosched::api::check_bind(&config.api.bind, &config.api.token_env, token.is_some())
         .map_err(|err| anyhow!(err))?;
+    let token_note = if token.is_some() {
+        format!(
+            "token in force (from ${}): mutating routes need Authorization: Bearer <token>",
+            config.api.token_env
+        )
+    } else {
+        format!(
+            "no token (${} unset): mutating routes are open to whoever reaches this loopback address",
+            config.api.token_env
+        )
+    };
     let store = open_store(&config)?;
     // The API reads through a connection of its own, so reads never queue behind writes.
     let api_store = open_store(&config)?;
@@ -682,7 +693,7 @@ fn serve(path: &Path) -> Result<ExitCode> {
         let (server, address) = turbosched::api::start(state, &config.api.bind)
             .with_context(|| format!("cannot serve the API on {} ([api] bind)", config.api.bind))?;
         engine.set_api_address(address.to_string());
-        tracing::info!("API listening on http://{address}");
+        tracing::info!("API listening on http://{address}; {token_note}");
         let server_handle = server.handle();
         tokio::spawn(server);
         reload_on_sighup(engine.handle());
@@ -1296,19 +1307,23 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
     }
     out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
     if let Some(progress) = row.progress {
-        out!(
-            "  progress      {progress:.0}% {}",
-            row.phase.clone().unwrap_or_default()
-        )?;
+        match &row.phase {
+            Some(phase) => out!("  progress      {progress:.0}% {phase}")?,
+            None => out!("  progress      {progress:.0}%")?,
+        }
     }
-    for (label, value) in [
-        ("reason", &row.reason),
-        ("error", &row.error),
-        ("result", &row.result),
-        ("checkpoint", &row.checkpoint),
-    ] {
+    for (label, value) in [("reason", &row.reason), ("error", &row.error)] {
         if let Some(value) = value {
             out!("  {label:<13} {value}")?;
+        }
+    }
+    // A handler's result and checkpoint are JSON, often kilobytes: one key a line.
+    for (label, value) in [("result", &row.result), ("checkpoint", &row.checkpoint)] {
+        if let Some(value) = value {
+            out!("  {label}:")?;
+            for line in pretty_json(value).lines() {
+                out!("    {line}")?;
+            }
         }
     }
     for attempt in attempts {
@@ -1325,6 +1340,14 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// `text` indented if it is JSON, else as it is.
+fn pretty_json(text: &str) -> String {
+    serde_json::from_str::<serde_json::Value>(text)
+        .ok()
+        .and_then(|value| serde_json::to_string_pretty(&value).ok())
+        .unwrap_or_else(|| text.to_string())
 }
 
 fn abort(path: &Path, run: RunId) -> Result<ExitCode> {

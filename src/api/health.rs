@@ -68,6 +68,25 @@ pub(super) async fn health(state: Data<ApiState>) -> ApiResult {
         Some(step) => check("clock", 0, format!("last step: {}", step.describe())),
         None => check("clock", 0, "no step of the wall clock seen".into()),
     }
+    if let Some(snapshot) = &snapshot {
+        match &snapshot.reload_failure {
+            Some(failure) => check(
+                "config",
+                1,
+                format!(
+                    "the file on disk failed to reload at {} and is not what runs (still sha256 {}): {}",
+                    failure.at.to_rfc3339(),
+                    snapshot.config.hash,
+                    failure.error.lines().next().unwrap_or("")
+                ),
+            ),
+            None => check(
+                "config",
+                0,
+                format!("running sha256 {}", snapshot.config.hash),
+            ),
+        }
+    }
     if let Some(cluster) = snapshot.as_ref().and_then(|s| s.cluster.as_ref()) {
         let offset = format!(
             "this host's clock is {} ms {} the database's",

@@ -89,6 +89,8 @@ pub struct Snapshot {
     /// Cluster mode only: the offset from the database's clock, the lease, the tasks
     /// whose schedule here is not the cluster's.
     pub cluster: Option<super::ClusterView>,
+    /// The last reload failed: the file on disk is not the running config.
+    pub reload_failure: Option<super::ReloadFailure>,
 }
 
 impl Snapshot {

@@ -4,6 +4,7 @@
 use std::sync::Arc;
 
 use super::recovery::schedule_key;
+use super::ReloadFailure;
 use super::{blocking, Command, Engine, EngineError, Pending};
 use crate::config::Overlap;
 use crate::config::{Config, TaskSpec};
@@ -193,6 +194,7 @@ impl Engine {
                     self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
                 }
                 let hash = new.hash.clone();
+                self.reload_failure = None;
                 if let Err(err) = self.store.set_instance_config(&self.instance, &hash) {
                     warn!("cannot record the reloaded config's hash: {err}");
                 }
@@ -217,6 +219,12 @@ impl Engine {
             Err(errors) => {
                 warn!("config not reloaded:\n{errors}");
                 self.log_event("config_reload_failed", None, None, &errors.to_string(), now);
+                // Until a reload succeeds, the file on disk is not what runs: /health says so.
+                self.reload_failure = Some(ReloadFailure {
+                    at: now,
+                    error: errors.to_string(),
+                });
+                self.dirty = true;
                 Err(EngineError::Config(errors))
             }
         }

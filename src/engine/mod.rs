@@ -144,6 +144,17 @@ pub struct Engine {
     cluster: Option<cluster::Cluster>,
     /// What the board shows of the cluster.
     cluster_view: ClusterView,
+    /// The last reload failed (cleared by one that succeeds).
+    reload_failure: Option<ReloadFailure>,
+}
+
+/// A reload refused the file on disk: the running config is the one before.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReloadFailure {
+    /// When.
+    pub at: Instant,
+    /// The config errors, one per line.
+    pub error: String,
 }
 
 impl Engine {
@@ -195,6 +206,7 @@ impl Engine {
             clock_step: None,
             cluster: None,
             cluster_view: ClusterView::default(),
+            reload_failure: None,
         }
     }
 

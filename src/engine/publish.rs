@@ -65,6 +65,7 @@ impl Engine {
                 store_fault: self.store_fault.clone(),
                 clock_step: self.clock_step.clone(),
                 cluster: self.clustered().then(|| self.cluster_view.clone()),
+                reload_failure: self.reload_failure.clone(),
             },
             changed,
         );

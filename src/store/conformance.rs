@@ -960,6 +960,18 @@ pub(crate) fn a_thousand_progress_reports_in_a_second_append_one_event_and_the_r
         report_progress(&store, run, attempt, &[(1000, 100.0, None)]),
         vec!["0% fit", "100% fit"]
     );
+    // A run that succeeded is at 100 % and in no phase any more.
+    let done = Move {
+        run,
+        attempt,
+        from: RunState::Running,
+        to: RunState::Succeeded,
+    };
+    store
+        .transition(&done, &Change::default(), at(59, 0))
+        .unwrap();
+    let row = store.run(run).unwrap().unwrap();
+    assert_eq!((row.progress, row.phase), (Some(100.0), None));
 }
 
 pub(crate) fn a_progress_event_marks_a_new_step_or_phase_at_most_once_a_second(open: Open<'_>) {

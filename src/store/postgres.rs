@@ -1144,6 +1144,7 @@ impl Tx for PostgresTx<'_, '_> {
                 heartbeat_at = CASE WHEN $6 THEN $7 ELSE heartbeat_at END,
                 next_attempt_at = $13::BIGINT,
                 progress = CASE WHEN $6 THEN NULL WHEN $4 = 'succeeded' THEN 100.0 ELSE progress END,
+                phase = CASE WHEN $6 OR $4 = 'succeeded' THEN NULL ELSE phase END,
                 progress_event_at = CASE WHEN $6 THEN NULL ELSE progress_event_at END,
                 progress_event_pct = CASE WHEN $6 THEN NULL ELSE progress_event_pct END,
                 progress_event_phase = CASE WHEN $6 THEN NULL ELSE progress_event_phase END,

@@ -408,6 +408,16 @@ fn mutating_routes_need_the_bearer_token_and_reads_do_not() {
     ] {
         assert_eq!(api.get(path).0, 200, "{path} is readable without a token");
     }
+    // The start-up log says a token is in force, and never the token.
+    let log = service.stderr_text();
+    assert!(
+        log.contains("token in force (from $TURBOSCHED_TOKEN)") && !log.contains("s3cret-token"),
+        "{log}"
+    );
+    let unguarded = Sandbox::new(TASKS);
+    let open = unguarded.serve();
+    let log = open.stderr_text();
+    assert!(log.contains("no token ($TURBOSCHED_TOKEN unset)"), "{log}");
     drop(service);
 }
 
@@ -650,6 +660,31 @@ fn reload_with_a_broken_file_keeps_the_running_config() {
         (code, body["run"]["state"].as_str()),
         (200, Some("succeeded")),
         "the old config still runs: {body}"
+    );
+    // Health says the file on disk is not what runs, and why, until a reload succeeds.
+    let (code, health) = api.get_json("/health");
+    assert_eq!(
+        (code, health["status"].as_str()),
+        (200, Some("degraded")),
+        "{health}"
+    );
+    assert_eq!(health["checks"]["config"]["status"], "degraded", "{health}");
+    let detail = health["checks"]["config"]["detail"].as_str().unwrap_or("");
+    assert!(
+        detail.contains("failed to reload")
+            && detail.contains(&good_hash)
+            && detail.contains("timeout"),
+        "{detail}"
+    );
+    std::fs::write(&path, &original).unwrap();
+    assert_eq!(api.post("/scheduler/reload", None).0, 200);
+    wait_until(
+        "health to see the good reload",
+        Duration::from_secs(5),
+        || {
+            let (_, health) = api.get_json("/health");
+            (health["checks"]["config"]["status"] == "ok").then_some(())
+        },
     );
     drop(service);
 }

@@ -277,6 +277,23 @@ fn show_runs_and_status_json_print_the_runs_the_api_returns() {
         "{shown}"
     );
 
+    // The human `show` prints the handler's JSON result one key a line, not in one line.
+    let text = stdout(&sandbox.cli(&["show", &id.to_string()]));
+    let result_lines: Vec<&str> = text
+        .lines()
+        .skip_while(|line| line.trim() != "result:")
+        .skip(1)
+        .take_while(|line| line.starts_with("    "))
+        .collect();
+    assert!(
+        result_lines.len() >= 3 && result_lines[0].trim() == "{",
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|line| line == "  progress      100%"),
+        "a finished run is at 100 % in no phase: {text}"
+    );
+
     let (_, listed) = sandbox.cli_json(&["runs", "--json"]);
     let page = api_json(&service, "/scheduler/runs");
     assert_eq!(listed, page["runs"], "runs --json lists the API's runs");
