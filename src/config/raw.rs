@@ -258,31 +258,44 @@ impl Report<'_> {
 
     /// Deserializes one value, reporting a failure at its span under the full dotted key
     /// it falls in (`key` itself, or a key below it).
-    fn decode<T: DeserializeOwned>(&mut self, value: Spanned<DeValue<'_>>, key: &str) -> Option<T> {
-        let span = value.span();
-        match T::deserialize(ValueDeserializer::from(value)) {
-            Ok(decoded) => Some(decoded),
-            Err(err) => {
-                let at = err.span().unwrap_or(span);
-                let message = err.message().trim().to_string();
-                let below = format!("{key}.");
-                let inner = locate(&self.entries, &at)
-                    .filter(|e| e.path.starts_with(&below))
-                    .map(|e| e.path.clone());
-                match unknown_field(&message) {
-                    Some((field, expected)) => {
-                        let hint = closest(&field, expected.iter().map(String::as_str))
-                            .map(|near| format!(" (did you mean \"{near}\"?)"))
-                            .unwrap_or_default();
-                        let path = inner.unwrap_or_else(|| format!("{key}.{field}"));
-                        self.error(at, &path, format!("unknown key{hint}"));
-                    }
-                    None => {
-                        let path = inner.unwrap_or_else(|| key.to_string());
-                        self.error(at, &path, explain(&message));
-                    }
-                }
-                None
+    ///
+    /// Serde stops at the first unknown key: each one found is reported, taken out of the
+    /// table and the table decoded again, so every unknown key of a table is reported in
+    /// one pass (and the rest of it still checked).
+    fn decode<T: DeserializeOwned>(
+        &mut self,
+        mut value: Spanned<DeValue<'_>>,
+        key: &str,
+    ) -> Option<T> {
+        loop {
+            let span = value.span();
+            let err = match T::deserialize(ValueDeserializer::from(value.clone())) {
+                Ok(decoded) => return Some(decoded),
+                Err(err) => err,
+            };
+            let at = err.span().unwrap_or(span);
+            let message = err.message().trim().to_string();
+            let below = format!("{key}.");
+            let inner = locate(&self.entries, &at)
+                .filter(|e| e.path.starts_with(&below))
+                .map(|e| e.path.clone());
+            let Some((field, expected)) = unknown_field(&message) else {
+                let path = inner.unwrap_or_else(|| key.to_string());
+                self.error(at, &path, explain(&message));
+                return None;
+            };
+            let hint = closest(&field, expected.iter().map(String::as_str))
+                .map(|near| format!(" (did you mean \"{near}\"?)"))
+                .unwrap_or_default();
+            let direct = inner.is_none() || inner.as_deref() == Some(&format!("{key}.{field}"));
+            let path = inner.unwrap_or_else(|| format!("{key}.{field}"));
+            self.error(at, &path, format!("unknown key{hint}"));
+            let removed = match value.get_mut() {
+                DeValue::Table(table) if direct => table.remove(field.as_str()).is_some(),
+                _ => false,
+            };
+            if !removed {
+                return None;
             }
         }
     }

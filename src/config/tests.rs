@@ -110,6 +110,21 @@ shell = true
     assert!(line.shell);
 }
 
+/// Issue 15, item 2: serde stops at a table's first unknown key; every one is reported,
+/// with the other errors of the file, in one pass.
+#[test]
+fn every_unknown_key_of_a_task_and_every_other_error_is_reported_in_one_pass() {
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\nschedul = \"* * * * *\"\ntimout = \"10s\"\n\
+         [tasks.b]\nhandler = \"ping\"\nschedule = \"61 * * * *\"\n",
+        &[
+            "3:1: tasks.a.schedul: unknown key (did you mean \"schedule\"?)",
+            "4:1: tasks.a.timout: unknown key (did you mean \"timeout\"?)",
+            "7:12: tasks.b.schedule: invalid cron expression \"61 * * * *\": minute field \"61\": expected 0–59, found 61",
+        ],
+    );
+}
+
 #[test]
 fn unknown_keys_are_refused_with_a_suggestion() {
     check_errors(
