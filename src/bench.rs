@@ -158,6 +158,12 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
         "throughput:             {:.0} runs/s recorded",
         claimed as f64 / ticks.max(1) as f64
     );
+    let seconds_run = (stopped - started).num_milliseconds().max(1) as f64 / 1000.0;
+    println!(
+        "commits (fsyncs):       {} in {seconds_run:.1} s = {:.0}/s (synchronous = FULL: each commit syncs the WAL)",
+        store.commits(),
+        store.commits() as f64 / seconds_run
+    );
     if dir == temporary {
         let _ = std::fs::remove_dir_all(&temporary);
     }

@@ -613,6 +613,12 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Write transactions committed through this backend since it was opened (on SQLite
+    /// with `synchronous = FULL`, each is one sync of the WAL to disk).
+    fn commits(&self) -> u64 {
+        0
+    }
+
     /// Whether [`Backend::backup_to`] works here (an embedded database copies itself;
     /// a server's database is backed up by the server's own tools).
     fn can_back_up(&self) -> bool {
@@ -1071,6 +1077,11 @@ impl Store {
         now: Instant,
     ) -> Result<Vec<InstanceRow>, StoreError> {
         self.backend.live_instances(timeout, now)
+    }
+
+    /// See [`Backend::commits`].
+    pub fn commits(&self) -> u64 {
+        self.backend.commits()
     }
 
     /// See [`Backend::can_back_up`].

@@ -268,3 +268,31 @@ fn a_database_from_a_newer_turbosched_is_refused() {
         "{err}"
     );
 }
+
+/// Issue 13, "durability first": every commit is synced before it returns, so a power cut
+/// cannot roll back a committed claim or terminal state; commits are counted for the bench.
+#[test]
+fn every_commit_is_synced_to_disk_before_it_returns() {
+    let (_dir, backend, store) = open();
+    let synchronous: i64 = backend
+        .lock()
+        .query_row("PRAGMA synchronous", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(synchronous, 2, "2 is FULL (1 NORMAL, 0 OFF)");
+    let journal: String = backend
+        .lock()
+        .query_row("PRAGMA journal_mode", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(journal, "wal");
+    let before = store.commits();
+    store
+        .batch(|tx| {
+            tx.claim_fire(&scheduled("a", at(0, 0)), at(0, 1), None)?;
+            tx.claim_fire(&scheduled("b", at(0, 0)), at(0, 1), None)
+        })
+        .unwrap();
+    store
+        .record_event("note", None, None, "", at(0, 2))
+        .unwrap();
+    assert_eq!(store.commits() - before, 2, "one commit per transaction");
+}
