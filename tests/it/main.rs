@@ -19,3 +19,4 @@ mod recovery;
 mod scheduling;
 mod supervision;
 mod support;
+mod systemd;
