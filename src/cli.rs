@@ -132,8 +132,12 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page, roff (e.g. `turbosched man > /usr/local/share/man/man1/turbosched.1`).
-    Man,
+    /// Print the man page, roff (`turbosched man > /usr/local/share/man/man1/turbosched.1`), or write it and one page per subcommand into a folder.
+    Man {
+        /// Write turbosched.1 and turbosched-<subcommand>.1 here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
+    },
     /// The next fire times of a task, in its time zone.
     Next {
         /// The task.
@@ -279,7 +283,7 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Completions { shell } => completions(shell),
-        Cmd::Man => man(),
+        Cmd::Man { out_dir } => man(out_dir.as_deref()),
         Cmd::Serve => serve(&cli.config),
         Cmd::Run {
             task,
@@ -395,15 +399,41 @@ fn load_for_reading(path: &Path) -> Result<Reading> {
 
 /// Written whole to stdout: clap_complete panics on a write error, a buffer cannot fail.
 fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
-    use clap::CommandFactory;
     let mut script = Vec::new();
-    clap_complete::generate(shell, &mut Cli::command(), "turbosched", &mut script);
+    clap_complete::generate(shell, &mut completion_command(), "turbosched", &mut script);
     write_stdout(&script)?;
     Ok(ExitCode::SUCCESS)
 }
 
-fn man() -> Result<ExitCode> {
+/// [`Cli`] without its hidden subcommands: clap_complete offers hidden subcommands too
+/// (clap issue 1335), and `worker` or `bench-seed` are not for people. `Command` has no
+/// `remove_subcommand`, so the root is built again from `Cli`'s own arguments and its
+/// visible subcommands; nothing of the command line is written twice.
+fn completion_command() -> clap::Command {
     use clap::CommandFactory;
+    let full = Cli::command();
+    let mut command = clap::Command::new("turbosched")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default());
+    for arg in full.get_arguments() {
+        command = command.arg(arg.clone());
+    }
+    for sub in full.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+        command = command.subcommand(sub.clone());
+    }
+    command
+}
+
+fn man(out_dir: Option<&Path>) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    if let Some(dir) = out_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out-dir {}: cannot create the folder", dir.display()))?;
+        clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("--out-dir {}: cannot write the man pages", dir.display()))?;
+        out!("man pages written to {}", dir.display())?;
+        return Ok(ExitCode::SUCCESS);
+    }
     let mut page = Vec::new();
     clap_mangen::Man::new(Cli::command())
         .render(&mut page)
