@@ -1,8 +1,8 @@
 //! Every key the config file accepts, once: its table, its kind of value, its default and
-//! its bounds. Validation reads its choices and bounds from here ([`MISFIRE_CHOICES`],
-//! [`OVERLAP_CHOICES`], [`BACKUPS`], [`FACTOR`], [`DURATION_BOUNDS`]), a test holds the
+//! its bounds. Validation reads its choices and bounds from here (`MISFIRE_CHOICES`,
+//! `OVERLAP_CHOICES`, `BACKUPS`, `FACTOR`, [`DURATION_BOUNDS`]), a test holds the
 //! tables equal to the fields `raw.rs` deserializes, the JSON Schema of `turbosched
-//! config-schema` ([`super::schema`]) is built from them, and the docs tests check each
+//! config-schema` (`super::schema`) is built from them, and the docs tests check each
 //! key has its row in README_SCHEDULE.md.
 
 use std::time::Duration;
@@ -45,7 +45,7 @@ pub enum Kind {
     },
     /// `true` or `false`.
     Flag,
-    /// A size: `"10MB"`, `"512KiB"`, or bytes; at least [`MIN_SIZE`] bytes.
+    /// A size: `"10MB"`, `"512KiB"`, or bytes; at least `MIN_SIZE` bytes.
     Size,
     /// A cron expression.
     Cron,
