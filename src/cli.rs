@@ -1,5 +1,5 @@
 //! Subcommands: `serve`, `run`, `status`, `runs`, `show`, `abort`, `validate`, `next`,
-//! `migrate`, `bench`, and the hidden `worker`.
+//! `migrate`, `bench`, `config-schema`, `completions`, `man`, and the hidden `worker`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -124,6 +124,19 @@ enum Cmd {
     Validate {
         /// The file (default: --config).
         file: Option<PathBuf>,
+    },
+    /// Print the JSON Schema of the config file (editors complete and check keys with it).
+    ConfigSchema,
+    /// Print a shell completion script (e.g. `turbosched completions bash > /etc/bash_completion.d/turbosched`).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page, roff (`turbosched man > /usr/local/share/man/man1/turbosched.1`), or write it and one page per subcommand into a folder.
+    Man {
+        /// Write turbosched.1 and turbosched-<subcommand>.1 here instead.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// The next fire times of a task, in its time zone.
     Next {
@@ -264,6 +277,13 @@ pub(crate) fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Cmd::Validate { file } => validate(file.as_deref().unwrap_or(&cli.config)),
+        Cmd::ConfigSchema => {
+            let schema = serde_json::to_string_pretty(&config::json_schema())?;
+            out!("{schema}")?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Completions { shell } => completions(shell),
+        Cmd::Man { out_dir } => man(out_dir.as_deref()),
         Cmd::Serve => serve(&cli.config),
         Cmd::Run {
             task,
@@ -375,6 +395,58 @@ fn load_for_reading(path: &Path) -> Result<Reading> {
             })
         }
     }
+}
+
+/// Written whole to stdout: clap_complete panics on a write error, a buffer cannot fail.
+fn completions(shell: clap_complete::Shell) -> Result<ExitCode> {
+    let mut script = Vec::new();
+    clap_complete::generate(shell, &mut completion_command(), "turbosched", &mut script);
+    write_stdout(&script)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// [`Cli`] without its hidden subcommands: clap_complete offers hidden subcommands too
+/// (clap issue 1335), and `worker` or `bench-seed` are not for people. `Command` has no
+/// `remove_subcommand`, so the root is built again from `Cli`'s own arguments and its
+/// visible subcommands; nothing of the command line is written twice.
+fn completion_command() -> clap::Command {
+    use clap::CommandFactory;
+    let full = Cli::command();
+    let mut command = clap::Command::new("turbosched")
+        .version(env!("CARGO_PKG_VERSION"))
+        .about(full.get_about().cloned().unwrap_or_default());
+    for arg in full.get_arguments() {
+        command = command.arg(arg.clone());
+    }
+    for sub in full.get_subcommands().filter(|sub| !sub.is_hide_set()) {
+        command = command.subcommand(sub.clone());
+    }
+    command
+}
+
+fn man(out_dir: Option<&Path>) -> Result<ExitCode> {
+    use clap::CommandFactory;
+    if let Some(dir) = out_dir {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("--out-dir {}: cannot create the folder", dir.display()))?;
+        clap_mangen::generate_to(Cli::command(), dir)
+            .with_context(|| format!("--out-dir {}: cannot write the man pages", dir.display()))?;
+        out!("man pages written to {}", dir.display())?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut page = Vec::new();
+    clap_mangen::Man::new(Cli::command())
+        .render(&mut page)
+        .context("cannot render the man page")?;
+    write_stdout(&page)?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn write_stdout(bytes: &[u8]) -> Result<()> {
+    use std::io::Write as _;
+    let mut stdout = std::io::stdout().lock();
+    stdout.write_all(bytes).map_err(stdout_error)?;
+    stdout.flush().map_err(stdout_error)
 }
 
 fn validate(path: &Path) -> Result<ExitCode> {
@@ -656,6 +728,8 @@ fn shutdown_on_signals(handle: turbosched::engine::Handle) {
 }
 
 fn serve(path: &Path) -> Result<ExitCode> {
+    // First: it takes systemd's variables out of the environment, before any thread exists.
+    let systemd = crate::systemd::Systemd::from_env()?;
     let config = Arc::new(load(path)?);
     let _log_guard = init_tracing(Some(&config));
     let token = turbosched::api::token_from_env(
@@ -682,6 +756,9 @@ fn serve(path: &Path) -> Result<ExitCode> {
     let runtime = runtime()?;
     runtime.block_on(async {
         let mut engine = Engine::new(config.clone(), store, Arc::new(SystemClock), Mode::Serve);
+        if let Some(systemd) = systemd {
+            engine.set_service_manager(Arc::new(systemd));
+        }
         shutdown_on_signals(engine.handle());
         let state = turbosched::api::ApiState::new(
             engine.handle(),

@@ -4,6 +4,7 @@
 
 mod bench;
 mod cli;
+mod systemd;
 
 use std::process::ExitCode;
 

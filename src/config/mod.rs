@@ -14,7 +14,9 @@
 //! Relative paths in the file (database, log folder, a command's `cwd`) are taken from
 //! the directory the service is started in, as every shipped example assumes.
 
+mod keys;
 mod raw;
+mod schema;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
@@ -28,9 +30,11 @@ use crate::builtins::{self, BUILTINS};
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-pub use raw::{
-    DurationBound, DURATION_BOUNDS, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS,
+pub use keys::{
+    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS, LOGGING_KEYS,
+    SCHEDULER_KEYS, TASK_KEYS,
 };
+pub use schema::json_schema;
 
 /// The params built-in handler `name` reads (its row in [`BUILTINS`]); `None` for
 /// `command` and unknown names. Any other key in a task's `params` is a config error.

@@ -14,6 +14,7 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
+use super::keys::{BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES, OVERLAP_CHOICES};
 use super::{
     closest, handler_names, handler_params, ApiSettings, Backoff, CommandSpec, Config, ConfigError,
     ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
@@ -21,89 +22,7 @@ use super::{
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-/// Every key a `[tasks.<name>]` or `[defaults]` table accepts.
-pub const KNOWN_TASK_KEYS: &[&str] = &[
-    "schedule",
-    "timezone",
-    "handler",
-    "params",
-    "timeout",
-    "retries",
-    "retry_backoff",
-    "depends_on",
-    "dependency_max_age",
-    "misfire",
-    "misfire_grace",
-    "overlap",
-    "enabled",
-    "description",
-    "command",
-    "shell",
-    "cwd",
-    "env",
-];
-
-/// Every key `[scheduler]` accepts.
-pub const KNOWN_SCHEDULER_KEYS: &[&str] = &[
-    "timezone",
-    "database",
-    "max_workers",
-    "heartbeat_interval",
-    "heartbeat_timeout",
-    "kill_grace",
-    "shutdown_grace",
-    "log_dir",
-    "state_dir",
-    "poll_only",
-];
-
-/// Every key `[logging]` accepts.
-pub const KNOWN_LOGGING_KEYS: &[&str] = &[
-    "max_size",
-    "task_backups",
-    "scheduler_backups",
-    "archive_dir",
-];
-
 const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
-
-/// The longest value a duration key accepts, as the reference writes it.
-#[derive(Debug, Clone, Copy)]
-pub struct DurationBound {
-    /// The key within its table (`kill_grace`, `retry_backoff.initial`).
-    pub key: &'static str,
-    /// The bound, inclusive.
-    pub max: Duration,
-    /// The bound as README_SCHEDULE.md writes it ("1h").
-    pub text: &'static str,
-}
-
-const MINUTE: u64 = 60;
-const HOUR: u64 = 60 * MINUTE;
-const DAY: u64 = 24 * HOUR;
-
-/// Every duration key and its upper bound. A value past the bound is a mistake (an
-/// absurd `kill_grace` lets a run that ignores SIGTERM outlive its timeout for ever), and
-/// the bounds keep every deadline far from `Instant` overflow.
-pub const DURATION_BOUNDS: &[DurationBound] = &[
-    bound("heartbeat_interval", 10 * MINUTE, "10m"),
-    bound("heartbeat_timeout", HOUR, "1h"),
-    bound("kill_grace", HOUR, "1h"),
-    bound("shutdown_grace", HOUR, "1h"),
-    bound("timeout", 7 * DAY, "7d"),
-    bound("retry_backoff.initial", DAY, "1d"),
-    bound("retry_backoff.max", DAY, "1d"),
-    bound("dependency_max_age", 366 * DAY, "366d"),
-    bound("misfire_grace", 366 * DAY, "366d"),
-];
-
-const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {
-    DurationBound {
-        key,
-        max: Duration::from_secs(secs),
-        text,
-    }
-}
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -707,7 +626,7 @@ fn resolve_logging(report: &mut Report<'_>, raw: RawLogging) -> LoggingSettings 
                     .map(|size| size.as_u64()),
             };
             match parsed {
-                Some(bytes) if bytes >= 1024 => bytes,
+                Some(bytes) if bytes >= MIN_SIZE => bytes,
                 _ => {
                     let found = match value.get_ref() {
                         RawSize::Bytes(bytes) => bytes.to_string(),
@@ -725,13 +644,17 @@ fn resolve_logging(report: &mut Report<'_>, raw: RawLogging) -> LoggingSettings 
     };
     let mut count = |value: &Option<Spanned<i64>>, key: &str, default: usize| match value {
         None => default,
-        Some(value) if (1..=10_000).contains(value.get_ref()) => *value.get_ref() as usize,
+        Some(value) if (BACKUPS.0..=BACKUPS.1).contains(value.get_ref()) => {
+            *value.get_ref() as usize
+        }
         Some(value) => {
             report.error(
                 value.span(),
                 key,
                 format!(
-                    "expected a whole number from 1 to 10000, found {}",
+                    "expected a whole number from {} to {}, found {}",
+                    BACKUPS.0,
+                    BACKUPS.1,
                     value.get_ref()
                 ),
             );
@@ -840,12 +763,15 @@ fn resolve_task(
         let (factor_value, factor_key) =
             pick(&own.factor, &base.factor, task_name, "retry_backoff.factor");
         let factor = factor_value.map(|f| *f.get_ref()).unwrap_or(2.0);
-        if !(1.0..=100.0).contains(&factor) {
+        if !(FACTOR.0..=FACTOR.1).contains(&factor) {
             if let Some(value) = factor_value {
                 report.error(
                     value.span(),
                     &factor_key,
-                    format!("expected a factor from 1.0 to 100.0, found {factor}"),
+                    format!(
+                        "expected a factor from {:.1} to {:.1}, found {factor}",
+                        FACTOR.0, FACTOR.1
+                    ),
                 );
             }
         }
@@ -893,7 +819,8 @@ fn resolve_task(
                 value.span(),
                 &misfire_key,
                 format!(
-                    "expected one of \"run_once\", \"skip\", \"run_all\", found {:?}",
+                    "expected one of {}, found {:?}",
+                    one_of(MISFIRE_CHOICES),
                     value.get_ref()
                 ),
             );
@@ -918,7 +845,10 @@ fn resolve_task(
             report.error(
                 value.span(),
                 &overlap_key,
-                format!("expected one of \"skip\", \"queue\", \"replace\", found {other:?}"),
+                format!(
+                    "expected one of {}, found {other:?}",
+                    one_of(OVERLAP_CHOICES)
+                ),
             );
             Overlap::Skip
         }
@@ -1165,6 +1095,15 @@ fn unknown_field(message: &str) -> Option<(String, Vec<String>)> {
     Some((field, expected))
 }
 
+/// `"a", "b", "c"`: the words a key accepts, quoted.
+fn one_of(choices: &[&str]) -> String {
+    choices
+        .iter()
+        .map(|c| format!("{c:?}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// serde's "invalid type: string \"four\", expected i64" as "expected a whole number,
 /// found string \"four\"", in the words of the config reference.
 fn explain(message: &str) -> String {
@@ -1203,5 +1142,124 @@ fn lowercase_first(text: &str) -> String {
             .trim_end_matches('.')
             .to_string(),
         None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::keys::{self, Key};
+
+    /// The fields serde decodes for `T`, from its refusal of an unknown one.
+    fn fields<T: DeserializeOwned>() -> Vec<String> {
+        let table = DeTable::parse("zz_unknown = 0").expect("toml");
+        let value = Spanned::new(0..0, DeValue::Table(table.into_inner()));
+        let Err(err) = T::deserialize(ValueDeserializer::from(value)) else {
+            panic!("an unknown key was accepted");
+        };
+        let (_, mut expected) = unknown_field(err.message()).expect("unknown field message");
+        expected.sort();
+        expected
+    }
+
+    fn names(keys: &[Key]) -> Vec<String> {
+        let mut names: Vec<String> = keys.iter().map(|k| k.name.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// The key tables of `keys.rs` (the JSON Schema's source) are the fields validation
+    /// decodes: a key added to one and not the other fails here.
+    #[test]
+    fn the_key_tables_are_the_fields_validation_decodes() {
+        assert_eq!(names(keys::SCHEDULER_KEYS), fields::<RawScheduler>());
+        assert_eq!(names(keys::API_KEYS), fields::<RawApi>());
+        assert_eq!(names(keys::LOGGING_KEYS), fields::<RawLogging>());
+        assert_eq!(names(keys::TASK_KEYS), fields::<RawTask>());
+        assert_eq!(names(keys::BACKOFF_KEYS), fields::<RawBackoff>());
+        let mut sections: Vec<&str> = SECTIONS.to_vec();
+        sections.sort_unstable();
+        assert_eq!(
+            sections,
+            ["api", "defaults", "logging", "scheduler", "tasks"]
+        );
+    }
+
+    /// Every duration key of the tables has its bound, and every bound names a key.
+    #[test]
+    fn every_duration_key_has_a_bound_and_every_bound_a_key() {
+        let tables: [(&str, &[Key]); 4] = [
+            ("", keys::SCHEDULER_KEYS),
+            ("", keys::TASK_KEYS),
+            ("", keys::LOGGING_KEYS),
+            ("retry_backoff", keys::BACKOFF_KEYS),
+        ];
+        let mut durations = 0;
+        for (table, keys) in tables {
+            for key in keys
+                .iter()
+                .filter(|k| matches!(k.kind, keys::Kind::Duration))
+            {
+                assert!(
+                    keys::duration_bound(table, key.name).is_some(),
+                    "{table}.{} has no bound",
+                    key.name
+                );
+                durations += 1;
+            }
+        }
+        assert_eq!(durations, DURATION_BOUNDS.len());
+    }
+
+    /// Every default the tables give is what validation takes when the key is absent.
+    #[test]
+    fn the_tables_defaults_are_validations_defaults() {
+        let mut text = String::new();
+        for (table, keys) in [
+            ("scheduler", keys::SCHEDULER_KEYS),
+            ("api", keys::API_KEYS),
+            ("logging", keys::LOGGING_KEYS),
+        ] {
+            text.push_str(&format!("[{table}]\n"));
+            for key in keys.iter().filter(|k| k.default.is_some()) {
+                text.push_str(&format!(
+                    "{} = {}\n",
+                    key.name,
+                    key.default.unwrap_or_default()
+                ));
+            }
+        }
+        text.push_str("[tasks.a]\nhandler = \"ping\"\n");
+        for key in keys::TASK_KEYS.iter().filter(|k| k.default.is_some()) {
+            text.push_str(&format!(
+                "{} = {}\n",
+                key.name,
+                key.default.unwrap_or_default()
+            ));
+        }
+        text.push_str("[tasks.a.retry_backoff]\n");
+        for key in keys::BACKOFF_KEYS {
+            text.push_str(&format!(
+                "{} = {}\n",
+                key.name,
+                key.default.unwrap_or_default()
+            ));
+        }
+        text.push_str("[tasks.b]\nhandler = \"ping\"\n");
+        let explicit =
+            resolve(&text, Path::new("t.toml")).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let a = &explicit.tasks[&TaskName("a".into())];
+        let b = &explicit.tasks[&TaskName("b".into())];
+        assert_eq!(
+            format!("{a:?}").replace("name: TaskName(\"a\")", ""),
+            format!("{b:?}").replace("name: TaskName(\"b\")", "")
+        );
+        let bare = resolve("[tasks.b]\nhandler = \"ping\"\n", Path::new("t.toml")).expect("bare");
+        assert_eq!(
+            format!("{:?}", explicit.scheduler),
+            format!("{:?}", bare.scheduler)
+        );
+        assert_eq!(format!("{:?}", explicit.api), format!("{:?}", bare.api));
+        assert_eq!(explicit.logging, bare.logging);
     }
 }

@@ -5,7 +5,8 @@
 //! `Tick` (the earliest persisted next fire or retry is due), `Worker` (a runner event),
 //! `Command` (from a [`Handle`]), `Heartbeat` (liveness, abort requests, orphans), `Poll`
 //! (runs queued by another process, such as the CLI), `Hint` (the database says another
-//! process changed something: the poll's or the abort check's work at once) and
+//! process changed something: the poll's or the abort check's work at once), `KeepAlive`
+//! (the loop tells its [`ServiceManager`], systemd's watchdog, that it still turns) and
 //! `Shutdown`.
 //!
 //! The timer is our own: it sleeps until the earliest next fire, wakes early on any other
@@ -77,9 +78,26 @@ enum Wake {
     Poll,
     /// Another process changed something (the store's hints); `None`: the feed ended.
     Hint(Option<crate::store::Hint>),
+    /// The loop says it is alive to the service manager (systemd's watchdog).
+    KeepAlive,
     /// The board is stale and its rate limit has passed.
     Publish,
     Shutdown,
+}
+
+/// Whoever supervises the process (systemd's `sd_notify` in the CLI): the engine says when
+/// it is ready, that its loop still turns, and when it stops, and knows nothing of how
+/// that is told.
+pub trait ServiceManager: Send + Sync {
+    /// Start-up is done (registered, recovered, start-up fires claimed, every next fire
+    /// stored): the loop is about to run.
+    fn ready(&self, tasks: usize);
+    /// How often the loop calls [`ServiceManager::alive`]; `None`: never.
+    fn keepalive_every(&self) -> Option<Duration>;
+    /// The loop turned. Called from the loop itself, so a loop that hangs stops calling.
+    fn alive(&self);
+    /// Shutdown has begun.
+    fn stopping(&self);
 }
 
 /// SQLite calls block: on the engine's hot paths they run under `block_in_place`, so the
@@ -146,6 +164,8 @@ pub struct Engine {
     cluster_view: ClusterView,
     /// The last reload failed (cleared by one that succeeds).
     reload_failure: Option<ReloadFailure>,
+    /// Told of readiness, liveness and shutdown (`turbosched serve` under systemd).
+    service_manager: Option<Arc<dyn ServiceManager>>,
 }
 
 /// A reload refused the file on disk: the running config is the one before.
@@ -207,7 +227,13 @@ impl Engine {
             cluster: None,
             cluster_view: ClusterView::default(),
             reload_failure: None,
+            service_manager: None,
         }
+    }
+
+    /// Tells `manager` of readiness, liveness and shutdown.
+    pub fn set_service_manager(&mut self, manager: Arc<dyn ServiceManager>) {
+        self.service_manager = Some(manager);
     }
 
     /// The handle to send commands and to stop the engine.
@@ -319,6 +345,16 @@ impl Engine {
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         self.publish(true);
         self.polled_at = std::time::Instant::now();
+        let keepalive_every = self
+            .service_manager
+            .as_ref()
+            .and_then(|manager| manager.keepalive_every());
+        let mut keepalive =
+            tokio::time::interval(keepalive_every.unwrap_or(Duration::from_secs(3600)));
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        if let Some(manager) = &self.service_manager {
+            manager.ready(self.config.tasks.len());
+        }
         loop {
             if self.mode == Mode::Foreground && self.is_idle() {
                 break;
@@ -335,6 +371,8 @@ impl Engine {
                 // Ticks first: under load, a fire must not wait behind worker reports.
                 biased;
                 _ = self.cancel.cancelled() => Wake::Shutdown,
+                // Before the ticks: a loop busy firing is alive, not hung.
+                _ = keepalive.tick(), if keepalive_every.is_some() => Wake::KeepAlive,
                 _ = sleep => Wake::Tick,
                 Some(envelope) = self.worker_rx.recv() => Wake::Worker(envelope),
                 Some(command) = self.commands_rx.recv() => Wake::Command(command),
@@ -365,6 +403,11 @@ impl Engine {
                         self.on_poll()
                     }
                     Wake::Hint(hint) => self.on_hint(hint),
+                    Wake::KeepAlive => {
+                        if let Some(manager) = &self.service_manager {
+                            manager.alive();
+                        }
+                    }
                     Wake::Publish | Wake::Shutdown => {}
                 }
                 self.dispatch();
@@ -429,6 +472,9 @@ impl Engine {
     async fn shutdown(&mut self) {
         let now = self.clock.now();
         self.cancel.cancel();
+        if let Some(manager) = &self.service_manager {
+            manager.stopping();
+        }
         if self.mode == Mode::Serve {
             self.log_event(
                 "scheduler_stopping",

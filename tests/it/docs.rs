@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-use turbosched::config::{self, KNOWN_LOGGING_KEYS, KNOWN_SCHEDULER_KEYS, KNOWN_TASK_KEYS};
+use turbosched::config::{self, API_KEYS, LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS};
 
 fn reference() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README_SCHEDULE.md"))
@@ -14,10 +14,12 @@ fn reference() -> String {
 #[test]
 fn every_config_key_has_a_row_in_the_reference() {
     let text = reference();
-    for key in KNOWN_SCHEDULER_KEYS
+    for key in SCHEDULER_KEYS
         .iter()
-        .chain(KNOWN_TASK_KEYS)
-        .chain(KNOWN_LOGGING_KEYS)
+        .chain(API_KEYS)
+        .chain(TASK_KEYS)
+        .chain(LOGGING_KEYS)
+        .map(|key| key.name)
     {
         assert!(
             text.contains(&format!("| `{key}` |")),
