@@ -28,18 +28,13 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
     for suffix in ["", "-wal", "-shm"] {
         let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
     }
-    let mut text = format!(
-        "[scheduler]\ntimezone = \"UTC\"\ndatabase = {:?}\nmax_workers = {}\nlog_dir = {:?}\nstate_dir = {:?}\nheartbeat_interval = \"1s\"\nshutdown_grace = \"5s\"\n",
-        database.display().to_string(),
-        tasks.max(1),
-        dir.join("logs").display().to_string(),
-        dir.join("state").display().to_string(),
+    let text = config_text(
+        &database.display().to_string(),
+        tasks,
+        &dir.join("logs").display().to_string(),
+        &dir.join("state").display().to_string(),
+        None,
     );
-    for n in 0..tasks {
-        text.push_str(&format!(
-            "[tasks.t{n:04}]\nschedule = \"* * * * * *\"\ncommand = [\"/bin/true\"]\ntimeout = \"30s\"\nmisfire = \"skip\"\n"
-        ));
-    }
     let config_path = dir.join("bench.toml");
     std::fs::write(&config_path, &text)?;
     let config = Arc::new(config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
@@ -50,13 +45,7 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
         database.display()
     );
     let spawn_ms = spawn_cost_ms(200)?;
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    println!(
-        "spawn cost:             {spawn_ms:.3} ms per /bin/true (posix_spawn + wait, serial); {tasks} children of one tick need ≥ {:.0} ms on {cores} core(s): the floor of the last child's lag",
-        spawn_ms * tasks as f64 / cores as f64
-    );
+    println!("{}", spawn_floor_line(spawn_ms, tasks));
     let peak_rss = Arc::new(AtomicU64::new(0));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -170,20 +159,64 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
     Ok(ExitCode::SUCCESS)
 }
 
-fn print_lag(label: &str, sorted_ms: &[f64]) {
-    if sorted_ms.is_empty() {
-        println!("{label}: no samples");
-        return;
-    }
-    let at = |q: f64| sorted_ms[((sorted_ms.len() as f64 - 1.0) * q).round() as usize];
-    println!(
-        "{label}: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} samples)",
-        at(0.50),
-        at(0.90),
-        at(0.99),
-        sorted_ms[sorted_ms.len() - 1],
-        sorted_ms.len()
+/// The benchmark's config: `tasks` tasks `t0000`…, each `* * * * * *` running `/bin/true`
+/// (misfire `skip`, timeout 30 s), as many workers as tasks, a heartbeat a second; with
+/// `api_bind`, an `[api]` section binding it (`bench-cluster`'s instances bind port 0).
+pub(crate) fn config_text(
+    database: &str,
+    tasks: usize,
+    log_dir: &str,
+    state_dir: &str,
+    api_bind: Option<&str>,
+) -> String {
+    let mut text = format!(
+        "[scheduler]\ntimezone = \"UTC\"\ndatabase = {database:?}\nmax_workers = {}\nlog_dir = {log_dir:?}\nstate_dir = {state_dir:?}\nheartbeat_interval = \"1s\"\nshutdown_grace = \"5s\"\n",
+        tasks.max(1),
     );
+    if let Some(bind) = api_bind {
+        text.push_str(&format!("[api]\nbind = {bind:?}\n"));
+    }
+    for n in 0..tasks {
+        text.push_str(&format!(
+            "[tasks.t{n:04}]\nschedule = \"* * * * * *\"\ncommand = [\"/bin/true\"]\ntimeout = \"30s\"\nmisfire = \"skip\"\n"
+        ));
+    }
+    text
+}
+
+fn print_lag(label: &str, sorted_ms: &[f64]) {
+    match Lag::of_sorted(sorted_ms) {
+        None => println!("{label}: no samples"),
+        Some(lag) => println!(
+            "{label}: p50 {:.2} ms  p90 {:.2} ms  p99 {:.2} ms  max {:.2} ms  ({} samples)",
+            lag.p50, lag.p90, lag.p99, lag.max, lag.samples
+        ),
+    }
+}
+
+/// Percentiles of a lag, in milliseconds (nearest rank on the sorted samples).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Lag {
+    pub(crate) p50: f64,
+    pub(crate) p90: f64,
+    pub(crate) p99: f64,
+    pub(crate) max: f64,
+    pub(crate) samples: usize,
+}
+
+impl Lag {
+    /// `None` without samples; `sorted_ms` ascending.
+    pub(crate) fn of_sorted(sorted_ms: &[f64]) -> Option<Lag> {
+        let last = *sorted_ms.last()?;
+        let at = |q: f64| sorted_ms[((sorted_ms.len() as f64 - 1.0) * q).round() as usize];
+        Some(Lag {
+            p50: at(0.50),
+            p90: at(0.90),
+            p99: at(0.99),
+            max: last,
+            samples: sorted_ms.len(),
+        })
+    }
 }
 
 /// Writes `runs` finished runs (spread over the configured tasks, one a second back from
@@ -495,7 +528,7 @@ fn ks_ms_per_call(d: f64, n: usize, m: usize) -> f64 {
 }
 
 /// Mean milliseconds to start and reap `/bin/true`, one at a time.
-fn spawn_cost_ms(count: u32) -> Result<f64> {
+pub(crate) fn spawn_cost_ms(count: u32) -> Result<f64> {
     let started = std::time::Instant::now();
     for _ in 0..count {
         std::process::Command::new("/bin/true")
@@ -506,7 +539,13 @@ fn spawn_cost_ms(count: u32) -> Result<f64> {
 }
 
 fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    rss_kib_of("self")
+}
+
+/// Resident memory of process `pid` (`"self"` for this one) in KiB, 0 when unknown
+/// (the process is gone).
+pub(crate) fn rss_kib_of(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
         .ok()
         .and_then(|status| {
             status
@@ -516,6 +555,17 @@ fn rss_kib() -> u64 {
                 .and_then(|kib| kib.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// The spawn-cost line both `bench` and `bench-cluster` print.
+pub(crate) fn spawn_floor_line(spawn_ms: f64, tasks: usize) -> String {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    format!(
+        "spawn cost:             {spawn_ms:.3} ms per /bin/true (posix_spawn + wait, serial); {tasks} children of one tick need ≥ {:.0} ms on {cores} core(s): the floor of the last child's lag",
+        spawn_ms * tasks as f64 / cores as f64
+    )
 }
 
 fn tempfile_dir() -> Result<PathBuf> {

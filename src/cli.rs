@@ -1,5 +1,6 @@
 //! Subcommands: `serve`, `run`, `status`, `runs`, `show`, `abort`, `validate`, `next`,
-//! `migrate`, `bench`, `config-schema`, `completions`, `man`, and the hidden `worker`.
+//! `migrate`, `bench`, `bench-cluster`, `config-schema`, `completions`, `man`, and the
+//! hidden `worker`.
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
@@ -204,6 +205,21 @@ enum Cmd {
         #[arg(long)]
         dir: Option<PathBuf>,
     },
+    /// Measure cluster mode: fire lag, misses and doubles of `serve` processes on SQLite, on PostgreSQL, and several on one PostgreSQL database.
+    BenchCluster {
+        /// Tasks, each `* * * * * *`.
+        #[arg(long, default_value_t = 1000)]
+        tasks: usize,
+        /// Seconds (ticks) to measure in each setup.
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+        /// Instances of the cluster setup.
+        #[arg(long, default_value_t = 3)]
+        instances: usize,
+        /// The PostgreSQL server (no database: a fresh one is created for each setup and dropped after).
+        #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432")]
+        postgres: String,
+    },
     /// Measure `ingest`: validated rows per second into a fresh market database.
     BenchIngest {
         /// Rows in all.
@@ -323,6 +339,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             seconds,
             dir,
         } => crate::bench::run(tasks, seconds, dir),
+        Cmd::BenchCluster {
+            tasks,
+            seconds,
+            instances,
+            postgres,
+        } => crate::bench_cluster::run(&crate::bench_cluster::Settings {
+            tasks,
+            seconds,
+            instances,
+            postgres,
+        }),
         Cmd::Worker => Ok(ExitCode::SUCCESS),
         Cmd::BenchIngest { rows, files } => crate::bench::ingest(rows, files),
         Cmd::BenchFeatures { symbols, days } => crate::bench::features(symbols, days),

@@ -3,6 +3,7 @@
 //! with errors or a run that failed; 2: it could not do its job at all).
 
 mod bench;
+mod bench_cluster;
 mod cli;
 mod systemd;
 

@@ -3,6 +3,7 @@
 //! link time down.
 
 mod api;
+mod bench_cluster;
 mod boundaries;
 mod browser;
 mod cascade;
