@@ -679,8 +679,12 @@ misfire_grace = "1h"
         .into_iter()
         .filter_map(|a| a.4)
         .collect();
-    assert_eq!(owners.len(), 2, "both instances ran attempts");
-    eprintln!("{overlap}: {} runs, {spans} attempts", runs.len());
+    // Which instance starts a run is the database's choice: one may start them all.
+    eprintln!(
+        "{overlap}: {} runs, {spans} attempts, by {} instance(s)",
+        runs.len(),
+        owners.len()
+    );
     runs
 }
 
