@@ -188,6 +188,17 @@ impl Engine {
                 self.skip(&pending, &reason, now);
                 return;
             }
+            // The run running elsewhere is newer (claimed later, started first by
+            // another instance): this one is the replaced one, not the other way round
+            // (found by the cluster overlap test: "run 4 replaced by an older run 3").
+            Some(Overlap::Replace) if subject && running > pending.run => {
+                let change = Change {
+                    reason: Some(format!("replaced by run {running}")),
+                    ..Change::default()
+                };
+                self.end_waiting_run(&pending, RunState::Aborted, Some(&change), now);
+                return;
+            }
             Some(Overlap::Replace) if subject => {
                 let reason = format!("replaced by run {}", pending.run);
                 if let Err(err) = self.store.request_abort(running, &reason, now) {
