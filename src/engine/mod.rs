@@ -359,25 +359,42 @@ impl Engine {
             if self.mode == Mode::Foreground && self.is_idle() {
                 break;
             }
-            let sleep = self.sleep_until_next_deadline();
-            let publish_due = tokio::time::sleep(
-                Duration::from_millis(50).saturating_sub(self.published_at.elapsed()),
-            );
-            let poll_due = tokio::time::sleep(
-                self.poll_interval()
-                    .saturating_sub(self.polled_at.elapsed()),
-            );
+            let delay = self.next_deadline_delay();
+            let sleep = tokio::time::sleep(delay);
+            let publish_left =
+                Duration::from_millis(50).saturating_sub(self.published_at.elapsed());
+            let publish_due = tokio::time::sleep(publish_left);
+            let poll_left = self
+                .poll_interval()
+                .saturating_sub(self.polled_at.elapsed());
+            let poll_due = tokio::time::sleep(poll_left);
             let wake = tokio::select! {
                 // Ticks first: under load, a fire must not wait behind worker reports.
                 biased;
                 _ = self.cancel.cancelled() => Wake::Shutdown,
                 // Before the ticks: a loop busy firing is alive, not hung.
                 _ = keepalive.tick(), if keepalive_every.is_some() => Wake::KeepAlive,
+                // A deadline already passed is a tick now, without the timer: a fresh
+                // zero-length `sleep` is not ready at its first poll (tokio fires it at the
+                // timer driver's next turn), and, made anew every turn, it lost every turn
+                // to a worker report that was ready — a busy instance never fired again
+                // (found by the cluster kill -9 storm: a backlog of thousands of runs).
+                _ = std::future::ready(()), if delay.is_zero() => Wake::Tick,
                 _ = sleep => Wake::Tick,
+                // The heartbeat before worker reports: under a steady stream of reports
+                // (hundreds of runs a second) the reports arm is ready at every turn, and a
+                // heartbeat behind it never ran — in a cluster the lease then lapsed, the
+                // instance fenced itself and killed all its children every few seconds
+                // (found by the cluster kill -9 storm). It is due once an interval.
+                _ = heartbeat.tick() => Wake::Heartbeat,
+                // A poll or publication already due, likewise, before worker reports: both
+                // are rate-limited, so they cannot starve the reports, and a fresh sleep
+                // would lose every turn to them (runs adopted late, a stale board).
+                _ = std::future::ready(()), if poll_left.is_zero() && self.mode == Mode::Serve => Wake::Poll,
+                _ = std::future::ready(()), if publish_left.is_zero() && self.dirty => Wake::Publish,
                 Some(envelope) = self.worker_rx.recv() => Wake::Worker(envelope),
                 Some(command) = self.commands_rx.recv() => Wake::Command(command),
                 hint = hints::next_hint(&mut self.hints), if self.hints.is_some() => Wake::Hint(hint),
-                _ = heartbeat.tick() => Wake::Heartbeat,
                 _ = poll_due, if self.mode == Mode::Serve => Wake::Poll,
                 _ = publish_due, if self.dirty => Wake::Publish,
             };
@@ -422,8 +439,9 @@ impl Engine {
         self.running.is_empty() && self.queue.is_empty() && self.retry_due.is_empty()
     }
 
-    /// A sleep until the earliest next fire or retry, read from the wall clock now.
-    fn sleep_until_next_deadline(&self) -> tokio::time::Sleep {
+    /// How long until the earliest next fire or retry, read from the wall clock now (zero:
+    /// one is due).
+    fn next_deadline_delay(&self) -> Duration {
         let earliest = self
             .next_fire
             .values()
@@ -436,11 +454,10 @@ impl Engine {
             None => Duration::from_secs(3600),
         };
         // After a refused claim the due ticks stay due; try again at a measured pace.
-        let delay = match self.claim_retry_at {
+        match self.claim_retry_at {
             Some(at) => delay.max(at.saturating_duration_since(std::time::Instant::now())),
             None => delay,
-        };
-        tokio::time::sleep(delay)
+        }
     }
 
     /// One state change through the store; logs and returns false when refused.

@@ -143,6 +143,32 @@ impl Engine {
                     now,
                 );
             }
+            // An older run admitted late (adopted from another instance's queue) while a
+            // newer one of its task runs or waits here: the older one is the replaced one.
+            Overlap::Replace
+                if running.is_some_and(|run| run > pending.run)
+                    || self.queue.iter().any(|p| {
+                        p.task == pending.task
+                            && p.trigger != Trigger::Catchup
+                            && p.run > pending.run
+                    }) =>
+            {
+                let newer = running
+                    .into_iter()
+                    .chain(
+                        self.queue
+                            .iter()
+                            .filter(|p| p.task == pending.task)
+                            .map(|p| p.run),
+                    )
+                    .max()
+                    .unwrap_or(pending.run);
+                let change = Change {
+                    reason: Some(format!("replaced by run {newer}")),
+                    ..Change::default()
+                };
+                self.end_waiting_run(&pending, RunState::Aborted, Some(&change), now);
+            }
             Overlap::Replace => {
                 let reason = format!("replaced by run {}", pending.run);
                 if let Some(run) = running {
@@ -186,6 +212,17 @@ impl Engine {
                     pending.task
                 );
                 self.skip(&pending, &reason, now);
+                return;
+            }
+            // The run running elsewhere is newer (claimed later, started first by
+            // another instance): this one is the replaced one, not the other way round
+            // (found by the cluster overlap test: "run 4 replaced by an older run 3").
+            Some(Overlap::Replace) if subject && running > pending.run => {
+                let change = Change {
+                    reason: Some(format!("replaced by run {running}")),
+                    ..Change::default()
+                };
+                self.end_waiting_run(&pending, RunState::Aborted, Some(&change), now);
                 return;
             }
             Some(Overlap::Replace) if subject => {

@@ -73,7 +73,7 @@ impl Drop for Database {
     }
 }
 
-fn sql_on(url: &str, sql: &str) {
+pub(crate) fn sql_on(url: &str, sql: &str) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -132,7 +132,7 @@ fn start_run(database: &Database, sandbox: &Sandbox, task: &str) -> RunRow {
 }
 
 /// Every run, grouped by (task, tick) for the scheduled and catch-up ones.
-fn claims(runs: &[RunRow]) -> BTreeMap<(String, i64), Vec<RunId>> {
+pub(crate) fn claims(runs: &[RunRow]) -> BTreeMap<(String, i64), Vec<RunId>> {
     let mut ticks: BTreeMap<(String, i64), Vec<RunId>> = BTreeMap::new();
     for run in runs {
         if matches!(
@@ -595,7 +595,7 @@ fn hosts_thirty_seconds_ahead_and_behind_fire_neither_early_nor_twice() {
     assert_every_tick_once(&database, "tick", start + 1, start + 8);
 }
 
-fn faketime_library() -> String {
+pub(crate) fn faketime_library() -> String {
     for candidate in [
         "/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1",
         "/usr/lib/aarch64-linux-gnu/faketime/libfaketime.so.1",

@@ -10,6 +10,7 @@ mod cascade;
 mod chaos;
 mod cli;
 mod cluster;
+mod cluster_storm;
 mod docs;
 mod faults;
 mod install;
