@@ -92,14 +92,15 @@ pub(crate) fn sql_on(url: &str, sql: &str) {
     });
 }
 
-/// A config for one instance of the cluster: fast leases, its own folders, `tasks`.
-pub fn instance_config(database: &Database, tasks: &str) -> String {
+/// A config for one instance on the database at `url`: fast leases (3 s), its own
+/// folders, `max_workers`, `tasks`.
+pub(crate) fn config_on(url: &str, max_workers: usize, tasks: &str) -> String {
     format!(
         r#"
 [scheduler]
 timezone = "UTC"
-database = "{}"
-max_workers = 16
+database = "{url}"
+max_workers = {max_workers}
 heartbeat_interval = "200ms"
 heartbeat_timeout = "3s"
 kill_grace = "500ms"
@@ -109,9 +110,13 @@ shutdown_grace = "1s"
 bind = "127.0.0.1:0"
 
 {tasks}
-"#,
-        database.url()
+"#
     )
+}
+
+/// A config for one instance of the cluster: fast leases, its own folders, `tasks`.
+pub fn instance_config(database: &Database, tasks: &str) -> String {
+    config_on(&database.url(), 16, tasks)
 }
 
 /// One instance: a folder with its config, on the cluster's database.

@@ -16,29 +16,8 @@ use rand::{Rng, SeedableRng};
 use turbosched::model::RunState;
 use turbosched::store::{RunFilter, RunRow, Store};
 
-use crate::cluster::{claims, sql_on, Database};
+use crate::cluster::{claims, config_on, sql_on, Database};
 use crate::support::*;
-
-/// A config for one instance on the database at `url`: fast leases, `max_workers`.
-fn config_on(url: &str, max_workers: usize, tasks: &str) -> String {
-    format!(
-        r#"
-[scheduler]
-timezone = "UTC"
-database = "{url}"
-max_workers = {max_workers}
-heartbeat_interval = "200ms"
-heartbeat_timeout = "3s"
-kill_grace = "500ms"
-shutdown_grace = "1s"
-
-[api]
-bind = "127.0.0.1:0"
-
-{tasks}
-"#
-    )
-}
 
 fn instance_on(url: &str, max_workers: usize, tasks: &str) -> Sandbox {
     Sandbox::with_config_on(&config_on(url, max_workers, tasks), url)
