@@ -8,7 +8,10 @@
 //!   plus the offset from the database measured at start and at every heartbeat (the local
 //!   clock only sizes timers), and the store holds a schedule row only when it is due by
 //!   the server's own clock. An offset over [`OFFSET_WARNING`] is a warning in the log and
-//!   `/health`.
+//!   `/health`. A reading with a slow round trip does not move the clock, a correction is
+//!   not taken for a step of the wall clock, and a step of the host's clock makes the
+//!   engine measure the offset again at once instead of planning schedules anew
+//!   (`fire::watch_clock`): database time did not move.
 //! - A lease: the instance's heartbeat renews it (one statement for the instance and the
 //!   runs it owns); a peer reaps a run whose owner has not renewed for
 //!   `heartbeat_timeout`. An instance that has not renewed for `heartbeat_timeout −
@@ -43,6 +46,9 @@ pub const OFFSET_WARNING: chrono::TimeDelta = chrono::TimeDelta::seconds(1);
 /// A due schedule row another instance holds (it is firing it), or one not due yet by the
 /// database's clock: look again after this.
 pub(super) const HOLD_RETRY: Duration = Duration::from_millis(25);
+
+/// A clock reading whose round trip took longer than this does not move the offset.
+const NOISY_ROUND_TRIP: Duration = Duration::from_millis(200);
 
 /// Offsets that differ by less than this are the same offset (a round trip's noise).
 const OFFSET_NOISE: chrono::TimeDelta = chrono::TimeDelta::milliseconds(20);
@@ -133,7 +139,7 @@ impl Engine {
             renewed: std::time::Instant::now(),
             fenced: false,
         });
-        self.measure_offset();
+        self.measure_offset_now(true);
         self.wall = super::faults::WallWatch::new(self.clock.now());
         self.started_at = self.clock.now();
         info!(
@@ -143,14 +149,25 @@ impl Engine {
     }
 
     /// Measures this host's offset from the database's clock (the round trip's midpoint)
-    /// and corrects the engine's clock by it.
+    /// and corrects the engine's clock by it; a reading whose round trip took longer than
+    /// [`NOISY_ROUND_TRIP`] is too uncertain to move the clock by (a loaded machine).
     pub(super) fn measure_offset(&mut self) {
+        self.measure_offset_now(false);
+    }
+
+    /// [`Engine::measure_offset`]; `force` takes the reading whatever its round trip (at
+    /// start, and after a step of the host's clock, when the old offset is wrong anyway).
+    pub(super) fn measure_offset_now(&mut self, force: bool) {
         let Some(cluster) = &self.cluster else {
             return;
         };
+        let started = std::time::Instant::now();
         let before = cluster.clock.local.now();
         let reading = self.store.database_now();
         let after = cluster.clock.local.now();
+        if !force && started.elapsed() > NOISY_ROUND_TRIP {
+            return;
+        }
         let database = match reading {
             Ok(Some(database)) => database,
             Ok(None) => return,
@@ -167,6 +184,8 @@ impl Engine {
             return;
         }
         cluster.clock.set_offset(-offset);
+        // The engine's clock moved by the correction, not by a step of the wall clock.
+        self.wall = super::faults::WallWatch::new(self.clock.now());
         let was_large = self.cluster_view.offset_too_large();
         self.cluster_view.offset = offset;
         self.dirty = true;

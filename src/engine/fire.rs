@@ -279,6 +279,20 @@ impl Engine {
         let Some(step) = self.wall.observe(now) else {
             return;
         };
+        if self.clustered() {
+            // Cluster mode: the engine's clock is the database's; a step of this host's
+            // clock is corrected by measuring the offset again, now — no schedule is
+            // planned anew from a host clock that moved.
+            self.measure_offset_now(true);
+            self.wall = super::faults::WallWatch::new(self.clock.now());
+            let message = format!(
+                "{} on this host: due ticks follow the database's clock; its offset was measured again",
+                step.describe()
+            );
+            warn!("{message}");
+            self.log_event("clock_step", None, None, &message, self.clock.now());
+            return;
+        }
         let message = if step.by < chrono::TimeDelta::zero() {
             let moved = self.resume_schedules(now, step.until);
             format!(

@@ -374,6 +374,52 @@ fn a_pause_asked_of_one_instance_holds_on_every_instance() {
     }
 }
 
+#[test]
+fn a_host_clock_stepped_back_in_a_cluster_is_corrected_by_the_database_clock_not_replanned() {
+    // The host clock of one instance is stepped back 10 s mid-run (libfaketime reading
+    // its offset from a file). Due-ness is the database's: the instance measures its
+    // offset again at once and keeps firing on time, with no misfire and no tick twice.
+    let database = Database::create();
+    let sandbox = instance(&database, RUN_ONCE);
+    let offset_file = sandbox.path().join("faketime");
+    std::fs::write(&offset_file, "+0\n").unwrap();
+    let library = faketime_library();
+    let offset_path = offset_file.display().to_string();
+    let service = sandbox.serve_with(&[
+        ("LD_PRELOAD", library.as_str()),
+        ("FAKETIME_TIMESTAMP_FILE", offset_path.as_str()),
+        ("FAKETIME_NO_CACHE", "1"),
+        ("FAKETIME_DONT_FAKE_MONOTONIC", "1"),
+    ]);
+    wait_until("a first run", Duration::from_secs(20), || {
+        (!database.runs_of("once").is_empty()).then_some(())
+    });
+    std::fs::write(&offset_file, "-10s\n").unwrap();
+    let stepped = chrono::Utc::now().timestamp();
+    wait_until("six ticks after the step", Duration::from_secs(30), || {
+        database
+            .runs_of("once")
+            .iter()
+            .any(|r| r.scheduled_for.timestamp() >= stepped + 6 && r.state.is_terminal())
+            .then_some(())
+    });
+    assert!(service.stop().success());
+    assert_every_tick_once(&database, "once", stepped + 1, stepped + 6);
+    let runs = database.runs_of("once");
+    let late: Vec<&RunRow> = runs
+        .iter()
+        .filter(|r| r.scheduled_for.timestamp() > stepped)
+        .filter(|r| (r.queued_at - r.scheduled_for) > chrono::Duration::seconds(2))
+        .collect();
+    assert!(late.is_empty(), "claimed late after the step: {late:?}");
+    assert!(database.events_of_kind("misfire").is_empty());
+    let steps = database.events_of_kind("clock_step");
+    assert!(
+        steps.iter().any(|e| e.message.contains("database")),
+        "{steps:?}"
+    );
+}
+
 const LONG_CHILD: &str = r#"
 [tasks.long]
 command = ["/bin/sleep", "2"]
