@@ -33,6 +33,7 @@ pub mod engine;
 pub mod handlers;
 pub mod maintenance;
 pub mod model;
+pub mod outputs;
 pub mod pipeline;
 pub mod runner;
 pub mod schedule;

@@ -203,7 +203,18 @@ pub fn run_detail(row: &RunRow, attempts: &[AttemptRow]) -> Value {
         }))
         .collect::<Vec<_>>());
     view["links"] = run_links(row.id);
+    view["outputs"] = outputs(row);
     view
+}
+
+/// What a run produced (`crate::outputs`), each `{label, kind, path}`: in a run's detail.
+pub fn outputs(row: &RunRow) -> Value {
+    Value::Array(
+        crate::outputs::outputs_of_text(row.result.as_deref())
+            .into_iter()
+            .map(|o| json!({"label": o.label, "kind": o.kind.as_str(), "path": o.path}))
+            .collect(),
+    )
 }
 
 /// One server-sent event: its sequence number is the SSE id.
