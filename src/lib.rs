@@ -39,5 +39,6 @@ pub mod runner;
 pub mod schedule;
 pub mod store;
 pub mod tasklog;
+pub mod times;
 pub mod views;
 pub mod worker;

@@ -10,7 +10,6 @@
 //! Invariant: builds values, decides nothing, reads nothing (no store, no files); the
 //! edges (`api`, `cli.rs`) build no JSON of their own (`tests/it/boundaries.rs`).
 
-use chrono::SecondsFormat;
 use serde_json::{json, Map, Value};
 
 use crate::audit::Audit;
@@ -19,8 +18,9 @@ use crate::engine::{Snapshot, TaskSnapshot};
 use crate::model::{Instant, RunId, TaskName};
 use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow, TaskStateRow};
 
+/// Every time in every shape: [`crate::times::json`] (RFC 3339, UTC, `+00:00`).
 fn time(at: Instant) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    crate::times::json(at)
 }
 
 fn millis(duration: std::time::Duration) -> u64 {
@@ -138,7 +138,7 @@ pub fn task_detail(snapshot: &Snapshot, spec: &TaskSpec, recent: &[RunRow]) -> V
         .map(|s| s
             .upcoming(chrono::Utc::now(), 5)
             .iter()
-            .map(|t| t.to_rfc3339())
+            .map(crate::times::json_of)
             .collect::<Vec<_>>())
         .unwrap_or_default());
     view["last_runs"] = json!(recent.iter().map(run).collect::<Vec<_>>());
@@ -329,7 +329,15 @@ pub fn handed_to_service(run: RunId) -> Value {
 
 /// `turbosched run --json` once the run (and its cascade) ended.
 pub fn run_outcome(root: RunId, runs: &[RunRow]) -> Value {
-    json!({"run_id": root.0, "runs": runs.iter().map(run).collect::<Vec<_>>()})
+    let runs: Vec<Value> = runs
+        .iter()
+        .map(|row| {
+            let mut view = run(row);
+            view["outputs"] = outputs(row);
+            view
+        })
+        .collect();
+    json!({"run_id": root.0, "runs": runs})
 }
 
 /// `turbosched runs --json`: the runs, as the API lists them.
@@ -368,7 +376,7 @@ pub fn stored_status(
                 "handler": spec.handler.name(),
                 "enabled": spec.enabled,
                 "paused": task.paused,
-                "next_fire": task.next_fire.map(|n| n.with_timezone(&spec.timezone).to_rfc3339()),
+                "next_fire": task.next_fire.map(time),
                 "running": task.running,
                 "last_run": task.last.as_ref().map(run),
             })
@@ -445,8 +453,8 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         .map(|t| {
             json!({
                 "task": t.task,
-                "first_tick": t.span.map(|(first, _)| first.to_rfc3339()),
-                "last_tick": t.span.map(|(_, last)| last.to_rfc3339()),
+                "first_tick": t.span.map(|(first, _)| time(first)),
+                "last_tick": t.span.map(|(_, last)| time(last)),
                 "expected": t.expected,
                 "claimed": t.claimed,
                 "doubled": t.doubled,
@@ -459,5 +467,5 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
             })
         })
         .collect();
-    json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
+    json!({"since": time(since), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
 }
