@@ -578,6 +578,16 @@ fn a_broken_file_still_names_its_store_and_log_folder() {
     assert_eq!(locations.database, Path::new("var/x.db"));
     assert_eq!(locations.log_dir, Path::new("var/logs"));
     assert_eq!(locations.heartbeat_timeout, Duration::from_secs(30));
+    assert_eq!(locations.timezone, chrono_tz::Tz::UTC);
+}
+
+#[test]
+fn a_broken_file_still_names_the_zone_times_are_shown_in() {
+    // Issue 15, item 6: `status` mid-edit shows times in the scheduler's zone, named.
+    let text = "[scheduler]\ntimezone = \"America/New_York\"\n[tasks.a]\nhandler = \"ping\"\ntimout = \"10s\"\n";
+    assert_eq!(check_locations(text).timezone, chrono_tz::America::New_York);
+    let unknown = "[scheduler]\ntimezone = \"Mars/Olympus\"\n";
+    assert_eq!(check_locations(unknown).timezone, chrono_tz::Tz::UTC);
 }
 
 #[test]

@@ -160,4 +160,23 @@ fn people_see_times_in_the_scheduler_zone_named_and_in_utc_with_the_utc_flag() {
         text.contains("03:00:00 GMT Europe/London") || text.contains("03:00:00 BST Europe/London"),
         "{text}"
     );
+
+    // Mid-edit (a broken file), the zone still comes from `[scheduler] timezone`.
+    let file = sandbox.path().join("config/scheduler.toml");
+    let mut text = std::fs::read_to_string(&file).unwrap();
+    text.push_str("timout = \"10s\"\n");
+    std::fs::write(&file, text).unwrap();
+    for args in [vec!["runs"], vec!["show", id.as_str()]] {
+        let output = sandbox.cli(&args);
+        assert!(
+            stderr(&output).contains("is invalid"),
+            "{}",
+            stderr(&output)
+        );
+        assert!(
+            in_new_york(&stdout(&output)),
+            "{args:?}: {}",
+            stdout(&output)
+        );
+    }
 }
