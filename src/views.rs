@@ -75,6 +75,8 @@ fn task_summary(task: &TaskSnapshot, spec: &TaskSpec) -> Value {
         "task": task.name,
         "description": spec.description,
         "schedule": spec.schedule.as_ref().map(|s| s.expr()),
+        "schedule_description": spec.schedule.as_ref()
+            .map(|s| crate::schedule::describe(s.expr()).unwrap_or_else(|| s.expr().to_string())),
         "timezone": spec.timezone.name(),
         "handler": spec.handler.name(),
         "depends_on": spec.depends_on.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
@@ -178,6 +180,59 @@ pub fn run(row: &RunRow) -> Value {
         "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
         "abort_requested": row.abort_requested,
         "cascade": row.cascade.map(|c| c.0),
+        "force": row.force,
+        "downstream": row.downstream,
+    })
+}
+
+/// The result keys that name what a run produced, each with its label and whether it
+/// names a folder: the built-ins' `chart` (backtest, drift), `report_dir` (the run's
+/// report folder: metrics JSON, CSV) and `shap_log` (train).
+const OUTPUT_KEYS: [(&str, &str, bool); 3] = [
+    ("chart", "chart", false),
+    ("report_dir", "report folder", true),
+    ("shap_log", "SHAP log", false),
+];
+
+/// Where `GET /scheduler/files` serves `path` (a file or a folder's listing).
+pub fn file_href(path: &str) -> String {
+    let mut href = String::from("/scheduler/files?path=");
+    for byte in path.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                href.push(byte as char)
+            }
+            other => href.push_str(&format!("%{other:02X}")),
+        }
+    }
+    href
+}
+
+/// What a run produced, as its result names it: `[{label, path, folder, href}]`.
+pub fn run_outputs(result: Option<&Value>) -> Vec<Value> {
+    let Some(result) = result else {
+        return Vec::new();
+    };
+    OUTPUT_KEYS
+        .iter()
+        .filter_map(|(key, label, folder)| {
+            let path = result.get(*key)?.as_str()?;
+            Some(json!({
+                "label": label, "path": path, "folder": folder, "href": file_href(path),
+            }))
+        })
+        .collect()
+}
+
+/// `GET /scheduler/files?path=<folder>`: the files of an output folder.
+pub fn output_folder(path: &str, files: &[(String, u64)]) -> Value {
+    let prefix = path.trim_end_matches('/');
+    json!({
+        "path": path,
+        "files": files.iter().map(|(name, bytes)| {
+            let path = format!("{prefix}/{name}");
+            json!({ "name": name, "bytes": bytes, "href": file_href(&path), "path": path })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -202,6 +257,7 @@ pub fn run_detail(row: &RunRow, attempts: &[AttemptRow]) -> Value {
             "pid": a.pid,
         }))
         .collect::<Vec<_>>());
+    view["outputs"] = json!(run_outputs(view.get("result")));
     view["links"] = run_links(row.id);
     view
 }

@@ -19,6 +19,7 @@ use crate::views;
 
 use super::auth::authorize;
 use super::errors::{blocking, method_not_allowed, ApiError, ApiResult};
+use super::files::file;
 use super::health::{health, metrics};
 use super::params::{parse_instant, parse_run_id, trigger_options, WaitFor};
 use super::streams::{events, run_log};
@@ -38,6 +39,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/scheduler/runs/{id}/abort"),
     ("POST", "/scheduler/runs/{id}/retry"),
     ("GET", "/scheduler/runs/{id}/log"),
+    ("GET", "/scheduler/files"),
     ("POST", "/scheduler/reload"),
     ("GET", "/scheduler/events"),
     ("GET", "/health"),
@@ -60,6 +62,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/scheduler/runs/{id}/abort").route(web::post().to(abort)))
         .service(resource("/scheduler/runs/{id}/retry").route(web::post().to(retry)))
         .service(resource("/scheduler/runs/{id}/log").route(web::get().to(run_log)))
+        .service(resource("/scheduler/files").route(web::get().to(file)))
         .service(resource("/scheduler/reload").route(web::post().to(reload)))
         .service(resource("/scheduler/events").route(web::get().to(events)))
         .service(resource("/health").route(web::get().to(health)))
