@@ -184,10 +184,14 @@ struct RunsQuery {
     since: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    cascade: Option<String>,
 }
 
 async fn runs(query: web::Query<RunsQuery>, state: Data<ApiState>) -> ApiResult {
     let query = query.into_inner();
+    if let Some(text) = &query.cascade {
+        return cascade_runs(text, &query, &state).await;
+    }
     let run_state = match &query.state {
         Some(text) => Some(RunState::parse(text).ok_or_else(|| {
             ApiError::bad_request(
@@ -248,6 +252,46 @@ async fn runs(query: web::Query<RunsQuery>, state: Data<ApiState>) -> ApiResult 
         .then(|| rows.last().map(|r| r.id))
         .flatten();
     Ok(HttpResponse::Ok().json(views::run_page(&rows, next_cursor)))
+}
+
+/// `?cascade=<root>`: the root run of a `--downstream` cascade and every run of it, oldest
+/// first, in one page; no other filter applies.
+async fn cascade_runs(text: &str, query: &RunsQuery, state: &ApiState) -> ApiResult {
+    let root = parse_run_id(text).map_err(|_| {
+        ApiError::bad_request(
+            "bad_query",
+            format!("cascade: expected the root run's id, found {text:?}"),
+        )
+    })?;
+    let other = [
+        ("task", &query.task),
+        ("state", &query.state),
+        ("since", &query.since),
+        ("limit", &query.limit),
+        ("cursor", &query.cursor),
+    ];
+    if let Some((name, _)) = other.iter().find(|(_, value)| value.is_some()) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("cascade: lists a whole cascade, and takes no {name}"),
+        ));
+    }
+    let store = state.store.clone();
+    let rows = blocking(move || {
+        let mut rows: Vec<_> = store.run(root)?.into_iter().collect();
+        rows.extend(
+            store
+                .cascade_runs(root)?
+                .into_iter()
+                .filter(|r| r.id != root),
+        );
+        Ok(rows)
+    })
+    .await?;
+    if rows.is_empty() {
+        return Err(EngineError::RunNotFound(root).into());
+    }
+    Ok(HttpResponse::Ok().json(views::run_page(&rows, None)))
 }
 
 async fn run_detail(id: web::Path<String>, state: Data<ApiState>) -> ApiResult {
