@@ -203,6 +203,11 @@ impl Browser {
     /// `target/screenshots/<name>.png`.
     fn shoot(&self, css: &str, name: &str) {
         let element = self.find(css);
+        // Its top at the viewport's top: chromedriver clips the picture to the viewport.
+        self.script(&format!(
+            "document.querySelector({}).scrollIntoView({{block: 'start'}}); return true;",
+            serde_json::to_string(css).unwrap()
+        ));
         let encoded = self.session_call("GET", &format!("/element/{element}/screenshot"), None);
         let bytes = base64::engine::general_purpose::STANDARD
             .decode(encoded.as_str().unwrap_or_default())
@@ -705,7 +710,8 @@ depends_on = ["never"]
             .then_some(())
         },
     );
-    browser.shoot("#runs", "dashboard-cascade");
+    browser.shoot("#runs-section", "dashboard-cascade");
+    browser.shoot("#detail-section", "dashboard-cascade-detail");
 
     // Run: lonely's dependency has never run, so it is skipped; Force runs it anyway.
     browser.click("button[data-action='run'][data-task='lonely']");
