@@ -99,6 +99,22 @@ fn not_found(path: &str) -> ApiError {
     )
 }
 
+/// `path` with `.` and `..` taken away by reading it, not the disk (a configured folder
+/// may be `../reports`).
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
+}
+
 /// `path` as the worker wrote it, checked against `folders`.
 fn resolve(path: &str, folders: &[PathBuf]) -> Result<Found, ApiError> {
     let asked = Path::new(path);
@@ -109,8 +125,8 @@ fn resolve(path: &str, folders: &[PathBuf]) -> Result<Found, ApiError> {
     let absolute = cwd.join(asked);
     let Some(folder) = folders
         .iter()
-        .map(|f| cwd.join(f))
-        .find(|f| !f.components().any(|c| c == Component::ParentDir) && absolute.starts_with(f))
+        .map(|f| lexical(&cwd.join(f)))
+        .find(|f| absolute.starts_with(f))
     else {
         return Err(outside(path, "not inside an output folder"));
     };
@@ -182,7 +198,8 @@ mod tests {
         std::fs::write(root.join("secret.txt"), "secret").unwrap();
         std::os::unix::fs::symlink(root.join("secret.txt"), reports.join("run_1/link.json"))
             .unwrap();
-        let folders = vec![reports.clone()];
+        // As a config may name it: through "..".
+        let folders = vec![root.join("elsewhere/../reports")];
         let at = |p: &Path| p.display().to_string();
 
         assert_eq!(
