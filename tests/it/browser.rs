@@ -477,7 +477,7 @@ command = ["/bin/false"]
     let ok: Vec<i64> = (0..4).map(|_| run_to_the_end(&service, "ok")).collect();
     let bad = run_to_the_end(&service, "bad");
     let browser = Browser::start();
-    browser.open(&format!("{}/?grid=2&timeline=2", service.api));
+    browser.open(&format!("{}/?grid=2&timeline=2&runs=2", service.api));
     wait_live(&browser);
 
     // The grid: a row per task, its newest page of runs as cells, oldest left, by state.
@@ -552,6 +552,22 @@ command = ["/bin/false"]
     wait_until("the clicked bar's run", Duration::from_secs(10), || {
         (browser.text("#detail-id") == format!("{} · ok", ok[1])).then_some(())
     });
+
+    // The runs list pages the same way, newest first.
+    let rows = "#runs tbody tr[data-run]";
+    assert_eq!(browser.runs_shown(rows), vec![bad, ok[3]]);
+    browser.click("#runs-older");
+    wait_until(
+        "the runs list's older page",
+        Duration::from_secs(10),
+        || (browser.runs_shown(rows) == vec![ok[2], ok[1]]).then_some(()),
+    );
+    browser.click("#runs-newer");
+    wait_until(
+        "the runs list's newest page",
+        Duration::from_secs(10),
+        || (browser.runs_shown(rows) == vec![bad, ok[3]]).then_some(()),
+    );
     drop(browser);
     drop(service);
 }
