@@ -506,3 +506,58 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         .collect();
     json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_outputs_are_the_chart_report_folder_and_shap_log_its_result_names() {
+        let backtest = json!({
+            "report_dir": "reports/backtest/run_7", "chart": "reports/backtest/run_7/equity.svg",
+            "predictions": 12,
+        });
+        let outputs = run_outputs(Some(&backtest));
+        let listed: Vec<(&str, &str, bool)> = outputs
+            .iter()
+            .map(|o| {
+                (
+                    o["label"].as_str().unwrap(),
+                    o["path"].as_str().unwrap(),
+                    o["folder"].as_bool().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                ("chart", "reports/backtest/run_7/equity.svg", false),
+                ("report folder", "reports/backtest/run_7", true),
+            ]
+        );
+        assert_eq!(
+            outputs[0]["href"],
+            "/scheduler/files?path=reports/backtest/run_7/equity.svg"
+        );
+        let train = json!({ "shap_log": "shap logs/shap_run_3.json", "promoted": true });
+        assert_eq!(
+            run_outputs(Some(&train))[0]["href"],
+            "/scheduler/files?path=shap%20logs/shap_run_3.json",
+            "a space is escaped"
+        );
+        assert!(
+            run_outputs(Some(&json!({"chart": 3}))).is_empty(),
+            "only paths"
+        );
+        assert!(run_outputs(None).is_empty());
+    }
+
+    #[test]
+    fn a_file_href_escapes_what_a_query_cannot_carry() {
+        assert_eq!(
+            file_href("/srv/r&d/a+b#1?.svg"),
+            "/scheduler/files?path=/srv/r%26d/a%2Bb%231%3F.svg"
+        );
+        assert_eq!(file_href("é"), "/scheduler/files?path=%C3%A9");
+    }
+}
