@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
-use chrono::SecondsFormat;
 use clap::{Parser, Subcommand};
 use serde_json::Value;
 
@@ -17,6 +16,7 @@ use turbosched::config::{self, Config};
 use turbosched::engine::{enqueue_manual, Clock, Engine, Mode, SystemClock};
 use turbosched::model::{Instant, RunId, RunState, TaskName};
 use turbosched::store::{AbortOutcome, InstanceRow, RunFilter, RunRow, Store, TaskStateRow};
+use turbosched::times::Shown;
 use turbosched::views;
 
 /// `println!` that hands back the write's error instead of panicking, so that a closed
@@ -62,6 +62,9 @@ struct Cli {
         env = "TURBOSCHED_CONFIG"
     )]
     config: PathBuf,
+    /// Show times in UTC rather than in the scheduler's zone (`[scheduler] timezone`).
+    #[arg(long, global = true)]
+    utc: bool,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -74,9 +77,14 @@ enum Cmd {
     Run {
         /// The task.
         task: String,
-        /// Wait until the run (and its downstream runs) finish; always on without a service.
-        #[arg(long)]
+        /// Wait until the run (and its downstream runs) finish, showing them as they go: the
+        /// default when stdout is a terminal; always so without a service (the run is made here).
+        #[arg(long, conflicts_with = "no_wait")]
         wait: bool,
+        /// Return once the service has queued the run, printing its id: the default when
+        /// stdout is not a terminal.
+        #[arg(long)]
+        no_wait: bool,
         /// Skip the dependency check.
         #[arg(long)]
         force: bool,
@@ -304,20 +312,31 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
         Cmd::Run {
             task,
             wait,
+            no_wait,
             force,
             downstream,
             json,
-        } => run(&cli.config, &task, wait, force, downstream, json),
-        Cmd::Status { json } => status(&cli.config, json),
+        } => run(
+            &cli.config,
+            &task,
+            RunOptions {
+                wait: (wait || no_wait).then_some(wait),
+                force,
+                downstream,
+                json,
+            },
+            cli.utc,
+        ),
+        Cmd::Status { json } => status(&cli.config, json, cli.utc),
         Cmd::Runs {
             task,
             state,
             limit,
             json,
-        } => runs(&cli.config, task, state, limit, json),
-        Cmd::Show { run_id, json } => show(&cli.config, RunId(run_id), json),
+        } => runs(&cli.config, task, state, limit, json, cli.utc),
+        Cmd::Show { run_id, json } => show(&cli.config, RunId(run_id), json, cli.utc),
         Cmd::Abort { run_id } => abort(&cli.config, RunId(run_id)),
-        Cmd::Next { task, count } => next(&cli.config, &task, count),
+        Cmd::Next { task, count } => next(&cli.config, &task, count, cli.utc),
         Cmd::Audit { since, json } => audit(&cli.config, &since, json),
         Cmd::Logs {
             task,
@@ -389,6 +408,8 @@ fn open_store(config: &Config) -> Result<Store> {
 struct Reading {
     config: Option<Arc<Config>>,
     locations: config::Locations,
+    /// How times are shown: in the scheduler's zone, or UTC with `--utc`.
+    shown: Shown,
 }
 
 impl Reading {
@@ -399,10 +420,11 @@ impl Reading {
 
 /// Loads the config for such a command. An invalid file is said once on stderr; a file
 /// that cannot be read at all still ends the command (code 2): its store is unknown.
-fn load_for_reading(path: &Path) -> Result<Reading> {
+fn load_for_reading(path: &Path, utc: bool) -> Result<Reading> {
     match config::load(path) {
         Ok(config) => Ok(Reading {
             locations: config.locations(),
+            shown: shown(config.scheduler.timezone, utc),
             config: Some(Arc::new(config)),
         }),
         Err(errors) => {
@@ -418,9 +440,19 @@ fn load_for_reading(path: &Path) -> Result<Reading> {
             );
             Ok(Reading {
                 config: None,
+                shown: shown(locations.timezone, utc),
                 locations,
             })
         }
+    }
+}
+
+/// Times for people: in `zone` (the scheduler's), or in UTC with `--utc`.
+fn shown(zone: chrono_tz::Tz, utc: bool) -> Shown {
+    if utc {
+        Shown::utc()
+    } else {
+        Shown::in_zone(zone)
     }
 }
 
@@ -572,7 +604,7 @@ fn migrate(path: &Path, to: &str, from: Option<PathBuf>, force: bool) -> Result<
                 .unwrap_or(Duration::from_secs(30)),
         ),
         None => {
-            let reading = load_for_reading(path)?;
+            let reading = load_for_reading(path, false)?;
             let database = reading.locations.database;
             let setting = database.to_string_lossy();
             if setting.starts_with("postgres://") || setting.starts_with("postgresql://") {
@@ -834,70 +866,117 @@ fn live_service(config: &Config, store: &Store) -> Result<bool> {
         .any(|instance| instance.serving))
 }
 
-fn run(
-    path: &Path,
-    task: &str,
-    wait: bool,
-    force: bool,
-    downstream: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let reading = load_for_reading(path)?;
+fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCode> {
+    let reading = load_for_reading(path, utc)?;
     let Some(config) = reading.config.clone() else {
-        return run_by_service(&reading, task, wait, force, downstream, json);
+        return run_by_service(&reading, task, options);
     };
     let store = open_store(&config)?;
+    let members = Members::of(Some(&config), task, options.downstream);
     if live_service(&config, &store)? {
-        let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
-        if !wait {
-            if json {
-                out!("{}", views::handed_to_service(root))?;
-            } else {
-                out!("run {root} of {task} queued; the service will start it (turbosched show {root})")?;
-            }
-            return Ok(ExitCode::SUCCESS);
-        }
-        if !json {
-            out!("run {root} of {task} queued with the running service; waiting")?;
-        }
-        return wait_for(Some(&config), &store, root, downstream, json);
+        let root = enqueue_manual(
+            &config,
+            &store,
+            SystemClock.now(),
+            task,
+            options.force,
+            options.downstream,
+        )?;
+        return handed_over(&reading, &store, root, task, &members, options);
+    }
+    if options.wait == Some(false) {
+        eprintln!(
+            "note: no service is up to hand the run to: it runs here, and that is waiting for it"
+        );
     }
     let _log_guard = init_tracing(Some(&config));
     let runtime = runtime()?;
-    let root = runtime.block_on(async {
-        let mut engine = Engine::new(
-            config.clone(),
-            store.clone(),
-            Arc::new(SystemClock),
-            Mode::Foreground,
-        );
-        let root = engine.enqueue_manual(task, force, downstream)?;
-        if !json {
-            out!("run {root} of {task}: no service is running, running it here")?;
-        }
-        shutdown_on_signals(engine.handle());
-        let progress =
-            (!json && std::io::stderr().is_terminal()).then(|| spawn_progress(store.clone(), root));
-        engine.run().await?;
-        if let Some(progress) = progress {
-            progress.abort();
-        }
-        Ok::<RunId, anyhow::Error>(root)
+    let mut watch = Watch::new(options.json, reading.shown);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let root = std::thread::scope(|scope| {
+        runtime.block_on(async {
+            let mut engine = Engine::new(
+                config.clone(),
+                store.clone(),
+                Arc::new(SystemClock),
+                Mode::Foreground,
+            );
+            let root = engine.enqueue_manual(task, options.force, options.downstream)?;
+            if !options.json {
+                out!("run {root} of {task}: no service is up, running it here")?;
+            }
+            shutdown_on_signals(engine.handle());
+            let (store, watch, done) = (&store, &mut watch, &done);
+            let members = &members;
+            let watcher = scope.spawn(move || {
+                follow(store, root, members, watch, &|| {
+                    done.load(std::sync::atomic::Ordering::SeqCst)
+                })
+            });
+            let ran = engine.run().await;
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            let followed = watcher
+                .join()
+                .map_err(|_| anyhow!("the progress display stopped"))?;
+            ran?;
+            followed?;
+            Ok::<RunId, anyhow::Error>(root)
+        })
     })?;
-    report_outcome(&store, root, downstream, json)
+    report_outcome(&store, root, &members, &mut watch)
+}
+
+/// What `turbosched run` was asked.
+#[derive(Clone, Copy)]
+struct RunOptions {
+    /// `--wait` (`Some(true)`), `--no-wait` (`Some(false)`), or neither.
+    wait: Option<bool>,
+    force: bool,
+    downstream: bool,
+    json: bool,
+}
+
+impl RunOptions {
+    /// Whether to wait for a run handed to the service: as asked, else when stdout is a
+    /// terminal (someone is watching). A pipe or a file gets the run's id at once — a
+    /// script that wants the outcome as exit code says `--wait`.
+    fn waits(&self) -> bool {
+        self.wait.unwrap_or_else(|| std::io::stdout().is_terminal())
+    }
+}
+
+/// A run the service took: its id at once, or the run and its cascade followed to their
+/// end, shown as a run made here is.
+fn handed_over(
+    reading: &Reading,
+    store: &Store,
+    root: RunId,
+    task: &str,
+    members: &Members,
+    options: RunOptions,
+) -> Result<ExitCode> {
+    if !options.waits() {
+        if options.json {
+            out!("{}", views::handed_to_service(root))?;
+        } else {
+            out!(
+                "run {root} of {task} queued; the service will start it (turbosched show {root})"
+            )?;
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !options.json {
+        out!("run {root} of {task} queued with the running service; waiting (Ctrl-C stops waiting, not the run)")?;
+    }
+    let mut watch = Watch::new(options.json, reading.shown);
+    follow(store, root, members, &mut watch, &|| false)?;
+    report_outcome(store, root, members, &mut watch)
 }
 
 /// `run` with a broken config: only a running service, with the valid config it loaded,
 /// can take the run. It is asked through its API (`POST /scheduler/tasks/<task>/run`, the
 /// token from `[api] token_env`), as the file's task list is unknown here.
-fn run_by_service(
-    reading: &Reading,
-    task: &str,
-    wait: bool,
-    force: bool,
-    downstream: bool,
-    json: bool,
-) -> Result<ExitCode> {
+fn run_by_service(reading: &Reading, task: &str, options: RunOptions) -> Result<ExitCode> {
     let store = reading.open_store()?;
     let instances = store.live_instances(reading.locations.heartbeat_timeout, SystemClock.now())?;
     let Some(address) = instances
@@ -916,7 +995,7 @@ fn run_by_service(
     let token = std::env::var(&reading.locations.token_env)
         .ok()
         .filter(|token| !token.trim().is_empty());
-    let body = views::trigger_options(force, downstream).to_string();
+    let body = views::trigger_options(options.force, options.downstream).to_string();
     let (code, answer) = http_post(
         &address,
         &format!("/scheduler/tasks/{task}/run"),
@@ -931,20 +1010,8 @@ fn run_by_service(
             answer["error"]["message"].as_str().unwrap_or("no message")
         ),
     };
-    if !wait {
-        if json {
-            out!("{}", views::handed_to_service(root))?;
-        } else {
-            out!(
-                "run {root} of {task} queued; the service will start it (turbosched show {root})"
-            )?;
-        }
-        return Ok(ExitCode::SUCCESS);
-    }
-    if !json {
-        out!("run {root} of {task} queued with the running service; waiting")?;
-    }
-    wait_for(None, &store, root, downstream, json)
+    let members = Members::of(None, task, options.downstream);
+    handed_over(reading, &store, root, task, &members, options)
 }
 
 /// One HTTP/1.1 POST of a JSON body, answered with the status and the JSON body (`null`
@@ -980,76 +1047,201 @@ fn http_post(
     Ok((code, serde_json::from_str(body).unwrap_or(Value::Null)))
 }
 
-/// A progress bar on the terminal while a run is active.
-fn spawn_progress(store: Store, run: RunId) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let bar = indicatif::ProgressBar::new(100);
-        bar.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{spinner} run {prefix} [{bar:30}] {pos:>3}% {msg}",
-            )
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-        );
-        bar.set_prefix(run.to_string());
-        loop {
-            if let Ok(Some(row)) = store.run(run) {
-                bar.set_position(row.progress.unwrap_or(0.0) as u64);
-                bar.set_message(format!("{} {}", row.state, row.phase.unwrap_or_default()));
-                if row.state.is_terminal() {
-                    bar.finish();
-                    return;
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(200)).await;
-        }
-    })
+/// The members of a run's cascade `run` follows: the root's task and, with
+/// `--downstream` and a valid config, every task downstream of it (the engine queues
+/// each when its upstreams end). Without a config the cascade's size is unknown.
+struct Members {
+    downstream: bool,
+    /// The tasks expected, root first, in dependency order; `None`: unknown.
+    tasks: Option<Vec<TaskName>>,
 }
 
-/// How long `wait_for` waits, once every run of a cascade has ended, for members that were
-/// never queued: far above the service's 200 ms poll and a heartbeat.
-const CASCADE_PATIENCE: Duration = Duration::from_secs(10);
+impl Members {
+    fn of(config: Option<&Config>, task: &str, downstream: bool) -> Members {
+        let root = TaskName(task.to_string());
+        let tasks = match (downstream, config) {
+            (false, _) => Some(vec![root]),
+            (true, None) => None,
+            (true, Some(config)) => {
+                let below = config.downstream_of(&root);
+                Some(std::iter::once(root).chain(below).collect())
+            }
+        };
+        Members { downstream, tasks }
+    }
 
-fn wait_for(
-    config: Option<&Config>,
-    store: &Store,
-    root: RunId,
-    downstream: bool,
-    json: bool,
-) -> Result<ExitCode> {
-    let bar = (!json && std::io::stderr().is_terminal()).then(|| indicatif::ProgressBar::new(100));
-    let mut settled_since: Option<std::time::Instant> = None;
-    loop {
-        let runs = if downstream {
+    /// The cascade's runs so far, root first.
+    fn runs(&self, store: &Store, root: RunId) -> Result<Vec<RunRow>> {
+        Ok(if self.downstream {
             store.cascade_runs(root)?
         } else {
             store.run(root)?.into_iter().collect()
-        };
-        if let Some(bar) = &bar {
-            if let Some(row) = runs.iter().rev().find(|r| !r.state.is_terminal()) {
-                bar.set_position(row.progress.unwrap_or(0.0) as u64);
-                bar.set_message(format!(
-                    "{} {} {}",
-                    row.task,
-                    row.state,
-                    row.phase.clone().unwrap_or_default()
-                ));
-            }
+        })
+    }
+
+    /// The expected tasks without a run yet.
+    fn unqueued(&self, runs: &[RunRow]) -> Vec<TaskName> {
+        self.tasks
+            .iter()
+            .flatten()
+            .filter(|task| !runs.iter().any(|run| &run.task == *task))
+            .cloned()
+            .collect()
+    }
+}
+
+/// How `run` shows a run and its cascade while they go: a table redrawn in place when
+/// stdout is a terminal; a line appended for each member's move otherwise (a pipe, a
+/// file, a CI log); nothing with `--json`, whose stdout is the outcome alone.
+struct Watch {
+    shown: Shown,
+    live: Option<indicatif::ProgressBar>,
+    lines: bool,
+    /// `--json`: nothing while it goes.
+    json: bool,
+    /// Each member's last (state, attempt) shown as a line.
+    seen: std::collections::HashMap<RunId, (RunState, u32)>,
+}
+
+impl Watch {
+    fn new(json: bool, shown: Shown) -> Watch {
+        let terminal = !json && std::io::stdout().is_terminal();
+        let live = terminal.then(|| {
+            let bar = indicatif::ProgressBar::with_draw_target(
+                None,
+                indicatif::ProgressDrawTarget::stdout(),
+            );
+            bar.set_style(
+                indicatif::ProgressStyle::with_template("{spinner} {elapsed}\n{msg}")
+                    .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+            );
+            bar.enable_steady_tick(Duration::from_millis(200));
+            bar
+        });
+        Watch {
+            shown,
+            live,
+            lines: !json && !terminal,
+            json,
+            seen: std::collections::HashMap::new(),
         }
-        // Without a valid config the cascade's size is unknown: wait until it settles.
-        let expected = match (downstream, config) {
-            (false, _) => 1,
-            (true, None) => usize::MAX,
-            (true, Some(config)) => {
-                let root_row = store
-                    .run(root)?
-                    .ok_or_else(|| anyhow!("run {root} vanished"))?;
-                1 + config.downstream_of(&root_row.task).len()
+    }
+
+    /// Shows where the members are now.
+    fn show(&mut self, runs: &[RunRow], unqueued: &[TaskName], now: Instant) -> Result<()> {
+        if let Some(bar) = &self.live {
+            bar.set_message(cascade_table(runs, unqueued, now, false));
+        }
+        if !self.lines {
+            return Ok(());
+        }
+        for run in runs {
+            let key = (run.state, run.attempt.0);
+            if self.seen.get(&run.id) == Some(&key) {
+                continue;
             }
+            self.seen.insert(run.id, key);
+            let detail = match run.state {
+                RunState::Queued => String::new(),
+                RunState::Running | RunState::RetryWait => {
+                    format!(", attempt {}/{}", run.attempt, run.max_attempts)
+                }
+                _ => {
+                    let taken = duration_text(run);
+                    let taken = if taken.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" after {taken}")
+                    };
+                    match run.error.as_ref().or(run.reason.as_ref()) {
+                        Some(why) => format!("{taken}: {why}"),
+                        None => taken,
+                    }
+                }
+            };
+            out!(
+                "{}  run {} {}: {}{detail}",
+                self.shown.clock(now),
+                run.id,
+                run.task,
+                run.state
+            )?;
+        }
+        Ok(())
+    }
+
+    /// Takes the live table away before the outcome is printed.
+    fn finish(&mut self) {
+        if let Some(bar) = self.live.take() {
+            bar.finish_and_clear();
+        }
+    }
+}
+
+/// The members as a table: task, run, state, attempt, time taken (so far), progress;
+/// the expected members without a run yet as `waiting` (or `never queued` at the end).
+fn cascade_table(runs: &[RunRow], unqueued: &[TaskName], now: Instant, ended: bool) -> String {
+    let mut text = format!(
+        "{:<16} {:<7} {:<11} {:<8} {:<10} PROGRESS\n",
+        "TASK", "RUN", "STATE", "ATTEMPT", "TIME"
+    );
+    for run in runs {
+        let taken = match (run.started_at, run.finished_at) {
+            (Some(start), end) => {
+                let ms = (end.unwrap_or(now) - start).num_milliseconds().max(0) as u64;
+                humantime::format_duration(Duration::from_millis(ms / 100 * 100)).to_string()
+            }
+            _ => "-".to_string(),
         };
+        let progress = match (run.progress, &run.phase) {
+            (Some(p), Some(phase)) => format!("{p:.0}% {phase}"),
+            (Some(p), None) => format!("{p:.0}%"),
+            (None, _) => String::new(),
+        };
+        text.push_str(&format!(
+            "{:<16} {:<7} {:<11} {:<8} {:<10} {}\n",
+            run.task,
+            run.id,
+            run.state,
+            format!("{}/{}", run.attempt, run.max_attempts),
+            taken,
+            progress
+        ));
+    }
+    for task in unqueued {
+        let state = if ended { "never queued" } else { "waiting" };
+        text.push_str(&format!("{task:<16} {:<7} {state}\n", "-"));
+    }
+    text.trim_end().to_string()
+}
+
+/// How long `follow` waits, once every run of a cascade has ended, for members that were
+/// never queued: far above the service's 200 ms poll and a heartbeat.
+const CASCADE_PATIENCE: Duration = Duration::from_secs(10);
+
+/// Shows the run and its cascade until every member has ended (or `stop` says the engine
+/// running them here has ended).
+fn follow(
+    store: &Store,
+    root: RunId,
+    members: &Members,
+    watch: &mut Watch,
+    stop: &dyn Fn() -> bool,
+) -> Result<()> {
+    let mut settled_since: Option<std::time::Instant> = None;
+    loop {
+        // Read before the store: the last look after `stop` sees every end.
+        let stopping = stop();
+        let runs = members.runs(store, root)?;
+        watch.show(&runs, &members.unqueued(&runs), SystemClock.now())?;
+        if stopping {
+            return Ok(());
+        }
         let settled = runs.iter().all(|r| r.state.is_terminal());
         // Every member the engine queues is queued when its upstreams end; one that stays
         // unqueued long after every run ended is a member the engine will not queue (its
         // task was removed by a reload, say): stop waiting for it rather than for ever.
+        // Without a valid config the cascade's size is unknown: wait until it settles.
         let stalled = match (settled, settled_since) {
             (true, Some(since)) => since.elapsed() > CASCADE_PATIENCE,
             (true, None) => {
@@ -1061,46 +1253,94 @@ fn wait_for(
                 false
             }
         };
-        if settled && (runs.len() >= expected || stalled) {
-            if let Some(bar) = bar {
-                bar.finish_and_clear();
-            }
-            if runs.len() < expected && expected != usize::MAX {
-                eprintln!(
-                    "note: {} of the {expected} tasks of the cascade ran; the others were never queued",
-                    runs.len()
-                );
-            }
-            return report_outcome(store, root, downstream, json);
+        let all_there = members
+            .tasks
+            .as_ref()
+            .is_some_and(|_| members.unqueued(&runs).is_empty());
+        if !runs.is_empty() && settled && (all_there || stalled) {
+            return Ok(());
         }
         std::thread::sleep(Duration::from_millis(100));
     }
 }
 
-fn report_outcome(store: &Store, root: RunId, downstream: bool, json: bool) -> Result<ExitCode> {
-    let runs = if downstream {
-        store.cascade_runs(root)?
-    } else {
-        store.run(root)?.into_iter().collect()
-    };
+/// The outcome of a run and its cascade: the members' table and where their outputs
+/// are (or the JSON of both); exit code 0 when every member succeeded, else 1.
+fn report_outcome(
+    store: &Store,
+    root: RunId,
+    members: &Members,
+    watch: &mut Watch,
+) -> Result<ExitCode> {
+    watch.finish();
+    let runs = members.runs(store, root)?;
     if runs.is_empty() {
         bail!("run {root} not found");
     }
-    if json {
-        out!("{}", views::run_outcome(root, &runs))?;
-    } else {
-        print_runs(&runs)?;
-    }
     let all_ok = runs.iter().all(|r| r.state == RunState::Succeeded);
-    Ok(if all_ok {
+    let code = if all_ok {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    };
+    if watch.json {
+        out!("{}", views::run_outcome(root, &runs))?;
+        return Ok(code);
+    }
+    let unqueued = members.unqueued(&runs);
+    let succeeded = runs
+        .iter()
+        .filter(|r| r.state == RunState::Succeeded)
+        .count();
+    let total = runs.len() + unqueued.len();
+    let failed: Vec<String> = runs
+        .iter()
+        .filter(|r| r.state != RunState::Succeeded)
+        .map(|r| format!("{} {} (run {})", r.task, r.state, r.id))
+        .collect();
+    let root_task = &runs[0].task;
+    let what = if members.downstream {
+        format!("run {root} of {root_task} and its cascade")
+    } else {
+        format!("run {root} of {root_task}")
+    };
+    if failed.is_empty() && unqueued.is_empty() {
+        out!("{what}: {succeeded} of {total} succeeded")?;
+    } else {
+        let mut not = failed;
+        not.extend(unqueued.iter().map(|t| format!("{t} never queued")));
+        out!(
+            "{what}: {succeeded} of {total} succeeded; not: {}",
+            not.join(", ")
+        )?;
+    }
+    out!(
+        "{}",
+        cascade_table(&runs, &unqueued, SystemClock.now(), true)
+    )?;
+    let mut listed = false;
+    for run in &runs {
+        let outputs = turbosched::outputs::outputs_of_text(run.result.as_deref());
+        if outputs.is_empty() {
+            continue;
+        }
+        if !listed {
+            out!("outputs:")?;
+            listed = true;
+        }
+        out!("  {} (run {}):", run.task, run.id)?;
+        for output in outputs {
+            out!("    {:<16} {}", output.label, output.path.display())?;
+        }
+    }
+    if !listed {
+        out!("outputs: none named in the runs' results")?;
+    }
+    Ok(code)
 }
 
-fn status(path: &Path, json: bool) -> Result<ExitCode> {
-    let reading = load_for_reading(path)?;
+fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
+    let reading = load_for_reading(path, utc)?;
     let store = reading.open_store()?;
     let now = SystemClock.now();
     let instances = live_instances_and_runs(
@@ -1108,7 +1348,7 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         store.live_instances(reading.locations.heartbeat_timeout, now)?,
     )?;
     let Some(config) = &reading.config else {
-        return status_from_store(&store, &instances, json, now);
+        return status_from_store(&store, &instances, json, now, reading.shown);
     };
     let mut tasks = Vec::new();
     for spec in config.tasks.values() {
@@ -1168,12 +1408,8 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         } else if !spec.enabled {
             "disabled".to_string()
         } else {
-            next.map(|n| {
-                n.with_timezone(&spec.timezone)
-                    .format("%Y-%m-%d %H:%M:%S %Z")
-                    .to_string()
-            })
-            .unwrap_or_else(|| "-".into())
+            next.map(|n| reading.shown.at(n))
+                .unwrap_or_else(|| "-".into())
         };
         let (last_state, last_detail) = match last {
             Some(row) => (
@@ -1270,12 +1506,13 @@ fn print_service(instances: &[(InstanceRow, Vec<RunId>)], now: Instant) -> Resul
 }
 
 /// `status` with a broken config: the tasks the store knows (a stored schedule, or a run
-/// among the latest thousand), their stored next fire in UTC (the file names the zones).
+/// among the latest thousand), their stored next fire.
 fn status_from_store(
     store: &Store,
     instances: &[(InstanceRow, Vec<RunId>)],
     json: bool,
     now: Instant,
+    shown: Shown,
 ) -> Result<ExitCode> {
     let mut known: std::collections::BTreeMap<TaskName, TaskStateRow> =
         store.task_states()?.into_iter().collect();
@@ -1330,7 +1567,7 @@ fn status_from_store(
         } else {
             task.state
                 .next_fire_at
-                .map(|n| n.format("%Y-%m-%d %H:%M:%S UTC").to_string())
+                .map(|n| shown.at(n))
                 .unwrap_or_else(|| "-".into())
         };
         let (last_state, last_detail) = match &task.last {
@@ -1359,8 +1596,10 @@ fn runs(
     state: Option<String>,
     limit: usize,
     json: bool,
+    utc: bool,
 ) -> Result<ExitCode> {
-    let store = load_for_reading(path)?.open_store()?;
+    let reading = load_for_reading(path, utc)?;
+    let store = reading.open_store()?;
     let state = match state {
         Some(text) => Some(RunState::parse(&text).ok_or_else(|| {
             anyhow!(
@@ -1379,13 +1618,15 @@ fn runs(
     if json {
         out!("{}", views::run_list(&rows))?;
     } else {
-        print_runs(&rows)?;
+        print_runs(&rows, reading.shown)?;
     }
     Ok(ExitCode::SUCCESS)
 }
 
-fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
-    let store = load_for_reading(path)?.open_store()?;
+fn show(path: &Path, run: RunId, json: bool, utc: bool) -> Result<ExitCode> {
+    let reading = load_for_reading(path, utc)?;
+    let shown = reading.shown;
+    let store = reading.open_store()?;
     let row = store
         .run(run)?
         .ok_or_else(|| anyhow!("no run with id {run}"))?;
@@ -1401,13 +1642,13 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         row.trigger,
         row.state
     )?;
-    out!("  scheduled for {}", rfc3339(row.scheduled_for))?;
-    out!("  queued at     {}", rfc3339(row.queued_at))?;
+    out!("  scheduled for {}", shown.precise(row.scheduled_for))?;
+    out!("  queued at     {}", shown.precise(row.queued_at))?;
     if let Some(at) = row.started_at {
-        out!("  started at    {}", rfc3339(at))?;
+        out!("  started at    {}", shown.precise(at))?;
     }
     if let Some(at) = row.finished_at {
-        out!("  finished at   {}", rfc3339(at))?;
+        out!("  finished at   {}", shown.precise(at))?;
     }
     out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
     if let Some(progress) = row.progress {
@@ -1434,10 +1675,10 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         out!(
             "  attempt {}: {} → {} {}{}",
             attempt.attempt,
-            rfc3339(attempt.started_at),
+            shown.precise(attempt.started_at),
             attempt
                 .finished_at
-                .map(rfc3339)
+                .map(|at| shown.precise(at))
                 .unwrap_or_else(|| "…".into()),
             attempt.outcome.unwrap_or_else(|| "running".into()),
             attempt.error.map(|e| format!(": {e}")).unwrap_or_default()
@@ -1455,7 +1696,7 @@ fn pretty_json(text: &str) -> String {
 }
 
 fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
-    let reading = load_for_reading(path)?;
+    let reading = load_for_reading(path, false)?;
     let store = reading.open_store()?;
     match store.request_abort(
         run,
@@ -1475,8 +1716,10 @@ fn abort(path: &Path, run: RunId) -> Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Refuses a broken file: the fire times come from the task's schedule in it.
-fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
+/// Refuses a broken file: the fire times come from the task's schedule in it. Shown in
+/// the scheduler's zone (or UTC), with the task's own wall-clock time beside each when
+/// its schedule is read in another zone.
+fn next(path: &Path, task: &str, count: usize, utc: bool) -> Result<ExitCode> {
     let config = config::load(path).map_err(|errors| {
         anyhow!("invalid config (`next` needs the task's schedule from a valid file):\n{errors}")
     })?;
@@ -1490,8 +1733,19 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
         out!("{task} has no schedule: it runs only when triggered")?;
         return Ok(ExitCode::SUCCESS);
     };
+    let shown = shown(config.scheduler.timezone, utc);
     for at in schedule.upcoming(SystemClock.now(), count) {
-        out!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"))?;
+        let instant = at.with_timezone(&chrono::Utc);
+        if at.timezone().name() == shown.zone_name() {
+            out!("{}", shown.at(instant))?;
+        } else {
+            out!(
+                "{}  ({} {})",
+                shown.at(instant),
+                at.format("%Y-%m-%d %H:%M:%S %Z"),
+                at.timezone().name()
+            )?;
+        }
     }
     Ok(ExitCode::SUCCESS)
 }
@@ -1524,7 +1778,7 @@ fn logs(
 ) -> Result<ExitCode> {
     use turbosched::tasklog::{log_files, task_log_name, LogFollower};
 
-    let reading = load_for_reading(path)?;
+    let reading = load_for_reading(path, false)?;
     let log_dir = &reading.locations.log_dir;
     let configured = reading
         .config
@@ -1584,10 +1838,6 @@ fn logs(
     }
 }
 
-fn rfc3339(at: Instant) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Micros, true)
-}
-
 fn duration_text(row: &RunRow) -> String {
     match (row.started_at, row.finished_at) {
         (Some(start), Some(end)) => {
@@ -1598,7 +1848,7 @@ fn duration_text(row: &RunRow) -> String {
     }
 }
 
-fn print_runs(rows: &[RunRow]) -> Result<()> {
+fn print_runs(rows: &[RunRow], shown: Shown) -> Result<()> {
     out!(
         "{:<7} {:<16} {:<10} {:<10} {:<27} {:<8} DETAIL",
         "RUN",
@@ -1620,8 +1870,7 @@ fn print_runs(rows: &[RunRow]) -> Result<()> {
             row.task,
             row.trigger,
             row.state,
-            row.scheduled_for
-                .to_rfc3339_opts(SecondsFormat::Millis, true),
+            shown.precise(row.scheduled_for),
             format!("{}/{}", row.attempt, row.max_attempts),
             detail
         )?;

@@ -10,7 +10,6 @@
 //! Invariant: builds values, decides nothing, reads nothing (no store, no files); the
 //! edges (`api`, `cli.rs`) build no JSON of their own (`tests/it/boundaries.rs`).
 
-use chrono::SecondsFormat;
 use serde_json::{json, Map, Value};
 
 use crate::audit::Audit;
@@ -19,8 +18,9 @@ use crate::engine::{Snapshot, TaskSnapshot};
 use crate::model::{Instant, RunId, TaskName};
 use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow, TaskStateRow};
 
+/// Every time in every shape: [`crate::times::json`] (RFC 3339, UTC, `+00:00`).
 fn time(at: Instant) -> String {
-    at.to_rfc3339_opts(SecondsFormat::Micros, true)
+    crate::times::json(at)
 }
 
 fn millis(duration: std::time::Duration) -> u64 {
@@ -140,7 +140,7 @@ pub fn task_detail(snapshot: &Snapshot, spec: &TaskSpec, recent: &[RunRow]) -> V
         .map(|s| s
             .upcoming(chrono::Utc::now(), 5)
             .iter()
-            .map(|t| t.to_rfc3339())
+            .map(crate::times::json_of)
             .collect::<Vec<_>>())
         .unwrap_or_default());
     view["last_runs"] = json!(recent.iter().map(run).collect::<Vec<_>>());
@@ -185,15 +185,6 @@ pub fn run(row: &RunRow) -> Value {
     })
 }
 
-/// The result keys that name what a run produced, each with its label and whether it
-/// names a folder: the built-ins' `chart` (backtest, drift), `report_dir` (the run's
-/// report folder: metrics JSON, CSV) and `shap_log` (train).
-const OUTPUT_KEYS: [(&str, &str, bool); 3] = [
-    ("chart", "chart", false),
-    ("report_dir", "report folder", true),
-    ("shap_log", "SHAP log", false),
-];
-
 /// Where `GET /scheduler/files` serves `path` (a file or a folder's listing).
 pub fn file_href(path: &str) -> String {
     let mut href = String::from("/scheduler/files?path=");
@@ -206,22 +197,6 @@ pub fn file_href(path: &str) -> String {
         }
     }
     href
-}
-
-/// What a run produced, as its result names it: `[{label, path, folder, href}]`.
-pub fn run_outputs(result: Option<&Value>) -> Vec<Value> {
-    let Some(result) = result else {
-        return Vec::new();
-    };
-    OUTPUT_KEYS
-        .iter()
-        .filter_map(|(key, label, folder)| {
-            let path = result.get(*key)?.as_str()?;
-            Some(json!({
-                "label": label, "path": path, "folder": folder, "href": file_href(path),
-            }))
-        })
-        .collect()
 }
 
 /// `GET /scheduler/files?path=<folder>`: the files of an output folder.
@@ -257,9 +232,27 @@ pub fn run_detail(row: &RunRow, attempts: &[AttemptRow]) -> Value {
             "pid": a.pid,
         }))
         .collect::<Vec<_>>());
-    view["outputs"] = json!(run_outputs(view.get("result")));
     view["links"] = run_links(row.id);
+    view["outputs"] = outputs(row);
     view
+}
+
+/// What a run produced (`crate::outputs`), each `{label, kind, path, href}` (`href`: where
+/// `GET /scheduler/files` serves it, a folder as its listing): in a run's detail.
+pub fn outputs(row: &RunRow) -> Value {
+    output_views(crate::outputs::outputs_of_text(row.result.as_deref()))
+}
+
+fn output_views(outputs: Vec<crate::outputs::Output>) -> Value {
+    Value::Array(
+        outputs
+            .into_iter()
+            .map(|o| {
+                let href = file_href(&o.path.to_string_lossy());
+                json!({"label": o.label, "kind": o.kind.as_str(), "path": o.path, "href": href})
+            })
+            .collect(),
+    )
 }
 
 /// One server-sent event: its sequence number is the SSE id.
@@ -374,7 +367,15 @@ pub fn handed_to_service(run: RunId) -> Value {
 
 /// `turbosched run --json` once the run (and its cascade) ended.
 pub fn run_outcome(root: RunId, runs: &[RunRow]) -> Value {
-    json!({"run_id": root.0, "runs": runs.iter().map(run).collect::<Vec<_>>()})
+    let runs: Vec<Value> = runs
+        .iter()
+        .map(|row| {
+            let mut view = run(row);
+            view["outputs"] = outputs(row);
+            view
+        })
+        .collect();
+    json!({"run_id": root.0, "runs": runs})
 }
 
 /// `turbosched runs --json`: the runs, as the API lists them.
@@ -413,7 +414,7 @@ pub fn stored_status(
                 "handler": spec.handler.name(),
                 "enabled": spec.enabled,
                 "paused": task.paused,
-                "next_fire": task.next_fire.map(|n| n.with_timezone(&spec.timezone).to_rfc3339()),
+                "next_fire": task.next_fire.map(time),
                 "running": task.running,
                 "last_run": task.last.as_ref().map(run),
             })
@@ -490,8 +491,8 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         .map(|t| {
             json!({
                 "task": t.task,
-                "first_tick": t.span.map(|(first, _)| first.to_rfc3339()),
-                "last_tick": t.span.map(|(_, last)| last.to_rfc3339()),
+                "first_tick": t.span.map(|(first, _)| time(first)),
+                "last_tick": t.span.map(|(_, last)| time(last)),
                 "expected": t.expected,
                 "claimed": t.claimed,
                 "doubled": t.doubled,
@@ -504,7 +505,7 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
             })
         })
         .collect();
-    json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
+    json!({"since": time(since), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
 }
 
 #[cfg(test)]
@@ -512,44 +513,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_runs_outputs_are_the_chart_report_folder_and_shap_log_its_result_names() {
-        let backtest = json!({
+    fn a_runs_outputs_carry_where_the_api_serves_them() {
+        let result = json!({
             "report_dir": "reports/backtest/run_7", "chart": "reports/backtest/run_7/equity.svg",
-            "predictions": 12,
+            "shap_log": "shap logs/shap_run_7.json",
         });
-        let outputs = run_outputs(Some(&backtest));
-        let listed: Vec<(&str, &str, bool)> = outputs
+        let views = output_views(crate::outputs::outputs_of(Some(&result)));
+        let hrefs: Vec<(&str, &str)> = views
+            .as_array()
+            .unwrap()
             .iter()
-            .map(|o| {
-                (
-                    o["label"].as_str().unwrap(),
-                    o["path"].as_str().unwrap(),
-                    o["folder"].as_bool().unwrap(),
-                )
-            })
+            .map(|o| (o["kind"].as_str().unwrap(), o["href"].as_str().unwrap()))
             .collect();
         assert_eq!(
-            listed,
+            hrefs,
             [
-                ("chart", "reports/backtest/run_7/equity.svg", false),
-                ("report folder", "reports/backtest/run_7", true),
+                ("folder", "/scheduler/files?path=reports/backtest/run_7"),
+                (
+                    "chart",
+                    "/scheduler/files?path=reports/backtest/run_7/equity.svg"
+                ),
+                ("shap", "/scheduler/files?path=shap%20logs/shap_run_7.json"),
             ]
         );
-        assert_eq!(
-            outputs[0]["href"],
-            "/scheduler/files?path=reports/backtest/run_7/equity.svg"
-        );
-        let train = json!({ "shap_log": "shap logs/shap_run_3.json", "promoted": true });
-        assert_eq!(
-            run_outputs(Some(&train))[0]["href"],
-            "/scheduler/files?path=shap%20logs/shap_run_3.json",
-            "a space is escaped"
-        );
-        assert!(
-            run_outputs(Some(&json!({"chart": 3}))).is_empty(),
-            "only paths"
-        );
-        assert!(run_outputs(None).is_empty());
     }
 
     #[test]

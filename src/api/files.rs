@@ -1,6 +1,8 @@
 //! `GET /scheduler/files?path=…`: what runs produced (charts, metrics JSON, SHAP logs),
-//! read-only, and only from the configured output folders
-//! ([`crate::builtins::output_folders`] of every task of the running config).
+//! read-only, and only from the configured output folders of every task of the running
+//! config: the folders its params name ([`crate::outputs::output_folders`]: `report_dir`,
+//! `shap_dir`, `model_dir`) and a built-in's default ones
+//! ([`crate::builtins::output_folders`]).
 //!
 //! A path is served when, taken as the run's result names it (relative to the service's
 //! working directory, as the worker wrote it), it lies inside one of those folders both as
@@ -48,11 +50,14 @@ pub(super) async fn file(query: web::Query<FileQuery>, state: Data<ApiState>) ->
         .config
         .tasks
         .values()
-        .filter_map(|spec| match &spec.handler {
-            Handler::Builtin(name) => Some(crate::builtins::output_folders(name, &spec.params)),
-            Handler::Command(_) => None,
+        .flat_map(|spec| {
+            // The folders its params name (`crate::outputs`), and a built-in's defaults.
+            let mut folders = crate::outputs::output_folders(&spec.params);
+            if let Handler::Builtin(name) = &spec.handler {
+                folders.extend(crate::builtins::output_folders(name, &spec.params));
+            }
+            folders
         })
-        .flatten()
         .collect();
     let asked = path.clone();
     let found = web::block(move || resolve(&asked, &folders))
@@ -132,11 +137,11 @@ fn resolve(path: &str, folders: &[PathBuf]) -> Result<Found, ApiError> {
     };
     // Resolve symbolic links on both sides: a link in the folder to a file elsewhere is
     // outside.
-    let folder = folder.canonicalize().map_err(|_| not_found(path))?;
     let real = absolute.canonicalize().map_err(|_| not_found(path))?;
-    if !real.starts_with(&folder) {
+    if !crate::outputs::within(std::slice::from_ref(&folder), &real) {
         return Err(outside(path, "a symbolic link out of its output folder"));
     }
+    let folder = folder.canonicalize().map_err(|_| not_found(path))?;
     let metadata = std::fs::metadata(&real).map_err(|_| not_found(path))?;
     if metadata.is_dir() {
         let mut files = Vec::new();

@@ -342,6 +342,8 @@ pub struct Locations {
     pub heartbeat_timeout: Duration,
     /// `[api] token_env`.
     pub token_env: String,
+    /// `[scheduler] timezone`: the zone times are shown to people in.
+    pub timezone: Tz,
 }
 
 impl Config {
@@ -354,6 +356,7 @@ impl Config {
             heartbeat_interval: self.scheduler.heartbeat_interval,
             heartbeat_timeout: self.scheduler.heartbeat_timeout,
             token_env: self.api.token_env.clone(),
+            timezone: self.scheduler.timezone,
         }
     }
 }
@@ -392,6 +395,9 @@ pub fn read_locations(path: &Path) -> std::io::Result<Locations> {
         heartbeat_interval: duration("heartbeat_interval", 5),
         heartbeat_timeout: duration("heartbeat_timeout", 30),
         token_env: value("api", "token_env").unwrap_or_else(|| "TURBOSCHED_TOKEN".into()),
+        timezone: value("scheduler", "timezone")
+            .and_then(|name| name.trim().parse::<Tz>().ok())
+            .unwrap_or(Tz::UTC),
     })
 }
 

@@ -522,7 +522,8 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
         )
         .map_err(db)?;
     Ok(json!({
-        "report_dir": folder, "chart": chart, "predictions": predictions.len(),
+        "report_dir": folder, "chart": chart, "metrics_file": folder.join("metrics.json"),
+        "predictions": predictions.len(),
         "from": report["from"], "to": report["to"], "summary": summary,
         "portfolio": evaluation.metrics["portfolio"],
     }))

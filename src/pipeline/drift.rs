@@ -558,6 +558,7 @@ pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     });
     result["report_dir"] = json!(folder);
     result["chart"] = json!(chart);
+    result["metrics_file"] = json!(folder.join("drift.json"));
     if retrain_requested {
         result["request_runs"] =
             json!([{ "task": retrain_task, "trigger": "drift", "reason": verdict }]);

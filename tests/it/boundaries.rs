@@ -113,6 +113,31 @@ const RULES: &[(&str, &[&str], &str)] = &[
         &["crate::store", "crate::engine", "crate::runner"],
         "log files know nothing of runs beyond their ids",
     ),
+    (
+        "outputs.rs",
+        &[
+            "crate::engine",
+            "crate::store",
+            "crate::runner",
+            "crate::config",
+            "crate::builtins",
+            "crate::pipeline",
+            "crate::api",
+            "tokio",
+        ],
+        "what a run produced is read from its result JSON and params, never by handler name",
+    ),
+    (
+        "times.rs",
+        &[
+            "crate::engine",
+            "crate::store",
+            "crate::config",
+            "crate::api",
+            "crate::views",
+        ],
+        "the one convention for printed times formats values and reads nothing",
+    ),
 ];
 
 /// (file under src/, forbidden prefixes of its module it may name anyway, why): narrow

@@ -79,7 +79,7 @@ fn run_json_runs_and_show_report_times_state_trigger_and_attempts() {
     assert_eq!(run["result"]["attempt"], 1);
     for field in ["scheduled_for", "started_at", "finished_at"] {
         assert!(
-            run[field].as_str().is_some_and(|t| t.ends_with('Z')),
+            run[field].as_str().is_some_and(|t| t.ends_with("+00:00")),
             "{field}: {run}"
         );
     }

@@ -19,7 +19,7 @@ fn repo(path: &str) -> PathBuf {
 }
 
 /// A sandbox with the shipped config and the shipped sample data, as a fresh checkout has.
-fn shipped() -> Sandbox {
+pub(crate) fn shipped() -> Sandbox {
     let config = std::fs::read_to_string(repo("config/scheduler.toml")).unwrap();
     let sandbox = Sandbox::with_config(&config);
     let samples = sandbox.path().join("samples/market");
