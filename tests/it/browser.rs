@@ -929,3 +929,101 @@ echo "::result::{\"report_dir\": \"$folder\", \"chart\": \"$folder/equity.svg\"}
     drop(browser);
     drop(service);
 }
+
+#[test]
+fn the_shipped_market_cascade_is_one_unit_whose_real_charts_metrics_and_shap_log_open_from_the_dashboard(
+) {
+    let sandbox = crate::market::shipped();
+    // Any free port: tests run side by side.
+    let config = sandbox.path().join("config/scheduler.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    assert!(text.contains("bind = \"127.0.0.1:5000\""));
+    std::fs::write(
+        &config,
+        text.replace("bind = \"127.0.0.1:5000\"", "bind = \"127.0.0.1:0\""),
+    )
+    .unwrap();
+    let service = sandbox.serve();
+    let (code, body) =
+        crate::faults::post_json(&service, "/scheduler/run_ingestion?downstream=true");
+    assert_eq!(code, 202, "{body}");
+    let root = body["run_id"].as_i64().unwrap();
+    let tasks = ["training", "predictions", "backtest", "drift"];
+    let done = |task: &str| {
+        sandbox
+            .runs_of(task)
+            .into_iter()
+            .find(|r| r.cascade.map(|c| c.0) == Some(root) && r.state.is_terminal())
+    };
+    wait_until(
+        "the market cascade to end",
+        Duration::from_secs(240),
+        || tasks.iter().all(|t| done(t).is_some()).then_some(()),
+    );
+    for task in tasks {
+        assert_eq!(
+            done(task).unwrap().state,
+            turbosched::model::RunState::Succeeded,
+            "{task}"
+        );
+    }
+
+    let browser = Browser::start();
+    browser.open(&format!("{}/", service.api));
+    wait_live(&browser);
+    assert_eq!(
+        browser.text(&format!("#runs tr.cascade-root[data-run='{root}'] .badge")),
+        "cascade · 5 runs"
+    );
+    let image_width = |label: &str| {
+        let css =
+            serde_json::to_string(&format!("#outputs li[data-output='{label}'] img")).unwrap();
+        browser.script(&format!(
+            "const i = document.querySelector({css}); return i && i.complete ? i.naturalWidth : 0;"
+        ))
+    };
+    let served = |label: &str| -> Value {
+        let href = browser.property(&format!("#outputs li[data-output='{label}'] a"), "href");
+        let href = href.as_str().unwrap();
+        let (status, body) =
+            crate::faults::get_json(&service, &href[href.find("/scheduler/files").unwrap()..]);
+        assert_eq!(status, 200, "{label}: {body}");
+        body
+    };
+
+    let backtest = done("backtest").unwrap().id;
+    browser.click(&format!("#runs tr[data-run='{backtest}']"));
+    wait_until("the equity chart drawn", Duration::from_secs(15), || {
+        (image_width("chart").as_u64().unwrap_or(0) > 100).then_some(())
+    });
+    assert!(served("metrics JSON").is_object());
+    browser.shoot("#detail-section", "dashboard-backtest-outputs");
+
+    let drift = done("drift").unwrap().id;
+    browser.click(&format!("#runs tr[data-run='{drift}']"));
+    wait_until("the PSI chart drawn", Duration::from_secs(15), || {
+        (browser
+            .text("#detail-id")
+            .starts_with(&format!("{drift} ·"))
+            && image_width("chart").as_u64().unwrap_or(0) > 100)
+            .then_some(())
+    });
+    browser.shoot("#outputs", "dashboard-drift-outputs");
+
+    let training = done("training").unwrap().id;
+    browser.click(&format!("#runs tr[data-run='{training}']"));
+    wait_until(
+        "the training run's outputs",
+        Duration::from_secs(15),
+        || {
+            (browser
+                .text("#detail-id")
+                .starts_with(&format!("{training} ·"))
+                && browser.count("#outputs li[data-output='SHAP log'] a") == 1)
+                .then_some(())
+        },
+    );
+    assert!(served("SHAP log")["models"].is_array());
+    drop(browser);
+    drop(service);
+}
