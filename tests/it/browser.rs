@@ -975,6 +975,7 @@ fn the_shipped_market_cascade_is_one_unit_whose_real_charts_metrics_and_shap_log
         browser.text(&format!("#runs tr.cascade-root[data-run='{root}'] .badge")),
         "cascade · 5 runs"
     );
+    browser.shoot("body", "dashboard-shipped");
     let image_width = |label: &str| {
         let css =
             serde_json::to_string(&format!("#outputs li[data-output='{label}'] img")).unwrap();
