@@ -118,6 +118,32 @@ pub const BUILTINS: &[Builtin] = &[
     },
 ];
 
+/// The folders built-ins write what they produce into: (handler, the param naming the
+/// folder, its default). The API serves files from these folders only
+/// (`GET /scheduler/files`), so a run's charts and logs can be linked from the dashboard.
+pub const OUTPUT_FOLDERS: &[(&str, &str, &str)] = &[
+    ("backtest", "report_dir", backtest::DEFAULT_REPORT_DIR),
+    ("drift", "report_dir", drift::DEFAULT_REPORT_DIR),
+    ("train", "shap_dir", train::DEFAULT_SHAP_DIR),
+];
+
+/// The output folders of a task run by the built-in `handler` with `params`, as written
+/// (relative paths are relative to the service's working directory, as the worker's).
+pub fn output_folders(handler: &str, params: &serde_json::Value) -> Vec<std::path::PathBuf> {
+    OUTPUT_FOLDERS
+        .iter()
+        .filter(|(name, _, _)| *name == handler)
+        .map(|(_, param, default)| {
+            std::path::PathBuf::from(
+                params
+                    .get(*param)
+                    .and_then(|v| v.as_str())
+                    .unwrap_or(default),
+            )
+        })
+        .collect()
+}
+
 /// The built-in handler called `name`.
 pub fn find(name: &str) -> Option<&'static Builtin> {
     BUILTINS.iter().find(|builtin| builtin.name == name)

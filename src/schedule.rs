@@ -33,6 +33,9 @@ use croner::Cron;
 
 use crate::model::{Instant, Trigger};
 
+mod describe;
+pub use describe::describe;
+
 /// A cron expression that failed to parse.
 #[derive(Debug, thiserror::Error)]
 #[error("invalid cron expression {expr:?}: {reason}")]

@@ -75,6 +75,8 @@ fn task_summary(task: &TaskSnapshot, spec: &TaskSpec) -> Value {
         "task": task.name,
         "description": spec.description,
         "schedule": spec.schedule.as_ref().map(|s| s.expr()),
+        "schedule_description": spec.schedule.as_ref()
+            .map(|s| crate::schedule::describe(s.expr()).unwrap_or_else(|| s.expr().to_string())),
         "timezone": spec.timezone.name(),
         "handler": spec.handler.name(),
         "depends_on": spec.depends_on.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
@@ -178,6 +180,34 @@ pub fn run(row: &RunRow) -> Value {
         "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
         "abort_requested": row.abort_requested,
         "cascade": row.cascade.map(|c| c.0),
+        "force": row.force,
+        "downstream": row.downstream,
+    })
+}
+
+/// Where `GET /scheduler/files` serves `path` (a file or a folder's listing).
+pub fn file_href(path: &str) -> String {
+    let mut href = String::from("/scheduler/files?path=");
+    for byte in path.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' | b'/' => {
+                href.push(byte as char)
+            }
+            other => href.push_str(&format!("%{other:02X}")),
+        }
+    }
+    href
+}
+
+/// `GET /scheduler/files?path=<folder>`: the files of an output folder.
+pub fn output_folder(path: &str, files: &[(String, u64)]) -> Value {
+    let prefix = path.trim_end_matches('/');
+    json!({
+        "path": path,
+        "files": files.iter().map(|(name, bytes)| {
+            let path = format!("{prefix}/{name}");
+            json!({ "name": name, "bytes": bytes, "href": file_href(&path), "path": path })
+        }).collect::<Vec<_>>(),
     })
 }
 
@@ -207,12 +237,20 @@ pub fn run_detail(row: &RunRow, attempts: &[AttemptRow]) -> Value {
     view
 }
 
-/// What a run produced (`crate::outputs`), each `{label, kind, path}`: in a run's detail.
+/// What a run produced (`crate::outputs`), each `{label, kind, path, href}` (`href`: where
+/// `GET /scheduler/files` serves it, a folder as its listing): in a run's detail.
 pub fn outputs(row: &RunRow) -> Value {
+    output_views(crate::outputs::outputs_of_text(row.result.as_deref()))
+}
+
+fn output_views(outputs: Vec<crate::outputs::Output>) -> Value {
     Value::Array(
-        crate::outputs::outputs_of_text(row.result.as_deref())
+        outputs
             .into_iter()
-            .map(|o| json!({"label": o.label, "kind": o.kind.as_str(), "path": o.path}))
+            .map(|o| {
+                let href = file_href(&o.path.to_string_lossy());
+                json!({"label": o.label, "kind": o.kind.as_str(), "path": o.path, "href": href})
+            })
             .collect(),
     )
 }
@@ -468,4 +506,44 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         })
         .collect();
     json!({"since": time(since), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_runs_outputs_carry_where_the_api_serves_them() {
+        let result = json!({
+            "report_dir": "reports/backtest/run_7", "chart": "reports/backtest/run_7/equity.svg",
+            "shap_log": "shap logs/shap_run_7.json",
+        });
+        let views = output_views(crate::outputs::outputs_of(Some(&result)));
+        let hrefs: Vec<(&str, &str)> = views
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|o| (o["kind"].as_str().unwrap(), o["href"].as_str().unwrap()))
+            .collect();
+        assert_eq!(
+            hrefs,
+            [
+                ("folder", "/scheduler/files?path=reports/backtest/run_7"),
+                (
+                    "chart",
+                    "/scheduler/files?path=reports/backtest/run_7/equity.svg"
+                ),
+                ("shap", "/scheduler/files?path=shap%20logs/shap_run_7.json"),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_file_href_escapes_what_a_query_cannot_carry() {
+        assert_eq!(
+            file_href("/srv/r&d/a+b#1?.svg"),
+            "/scheduler/files?path=/srv/r%26d/a%2Bb%231%3F.svg"
+        );
+        assert_eq!(file_href("é"), "/scheduler/files?path=%C3%A9");
+    }
 }

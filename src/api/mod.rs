@@ -13,6 +13,7 @@
 //! - `routes.rs`: the route table ([`ROUTES`]) and the request/response handlers;
 //! - `params.rs`: query and body parameters (flags, `wait`, run ids, instants);
 //! - `auth.rs`: the bearer token of mutating routes;
+//! - `files.rs`: what runs produced, served read-only from the configured output folders;
 //! - `streams.rs`: the long answers: server-sent events and a followed run log;
 //! - `health.rs`: `/health` and `/metrics`;
 //! - `errors.rs`: `ApiError`, the JSON error shape, and the catch-all
@@ -26,6 +27,7 @@
 mod auth;
 mod body;
 mod errors;
+mod files;
 mod guard;
 mod health;
 mod params;

@@ -19,6 +19,7 @@ use crate::views;
 
 use super::auth::authorize;
 use super::errors::{blocking, method_not_allowed, ApiError, ApiResult};
+use super::files::file;
 use super::health::{health, metrics};
 use super::params::{parse_instant, parse_run_id, trigger_options, WaitFor};
 use super::streams::{events, run_log};
@@ -38,6 +39,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/scheduler/runs/{id}/abort"),
     ("POST", "/scheduler/runs/{id}/retry"),
     ("GET", "/scheduler/runs/{id}/log"),
+    ("GET", "/scheduler/files"),
     ("POST", "/scheduler/reload"),
     ("GET", "/scheduler/events"),
     ("GET", "/health"),
@@ -60,6 +62,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/scheduler/runs/{id}/abort").route(web::post().to(abort)))
         .service(resource("/scheduler/runs/{id}/retry").route(web::post().to(retry)))
         .service(resource("/scheduler/runs/{id}/log").route(web::get().to(run_log)))
+        .service(resource("/scheduler/files").route(web::get().to(file)))
         .service(resource("/scheduler/reload").route(web::post().to(reload)))
         .service(resource("/scheduler/events").route(web::get().to(events)))
         .service(resource("/health").route(web::get().to(health)))
@@ -181,10 +184,14 @@ struct RunsQuery {
     since: Option<String>,
     limit: Option<String>,
     cursor: Option<String>,
+    cascade: Option<String>,
 }
 
 async fn runs(query: web::Query<RunsQuery>, state: Data<ApiState>) -> ApiResult {
     let query = query.into_inner();
+    if let Some(text) = &query.cascade {
+        return cascade_runs(text, &query, &state).await;
+    }
     let run_state = match &query.state {
         Some(text) => Some(RunState::parse(text).ok_or_else(|| {
             ApiError::bad_request(
@@ -245,6 +252,46 @@ async fn runs(query: web::Query<RunsQuery>, state: Data<ApiState>) -> ApiResult 
         .then(|| rows.last().map(|r| r.id))
         .flatten();
     Ok(HttpResponse::Ok().json(views::run_page(&rows, next_cursor)))
+}
+
+/// `?cascade=<root>`: the root run of a `--downstream` cascade and every run of it, oldest
+/// first, in one page; no other filter applies.
+async fn cascade_runs(text: &str, query: &RunsQuery, state: &ApiState) -> ApiResult {
+    let root = parse_run_id(text).map_err(|_| {
+        ApiError::bad_request(
+            "bad_query",
+            format!("cascade: expected the root run's id, found {text:?}"),
+        )
+    })?;
+    let other = [
+        ("task", &query.task),
+        ("state", &query.state),
+        ("since", &query.since),
+        ("limit", &query.limit),
+        ("cursor", &query.cursor),
+    ];
+    if let Some((name, _)) = other.iter().find(|(_, value)| value.is_some()) {
+        return Err(ApiError::bad_request(
+            "bad_query",
+            format!("cascade: lists a whole cascade, and takes no {name}"),
+        ));
+    }
+    let store = state.store.clone();
+    let rows = blocking(move || {
+        let mut rows: Vec<_> = store.run(root)?.into_iter().collect();
+        rows.extend(
+            store
+                .cascade_runs(root)?
+                .into_iter()
+                .filter(|r| r.id != root),
+        );
+        Ok(rows)
+    })
+    .await?;
+    if rows.is_empty() {
+        return Err(EngineError::RunNotFound(root).into());
+    }
+    Ok(HttpResponse::Ok().json(views::run_page(&rows, None)))
 }
 
 async fn run_detail(id: web::Path<String>, state: Data<ApiState>) -> ApiResult {

@@ -422,10 +422,13 @@ pub fn evaluate(predictions: &[Prediction], plan: &Plan) -> Evaluation {
     }
 }
 
+/// Where the reports (one `run_<id>` folder each: `metrics.json`, `daily.csv`, `equity.svg`) go when the task's params name no folder.
+pub const DEFAULT_REPORT_DIR: &str = "reports/backtest";
+
 /// Runs the `backtest` task.
 pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let market_db_path = PathBuf::from(param_str(ctx, "market_db", "data/market.db")?);
-    let report_dir = PathBuf::from(param_str(ctx, "report_dir", "reports/backtest")?);
+    let report_dir = PathBuf::from(param_str(ctx, "report_dir", DEFAULT_REPORT_DIR)?);
     let window = param_str(ctx, "window", "rolling")?;
     let model_kind = param_str(ctx, "model", "gbdt")?;
     if !["rolling", "expanding"].contains(&window) || !["gbdt", "logistic"].contains(&model_kind) {

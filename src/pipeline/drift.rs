@@ -363,10 +363,13 @@ pub fn compare_all(
         .collect()
 }
 
+/// Where the reports (one `run_<id>` folder each: `drift.json`, `psi.svg`) go when the task's params name no folder.
+pub const DEFAULT_REPORT_DIR: &str = "reports/drift";
+
 /// Runs the `drift` task.
 pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let market_db_path = PathBuf::from(param_str(ctx, "market_db", "data/market.db")?);
-    let report_dir = PathBuf::from(param_str(ctx, "report_dir", "reports/drift")?);
+    let report_dir = PathBuf::from(param_str(ctx, "report_dir", DEFAULT_REPORT_DIR)?);
     let window_days = ctx.param_u64("window_days", 60)?.max(2) as usize;
     let bins = ctx.param_u64("bins", 10)?.max(2) as usize;
     let defaults = Thresholds::default();

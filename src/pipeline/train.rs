@@ -91,11 +91,14 @@ struct Fitted {
     metrics: model::Metrics,
 }
 
+/// Where the SHAP logs (`shap_run_<id>.json`) go when the task's params name no folder.
+pub const DEFAULT_SHAP_DIR: &str = "shap_logs";
+
 /// Runs the `train` task.
 pub fn run(ctx: &TaskContext) -> Result<Value, HandlerError> {
     let market_db_path = PathBuf::from(param_str(ctx, "market_db", "data/market.db")?);
     let model_dir = PathBuf::from(param_str(ctx, "model_dir", "data/models")?);
-    let shap_dir = PathBuf::from(param_str(ctx, "shap_dir", "shap_logs")?);
+    let shap_dir = PathBuf::from(param_str(ctx, "shap_dir", DEFAULT_SHAP_DIR)?);
     let candidate_kind = param_str(ctx, "model", "gbdt")?.to_string();
     if !["gbdt", "logistic"].contains(&candidate_kind.as_str()) {
         return Err(HandlerError::Fatal(format!(

@@ -1362,3 +1362,60 @@ fn an_event_stream_ahead_of_the_store_is_told_and_resynchronised() {
     }
     drop(service);
 }
+
+#[test]
+fn a_cascade_is_listed_whole_by_its_root_and_tasks_describe_their_schedules_in_words() {
+    let sandbox = Sandbox::new(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 0 3 * * *\"\n\
+         [tasks.b]\nhandler = \"ping\"\ndepends_on = [\"a\"]\n",
+    );
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, tasks) = api.get_json("/scheduler/tasks");
+    assert_eq!(code, 200);
+    let describe = |task: &str| {
+        tasks["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|t| t["task"] == task)
+            .unwrap()["schedule_description"]
+            .clone()
+    };
+    assert_eq!(describe("a"), "at 03:00, every day");
+    assert_eq!(describe("b"), Value::Null, "a manual task has no schedule");
+
+    let (code, body) = api.post("/scheduler/run_a?downstream=true", None);
+    assert_eq!(code, 202, "{body}");
+    let root = body["run_id"].as_i64().unwrap();
+    let page = wait_until("the whole cascade", Duration::from_secs(30), || {
+        let (code, page) = api.get_json(&format!("/scheduler/runs?cascade={root}"));
+        assert_eq!(code, 200, "{page}");
+        let runs = page["runs"].as_array()?;
+        (runs.len() == 2 && runs.iter().all(|r| r["state"] == "succeeded")).then_some(page)
+    });
+    let runs = page["runs"].as_array().unwrap();
+    assert_eq!(
+        (
+            runs[0]["id"].as_i64(),
+            runs[0]["task"].as_str(),
+            runs[0]["downstream"].as_bool()
+        ),
+        (Some(root), Some("a"), Some(true)),
+        "the root first"
+    );
+    assert_eq!(
+        (runs[1]["task"].as_str(), runs[1]["cascade"].as_i64()),
+        (Some("b"), Some(root))
+    );
+    assert_eq!(page["next_cursor"], Value::Null);
+
+    for (query, code) in [
+        ("cascade=abc", 400),
+        (&format!("cascade={root}&limit=5") as &str, 400),
+        ("cascade=9999", 404),
+    ] {
+        let (status, body) = api.get_json(&format!("/scheduler/runs?{query}"));
+        assert_eq!(status, code, "{query}: {body}");
+    }
+}
