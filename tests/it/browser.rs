@@ -934,15 +934,6 @@ echo "::result::{\"report_dir\": \"$folder\", \"chart\": \"$folder/equity.svg\"}
 fn the_shipped_market_cascade_is_one_unit_whose_real_charts_metrics_and_shap_log_open_from_the_dashboard(
 ) {
     let sandbox = crate::market::shipped();
-    // Any free port: tests run side by side.
-    let config = sandbox.path().join("config/scheduler.toml");
-    let text = std::fs::read_to_string(&config).unwrap();
-    assert!(text.contains("bind = \"127.0.0.1:5000\""));
-    std::fs::write(
-        &config,
-        text.replace("bind = \"127.0.0.1:5000\"", "bind = \"127.0.0.1:0\""),
-    )
-    .unwrap();
     let service = sandbox.serve();
     let (code, body) =
         crate::faults::post_json(&service, "/scheduler/run_ingestion?downstream=true");

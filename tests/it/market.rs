@@ -19,9 +19,13 @@ fn repo(path: &str) -> PathBuf {
 }
 
 /// A sandbox with the shipped config and the shipped sample data, as a fresh checkout has.
+/// A folder with the shipped config and sample data; its API on any free port, since
+/// tests serve side by side.
 pub(crate) fn shipped() -> Sandbox {
     let config = std::fs::read_to_string(repo("config/scheduler.toml")).unwrap();
-    let sandbox = Sandbox::with_config(&config);
+    let shipped_bind = "bind = \"127.0.0.1:5000\"";
+    assert!(config.contains(shipped_bind), "the shipped config binds 5000");
+    let sandbox = Sandbox::with_config(&config.replace(shipped_bind, "bind = \"127.0.0.1:0\""));
     let samples = sandbox.path().join("samples/market");
     std::fs::create_dir_all(&samples).unwrap();
     for file in ["SPX.csv", "IXIC.csv"] {
