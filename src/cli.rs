@@ -1486,12 +1486,17 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
             config.task_names().join(", ")
         )
     })?;
-    let Some(schedule) = &spec.schedule else {
+    if spec.schedule.is_none() {
         out!("{task} has no schedule: it runs only when triggered")?;
         return Ok(ExitCode::SUCCESS);
-    };
-    for at in schedule.upcoming(SystemClock.now(), count) {
-        out!("{}", at.format("%Y-%m-%d %H:%M:%S %Z (%:z)"))?;
+    }
+    // Ticks a calendar skips are listed too, marked, between the `count` that fire.
+    for upcoming in spec.upcoming(SystemClock.now(), count) {
+        let at = upcoming.tick.format("%Y-%m-%d %H:%M:%S %Z (%:z)");
+        match upcoming.skipped {
+            Some(reason) => out!("{at}  skipped: {reason}")?,
+            None => out!("{at}")?,
+        }
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -63,6 +63,10 @@ pub enum Kind {
     Backoff,
     /// A list of task names.
     TaskNames,
+    /// A list of dates, `"YYYY-MM-DD"`.
+    Dates,
+    /// The name of a `[calendars.<name>]` table.
+    Calendar,
 }
 
 /// `misfire`: what to do with missed ticks.
@@ -229,6 +233,31 @@ pub const TASK_KEYS: &[Key] = &[
     key("shell", Kind::Flag, Some("false"), "true: command is one string run by /bin/sh -c"),
     key("cwd", Kind::Text, None, "working directory of the command (default: the service's)"),
     key("env", Kind::Env, None, "extra environment of the command"),
+    key("calendar", Kind::Calendar, None, "a [calendars.<name>] table: a tick on one of its dates (in the task's zone) is recorded as skipped, not fired"),
+];
+
+/// Every key a `[calendars.<name>]` table accepts (a calendar's `file` takes
+/// [`CALENDAR_FILE_KEYS`]).
+pub const CALENDAR_KEYS: &[Key] = &[
+    key(
+        "dates",
+        Kind::Dates,
+        None,
+        "dates to skip, \"YYYY-MM-DD\", in each task's own zone",
+    ),
+    key(
+        "file",
+        Kind::Text,
+        None,
+        "a TOML file of more dates (its own dates and description), relative to the config file",
+    ),
+    key("description", Kind::Text, Some("\"\""), "free text"),
+];
+
+/// Every key a calendar `file` accepts.
+pub const CALENDAR_FILE_KEYS: &[Key] = &[
+    key("dates", Kind::Dates, None, "dates to skip, \"YYYY-MM-DD\""),
+    key("description", Kind::Text, Some("\"\""), "free text"),
 ];
 
 /// Every key `retry_backoff` accepts.

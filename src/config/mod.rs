@@ -21,8 +21,10 @@ mod schema;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::NaiveDate;
 use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
 
@@ -31,8 +33,8 @@ use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
 pub use keys::{
-    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS, LOGGING_KEYS,
-    SCHEDULER_KEYS, TASK_KEYS,
+    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, CALENDAR_FILE_KEYS, CALENDAR_KEYS,
+    DURATION_BOUNDS, LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS,
 };
 pub use schema::json_schema;
 
@@ -107,6 +109,8 @@ pub struct Config {
     pub api: ApiSettings,
     /// `[logging]`.
     pub logging: LoggingSettings,
+    /// Every `[calendars.<name>]`, by name.
+    pub calendars: BTreeMap<String, Arc<Calendar>>,
     /// Every task, by name.
     pub tasks: BTreeMap<TaskName, TaskSpec>,
     /// Task names in dependency order: every task after all of its upstreams.
@@ -251,6 +255,29 @@ impl Backoff {
     }
 }
 
+/// One `[calendars.<name>]`: the dates a task naming it does not fire on, its inline
+/// `dates` and those of its `file` together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Calendar {
+    /// Its name (the `<name>` of `[calendars.<name>]`).
+    pub name: String,
+    /// Free text (the table's, else its file's).
+    pub description: String,
+    /// The listed dates.
+    pub dates: BTreeSet<NaiveDate>,
+}
+
+impl Calendar {
+    /// Why the tick at `tick` is not fired, when its date in `tz` is listed: the reason a
+    /// skipped run records (`calendar nyse: 2025-12-25 is a listed date`).
+    pub fn skip_reason(&self, tick: crate::model::Instant, tz: Tz) -> Option<String> {
+        let date = tick.with_timezone(&tz).date_naive();
+        self.dates
+            .contains(&date)
+            .then(|| format!("calendar {}: {date} is a listed date", self.name))
+    }
+}
+
 /// One `[tasks.<name>]`, defaults applied.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
@@ -284,6 +311,8 @@ pub struct TaskSpec {
     pub enabled: bool,
     /// Free text.
     pub description: String,
+    /// Dates it does not fire on (`calendar = "<name>"`).
+    pub calendar: Option<Arc<Calendar>>,
 }
 
 impl TaskSpec {
@@ -291,6 +320,49 @@ impl TaskSpec {
     pub fn max_attempts(&self) -> u32 {
         self.retries.saturating_add(1)
     }
+
+    /// The next `count` ticks after `after` that fire, each preceded by the ticks between
+    /// that its calendar skips (at most [`MAX_SKIPPED_SHOWN`] of those in all): what
+    /// `turbosched next` prints. Empty without a schedule.
+    pub fn upcoming(&self, after: crate::model::Instant, count: usize) -> Vec<Upcoming> {
+        let Some(schedule) = &self.schedule else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (mut firing, mut skipped) = (0, 0);
+        for tick in schedule.ticks_after(after) {
+            if firing >= count {
+                break;
+            }
+            let skip = self
+                .calendar
+                .as_ref()
+                .and_then(|calendar| calendar.skip_reason(tick, self.timezone));
+            match skip {
+                Some(_) if skipped >= MAX_SKIPPED_SHOWN => continue,
+                Some(_) => skipped += 1,
+                None => firing += 1,
+            }
+            out.push(Upcoming {
+                tick: tick.with_timezone(&schedule.timezone()),
+                skipped: skip,
+            });
+        }
+        out
+    }
+}
+
+/// At most this many calendar-skipped ticks are listed by [`TaskSpec::upcoming`] (a
+/// calendar listing every date would otherwise never let it end).
+pub const MAX_SKIPPED_SHOWN: usize = 1000;
+
+/// One upcoming tick of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upcoming {
+    /// The nominal tick, in the schedule's zone.
+    pub tick: chrono::DateTime<Tz>,
+    /// Why it will not fire, when its calendar lists its date.
+    pub skipped: Option<String>,
 }
 
 impl Config {
@@ -415,7 +487,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Validates `text` as if read from `path` (which only names the file in errors).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let mut config = raw::resolve(text, path)?;
-    config.hash = hex(&Sha256::digest(text.as_bytes()));
+    // The calendars' dates count too: a calendar file edited on one instance of a
+    // cluster and not another is a config disagreement.
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    for calendar in config.calendars.values() {
+        hasher.update(format!("\n[calendar {}]", calendar.name));
+        for date in &calendar.dates {
+            hasher.update(format!(" {date}"));
+        }
+    }
+    config.hash = hex(&hasher.finalize());
     Ok(config)
 }
 

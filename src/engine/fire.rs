@@ -91,7 +91,9 @@ impl Engine {
         /// What one transaction of claims did, task by task.
         #[derive(Default)]
         struct Fired {
-            claims: Vec<(Pending, TickAction)>,
+            /// Each claim, its action and, for a tick on a date of the task's calendar,
+            /// why it is skipped.
+            claims: Vec<(Pending, TickAction, Option<String>)>,
             /// Held by another instance, or not due by the database's clock: look again.
             deferred: Vec<TaskName>,
             /// Another instance moved the next fire on: this is where it is now.
@@ -158,7 +160,16 @@ impl Engine {
                         match batch.claim_fire(&new_run, now, plan.plan.next) {
                             Ok(run) => {
                                 next_written = true;
-                                fired.claims.push((Pending::new_run(run, &new_run), *action));
+                                // A tick on a calendar date is claimed (it is consumed:
+                                // never fired later as a catch-up) and recorded skipped.
+                                let closed = plan.spec.calendar.as_ref().and_then(|calendar| {
+                                    calendar.skip_reason(*tick, plan.spec.timezone)
+                                });
+                                fired.claims.push((
+                                    Pending::new_run(run, &new_run),
+                                    *action,
+                                    closed,
+                                ));
                             }
                             Err(StoreError::AlreadyClaimed { .. }) => {
                                 debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
@@ -242,8 +253,10 @@ impl Engine {
                 None => self.next_fire.remove(plan.task),
             };
         }
-        for (pending, action) in claims {
-            if action == TickAction::Skip {
+        for (pending, action, closed) in claims {
+            if let Some(reason) = closed {
+                self.skip(&pending, &reason, now);
+            } else if action == TickAction::Skip {
                 let reason = if at_startup {
                     "misfire policy skip: tick missed while the scheduler was down"
                 } else {

@@ -410,3 +410,88 @@ fn the_board_wakes_its_readers_only_when_something_changed() {
     engine.publish(true);
     assert!(readers.has_changed().expect("open"));
 }
+
+/// `t(0)` is 2026-06-01 12:00 UTC; a daily noon task whose calendar lists 2026-06-02.
+fn daily_noon_with_a_holiday() -> Bench {
+    Bench::new(
+        "[calendars.holidays]\ndates = [\"2026-06-02\"]\n\
+         [tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ncalendar = \"holidays\"\n",
+    )
+}
+
+#[test]
+fn a_tick_on_a_calendar_date_is_recorded_skipped_naming_the_calendar_and_the_next_day_fires() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    for day in [1, 2] {
+        let noon = t(day * 86_400);
+        assert_eq!(engine.next_fire.get(&"t".into()), Some(&noon));
+        bench.clock.set(noon);
+        engine.on_tick();
+    }
+    let runs = bench.runs("t");
+    let seen: Vec<(Instant, RunState, Trigger)> = runs
+        .iter()
+        .map(|r| (r.scheduled_for, r.state, r.trigger))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (t(86_400), RunState::Skipped, Trigger::Schedule),
+            (t(2 * 86_400), RunState::Queued, Trigger::Schedule),
+        ]
+    );
+    assert_eq!(
+        runs[0].reason.as_deref(),
+        Some("calendar holidays: 2026-06-02 is a listed date")
+    );
+    let skipped = bench
+        .store
+        .events_after(0, 100)
+        .expect("events")
+        .into_iter()
+        .find(|e| e.kind == "run_skipped")
+        .expect("a run_skipped event");
+    assert!(
+        skipped.message.contains("calendar holidays"),
+        "{}",
+        skipped.message
+    );
+}
+
+#[test]
+fn a_tick_skipped_by_the_calendar_is_not_fired_as_a_catch_up_after_a_restart() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    bench.clock.set(t(86_400));
+    engine.on_tick();
+    drop(engine);
+    // Back ten minutes after the holiday's tick: run_once would catch a missed tick up.
+    let mut engine = bench.engine_at(t(86_400 + 600));
+    engine.plan_startup_fires(t(86_400 + 600));
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1, "the holiday's tick was consumed by its skip");
+    assert_eq!(runs[0].state, RunState::Skipped);
+}
+
+#[test]
+fn a_tick_missed_during_downtime_on_a_calendar_date_is_skipped_not_caught_up() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    drop(engine);
+    // Down over the holiday's noon; back at 12:30 (within misfire_grace).
+    let mut engine = bench.engine_at(t(86_400 + 1_800));
+    engine.plan_startup_fires(t(86_400 + 1_800));
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].trigger, Trigger::Catchup);
+    assert_eq!(runs[0].state, RunState::Skipped);
+    assert!(runs[0]
+        .reason
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("calendar holidays"));
+}

@@ -52,6 +52,42 @@ fn next_lists_fire_times_in_the_task_zone() {
 }
 
 #[test]
+fn next_marks_the_ticks_a_calendar_skips_and_lists_the_count_that_fire() {
+    let today = chrono::Utc::now().date_naive();
+    let closed: Vec<String> = [1, 2]
+        .iter()
+        .map(|days| (today + chrono::Days::new(*days)).to_string())
+        .collect();
+    let sandbox = Sandbox::new(&format!(
+        "[calendars.closed]\ndates = [\"{}\", \"{}\"]\n\
+         [tasks.noon]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ntimezone = \"UTC\"\ncalendar = \"closed\"\n",
+        closed[0], closed[1]
+    ));
+    let output = sandbox.cli(&["next", "noon", "-n", "3"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    let (skipped, firing): (Vec<&str>, Vec<&str>) =
+        text.lines().partition(|line| line.contains("skipped"));
+    assert_eq!(firing.len(), 3, "{text}");
+    assert_eq!(skipped.len(), 2, "{text}");
+    for (line, date) in skipped.iter().zip(&closed) {
+        assert!(
+            line.starts_with(&format!("{date} 12:00:00 UTC"))
+                && line.ends_with(&format!(
+                    "skipped: calendar closed: {date} is a listed date"
+                )),
+            "{line}"
+        );
+    }
+    assert!(
+        firing
+            .iter()
+            .all(|line| closed.iter().all(|date| !line.starts_with(date.as_str()))),
+        "{text}"
+    );
+}
+
+#[test]
 fn an_unknown_task_lists_the_known_ones() {
     let sandbox = Sandbox::new(
         "[tasks.ingestion]\nhandler = \"ping\"\n[tasks.training]\nhandler = \"ping\"\n",

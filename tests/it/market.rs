@@ -22,6 +22,13 @@ fn repo(path: &str) -> PathBuf {
 fn shipped() -> Sandbox {
     let config = std::fs::read_to_string(repo("config/scheduler.toml")).unwrap();
     let sandbox = Sandbox::with_config(&config);
+    let calendars = sandbox.path().join("config/calendars");
+    std::fs::create_dir_all(&calendars).unwrap();
+    std::fs::copy(
+        repo("config/calendars/nyse.toml"),
+        calendars.join("nyse.toml"),
+    )
+    .unwrap();
     let samples = sandbox.path().join("samples/market");
     std::fs::create_dir_all(&samples).unwrap();
     for file in ["SPX.csv", "IXIC.csv"] {
