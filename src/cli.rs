@@ -1495,7 +1495,16 @@ fn next(path: &Path, task: &str, count: usize) -> Result<ExitCode> {
         let at = upcoming.tick.format("%Y-%m-%d %H:%M:%S %Z (%:z)");
         match upcoming.skipped {
             Some(reason) => out!("{at}  skipped: {reason}")?,
-            None => out!("{at}")?,
+            None if spec.jitter.is_zero() => out!("{at}")?,
+            // With a jitter: when it fires, then the tick it belongs to (its claim key).
+            None => out!(
+                "{}  (tick {}, jitter +{})",
+                upcoming.due.format("%Y-%m-%d %H:%M:%S%.3f %Z (%:z)"),
+                upcoming.tick.format("%H:%M:%S"),
+                humantime::format_duration(
+                    (upcoming.due - upcoming.tick).to_std().unwrap_or_default()
+                )
+            )?,
         }
     }
     Ok(ExitCode::SUCCESS)

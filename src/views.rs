@@ -81,6 +81,7 @@ fn task_summary(task: &TaskSnapshot, spec: &TaskSpec) -> Value {
         "enabled": spec.enabled,
         "paused": task.paused,
         "next_fire": task.next_fire.map(time),
+        "next_due": task.next_fire.map(|at| time(spec.due_at(at))),
         "running": task.running.iter().map(|r| json!({
             "run_id": r.run.0, "attempt": r.attempt.0, "started_at": time(r.started_at)
         })).collect::<Vec<_>>(),

@@ -233,6 +233,7 @@ pub const TASK_KEYS: &[Key] = &[
     key("shell", Kind::Flag, Some("false"), "true: command is one string run by /bin/sh -c"),
     key("cwd", Kind::Text, None, "working directory of the command (default: the service's)"),
     key("env", Kind::Env, None, "extra environment of the command"),
+    key("jitter", Kind::Duration, Some("\"0s\""), "each scheduled fire is delayed by a pseudo-random amount in [0, jitter) fixed by (task, tick): every instance agrees; shorter than the schedule's shortest interval"),
     key("calendar", Kind::Calendar, None, "a [calendars.<name>] table: a tick on one of its dates (in the task's zone) is recorded as skipped, not fired"),
 ];
 
@@ -314,6 +315,7 @@ pub const DURATION_BOUNDS: &[DurationBound] = &[
     bound("retry_backoff.max", DAY, "1d"),
     bound("dependency_max_age", 366 * DAY, "366d"),
     bound("misfire_grace", 366 * DAY, "366d"),
+    bound("jitter", DAY, "1d"),
 ];
 
 const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {

@@ -113,6 +113,8 @@ pub struct Config {
     pub calendars: BTreeMap<String, Arc<Calendar>>,
     /// Every task, by name.
     pub tasks: BTreeMap<TaskName, TaskSpec>,
+    /// Some task has a `jitter` (the engine's fast path when none has).
+    pub any_jitter: bool,
     /// Task names in dependency order: every task after all of its upstreams.
     pub topo_order: Vec<TaskName>,
 }
@@ -313,12 +315,30 @@ pub struct TaskSpec {
     pub description: String,
     /// Dates it does not fire on (`calendar = "<name>"`).
     pub calendar: Option<Arc<Calendar>>,
+    /// Each scheduled fire waits [`jitter_delay`] of this after its tick (zero: none).
+    pub jitter: Duration,
 }
 
 impl TaskSpec {
     /// Attempts in all: `retries + 1`.
     pub fn max_attempts(&self) -> u32 {
         self.retries.saturating_add(1)
+    }
+
+    /// How long after its nominal `tick` this task's scheduled fire waits: its `jitter`
+    /// drawn by [`jitter_delay`], the same in every process.
+    pub fn jitter_for(&self, tick: crate::model::Instant) -> Duration {
+        jitter_delay(self.name.as_str(), tick, self.jitter)
+    }
+
+    /// When the fire of nominal `tick` is due: the tick plus [`TaskSpec::jitter_for`]. The
+    /// run's claim key (`scheduled_for`) stays the tick.
+    pub fn due_at(&self, tick: crate::model::Instant) -> crate::model::Instant {
+        if self.jitter.is_zero() {
+            return tick;
+        }
+        let delay = chrono::TimeDelta::from_std(self.jitter_for(tick)).unwrap_or_default();
+        tick.checked_add_signed(delay).unwrap_or(tick)
     }
 
     /// The next `count` ticks after `after` that fire, each preceded by the ticks between
@@ -345,11 +365,38 @@ impl TaskSpec {
             }
             out.push(Upcoming {
                 tick: tick.with_timezone(&schedule.timezone()),
+                due: self.due_at(tick).with_timezone(&schedule.timezone()),
                 skipped: skip,
             });
         }
         out
     }
+}
+
+/// The delay of task `task`'s fire of nominal `tick` under `jitter = bound`: a value in
+/// `[0, bound)`, to the microsecond, that depends only on the task's name and the tick —
+/// every instance of a cluster, every restart and every build computes the same, so
+/// instances agree on when a tick is due while the fires of many tasks on one tick are
+/// spread out. The hash is FNV-1a (64-bit) over the name, a separator byte and the tick's
+/// microseconds (little-endian), finished by SplitMix64's mixer so that neighbouring ticks
+/// land far apart; written here (a few lines, no crate) because its output is a promise:
+/// std's `DefaultHasher` is seeded randomly per process and a crate's algorithm may change
+/// between versions. `jitter_delay_is_pinned` holds its values.
+pub fn jitter_delay(task: &str, tick: crate::model::Instant, bound: Duration) -> Duration {
+    let micros = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+    if micros == 0 {
+        return Duration::ZERO;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let tick_bytes = tick.timestamp_micros().to_le_bytes();
+    for byte in task.bytes().chain([0xff]).chain(tick_bytes) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    Duration::from_micros(hash % micros)
 }
 
 /// At most this many calendar-skipped ticks are listed by [`TaskSpec::upcoming`] (a
@@ -361,6 +408,8 @@ pub const MAX_SKIPPED_SHOWN: usize = 1000;
 pub struct Upcoming {
     /// The nominal tick, in the schedule's zone.
     pub tick: chrono::DateTime<Tz>,
+    /// When it fires: the tick plus its jitter.
+    pub due: chrono::DateTime<Tz>,
     /// Why it will not fire, when its calendar lists its date.
     pub skipped: Option<String>,
 }

@@ -93,6 +93,7 @@ struct RawTask {
     cwd: Option<String>,
     env: Option<BTreeMap<String, String>>,
     calendar: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -470,6 +471,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         api,
         logging,
         calendars,
+        any_jitter: specs.values().any(|spec: &TaskSpec| !spec.jitter.is_zero()),
         tasks: specs,
         topo_order,
     })
@@ -872,6 +874,9 @@ fn pick<'a, T>(
     }
 }
 
+/// How many intervals between upcoming ticks `jitter` is checked against.
+const JITTER_GAPS: usize = 50;
+
 /// What a task may name: the other tasks, and the calendars.
 #[derive(Clone, Copy)]
 struct Names<'a> {
@@ -1108,6 +1113,34 @@ fn resolve_task(
         found
     });
 
+    let (jitter_value, jitter_key) = pick(&task.jitter, &defaults.jitter, task_name, "jitter");
+    let errors_before_jitter = report.errors.len();
+    let jitter = report.duration(jitter_value, &jitter_key, Duration::ZERO);
+    let jitter_parsed = report.errors.len() == errors_before_jitter;
+    if let (Some(value), Some(schedule), true) = (jitter_value, &schedule, jitter_parsed) {
+        // A jitter as long as the gap between two ticks would push a fire past the next
+        // tick, which would then be "missed": refused, against the shortest gap of the
+        // next ticks (only computed when a jitter is set).
+        let shortest = schedule
+            .ticks_after(Utc::now())
+            .take(JITTER_GAPS + 1)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
+            .min();
+        if let Some(shortest) = shortest.filter(|gap| jitter >= *gap) {
+            report.error(
+                value.span(),
+                &jitter_key,
+                format!(
+                    "must be shorter than the schedule's shortest interval between ticks ({}), found {:?}",
+                    humantime::format_duration(shortest),
+                    value.get_ref()
+                ),
+            );
+        }
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }
@@ -1128,6 +1161,7 @@ fn resolve_task(
         enabled: task.enabled.or(defaults.enabled).unwrap_or(true),
         description: task.description.clone().unwrap_or_default(),
         calendar,
+        jitter,
     })
 }
 

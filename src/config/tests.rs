@@ -776,3 +776,79 @@ fn an_error_in_a_calendar_file_names_that_file_line_and_column() {
         "{missing}"
     );
 }
+
+fn jitter_task(jitter: &str, schedule: &str) -> TaskSpec {
+    let config = check_ok(&format!(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"{schedule}\"\njitter = \"{jitter}\"\n"
+    ));
+    config.task("a").cloned().expect("task a")
+}
+
+#[test]
+fn jitter_delay_is_pinned() {
+    // These values are a promise between instances and between versions: a change of
+    // the hash would make two instances of different builds disagree on when a tick is
+    // due.
+    let tick = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 6, 1, 12, 0, 0).unwrap();
+    let bound = Duration::from_secs(30);
+    let got: Vec<Duration> = ["ingestion", "training", "predictions"]
+        .iter()
+        .map(|task| jitter_delay(task, tick, bound))
+        .collect();
+    assert_eq!(got, PINNED_JITTER);
+    assert_eq!(
+        jitter_delay("ingestion", tick, Duration::ZERO),
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn jitter_stays_within_its_bound_and_spreads_ticks_and_tasks() {
+    let task = jitter_task("30s", "0 * * * * *");
+    let start = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 6, 1, 12, 0, 0).unwrap();
+    let delays: Vec<Duration> = (0..1000)
+        .map(|minute| task.jitter_for(start + chrono::TimeDelta::minutes(minute)))
+        .collect();
+    assert!(delays.iter().all(|d| *d < Duration::from_secs(30)));
+    // Spread over the whole bound: each 3-second tenth of it is hit.
+    for tenth in 0..10 {
+        let low = Duration::from_secs(3 * tenth);
+        let high = low + Duration::from_secs(3);
+        assert!(
+            delays.iter().any(|d| *d >= low && *d < high),
+            "no delay in [{low:?}, {high:?})"
+        );
+    }
+    assert_eq!(
+        task.due_at(start),
+        start + chrono::TimeDelta::from_std(task.jitter_for(start)).unwrap()
+    );
+    assert_ne!(
+        jitter_delay("a", start, Duration::from_secs(30)),
+        jitter_delay("b", start, Duration::from_secs(30))
+    );
+}
+
+#[test]
+fn a_jitter_as_long_as_the_schedules_interval_is_refused() {
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 */5 * * * *\"\njitter = \"5m\"\n",
+        &["4:10: tasks.a.jitter: must be shorter than the schedule's shortest interval between ticks (5m), found \"5m\""],
+    );
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\njitter = \"2d\"\n",
+        &["4:10: tasks.a.jitter: expected a duration of at most 1d, found \"2d\""],
+    );
+    assert_eq!(
+        jitter_task("4m59s", "0 */5 * * * *").jitter,
+        Duration::from_secs(299)
+    );
+}
+
+/// FNV-1a + SplitMix64 of ("ingestion" | "training" | "predictions", 0xff, the
+/// microseconds of 2026-06-01T12:00:00Z) modulo 30 s, computed independently (Python).
+const PINNED_JITTER: [Duration; 3] = [
+    Duration::from_micros(566_691),
+    Duration::from_micros(5_256_522),
+    Duration::from_micros(22_164_821),
+];

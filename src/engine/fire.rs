@@ -25,10 +25,11 @@ impl Engine {
             self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY * 20);
             return;
         }
+        // Due once the tick plus its jitter has come; the claim key stays the tick.
         let due: Vec<(TaskName, Instant)> = self
             .next_fire
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(task, at)| **at <= now && self.due_at(task, **at) <= now)
             .map(|(task, at)| (task.clone(), *at))
             .collect();
         if !due.is_empty() {
@@ -267,6 +268,17 @@ impl Engine {
                 self.admit(pending, now);
             }
         }
+    }
+
+    /// When the fire of `task`'s nominal tick `at` is due: `at` plus the task's jitter.
+    pub(super) fn due_at(&self, task: &TaskName, at: Instant) -> Instant {
+        if !self.config.any_jitter {
+            return at;
+        }
+        self.config
+            .tasks
+            .get(task)
+            .map_or(at, |spec| spec.due_at(at))
     }
 
     pub(super) fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {

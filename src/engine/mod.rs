@@ -444,8 +444,8 @@ impl Engine {
     fn next_deadline_delay(&self) -> Duration {
         let earliest = self
             .next_fire
-            .values()
-            .copied()
+            .iter()
+            .map(|(task, at)| self.due_at(task, *at))
             .chain(self.retry_due.first().map(|(at, _)| *at))
             .min();
         let delay = match earliest {

@@ -495,3 +495,73 @@ fn a_tick_missed_during_downtime_on_a_calendar_date_is_skipped_not_caught_up() {
         .unwrap_or_default()
         .starts_with("calendar holidays"));
 }
+
+#[test]
+fn a_jittered_task_fires_at_its_tick_plus_its_jitter_and_claims_the_nominal_tick() {
+    let bench =
+        Bench::new("[tasks.t]\nhandler = \"ping\"\nschedule = \"0 * * * * *\"\njitter = \"30s\"\n");
+    let spec = bench.config.task("t").cloned().expect("task");
+    let tick = t(60);
+    let delay = chrono::TimeDelta::from_std(spec.jitter_for(tick)).expect("delay");
+    assert!(delay > chrono::TimeDelta::zero() && delay < chrono::TimeDelta::seconds(30));
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    assert_eq!(
+        engine.next_fire.get(&"t".into()),
+        Some(&tick),
+        "the nominal tick"
+    );
+
+    // At the tick, the loop sleeps until the jittered instant.
+    bench.clock.set(tick);
+    assert_eq!(
+        engine.next_deadline_delay(),
+        delay.to_std().expect("positive")
+    );
+    engine.on_tick();
+    bench
+        .clock
+        .set(tick + delay - chrono::TimeDelta::microseconds(1));
+    engine.on_tick();
+    assert!(
+        bench.runs("t").is_empty(),
+        "not before its jittered instant"
+    );
+
+    bench.clock.set(tick + delay);
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].scheduled_for, tick,
+        "the claim key is the nominal tick"
+    );
+    assert_eq!(runs[0].trigger, Trigger::Schedule);
+    assert_eq!(runs[0].queued_at, tick + delay, "queued when it was due");
+    assert_eq!(engine.next_fire.get(&"t".into()), Some(&t(120)));
+}
+
+#[test]
+fn a_restart_inside_a_ticks_jitter_waits_for_the_jittered_instant() {
+    let bench =
+        Bench::new("[tasks.t]\nhandler = \"ping\"\nschedule = \"0 * * * * *\"\njitter = \"30s\"\n");
+    let spec = bench.config.task("t").cloned().expect("task");
+    let tick = t(60);
+    let due = spec.due_at(tick);
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    drop(engine);
+    // Back between the tick and its jittered instant: it is not a missed tick.
+    let back = tick + (due - tick) / 2;
+    let mut engine = bench.engine_at(back);
+    engine.plan_startup_fires(back);
+    assert!(bench.runs("t").is_empty());
+    bench.clock.set(due);
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        (runs[0].scheduled_for, runs[0].trigger),
+        (tick, Trigger::Schedule)
+    );
+}

@@ -88,6 +88,46 @@ fn next_marks_the_ticks_a_calendar_skips_and_lists_the_count_that_fire() {
 }
 
 #[test]
+fn next_shows_the_same_jittered_times_from_two_processes_within_the_bound() {
+    let sandbox = Sandbox::new(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 0 12 1 * *\"\ntimezone = \"UTC\"\njitter = \"6h\"\n\
+         [tasks.b]\nhandler = \"ping\"\nschedule = \"0 0 12 1 * *\"\ntimezone = \"UTC\"\njitter = \"6h\"\n",
+    );
+    let listing = |task: &str| {
+        let output = sandbox.cli(&["next", task, "-n", "6"]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        stdout(&output)
+    };
+    let first = listing("a");
+    assert_eq!(
+        first,
+        listing("a"),
+        "another process computes the same delays"
+    );
+    assert_ne!(first, listing("b"), "another task is spread elsewhere");
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines.len(), 6, "{first}");
+    for line in lines {
+        // "2027-01-01 14:03:07.123 UTC (+00:00)  (tick 12:00:00, jitter +2h 3m 7s 123ms)"
+        let (due, tick) = line
+            .split_once("  (tick ")
+            .expect("a due time and its tick");
+        assert!(tick.starts_with("12:00:00, jitter +"), "{line}");
+        let at = chrono::NaiveDateTime::parse_from_str(
+            due.trim_end_matches(" UTC (+00:00)"),
+            "%Y-%m-%d %H:%M:%S%.3f",
+        )
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+        let nominal = at.date().and_hms_opt(12, 0, 0).unwrap();
+        let delay = at - nominal;
+        assert!(
+            delay >= chrono::TimeDelta::zero() && delay < chrono::TimeDelta::hours(6),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn an_unknown_task_lists_the_known_ones() {
     let sandbox = Sandbox::new(
         "[tasks.ingestion]\nhandler = \"ping\"\n[tasks.training]\nhandler = \"ping\"\n",
