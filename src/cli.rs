@@ -847,6 +847,16 @@ fn run(
         return run_by_service(&reading, task, wait, force, downstream, json);
     };
     let store = open_store(&config)?;
+    if !json {
+        // The breaker pauses the schedule only: a manual run goes ahead, and says so.
+        if let Ok(Some(opened)) = turbosched::engine::open_circuit(&store, task) {
+            out!(
+                "note: the circuit of {task} is open since {} ({}); this manual run goes ahead",
+                opened.at.to_rfc3339(),
+                opened.message
+            )?;
+        }
+    }
     if live_service(&config, &store)? {
         let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
         if !wait {
@@ -1129,9 +1139,12 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
         let next = state
             .next_fire_at
             .or_else(|| spec.schedule.as_ref().and_then(|s| s.next_after(now)));
+        let circuit_open =
+            state.paused && turbosched::engine::open_circuit(&store, spec.name.as_str())?.is_some();
         tasks.push(views::StoredTask {
             spec,
             paused: state.paused,
+            circuit_open,
             next_fire: next,
             last: last.into_iter().next(),
             running,
@@ -1153,6 +1166,7 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
     for views::StoredTask {
         spec,
         paused,
+        circuit_open,
         next_fire: next,
         last,
         running,
@@ -1163,7 +1177,9 @@ fn status(path: &Path, json: bool) -> Result<ExitCode> {
             .as_ref()
             .map(|s| s.expr().to_string())
             .unwrap_or_else(|| "(manual)".into());
-        let next = if paused {
+        let next = if circuit_open {
+            "circuit open".to_string()
+        } else if paused {
             "paused".to_string()
         } else if !spec.enabled {
             "disabled".to_string()

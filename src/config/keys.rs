@@ -234,6 +234,7 @@ pub const TASK_KEYS: &[Key] = &[
     key("cwd", Kind::Text, None, "working directory of the command (default: the service's)"),
     key("env", Kind::Env, None, "extra environment of the command"),
     key("jitter", Kind::Duration, Some("\"0s\""), "each scheduled fire is delayed by a pseudo-random amount in [0, jitter) fixed by (task, tick): every instance agrees; shorter than the schedule's shortest interval"),
+    key("max_consecutive_failures", Kind::Whole { min: 1, max: u32::MAX as i64 }, None, "circuit breaker: after this many failed or timed-out runs in a row the schedule is paused (circuit_opened) until resume"),
     key("calendar", Kind::Calendar, None, "a [calendars.<name>] table: a tick on one of its dates (in the task's zone) is recorded as skipped, not fired"),
 ];
 

@@ -317,6 +317,8 @@ pub struct TaskSpec {
     pub calendar: Option<Arc<Calendar>>,
     /// Each scheduled fire waits [`jitter_delay`] of this after its tick (zero: none).
     pub jitter: Duration,
+    /// The circuit breaker: pause the schedule after this many failed runs in a row.
+    pub max_consecutive_failures: Option<u32>,
 }
 
 impl TaskSpec {

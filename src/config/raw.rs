@@ -94,6 +94,7 @@ struct RawTask {
     env: Option<BTreeMap<String, String>>,
     calendar: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
+    max_consecutive_failures: Option<Spanned<u32>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1141,6 +1142,21 @@ fn resolve_task(
         }
     }
 
+    let (failures_value, failures_key) = pick(
+        &task.max_consecutive_failures,
+        &defaults.max_consecutive_failures,
+        task_name,
+        "max_consecutive_failures",
+    );
+    let max_consecutive_failures = failures_value.map(|value| *value.get_ref());
+    if let Some(value) = failures_value.filter(|value| *value.get_ref() == 0) {
+        report.error(
+            value.span(),
+            &failures_key,
+            "expected a whole number of at least 1 (leave the key out for no circuit breaker), found 0",
+        );
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }
@@ -1162,6 +1178,7 @@ fn resolve_task(
         description: task.description.clone().unwrap_or_default(),
         calendar,
         jitter,
+        max_consecutive_failures,
     })
 }
 

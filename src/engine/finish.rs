@@ -455,5 +455,6 @@ impl Engine {
         let stats = Stats::of(recent);
         self.stats.insert(task.clone(), stats);
         self.dirty = true;
+        self.check_circuit(task, state, now);
     }
 }

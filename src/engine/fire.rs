@@ -199,6 +199,8 @@ impl Engine {
                 let changed = if paused {
                     self.paused.insert(task.as_str().to_string())
                 } else {
+                    // Resumed (here or on another instance): no circuit holds it.
+                    self.circuits.remove(task.as_str());
                     self.paused.remove(task.as_str())
                 };
                 self.dirty |= changed;

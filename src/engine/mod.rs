@@ -25,6 +25,7 @@
 
 mod board;
 mod cascade;
+mod circuit;
 mod cluster;
 mod commands;
 mod dispatch;
@@ -44,6 +45,7 @@ mod tests;
 pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
+pub use circuit::open_circuit;
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
 pub use commands::enqueue_manual;
 pub use faults::{ClockStep, StoreFault};
@@ -55,7 +57,7 @@ use faults::WallWatch;
 use finish::Running;
 use queue::Pending;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +127,8 @@ pub struct Engine {
     /// Task → how many of its runs wait in `queue`.
     queued_per_task: HashMap<TaskName, usize>,
     next_fire: HashMap<TaskName, Instant>,
+    /// Tasks whose circuit is open (paused by `max_consecutive_failures`; `circuit.rs`).
+    circuits: HashSet<String>,
     retry_due: BTreeSet<(Instant, RunId)>,
     retry_pending: HashMap<RunId, Pending>,
     worker_tx: mpsc::Sender<Envelope>,
@@ -200,6 +204,7 @@ impl Engine {
             queue: VecDeque::new(),
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
+            circuits: HashSet::new(),
             retry_due: BTreeSet::new(),
             retry_pending: HashMap::new(),
             worker_tx,

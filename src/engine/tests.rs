@@ -565,3 +565,157 @@ fn a_restart_inside_a_ticks_jitter_waits_for_the_jittered_instant() {
         (tick, Trigger::Schedule)
     );
 }
+
+/// A manual run of `t` that ends in `state` at `now`, as the engine notes a run's end.
+fn end_run(bench: &Bench, engine: &mut Engine, state: RunState, now: Instant) -> RunId {
+    let run = bench.manual_run(1);
+    let start = Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    let owner = Change {
+        owner: Some(engine.instance.clone()),
+        ..Change::default()
+    };
+    bench
+        .store
+        .transition(&start, &owner, now)
+        .expect("running");
+    let end = Move {
+        run,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to: state,
+    };
+    bench
+        .store
+        .transition(&end, &Change::default(), now)
+        .expect("ended");
+    engine.note_finished(&"t".into(), run, state, None, now);
+    run
+}
+
+fn paused_in_store(bench: &Bench) -> bool {
+    bench.store.task_state(&"t".into()).expect("state").paused
+}
+
+fn circuit_events(bench: &Bench) -> Vec<String> {
+    bench
+        .store
+        .events_after(0, 1000)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind.starts_with("circuit_"))
+        .map(|e| e.kind)
+        .collect()
+}
+
+const BREAKER: &str =
+    "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\nmax_consecutive_failures = 3\n";
+
+#[test]
+fn the_circuit_opens_at_exactly_n_failed_runs_in_a_row_and_a_manual_run_still_goes() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    engine.seed_board();
+    end_run(&bench, &mut engine, RunState::Failed, t(1));
+    end_run(&bench, &mut engine, RunState::TimedOut, t(2));
+    assert!(!paused_in_store(&bench), "two failures: still closed");
+    assert!(circuit_events(&bench).is_empty());
+    // Skipped and aborted runs neither count nor reset the streak.
+    end_run(&bench, &mut engine, RunState::Aborted, t(3));
+    assert!(!paused_in_store(&bench));
+    end_run(&bench, &mut engine, RunState::Failed, t(4));
+    assert!(
+        paused_in_store(&bench),
+        "the third failure in a row opens it"
+    );
+    assert_eq!(circuit_events(&bench), vec!["circuit_opened"]);
+    let opened = super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .expect("open");
+    assert!(
+        opened
+            .message
+            .starts_with("circuit opened: 3 runs in a row failed"),
+        "{}",
+        opened.message
+    );
+    assert!(engine.circuits.contains("t"));
+    assert!(engine
+        .metrics
+        .render()
+        .contains("turbosched_circuit_opened_total{task=\"t\"} 1"));
+    engine.publish(true);
+    let board = engine.board.snapshot().expect("published");
+    let task = board.tasks.iter().find(|task| task.name == "t").expect("t");
+    assert!(task.paused && task.circuit_open);
+    // A manual trigger still queues a run.
+    assert!(engine.trigger("t", false, false, t(5)).is_ok());
+}
+
+#[test]
+fn a_success_between_failures_starts_the_count_again() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    for (second, state) in [
+        RunState::Failed,
+        RunState::Failed,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Failed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        end_run(&bench, &mut engine, state, t(second as i64 + 1));
+    }
+    assert!(!paused_in_store(&bench), "two in a row since the success");
+    end_run(&bench, &mut engine, RunState::Failed, t(10));
+    assert!(paused_in_store(&bench));
+}
+
+#[test]
+fn resume_closes_the_circuit_and_the_count_starts_again() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    for second in 1..=3 {
+        end_run(&bench, &mut engine, RunState::Failed, t(second));
+    }
+    assert!(paused_in_store(&bench));
+    engine.pause("t", false, t(10)).expect("resumed");
+    assert!(!paused_in_store(&bench));
+    assert!(!engine.circuits.contains("t"));
+    assert_eq!(
+        circuit_events(&bench),
+        vec!["circuit_opened", "circuit_closed"]
+    );
+    assert!(super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .is_none());
+    // The failures before the resume no longer count: two new ones keep it closed.
+    end_run(&bench, &mut engine, RunState::Failed, t(11));
+    end_run(&bench, &mut engine, RunState::Failed, t(12));
+    assert!(!paused_in_store(&bench));
+    end_run(&bench, &mut engine, RunState::Failed, t(13));
+    assert!(paused_in_store(&bench), "three new failures open it again");
+    // After a restart the engine knows the pause is the circuit's.
+    drop(engine);
+    let mut engine = bench.engine_at(t(20));
+    engine.seed_board();
+    assert!(engine.circuits.contains("t"));
+}
+
+#[test]
+fn an_operators_pause_is_not_an_open_circuit() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    engine.pause("t", true, t(1)).expect("paused");
+    assert!(super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .is_none());
+    engine.pause("t", false, t(2)).expect("resumed");
+    assert!(circuit_events(&bench).is_empty());
+}
