@@ -235,6 +235,7 @@ pub const TASK_KEYS: &[Key] = &[
     key("env", Kind::Env, None, "extra environment of the command"),
     key("jitter", Kind::Duration, Some("\"0s\""), "each scheduled fire is delayed by a pseudo-random amount in [0, jitter) fixed by (task, tick): every instance agrees; shorter than the schedule's shortest interval"),
     key("max_consecutive_failures", Kind::Whole { min: 1, max: u32::MAX as i64 }, None, "circuit breaker: after this many failed or timed-out runs in a row the schedule is paused (circuit_opened) until resume"),
+    key("deadline", Kind::Duration, None, "a scheduled run not succeeded this long after its tick (not its start) raises deadline_missed once"),
     key("calendar", Kind::Calendar, None, "a [calendars.<name>] table: a tick on one of its dates (in the task's zone) is recorded as skipped, not fired"),
 ];
 
@@ -317,6 +318,7 @@ pub const DURATION_BOUNDS: &[DurationBound] = &[
     bound("dependency_max_age", 366 * DAY, "366d"),
     bound("misfire_grace", 366 * DAY, "366d"),
     bound("jitter", DAY, "1d"),
+    bound("deadline", 7 * DAY, "7d"),
 ];
 
 const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {

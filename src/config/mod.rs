@@ -319,6 +319,8 @@ pub struct TaskSpec {
     pub jitter: Duration,
     /// The circuit breaker: pause the schedule after this many failed runs in a row.
     pub max_consecutive_failures: Option<u32>,
+    /// A scheduled run must succeed within this long of its tick, or `deadline_missed`.
+    pub deadline: Option<Duration>,
 }
 
 impl TaskSpec {

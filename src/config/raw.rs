@@ -95,6 +95,7 @@ struct RawTask {
     calendar: Option<Spanned<String>>,
     jitter: Option<Spanned<String>>,
     max_consecutive_failures: Option<Spanned<u32>>,
+    deadline: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -1157,6 +1158,18 @@ fn resolve_task(
         );
     }
 
+    let (deadline_value, deadline_key) =
+        pick(&task.deadline, &defaults.deadline, task_name, "deadline");
+    let errors_before_deadline = report.errors.len();
+    let deadline =
+        deadline_value.map(|_| report.duration(deadline_value, &deadline_key, Duration::ZERO));
+    let deadline_parsed = report.errors.len() == errors_before_deadline;
+    if let Some(value) =
+        deadline_value.filter(|_| deadline_parsed && deadline == Some(Duration::ZERO))
+    {
+        report.error(value.span(), &deadline_key, "must be longer than zero");
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }
@@ -1179,6 +1192,7 @@ fn resolve_task(
         calendar,
         jitter,
         max_consecutive_failures,
+        deadline,
     })
 }
 

@@ -28,6 +28,7 @@ mod cascade;
 mod circuit;
 mod cluster;
 mod commands;
+mod deadline;
 mod dispatch;
 mod faults;
 mod finish;
@@ -129,6 +130,10 @@ pub struct Engine {
     next_fire: HashMap<TaskName, Instant>,
     /// Tasks whose circuit is open (paused by `max_consecutive_failures`; `circuit.rs`).
     circuits: HashSet<String>,
+    /// Runs whose `deadline_missed` is raised (`deadline.rs`), within the checked window.
+    deadlines_raised: HashSet<RunId>,
+    /// The first deadline check (which looks further back) is done.
+    deadlines_checked: bool,
     retry_due: BTreeSet<(Instant, RunId)>,
     retry_pending: HashMap<RunId, Pending>,
     worker_tx: mpsc::Sender<Envelope>,
@@ -205,6 +210,8 @@ impl Engine {
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
             circuits: HashSet::new(),
+            deadlines_raised: HashSet::new(),
+            deadlines_checked: false,
             retry_due: BTreeSet::new(),
             retry_pending: HashMap::new(),
             worker_tx,

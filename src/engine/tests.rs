@@ -719,3 +719,162 @@ fn an_operators_pause_is_not_an_open_circuit() {
     engine.pause("t", false, t(2)).expect("resumed");
     assert!(circuit_events(&bench).is_empty());
 }
+
+const DEADLINE: &str =
+    "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\ndeadline = \"45m\"\noverlap = \"queue\"\n";
+
+/// The `deadline_missed` events, as (run, message).
+fn deadline_events(store: &Store) -> Vec<(Option<RunId>, String)> {
+    store
+        .events_after(0, 10_000)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "deadline_missed")
+        .map(|e| (e.run_id, e.message))
+        .collect()
+}
+
+/// The engine started at `t(1)` has claimed the 13:00 tick (`t(3600)`); returns its run.
+fn claim_the_one_oclock_tick(bench: &Bench, engine: &mut Engine) -> RunId {
+    engine.plan_startup_fires(t(1));
+    bench.clock.set(t(3600));
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    runs[0].id
+}
+
+/// Moves `run` through running to `to`, starting at `start` and ending at `end`.
+fn run_through(bench: &Bench, run: RunId, start: Instant, to: RunState, end: Instant) {
+    let change = Change {
+        owner: Some("someone".into()),
+        ..Change::default()
+    };
+    let started = Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    bench
+        .store
+        .transition(&started, &change, start)
+        .expect("running");
+    let ended = Move {
+        run,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to,
+    };
+    bench
+        .store
+        .transition(&ended, &Change::default(), end)
+        .expect("ended");
+}
+
+#[test]
+fn a_run_not_started_by_its_deadline_raises_deadline_missed_once_not_at_every_heartbeat() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let run = claim_the_one_oclock_tick(&bench, &mut engine);
+    // 44:59 after the tick: not yet.
+    bench.clock.set(t(3600 + 2699));
+    engine.on_heartbeat();
+    assert!(deadline_events(&bench.store).is_empty());
+    // 45:00 after the tick, measured from the tick though the run never started.
+    for seconds in [2700, 2705, 2710, 3000] {
+        bench.clock.set(t(3600 + seconds));
+        engine.on_heartbeat();
+    }
+    let events = deadline_events(&bench.store);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, Some(run));
+    assert!(
+        events[0]
+            .1
+            .contains("did not succeed within its deadline of 45m"),
+        "{}",
+        events[0].1
+    );
+    assert!(
+        events[0].1.ends_with("it has not started"),
+        "{}",
+        events[0].1
+    );
+    assert!(engine
+        .metrics
+        .render()
+        .contains("turbosched_deadline_missed_total{task=\"t\"} 1"));
+}
+
+#[test]
+fn a_run_that_succeeds_within_its_deadline_raises_nothing_and_one_that_succeeds_late_does() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let run = claim_the_one_oclock_tick(&bench, &mut engine);
+    // Started late (40 min after its tick), succeeded at 44 min: in time.
+    run_through(
+        &bench,
+        run,
+        t(3600 + 2400),
+        RunState::Succeeded,
+        t(3600 + 2640),
+    );
+    bench.clock.set(t(3600 + 3000));
+    engine.on_heartbeat();
+    assert!(deadline_events(&bench.store).is_empty());
+
+    // The 14:00 tick's run succeeds at 14:46: late.
+    bench.clock.set(t(7200));
+    engine.on_tick();
+    let late = bench.runs("t")[1].id;
+    run_through(
+        &bench,
+        late,
+        t(7200 + 60),
+        RunState::Succeeded,
+        t(7200 + 2760),
+    );
+    bench.clock.set(t(7200 + 2770));
+    engine.on_heartbeat();
+    let events = deadline_events(&bench.store);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, Some(late));
+    assert!(
+        events[0].1.contains("it succeeded only at"),
+        "{}",
+        events[0].1
+    );
+}
+
+#[test]
+fn a_missed_deadline_is_raised_once_across_a_restart_and_one_missed_while_down_at_start() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let first = claim_the_one_oclock_tick(&bench, &mut engine);
+    run_through(&bench, first, t(3600 + 10), RunState::Failed, t(3600 + 20));
+    bench.clock.set(t(3600 + 2700));
+    engine.on_heartbeat();
+    assert_eq!(deadline_events(&bench.store).len(), 1);
+    // The 14:00 tick is claimed, then the service stops before its deadline.
+    bench.clock.set(t(7200));
+    engine.on_tick();
+    drop(engine);
+
+    // Another process on the same database file, after the second deadline passed.
+    let reopened = Store::open(&bench._dir.path().join("runs.db")).expect("reopened");
+    bench.clock.set(t(7200 + 2800));
+    let mut engine = Engine::new(
+        bench.config.clone(),
+        reopened.clone(),
+        bench.clock.clone(),
+        Mode::Serve,
+    );
+    engine.on_heartbeat();
+    engine.on_heartbeat();
+    let events = deadline_events(&reopened);
+    let runs: Vec<Option<RunId>> = events.iter().map(|(run, _)| *run).collect();
+    let second = bench.runs("t")[1].id;
+    assert_eq!(runs, vec![Some(first), Some(second)], "{events:?}");
+    assert!(events[0].1.ends_with("it is failed"), "{}", events[0].1);
+}
