@@ -143,6 +143,17 @@ pub fn task_detail(snapshot: &Snapshot, spec: &TaskSpec, recent: &[RunRow]) -> V
             .map(|t| t.to_rfc3339())
             .collect::<Vec<_>>())
         .unwrap_or_default());
+    // The next fires as `turbosched next` lists them: each tick, when it fires (its
+    // jitter added) and, for a tick its calendar skips, why.
+    view["upcoming"] = json!(spec
+        .upcoming(chrono::Utc::now(), 5)
+        .iter()
+        .map(|upcoming| json!({
+            "tick": upcoming.tick.to_rfc3339(),
+            "due": upcoming.due.to_rfc3339(),
+            "skipped": upcoming.skipped,
+        }))
+        .collect::<Vec<_>>());
     view["last_runs"] = json!(recent.iter().map(run).collect::<Vec<_>>());
     view
 }

@@ -1430,3 +1430,39 @@ fn a_task_failing_n_runs_in_a_row_opens_its_circuit_and_manual_runs_say_so_until
         .is_some());
     drop(service);
 }
+
+#[test]
+fn a_task_shows_its_jittered_next_fire_and_the_ticks_its_calendar_skips() {
+    let today = chrono::Utc::now().date_naive();
+    let closed = [today + chrono::Days::new(1), today + chrono::Days::new(2)];
+    let sandbox = Sandbox::new(&format!(
+        "[calendars.shut]\ndates = [\"{}\", \"{}\"]\n\
+         [tasks.noon]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ncalendar = \"shut\"\njitter = \"1h\"\n",
+        closed[0], closed[1]
+    ));
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, task) = api.get_json("/scheduler/tasks/noon");
+    assert_eq!(code, 200, "{task}");
+    assert_eq!(task["circuit_open"], false);
+    let next = chrono::DateTime::parse_from_rfc3339(task["next_fire"].as_str().unwrap()).unwrap();
+    let due = chrono::DateTime::parse_from_rfc3339(task["next_due"].as_str().unwrap()).unwrap();
+    assert!(
+        due >= next && due - next < chrono::TimeDelta::hours(1),
+        "{task}"
+    );
+    let upcoming = task["upcoming"].as_array().unwrap();
+    let skipped: Vec<&Value> = upcoming
+        .iter()
+        .filter(|u| !u["skipped"].is_null())
+        .collect();
+    assert_eq!(skipped.len(), 2, "{task}");
+    for (entry, date) in skipped.iter().zip(&closed) {
+        assert_eq!(
+            entry["skipped"],
+            format!("calendar shut: {date} is a listed date"),
+            "{task}"
+        );
+    }
+    drop(service);
+}
