@@ -873,6 +873,16 @@ fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCo
     };
     let store = open_store(&config)?;
     let members = Members::of(Some(&config), task, options.downstream);
+    if !options.json {
+        // The breaker pauses the schedule only: a manual run goes ahead, and says so.
+        if let Ok(Some(opened)) = turbosched::engine::open_circuit(&store, task) {
+            out!(
+                "note: the circuit of {task} is open since {} ({}); this manual run goes ahead",
+                shown(config.scheduler.timezone, utc).at(opened.at),
+                opened.message
+            )?;
+        }
+    }
     if live_service(&config, &store)? {
         let root = enqueue_manual(
             &config,
@@ -1369,9 +1379,12 @@ fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
         let next = state
             .next_fire_at
             .or_else(|| spec.schedule.as_ref().and_then(|s| s.next_after(now)));
+        let circuit_open =
+            state.paused && turbosched::engine::open_circuit(&store, spec.name.as_str())?.is_some();
         tasks.push(views::StoredTask {
             spec,
             paused: state.paused,
+            circuit_open,
             next_fire: next,
             last: last.into_iter().next(),
             running,
@@ -1393,6 +1406,7 @@ fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
     for views::StoredTask {
         spec,
         paused,
+        circuit_open,
         next_fire: next,
         last,
         running,
@@ -1403,7 +1417,9 @@ fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
             .as_ref()
             .map(|s| s.expr().to_string())
             .unwrap_or_else(|| "(manual)".into());
-        let next = if paused {
+        let next = if circuit_open {
+            "circuit open".to_string()
+        } else if paused {
             "paused".to_string()
         } else if !spec.enabled {
             "disabled".to_string()
@@ -1729,22 +1745,36 @@ fn next(path: &Path, task: &str, count: usize, utc: bool) -> Result<ExitCode> {
             config.task_names().join(", ")
         )
     })?;
-    let Some(schedule) = &spec.schedule else {
+    if spec.schedule.is_none() {
         out!("{task} has no schedule: it runs only when triggered")?;
         return Ok(ExitCode::SUCCESS);
-    };
+    }
     let shown = shown(config.scheduler.timezone, utc);
-    for at in schedule.upcoming(SystemClock.now(), count) {
-        let instant = at.with_timezone(&chrono::Utc);
-        if at.timezone().name() == shown.zone_name() {
-            out!("{}", shown.at(instant))?;
+    // Ticks a calendar skips are listed too, marked, between the `count` that fire.
+    for upcoming in spec.upcoming(SystemClock.now(), count) {
+        let tick = upcoming.tick.with_timezone(&chrono::Utc);
+        // The task's own wall-clock time too, when its zone is not the one shown.
+        let own = if upcoming.tick.timezone().name() == shown.zone_name() {
+            String::new()
         } else {
-            out!(
-                "{}  ({} {})",
-                shown.at(instant),
-                at.format("%Y-%m-%d %H:%M:%S %Z"),
-                at.timezone().name()
-            )?;
+            format!(
+                "  ({} {})",
+                upcoming.tick.format("%Y-%m-%d %H:%M:%S %Z"),
+                upcoming.tick.timezone().name()
+            )
+        };
+        match upcoming.skipped {
+            Some(reason) => out!("{}{own}  skipped: {reason}", shown.at(tick))?,
+            None if spec.jitter.is_zero() => out!("{}{own}", shown.at(tick))?,
+            // With a jitter: when it fires, then the tick it belongs to (its claim key).
+            None => out!(
+                "{}{own}  (tick {}, jitter +{})",
+                shown.precise(upcoming.due.with_timezone(&chrono::Utc)),
+                shown.clock(tick),
+                humantime::format_duration(
+                    (upcoming.due - upcoming.tick).to_std().unwrap_or_default()
+                )
+            )?,
         }
     }
     Ok(ExitCode::SUCCESS)

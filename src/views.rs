@@ -82,7 +82,9 @@ fn task_summary(task: &TaskSnapshot, spec: &TaskSpec) -> Value {
         "depends_on": spec.depends_on.iter().map(|d| d.as_str()).collect::<Vec<_>>(),
         "enabled": spec.enabled,
         "paused": task.paused,
+        "circuit_open": task.circuit_open,
         "next_fire": task.next_fire.map(time),
+        "next_due": task.next_fire.map(|at| time(spec.due_at(at))),
         "running": task.running.iter().map(|r| json!({
             "run_id": r.run.0, "attempt": r.attempt.0, "started_at": time(r.started_at)
         })).collect::<Vec<_>>(),
@@ -143,6 +145,17 @@ pub fn task_detail(snapshot: &Snapshot, spec: &TaskSpec, recent: &[RunRow]) -> V
             .map(crate::times::json_of)
             .collect::<Vec<_>>())
         .unwrap_or_default());
+    // The next fires as `turbosched next` lists them: each tick, when it fires (its
+    // jitter added) and, for a tick its calendar skips, why.
+    view["upcoming"] = json!(spec
+        .upcoming(chrono::Utc::now(), 5)
+        .iter()
+        .map(|upcoming| json!({
+            "tick": crate::times::json_of(&upcoming.tick),
+            "due": crate::times::json_of(&upcoming.due),
+            "skipped": upcoming.skipped,
+        }))
+        .collect::<Vec<_>>());
     view["last_runs"] = json!(recent.iter().map(run).collect::<Vec<_>>());
     view
 }
@@ -295,8 +308,15 @@ pub fn run_page(rows: &[RunRow], next_cursor: Option<RunId>) -> Value {
 }
 
 /// A trigger accepted: the run is queued (202).
-pub fn run_queued(run: RunId, task: &str) -> Value {
-    json!({"run_id": run.0, "task": task, "state": "queued", "links": run_links(run)})
+pub fn run_queued(run: RunId, task: &str, circuit: Option<&str>) -> Value {
+    let mut view =
+        json!({"run_id": run.0, "task": task, "state": "queued", "links": run_links(run)});
+    // A manual run goes ahead while the task's circuit is open: the answer says so.
+    view["circuit_open"] = json!(circuit.is_some());
+    if let Some(message) = circuit {
+        view["circuit"] = json!(message);
+    }
+    view
 }
 
 /// The body of `POST /scheduler/tasks/<task>/run` as the CLI sends it (`TriggerOptions`).
@@ -387,8 +407,10 @@ pub fn run_list(rows: &[RunRow]) -> Value {
 pub struct StoredTask<'a> {
     /// Its config.
     pub spec: &'a TaskSpec,
-    /// Paused by an operator.
+    /// Paused by an operator or by its circuit breaker.
     pub paused: bool,
+    /// Paused by its circuit breaker (`max_consecutive_failures`).
+    pub circuit_open: bool,
     /// The persisted next fire, else the schedule's next tick.
     pub next_fire: Option<Instant>,
     /// Its newest run.
@@ -414,6 +436,7 @@ pub fn stored_status(
                 "handler": spec.handler.name(),
                 "enabled": spec.enabled,
                 "paused": task.paused,
+                "circuit_open": task.circuit_open,
                 "next_fire": task.next_fire.map(time),
                 "running": task.running,
                 "last_run": task.last.as_ref().map(run),

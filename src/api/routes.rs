@@ -116,7 +116,19 @@ async fn trigger(
         )
         .await?;
     let Some(limit) = options.wait.and_then(WaitFor::limit) else {
-        return Ok(HttpResponse::Accepted().json(views::run_queued(run, &task)));
+        let store = state.store.clone();
+        let name = task.to_string();
+        // Read after the run is queued; a failed read only leaves the note out.
+        let circuit = blocking(move || crate::engine::open_circuit(&store, &name))
+            .await
+            .ok()
+            .flatten()
+            .map(|opened| opened.message);
+        return Ok(HttpResponse::Accepted().json(views::run_queued(
+            run,
+            &task,
+            circuit.as_deref(),
+        )));
     };
     let deadline = tokio::time::Instant::now() + limit;
     loop {

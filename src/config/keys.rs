@@ -63,6 +63,10 @@ pub enum Kind {
     Backoff,
     /// A list of task names.
     TaskNames,
+    /// A list of dates, `"YYYY-MM-DD"`.
+    Dates,
+    /// The name of a `[calendars.<name>]` table.
+    Calendar,
 }
 
 /// `misfire`: what to do with missed ticks.
@@ -229,6 +233,34 @@ pub const TASK_KEYS: &[Key] = &[
     key("shell", Kind::Flag, Some("false"), "true: command is one string run by /bin/sh -c"),
     key("cwd", Kind::Text, None, "working directory of the command (default: the service's)"),
     key("env", Kind::Env, None, "extra environment of the command"),
+    key("jitter", Kind::Duration, Some("\"0s\""), "each scheduled fire is delayed by a pseudo-random amount in [0, jitter) fixed by (task, tick): every instance agrees; shorter than the schedule's shortest interval"),
+    key("max_consecutive_failures", Kind::Whole { min: 1, max: u32::MAX as i64 }, None, "circuit breaker: after this many failed or timed-out runs in a row the schedule is paused (circuit_opened) until resume"),
+    key("deadline", Kind::Duration, None, "a scheduled run not succeeded this long after its tick (not its start) raises deadline_missed once"),
+    key("calendar", Kind::Calendar, None, "a [calendars.<name>] table: a tick on one of its dates (in the task's zone) is recorded as skipped, not fired"),
+];
+
+/// Every key a `[calendars.<name>]` table accepts (a calendar's `file` takes
+/// [`CALENDAR_FILE_KEYS`]).
+pub const CALENDAR_KEYS: &[Key] = &[
+    key(
+        "dates",
+        Kind::Dates,
+        None,
+        "dates to skip, \"YYYY-MM-DD\", in each task's own zone",
+    ),
+    key(
+        "file",
+        Kind::Text,
+        None,
+        "a TOML file of more dates (its own dates and description), relative to the config file",
+    ),
+    key("description", Kind::Text, Some("\"\""), "free text"),
+];
+
+/// Every key a calendar `file` accepts.
+pub const CALENDAR_FILE_KEYS: &[Key] = &[
+    key("dates", Kind::Dates, None, "dates to skip, \"YYYY-MM-DD\""),
+    key("description", Kind::Text, Some("\"\""), "free text"),
 ];
 
 /// Every key `retry_backoff` accepts.
@@ -285,6 +317,8 @@ pub const DURATION_BOUNDS: &[DurationBound] = &[
     bound("retry_backoff.max", DAY, "1d"),
     bound("dependency_max_age", 366 * DAY, "366d"),
     bound("misfire_grace", 366 * DAY, "366d"),
+    bound("jitter", DAY, "1d"),
+    bound("deadline", 7 * DAY, "7d"),
 ];
 
 const fn bound(key: &'static str, secs: u64, text: &'static str) -> DurationBound {

@@ -21,8 +21,10 @@ mod schema;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
+use chrono::NaiveDate;
 use chrono_tz::Tz;
 use sha2::{Digest, Sha256};
 
@@ -31,8 +33,8 @@ use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
 pub use keys::{
-    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS, LOGGING_KEYS,
-    SCHEDULER_KEYS, TASK_KEYS,
+    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, CALENDAR_FILE_KEYS, CALENDAR_KEYS,
+    DURATION_BOUNDS, LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS,
 };
 pub use schema::json_schema;
 
@@ -107,8 +109,12 @@ pub struct Config {
     pub api: ApiSettings,
     /// `[logging]`.
     pub logging: LoggingSettings,
+    /// Every `[calendars.<name>]`, by name.
+    pub calendars: BTreeMap<String, Arc<Calendar>>,
     /// Every task, by name.
     pub tasks: BTreeMap<TaskName, TaskSpec>,
+    /// Some task has a `jitter` (the engine's fast path when none has).
+    pub any_jitter: bool,
     /// Task names in dependency order: every task after all of its upstreams.
     pub topo_order: Vec<TaskName>,
 }
@@ -251,6 +257,29 @@ impl Backoff {
     }
 }
 
+/// One `[calendars.<name>]`: the dates a task naming it does not fire on, its inline
+/// `dates` and those of its `file` together.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Calendar {
+    /// Its name (the `<name>` of `[calendars.<name>]`).
+    pub name: String,
+    /// Free text (the table's, else its file's).
+    pub description: String,
+    /// The listed dates.
+    pub dates: BTreeSet<NaiveDate>,
+}
+
+impl Calendar {
+    /// Why the tick at `tick` is not fired, when its date in `tz` is listed: the reason a
+    /// skipped run records (`calendar nyse: 2025-12-25 is a listed date`).
+    pub fn skip_reason(&self, tick: crate::model::Instant, tz: Tz) -> Option<String> {
+        let date = tick.with_timezone(&tz).date_naive();
+        self.dates
+            .contains(&date)
+            .then(|| format!("calendar {}: {date} is a listed date", self.name))
+    }
+}
+
 /// One `[tasks.<name>]`, defaults applied.
 #[derive(Debug, Clone)]
 pub struct TaskSpec {
@@ -284,6 +313,14 @@ pub struct TaskSpec {
     pub enabled: bool,
     /// Free text.
     pub description: String,
+    /// Dates it does not fire on (`calendar = "<name>"`).
+    pub calendar: Option<Arc<Calendar>>,
+    /// Each scheduled fire waits [`jitter_delay`] of this after its tick (zero: none).
+    pub jitter: Duration,
+    /// The circuit breaker: pause the schedule after this many failed runs in a row.
+    pub max_consecutive_failures: Option<u32>,
+    /// A scheduled run must succeed within this long of its tick, or `deadline_missed`.
+    pub deadline: Option<Duration>,
 }
 
 impl TaskSpec {
@@ -291,6 +328,94 @@ impl TaskSpec {
     pub fn max_attempts(&self) -> u32 {
         self.retries.saturating_add(1)
     }
+
+    /// How long after its nominal `tick` this task's scheduled fire waits: its `jitter`
+    /// drawn by [`jitter_delay`], the same in every process.
+    pub fn jitter_for(&self, tick: crate::model::Instant) -> Duration {
+        jitter_delay(self.name.as_str(), tick, self.jitter)
+    }
+
+    /// When the fire of nominal `tick` is due: the tick plus [`TaskSpec::jitter_for`]. The
+    /// run's claim key (`scheduled_for`) stays the tick.
+    pub fn due_at(&self, tick: crate::model::Instant) -> crate::model::Instant {
+        if self.jitter.is_zero() {
+            return tick;
+        }
+        let delay = chrono::TimeDelta::from_std(self.jitter_for(tick)).unwrap_or_default();
+        tick.checked_add_signed(delay).unwrap_or(tick)
+    }
+
+    /// The next `count` ticks after `after` that fire, each preceded by the ticks between
+    /// that its calendar skips (at most [`MAX_SKIPPED_SHOWN`] of those in all): what
+    /// `turbosched next` prints. Empty without a schedule.
+    pub fn upcoming(&self, after: crate::model::Instant, count: usize) -> Vec<Upcoming> {
+        let Some(schedule) = &self.schedule else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        let (mut firing, mut skipped) = (0, 0);
+        for tick in schedule.ticks_after(after) {
+            if firing >= count {
+                break;
+            }
+            let skip = self
+                .calendar
+                .as_ref()
+                .and_then(|calendar| calendar.skip_reason(tick, self.timezone));
+            match skip {
+                Some(_) if skipped >= MAX_SKIPPED_SHOWN => continue,
+                Some(_) => skipped += 1,
+                None => firing += 1,
+            }
+            out.push(Upcoming {
+                tick: tick.with_timezone(&schedule.timezone()),
+                due: self.due_at(tick).with_timezone(&schedule.timezone()),
+                skipped: skip,
+            });
+        }
+        out
+    }
+}
+
+/// The delay of task `task`'s fire of nominal `tick` under `jitter = bound`: a value in
+/// `[0, bound)`, to the microsecond, that depends only on the task's name and the tick —
+/// every instance of a cluster, every restart and every build computes the same, so
+/// instances agree on when a tick is due while the fires of many tasks on one tick are
+/// spread out. The hash is FNV-1a (64-bit) over the name, a separator byte and the tick's
+/// microseconds (little-endian), finished by SplitMix64's mixer so that neighbouring ticks
+/// land far apart; written here (a few lines, no crate) because its output is a promise:
+/// std's `DefaultHasher` is seeded randomly per process and a crate's algorithm may change
+/// between versions. `jitter_delay_is_pinned` holds its values.
+pub fn jitter_delay(task: &str, tick: crate::model::Instant, bound: Duration) -> Duration {
+    let micros = u64::try_from(bound.as_micros()).unwrap_or(u64::MAX);
+    if micros == 0 {
+        return Duration::ZERO;
+    }
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    let tick_bytes = tick.timestamp_micros().to_le_bytes();
+    for byte in task.bytes().chain([0xff]).chain(tick_bytes) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    hash = (hash ^ (hash >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    hash = (hash ^ (hash >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    hash ^= hash >> 31;
+    Duration::from_micros(hash % micros)
+}
+
+/// At most this many calendar-skipped ticks are listed by [`TaskSpec::upcoming`] (a
+/// calendar listing every date would otherwise never let it end).
+pub const MAX_SKIPPED_SHOWN: usize = 1000;
+
+/// One upcoming tick of a task.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upcoming {
+    /// The nominal tick, in the schedule's zone.
+    pub tick: chrono::DateTime<Tz>,
+    /// When it fires: the tick plus its jitter.
+    pub due: chrono::DateTime<Tz>,
+    /// Why it will not fire, when its calendar lists its date.
+    pub skipped: Option<String>,
 }
 
 impl Config {
@@ -421,7 +546,17 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 /// Validates `text` as if read from `path` (which only names the file in errors).
 pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigErrors> {
     let mut config = raw::resolve(text, path)?;
-    config.hash = hex(&Sha256::digest(text.as_bytes()));
+    // The calendars' dates count too: a calendar file edited on one instance of a
+    // cluster and not another is a config disagreement.
+    let mut hasher = Sha256::new();
+    hasher.update(text.as_bytes());
+    for calendar in config.calendars.values() {
+        hasher.update(format!("\n[calendar {}]", calendar.name));
+        for date in &calendar.dates {
+            hasher.update(format!(" {date}"));
+        }
+    }
+    config.hash = hex(&hasher.finalize());
     Ok(config)
 }
 

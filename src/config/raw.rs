@@ -7,7 +7,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use chrono::Utc;
+use std::sync::Arc;
+
+use chrono::{NaiveDate, Utc};
 use chrono_tz::Tz;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -16,13 +18,20 @@ use toml::Spanned;
 
 use super::keys::{BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES, OVERLAP_CHOICES};
 use super::{
-    closest, handler_names, handler_params, ApiSettings, Backoff, CommandSpec, Config, ConfigError,
-    ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
+    closest, handler_names, handler_params, ApiSettings, Backoff, Calendar, CommandSpec, Config,
+    ConfigError, ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
 };
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
+const SECTIONS: &[&str] = &[
+    "scheduler",
+    "api",
+    "logging",
+    "defaults",
+    "calendars",
+    "tasks",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +92,26 @@ struct RawTask {
     shell: Option<bool>,
     cwd: Option<String>,
     env: Option<BTreeMap<String, String>>,
+    calendar: Option<Spanned<String>>,
+    jitter: Option<Spanned<String>>,
+    max_consecutive_failures: Option<Spanned<u32>>,
+    deadline: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCalendar {
+    dates: Option<Vec<Spanned<String>>>,
+    file: Option<Spanned<String>>,
+    description: Option<String>,
+}
+
+/// A calendar's `file`: its own dates and description, nothing else.
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawCalendarFile {
+    dates: Option<Vec<Spanned<String>>>,
+    description: Option<String>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -311,6 +340,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut api: Option<RawApi> = None;
     let mut logging: Option<RawLogging> = None;
     let mut defaults = RawTask::default();
+    let mut raw_calendars: Vec<(String, Range<usize>, RawCalendar)> = Vec::new();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
     let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
@@ -321,6 +351,24 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             "api" => api = report.decode(value, "api"),
             "logging" => logging = report.decode(value, "logging"),
             "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
+            "calendars" => {
+                let span = value.span();
+                let DeValue::Table(table) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "calendars",
+                        "expected a table of calendars such as [calendars.nyse]",
+                    );
+                    continue;
+                };
+                for (calendar_key, calendar_value) in table {
+                    let calendar_name = calendar_key.get_ref().to_string();
+                    let path = format!("calendars.{calendar_name}");
+                    if let Some(calendar) = report.decode::<RawCalendar>(calendar_value, &path) {
+                        raw_calendars.push((calendar_name, calendar_key.span(), calendar));
+                    }
+                }
+            }
             "tasks" => {
                 let span = value.span();
                 let DeValue::Table(table) = value.into_inner() else {
@@ -363,6 +411,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     };
 
     let logging = resolve_logging(&mut report, logging.unwrap_or_default());
+    let calendars = resolve_calendars(&mut report, raw_calendars);
     let known: BTreeSet<String> = tasks
         .iter()
         .map(|(name, _, _)| name.get_ref().clone())
@@ -378,7 +427,10 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             task,
             &defaults,
             &scheduler,
-            &known,
+            &Names {
+                tasks: &known,
+                calendars: &calendars,
+            },
         ) {
             let first_dep = task
                 .depends_on
@@ -408,7 +460,10 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     };
 
     if !report.errors.is_empty() {
-        report.errors.sort_by_key(|e| (e.line, e.column));
+        // The config file's own errors first, then those of calendar files.
+        report
+            .errors
+            .sort_by_key(|e| (e.file != file, e.file.clone(), e.line, e.column));
         return Err(ConfigErrors(report.errors));
     }
     Ok(Config {
@@ -417,9 +472,147 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         scheduler,
         api,
         logging,
+        calendars,
+        any_jitter: specs.values().any(|spec: &TaskSpec| !spec.jitter.is_zero()),
         tasks: specs,
         topo_order,
     })
+}
+
+/// Parses each `"YYYY-MM-DD"` of `dates` into `into`, reporting the others at their place.
+fn parse_dates(
+    report: &mut Report<'_>,
+    dates: &[Spanned<String>],
+    key: &str,
+    into: &mut BTreeSet<NaiveDate>,
+) {
+    for date in dates {
+        match NaiveDate::parse_from_str(date.get_ref().trim(), "%Y-%m-%d") {
+            Ok(parsed) => {
+                into.insert(parsed);
+            }
+            Err(_) => report.error(
+                date.span(),
+                key,
+                format!(
+                    "expected a date such as \"2025-12-25\", found {:?}",
+                    date.get_ref()
+                ),
+            ),
+        }
+    }
+}
+
+/// Builds each calendar: its inline dates and those of its file (read relative to the
+/// config file's folder; its errors name that file, line and column).
+fn resolve_calendars(
+    report: &mut Report<'_>,
+    raw: Vec<(String, Range<usize>, RawCalendar)>,
+) -> BTreeMap<String, Arc<Calendar>> {
+    let mut calendars = BTreeMap::new();
+    for (name, span, calendar) in raw {
+        let path = format!("calendars.{name}");
+        if name.is_empty()
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        {
+            report.error(
+                span.clone(),
+                &path,
+                "calendar names may hold only letters, digits, '_' and '-'",
+            );
+        }
+        if calendar.dates.is_none() && calendar.file.is_none() {
+            report.error(
+                span.clone(),
+                &path,
+                "a calendar needs dates = [\"YYYY-MM-DD\", …] or file = \"<path>\"",
+            );
+        }
+        let mut dates = BTreeSet::new();
+        parse_dates(
+            report,
+            calendar.dates.as_deref().unwrap_or_default(),
+            &format!("{path}.dates"),
+            &mut dates,
+        );
+        let mut description = calendar.description.clone();
+        if let Some(file) = &calendar.file {
+            let folder = report.file.parent().unwrap_or(Path::new(""));
+            let location = folder.join(file.get_ref());
+            match std::fs::read_to_string(&location) {
+                Err(err) => report.error(
+                    file.span(),
+                    &format!("{path}.file"),
+                    format!("cannot read calendar file {}: {err}", location.display()),
+                ),
+                Ok(text) => {
+                    let from_file = calendar_file(&text, &location, &mut dates);
+                    match from_file {
+                        Ok(file_description) => {
+                            description = description.or(file_description);
+                        }
+                        Err(errors) => report.errors.extend(errors),
+                    }
+                }
+            }
+        }
+        calendars.insert(
+            name.clone(),
+            Arc::new(Calendar {
+                name,
+                description: description.unwrap_or_default(),
+                dates,
+            }),
+        );
+    }
+    calendars
+}
+
+/// The dates of a calendar file into `dates`, and its description; or its errors, each
+/// with the calendar file's own line and column.
+fn calendar_file(
+    text: &str,
+    file: &Path,
+    dates: &mut BTreeSet<NaiveDate>,
+) -> Result<Option<String>, Vec<ConfigError>> {
+    let mut report = Report {
+        text,
+        file,
+        errors: Vec::new(),
+        entries: Vec::new(),
+    };
+    let document = match DeTable::parse(text) {
+        Ok(document) => document,
+        Err(err) => {
+            syntax_error(&mut report, &err);
+            return Err(report.errors);
+        }
+    };
+    entries(document.get_ref(), "", 0, &mut report.entries);
+    let value = Spanned::new(0..text.len(), DeValue::Table(document.into_inner()));
+    let decoded = report.decode::<RawCalendarFile>(value, "");
+    // The file's keys are top-level: no table prefix before them.
+    for err in &mut report.errors {
+        if let Some(key) = err.key.strip_prefix('.') {
+            err.key = key.to_string();
+        }
+    }
+    let Some(raw) = decoded else {
+        return Err(report.errors);
+    };
+    parse_dates(
+        &mut report,
+        raw.dates.as_deref().unwrap_or_default(),
+        "dates",
+        dates,
+    );
+    if report.errors.is_empty() {
+        Ok(raw.description)
+    } else {
+        Err(report.errors)
+    }
 }
 
 /// `[api] bind` must be an IP address and a port: the API binds exactly that, and a
@@ -683,6 +876,16 @@ fn pick<'a, T>(
     }
 }
 
+/// How many intervals between upcoming ticks `jitter` is checked against.
+const JITTER_GAPS: usize = 50;
+
+/// What a task may name: the other tasks, and the calendars.
+#[derive(Clone, Copy)]
+struct Names<'a> {
+    tasks: &'a BTreeSet<String>,
+    calendars: &'a BTreeMap<String, Arc<Calendar>>,
+}
+
 fn resolve_task(
     report: &mut Report<'_>,
     name: &Spanned<String>,
@@ -690,8 +893,12 @@ fn resolve_task(
     task: &RawTask,
     defaults: &RawTask,
     scheduler: &SchedulerSettings,
-    known: &BTreeSet<String>,
+    names: &Names<'_>,
 ) -> Option<TaskSpec> {
+    let Names {
+        tasks: known,
+        calendars,
+    } = *names;
     let task_name = name.get_ref().as_str();
     let errors_before = report.errors.len();
     if task_name.is_empty()
@@ -882,6 +1089,87 @@ fn resolve_task(
         None => serde_json::Value::Object(Default::default()),
     };
 
+    let (calendar_value, calendar_key) =
+        pick(&task.calendar, &defaults.calendar, task_name, "calendar");
+    let calendar = calendar_value.and_then(|value| {
+        let found = calendars.get(value.get_ref()).cloned();
+        if found.is_none() {
+            let hint = closest(value.get_ref(), calendars.keys().map(String::as_str))
+                .map(|near| format!(" (did you mean \"{near}\"?)"))
+                .unwrap_or_else(|| {
+                    if calendars.is_empty() {
+                        " (no [calendars.<name>] table is defined)".to_string()
+                    } else {
+                        format!(
+                            " (known calendars: {})",
+                            calendars.keys().cloned().collect::<Vec<_>>().join(", ")
+                        )
+                    }
+                });
+            report.error(
+                value.span(),
+                &calendar_key,
+                format!("unknown calendar \"{}\"{hint}", value.get_ref()),
+            );
+        }
+        found
+    });
+
+    let (jitter_value, jitter_key) = pick(&task.jitter, &defaults.jitter, task_name, "jitter");
+    let errors_before_jitter = report.errors.len();
+    let jitter = report.duration(jitter_value, &jitter_key, Duration::ZERO);
+    let jitter_parsed = report.errors.len() == errors_before_jitter;
+    if let (Some(value), Some(schedule), true) = (jitter_value, &schedule, jitter_parsed) {
+        // A jitter as long as the gap between two ticks would push a fire past the next
+        // tick, which would then be "missed": refused, against the shortest gap of the
+        // next ticks (only computed when a jitter is set).
+        let shortest = schedule
+            .ticks_after(Utc::now())
+            .take(JITTER_GAPS + 1)
+            .collect::<Vec<_>>()
+            .windows(2)
+            .filter_map(|pair| (pair[1] - pair[0]).to_std().ok())
+            .min();
+        if let Some(shortest) = shortest.filter(|gap| jitter >= *gap) {
+            report.error(
+                value.span(),
+                &jitter_key,
+                format!(
+                    "must be shorter than the schedule's shortest interval between ticks ({}), found {:?}",
+                    humantime::format_duration(shortest),
+                    value.get_ref()
+                ),
+            );
+        }
+    }
+
+    let (failures_value, failures_key) = pick(
+        &task.max_consecutive_failures,
+        &defaults.max_consecutive_failures,
+        task_name,
+        "max_consecutive_failures",
+    );
+    let max_consecutive_failures = failures_value.map(|value| *value.get_ref());
+    if let Some(value) = failures_value.filter(|value| *value.get_ref() == 0) {
+        report.error(
+            value.span(),
+            &failures_key,
+            "expected a whole number of at least 1 (leave the key out for no circuit breaker), found 0",
+        );
+    }
+
+    let (deadline_value, deadline_key) =
+        pick(&task.deadline, &defaults.deadline, task_name, "deadline");
+    let errors_before_deadline = report.errors.len();
+    let deadline =
+        deadline_value.map(|_| report.duration(deadline_value, &deadline_key, Duration::ZERO));
+    let deadline_parsed = report.errors.len() == errors_before_deadline;
+    if let Some(value) =
+        deadline_value.filter(|_| deadline_parsed && deadline == Some(Duration::ZERO))
+    {
+        report.error(value.span(), &deadline_key, "must be longer than zero");
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }
@@ -901,6 +1189,10 @@ fn resolve_task(
         overlap,
         enabled: task.enabled.or(defaults.enabled).unwrap_or(true),
         description: task.description.clone().unwrap_or_default(),
+        calendar,
+        jitter,
+        max_consecutive_failures,
+        deadline,
     })
 }
 
@@ -1177,11 +1469,20 @@ mod tests {
         assert_eq!(names(keys::LOGGING_KEYS), fields::<RawLogging>());
         assert_eq!(names(keys::TASK_KEYS), fields::<RawTask>());
         assert_eq!(names(keys::BACKOFF_KEYS), fields::<RawBackoff>());
+        assert_eq!(names(keys::CALENDAR_KEYS), fields::<RawCalendar>());
+        assert_eq!(names(keys::CALENDAR_FILE_KEYS), fields::<RawCalendarFile>());
         let mut sections: Vec<&str> = SECTIONS.to_vec();
         sections.sort_unstable();
         assert_eq!(
             sections,
-            ["api", "defaults", "logging", "scheduler", "tasks"]
+            [
+                "api",
+                "calendars",
+                "defaults",
+                "logging",
+                "scheduler",
+                "tasks"
+            ]
         );
     }
 

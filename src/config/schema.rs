@@ -16,6 +16,9 @@ use crate::builtins::BUILTINS;
 /// Loose on purpose: a duration such as `"90m"` or `"1h 30m"`; humantime decides.
 const DURATION_PATTERN: &str = r"^\s*[0-9]+\s*[A-Za-zµ]+(\s*[0-9]+\s*[A-Za-zµ]+)*\s*$";
 
+/// A calendar date, `YYYY-MM-DD` (validation checks the date exists).
+const DATE_PATTERN: &str = r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$";
+
 /// The schema, draft-07 (what Taplo reads).
 pub fn json_schema() -> Value {
     let task = json!({
@@ -36,6 +39,12 @@ pub fn json_schema() -> Value {
             "defaults": {
                 "description": "any task key, applied to every task that does not set it",
                 "$ref": "#/definitions/task",
+            },
+            "calendars": {
+                "description": "one table per calendar: [calendars.<name>], dates a task naming it does not fire on",
+                "type": "object",
+                "propertyNames": { "pattern": TASK_NAME_PATTERN },
+                "additionalProperties": section(keys::CALENDAR_KEYS, "dates to skip, inline and/or from a file"),
             },
             "tasks": {
                 "description": "one table per task: [tasks.<name>]",
@@ -104,6 +113,11 @@ fn property(key: &Key, table: &str) -> Value {
             "type": "array",
             "items": { "type": "string", "pattern": TASK_NAME_PATTERN },
         }),
+        Kind::Dates => json!({
+            "type": "array",
+            "items": { "type": "string", "pattern": DATE_PATTERN },
+        }),
+        Kind::Calendar => json!({ "type": "string", "pattern": TASK_NAME_PATTERN }),
     };
     let mut description = key.doc.to_string();
     if let Some(bound) = keys::duration_bound(table, key.name) {

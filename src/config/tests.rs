@@ -610,3 +610,255 @@ fn poll_only_is_off_by_default_and_takes_a_boolean() {
         &["2:1: scheduler.poll_onyl: unknown key (did you mean \"poll_only\"?)"],
     );
 }
+
+/// Easter Sunday of `year`: the anonymous Gregorian algorithm (Meeus/Jones/Butcher).
+fn easter(year: i32) -> NaiveDate {
+    let a = year % 19;
+    let b = year / 100;
+    let c = year % 100;
+    let d = b / 4;
+    let e = b % 4;
+    let f = (b + 8) / 25;
+    let g = (b - f + 1) / 3;
+    let h = (19 * a + b - d - g + 15) % 30;
+    let i = c / 4;
+    let k = c % 4;
+    let l = (32 + 2 * e + 2 * i - h - k) % 7;
+    let m = (a + 11 * h + 22 * l) / 451;
+    let month = (h + l - 7 * m + 114) / 31;
+    let day = (h + l - 7 * m + 114) % 31 + 1;
+    NaiveDate::from_ymd_opt(year, month as u32, day as u32).expect("a date")
+}
+
+fn date(year: i32, month: u32, day: u32) -> NaiveDate {
+    NaiveDate::from_ymd_opt(year, month, day).expect("a date")
+}
+
+/// The `n`th `weekday` of a month (1-based).
+fn nth(year: i32, month: u32, weekday: chrono::Weekday, n: u8) -> NaiveDate {
+    NaiveDate::from_weekday_of_month_opt(year, month, weekday, n).expect("a date")
+}
+
+/// The last `weekday` of a month.
+fn last(year: i32, month: u32, weekday: chrono::Weekday) -> NaiveDate {
+    let mut day = date(year, month + 1, 1).pred_opt().expect("a date");
+    while chrono::Datelike::weekday(&day) != weekday {
+        day = day.pred_opt().expect("a date");
+    }
+    day
+}
+
+/// Saturday → the Friday before, Sunday → the Monday after.
+fn observed(day: NaiveDate) -> NaiveDate {
+    match chrono::Datelike::weekday(&day) {
+        chrono::Weekday::Sat => day.pred_opt().expect("a date"),
+        chrono::Weekday::Sun => day.succ_opt().expect("a date"),
+        _ => day,
+    }
+}
+
+#[test]
+fn the_easter_algorithm_gives_the_known_easter_sundays() {
+    assert_eq!(easter(2024), date(2024, 3, 31));
+    assert_eq!(easter(2025), date(2025, 4, 20));
+    assert_eq!(easter(2026), date(2026, 4, 5));
+    assert_eq!(easter(2027), date(2027, 3, 28));
+}
+
+#[test]
+fn nyse_calendar_is_its_rules_plus_the_one_off_closures() {
+    use chrono::Weekday::{Mon, Sat, Thu};
+    let mut expected = BTreeSet::new();
+    for year in 2024..=2027 {
+        let new_year = date(year, 1, 1);
+        // New Year's Day on a Saturday is not observed on the Friday before.
+        if chrono::Datelike::weekday(&new_year) != Sat {
+            expected.insert(observed(new_year));
+        }
+        expected.insert(nth(year, 1, Mon, 3));
+        expected.insert(nth(year, 2, Mon, 3));
+        expected.insert(easter(year) - chrono::Days::new(2));
+        expected.insert(last(year, 5, Mon));
+        expected.insert(observed(date(year, 6, 19)));
+        expected.insert(observed(date(year, 7, 4)));
+        expected.insert(nth(year, 9, Mon, 1));
+        expected.insert(nth(year, 11, Thu, 4));
+        expected.insert(observed(date(year, 12, 25)));
+    }
+    // One-off: national day of mourning for President Carter.
+    expected.insert(date(2025, 1, 9));
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = match parse(
+        "[calendars.nyse]\nfile = \"calendars/nyse.toml\"\n[tasks.a]\nhandler = \"ping\"\ncalendar = \"nyse\"\n",
+        &root.join("config/scheduler.toml"),
+    ) {
+        Ok(config) => config,
+        Err(errors) => panic!("{errors}"),
+    };
+    let nyse = &config.calendars["nyse"];
+    assert_eq!(nyse.dates, expected);
+    assert_eq!(nyse.dates.len(), 41);
+    assert!(
+        !nyse.dates.contains(&date(2027, 12, 31)),
+        "2028-01-01 is a Saturday"
+    );
+    assert!(nyse.description.starts_with("NYSE"));
+}
+
+#[test]
+fn the_shipped_market_tasks_skip_nyse_closures() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let config = load(&root.join("config/scheduler.toml")).unwrap_or_else(|e| panic!("{e}"));
+    for task in ["ingestion", "training", "predictions"] {
+        let calendar = config.task(task).and_then(|t| t.calendar.as_ref());
+        assert_eq!(calendar.map(|c| c.name.as_str()), Some("nyse"), "{task}");
+    }
+}
+
+#[test]
+fn a_calendar_date_is_read_in_the_tasks_zone() {
+    let config = check_ok(
+        "[calendars.h]\ndates = [\"2026-12-25\"]\n[tasks.a]\nhandler = \"ping\"\ncalendar = \"h\"\n",
+    );
+    let calendar = config
+        .task("a")
+        .and_then(|t| t.calendar.clone())
+        .expect("calendar");
+    // 2026-12-26 03:30 UTC is still the 25th in New York, already the 26th in UTC.
+    let tick = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 12, 26, 3, 30, 0).unwrap();
+    assert_eq!(
+        calendar
+            .skip_reason(tick, chrono_tz::America::New_York)
+            .as_deref(),
+        Some("calendar h: 2026-12-25 is a listed date")
+    );
+    assert_eq!(calendar.skip_reason(tick, chrono_tz::UTC), None);
+}
+
+#[test]
+fn calendar_mistakes_are_refused_at_their_place() {
+    check_errors(
+        "[calendars.holidays]\ndates = [\"2026-02-30\"]\n[tasks.a]\nhandler = \"ping\"\ncalendar = \"holiday\"\n[tasks.b]\nhandler = \"ping\"\ncalendar = \"zzz\"\n",
+        &[
+            "2:10: calendars.holidays.dates: expected a date such as \"2025-12-25\", found \"2026-02-30\"",
+            "5:12: tasks.a.calendar: unknown calendar \"holiday\" (did you mean \"holidays\"?)",
+            "8:12: tasks.b.calendar: unknown calendar \"zzz\" (known calendars: holidays)",
+        ],
+    );
+    check_errors(
+        "[calendars.empty]\ndescription = \"nothing\"\n[tasks.a]\nhandler = \"ping\"\n",
+        &["1:12: calendars.empty: a calendar needs dates = [\"YYYY-MM-DD\", …] or file = \"<path>\""],
+    );
+}
+
+#[test]
+fn an_error_in_a_calendar_file_names_that_file_line_and_column() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    std::fs::write(
+        dir.path().join("days.toml"),
+        "# closures\ndates = [\n  \"2026-01-01\",\n  \"Jan 2\",\n]\ndescriptio = \"x\"\n",
+    )
+    .expect("written");
+    let config_file = dir.path().join("scheduler.toml");
+    let errors = parse(
+        "[calendars.days]\nfile = \"days.toml\"\n[tasks.a]\nhandler = \"ping\"\ncalendar = \"days\"\n",
+        &config_file,
+    )
+    .expect_err("refused");
+    let shown: Vec<String> = errors.0.iter().map(ToString::to_string).collect();
+    let days = dir.path().join("days.toml").display().to_string();
+    assert_eq!(
+        shown,
+        vec![
+            format!("{days}:4:3: dates: expected a date such as \"2025-12-25\", found \"Jan 2\""),
+            format!("{days}:6:1: descriptio: unknown key (did you mean \"description\"?)"),
+        ]
+    );
+    let missing = parse(
+        "[calendars.days]\nfile = \"nowhere.toml\"\n[tasks.a]\nhandler = \"ping\"\n",
+        &config_file,
+    )
+    .expect_err("refused");
+    assert!(
+        missing.0[0]
+            .to_string()
+            .contains("2:8: calendars.days.file: cannot read calendar file"),
+        "{missing}"
+    );
+}
+
+fn jitter_task(jitter: &str, schedule: &str) -> TaskSpec {
+    let config = check_ok(&format!(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"{schedule}\"\njitter = \"{jitter}\"\n"
+    ));
+    config.task("a").cloned().expect("task a")
+}
+
+#[test]
+fn jitter_delay_is_pinned() {
+    // These values are a promise between instances and between versions: a change of
+    // the hash would make two instances of different builds disagree on when a tick is
+    // due.
+    let tick = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 6, 1, 12, 0, 0).unwrap();
+    let bound = Duration::from_secs(30);
+    let got: Vec<Duration> = ["ingestion", "training", "predictions"]
+        .iter()
+        .map(|task| jitter_delay(task, tick, bound))
+        .collect();
+    assert_eq!(got, PINNED_JITTER);
+    assert_eq!(
+        jitter_delay("ingestion", tick, Duration::ZERO),
+        Duration::ZERO
+    );
+}
+
+#[test]
+fn jitter_stays_within_its_bound_and_spreads_ticks_and_tasks() {
+    let task = jitter_task("30s", "0 * * * * *");
+    let start = chrono::TimeZone::with_ymd_and_hms(&chrono::Utc, 2026, 6, 1, 12, 0, 0).unwrap();
+    let delays: Vec<Duration> = (0..1000)
+        .map(|minute| task.jitter_for(start + chrono::TimeDelta::minutes(minute)))
+        .collect();
+    assert!(delays.iter().all(|d| *d < Duration::from_secs(30)));
+    // Spread over the whole bound: each 3-second tenth of it is hit.
+    for tenth in 0..10 {
+        let low = Duration::from_secs(3 * tenth);
+        let high = low + Duration::from_secs(3);
+        assert!(
+            delays.iter().any(|d| *d >= low && *d < high),
+            "no delay in [{low:?}, {high:?})"
+        );
+    }
+    assert_eq!(
+        task.due_at(start),
+        start + chrono::TimeDelta::from_std(task.jitter_for(start)).unwrap()
+    );
+    assert_ne!(
+        jitter_delay("a", start, Duration::from_secs(30)),
+        jitter_delay("b", start, Duration::from_secs(30))
+    );
+}
+
+#[test]
+fn a_jitter_as_long_as_the_schedules_interval_is_refused() {
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 */5 * * * *\"\njitter = \"5m\"\n",
+        &["4:10: tasks.a.jitter: must be shorter than the schedule's shortest interval between ticks (5m), found \"5m\""],
+    );
+    check_errors(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\njitter = \"2d\"\n",
+        &["4:10: tasks.a.jitter: expected a duration of at most 1d, found \"2d\""],
+    );
+    assert_eq!(
+        jitter_task("4m59s", "0 */5 * * * *").jitter,
+        Duration::from_secs(299)
+    );
+}
+
+/// FNV-1a + SplitMix64 of ("ingestion" | "training" | "predictions", 0xff, the
+/// microseconds of 2026-06-01T12:00:00Z) modulo 30 s, computed independently (Python).
+const PINNED_JITTER: [Duration; 3] = [
+    Duration::from_micros(566_691),
+    Duration::from_micros(5_256_522),
+    Duration::from_micros(22_164_821),
+];

@@ -111,6 +111,8 @@ pub struct TaskSnapshot {
     pub name: String,
     /// Paused (persisted).
     pub paused: bool,
+    /// Paused by its circuit breaker (`max_consecutive_failures`), not by an operator.
+    pub circuit_open: bool,
     /// Next fire, if scheduled and not paused.
     pub next_fire: Option<Instant>,
     /// Its running attempts.

@@ -143,7 +143,12 @@ impl Engine {
                 task: task.to_string(),
                 known: self.config.task_names().join(", "),
             })?;
-        blocking(|| self.store.set_paused(&spec.name, paused, now))?;
+        let name = spec.name.clone();
+        // A resume of a task whose circuit is open closes the circuit (and resumes it).
+        let closed = !paused && blocking(|| self.close_circuit(&name, now))?;
+        if !closed {
+            blocking(|| self.store.set_paused(&name, paused, now))?;
+        }
         if paused {
             self.paused.insert(task.to_string());
         } else {

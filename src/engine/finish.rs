@@ -94,9 +94,9 @@ impl Engine {
                 RunnerEvent::Spawned(_, spawned_at) => {
                     if let Some(running) = self.running.get(&envelope.run) {
                         if running.trigger == Trigger::Schedule && running.attempt == Attempt(1) {
-                            let lag = (*spawned_at - running.scheduled_for)
-                                .to_std()
-                                .unwrap_or_default();
+                            // From when the tick was due: its jitter is no lag.
+                            let due = self.due_at(&running.task, running.scheduled_for);
+                            let lag = (*spawned_at - due).to_std().unwrap_or_default();
                             self.metrics.fire_lag.observe(lag.as_secs_f64());
                         }
                     }
@@ -455,5 +455,6 @@ impl Engine {
         let stats = Stats::of(recent);
         self.stats.insert(task.clone(), stats);
         self.dirty = true;
+        self.check_circuit(task, state, now);
     }
 }

@@ -25,10 +25,11 @@ impl Engine {
             self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY * 20);
             return;
         }
+        // Due once the tick plus its jitter has come; the claim key stays the tick.
         let due: Vec<(TaskName, Instant)> = self
             .next_fire
             .iter()
-            .filter(|(_, at)| **at <= now)
+            .filter(|(task, at)| **at <= now && self.due_at(task, **at) <= now)
             .map(|(task, at)| (task.clone(), *at))
             .collect();
         if !due.is_empty() {
@@ -91,7 +92,9 @@ impl Engine {
         /// What one transaction of claims did, task by task.
         #[derive(Default)]
         struct Fired {
-            claims: Vec<(Pending, TickAction)>,
+            /// Each claim, its action and, for a tick on a date of the task's calendar,
+            /// why it is skipped.
+            claims: Vec<(Pending, TickAction, Option<String>)>,
             /// Held by another instance, or not due by the database's clock: look again.
             deferred: Vec<TaskName>,
             /// Another instance moved the next fire on: this is where it is now.
@@ -158,7 +161,16 @@ impl Engine {
                         match batch.claim_fire(&new_run, now, plan.plan.next) {
                             Ok(run) => {
                                 next_written = true;
-                                fired.claims.push((Pending::new_run(run, &new_run), *action));
+                                // A tick on a calendar date is claimed (it is consumed:
+                                // never fired later as a catch-up) and recorded skipped.
+                                let closed = plan.spec.calendar.as_ref().and_then(|calendar| {
+                                    calendar.skip_reason(*tick, plan.spec.timezone)
+                                });
+                                fired.claims.push((
+                                    Pending::new_run(run, &new_run),
+                                    *action,
+                                    closed,
+                                ));
                             }
                             Err(StoreError::AlreadyClaimed { .. }) => {
                                 debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
@@ -187,6 +199,8 @@ impl Engine {
                 let changed = if paused {
                     self.paused.insert(task.as_str().to_string())
                 } else {
+                    // Resumed (here or on another instance): no circuit holds it.
+                    self.circuits.remove(task.as_str());
                     self.paused.remove(task.as_str())
                 };
                 self.dirty |= changed;
@@ -242,8 +256,10 @@ impl Engine {
                 None => self.next_fire.remove(plan.task),
             };
         }
-        for (pending, action) in claims {
-            if action == TickAction::Skip {
+        for (pending, action, closed) in claims {
+            if let Some(reason) = closed {
+                self.skip(&pending, &reason, now);
+            } else if action == TickAction::Skip {
                 let reason = if at_startup {
                     "misfire policy skip: tick missed while the scheduler was down"
                 } else {
@@ -254,6 +270,17 @@ impl Engine {
                 self.admit(pending, now);
             }
         }
+    }
+
+    /// When the fire of `task`'s nominal tick `at` is due: `at` plus the task's jitter.
+    pub(super) fn due_at(&self, task: &TaskName, at: Instant) -> Instant {
+        if !self.config.any_jitter {
+            return at;
+        }
+        self.config
+            .tasks
+            .get(task)
+            .map_or(at, |spec| spec.due_at(at))
     }
 
     pub(super) fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {

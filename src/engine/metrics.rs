@@ -17,6 +17,8 @@ pub struct Metrics {
     pub(super) queued: IntGauge,
     pub(super) retries: IntCounterVec,
     pub(super) orphans: IntCounter,
+    pub(super) circuits_opened: IntCounterVec,
+    pub(super) deadlines_missed: IntCounterVec,
 }
 
 impl Metrics {
@@ -65,6 +67,22 @@ impl Metrics {
         .expect(CONSTANT);
         let orphans = IntCounter::new("turbosched_orphans_total", "Runs whose owner vanished")
             .expect(CONSTANT);
+        let circuits_opened = IntCounterVec::new(
+            Opts::new(
+                "turbosched_circuit_opened_total",
+                "Times a task's circuit opened (max_consecutive_failures reached: schedule paused)",
+            ),
+            &["task"],
+        )
+        .expect(CONSTANT);
+        let deadlines_missed = IntCounterVec::new(
+            Opts::new(
+                "turbosched_deadline_missed_total",
+                "Scheduled runs not succeeded within their task's deadline of their tick",
+            ),
+            &["task"],
+        )
+        .expect(CONSTANT);
         for collector in [
             Box::new(runs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(run_duration.clone()),
@@ -73,6 +91,8 @@ impl Metrics {
             Box::new(queued.clone()),
             Box::new(retries.clone()),
             Box::new(orphans.clone()),
+            Box::new(circuits_opened.clone()),
+            Box::new(deadlines_missed.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             // Names are distinct constants: registration cannot collide.
@@ -87,6 +107,8 @@ impl Metrics {
             queued,
             retries,
             orphans,
+            circuits_opened,
+            deadlines_missed,
         }
     }
 
@@ -95,6 +117,8 @@ impl Metrics {
     pub(super) fn know_tasks<'a>(&self, tasks: impl IntoIterator<Item = &'a str>) {
         for task in tasks {
             self.retries.with_label_values(&[task]);
+            self.circuits_opened.with_label_values(&[task]);
+            self.deadlines_missed.with_label_values(&[task]);
             for state in ["succeeded", "failed", "timed_out", "aborted", "skipped"] {
                 self.runs.with_label_values(&[task, state]);
             }
@@ -141,6 +165,8 @@ mod tests {
         let text = metrics.render();
         for name in [
             "turbosched_retries_total{task=\"drift\"} 0",
+            "turbosched_circuit_opened_total{task=\"drift\"} 0",
+            "turbosched_deadline_missed_total{task=\"drift\"} 0",
             "turbosched_runs_total{state=\"failed\",task=\"drift\"} 0",
             "turbosched_runs_total{state=\"succeeded\",task=\"ingestion\"} 1",
             "turbosched_run_duration_seconds_count{task=\"ingestion\"} 1",

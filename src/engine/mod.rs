@@ -25,8 +25,10 @@
 
 mod board;
 mod cascade;
+mod circuit;
 mod cluster;
 mod commands;
+mod deadline;
 mod dispatch;
 mod faults;
 mod finish;
@@ -44,6 +46,7 @@ mod tests;
 pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
+pub use circuit::open_circuit;
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
 pub use commands::enqueue_manual;
 pub use faults::{ClockStep, StoreFault};
@@ -55,7 +58,7 @@ use faults::WallWatch;
 use finish::Running;
 use queue::Pending;
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -125,6 +128,12 @@ pub struct Engine {
     /// Task → how many of its runs wait in `queue`.
     queued_per_task: HashMap<TaskName, usize>,
     next_fire: HashMap<TaskName, Instant>,
+    /// Tasks whose circuit is open (paused by `max_consecutive_failures`; `circuit.rs`).
+    circuits: HashSet<String>,
+    /// Runs whose `deadline_missed` is raised (`deadline.rs`), within the checked window.
+    deadlines_raised: HashSet<RunId>,
+    /// The first deadline check (which looks further back) is done.
+    deadlines_checked: bool,
     retry_due: BTreeSet<(Instant, RunId)>,
     retry_pending: HashMap<RunId, Pending>,
     worker_tx: mpsc::Sender<Envelope>,
@@ -200,6 +209,9 @@ impl Engine {
             queue: VecDeque::new(),
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),
+            circuits: HashSet::new(),
+            deadlines_raised: HashSet::new(),
+            deadlines_checked: false,
             retry_due: BTreeSet::new(),
             retry_pending: HashMap::new(),
             worker_tx,
@@ -444,8 +456,8 @@ impl Engine {
     fn next_deadline_delay(&self) -> Duration {
         let earliest = self
             .next_fire
-            .values()
-            .copied()
+            .iter()
+            .map(|(task, at)| self.due_at(task, *at))
             .chain(self.retry_due.first().map(|(at, _)| *at))
             .min();
         let delay = match earliest {

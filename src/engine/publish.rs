@@ -26,6 +26,7 @@ impl Engine {
                 TaskSnapshot {
                     name: spec.name.0.clone(),
                     paused,
+                    circuit_open: paused && self.circuits.contains(spec.name.as_str()),
                     next_fire: if paused || !spec.enabled {
                         None
                     } else {
@@ -79,6 +80,7 @@ impl Engine {
             Ok(paused) => self.paused = paused,
             Err(err) => warn!("cannot read paused tasks: {err}"),
         }
+        self.seed_circuits();
         let config = self.config.clone();
         for (index, name) in config.tasks.keys().enumerate() {
             if index % 256 == 255 && self.cancel.is_cancelled() {

@@ -67,7 +67,7 @@ impl Engine {
             let key = schedule_key(schedule);
             let state = states.remove(&spec.name).unwrap_or_default();
             match (state.next_fire_at, state.schedule) {
-                (Some(next), Some(stored)) if stored == key && next <= now => {
+                (Some(next), Some(stored)) if stored == key && spec.due_at(next) <= now => {
                     due.push((spec.name.clone(), next));
                 }
                 (Some(next), Some(stored)) if stored == key => {

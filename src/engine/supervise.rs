@@ -33,6 +33,7 @@ impl Engine {
             if let Err(err) = self.find_orphans(now) {
                 warn!("cannot look for orphaned runs: {err}");
             }
+            self.check_deadlines(now);
         }
     }
 

@@ -410,3 +410,471 @@ fn the_board_wakes_its_readers_only_when_something_changed() {
     engine.publish(true);
     assert!(readers.has_changed().expect("open"));
 }
+
+/// `t(0)` is 2026-06-01 12:00 UTC; a daily noon task whose calendar lists 2026-06-02.
+fn daily_noon_with_a_holiday() -> Bench {
+    Bench::new(
+        "[calendars.holidays]\ndates = [\"2026-06-02\"]\n\
+         [tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ncalendar = \"holidays\"\n",
+    )
+}
+
+#[test]
+fn a_tick_on_a_calendar_date_is_recorded_skipped_naming_the_calendar_and_the_next_day_fires() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    for day in [1, 2] {
+        let noon = t(day * 86_400);
+        assert_eq!(engine.next_fire.get(&"t".into()), Some(&noon));
+        bench.clock.set(noon);
+        engine.on_tick();
+    }
+    let runs = bench.runs("t");
+    let seen: Vec<(Instant, RunState, Trigger)> = runs
+        .iter()
+        .map(|r| (r.scheduled_for, r.state, r.trigger))
+        .collect();
+    assert_eq!(
+        seen,
+        vec![
+            (t(86_400), RunState::Skipped, Trigger::Schedule),
+            (t(2 * 86_400), RunState::Queued, Trigger::Schedule),
+        ]
+    );
+    assert_eq!(
+        runs[0].reason.as_deref(),
+        Some("calendar holidays: 2026-06-02 is a listed date")
+    );
+    let skipped = bench
+        .store
+        .events_after(0, 100)
+        .expect("events")
+        .into_iter()
+        .find(|e| e.kind == "run_skipped")
+        .expect("a run_skipped event");
+    assert!(
+        skipped.message.contains("calendar holidays"),
+        "{}",
+        skipped.message
+    );
+}
+
+#[test]
+fn a_tick_skipped_by_the_calendar_is_not_fired_as_a_catch_up_after_a_restart() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    bench.clock.set(t(86_400));
+    engine.on_tick();
+    drop(engine);
+    // Back ten minutes after the holiday's tick: run_once would catch a missed tick up.
+    let mut engine = bench.engine_at(t(86_400 + 600));
+    engine.plan_startup_fires(t(86_400 + 600));
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1, "the holiday's tick was consumed by its skip");
+    assert_eq!(runs[0].state, RunState::Skipped);
+}
+
+#[test]
+fn a_tick_missed_during_downtime_on_a_calendar_date_is_skipped_not_caught_up() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    drop(engine);
+    // Down over the holiday's noon; back at 12:30 (within misfire_grace).
+    let mut engine = bench.engine_at(t(86_400 + 1_800));
+    engine.plan_startup_fires(t(86_400 + 1_800));
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].trigger, Trigger::Catchup);
+    assert_eq!(runs[0].state, RunState::Skipped);
+    assert!(runs[0]
+        .reason
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("calendar holidays"));
+}
+
+#[test]
+fn a_jittered_task_fires_at_its_tick_plus_its_jitter_and_claims_the_nominal_tick() {
+    let bench =
+        Bench::new("[tasks.t]\nhandler = \"ping\"\nschedule = \"0 * * * * *\"\njitter = \"30s\"\n");
+    let spec = bench.config.task("t").cloned().expect("task");
+    let tick = t(60);
+    let delay = chrono::TimeDelta::from_std(spec.jitter_for(tick)).expect("delay");
+    assert!(delay > chrono::TimeDelta::zero() && delay < chrono::TimeDelta::seconds(30));
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    assert_eq!(
+        engine.next_fire.get(&"t".into()),
+        Some(&tick),
+        "the nominal tick"
+    );
+
+    // At the tick, the loop sleeps until the jittered instant.
+    bench.clock.set(tick);
+    assert_eq!(
+        engine.next_deadline_delay(),
+        delay.to_std().expect("positive")
+    );
+    engine.on_tick();
+    bench
+        .clock
+        .set(tick + delay - chrono::TimeDelta::microseconds(1));
+    engine.on_tick();
+    assert!(
+        bench.runs("t").is_empty(),
+        "not before its jittered instant"
+    );
+
+    bench.clock.set(tick + delay);
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        runs[0].scheduled_for, tick,
+        "the claim key is the nominal tick"
+    );
+    assert_eq!(runs[0].trigger, Trigger::Schedule);
+    assert_eq!(runs[0].queued_at, tick + delay, "queued when it was due");
+    assert_eq!(engine.next_fire.get(&"t".into()), Some(&t(120)));
+}
+
+#[test]
+fn a_restart_inside_a_ticks_jitter_waits_for_the_jittered_instant() {
+    let bench =
+        Bench::new("[tasks.t]\nhandler = \"ping\"\nschedule = \"0 * * * * *\"\njitter = \"30s\"\n");
+    let spec = bench.config.task("t").cloned().expect("task");
+    let tick = t(60);
+    let due = spec.due_at(tick);
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    drop(engine);
+    // Back between the tick and its jittered instant: it is not a missed tick.
+    let back = tick + (due - tick) / 2;
+    let mut engine = bench.engine_at(back);
+    engine.plan_startup_fires(back);
+    assert!(bench.runs("t").is_empty());
+    bench.clock.set(due);
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(
+        (runs[0].scheduled_for, runs[0].trigger),
+        (tick, Trigger::Schedule)
+    );
+}
+
+/// A manual run of `t` that ends in `state` at `now`, as the engine notes a run's end.
+fn end_run(bench: &Bench, engine: &mut Engine, state: RunState, now: Instant) -> RunId {
+    let run = bench.manual_run(1);
+    let start = Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    let owner = Change {
+        owner: Some(engine.instance.clone()),
+        ..Change::default()
+    };
+    bench
+        .store
+        .transition(&start, &owner, now)
+        .expect("running");
+    let end = Move {
+        run,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to: state,
+    };
+    bench
+        .store
+        .transition(&end, &Change::default(), now)
+        .expect("ended");
+    engine.note_finished(&"t".into(), run, state, None, now);
+    run
+}
+
+fn paused_in_store(bench: &Bench) -> bool {
+    bench.store.task_state(&"t".into()).expect("state").paused
+}
+
+fn circuit_events(bench: &Bench) -> Vec<String> {
+    bench
+        .store
+        .events_after(0, 1000)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind.starts_with("circuit_"))
+        .map(|e| e.kind)
+        .collect()
+}
+
+const BREAKER: &str =
+    "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\nmax_consecutive_failures = 3\n";
+
+#[test]
+fn the_circuit_opens_at_exactly_n_failed_runs_in_a_row_and_a_manual_run_still_goes() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    engine.seed_board();
+    end_run(&bench, &mut engine, RunState::Failed, t(1));
+    end_run(&bench, &mut engine, RunState::TimedOut, t(2));
+    assert!(!paused_in_store(&bench), "two failures: still closed");
+    assert!(circuit_events(&bench).is_empty());
+    // Skipped and aborted runs neither count nor reset the streak.
+    end_run(&bench, &mut engine, RunState::Aborted, t(3));
+    assert!(!paused_in_store(&bench));
+    end_run(&bench, &mut engine, RunState::Failed, t(4));
+    assert!(
+        paused_in_store(&bench),
+        "the third failure in a row opens it"
+    );
+    assert_eq!(circuit_events(&bench), vec!["circuit_opened"]);
+    let opened = super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .expect("open");
+    assert!(
+        opened
+            .message
+            .starts_with("circuit opened: 3 runs in a row failed"),
+        "{}",
+        opened.message
+    );
+    assert!(engine.circuits.contains("t"));
+    assert!(engine
+        .metrics
+        .render()
+        .contains("turbosched_circuit_opened_total{task=\"t\"} 1"));
+    engine.publish(true);
+    let board = engine.board.snapshot().expect("published");
+    let task = board.tasks.iter().find(|task| task.name == "t").expect("t");
+    assert!(task.paused && task.circuit_open);
+    // A manual trigger still queues a run.
+    assert!(engine.trigger("t", false, false, t(5)).is_ok());
+}
+
+#[test]
+fn a_success_between_failures_starts_the_count_again() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    for (second, state) in [
+        RunState::Failed,
+        RunState::Failed,
+        RunState::Succeeded,
+        RunState::Failed,
+        RunState::Failed,
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        end_run(&bench, &mut engine, state, t(second as i64 + 1));
+    }
+    assert!(!paused_in_store(&bench), "two in a row since the success");
+    end_run(&bench, &mut engine, RunState::Failed, t(10));
+    assert!(paused_in_store(&bench));
+}
+
+#[test]
+fn resume_closes_the_circuit_and_the_count_starts_again() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    for second in 1..=3 {
+        end_run(&bench, &mut engine, RunState::Failed, t(second));
+    }
+    assert!(paused_in_store(&bench));
+    engine.pause("t", false, t(10)).expect("resumed");
+    assert!(!paused_in_store(&bench));
+    assert!(!engine.circuits.contains("t"));
+    assert_eq!(
+        circuit_events(&bench),
+        vec!["circuit_opened", "circuit_closed"]
+    );
+    assert!(super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .is_none());
+    // The failures before the resume no longer count: two new ones keep it closed.
+    end_run(&bench, &mut engine, RunState::Failed, t(11));
+    end_run(&bench, &mut engine, RunState::Failed, t(12));
+    assert!(!paused_in_store(&bench));
+    end_run(&bench, &mut engine, RunState::Failed, t(13));
+    assert!(paused_in_store(&bench), "three new failures open it again");
+    // After a restart the engine knows the pause is the circuit's.
+    drop(engine);
+    let mut engine = bench.engine_at(t(20));
+    engine.seed_board();
+    assert!(engine.circuits.contains("t"));
+}
+
+#[test]
+fn an_operators_pause_is_not_an_open_circuit() {
+    let bench = Bench::new(BREAKER);
+    let mut engine = bench.engine_at(t(0));
+    engine.pause("t", true, t(1)).expect("paused");
+    assert!(super::open_circuit(&bench.store, "t")
+        .expect("read")
+        .is_none());
+    engine.pause("t", false, t(2)).expect("resumed");
+    assert!(circuit_events(&bench).is_empty());
+}
+
+const DEADLINE: &str =
+    "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\ndeadline = \"45m\"\noverlap = \"queue\"\n";
+
+/// The `deadline_missed` events, as (run, message).
+fn deadline_events(store: &Store) -> Vec<(Option<RunId>, String)> {
+    store
+        .events_after(0, 10_000)
+        .expect("events")
+        .into_iter()
+        .filter(|e| e.kind == "deadline_missed")
+        .map(|e| (e.run_id, e.message))
+        .collect()
+}
+
+/// The engine started at `t(1)` has claimed the 13:00 tick (`t(3600)`); returns its run.
+fn claim_the_one_oclock_tick(bench: &Bench, engine: &mut Engine) -> RunId {
+    engine.plan_startup_fires(t(1));
+    bench.clock.set(t(3600));
+    engine.on_tick();
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    runs[0].id
+}
+
+/// Moves `run` through running to `to`, starting at `start` and ending at `end`.
+fn run_through(bench: &Bench, run: RunId, start: Instant, to: RunState, end: Instant) {
+    let change = Change {
+        owner: Some("someone".into()),
+        ..Change::default()
+    };
+    let started = Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    bench
+        .store
+        .transition(&started, &change, start)
+        .expect("running");
+    let ended = Move {
+        run,
+        attempt: Attempt(1),
+        from: RunState::Running,
+        to,
+    };
+    bench
+        .store
+        .transition(&ended, &Change::default(), end)
+        .expect("ended");
+}
+
+#[test]
+fn a_run_not_started_by_its_deadline_raises_deadline_missed_once_not_at_every_heartbeat() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let run = claim_the_one_oclock_tick(&bench, &mut engine);
+    // 44:59 after the tick: not yet.
+    bench.clock.set(t(3600 + 2699));
+    engine.on_heartbeat();
+    assert!(deadline_events(&bench.store).is_empty());
+    // 45:00 after the tick, measured from the tick though the run never started.
+    for seconds in [2700, 2705, 2710, 3000] {
+        bench.clock.set(t(3600 + seconds));
+        engine.on_heartbeat();
+    }
+    let events = deadline_events(&bench.store);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, Some(run));
+    assert!(
+        events[0]
+            .1
+            .contains("did not succeed within its deadline of 45m"),
+        "{}",
+        events[0].1
+    );
+    assert!(
+        events[0].1.ends_with("it has not started"),
+        "{}",
+        events[0].1
+    );
+    assert!(engine
+        .metrics
+        .render()
+        .contains("turbosched_deadline_missed_total{task=\"t\"} 1"));
+}
+
+#[test]
+fn a_run_that_succeeds_within_its_deadline_raises_nothing_and_one_that_succeeds_late_does() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let run = claim_the_one_oclock_tick(&bench, &mut engine);
+    // Started late (40 min after its tick), succeeded at 44 min: in time.
+    run_through(
+        &bench,
+        run,
+        t(3600 + 2400),
+        RunState::Succeeded,
+        t(3600 + 2640),
+    );
+    bench.clock.set(t(3600 + 3000));
+    engine.on_heartbeat();
+    assert!(deadline_events(&bench.store).is_empty());
+
+    // The 14:00 tick's run succeeds at 14:46: late.
+    bench.clock.set(t(7200));
+    engine.on_tick();
+    let late = bench.runs("t")[1].id;
+    run_through(
+        &bench,
+        late,
+        t(7200 + 60),
+        RunState::Succeeded,
+        t(7200 + 2760),
+    );
+    bench.clock.set(t(7200 + 2770));
+    engine.on_heartbeat();
+    let events = deadline_events(&bench.store);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].0, Some(late));
+    assert!(
+        events[0].1.contains("it succeeded only at"),
+        "{}",
+        events[0].1
+    );
+}
+
+#[test]
+fn a_missed_deadline_is_raised_once_across_a_restart_and_one_missed_while_down_at_start() {
+    let bench = Bench::new(DEADLINE);
+    let mut engine = bench.engine_at(t(1));
+    let first = claim_the_one_oclock_tick(&bench, &mut engine);
+    run_through(&bench, first, t(3600 + 10), RunState::Failed, t(3600 + 20));
+    bench.clock.set(t(3600 + 2700));
+    engine.on_heartbeat();
+    assert_eq!(deadline_events(&bench.store).len(), 1);
+    // The 14:00 tick is claimed, then the service stops before its deadline.
+    bench.clock.set(t(7200));
+    engine.on_tick();
+    drop(engine);
+
+    // Another process on the same database file, after the second deadline passed.
+    let reopened = Store::open(&bench._dir.path().join("runs.db")).expect("reopened");
+    bench.clock.set(t(7200 + 2800));
+    let mut engine = Engine::new(
+        bench.config.clone(),
+        reopened.clone(),
+        bench.clock.clone(),
+        Mode::Serve,
+    );
+    engine.on_heartbeat();
+    engine.on_heartbeat();
+    let events = deadline_events(&reopened);
+    let runs: Vec<Option<RunId>> = events.iter().map(|(run, _)| *run).collect();
+    let second = bench.runs("t")[1].id;
+    assert_eq!(runs, vec![Some(first), Some(second)], "{events:?}");
+    assert!(events[0].1.ends_with("it is failed"), "{}", events[0].1);
+}

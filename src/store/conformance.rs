@@ -60,6 +60,10 @@
 //! 17. Each event names the instance whose store handle wrote it (`Store::written_by`),
 //!     none for a handle writing for nobody (the CLI): one event stream for a cluster.
 //!     (`each_event_names_the_instance_that_wrote_it`)
+//! 18. The newest event of some kinds, about a task and/or a run, is found whoever wrote
+//!     it; none when there is none (how `deadline_missed` is raised once across restarts
+//!     and instances, and how a paused task's open circuit is told from a pause).
+//!     (`the_latest_event_of_some_kinds_about_a_task_or_run_is_found`)
 
 use chrono::{TimeZone, Utc};
 
@@ -96,6 +100,7 @@ macro_rules! conformance_suite {
             a_task_runs_one_attempt_at_a_time_across_instances,
             the_database_clock_is_the_servers_time_now,
             each_event_names_the_instance_that_wrote_it,
+            the_latest_event_of_some_kinds_about_a_task_or_run_is_found,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1195,4 +1200,77 @@ pub(crate) fn each_event_names_the_instance_that_wrote_it(open: Open<'_>) {
             ("note".to_string(), None),
         ]
     );
+}
+
+pub(crate) fn the_latest_event_of_some_kinds_about_a_task_or_run_is_found(open: Open<'_>) {
+    let one = open().written_by("instance-a");
+    let other = open().written_by("instance-b");
+    let run = one
+        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), None)
+        .unwrap();
+    one.record_event(
+        "circuit_opened",
+        Some("ingest"),
+        None,
+        "3 failed runs in a row",
+        at(0, 2),
+    )
+    .unwrap();
+    other
+        .record_event("task_resumed", Some("ingest"), None, "resumed", at(0, 3))
+        .unwrap();
+    other
+        .record_event(
+            "circuit_opened",
+            Some("train"),
+            None,
+            "other task",
+            at(0, 4),
+        )
+        .unwrap();
+    other
+        .record_event(
+            "deadline_missed",
+            Some("ingest"),
+            Some(run),
+            "late",
+            at(0, 5),
+        )
+        .unwrap();
+    let reader = open();
+    let kinds = [
+        "circuit_opened",
+        "circuit_closed",
+        "task_resumed",
+        "task_paused",
+    ];
+    let newest = reader
+        .latest_event(&kinds, Some("ingest"), None)
+        .unwrap()
+        .expect("an event");
+    assert_eq!(
+        (newest.kind.as_str(), newest.at, newest.instance.as_deref()),
+        ("task_resumed", at(0, 3), Some("instance-b"))
+    );
+    let opened = reader
+        .latest_event(&["circuit_opened"], Some("ingest"), None)
+        .unwrap()
+        .expect("an event");
+    assert_eq!(
+        (opened.message.as_str(), opened.task.as_deref()),
+        ("3 failed runs in a row", Some("ingest"))
+    );
+    let missed = reader
+        .latest_event(&["deadline_missed"], None, Some(run))
+        .unwrap()
+        .expect("an event");
+    assert_eq!((missed.run_id, missed.at), (Some(run), at(0, 5)));
+    assert!(reader
+        .latest_event(&["deadline_missed"], None, Some(RunId(run.0 + 1000)))
+        .unwrap()
+        .is_none());
+    assert!(reader
+        .latest_event(&["circuit_closed"], Some("ingest"), None)
+        .unwrap()
+        .is_none());
 }

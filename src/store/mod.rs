@@ -587,6 +587,15 @@ pub trait Backend: Send + Sync {
     fn paused_tasks(&self) -> Result<HashSet<String>, StoreError>;
     /// Events after sequence number `after`, oldest first, at most `limit`.
     fn events_after(&self, after: i64, limit: usize) -> Result<Vec<EventRow>, StoreError>;
+    /// The newest event of one of `kinds`, about `task` and/or `run` when given: what the
+    /// engine reads before raising an event that must be raised once (`deadline_missed`),
+    /// and to tell why a task is paused (`circuit_opened`).
+    fn latest_event(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<EventRow>, StoreError>;
     /// How many events of the given kinds happened at or after `since`.
     fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError>;
     /// The highest event sequence number (0 when there is none).
@@ -1053,6 +1062,16 @@ impl Store {
     /// [`Backend::paused_tasks`].
     pub fn paused_tasks(&self) -> Result<HashSet<String>, StoreError> {
         self.backend.paused_tasks()
+    }
+
+    /// [`Backend::latest_event`].
+    pub fn latest_event(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<EventRow>, StoreError> {
+        self.backend.latest_event(kinds, task, run)
     }
 
     /// [`Backend::events_after`].

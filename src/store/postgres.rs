@@ -598,6 +598,35 @@ impl Backend for PostgresBackend {
         .collect()
     }
 
+    fn latest_event(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<EventRow>, StoreError> {
+        let run = run.map(|r| r.0);
+        self.query_opt(
+            "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events
+             WHERE kind = ANY($1) AND ($2::TEXT IS NULL OR task = $2)
+               AND ($3::BIGINT IS NULL OR run_id = $3)
+             ORDER BY seq DESC LIMIT 1",
+            &[&kinds, &task, &run],
+        )?
+        .map(|row| {
+            Ok(EventRow {
+                seq: row.try_get(0)?,
+                at: from_micros(row.try_get(1)?),
+                kind: row.try_get(2)?,
+                task: row.try_get(3)?,
+                run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
+                attempt: row.try_get::<_, Option<i64>>(5)?.map(|a| Attempt(a as u32)),
+                message: row.try_get(6)?,
+                instance: row.try_get(7)?,
+            })
+        })
+        .transpose()
+    }
+
     fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
         let row = self.query_opt(
             "SELECT COUNT(*) FROM events WHERE at >= $1 AND kind = ANY($2)",

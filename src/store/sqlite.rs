@@ -372,6 +372,34 @@ impl Backend for SqliteBackend {
         Ok(lines.join("; "))
     }
 
+    fn latest_event(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<EventRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(LATEST_EVENT)?;
+        let row = statement
+            .query_row(
+                params![serde_free_json_list(kinds), task, run.map(|r| r.0)],
+                |row| {
+                    Ok(EventRow {
+                        seq: row.get(0)?,
+                        at: from_micros(row.get(1)?),
+                        kind: row.get(2)?,
+                        task: row.get(3)?,
+                        run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
+                        attempt: row.get::<_, Option<u32>>(5)?.map(Attempt),
+                        message: row.get(6)?,
+                        instance: row.get(7)?,
+                    })
+                },
+            )
+            .optional()?;
+        Ok(row)
+    }
+
     fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
         let connection = self.lock();
         let list = serde_free_json_list(kinds);
@@ -796,6 +824,14 @@ pub(super) const COUNT_EVENTS: &str =
 /// [`Backend::events_after`]: `?1` the last sequence number seen, `?2` the limit (SSE).
 pub(super) const EVENTS_AFTER: &str =
     "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events WHERE seq > ?1 ORDER BY seq LIMIT ?2";
+
+/// [`Backend::latest_event`]: `?1` the kinds (a JSON list), `?2` the task or NULL, `?3`
+/// the run or NULL. The kinds asked for are rare ones; `events_kind_at` narrows to them.
+pub(super) const LATEST_EVENT: &str =
+    "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events
+     WHERE kind IN (SELECT value FROM json_each(?1))
+       AND (?2 IS NULL OR task = ?2) AND (?3 IS NULL OR run_id = ?3)
+     ORDER BY seq DESC LIMIT 1";
 
 /// `["a","b"]` for `json_each`, from plain identifiers (state and event names).
 fn serde_free_json_list(names: &[&str]) -> String {

@@ -1419,3 +1419,107 @@ fn a_cascade_is_listed_whole_by_its_root_and_tasks_describe_their_schedules_in_w
         assert_eq!(status, code, "{query}: {body}");
     }
 }
+
+#[test]
+fn a_task_failing_n_runs_in_a_row_opens_its_circuit_and_manual_runs_say_so_until_resume() {
+    let sandbox = Sandbox::new(
+        "[tasks.flaky]\ncommand = [\"/bin/false\"]\nschedule = \"* * * * * *\"\nmax_consecutive_failures = 2\n",
+    );
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let task = wait_until("the circuit to open", Duration::from_secs(30), || {
+        let (_, task) = api.get_json("/scheduler/tasks/flaky");
+        (task["circuit_open"] == true).then_some(task)
+    });
+    assert_eq!(task["paused"], true);
+    let store = sandbox.store();
+    let opened = store
+        .latest_event(&["circuit_opened"], Some("flaky"), None)
+        .unwrap()
+        .expect("a circuit_opened event");
+    assert!(
+        opened
+            .message
+            .starts_with("circuit opened: 2 runs in a row failed"),
+        "{}",
+        opened.message
+    );
+    let metrics = api.get("/metrics").1;
+    assert!(
+        metrics.contains("turbosched_circuit_opened_total{task=\"flaky\"} 1"),
+        "{metrics}"
+    );
+
+    // A manual run goes ahead, and the answer says the circuit is open.
+    let (code, body) = api.post("/scheduler/tasks/flaky/run", None);
+    assert_eq!(code, 202, "{body}");
+    assert_eq!(body["circuit_open"], true, "{body}");
+    assert!(
+        body["circuit"]
+            .as_str()
+            .unwrap_or_default()
+            .starts_with("circuit opened"),
+        "{body}"
+    );
+    let output = sandbox.cli(&["run", "flaky"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert!(
+        stdout(&output).starts_with("note: the circuit of flaky is open since "),
+        "{}",
+        stdout(&output)
+    );
+    let (_, status) = sandbox.cli_json(&["status", "--json"]);
+    let flaky = status["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|t| t["task"] == "flaky")
+        .cloned()
+        .unwrap();
+    assert_eq!(flaky["circuit_open"], true, "{flaky}");
+
+    // Resume closes it.
+    let (code, _) = api.post("/scheduler/tasks/flaky/resume", None);
+    assert_eq!(code, 200);
+    assert!(store
+        .latest_event(&["circuit_closed"], Some("flaky"), None)
+        .unwrap()
+        .is_some());
+    drop(service);
+}
+
+#[test]
+fn a_task_shows_its_jittered_next_fire_and_the_ticks_its_calendar_skips() {
+    let today = chrono::Utc::now().date_naive();
+    let closed = [today + chrono::Days::new(1), today + chrono::Days::new(2)];
+    let sandbox = Sandbox::new(&format!(
+        "[calendars.shut]\ndates = [\"{}\", \"{}\"]\n\
+         [tasks.noon]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ncalendar = \"shut\"\njitter = \"1h\"\n",
+        closed[0], closed[1]
+    ));
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let (code, task) = api.get_json("/scheduler/tasks/noon");
+    assert_eq!(code, 200, "{task}");
+    assert_eq!(task["circuit_open"], false);
+    let next = chrono::DateTime::parse_from_rfc3339(task["next_fire"].as_str().unwrap()).unwrap();
+    let due = chrono::DateTime::parse_from_rfc3339(task["next_due"].as_str().unwrap()).unwrap();
+    assert!(
+        due >= next && due - next < chrono::TimeDelta::hours(1),
+        "{task}"
+    );
+    let upcoming = task["upcoming"].as_array().unwrap();
+    let skipped: Vec<&Value> = upcoming
+        .iter()
+        .filter(|u| !u["skipped"].is_null())
+        .collect();
+    assert_eq!(skipped.len(), 2, "{task}");
+    for (entry, date) in skipped.iter().zip(&closed) {
+        assert_eq!(
+            entry["skipped"],
+            format!("calendar shut: {date} is a listed date"),
+            "{task}"
+        );
+    }
+    drop(service);
+}

@@ -52,6 +52,82 @@ fn next_lists_fire_times_in_the_task_zone() {
 }
 
 #[test]
+fn next_marks_the_ticks_a_calendar_skips_and_lists_the_count_that_fire() {
+    let today = chrono::Utc::now().date_naive();
+    let closed: Vec<String> = [1, 2]
+        .iter()
+        .map(|days| (today + chrono::Days::new(*days)).to_string())
+        .collect();
+    let sandbox = Sandbox::new(&format!(
+        "[calendars.closed]\ndates = [\"{}\", \"{}\"]\n\
+         [tasks.noon]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\ntimezone = \"UTC\"\ncalendar = \"closed\"\n",
+        closed[0], closed[1]
+    ));
+    let output = sandbox.cli(&["next", "noon", "-n", "3"]);
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    let text = stdout(&output);
+    let (skipped, firing): (Vec<&str>, Vec<&str>) =
+        text.lines().partition(|line| line.contains("skipped"));
+    assert_eq!(firing.len(), 3, "{text}");
+    assert_eq!(skipped.len(), 2, "{text}");
+    for (line, date) in skipped.iter().zip(&closed) {
+        assert!(
+            line.starts_with(&format!("{date} 12:00:00 UTC"))
+                && line.ends_with(&format!(
+                    "skipped: calendar closed: {date} is a listed date"
+                )),
+            "{line}"
+        );
+    }
+    assert!(
+        firing
+            .iter()
+            .all(|line| closed.iter().all(|date| !line.starts_with(date.as_str()))),
+        "{text}"
+    );
+}
+
+#[test]
+fn next_shows_the_same_jittered_times_from_two_processes_within_the_bound() {
+    let sandbox = Sandbox::new(
+        "[tasks.a]\nhandler = \"ping\"\nschedule = \"0 0 12 1 * *\"\ntimezone = \"UTC\"\njitter = \"6h\"\n\
+         [tasks.b]\nhandler = \"ping\"\nschedule = \"0 0 12 1 * *\"\ntimezone = \"UTC\"\njitter = \"6h\"\n",
+    );
+    let listing = |task: &str| {
+        let output = sandbox.cli(&["next", task, "-n", "6"]);
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        stdout(&output)
+    };
+    let first = listing("a");
+    assert_eq!(
+        first,
+        listing("a"),
+        "another process computes the same delays"
+    );
+    assert_ne!(first, listing("b"), "another task is spread elsewhere");
+    let lines: Vec<&str> = first.lines().collect();
+    assert_eq!(lines.len(), 6, "{first}");
+    for line in lines {
+        // "2027-01-01 14:03:07.123 UTC  (tick 12:00:00 UTC, jitter +2h 3m 7s 123ms)"
+        let (due, tick) = line
+            .split_once("  (tick ")
+            .expect("a due time and its tick");
+        assert!(tick.starts_with("12:00:00 UTC, jitter +"), "{line}");
+        let at = chrono::NaiveDateTime::parse_from_str(
+            due.trim_end_matches(" UTC"),
+            "%Y-%m-%d %H:%M:%S%.3f",
+        )
+        .unwrap_or_else(|e| panic!("{line}: {e}"));
+        let nominal = at.date().and_hms_opt(12, 0, 0).unwrap();
+        let delay = at - nominal;
+        assert!(
+            delay >= chrono::TimeDelta::zero() && delay < chrono::TimeDelta::hours(6),
+            "{line}"
+        );
+    }
+}
+
+#[test]
 fn an_unknown_task_lists_the_known_ones() {
     let sandbox = Sandbox::new(
         "[tasks.ingestion]\nhandler = \"ping\"\n[tasks.training]\nhandler = \"ping\"\n",

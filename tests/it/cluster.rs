@@ -1041,3 +1041,65 @@ fn poll_only_instances_fire_every_tick_once_and_open_no_listen_connection() {
     );
     assert!(to_start < Duration::from_secs(3), "{to_start:?}");
 }
+
+/// Calendars and jitter across a cluster on PostgreSQL: two instances agree on which
+/// ticks a calendar skips (each recorded once, skipped, naming the calendar) and on when
+/// each jittered tick is due (never claimed before its tick plus its jitter).
+#[test]
+fn two_instances_skip_calendar_dates_once_and_agree_on_jittered_instants() {
+    let database = Database::create();
+    let today = chrono::Utc::now().date_naive();
+    let tomorrow = today + chrono::Days::new(1);
+    let tasks = format!(
+        "[calendars.shut]\ndates = [\"{today}\", \"{tomorrow}\"]\n\
+         [tasks.closed]\nhandler = \"ping\"\nschedule = \"* * * * * *\"\ncalendar = \"shut\"\n\
+         [tasks.spread]\nhandler = \"ping\"\nschedule = \"*/2 * * * * *\"\njitter = \"1500ms\"\noverlap = \"queue\"\n"
+    );
+    let first = instance(&database, &tasks);
+    let second = instance(&database, &tasks);
+    let a = first.serve();
+    let b = second.serve();
+    wait_until("skipped and jittered runs", Duration::from_secs(30), || {
+        (database.runs_of("closed").len() >= 4 && database.runs_of("spread").len() >= 4)
+            .then_some(())
+    });
+    drop(a);
+    drop(b);
+    let closed = database.runs_of("closed");
+    for run in &closed {
+        assert_eq!(run.state, RunState::Skipped, "{run:?}");
+        let date = run.scheduled_for.date_naive();
+        assert_eq!(
+            run.reason.as_deref(),
+            Some(format!("calendar shut: {date} is a listed date").as_str())
+        );
+    }
+    let spread = database.runs_of("spread");
+    let all: Vec<RunRow> = closed.iter().chain(&spread).cloned().collect();
+    assert!(
+        claims(&all).values().all(|runs| runs.len() == 1),
+        "each tick claimed once"
+    );
+    let config = turbosched::config::parse(&tasks_config(&tasks), std::path::Path::new("t.toml"))
+        .expect("config");
+    let spec = config.task("spread").expect("spread");
+    for run in &spread {
+        let due = spec.due_at(run.scheduled_for);
+        assert!(
+            run.queued_at >= due,
+            "run {} queued at {} before its jittered instant {}",
+            run.id,
+            run.queued_at,
+            due
+        );
+        assert!(
+            run.queued_at - due < chrono::TimeDelta::seconds(5),
+            "{run:?}"
+        );
+    }
+}
+
+/// `tasks` under a minimal config, for reading a task's spec in a test.
+fn tasks_config(tasks: &str) -> String {
+    format!("[scheduler]\ntimezone = \"UTC\"\n{tasks}")
+}

@@ -24,8 +24,18 @@ fn repo(path: &str) -> PathBuf {
 pub(crate) fn shipped() -> Sandbox {
     let config = std::fs::read_to_string(repo("config/scheduler.toml")).unwrap();
     let shipped_bind = "bind = \"127.0.0.1:5000\"";
-    assert!(config.contains(shipped_bind), "the shipped config binds 5000");
+    assert!(
+        config.contains(shipped_bind),
+        "the shipped config binds 5000"
+    );
     let sandbox = Sandbox::with_config(&config.replace(shipped_bind, "bind = \"127.0.0.1:0\""));
+    let calendars = sandbox.path().join("config/calendars");
+    std::fs::create_dir_all(&calendars).unwrap();
+    std::fs::copy(
+        repo("config/calendars/nyse.toml"),
+        calendars.join("nyse.toml"),
+    )
+    .unwrap();
     let samples = sandbox.path().join("samples/market");
     std::fs::create_dir_all(&samples).unwrap();
     for file in ["SPX.csv", "IXIC.csv"] {
