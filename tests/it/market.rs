@@ -24,7 +24,10 @@ fn repo(path: &str) -> PathBuf {
 pub(crate) fn shipped() -> Sandbox {
     let config = std::fs::read_to_string(repo("config/scheduler.toml")).unwrap();
     let shipped_bind = "bind = \"127.0.0.1:5000\"";
-    assert!(config.contains(shipped_bind), "the shipped config binds 5000");
+    assert!(
+        config.contains(shipped_bind),
+        "the shipped config binds 5000"
+    );
     let sandbox = Sandbox::with_config(&config.replace(shipped_bind, "bind = \"127.0.0.1:0\""));
     let samples = sandbox.path().join("samples/market");
     std::fs::create_dir_all(&samples).unwrap();
