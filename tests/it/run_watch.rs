@@ -227,6 +227,24 @@ fn on_a_terminal(dir: &Path, command: &str) -> Output {
         .expect("run script (util-linux)")
 }
 
+/// How many cursor-up escapes (`ESC [ <n> A`, what indicatif writes to redraw its lines
+/// in place) `text` holds.
+fn cursor_ups(text: &str) -> usize {
+    text.split("\x1b[")
+        .skip(1)
+        .filter(|rest| {
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            digits > 0 && rest[digits..].starts_with('A')
+        })
+        .count()
+}
+
+#[test]
+fn cursor_ups_counts_only_the_cursor_up_escape() {
+    assert_eq!(cursor_ups("TASK  RUN\x1b[2K\x1b[1m"), 0);
+    assert_eq!(cursor_ups("a\x1b[3Ab\x1b[2K\x1b[12A"), 2);
+}
+
 #[test]
 fn on_a_terminal_run_waits_by_default_redrawing_a_table_of_the_members() {
     let sandbox = Sandbox::new(
@@ -250,8 +268,8 @@ fn on_a_terminal_run_waits_by_default_redrawing_a_table_of_the_members() {
         "{text}"
     );
     assert!(
-        text.contains("\x1b[") && text.contains('A'),
-        "no redraw: {text:?}"
+        cursor_ups(&text) > 0,
+        "no redraw (no cursor-up escape ESC [ <n> A): {text:?}"
     );
     // … and the outcome once both have ended.
     assert!(text.contains("and its cascade: 2 of 2 succeeded"), "{text}");
