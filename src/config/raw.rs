@@ -882,6 +882,18 @@ fn resolve_task(
         None => serde_json::Value::Object(Default::default()),
     };
 
+    if let Some(handler) = &handler {
+        for folder in super::output_folders(handler, &params) {
+            if let Some(reason) = super::output_folder_refusal(&folder.path, scheduler) {
+                report.error(
+                    params_value.map(|t| t.span()).unwrap_or(span.clone()),
+                    &format!("{params_key}.{}", folder.param),
+                    format!("an output folder is served by GET /scheduler/files; {reason}"),
+                );
+            }
+        }
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }
