@@ -127,20 +127,13 @@ pub const OUTPUT_FOLDERS: &[(&str, &str, &str)] = &[
     ("train", "shap_dir", train::DEFAULT_SHAP_DIR),
 ];
 
-/// The output folders of a task run by the built-in `handler` with `params`, as written
-/// (relative paths are relative to the service's working directory, as the worker's).
-pub fn output_folders(handler: &str, params: &serde_json::Value) -> Vec<std::path::PathBuf> {
+/// The folders the built-in `handler` writes into when its params name none: (param,
+/// folder), for `outputs::output_folders`.
+pub fn output_defaults(handler: &str) -> Vec<(&'static str, &'static str)> {
     OUTPUT_FOLDERS
         .iter()
         .filter(|(name, _, _)| *name == handler)
-        .map(|(_, param, default)| {
-            std::path::PathBuf::from(
-                params
-                    .get(*param)
-                    .and_then(|v| v.as_str())
-                    .unwrap_or(default),
-            )
-        })
+        .map(|(_, param, default)| (*param, *default))
         .collect()
 }
 
@@ -152,6 +145,17 @@ pub fn find(name: &str) -> Option<&'static Builtin> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn every_default_output_folder_is_named_by_a_folder_param_its_handler_reads() {
+        for (handler, param, _) in OUTPUT_FOLDERS {
+            assert!(crate::outputs::FOLDER_PARAMS.contains(param), "{param}");
+            assert!(
+                find(handler).is_some_and(|b| b.params.contains(param)),
+                "{handler}.{param}"
+            );
+        }
+    }
 
     #[test]
     fn names_and_params_are_sorted_and_unique() {

@@ -919,9 +919,14 @@ fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCo
             let (store, watch, done) = (&store, &mut watch, &done);
             let members = &members;
             let watcher = scope.spawn(move || {
-                follow(store, root, members, watch, &|| {
-                    done.load(std::sync::atomic::Ordering::SeqCst)
-                })
+                follow(
+                    store,
+                    root,
+                    members,
+                    watch,
+                    &|| done.load(std::sync::atomic::Ordering::SeqCst),
+                    None,
+                )
             });
             let ran = engine.run().await;
             done.store(true, std::sync::atomic::Ordering::SeqCst);
@@ -979,9 +984,44 @@ fn handed_over(
         out!("run {root} of {task} queued with the running service; waiting (Ctrl-C stops waiting, not the run)")?;
     }
     let mut watch = Watch::new(options.json, reading.shown);
-    follow(store, root, members, &mut watch, &|| false)?;
+    let timeout = reading.locations.heartbeat_timeout;
+    let service_gone = || -> Result<bool> {
+        let live = store.live_instances(timeout, SystemClock.now())?;
+        Ok(!live.iter().any(|instance| instance.serving))
+    };
+    if let Followed::ServiceGone(open) = follow(
+        store,
+        root,
+        members,
+        &mut watch,
+        &|| false,
+        Some(&service_gone),
+    )? {
+        watch.finish();
+        let open: Vec<String> = open
+            .iter()
+            .map(|r| format!("{} {} (run {})", r.task, r.state, r.id))
+            .collect();
+        eprintln!(
+            "turbosched: the service stopped while waiting (no live instance: no heartbeat for more than {}); still open: {}. Start it again (`turbosched serve`): it orphans and retries or fails them by policy",
+            humantime::format_duration(timeout),
+            open.join(", ")
+        );
+        return Ok(ExitCode::from(2));
+    }
     report_outcome(store, root, members, &mut watch)
 }
+
+/// How [`follow`] ended.
+enum Followed {
+    /// The runs ended (or waiting was stopped).
+    Ended,
+    /// No service is left to move the runs on: these are still open.
+    ServiceGone(Vec<RunRow>),
+}
+
+/// How often [`follow`] asks the store whether a service is still up.
+const LIVENESS_EVERY: Duration = Duration::from_secs(1);
 
 /// `run` with a broken config: only a running service, with the valid config it loaded,
 /// can take the run. It is asked through its API (`POST /scheduler/tasks/<task>/run`, the
@@ -1237,17 +1277,30 @@ fn follow(
     members: &Members,
     watch: &mut Watch,
     stop: &dyn Fn() -> bool,
-) -> Result<()> {
+    service_gone: Option<&dyn Fn() -> Result<bool>>,
+) -> Result<Followed> {
     let mut settled_since: Option<std::time::Instant> = None;
+    let mut last_look = std::time::Instant::now();
     loop {
         // Read before the store: the last look after `stop` sees every end.
         let stopping = stop();
         let runs = members.runs(store, root)?;
         watch.show(&runs, &members.unqueued(&runs), SystemClock.now())?;
         if stopping {
-            return Ok(());
+            return Ok(Followed::Ended);
         }
         let settled = runs.iter().all(|r| r.state.is_terminal());
+        // A service that died (kill -9, a crash, a host gone) moves nothing on: say so
+        // instead of waiting for ever. Its heartbeat lapsing is the sign.
+        if let Some(service_gone) = service_gone.filter(|_| !settled) {
+            if last_look.elapsed() >= LIVENESS_EVERY {
+                last_look = std::time::Instant::now();
+                if service_gone()? {
+                    let open = runs.into_iter().filter(|r| !r.state.is_terminal());
+                    return Ok(Followed::ServiceGone(open.collect()));
+                }
+            }
+        }
         // Every member the engine queues is queued when its upstreams end; one that stays
         // unqueued long after every run ended is a member the engine will not queue (its
         // task was removed by a reload, say): stop waiting for it rather than for ever.
@@ -1268,7 +1321,7 @@ fn follow(
             .as_ref()
             .is_some_and(|_| members.unqueued(&runs).is_empty());
         if !runs.is_empty() && settled && (all_there || stalled) {
-            return Ok(());
+            return Ok(Followed::Ended);
         }
         std::thread::sleep(Duration::from_millis(100));
     }

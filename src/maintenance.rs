@@ -1,5 +1,6 @@
 //! Housekeeping of the service's own files and database: archive old logs into a
-//! verified zip, prune old run history, back up the database.
+//! verified zip, remove the checkpoint files of runs that are over, prune old run history,
+//! back up the database.
 //!
 //! Run by the built-in `maintenance` handler (in the worker process, like every task) and
 //! by `turbosched archive` by hand. It uses the store's own `prune` and `backup_to` (no SQL
@@ -22,7 +23,7 @@ use zip::write::SimpleFileOptions;
 use zip::{CompressionMethod, ZipArchive, ZipWriter};
 
 use crate::config::Config;
-use crate::model::Instant;
+use crate::model::{Instant, RunId, RunState};
 use crate::store::{PruneCounts, Store, StoreError};
 
 /// What can go wrong.
@@ -151,11 +152,22 @@ pub struct ArchiveReport {
     pub deleted: usize,
 }
 
+/// What the checkpoint step removed (or would).
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointReport {
+    /// The files removed (or that would be).
+    pub files: Vec<LogFile>,
+    /// Their total size.
+    pub bytes: u64,
+}
+
 /// What a whole maintenance run did.
 #[derive(Debug, Clone, Default)]
 pub struct Report {
     /// Archive step.
     pub archive: ArchiveReport,
+    /// Checkpoint step.
+    pub checkpoints: CheckpointReport,
     /// Prune step.
     pub pruned: PruneCounts,
     /// The backup written (or that would be).
@@ -180,6 +192,11 @@ impl Report {
                 "bytes_before": self.archive.bytes_before,
                 "bytes_after": self.archive.bytes_after,
                 "originals_deleted": self.archive.deleted,
+            },
+            "checkpoints": {
+                "files_removed": self.checkpoints.files.len(),
+                "files": self.checkpoints.files.iter().map(|f| f.path.display().to_string()).collect::<Vec<_>>(),
+                "bytes": self.checkpoints.bytes,
             },
             "pruned": {
                 "runs": self.pruned.runs,
@@ -212,6 +229,23 @@ impl Report {
             None => lines.push("no log file old enough to archive".to_string()),
         }
         for file in &self.archive.files {
+            lines.push(format!("  {} ({} bytes)", file.path.display(), file.bytes));
+        }
+        if self.checkpoints.files.is_empty() {
+            lines.push("no checkpoint file left over".to_string());
+        } else {
+            lines.push(format!(
+                "{} {} checkpoint file(s) of runs that are over, {} bytes",
+                if self.dry_run {
+                    "would remove"
+                } else {
+                    "removed"
+                },
+                self.checkpoints.files.len(),
+                self.checkpoints.bytes
+            ));
+        }
+        for file in &self.checkpoints.files {
             lines.push(format!("  {} ({} bytes)", file.path.display(), file.bytes));
         }
         lines.push(format!(
@@ -255,6 +289,11 @@ pub fn run(config: &Config, store: &Store, options: &Options) -> Result<Report, 
         &configured,
         options,
     )?;
+    let checkpoints = remove_checkpoints(
+        &config.scheduler.state_dir.join("checkpoints"),
+        store,
+        options,
+    )?;
     let cutoff = options.now - chrono::Duration::days(i64::from(options.retention_days));
     let pruned = store.prune(cutoff, options.dry_run)?;
     let stamp = options.now.format("%Y%m%dT%H%M%SZ");
@@ -268,6 +307,7 @@ pub fn run(config: &Config, store: &Store, options: &Options) -> Result<Report, 
         // report says so instead of failing the whole maintenance run.
         return Ok(Report {
             archive,
+            checkpoints,
             pruned,
             backup: None,
             backup_skipped: Some(
@@ -293,6 +333,7 @@ pub fn run(config: &Config, store: &Store, options: &Options) -> Result<Report, 
     }
     Ok(Report {
         archive,
+        checkpoints,
         pruned,
         backup: Some(backup),
         backup_skipped: None,
@@ -358,6 +399,111 @@ pub fn archive_logs(
         bytes_after,
         deleted,
     })
+}
+
+/// A `.tmp` checkpoint file last written longer ago than this is stale, whatever its run:
+/// the write that left it was cut short (a rename takes microseconds).
+const STALE_TEMPORARY: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the checkpoint files (`run_<id>.json`, and the `run_<id>.json.tmp` of a write
+/// cut short) of runs that are over: terminal in the store, or unknown to it (pruned, or
+/// from another database). The files of runs still queued, running, waiting for a retry or
+/// orphaned are kept: their next attempt resumes from one. A `.tmp` is removed whatever its
+/// run once it is an hour old. Other files are left alone.
+///
+/// The folder is listed before the store is asked, so a file seen belongs to a run the
+/// store already holds; a run terminal then stays terminal (a retry is a new run, with a
+/// file of its own).
+pub fn remove_checkpoints(
+    dir: &Path,
+    store: &Store,
+    options: &Options,
+) -> Result<CheckpointReport, MaintenanceError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(CheckpointReport::default())
+        }
+        Err(source) => return Err(io("cannot list", dir, source)),
+    };
+    let mut seen = Vec::new();
+    for entry in entries.flatten() {
+        let Ok(name) = entry.file_name().into_string() else {
+            continue;
+        };
+        let Some((run, temporary)) = checkpoint_run(&name) else {
+            continue;
+        };
+        let Ok(metadata) = entry.metadata() else {
+            continue; // gone meanwhile
+        };
+        if !metadata.is_file() {
+            continue;
+        }
+        let stale = temporary
+            && metadata
+                .modified()
+                .ok()
+                .and_then(|written| SystemTime::now().duration_since(written).ok())
+                .is_some_and(|age| age > STALE_TEMPORARY);
+        seen.push((run, stale, entry.path(), metadata.len()));
+    }
+    if seen.is_empty() {
+        return Ok(CheckpointReport::default());
+    }
+    let open: std::collections::HashSet<RunId> = store
+        .ids_in_states(&[
+            RunState::Queued,
+            RunState::Running,
+            RunState::RetryWait,
+            RunState::Orphaned,
+        ])?
+        .into_iter()
+        .collect();
+    let mut files: Vec<LogFile> = seen
+        .into_iter()
+        .filter(|(run, stale, _, _)| match run {
+            Some(run) => *stale || !open.contains(run),
+            None => *stale,
+        })
+        .map(|(_, _, path, bytes)| LogFile { path, bytes })
+        .collect();
+    files.sort_by(|a, b| a.path.cmp(&b.path));
+    if !options.dry_run {
+        let mut removed = Vec::with_capacity(files.len());
+        for file in files {
+            match std::fs::remove_file(&file.path) {
+                Ok(()) => removed.push(file),
+                Err(err) if err.kind() == std::io::ErrorKind::NotFound => {} // the engine was first
+                Err(source) => {
+                    return Err(io("cannot remove checkpoint", &file.path, source));
+                }
+            }
+        }
+        files = removed;
+    }
+    let bytes = files.iter().map(|f| f.bytes).sum();
+    Ok(CheckpointReport { files, bytes })
+}
+
+/// The run a checkpoint file name belongs to (if it names one), and whether it is a
+/// temporary: the engine writes `run_<id>.json` (`Engine::checkpoint_path`) through
+/// `run_<id>.json.tmp`. `None` for a name that is neither a checkpoint nor a `.tmp`.
+fn checkpoint_run(name: &str) -> Option<(Option<RunId>, bool)> {
+    let run = |id: &str| {
+        (!id.is_empty() && id.chars().all(|c| c.is_ascii_digit()))
+            .then(|| id.parse().ok().map(RunId))
+            .flatten()
+    };
+    let rest = name.strip_prefix("run_");
+    if let Some(id) = rest.and_then(|rest| rest.strip_suffix(".json.tmp")) {
+        return Some((run(id), true));
+    }
+    if name.ends_with(".tmp") {
+        return Some((None, true));
+    }
+    let id = rest?.strip_suffix(".json")?;
+    Some((Some(run(id)?), false))
 }
 
 fn candidates(

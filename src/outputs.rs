@@ -72,7 +72,8 @@ const RESULT_KEYS: &[(&str, &str, OutputKind)] = &[
 ];
 
 /// The params keys that configure a folder a task writes its outputs into.
-const FOLDER_PARAMS: &[&str] = &["report_dir", "shap_dir", "model_dir"];
+/// The params that name an output folder, whatever the handler.
+pub const FOLDER_PARAMS: &[&str] = &["report_dir", "shap_dir", "model_dir"];
 
 /// What a run produced, in the order of [`RESULT_KEYS`], from its result JSON (a run
 /// without a result, or one that names nothing, produced nothing to list).
@@ -101,15 +102,70 @@ pub fn outputs_of_text(result: Option<&str>) -> Vec<Output> {
     outputs_of(value.as_ref())
 }
 
-/// The output folders a task's params configure (`report_dir`, `shap_dir`,
-/// `model_dir`): what may be served of its runs' outputs, and nothing else.
-pub fn output_folders(params: &Value) -> Vec<PathBuf> {
+/// One output folder a task configures: the param naming it, and the path as written
+/// (relative to the service's working directory unless absolute).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputFolder {
+    /// `report_dir`, `shap_dir` or `model_dir`.
+    pub param: &'static str,
+    /// As written (possibly empty: see [`refusal`]).
+    pub path: PathBuf,
+}
+
+/// The one reading of which params are output folders: for each of [`FOLDER_PARAMS`],
+/// the folder a task's `params` name, else the default its handler writes into
+/// (`defaults`: (param, folder), from `builtins::output_defaults`). What may be served of
+/// its runs' outputs, and nothing else — once [`refusal`] has nothing against it.
+pub fn output_folders(params: &Value, defaults: &[(&str, &str)]) -> Vec<OutputFolder> {
     FOLDER_PARAMS
         .iter()
-        .filter_map(|key| params.get(*key)?.as_str())
-        .filter(|path| !path.trim().is_empty())
-        .map(PathBuf::from)
+        .filter_map(|key| {
+            let written = params.get(*key).and_then(Value::as_str).or_else(|| {
+                defaults
+                    .iter()
+                    .find(|(param, _)| param == key)
+                    .map(|(_, folder)| *folder)
+            })?;
+            Some(OutputFolder {
+                param: key,
+                path: PathBuf::from(written),
+            })
+        })
         .collect()
+}
+
+/// Why `folder` must not be an output folder, if it must not: empty, `.`, `/` or any
+/// folder holding the service's working directory `base` (its database, config and
+/// logs), or one holding a `guarded` path ((what, path): the database, the state and log
+/// folders). Read from the paths as written, relative ones taken from `base`.
+pub fn refusal(folder: &Path, base: &Path, guarded: &[(&str, &Path)]) -> Option<String> {
+    let absolute = |path: &Path| lexical(&base.join(path));
+    let written = folder.display().to_string();
+    let resolved = absolute(folder);
+    if written.trim().is_empty() || absolute(base).starts_with(&resolved) {
+        return Some(format!(
+            "{written:?} would serve the service's working directory (its database, config and logs)"
+        ));
+    }
+    guarded
+        .iter()
+        .find(|(_, path)| absolute(path).starts_with(&resolved))
+        .map(|(what, path)| format!("{written:?} holds the {what} {}", path.display()))
+}
+
+/// `path` with `.` and `..` taken away by reading it, not the disk.
+fn lexical(path: &Path) -> PathBuf {
+    let mut out = PathBuf::new();
+    for component in path.components() {
+        match component {
+            std::path::Component::CurDir => {}
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other),
+        }
+    }
+    out
 }
 
 /// True when `path` is, once resolved on disk (symbolic links, `..`), inside one of
@@ -209,11 +265,31 @@ mod tests {
             "market_db": "data/market.db", "model_dir": "data/models",
             "shap_dir": "shap_logs", "horizon": 1,
         });
+        let paths = |folders: Vec<OutputFolder>| {
+            folders
+                .into_iter()
+                .map(|f| (f.param, f.path))
+                .collect::<Vec<_>>()
+        };
         assert_eq!(
-            output_folders(&params),
-            [PathBuf::from("shap_logs"), PathBuf::from("data/models")]
+            paths(output_folders(&params, &[("shap_dir", "default_shap")])),
+            [
+                ("shap_dir", PathBuf::from("shap_logs")),
+                ("model_dir", PathBuf::from("data/models"))
+            ]
         );
-        assert!(output_folders(&Value::Null).is_empty());
+        assert_eq!(
+            paths(output_folders(
+                &json!({"report_dir": ""}),
+                &[("shap_dir", "default_shap"), ("report_dir", "reports")]
+            )),
+            [
+                ("report_dir", PathBuf::from("")),
+                ("shap_dir", PathBuf::from("default_shap"))
+            ],
+            "kept as written, for refusal to judge; a default where the params say nothing"
+        );
+        assert!(output_folders(&Value::Null, &[]).is_empty());
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! `GET /scheduler/files?path=…`: what runs produced (charts, metrics JSON, SHAP logs),
 //! read-only, and only from the configured output folders of every task of the running
-//! config: the folders its params name ([`crate::outputs::output_folders`]: `report_dir`,
-//! `shap_dir`, `model_dir`) and a built-in's default ones
-//! ([`crate::builtins::output_folders`]).
+//! config: the folders its params name, else a built-in's default ones
+//! ([`crate::config::output_folders`], read by [`crate::outputs::output_folders`]), less
+//! any that is or holds the working directory, database, state or log folder
+//! ([`crate::outputs::refusal`]; validation refuses those too).
 //!
 //! A path is served when, taken as the run's result names it (relative to the service's
 //! working directory, as the worker wrote it), it lies inside one of those folders both as
@@ -16,7 +17,6 @@ use actix_web::web::{self, Data};
 use actix_web::HttpResponse;
 use serde::Deserialize;
 
-use crate::config::Handler;
 use crate::views;
 
 use super::errors::{ApiError, ApiResult};
@@ -51,12 +51,27 @@ pub(super) async fn file(query: web::Query<FileQuery>, state: Data<ApiState>) ->
         .tasks
         .values()
         .flat_map(|spec| {
-            // The folders its params name (`crate::outputs`), and a built-in's defaults.
-            let mut folders = crate::outputs::output_folders(&spec.params);
-            if let Handler::Builtin(name) = &spec.handler {
-                folders.extend(crate::builtins::output_folders(name, &spec.params));
-            }
-            folders
+            // The folders its params name, else a built-in's defaults; validation refuses
+            // a folder holding the service's own files, and so does serving.
+            crate::config::output_folders(&spec.handler, &spec.params)
+                .into_iter()
+                .filter_map(|folder| {
+                    match crate::config::output_folder_refusal(
+                        &folder.path,
+                        &snapshot.config.scheduler,
+                    ) {
+                        Some(reason) => {
+                            tracing::warn!(
+                                "not serving tasks.{}.params.{}: {reason}",
+                                spec.name,
+                                folder.param
+                            );
+                            None
+                        }
+                        None => Some(folder.path),
+                    }
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     let asked = path.clone();

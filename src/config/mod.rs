@@ -44,6 +44,34 @@ pub fn handler_params(name: &str) -> Option<&'static [&'static str]> {
     builtins::find(name).map(|builtin| builtin.params)
 }
 
+/// The output folders of a task (`GET /scheduler/files` serves nothing else): the ones
+/// its params name, else its built-in's defaults.
+pub fn output_folders(
+    handler: &Handler,
+    params: &serde_json::Value,
+) -> Vec<crate::outputs::OutputFolder> {
+    let defaults = match handler {
+        Handler::Builtin(name) => builtins::output_defaults(name),
+        Handler::Command(_) => Vec::new(),
+    };
+    crate::outputs::output_folders(params, &defaults)
+}
+
+/// Why `folder` must not be served (`outputs::refusal`): it is, or holds, the service's
+/// working directory, database, state folder or log folder.
+pub fn output_folder_refusal(folder: &Path, scheduler: &SchedulerSettings) -> Option<String> {
+    let base = std::env::current_dir().unwrap_or_default();
+    crate::outputs::refusal(
+        folder,
+        &base,
+        &[
+            ("database", scheduler.database.as_path()),
+            ("state folder", scheduler.state_dir.as_path()),
+            ("log folder", scheduler.log_dir.as_path()),
+        ],
+    )
+}
+
 /// Every handler a task may name, sorted: the built-ins of [`BUILTINS`] and `command`.
 pub fn handler_names() -> Vec<&'static str> {
     let mut names: Vec<&'static str> = BUILTINS.iter().map(|builtin| builtin.name).collect();

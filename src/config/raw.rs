@@ -1170,6 +1170,18 @@ fn resolve_task(
         report.error(value.span(), &deadline_key, "must be longer than zero");
     }
 
+    if let Some(handler) = &handler {
+        for folder in super::output_folders(handler, &params) {
+            if let Some(reason) = super::output_folder_refusal(&folder.path, scheduler) {
+                report.error(
+                    params_value.map(|t| t.span()).unwrap_or(span.clone()),
+                    &format!("{params_key}.{}", folder.param),
+                    format!("an output folder is served by GET /scheduler/files; {reason}"),
+                );
+            }
+        }
+    }
+
     if report.errors.len() > errors_before {
         return None;
     }

@@ -862,3 +862,25 @@ const PINNED_JITTER: [Duration; 3] = [
     Duration::from_micros(5_256_522),
     Duration::from_micros(22_164_821),
 ];
+
+#[test]
+fn an_output_folder_that_would_serve_the_working_directory_or_the_service_files_is_refused() {
+    check_errors(
+        "[tasks.b]\nhandler = \"backtest\"\nparams = { report_dir = \"\" }\n\
+         [tasks.c]\nhandler = \"drift\"\nparams = { report_dir = \".\" }\n\
+         [tasks.d]\nhandler = \"train\"\nparams = { shap_dir = \"/\" }\n\
+         [tasks.e]\nhandler = \"train\"\nparams = { model_dir = \"data\" }\n\
+         [tasks.f]\nhandler = \"backtest\"\nparams = { report_dir = \"logs/../logs\" }\n",
+        &[
+            "3:10: tasks.b.params.report_dir: an output folder is served by GET /scheduler/files; \"\" would serve the service's working directory (its database, config and logs)",
+            "6:10: tasks.c.params.report_dir: an output folder is served by GET /scheduler/files; \".\" would serve the service's working directory (its database, config and logs)",
+            "9:10: tasks.d.params.shap_dir: an output folder is served by GET /scheduler/files; \"/\" would serve the service's working directory (its database, config and logs)",
+            "12:10: tasks.e.params.model_dir: an output folder is served by GET /scheduler/files; \"data\" holds the database data/scheduler.db",
+            "15:10: tasks.f.params.report_dir: an output folder is served by GET /scheduler/files; \"logs/../logs\" holds the log folder logs",
+        ],
+    );
+    check_ok(
+        "[tasks.b]\nhandler = \"backtest\"\nparams = { report_dir = \"reports/backtest\" }\n\
+         [tasks.e]\nhandler = \"train\"\nparams = { model_dir = \"data/models\" }\n",
+    );
+}

@@ -264,6 +264,9 @@ impl Engine {
         Ok(())
     }
 
+    /// Where a run's child finds its checkpoint. `maintenance::remove_checkpoints` reads
+    /// this naming (and the `.json.tmp` of [`write_atomically`]) to remove the files of
+    /// runs that are over.
     pub(super) fn checkpoint_path(&self, run: RunId) -> PathBuf {
         self.config
             .scheduler

@@ -1523,3 +1523,44 @@ fn a_task_shows_its_jittered_next_fire_and_the_ticks_its_calendar_skips() {
     }
     drop(service);
 }
+
+#[test]
+fn an_output_folder_of_dot_is_refused_so_the_working_directory_is_never_served() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let api = Api::new(&service, None);
+    let path = sandbox.path().join("config/scheduler.toml");
+    let original = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        format!("{original}\n[tasks.report]\nhandler = \"backtest\"\nparams = {{ report_dir = \".\" }}\n"),
+    )
+    .unwrap();
+    let (code, body) = api.post("/scheduler/reload", None);
+    assert_eq!(code, 422, "{body}");
+    let detail = &body["error"]["details"][0];
+    assert_eq!(detail["key"], "tasks.report.params.report_dir", "{body}");
+    assert!(
+        detail["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("would serve the service's working directory"),
+        "{body}"
+    );
+    // The running config is kept: the config file and the database stay out of reach.
+    for file in ["config/scheduler.toml", "data/scheduler.db", "."] {
+        let (status, body) =
+            crate::faults::get_json(&service, &format!("/scheduler/files?path={file}"));
+        assert_eq!(status, 403, "{file}: {body}");
+    }
+    // Nor does the file start a service: `validate` names it.
+    let output = sandbox.cli(&["validate"]);
+    assert_ne!(output.status.code(), Some(0));
+    assert!(
+        stderr(&output).contains("tasks.report.params.report_dir")
+            || stdout(&output).contains("tasks.report.params.report_dir"),
+        "{}{}",
+        stdout(&output),
+        stderr(&output)
+    );
+}

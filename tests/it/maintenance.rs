@@ -7,7 +7,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use turbosched::maintenance::{archive_logs, Fault, MaintenanceError, Options};
-use turbosched::model::RunState;
+use turbosched::model::{Attempt, RunId, RunState, TaskName, Trigger};
+use turbosched::store::{Change, Move, NewRun};
 
 use crate::support::*;
 
@@ -422,4 +423,116 @@ fn the_service_log_and_task_logs_share_one_line_format() {
         task_log.contains("INFO - run=") && task_log.contains(" - hi"),
         "{task_log}"
     );
+}
+
+/// A run of `task` moved through `path` (from queued), straight in the store.
+fn run_through(store: &turbosched::store::Store, task: &str, path: &[RunState]) -> RunId {
+    let now = chrono::Utc::now();
+    let run = store
+        .enqueue(
+            &NewRun {
+                task: TaskName::from(task),
+                trigger: Trigger::Manual,
+                scheduled_for: now,
+                max_attempts: 3,
+                force: false,
+                downstream: false,
+                cascade: None,
+            },
+            now,
+        )
+        .unwrap();
+    let mut from = RunState::Queued;
+    let mut attempt = Attempt(0);
+    for &to in path {
+        let change = Change {
+            owner: Some("gone".into()),
+            ..Change::default()
+        };
+        attempt = store
+            .transition(
+                &Move {
+                    run,
+                    attempt,
+                    from,
+                    to,
+                },
+                &change,
+                now,
+            )
+            .unwrap();
+        from = to;
+    }
+    run
+}
+
+#[test]
+fn maintenance_removes_the_checkpoints_of_runs_that_are_over_and_keeps_those_a_retry_needs() {
+    let sandbox = Sandbox::new(TASKS);
+    let store = sandbox.store();
+    use RunState::*;
+    let finished = run_through(&store, "ingestion", &[Running, Succeeded]);
+    let orphaned = run_through(&store, "ingestion", &[Running, Orphaned, Failed]);
+    let retrying = run_through(&store, "ingestion", &[Running, RetryWait]);
+    let queued = run_through(&store, "ingestion", &[]);
+    let dir = sandbox.path().join("data/state/checkpoints");
+    std::fs::create_dir_all(&dir).unwrap();
+    let checkpoint = |name: String| {
+        let path = dir.join(name);
+        std::fs::write(&path, br#"{"step": 3}"#).unwrap();
+        path
+    };
+    let removed = [
+        checkpoint(format!("run_{finished}.json")),
+        checkpoint(format!("run_{finished}.json.tmp")), // a write cut short
+        checkpoint(format!("run_{orphaned}.json")),
+        checkpoint("run_987654.json".into()), // unknown to the store (pruned, older database)
+    ];
+    let kept = [
+        checkpoint(format!("run_{retrying}.json")),
+        checkpoint(format!("run_{queued}.json")),
+        checkpoint("notes.txt".into()), // not a checkpoint: not ours to remove
+    ];
+    let bytes: usize = 4 * br#"{"step": 3}"#.len();
+
+    let dry = sandbox.cli(&["archive", "--dry-run"]);
+    assert_eq!(dry.status.code(), Some(0), "{}", stderr(&dry));
+    let text = stdout(&dry);
+    assert!(
+        text.contains(&format!(
+            "would remove 4 checkpoint file(s) of runs that are over, {bytes} bytes"
+        )),
+        "{text}"
+    );
+    for path in &removed {
+        assert!(
+            text.contains(&path.file_name().unwrap().to_string_lossy().to_string()),
+            "the dry run names {}: {text}",
+            path.display()
+        );
+    }
+    assert!(!text.contains("notes.txt"), "{text}");
+    assert!(
+        removed.iter().chain(&kept).all(|p| p.exists()),
+        "a dry run removes nothing"
+    );
+
+    let (code, value) = sandbox.cli_json(&["run", "maintenance", "--json"]);
+    assert_eq!(code, 0, "{value}");
+    let result = &value["runs"][0]["result"]["checkpoints"];
+    assert_eq!(result["files_removed"], 4, "{result}");
+    assert_eq!(result["bytes"], bytes, "{result}");
+    assert!(
+        sandbox
+            .log("maintenance")
+            .contains("removed 4 checkpoint file(s)"),
+        "{}",
+        sandbox.log("maintenance")
+    );
+    for path in &removed {
+        assert!(!path.exists(), "{} removed", path.display());
+    }
+    for path in &kept {
+        assert!(path.exists(), "{} kept", path.display());
+    }
 }

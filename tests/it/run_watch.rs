@@ -227,6 +227,24 @@ fn on_a_terminal(dir: &Path, command: &str) -> Output {
         .expect("run script (util-linux)")
 }
 
+/// How many cursor-up escapes (`ESC [ <n> A`, what indicatif writes to redraw its lines
+/// in place) `text` holds.
+fn cursor_ups(text: &str) -> usize {
+    text.split("\x1b[")
+        .skip(1)
+        .filter(|rest| {
+            let digits = rest.chars().take_while(char::is_ascii_digit).count();
+            digits > 0 && rest[digits..].starts_with('A')
+        })
+        .count()
+}
+
+#[test]
+fn cursor_ups_counts_only_the_cursor_up_escape() {
+    assert_eq!(cursor_ups("TASK  RUN\x1b[2K\x1b[1m"), 0);
+    assert_eq!(cursor_ups("a\x1b[3Ab\x1b[2K\x1b[12A"), 2);
+}
+
 #[test]
 fn on_a_terminal_run_waits_by_default_redrawing_a_table_of_the_members() {
     let sandbox = Sandbox::new(
@@ -250,8 +268,8 @@ fn on_a_terminal_run_waits_by_default_redrawing_a_table_of_the_members() {
         "{text}"
     );
     assert!(
-        text.contains("\x1b[") && text.contains('A'),
-        "no redraw: {text:?}"
+        cursor_ups(&text) > 0,
+        "no redraw (no cursor-up escape ESC [ <n> A): {text:?}"
     );
     // … and the outcome once both have ended.
     assert!(text.contains("and its cascade: 2 of 2 succeeded"), "{text}");
@@ -260,4 +278,58 @@ fn on_a_terminal_run_waits_by_default_redrawing_a_table_of_the_members() {
         "returned before the cascade ended"
     );
     drop(service);
+}
+
+#[test]
+fn run_wait_exits_2_naming_the_open_runs_when_the_service_dies_mid_run() {
+    let sandbox = Sandbox::new(
+        "[tasks.slow]\nhandler = \"ping\"\nparams = { sleep_sec = 60.0 }\ntimeout = \"5m\"\n",
+    );
+    let service = sandbox.serve();
+    // Killed if the test fails, rather than left waiting.
+    struct Reaped(Option<std::process::Child>);
+    impl Drop for Reaped {
+        fn drop(&mut self) {
+            if let Some(child) = self.0.as_mut() {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+        }
+    }
+    let mut cli = Reaped(Some(
+        sandbox
+            .command(&["run", "slow", "--wait"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    ));
+    let run = wait_until("the run to start", Duration::from_secs(20), || {
+        sandbox
+            .runs_of("slow")
+            .into_iter()
+            .find(|r| r.state == turbosched::model::RunState::Running)
+    });
+    service.kill9();
+    let killed = Instant::now();
+    let status = wait_until(
+        "the CLI to give up waiting",
+        Duration::from_secs(30),
+        || cli.0.as_mut().and_then(|child| child.try_wait().unwrap()),
+    );
+    let output = cli.0.take().unwrap().wait_with_output().unwrap();
+    let message = stderr(&output);
+    assert_eq!(status.code(), Some(2), "{message}");
+    assert!(
+        message.contains("the service stopped while waiting")
+            && message.contains(&format!("slow running (run {})", run.id)),
+        "{message}"
+    );
+    // The heartbeat timeout is 3 s: noticed soon after it lapses, not never.
+    assert!(
+        killed.elapsed() < Duration::from_secs(15),
+        "{:?}",
+        killed.elapsed()
+    );
 }
