@@ -20,43 +20,92 @@ use turbosched::config;
 use turbosched::engine::{Engine, Mode, SystemClock};
 use turbosched::store::Store;
 
-pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<ExitCode> {
+/// What `turbosched bench` measures.
+pub(crate) struct Settings {
+    /// Tasks, each `* * * * * *` (or, with `distinct`, each on its own hourly expression).
+    pub(crate) tasks: usize,
+    /// Seconds measured.
+    pub(crate) seconds: u64,
+    /// Folder for the database and logs; a temporary one when `None`.
+    pub(crate) dir: Option<PathBuf>,
+    /// The tasks on distinct hourly expressions that do not come due in the window, and
+    /// one per-second probe beside them: a lone fire's latency and the RSS of distinct
+    /// expressions.
+    pub(crate) distinct: bool,
+    /// Start-up measured again with these task counts (fresh database and log folder).
+    pub(crate) startup_tasks: Vec<usize>,
+}
+
+pub(crate) fn run(settings: &Settings) -> Result<ExitCode> {
+    let Settings {
+        tasks,
+        seconds,
+        distinct,
+        ..
+    } = *settings;
     let temporary = tempfile_dir()?;
-    let dir = dir.unwrap_or_else(|| temporary.clone());
+    let dir = settings.dir.clone().unwrap_or_else(|| temporary.clone());
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let database = dir.join("bench.db");
-    for suffix in ["", "-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
-    }
-    let text = config_text(
-        &database.display().to_string(),
-        tasks,
-        &dir.join("logs").display().to_string(),
-        &dir.join("state").display().to_string(),
-        None,
-    );
+    remove_database(&database);
+    let logs = dir.join("logs");
+    let _ = std::fs::remove_dir_all(&logs);
+    let state = dir.join("state").display().to_string();
+    let text = if distinct {
+        distinct_config_text(
+            &database.display().to_string(),
+            tasks,
+            &logs.display().to_string(),
+            &state,
+            chrono::Utc::now(),
+        )
+    } else {
+        config_text(
+            &database.display().to_string(),
+            tasks,
+            &logs.display().to_string(),
+            &state,
+            None,
+        )
+    };
     let config_path = dir.join("bench.toml");
     std::fs::write(&config_path, &text)?;
     let config = Arc::new(config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
     let store = Store::open(&database)?;
+    // The per-second tasks: every one of them fires at every tick.
+    let every_second = if distinct { 1 } else { tasks };
 
-    println!(
-        "turbosched bench: {tasks} tasks × `* * * * * *` → /bin/true, {seconds}s, database {}",
-        database.display()
-    );
+    if distinct {
+        println!(
+            "turbosched bench --distinct: {tasks} tasks on distinct hourly expressions (none due in the window) + 1 probe `* * * * * *` → /bin/true, {seconds}s, database {}",
+            database.display()
+        );
+    } else {
+        println!(
+            "turbosched bench: {tasks} tasks × `* * * * * *` → /bin/true, {seconds}s, database {}",
+            database.display()
+        );
+    }
+    println!("machine load:           {} (before)", load_average());
     let spawn_ms = spawn_cost_ms(200)?;
-    println!("{}", spawn_floor_line(spawn_ms, tasks));
+    println!("{}", spawn_floor_line(spawn_ms, every_second));
+    let floor = burst_floor_ms(every_second, BURST_THREADS)?;
+    println!(
+        "burst floor:            {floor:.0} ms for {BURST_THREADS} threads to start and reap {every_second} /bin/true (posix_spawn + wait, no bookkeeping; median of 3)"
+    );
     let peak_rss = Arc::new(AtomicU64::new(0));
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let (started, stopped) = runtime.block_on(async {
-        let engine = Engine::new(
+    let (started, serving, stopped, cpu, commits) = runtime.block_on(async {
+        let mut engine = Engine::new(
             config.clone(),
             store.clone(),
             Arc::new(SystemClock),
             Mode::Serve,
         );
+        let ready = Arc::new(Ready::default());
+        engine.set_service_manager(ready.clone());
         let handle = engine.handle();
         let started = chrono::Utc::now();
         let sampler = {
@@ -69,33 +118,39 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
             })
         };
         let engine_task = tokio::spawn(engine.run());
+        ready.notify.notified().await;
+        let serving = chrono::Utc::now();
+        // The service's own CPU from serving to stop: start-up is its own figure.
+        let cpu_from = cpu_seconds();
         tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let cpu = cpu_seconds() - cpu_from;
         let stopped = chrono::Utc::now();
+        let commits = store.commits();
+        // The window's last ticks are still claimed when the loop was stalled as it ended
+        // (a slow fsync on a busy disk): a tick claimed late is counted, not missed.
+        tokio::time::sleep(Duration::from_secs(3)).await;
         handle.shutdown();
         let _ = engine_task.await;
         sampler.abort();
-        (started, stopped)
+        (started, serving, stopped, cpu, commits)
     });
+    let load_after = load_average();
 
-    // Every whole second strictly after the service was up (its `scheduler_started` event:
-    // recovery done, task logs open, fires planned) and at or before stop is a tick of
-    // every task.
+    // Every whole second strictly after the service was serving (its `ready`: recovery
+    // done, fires planned) and at or before stop is a tick of every per-second task.
     let connection = Connection::open(&database)?;
-    let up_micros: Option<i64> = connection.query_row(
-        "SELECT MIN(at) FROM events WHERE kind = 'scheduler_started'",
-        [],
-        |row| row.get(0),
-    )?;
-    let up = up_micros.map_or(started.timestamp(), |micros| micros.div_euclid(1_000_000));
+    let up = serving.timestamp();
     println!(
-        "start-up:               {:.0} ms from engine start to serving",
-        up_micros.map_or(0.0, |m| (m - started.timestamp_micros()) as f64 / 1000.0)
+        "start-up:               {:.0} ms from engine start to serving ({tasks} tasks)",
+        (serving - started).num_microseconds().unwrap_or(0) as f64 / 1000.0
     );
     let first_tick = up + 1;
     let last_tick = stopped.timestamp();
     let ticks = (last_tick - first_tick + 1).max(0) as u64;
-    let expected = ticks * tasks as u64;
-    let window = "r.trigger = 'schedule' AND r.scheduled_for BETWEEN ?1 AND ?2";
+    let expected = ticks * every_second as u64;
+    // A tick claimed late is a `catchup` run (skipped under misfire `skip`): recorded,
+    // not missed.
+    let window = "r.trigger IN ('schedule', 'catchup') AND r.scheduled_for BETWEEN ?1 AND ?2";
     let bounds = [first_tick * 1_000_000, last_tick * 1_000_000];
     let claimed: i64 = connection.query_row(
         &format!("SELECT COUNT(*) FROM runs r WHERE {window}"),
@@ -103,6 +158,19 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
         |row| row.get(0),
     )?;
     let claimed = claimed as u64;
+    let doubled: i64 = connection.query_row(
+        &format!(
+            "SELECT COUNT(*) - COUNT(DISTINCT r.task || '@' || r.scheduled_for) FROM runs r WHERE {window}"
+        ),
+        bounds,
+        |row| row.get(0),
+    )?;
+    // Every run the service recorded while serving, whatever its tick (CPU per run).
+    let recorded: i64 = connection.query_row(
+        "SELECT COUNT(*) FROM runs WHERE queued_at BETWEEN ?1 AND ?2",
+        [serving.timestamp_micros(), stopped.timestamp_micros()],
+        |row| row.get(0),
+    )?;
     let mut outcomes = connection.prepare(&format!(
         "SELECT r.state, COUNT(*) FROM runs r WHERE {window} GROUP BY r.state ORDER BY 2 DESC"
     ))?;
@@ -134,11 +202,41 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
         "fires missed:           {}",
         expected.saturating_sub(claimed)
     );
+    println!("fires doubled:          {doubled}");
     for (state, count) in &outcomes {
         println!("  runs {state:<12}      {count}");
     }
-    print_lag("lag tick → child spawned", &spawn_lag);
-    print_lag("lag tick → run started  ", &start_lag);
+    let late: i64 = connection.query_row(
+        &format!("SELECT COUNT(*) FROM runs r WHERE {window} AND r.trigger = 'catchup'"),
+        bounds,
+        |row| row.get(0),
+    )?;
+    if late > 0 {
+        println!(
+            "  of them claimed late:  {late} (`catchup`: the loop fell behind its ticks; misfire `skip` records them skipped)"
+        );
+    }
+    let who = if distinct { "probe " } else { "" };
+    print_lag(&format!("{who}lag tick → child spawned"), &spawn_lag);
+    print_lag(&format!("{who}lag tick → run started  "), &start_lag);
+    if let Some(lag) = Lag::of_sorted(&spawn_lag) {
+        if distinct {
+            println!(
+                "lone-fire latency:      p99 {:.2} ms tick → child spawned (target ≤ 2 ms)",
+                lag.p99
+            );
+        } else {
+            println!(
+                "burst ratio:            lag p99 / burst floor = {:.0} / {floor:.0} ms = {:.2} × (target ≤ 1.2 ×)",
+                lag.p99,
+                lag.p99 / floor.max(f64::MIN_POSITIVE)
+            );
+        }
+    }
+    println!(
+        "service CPU per run:    {:.0} µs (user + system of this process, children excluded, {cpu:.2} s over {recorded} runs recorded while serving; target ≤ 100 µs)",
+        cpu * 1e6 / recorded.max(1) as f64
+    );
     println!(
         "peak RSS (service):     {:.1} MiB",
         peak_rss.load(Ordering::Relaxed) as f64 / 1024.0
@@ -150,13 +248,149 @@ pub(crate) fn run(tasks: usize, seconds: u64, dir: Option<PathBuf>) -> Result<Ex
     let seconds_run = (stopped - started).num_milliseconds().max(1) as f64 / 1000.0;
     println!(
         "commits (fsyncs):       {} in {seconds_run:.1} s = {:.0}/s (synchronous = FULL: each commit syncs the WAL)",
-        store.commits(),
-        store.commits() as f64 / seconds_run
+        commits,
+        commits as f64 / seconds_run
     );
+    println!("machine load:           {load_after} (after)");
+    for &count in &settings.startup_tasks {
+        let millis = startup_ms(&dir.join(format!("startup-{count}")), count)?;
+        println!(
+            "start-up {count:>6} tasks:  {millis:.0} ms from config load to serving (fresh database and log folder; target 10,000 in ≤ 2,000 ms)"
+        );
+    }
     if dir == temporary {
         let _ = std::fs::remove_dir_all(&temporary);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Threads of the burst floor (the floor: four threads).
+const BURST_THREADS: usize = 4;
+
+/// Says when the engine is serving (its `ready`).
+#[derive(Default)]
+struct Ready {
+    notify: tokio::sync::Notify,
+}
+
+impl turbosched::engine::ServiceManager for Ready {
+    fn ready(&self, _tasks: usize) {
+        self.notify.notify_one();
+    }
+    fn keepalive_every(&self) -> Option<Duration> {
+        None
+    }
+    fn alive(&self) {}
+    fn stopping(&self) {}
+}
+
+fn remove_database(database: &std::path::Path) {
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", database.display()));
+    }
+}
+
+/// Milliseconds from loading a config of `tasks` per-second tasks to the engine serving
+/// them, in a fresh `dir`; the engine is stopped at once.
+fn startup_ms(dir: &std::path::Path, tasks: usize) -> Result<f64> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let database = dir.join("bench.db");
+    let text = config_text(
+        &database.display().to_string(),
+        tasks,
+        &dir.join("logs").display().to_string(),
+        &dir.join("state").display().to_string(),
+        None,
+    );
+    let config_path = dir.join("bench.toml");
+    std::fs::write(&config_path, &text)?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    let millis = runtime.block_on(async {
+        let started = std::time::Instant::now();
+        let config = Arc::new(config::load(&config_path).map_err(|e| anyhow::anyhow!("{e}"))?);
+        let store = Store::open(&database)?;
+        let mut engine = Engine::new(config, store, Arc::new(SystemClock), Mode::Serve);
+        let ready = Arc::new(Ready::default());
+        engine.set_service_manager(ready.clone());
+        let handle = engine.handle();
+        let engine_task = tokio::spawn(engine.run());
+        ready.notify.notified().await;
+        let millis = started.elapsed().as_secs_f64() * 1000.0;
+        handle.shutdown();
+        let _ = engine_task.await;
+        anyhow::Ok(millis)
+    })?;
+    let _ = std::fs::remove_dir_all(dir);
+    Ok(millis)
+}
+
+/// Median milliseconds, over three bursts, for `threads` threads to start and reap
+/// `children` `/bin/true` between them (each `posix_spawn` + wait, nothing recorded): the
+/// least a burst of `children` fires of one tick can take on this machine now.
+fn burst_floor_ms(children: usize, threads: usize) -> Result<f64> {
+    let mut samples = Vec::new();
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        std::thread::scope(|scope| -> Result<()> {
+            let workers: Vec<_> = (0..threads)
+                .map(|thread| {
+                    let share = children / threads + usize::from(thread < children % threads);
+                    scope.spawn(move || -> Result<()> {
+                        for _ in 0..share {
+                            std::process::Command::new("/bin/true")
+                                .status()
+                                .context("cannot run /bin/true")?;
+                        }
+                        Ok(())
+                    })
+                })
+                .collect();
+            for worker in workers {
+                worker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("a spawning thread panicked"))??;
+            }
+            Ok(())
+        })?;
+        samples.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    samples.sort_by(f64::total_cmp);
+    Ok(samples[samples.len() / 2])
+}
+
+/// User + system CPU seconds of this process, its children excluded (`/proc/self/stat`
+/// fields 14 and 15, in clock ticks of 1/100 s: Linux's `USER_HZ`); 0 when unreadable.
+fn cpu_seconds() -> f64 {
+    let Ok(stat) = std::fs::read_to_string("/proc/self/stat") else {
+        return 0.0;
+    };
+    // The fields after the command name, which may hold spaces, in parentheses; the
+    // first of them is field 3.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return 0.0;
+    };
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |field: usize| -> f64 {
+        fields
+            .get(field - 3)
+            .and_then(|value| value.parse::<u64>().ok())
+            .map_or(0.0, |ticks| ticks as f64)
+    };
+    (ticks(14) + ticks(15)) / 100.0
+}
+
+/// `/proc/loadavg`'s three load averages, or "unknown".
+pub(crate) fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|text| {
+            let averages: Vec<&str> = text.split_whitespace().take(3).collect();
+            format!("load average {}", averages.join(", "))
+        })
+        .unwrap_or_else(|| "load average unknown".to_string())
 }
 
 /// The benchmark's config: `tasks` tasks `t0000`…, each `* * * * * *` running `/bin/true`
@@ -169,19 +403,57 @@ pub(crate) fn config_text(
     state_dir: &str,
     api_bind: Option<&str>,
 ) -> String {
-    let mut text = format!(
-        "[scheduler]\ntimezone = \"UTC\"\ndatabase = {database:?}\nmax_workers = {}\nlog_dir = {log_dir:?}\nstate_dir = {state_dir:?}\nheartbeat_interval = \"1s\"\nshutdown_grace = \"5s\"\n",
-        tasks.max(1),
-    );
+    let mut text = scheduler_section(database, tasks, log_dir, state_dir);
     if let Some(bind) = api_bind {
         text.push_str(&format!("[api]\nbind = {bind:?}\n"));
     }
     for n in 0..tasks {
-        text.push_str(&format!(
-            "[tasks.t{n:04}]\nschedule = \"* * * * * *\"\ncommand = [\"/bin/true\"]\ntimeout = \"30s\"\nmisfire = \"skip\"\n"
-        ));
+        text.push_str(&task_section(&format!("t{n:04}"), "* * * * * *"));
     }
     text
+}
+
+/// `--distinct`'s config: `tasks` tasks `t0000`…, each on an hourly expression of its own
+/// (second `n % 60` of a minute at least half an hour from `now`'s, so none comes due in a
+/// window shorter than that), and `probe`, `* * * * * *`.
+fn distinct_config_text(
+    database: &str,
+    tasks: usize,
+    log_dir: &str,
+    state_dir: &str,
+    now: chrono::DateTime<chrono::Utc>,
+) -> String {
+    use chrono::Timelike;
+    let mut text = scheduler_section(database, tasks + 1, log_dir, state_dir);
+    let base = now.minute() as usize + 30;
+    for n in 0..tasks {
+        let second = n % 60;
+        let minute = (base + (n / 60) % 30) % 60;
+        // 1,800 distinct (second, minute) pairs; past them the hour step tells them apart.
+        let hours = match n / 1800 {
+            0 => "*".to_string(),
+            step => format!("*/{}", step + 1),
+        };
+        text.push_str(&task_section(
+            &format!("t{n:04}"),
+            &format!("{second} {minute} {hours} * * *"),
+        ));
+    }
+    text.push_str(&task_section("probe", "* * * * * *"));
+    text
+}
+
+fn scheduler_section(database: &str, workers: usize, log_dir: &str, state_dir: &str) -> String {
+    format!(
+        "[scheduler]\ntimezone = \"UTC\"\ndatabase = {database:?}\nmax_workers = {}\nlog_dir = {log_dir:?}\nstate_dir = {state_dir:?}\nheartbeat_interval = \"1s\"\nshutdown_grace = \"5s\"\n",
+        workers.max(1),
+    )
+}
+
+fn task_section(name: &str, schedule: &str) -> String {
+    format!(
+        "[tasks.{name}]\nschedule = \"{schedule}\"\ncommand = [\"/bin/true\"]\ntimeout = \"30s\"\nmisfire = \"skip\"\n"
+    )
 }
 
 fn print_lag(label: &str, sorted_ms: &[f64]) {

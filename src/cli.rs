@@ -212,6 +212,12 @@ enum Cmd {
         /// Folder for the benchmark's database and logs (default: a temporary one).
         #[arg(long)]
         dir: Option<PathBuf>,
+        /// The tasks on distinct hourly expressions, none due in the window, beside one per-second probe: a lone fire's latency and the RSS of distinct expressions.
+        #[arg(long)]
+        distinct: bool,
+        /// After the window, start-up timed again with these task counts (comma-separated; 0 for none).
+        #[arg(long, value_delimiter = ',', default_values_t = [2000, 10000])]
+        startup_tasks: Vec<usize>,
     },
     /// Measure cluster mode: fire lag, misses and doubles of `serve` processes on SQLite, on PostgreSQL, and several on one PostgreSQL database.
     BenchCluster {
@@ -357,7 +363,15 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             tasks,
             seconds,
             dir,
-        } => crate::bench::run(tasks, seconds, dir),
+            distinct,
+            startup_tasks,
+        } => crate::bench::run(&crate::bench::Settings {
+            tasks,
+            seconds,
+            dir,
+            distinct,
+            startup_tasks: startup_tasks.into_iter().filter(|&n| n > 0).collect(),
+        }),
         Cmd::BenchCluster {
             tasks,
             seconds,

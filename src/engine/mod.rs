@@ -103,6 +103,17 @@ pub trait ServiceManager: Send + Sync {
     fn stopping(&self);
 }
 
+/// Gives the heap pages start-up freed (reading the config, planning every task) back to
+/// the system: glibc keeps them otherwise, about 1 MiB of resident memory with 1,000 tasks.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: `malloc_trim` only returns free pages of glibc's heap; it takes no pointer
+    // and is safe to call from any thread at any time.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// SQLite calls block: on the engine's hot paths they run under `block_in_place`, so the
 /// runtime moves runner tasks (spawning children, reading their pipes) to other threads.
 fn blocking<T>(work: impl FnOnce() -> T) -> T {
@@ -352,6 +363,7 @@ impl Engine {
             }
         }
         self.dispatch();
+        release_freed_memory();
 
         let mut heartbeat = tokio::time::interval(self.config.scheduler.heartbeat_interval);
         heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -878,3 +878,32 @@ fn a_missed_deadline_is_raised_once_across_a_restart_and_one_missed_while_down_a
     assert_eq!(runs, vec![Some(first), Some(second)], "{events:?}");
     assert!(events[0].1.ends_with("it is failed"), "{}", events[0].1);
 }
+
+/// Start-up must not cost a log-folder scan per task (`file-rotate` stats every entry of
+/// the folder when it takes a file over: quadratic in the task count, 10,000 tasks not
+/// serving after 80 s). Opened lazily, no task log is even opened by a start-up with
+/// nothing to say: the log folder does not exist once every start-up step has run.
+#[test]
+fn a_start_up_of_two_thousand_tasks_opens_no_task_log() {
+    let tasks: String = (0..2000)
+        .map(|n| {
+            format!("[tasks.t{n:04}]\ncommand = [\"/bin/true\"]\nschedule = \"0 0 * * * *\"\n")
+        })
+        .collect();
+    let bench = Bench::new(&tasks);
+    let logs = bench.config.scheduler.log_dir.clone();
+    let mut engine = bench.engine_at(t(1));
+    engine.seed_board();
+    engine.recover(t(1)).expect("recovered");
+    engine.plan_startup_fires(t(1));
+    assert_eq!(
+        engine.next_fire.len(),
+        2000,
+        "every task's next fire planned"
+    );
+    assert!(
+        !logs.exists(),
+        "start-up touched the log folder {}",
+        logs.display()
+    );
+}

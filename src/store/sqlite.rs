@@ -902,6 +902,32 @@ fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result
     Ok(id)
 }
 
+/// Another run of the same task in `running` (the one-attempt-per-task check).
+pub(super) const TASK_BUSY: &str = "SELECT id, task FROM runs
+     WHERE task = (SELECT task FROM runs WHERE id = ?1) AND state = 'running' AND id != ?1
+     LIMIT 1";
+
+/// [`Tx::transition`]'s UPDATE, guarded by the expected state and attempt.
+pub(super) const TRANSITION: &str = "UPDATE runs SET
+            state = ?4,
+            attempt = ?5,
+            started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
+            finished_at = COALESCE(?8, finished_at),
+            exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
+            error = COALESCE(?10, error),
+            reason = COALESCE(?11, reason),
+            owner = CASE WHEN ?6 THEN ?12 WHEN ?4 = 'queued' THEN NULL ELSE owner END,
+            pid = CASE WHEN ?6 THEN NULL ELSE pid END,
+            heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
+            next_attempt_at = ?13,
+            progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
+            phase = CASE WHEN ?6 OR ?4 = 'succeeded' THEN NULL ELSE phase END,
+            progress_event_at = CASE WHEN ?6 THEN NULL ELSE progress_event_at END,
+            progress_event_pct = CASE WHEN ?6 THEN NULL ELSE progress_event_pct END,
+            progress_event_phase = CASE WHEN ?6 THEN NULL ELSE progress_event_phase END,
+            max_attempts = max_attempts + ?14
+         WHERE id = ?1 AND state = ?2 AND attempt = ?3";
+
 /// [`Tx::transition`]: the one UPDATE that writes `runs.state`, guarded by the expected
 /// state and attempt.
 fn transition_in(
@@ -926,15 +952,11 @@ fn transition_in(
     if starting {
         // One attempt per task at a time: `BEGIN IMMEDIATE` holds the database, so
         // nothing can start another between this check and the update.
-        let running: Option<(i64, String)> = cached_query_row(
-            tx,
-            "SELECT other.id, other.task FROM runs AS this
-             JOIN runs AS other ON other.task = this.task AND other.state = 'running' AND other.id != this.id
-             WHERE this.id = ?1 LIMIT 1",
-            params![run.0],
-            |row| Ok((row.get(0)?, row.get(1)?)),
-        )
-        .optional()?;
+        let running: Option<(i64, String)> =
+            cached_query_row(tx, TASK_BUSY, params![run.0], |row| {
+                Ok((row.get(0)?, row.get(1)?))
+            })
+            .optional()?;
         if let Some((running, task)) = running {
             return Err(StoreError::TaskBusy {
                 run,
@@ -945,25 +967,7 @@ fn transition_in(
     }
     let changed = cached_execute(
         tx,
-        "UPDATE runs SET
-            state = ?4,
-            attempt = ?5,
-            started_at = CASE WHEN ?6 AND started_at IS NULL THEN ?7 ELSE started_at END,
-            finished_at = COALESCE(?8, finished_at),
-            exit_code = CASE WHEN ?6 THEN NULL ELSE COALESCE(?9, exit_code) END,
-            error = COALESCE(?10, error),
-            reason = COALESCE(?11, reason),
-            owner = CASE WHEN ?6 THEN ?12 WHEN ?4 = 'queued' THEN NULL ELSE owner END,
-            pid = CASE WHEN ?6 THEN NULL ELSE pid END,
-            heartbeat_at = CASE WHEN ?6 THEN ?7 ELSE heartbeat_at END,
-            next_attempt_at = ?13,
-            progress = CASE WHEN ?6 THEN NULL WHEN ?4 = 'succeeded' THEN 100.0 ELSE progress END,
-            phase = CASE WHEN ?6 OR ?4 = 'succeeded' THEN NULL ELSE phase END,
-            progress_event_at = CASE WHEN ?6 THEN NULL ELSE progress_event_at END,
-            progress_event_pct = CASE WHEN ?6 THEN NULL ELSE progress_event_pct END,
-            progress_event_phase = CASE WHEN ?6 THEN NULL ELSE progress_event_phase END,
-            max_attempts = max_attempts + ?14
-         WHERE id = ?1 AND state = ?2 AND attempt = ?3",
+        TRANSITION,
         params![
             run.0,
             from.as_str(),

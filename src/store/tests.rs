@@ -296,3 +296,48 @@ fn every_commit_is_synced_to_disk_before_it_returns() {
         .unwrap();
     assert_eq!(store.commits() - before, 2, "one commit per transaction");
 }
+
+/// Issue 13, the service's CPU per run: a cached statement whose plan SQLite ties to its
+/// bound values (a partial index matched against a parameter) is compiled again at every
+/// execution — the transition's UPDATE and its one-attempt-per-task check were, a few
+/// percent of the service's CPU at a thousand runs a second. A hundred runs started and
+/// finished re-prepare neither.
+#[test]
+fn the_hot_transition_statements_are_compiled_once_not_at_every_run() {
+    use rusqlite::StatementStatus;
+    let (_dir, backend, store) = open();
+    for n in 0..100u32 {
+        let run = store
+            .claim_fire(&scheduled("t", at(n % 60, i64::from(n))), at(0, 1), None)
+            .unwrap();
+        let attempt = start(&store, run, Attempt(0), RunState::Queued);
+        store
+            .transition(
+                &Move {
+                    run,
+                    attempt,
+                    from: RunState::Running,
+                    to: RunState::Succeeded,
+                },
+                &Change::default(),
+                at(0, 2),
+            )
+            .unwrap();
+    }
+    let busy = plan(&backend, super::sqlite::TASK_BUSY);
+    assert!(
+        busy.contains("SEARCH runs USING COVERING INDEX runs_running_task (task=?)"),
+        "the check reads the running runs of one task: {busy}"
+    );
+    let connection = backend.lock();
+    for sql in [super::sqlite::TRANSITION, super::sqlite::TASK_BUSY] {
+        let statement = connection.prepare_cached(sql).unwrap();
+        let recompiled = statement.get_status(StatementStatus::RePrepare);
+        let runs = statement.get_status(StatementStatus::Run);
+        assert!(runs >= 100, "the cached statement ran {runs} times: {sql}");
+        assert!(
+            recompiled <= 1,
+            "compiled again {recompiled} times in {runs} executions: {sql}"
+        );
+    }
+}
