@@ -801,7 +801,19 @@ fn serve(path: &Path) -> Result<ExitCode> {
         let server_handle = server.handle();
         tokio::spawn(server);
         reload_on_sighup(engine.handle());
+        // Its own thread and its own connection: a hanging endpoint never holds a tick.
+        let alerts = turbosched::alerts::AlertSender::start(
+            config.alerts.clone(),
+            Some(format!("http://{address}")),
+            open_store(&config)?.written_by(engine.instance()),
+            engine.metrics(),
+            engine.instance().to_string(),
+            Arc::new(SystemClock),
+        );
         let result = engine.run().await;
+        if let Some(alerts) = alerts {
+            tokio::task::block_in_place(|| alerts.stop());
+        }
         server_handle.stop(true).await;
         result.map_err(anyhow::Error::from)
     })?;

@@ -450,3 +450,40 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         .collect();
     json!({"since": since.to_rfc3339(), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
 }
+
+/// The body an `[[alerts]]` endpoint receives for one event (README_SCHEDULE.md,
+/// "Alerts"): the event, where to look, and a Slack-compatible `text`.
+pub fn alert_envelope(alert: &str, event: &EventRow, api_base: Option<&str>) -> String {
+    let link = api_base.map(|base| match event.run_id {
+        Some(run) => format!("{base}/scheduler/runs/{run}"),
+        None => format!("{base}/"),
+    });
+    let mut text = format!("[turbosched] {}", event.kind);
+    if let Some(task) = &event.task {
+        text.push_str(&format!(" {task}"));
+    }
+    if let Some(run) = event.run_id {
+        text.push_str(&format!(" (run {run})"));
+    }
+    if !event.message.is_empty() {
+        text.push_str(&format!(": {}", event.message));
+    }
+    if let Some(link) = &link {
+        text.push_str(&format!(" {link}"));
+    }
+    json!({
+        "version": 1,
+        "alert": alert,
+        "event": event.kind,
+        "seq": event.seq,
+        "task": event.task,
+        "run_id": event.run_id.map(|r| r.0),
+        "attempt": event.attempt.map(|a| a.0),
+        "message": event.message,
+        "instance": event.instance,
+        "at": time(event.at),
+        "link": link,
+        "text": text,
+    })
+    .to_string()
+}

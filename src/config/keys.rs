@@ -63,7 +63,23 @@ pub enum Kind {
     Backoff,
     /// A list of task names.
     TaskNames,
+    /// A list of event kinds an alert may want ([`ALERT_EVENTS`]).
+    Events,
 }
+
+/// `[[alerts]] events`: the event kinds an alert may be sent for. `deadline_missed` and
+/// `circuit_opened` are accepted before a build raises them.
+pub const ALERT_EVENTS: &[&str] = &[
+    "run_failed",
+    "run_timed_out",
+    "run_orphaned",
+    "deadline_missed",
+    "circuit_opened",
+    "drift_detected",
+    "config_reload_failed",
+];
+/// `[[alerts]] max_attempts`.
+pub(super) const ALERT_ATTEMPTS: (i64, i64) = (1, 100);
 
 /// `misfire`: what to do with missed ticks.
 pub(super) const MISFIRE_CHOICES: &[&str] = &["run_once", "skip", "run_all"];
@@ -229,6 +245,16 @@ pub const TASK_KEYS: &[Key] = &[
     key("shell", Kind::Flag, Some("false"), "true: command is one string run by /bin/sh -c"),
     key("cwd", Kind::Text, None, "working directory of the command (default: the service's)"),
     key("env", Kind::Env, None, "extra environment of the command"),
+];
+
+/// Every key an `[[alerts]]` table accepts.
+pub const ALERT_KEYS: &[Key] = &[
+    key("name", Kind::Text, None, "names the alert in the alert_deliveries table and /metrics (default: alert-<n>, its place in the file)"),
+    key("url", Kind::Text, None, "http:// endpoint the JSON envelope is POSTed to (or url_env)"),
+    key("url_env", Kind::Text, None, "the environment variable holding the endpoint (for secrets), instead of url"),
+    key("events", Kind::Events, None, "the event kinds to send"),
+    key("tasks", Kind::TaskNames, None, "only events of these tasks (default: every task, and events about none)"),
+    key("max_attempts", Kind::Whole { min: ALERT_ATTEMPTS.0, max: ALERT_ATTEMPTS.1 }, Some("5"), "POSTs per event before it is given up (backoff 1s, 2s, 4s, … at most 5m)"),
 ];
 
 /// Every key `retry_backoff` accepts.

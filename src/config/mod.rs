@@ -31,8 +31,8 @@ use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
 pub use keys::{
-    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS, LOGGING_KEYS,
-    SCHEDULER_KEYS, TASK_KEYS,
+    DurationBound, Key, Kind, ALERT_EVENTS, ALERT_KEYS, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS,
+    LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS,
 };
 pub use schema::json_schema;
 
@@ -111,6 +111,57 @@ pub struct Config {
     pub tasks: BTreeMap<TaskName, TaskSpec>,
     /// Task names in dependency order: every task after all of its upstreams.
     pub topo_order: Vec<TaskName>,
+    /// `[[alerts]]`, in the file's order.
+    pub alerts: Vec<AlertSpec>,
+}
+
+/// One `[[alerts]]` table: an endpoint told about some events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSpec {
+    /// Its name (`name`, or `alert-<n>`): the key of its deliveries in the store.
+    pub name: String,
+    /// Where it is POSTed.
+    pub target: AlertTarget,
+    /// The event kinds it wants (each one of [`ALERT_EVENTS`]).
+    pub events: Vec<String>,
+    /// Only events of these tasks, when set.
+    pub tasks: Option<BTreeSet<TaskName>>,
+    /// POSTs per event before it is given up.
+    pub max_attempts: u32,
+}
+
+/// Where an alert is POSTed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertTarget {
+    /// `url`.
+    Url(String),
+    /// `url_env`: the variable's value, read when the alert is sent.
+    Env(String),
+}
+
+impl AlertSpec {
+    /// Whether an event of `kind` about `task` is for this alert.
+    pub fn wants(&self, kind: &str, task: Option<&str>) -> bool {
+        self.events.iter().any(|e| e == kind)
+            && match (&self.tasks, task) {
+                (None, _) => true,
+                (Some(tasks), Some(task)) => tasks.contains(&TaskName::from(task)),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// The endpoint now (`url_env` read from the environment), or why there is none.
+    pub fn url(&self) -> Result<String, String> {
+        match &self.target {
+            AlertTarget::Url(url) => Ok(url.clone()),
+            AlertTarget::Env(name) => match std::env::var(name) {
+                Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_string()),
+                _ => Err(format!(
+                    "the environment variable {name} (url_env) is not set"
+                )),
+            },
+        }
+    }
 }
 
 /// `[scheduler]`: the service-wide knobs.

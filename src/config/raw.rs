@@ -14,15 +14,19 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-use super::keys::{BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES, OVERLAP_CHOICES};
+use super::keys::{
+    ALERT_ATTEMPTS, ALERT_EVENTS, BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES,
+    OVERLAP_CHOICES,
+};
 use super::{
-    closest, handler_names, handler_params, ApiSettings, Backoff, CommandSpec, Config, ConfigError,
-    ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
+    closest, handler_names, handler_params, AlertSpec, AlertTarget, ApiSettings, Backoff,
+    CommandSpec, Config, ConfigError, ConfigErrors, Handler, LoggingSettings, Overlap,
+    SchedulerSettings, TaskSpec,
 };
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks"];
+const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks", "alerts"];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -83,6 +87,17 @@ struct RawTask {
     shell: Option<bool>,
     cwd: Option<String>,
     env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlert {
+    name: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    url_env: Option<Spanned<String>>,
+    events: Option<Spanned<Vec<Spanned<String>>>>,
+    tasks: Option<Vec<Spanned<String>>>,
+    max_attempts: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -311,6 +326,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut api: Option<RawApi> = None;
     let mut logging: Option<RawLogging> = None;
     let mut defaults = RawTask::default();
+    let mut raw_alerts: Vec<(Range<usize>, RawAlert)> = Vec::new();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
     let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
@@ -321,6 +337,23 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             "api" => api = report.decode(value, "api"),
             "logging" => logging = report.decode(value, "logging"),
             "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
+            "alerts" => {
+                let span = value.span();
+                let DeValue::Array(items) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "alerts",
+                        "expected an array of tables such as [[alerts]]",
+                    );
+                    continue;
+                };
+                for item in items {
+                    let span = item.span();
+                    if let Some(alert) = report.decode::<RawAlert>(item, "alerts") {
+                        raw_alerts.push((span, alert));
+                    }
+                }
+            }
             "tasks" => {
                 let span = value.span();
                 let DeValue::Table(table) = value.into_inner() else {
@@ -390,6 +423,8 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         }
     }
 
+    let alerts = resolve_alerts(&mut report, &raw_alerts, &known);
+
     let topo_order = match order_tasks(&specs) {
         Ok(order) => order,
         Err(cycle) => {
@@ -419,7 +454,174 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         logging,
         tasks: specs,
         topo_order,
+        alerts,
     })
+}
+
+/// `[[alerts]]`: one endpoint each (`url` or `url_env`), the events it wants, the tasks
+/// it is about; names unique.
+fn resolve_alerts(
+    report: &mut Report<'_>,
+    raw: &[(Range<usize>, RawAlert)],
+    known: &BTreeSet<String>,
+) -> Vec<AlertSpec> {
+    let mut alerts = Vec::new();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for (index, (span, alert)) in raw.iter().enumerate() {
+        let name = match &alert.name {
+            Some(name) => {
+                let text = name.get_ref().trim().to_string();
+                if text.is_empty()
+                    || !text
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    report.error(
+                        name.span(),
+                        "alerts.name",
+                        format!(
+                            "expected letters, digits, _ and - only, found {:?}",
+                            name.get_ref()
+                        ),
+                    );
+                }
+                if !names.insert(text.clone()) {
+                    report.error(
+                        name.span(),
+                        "alerts.name",
+                        format!("another alert is named {text:?}"),
+                    );
+                }
+                text
+            }
+            None => {
+                let text = format!("alert-{}", index + 1);
+                names.insert(text.clone());
+                text
+            }
+        };
+        let target = match (&alert.url, &alert.url_env) {
+            (Some(url), None) => {
+                let text = url.get_ref().trim();
+                if text.starts_with("https://") {
+                    report.error(
+                        url.span(),
+                        "alerts.url",
+                        "https is not supported by this build (no TLS): point it at an http:// relay on this host",
+                    );
+                } else if !text.starts_with("http://") || text.len() <= "http://".len() {
+                    report.error(
+                        url.span(),
+                        "alerts.url",
+                        format!("expected an http:// URL, found {:?}", url.get_ref()),
+                    );
+                }
+                AlertTarget::Url(text.to_string())
+            }
+            (None, Some(env)) => {
+                if env.get_ref().trim().is_empty() {
+                    report.error(
+                        env.span(),
+                        "alerts.url_env",
+                        "expected the name of an environment variable",
+                    );
+                }
+                AlertTarget::Env(env.get_ref().trim().to_string())
+            }
+            (Some(url), Some(_)) => {
+                report.error(url.span(), "alerts.url", "set url or url_env, not both");
+                continue;
+            }
+            (None, None) => {
+                report.error(
+                    span.clone(),
+                    "alerts",
+                    format!("alert {name:?}: set url or url_env"),
+                );
+                continue;
+            }
+        };
+        let mut events = Vec::new();
+        match &alert.events {
+            None => report.error(
+                span.clone(),
+                "alerts.events",
+                format!(
+                    "alert {name:?}: events is required, some of {}",
+                    one_of(ALERT_EVENTS)
+                ),
+            ),
+            Some(list) if list.get_ref().is_empty() => report.error(
+                list.span(),
+                "alerts.events",
+                format!("expected at least one of {}", one_of(ALERT_EVENTS)),
+            ),
+            Some(list) => {
+                for event in list.get_ref() {
+                    let text = event.get_ref();
+                    if ALERT_EVENTS.contains(&text.as_str()) {
+                        if !events.contains(text) {
+                            events.push(text.clone());
+                        }
+                    } else {
+                        let hint = closest(text, ALERT_EVENTS.iter().copied())
+                            .map(|near| format!(" (did you mean \"{near}\"?)"))
+                            .unwrap_or_default();
+                        report.error(
+                            event.span(),
+                            "alerts.events",
+                            format!(
+                                "unknown event {text:?}{hint}; expected {}",
+                                one_of(ALERT_EVENTS)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let tasks = alert.tasks.as_ref().map(|tasks| {
+            let mut set = BTreeSet::new();
+            for task in tasks {
+                if known.contains(task.get_ref()) {
+                    set.insert(TaskName::from(task.get_ref().as_str()));
+                } else {
+                    report.error(
+                        task.span(),
+                        "alerts.tasks",
+                        format!("unknown task {:?}", task.get_ref()),
+                    );
+                }
+            }
+            set
+        });
+        let max_attempts = match &alert.max_attempts {
+            None => 5,
+            Some(n) if (ALERT_ATTEMPTS.0..=ALERT_ATTEMPTS.1).contains(n.get_ref()) => {
+                *n.get_ref() as u32
+            }
+            Some(n) => {
+                report.error(
+                    n.span(),
+                    "alerts.max_attempts",
+                    format!(
+                        "expected a whole number from {} to {}, found {}",
+                        ALERT_ATTEMPTS.0,
+                        ALERT_ATTEMPTS.1,
+                        n.get_ref()
+                    ),
+                );
+                5
+            }
+        };
+        alerts.push(AlertSpec {
+            name,
+            target,
+            events,
+            tasks,
+            max_attempts,
+        });
+    }
+    alerts
 }
 
 /// `[api] bind` must be an IP address and a port: the API binds exactly that, and a
@@ -1177,11 +1379,12 @@ mod tests {
         assert_eq!(names(keys::LOGGING_KEYS), fields::<RawLogging>());
         assert_eq!(names(keys::TASK_KEYS), fields::<RawTask>());
         assert_eq!(names(keys::BACKOFF_KEYS), fields::<RawBackoff>());
+        assert_eq!(names(keys::ALERT_KEYS), fields::<RawAlert>());
         let mut sections: Vec<&str> = SECTIONS.to_vec();
         sections.sort_unstable();
         assert_eq!(
             sections,
-            ["api", "defaults", "logging", "scheduler", "tasks"]
+            ["alerts", "api", "defaults", "logging", "scheduler", "tasks"]
         );
     }
 

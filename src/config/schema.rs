@@ -37,6 +37,16 @@ pub fn json_schema() -> Value {
                 "description": "any task key, applied to every task that does not set it",
                 "$ref": "#/definitions/task",
             },
+            "alerts": {
+                "description": "one [[alerts]] table per endpoint told about failures",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": properties(keys::ALERT_KEYS, ""),
+                    "required": ["events"],
+                    "additionalProperties": false,
+                },
+            },
             "tasks": {
                 "description": "one table per task: [tasks.<name>]",
                 "type": "object",
@@ -103,6 +113,11 @@ fn property(key: &Key, table: &str) -> Value {
         Kind::TaskNames => json!({
             "type": "array",
             "items": { "type": "string", "pattern": TASK_NAME_PATTERN },
+        }),
+        Kind::Events => json!({
+            "type": "array",
+            "items": { "type": "string", "enum": keys::ALERT_EVENTS },
+            "minItems": 1,
         }),
     };
     let mut description = key.doc.to_string();

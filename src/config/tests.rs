@@ -600,3 +600,87 @@ fn poll_only_is_off_by_default_and_takes_a_boolean() {
         &["2:1: scheduler.poll_onyl: unknown key (did you mean \"poll_only\"?)"],
     );
 }
+
+#[test]
+fn alerts_take_a_url_or_an_env_var_their_events_and_a_task_filter() {
+    let config = check_ok(
+        r#"
+[[alerts]]
+name = "ops"
+url = "http://127.0.0.1:9000/hook"
+events = ["run_failed", "deadline_missed", "circuit_opened", "run_failed"]
+
+[[alerts]]
+url_env = "SLACK_RELAY"
+events = ["drift_detected"]
+tasks = ["a"]
+max_attempts = 2
+
+[tasks.a]
+handler = "ping"
+"#,
+    );
+    assert_eq!(
+        config.alerts,
+        [
+            AlertSpec {
+                name: "ops".into(),
+                target: AlertTarget::Url("http://127.0.0.1:9000/hook".into()),
+                events: vec![
+                    "run_failed".into(),
+                    "deadline_missed".into(),
+                    "circuit_opened".into()
+                ],
+                tasks: None,
+                max_attempts: 5,
+            },
+            AlertSpec {
+                name: "alert-2".into(),
+                target: AlertTarget::Env("SLACK_RELAY".into()),
+                events: vec!["drift_detected".into()],
+                tasks: Some([TaskName::from("a")].into_iter().collect()),
+                max_attempts: 2,
+            },
+        ]
+    );
+    let ops = &config.alerts[0];
+    assert!(ops.wants("run_failed", Some("a")) && ops.wants("circuit_opened", None));
+    assert!(!ops.wants("run_succeeded", Some("a")));
+    let only_a = &config.alerts[1];
+    assert!(only_a.wants("drift_detected", Some("a")));
+    assert!(!only_a.wants("drift_detected", Some("b")) && !only_a.wants("drift_detected", None));
+}
+
+#[test]
+fn a_bad_alert_is_refused_at_its_key() {
+    check_errors(
+        r#"[[alerts]]
+url = "https://hooks.slack.com/x"
+events = ["run_faild", "run_timed_out"]
+tasks = ["nope"]
+max_attempts = 0
+colour = "red"
+
+[[alerts]]
+events = []
+
+[[alerts]]
+name = "ops"
+url = "http://h/"
+url_env = "X"
+events = ["run_failed"]
+
+[tasks.a]
+handler = "ping"
+"#,
+        &[
+            "2:7: alerts.url: https is not supported by this build (no TLS): point it at an http:// relay on this host",
+            "3:11: alerts.events: unknown event \"run_faild\" (did you mean \"run_failed\"?); expected \"run_failed\", \"run_timed_out\", \"run_orphaned\", \"deadline_missed\", \"circuit_opened\", \"drift_detected\", \"config_reload_failed\"",
+            "4:10: alerts.tasks: unknown task \"nope\"",
+            "5:16: alerts.max_attempts: expected a whole number from 1 to 100, found 0",
+            "6:1: alerts.colour: unknown key",
+            "8:1: alerts: alert \"alert-2\": set url or url_env",
+            "13:7: alerts.url: set url or url_env, not both",
+        ],
+    );
+}

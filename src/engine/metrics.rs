@@ -17,6 +17,9 @@ pub struct Metrics {
     pub(super) queued: IntGauge,
     pub(super) retries: IntCounterVec,
     pub(super) orphans: IntCounter,
+    /// POSTs of `[[alerts]]` deliveries, by alert and outcome (`delivered`, `failed`: an
+    /// attempt that will be retried, `given_up`).
+    pub alert_posts: IntCounterVec,
 }
 
 impl Metrics {
@@ -65,6 +68,14 @@ impl Metrics {
         .expect(CONSTANT);
         let orphans = IntCounter::new("turbosched_orphans_total", "Runs whose owner vanished")
             .expect(CONSTANT);
+        let alert_posts = IntCounterVec::new(
+            Opts::new(
+                "turbosched_alert_posts_total",
+                "POSTs of alert deliveries, by alert and outcome (delivered, failed, given_up)",
+            ),
+            &["alert", "outcome"],
+        )
+        .expect(CONSTANT);
         for collector in [
             Box::new(runs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(run_duration.clone()),
@@ -73,6 +84,7 @@ impl Metrics {
             Box::new(queued.clone()),
             Box::new(retries.clone()),
             Box::new(orphans.clone()),
+            Box::new(alert_posts.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             // Names are distinct constants: registration cannot collide.
@@ -87,6 +99,16 @@ impl Metrics {
             queued,
             retries,
             orphans,
+            alert_posts,
+        }
+    }
+
+    /// Creates every alert's series at zero.
+    pub fn know_alerts<'a>(&self, alerts: impl IntoIterator<Item = &'a str>) {
+        for alert in alerts {
+            for outcome in ["delivered", "failed", "given_up"] {
+                self.alert_posts.with_label_values(&[alert, outcome]);
+            }
         }
     }
 

@@ -60,10 +60,20 @@
 //! 17. Each event names the instance whose store handle wrote it (`Store::written_by`),
 //!     none for a handle writing for nobody (the CLI): one event stream for a cluster.
 //!     (`each_event_names_the_instance_that_wrote_it`)
+//! 18. Alert deliveries: one per alert and event however often (and by however many
+//!     instances) they are derived; an alert's cursor never moves back.
+//!     (`an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back`)
+//! 19. A delivery is held by one instance at a time: another instance's claim skips it
+//!     until the holder records its outcome or the claim lapses; an outcome recorded by
+//!     an instance that does not hold it changes nothing; a retry is due at its time, a
+//!     delivered one never again; attempts, status and error are kept.
+//!     (`a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded`)
 
 use chrono::{TimeZone, Utc};
 
-use super::{AbortOutcome, Change, Move, NewRun, RunFilter, Store, StoreError};
+use super::{
+    AbortOutcome, Change, DeliveryOutcome, Move, NewDelivery, NewRun, RunFilter, Store, StoreError,
+};
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
 /// Hands out another [`Store`] over the one database of a test, each call a new handle
@@ -96,6 +106,8 @@ macro_rules! conformance_suite {
             a_task_runs_one_attempt_at_a_time_across_instances,
             the_database_clock_is_the_servers_time_now,
             each_event_names_the_instance_that_wrote_it,
+            an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back,
+            a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1193,6 +1205,165 @@ pub(crate) fn each_event_names_the_instance_that_wrote_it(open: Open<'_>) {
             ("run_queued".to_string(), Some("instance-a".to_string())),
             ("run_started".to_string(), Some("instance-b".to_string())),
             ("note".to_string(), None),
+        ]
+    );
+}
+
+fn delivery(seq: i64) -> NewDelivery {
+    NewDelivery {
+        event_seq: seq,
+        kind: "run_failed".into(),
+        task: Some("ingest".into()),
+        run_id: Some(RunId(seq)),
+        payload: format!("{{\"seq\": {seq}}}"),
+    }
+}
+
+pub(crate) fn an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back(open: Open<'_>) {
+    let (a, b) = (open(), open());
+    let now = at(0, 0);
+    assert_eq!(a.alert_cursor("ops").unwrap(), None);
+    a.batch(|tx| tx.add_deliveries("ops", &[], 3, now)).unwrap();
+    assert_eq!(b.alert_cursor("ops").unwrap(), Some(3));
+    // Two instances derive the same events: one delivery each.
+    a.batch(|tx| tx.add_deliveries("ops", &[delivery(4), delivery(6)], 6, now))
+        .unwrap();
+    b.batch(|tx| tx.add_deliveries("ops", &[delivery(4), delivery(6)], 6, now))
+        .unwrap();
+    // A late deriver with an older view does not move the cursor back.
+    b.batch(|tx| tx.add_deliveries("ops", &[delivery(4)], 4, now))
+        .unwrap();
+    // Another alert has its own deliveries and cursor.
+    b.batch(|tx| tx.add_deliveries("pager", &[delivery(6)], 9, now))
+        .unwrap();
+    assert_eq!(a.alert_cursor("ops").unwrap(), Some(6));
+    assert_eq!(a.alert_cursor("pager").unwrap(), Some(9));
+    let rows = a.alert_deliveries(10).unwrap();
+    let keys: Vec<(String, i64, &str, u32)> = rows
+        .iter()
+        .map(|r| (r.alert.clone(), r.event_seq, r.state.as_str(), r.attempts))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("ops".to_string(), 6, "pending", 0),
+            ("pager".to_string(), 6, "pending", 0),
+            ("ops".to_string(), 4, "pending", 0),
+        ]
+    );
+    assert_eq!(rows[2].payload, "{\"seq\": 4}");
+    assert_eq!(rows[2].run_id, Some(RunId(4)));
+    assert_eq!(rows[2].next_attempt_at, now);
+}
+
+pub(crate) fn a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded(open: Open<'_>) {
+    let (a, b) = (open(), open());
+    a.batch(|tx| tx.add_deliveries("ops", &[delivery(1), delivery(2)], 2, at(0, 0)))
+        .unwrap();
+    let held = a
+        .batch(|tx| tx.claim_deliveries("instance-a", at(1, 0), at(31, 0), 1))
+        .unwrap();
+    assert_eq!(held.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [1]);
+    // The other instance gets the other one only, and nothing more while both are held.
+    let other = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(1, 0), at(31, 0), 10))
+        .unwrap();
+    assert_eq!(other.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [2]);
+    assert!(b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(2, 0), at(32, 0), 10))
+        .unwrap()
+        .is_empty());
+    // Only the holder records an outcome.
+    let retry = DeliveryOutcome::Retry {
+        status: Some(500),
+        error: "the endpoint answered 500".into(),
+        at: at(5, 0),
+    };
+    assert!(!b
+        .batch(|tx| tx.record_delivery("ops", 1, "instance-b", &retry, at(2, 0)))
+        .unwrap());
+    assert!(a
+        .batch(|tx| tx.record_delivery("ops", 1, "instance-a", &retry, at(2, 0)))
+        .unwrap());
+    // Not due before its retry time; due at it, for anyone.
+    assert!(b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(4, 0), at(34, 0), 10))
+        .unwrap()
+        .is_empty());
+    let again = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(5, 0), at(35, 0), 10))
+        .unwrap();
+    assert_eq!(again.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].last_status, Some(500));
+    assert!(b
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            1,
+            "instance-b",
+            &DeliveryOutcome::Delivered { status: 204 },
+            at(6, 0)
+        ))
+        .unwrap());
+    // Instance a's claim on 2 lapses (it died): another instance takes it over.
+    let lapsed = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(32, 0), at(59, 0), 10))
+        .unwrap();
+    assert_eq!(lapsed.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [2]);
+    assert!(b
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            2,
+            "instance-b",
+            &DeliveryOutcome::GaveUp {
+                status: None,
+                error: "connection refused".into()
+            },
+            at(33, 0)
+        ))
+        .unwrap());
+    // The late report of the instance whose claim lapsed changes nothing.
+    assert!(!a
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            2,
+            "instance-a",
+            &DeliveryOutcome::Delivered { status: 200 },
+            at(34, 0)
+        ))
+        .unwrap());
+    assert!(a
+        .batch(|tx| tx.claim_deliveries("instance-a", at(58, 0), at(59, 0), 10))
+        .unwrap()
+        .is_empty());
+    let rows = a.alert_deliveries(10).unwrap();
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.event_seq,
+                r.state.as_str(),
+                r.attempts,
+                r.last_status,
+                r.last_error.as_deref(),
+                r.finished_at,
+                r.claimed_by.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                2,
+                "failed",
+                1,
+                None,
+                Some("connection refused"),
+                Some(at(33, 0)),
+                None
+            ),
+            (1, "delivered", 2, Some(204), None, Some(at(6, 0)), None),
         ]
     );
 }

@@ -2,6 +2,7 @@
 //! processes, each test in its own folder. One test binary for all of them, to keep
 //! link time down.
 
+mod alerts;
 mod api;
 mod bench_cluster;
 mod boundaries;

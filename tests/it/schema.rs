@@ -96,6 +96,8 @@ fn every_key_the_reference_documents_is_in_the_schema() {
     for (section, key) in &documented {
         let properties = if section.starts_with("[defaults]") {
             &schema["definitions"]["task"]["properties"]
+        } else if section == "[[alerts]]" {
+            &schema["properties"]["alerts"]["items"]["properties"]
         } else {
             let name = section.trim_matches(|c| c == '[' || c == ']');
             &schema["properties"][name]["properties"]
