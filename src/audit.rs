@@ -159,6 +159,7 @@ mod tests {
             force: false,
             downstream: false,
             cascade: None,
+            params: None,
         };
         store.claim_fire(&run, tick(second), None).expect("claimed");
     }

@@ -83,6 +83,10 @@ enum Cmd {
         /// Then run every task that depends on it, in dependency order.
         #[arg(long)]
         downstream: bool,
+        /// A param of this run, merged over the task's (`--param sleep_sec=2`; the value
+        /// read as a TOML scalar, else as text). Repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -306,8 +310,17 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             wait,
             force,
             downstream,
+            params,
             json,
-        } => run(&cli.config, &task, wait, force, downstream, json),
+        } => {
+            let mut table = serde_json::Map::new();
+            for param in &params {
+                let (key, value) = config::parse_param(param).map_err(|err| anyhow!(err))?;
+                table.insert(key, value);
+            }
+            let params = (!table.is_empty()).then_some(config::RunParams(table));
+            run(&cli.config, &task, wait, force, downstream, params, json)
+        }
         Cmd::Status { json } => status(&cli.config, json),
         Cmd::Runs {
             task,
@@ -852,15 +865,24 @@ fn run(
     wait: bool,
     force: bool,
     downstream: bool,
+    params: Option<config::RunParams>,
     json: bool,
 ) -> Result<ExitCode> {
     let reading = load_for_reading(path)?;
     let Some(config) = reading.config.clone() else {
-        return run_by_service(&reading, task, wait, force, downstream, json);
+        return run_by_service(&reading, task, wait, force, downstream, params, json);
     };
     let store = open_store(&config)?;
     if live_service(&config, &store)? {
-        let root = enqueue_manual(&config, &store, SystemClock.now(), task, force, downstream)?;
+        let root = enqueue_manual(
+            &config,
+            &store,
+            SystemClock.now(),
+            task,
+            force,
+            downstream,
+            params,
+        )?;
         if !wait {
             if json {
                 out!("{}", views::handed_to_service(root))?;
@@ -883,7 +905,7 @@ fn run(
             Arc::new(SystemClock),
             Mode::Foreground,
         );
-        let root = engine.enqueue_manual(task, force, downstream)?;
+        let root = engine.enqueue_manual(task, force, downstream, params)?;
         if !json {
             out!("run {root} of {task}: no service is running, running it here")?;
         }
@@ -908,6 +930,7 @@ fn run_by_service(
     wait: bool,
     force: bool,
     downstream: bool,
+    params: Option<config::RunParams>,
     json: bool,
 ) -> Result<ExitCode> {
     let store = reading.open_store()?;
@@ -928,7 +951,7 @@ fn run_by_service(
     let token = std::env::var(&reading.locations.token_env)
         .ok()
         .filter(|token| !token.trim().is_empty());
-    let body = views::trigger_options(force, downstream).to_string();
+    let body = views::trigger_options(force, downstream, params.map(|p| p.0)).to_string();
     let (code, answer) = http_post(
         &address,
         &format!("/scheduler/tasks/{task}/run"),
@@ -1422,6 +1445,9 @@ fn show(path: &Path, run: RunId, json: bool) -> Result<ExitCode> {
         out!("  finished at   {}", rfc3339(at))?;
     }
     out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
+    if let Some(params) = &row.params {
+        out!("  params        {params}")?;
+    }
     if let Some(progress) = row.progress {
         match &row.phase {
             Some(phase) => out!("  progress      {progress:.0}% {phase}")?,

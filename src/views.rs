@@ -178,6 +178,7 @@ pub fn run(row: &RunRow) -> Value {
         "result": row.result.as_deref().and_then(|r| serde_json::from_str::<Value>(r).ok()),
         "abort_requested": row.abort_requested,
         "cascade": row.cascade.map(|c| c.0),
+        "params": row.params.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
     })
 }
 
@@ -251,8 +252,12 @@ pub fn run_queued(run: RunId, task: &str) -> Value {
 }
 
 /// The body of `POST /scheduler/tasks/<task>/run` as the CLI sends it (`TriggerOptions`).
-pub fn trigger_options(force: bool, downstream: bool) -> Value {
-    json!({"force": force, "downstream": downstream})
+pub fn trigger_options(force: bool, downstream: bool, params: Option<Map<String, Value>>) -> Value {
+    let mut body = json!({"force": force, "downstream": downstream});
+    if let (Some(params), Some(object)) = (params, body.as_object_mut()) {
+        object.insert("params".into(), Value::Object(params));
+    }
+    body
 }
 
 /// A trigger that waited for its run, which finished (200).

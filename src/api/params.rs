@@ -98,6 +98,8 @@ pub(super) struct Trigger {
     pub(super) force: Option<bool>,
     pub(super) downstream: Option<bool>,
     pub(super) wait: Option<WaitFor>,
+    /// The run's own params (`{"params": {…}}`), merged over the task's.
+    pub(super) params: Option<serde_json::Map<String, Value>>,
 }
 
 /// Query `?force=1&downstream=true&wait=30` and/or a JSON body with the same keys.
@@ -135,9 +137,24 @@ pub(super) fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<Tri
                     return Err(bad(format!("{key}: expected true or false, found {other}")))
                 }
                 ("wait", value) => options.wait = Some(WaitFor::from_json(value)?),
+                ("params", Value::Object(params)) => {
+                    if let Some((key, value)) = params.iter().find(|(_, v)| {
+                        matches!(v, Value::Object(_) | Value::Array(_) | Value::Null)
+                    }) {
+                        return Err(bad(format!(
+                            "params.{key}: expected a string, number or true/false, found {value}"
+                        )));
+                    }
+                    options.params = Some(params.clone());
+                }
+                ("params", other) => {
+                    return Err(bad(format!(
+                        "params: expected an object such as {{\"sleep_sec\": 2}}, found {other}"
+                    )))
+                }
                 (other, _) => {
                     return Err(bad(format!(
-                        "unknown field {other:?} (known: force, downstream, wait)"
+                        "unknown field {other:?} (known: force, downstream, wait, params)"
                     )))
                 }
             }

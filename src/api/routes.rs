@@ -110,6 +110,7 @@ async fn trigger(
             &task,
             options.force.unwrap_or(false),
             options.downstream.unwrap_or(false),
+            options.params.map(crate::config::RunParams),
         )
         .await?;
     let Some(limit) = options.wait.and_then(WaitFor::limit) else {

@@ -1061,22 +1061,15 @@ fn resolve_task(
         params_value,
         handler.as_ref().and_then(|h| handler_params(h.name())),
     ) {
+        let handler_name = handler.as_ref().map(Handler::name).unwrap_or_default();
         for key in table
             .get_ref()
             .keys()
             .filter(|k| !known.contains(&k.as_str()))
         {
-            let hint = closest(key, known.iter().copied())
-                .map(|near| format!("did you mean \"{near}\"?"))
-                .unwrap_or_else(|| format!("it reads {}", known.join(", ")));
-            report.error(
-                table.span(),
-                &format!("{params_key}.{key}"),
-                format!(
-                    "unknown param for handler \"{}\" ({hint})",
-                    handler.as_ref().map(Handler::name).unwrap_or_default()
-                ),
-            );
+            if let Some(why) = super::unknown_param(handler_name, key) {
+                report.error(table.span(), &format!("{params_key}.{key}"), why);
+            }
         }
     }
     let params = match params_value {

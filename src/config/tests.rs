@@ -684,3 +684,57 @@ handler = "ping"
         ],
     );
 }
+
+#[test]
+fn a_param_on_the_command_line_is_a_toml_scalar_or_else_text() {
+    let cases = [
+        ("n=3", serde_json::json!(3)),
+        ("x=2.5", serde_json::json!(2.5)),
+        ("flag=true", serde_json::json!(true)),
+        ("s=\"quoted\"", serde_json::json!("quoted")),
+        ("word=hello world", serde_json::json!("hello world")),
+        ("list=[1, 2]", serde_json::json!("[1, 2]")),
+        ("empty=", serde_json::json!("")),
+        ("eq=a=b", serde_json::json!("a=b")),
+    ];
+    for (text, value) in cases {
+        let (key, parsed) = parse_param(text).unwrap();
+        assert_eq!(key, text.split('=').next().unwrap());
+        assert_eq!(parsed, value, "{text}");
+    }
+    assert_eq!(
+        parse_param("noequals").unwrap_err(),
+        "--param \"noequals\": expected key=value"
+    );
+    assert!(parse_param("=1").is_err());
+}
+
+#[test]
+fn run_params_are_checked_as_the_config_checks_params() {
+    let config = check_ok("[tasks.a]\nhandler = \"ping\"\n[tasks.c]\ncommand = [\"true\"]\n");
+    let table = |pairs: &[(&str, serde_json::Value)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let ping = config.task("a").unwrap();
+    assert_eq!(
+        check_run_params(
+            ping,
+            &table(&[("sleep_sec", 1.into()), ("fatal", true.into())])
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        check_run_params(ping, &table(&[("fail_time", 1.into()), ("colour", "red".into())])),
+        Err("params.colour: unknown param for handler \"ping\" (it reads fail_times, fatal, progress, sleep_sec); task a takes fail_times, fatal, progress, sleep_sec; \
+             params.fail_time: unknown param for handler \"ping\" (did you mean \"fail_times\"?); task a takes fail_times, fatal, progress, sleep_sec"
+            .to_string())
+    );
+    let command = config.task("c").unwrap();
+    assert_eq!(
+        check_run_params(command, &table(&[("anything", 1.into())])),
+        Ok(())
+    );
+}

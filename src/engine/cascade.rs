@@ -42,6 +42,7 @@ impl Engine {
                 force: false,
                 downstream: false,
                 cascade,
+                params: None,
             };
             match self.store.enqueue(&new_run, now) {
                 Ok(id) => {
@@ -94,6 +95,7 @@ impl Engine {
                 force: false,
                 downstream: true,
                 cascade: Some(root),
+                params: None,
             };
             match self.store.enqueue(&new_run, now) {
                 Ok(id) => self.admit(Pending::new_run(id, &new_run), now),

@@ -7,7 +7,7 @@ use super::recovery::schedule_key;
 use super::ReloadFailure;
 use super::{blocking, Command, Engine, EngineError, Pending};
 use crate::config::Overlap;
-use crate::config::{Config, TaskSpec};
+use crate::config::{Config, RunParams, TaskSpec};
 use crate::model::TaskName;
 use crate::model::{Instant, RunId, RunState, Trigger};
 use crate::runner::StopReason;
@@ -17,7 +17,13 @@ use crate::tasklog::TaskLogs;
 use tracing::{info, warn};
 
 /// The run a manual trigger of `spec` creates.
-fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> NewRun {
+fn manual_run(
+    spec: &TaskSpec,
+    now: Instant,
+    force: bool,
+    downstream: bool,
+    params: Option<String>,
+) -> NewRun {
     NewRun {
         task: spec.name.clone(),
         trigger: Trigger::Manual,
@@ -26,9 +32,18 @@ fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> N
         force,
         downstream,
         cascade: None,
+        params,
     }
 }
 
+/// A run's own params, checked against what `spec`'s handler reads, as stored (`None`
+/// for none or an empty table).
+fn run_params(spec: &TaskSpec, params: Option<RunParams>) -> Result<Option<String>, EngineError> {
+    match params {
+        Some(params) => params.checked_text(spec).map_err(EngineError::BadParams),
+        None => Ok(None),
+    }
+}
 /// Queues a manual run of `task`: the shared path of the CLI, the API and foreground runs.
 pub fn enqueue_manual(
     config: &Config,
@@ -37,12 +52,14 @@ pub fn enqueue_manual(
     task: &str,
     force: bool,
     downstream: bool,
+    params: Option<RunParams>,
 ) -> Result<RunId, EngineError> {
     let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
         task: task.to_string(),
         known: config.task_names().join(", "),
     })?;
-    Ok(store.enqueue(&manual_run(spec, now, force, downstream), now)?)
+    let params = run_params(spec, params)?;
+    Ok(store.enqueue(&manual_run(spec, now, force, downstream, params), now)?)
 }
 
 impl Engine {
@@ -53,9 +70,10 @@ impl Engine {
                 task,
                 force,
                 downstream,
+                params,
                 reply,
             } => {
-                let _ = reply.send(self.trigger(&task, force, downstream, now));
+                let _ = reply.send(self.trigger(&task, force, downstream, params, now));
             }
             Command::Abort { run, reply } => {
                 let result = self
@@ -100,6 +118,7 @@ impl Engine {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<RunParams>,
         now: Instant,
     ) -> Result<RunId, EngineError> {
         let config = self.config.clone();
@@ -107,6 +126,7 @@ impl Engine {
             task: task.to_string(),
             known: config.task_names().join(", "),
         })?;
+        let params = run_params(spec, params)?;
         if spec.overlap == Overlap::Skip {
             let active = match self.busy.get(&spec.name) {
                 Some(run) => Some((*run, "running")),
@@ -124,7 +144,7 @@ impl Engine {
                 });
             }
         }
-        let new_run = manual_run(spec, now, force, downstream);
+        let new_run = manual_run(spec, now, force, downstream, params);
         let run = blocking(|| self.store.enqueue(&new_run, now))?;
         self.admit(Pending::new_run(run, &new_run), now);
         Ok(run)
@@ -256,6 +276,7 @@ impl Engine {
             force: true,
             downstream: false,
             cascade: None,
+            params: None,
         };
         // The new run resumes from the old one's last checkpoint, handed over in the store.
         let run = blocking(|| {

@@ -152,7 +152,7 @@ impl Engine {
             attempt,
             trigger: pending.trigger,
             handler: spec.handler.clone(),
-            params: spec.params.clone(),
+            params: crate::config::merged_params(&spec.params, pending.params.as_deref()),
             timeout: spec.timeout,
             kill_grace: config.scheduler.kill_grace,
             checkpoint_path: self.checkpoint_path(pending.run),
@@ -181,6 +181,7 @@ impl Engine {
                 last_report: std::time::Instant::now(),
                 handed_checkpoint,
                 timeout: spec.timeout,
+                params: pending.params,
             },
         );
         // Every service log line of the attempt's runner carries task, run and attempt.

@@ -36,6 +36,9 @@ pub enum Mode {
 /// What can go wrong when asking the engine for something.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A run's own params the task's handler does not read.
+    #[error("{0}")]
+    BadParams(String),
     /// No such task.
     #[error("unknown task \"{task}\" (known tasks: {known})")]
     UnknownTask {
@@ -86,6 +89,8 @@ pub enum Command {
         force: bool,
         /// Then run the tasks that depend on it.
         downstream: bool,
+        /// The run's own params, merged over the task's.
+        params: Option<crate::config::RunParams>,
         /// Answer.
         reply: oneshot::Sender<Result<RunId, EngineError>>,
     },
@@ -134,6 +139,7 @@ impl Handle {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<crate::config::RunParams>,
     ) -> Result<RunId, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -141,6 +147,7 @@ impl Handle {
                 task: task.to_string(),
                 force,
                 downstream,
+                params,
                 reply,
             })
             .await

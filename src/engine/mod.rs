@@ -271,6 +271,7 @@ impl Engine {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<crate::config::RunParams>,
     ) -> Result<RunId, EngineError> {
         let run = enqueue_manual(
             &self.config,
@@ -279,6 +280,7 @@ impl Engine {
             task,
             force,
             downstream,
+            params,
         )?;
         self.roots.push(run);
         Ok(run)

@@ -23,6 +23,8 @@ pub(super) struct Pending {
     pub(super) trigger: Trigger,
     pub(super) scheduled_for: Instant,
     pub(super) first_started_at: Option<Instant>,
+    /// The run's own params (JSON object text), merged over the task's at start.
+    pub(super) params: Option<String>,
 }
 
 impl Pending {
@@ -38,6 +40,7 @@ impl Pending {
             trigger: row.trigger,
             scheduled_for: row.scheduled_for,
             first_started_at: row.started_at,
+            params: row.params.clone(),
         }
     }
 
@@ -53,6 +56,7 @@ impl Pending {
             trigger: new_run.trigger,
             scheduled_for: new_run.scheduled_for,
             first_started_at: None,
+            params: new_run.params.clone(),
         }
     }
 }

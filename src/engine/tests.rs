@@ -84,6 +84,7 @@ impl Bench {
             force: true,
             downstream: false,
             cascade: None,
+            params: None,
         };
         self.store.enqueue(&run, t(0)).expect("queued")
     }
@@ -269,6 +270,7 @@ fn running(attempt: Attempt, now: Instant) -> Running {
         beats: true,
         last_report: std::time::Instant::now(),
         handed_checkpoint: false,
+        params: None,
         timeout: Duration::from_secs(60),
     }
 }

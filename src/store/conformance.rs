@@ -68,6 +68,8 @@
 //!     an instance that does not hold it changes nothing; a retry is due at its time, a
 //!     delivered one never again; attempts, status and error are kept.
 //!     (`a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded`)
+//! 20. A run's own params are kept as given, and a run without them has none.
+//!     (`a_runs_own_params_are_kept_as_given`)
 
 use chrono::{TimeZone, Utc};
 
@@ -108,6 +110,7 @@ macro_rules! conformance_suite {
             each_event_names_the_instance_that_wrote_it,
             an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back,
             a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded,
+            a_runs_own_params_are_kept_as_given,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -156,6 +159,7 @@ pub(super) fn scheduled(task: &str, tick: Instant) -> NewRun {
         force: false,
         downstream: false,
         cascade: None,
+        params: None,
     }
 }
 
@@ -789,6 +793,7 @@ fn run_through(
         force: false,
         downstream: false,
         cascade,
+        params: None,
     };
     let run = store.enqueue(&new_run, queued).unwrap();
     let (mut from, mut attempt) = (RunState::Queued, Attempt(0));
@@ -1366,4 +1371,31 @@ pub(crate) fn a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorde
             (1, "delivered", 2, Some(204), None, Some(at(6, 0)), None),
         ]
     );
+}
+
+pub(crate) fn a_runs_own_params_are_kept_as_given(open: Open<'_>) {
+    let store = open();
+    let with = NewRun {
+        trigger: Trigger::Manual,
+        params: Some("{\"sleep_sec\":2,\"label\":\"é\"}".into()),
+        ..scheduled("a", at(1, 0))
+    };
+    let id = store.enqueue(&with, at(1, 0)).unwrap();
+    let without = store
+        .enqueue(
+            &NewRun {
+                trigger: Trigger::Manual,
+                ..scheduled("a", at(2, 0))
+            },
+            at(2, 0),
+        )
+        .unwrap();
+    let other = open();
+    assert_eq!(
+        other.run(id).unwrap().unwrap().params.as_deref(),
+        Some("{\"sleep_sec\":2,\"label\":\"é\"}")
+    );
+    assert_eq!(other.run(without).unwrap().unwrap().params, None);
+    let listed = other.runs(&RunFilter::default()).unwrap();
+    assert!(listed.iter().any(|r| r.id == id && r.params.is_some()));
 }

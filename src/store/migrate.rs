@@ -719,6 +719,7 @@ mod tests {
             force,
             downstream,
             cascade: None,
+            params: None,
         };
         let first = store.enqueue(&run(true, true), at(1)).unwrap();
         store.enqueue(&run(false, false), at(2)).unwrap();
@@ -860,6 +861,7 @@ mod tests {
                     force: false,
                     downstream: false,
                     cascade: None,
+                    params: None,
                 },
                 now,
             )

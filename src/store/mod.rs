@@ -217,6 +217,8 @@ pub struct NewRun {
     pub downstream: bool,
     /// The root run of the cascade this run belongs to.
     pub cascade: Option<RunId>,
+    /// The run's own params (a JSON object, merged over the task's at start), if given.
+    pub params: Option<String>,
 }
 
 /// One delivery of one event to one alert's endpoint, to insert ([`Tx::add_deliveries`]).
@@ -437,6 +439,8 @@ pub struct RunRow {
     pub downstream: bool,
     /// Root of its cascade.
     pub cascade: Option<RunId>,
+    /// The run's own params (a JSON object, merged over the task's), if given.
+    pub params: Option<String>,
 }
 
 /// One attempt as stored.

@@ -120,7 +120,7 @@ fn read_delivery(row: &Row) -> Result<DeliveryRow, StoreError> {
 const RUN_COLUMNS: &str =
     "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
     attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
-    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade, params";
 
 /// Whether the `database` setting names a PostgreSQL database rather than a SQLite file.
 /// The server's clock now, in µs since the epoch: what due-ness and leases are judged on
@@ -1018,8 +1018,8 @@ impl PostgresTx<'_, '_> {
     /// its `run_queued` event.
     fn insert_run(&self, run: &NewRun, now: Instant) -> Result<Option<RunId>, StoreError> {
         let row = self.query_opt(
-            "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8)
+            "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9)
              ON CONFLICT DO NOTHING
              RETURNING id",
             &[
@@ -1031,6 +1031,7 @@ impl PostgresTx<'_, '_> {
                 &run.force,
                 &run.downstream,
                 &run.cascade.map(|c| c.0),
+                &run.params,
             ],
         )?;
         let Some(row) = row else {
@@ -1742,6 +1743,7 @@ fn read_run(row: &Row) -> Result<RunRow, StoreError> {
         force: row.try_get(22)?,
         downstream: row.try_get(23)?,
         cascade: row.try_get::<_, Option<i64>>(24)?.map(RunId),
+        params: row.try_get(25)?,
     })
 }
 

@@ -82,7 +82,7 @@ fn read_delivery(row: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
 const RUN_COLUMNS: &str =
     "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
     attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
-    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade, params";
 
 /// One SQLite file. Calls are serialized on its one connection.
 pub(super) struct SqliteBackend {
@@ -974,8 +974,8 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
 fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
     let (writer, tx) = (tx, tx.tx);
     cached_execute(tx,
-        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
+        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9)",
         params![
             run.task.as_str(),
             run.trigger.as_str(),
@@ -985,6 +985,7 @@ fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result
             run.force as i64,
             run.downstream as i64,
             run.cascade.map(|c| c.0),
+            run.params,
         ],
     )?;
     let id = RunId(tx.last_insert_rowid());
@@ -1247,6 +1248,7 @@ fn read_run(row: &Row<'_>) -> Result<RunRow, StoreError> {
         force: row.get::<_, i64>(22)? != 0,
         downstream: row.get::<_, i64>(23)? != 0,
         cascade: row.get::<_, Option<i64>>(24)?.map(RunId),
+        params: row.get(25)?,
     })
 }
 

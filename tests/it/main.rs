@@ -18,6 +18,7 @@ mod install;
 mod maintenance;
 mod market;
 mod migrate;
+mod params;
 mod pipeline;
 mod recovery;
 mod scheduling;
