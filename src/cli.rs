@@ -91,6 +91,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Queue the past ticks of a task's schedule from --from to --to (each at most once:
+    /// a tick that already ran is not run again), oldest first; waits and shows progress.
+    Backfill {
+        /// The task.
+        task: String,
+        /// The first tick: RFC 3339 (`2026-01-05T09:00:00Z`), or a date `2026-01-05` in the
+        /// task's zone (from that day's start).
+        #[arg(long)]
+        from: String,
+        /// The last tick: RFC 3339, or a date in the task's zone (to that day's end).
+        #[arg(long)]
+        to: String,
+        /// Each run then runs every task that depends on it, in dependency order.
+        #[arg(long)]
+        downstream: bool,
+        /// List the ticks (and which already ran); queue nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
     /// The tasks, their next fires and last runs, and whether the service is up.
     Status {
         /// Print JSON.
@@ -321,6 +343,14 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             let params = (!table.is_empty()).then_some(config::RunParams(table));
             run(&cli.config, &task, wait, force, downstream, params, json)
         }
+        Cmd::Backfill {
+            task,
+            from,
+            to,
+            downstream,
+            dry_run,
+            json,
+        } => backfill(&cli.config, &task, &from, &to, downstream, dry_run, json),
         Cmd::Status { json } => status(&cli.config, json),
         Cmd::Runs {
             task,
@@ -1665,4 +1695,167 @@ fn print_runs(rows: &[RunRow]) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `--from`/`--to` of `backfill`: RFC 3339, or a date in `zone` (its first instant, or
+/// with `end` its last).
+fn backfill_bound(text: &str, zone: chrono_tz::Tz, end: bool, flag: &str) -> Result<Instant> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").map_err(|_| {
+        anyhow!("{flag} {text:?}: expected RFC 3339 (2026-01-05T09:00:00Z) or a date (2026-01-05)")
+    })?;
+    let day = if end { date.succ_opt() } else { Some(date) }
+        .ok_or_else(|| anyhow!("{flag} {text:?}: out of range"))?;
+    // The day's first instant in the zone (a midnight skipped by DST: the first after it).
+    let start = (0..24 * 60)
+        .find_map(|minute| {
+            let local = day.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minute);
+            local.and_local_timezone(zone).earliest()
+        })
+        .ok_or_else(|| anyhow!("{flag} {text:?}: no such day in {zone}"))?
+        .with_timezone(&chrono::Utc);
+    Ok(if end {
+        start - chrono::Duration::microseconds(1)
+    } else {
+        start
+    })
+}
+
+fn backfill(
+    path: &Path,
+    task: &str,
+    from: &str,
+    to: &str,
+    downstream: bool,
+    dry_run: bool,
+    json: bool,
+) -> Result<ExitCode> {
+    let config = Arc::new(load(path)?);
+    let zone = config
+        .task(task)
+        .and_then(|spec| spec.schedule.as_ref().map(|s| s.timezone()))
+        .unwrap_or(config.scheduler.timezone);
+    let from = backfill_bound(from, zone, false, "--from")?;
+    let to = backfill_bound(to, zone, true, "--to")?;
+    let store = open_store(&config)?;
+    let service = live_service(&config, &store)?;
+    let plan = turbosched::engine::backfill(
+        &config,
+        &store,
+        SystemClock.now(),
+        task,
+        from,
+        to,
+        downstream,
+        dry_run,
+    )?;
+    let runs: Vec<RunId> = plan.iter().filter_map(|t| t.run).collect();
+    if json && (dry_run || runs.is_empty()) {
+        out!("{}", views::backfill_plan(task, &plan, dry_run, &[]))?;
+    } else if !json {
+        for tick in &plan {
+            let what = match (tick.run, tick.already) {
+                (_, true) => "already ran: not run again".to_string(),
+                (Some(run), false) => format!("run {run} queued"),
+                (None, false) => "would be queued".to_string(),
+            };
+            out!("{}  {what}", rfc3339(tick.tick))?;
+        }
+        let already = plan.iter().filter(|t| t.already).count();
+        out!(
+            "{} ticks of {task}: {} {}, {already} already ran",
+            plan.len(),
+            if dry_run {
+                plan.len() - already
+            } else {
+                runs.len()
+            },
+            if dry_run { "to queue" } else { "queued" },
+        )?;
+    }
+    if dry_run || runs.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if service {
+        if !json {
+            out!("queued with the running service, oldest first; waiting")?;
+        }
+    } else {
+        let _log_guard = init_tracing(Some(&config));
+        if !json {
+            out!("no service is running: running them here, oldest first")?;
+        }
+        let runtime = runtime()?;
+        let engine_store = store.clone();
+        let roots = runs.clone();
+        let config = config.clone();
+        runtime.block_on(async move {
+            let mut engine = Engine::new(
+                config,
+                engine_store,
+                Arc::new(SystemClock),
+                Mode::Foreground,
+            );
+            engine.adopt_roots(&roots);
+            shutdown_on_signals(engine.handle());
+            engine.run().await
+        })?;
+    }
+    let (code, rows) = backfill_progress(&store, &runs, downstream, json)?;
+    if json {
+        out!("{}", views::backfill_plan(task, &plan, dry_run, &rows))?;
+    }
+    Ok(code)
+}
+
+/// Waits until every run of a backfill (and with `downstream`, its cascade) has ended,
+/// printing `done/total` as it moves; exit code 0 only if every run succeeded.
+fn backfill_progress(
+    store: &Store,
+    roots: &[RunId],
+    downstream: bool,
+    json: bool,
+) -> Result<(ExitCode, Vec<turbosched::store::RunRow>)> {
+    let mut shown = usize::MAX;
+    loop {
+        let mut rows = Vec::new();
+        for root in roots {
+            if downstream {
+                rows.extend(store.cascade_runs(*root)?);
+            } else {
+                rows.extend(store.run(*root)?);
+            }
+        }
+        let roots_done = rows
+            .iter()
+            .filter(|r| roots.contains(&r.id) && r.state.is_terminal())
+            .count();
+        let all_done = rows.iter().all(|r| r.state.is_terminal());
+        if !json && roots_done != shown {
+            out!("backfill: {roots_done}/{} ticks done", roots.len())?;
+            shown = roots_done;
+        }
+        if roots_done == roots.len() && all_done {
+            let failed = rows
+                .iter()
+                .filter(|r| r.state != RunState::Succeeded)
+                .count();
+            if !json {
+                out!(
+                    "backfill done: {} runs, {} succeeded, {failed} did not",
+                    rows.len(),
+                    rows.len() - failed
+                )?;
+            }
+            let code = if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+            return Ok((code, rows));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -492,3 +492,23 @@ pub fn alert_envelope(alert: &str, event: &EventRow, api_base: Option<&str>) -> 
     })
     .to_string()
 }
+
+/// `turbosched backfill --json`: the ticks of the range, each with its run or why none,
+/// and (once they ended) the runs, their cascades' included.
+pub fn backfill_plan(
+    task: &str,
+    ticks: &[crate::engine::BackfillTick],
+    dry_run: bool,
+    runs: &[RunRow],
+) -> Value {
+    json!({
+        "task": task,
+        "dry_run": dry_run,
+        "ticks": ticks.iter().map(|t| json!({
+            "tick": time(t.tick),
+            "run_id": t.run.map(|r| r.0),
+            "already_ran": t.already,
+        })).collect::<Vec<_>>(),
+        "runs": runs.iter().map(run).collect::<Vec<_>>(),
+    })
+}

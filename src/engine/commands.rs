@@ -12,7 +12,7 @@ use crate::model::TaskName;
 use crate::model::{Instant, RunId, RunState, Trigger};
 use crate::runner::StopReason;
 use crate::store::AbortOutcome;
-use crate::store::{NewRun, Store};
+use crate::store::{NewRun, Store, StoreError};
 use crate::tasklog::TaskLogs;
 use tracing::{info, warn};
 
@@ -60,6 +60,98 @@ pub fn enqueue_manual(
     })?;
     let params = run_params(spec, params)?;
     Ok(store.enqueue(&manual_run(spec, now, force, downstream, params), now)?)
+}
+
+/// The most ticks one backfill queues.
+pub const BACKFILL_MAX_TICKS: usize = 10_000;
+
+/// One tick of a backfill's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillTick {
+    /// The nominal tick.
+    pub tick: Instant,
+    /// The run queued for it (`None` on a dry run, or when it had run already).
+    pub run: Option<RunId>,
+    /// A scheduled, catch-up or backfill run had claimed it already: not run again.
+    pub already: bool,
+}
+
+/// `turbosched backfill`: every tick of `task`'s schedule from `from` to `to` (both
+/// included, and never after `now`), oldest first. Each tick not yet claimed is queued
+/// (trigger `backfill`) under the claim of scheduled ticks, in one transaction, unless
+/// `dry_run`; one already claimed is only listed. `downstream`: each run then queues the
+/// tasks that depend on it, in dependency order, as `run --downstream` does.
+#[allow(clippy::too_many_arguments)]
+pub fn backfill(
+    config: &Config,
+    store: &Store,
+    now: Instant,
+    task: &str,
+    from: Instant,
+    to: Instant,
+    downstream: bool,
+    dry_run: bool,
+) -> Result<Vec<BackfillTick>, EngineError> {
+    let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
+        task: task.to_string(),
+        known: config.task_names().join(", "),
+    })?;
+    let Some(schedule) = &spec.schedule else {
+        return Err(EngineError::Backfill(format!(
+            "task {task} has no schedule: it has no ticks to backfill (turbosched run {task} runs it once)"
+        )));
+    };
+    let end = to.min(now);
+    if from > end {
+        return Err(EngineError::Backfill(format!(
+            "the range {} to {} holds no past tick (--from must be before --to and the past)",
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        )));
+    }
+    let ticks: Vec<Instant> = schedule
+        .ticks_after(from - chrono::Duration::microseconds(1))
+        .take_while(|tick| *tick <= end)
+        .take(BACKFILL_MAX_TICKS + 1)
+        .collect();
+    if ticks.len() > BACKFILL_MAX_TICKS {
+        return Err(EngineError::Backfill(format!(
+            "the range holds more than {BACKFILL_MAX_TICKS} ticks of {task}: backfill a shorter one at a time"
+        )));
+    }
+    let claimed = store.claimed_ticks(&spec.name, from, end)?;
+    let mut plan: Vec<BackfillTick> = ticks
+        .iter()
+        .map(|tick| BackfillTick {
+            tick: *tick,
+            run: None,
+            already: claimed.contains(tick),
+        })
+        .collect();
+    if dry_run {
+        return Ok(plan);
+    }
+    store.batch(|tx| {
+        for item in plan.iter_mut().filter(|item| !item.already) {
+            let run = NewRun {
+                task: spec.name.clone(),
+                trigger: Trigger::Backfill,
+                scheduled_for: item.tick,
+                max_attempts: spec.max_attempts(),
+                force: false,
+                downstream,
+                cascade: None,
+                params: None,
+            };
+            match tx.claim_backfill(&run, now) {
+                Ok(id) => item.run = Some(id),
+                Err(StoreError::AlreadyClaimed { .. }) => item.already = true,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(plan)
 }
 
 impl Engine {

@@ -36,6 +36,9 @@ pub enum Mode {
 /// What can go wrong when asking the engine for something.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A backfill that cannot be made (no schedule, an empty or too long range).
+    #[error("{0}")]
+    Backfill(String),
     /// A run's own params the task's handler does not read.
     #[error("{0}")]
     BadParams(String),

@@ -45,7 +45,7 @@ pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
-pub use commands::enqueue_manual;
+pub use commands::{backfill, enqueue_manual, BackfillTick, BACKFILL_MAX_TICKS};
 pub use faults::{ClockStep, StoreFault};
 pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
 pub use metrics::Metrics;
@@ -284,6 +284,12 @@ impl Engine {
         )?;
         self.roots.push(run);
         Ok(run)
+    }
+
+    /// Runs already queued in the store (a backfill's) that this foreground engine runs
+    /// and waits for.
+    pub fn adopt_roots(&mut self, runs: &[RunId]) {
+        self.roots.extend_from_slice(runs);
     }
 
     /// Runs the loop until shutdown (serve) or until its runs are done (foreground).

@@ -752,6 +752,14 @@ pub trait Tx {
         next_fire_at: Option<Instant>,
     ) -> Result<RunId, StoreError>;
 
+    /// Claims a past tick for a backfill (trigger `backfill`) and queues its run, leaving
+    /// the task's next fire alone.
+    ///
+    /// Promise: the same claim as [`Tx::claim_fire`]: a tick already claimed by a
+    /// scheduled, catch-up or backfill run is [`StoreError::AlreadyClaimed`] and writes
+    /// nothing; the transaction goes on.
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
+
     /// Queues a run that is not a scheduled tick (manual, downstream, retry).
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
 

@@ -605,7 +605,7 @@ impl Backend for PostgresBackend {
         to: Instant,
     ) -> Result<HashSet<Instant>, StoreError> {
         self.query(
-            "SELECT scheduled_for FROM runs WHERE task = $1 AND trigger IN ('schedule', 'catchup')
+            "SELECT scheduled_for FROM runs WHERE task = $1 AND trigger IN ('schedule', 'catchup', 'backfill')
              AND scheduled_for BETWEEN $2 AND $3",
             &[&task.as_str(), &to_micros(from), &to_micros(to)],
         )?
@@ -1120,6 +1120,14 @@ impl Tx for PostgresTx<'_, '_> {
             ],
         )?;
         Ok(id)
+    }
+
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        self.insert_run(run, now)?
+            .ok_or_else(|| StoreError::AlreadyClaimed {
+                task: run.task.clone(),
+                scheduled_for: run.scheduled_for,
+            })
     }
 
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {

@@ -301,7 +301,7 @@ impl Backend for SqliteBackend {
     ) -> Result<HashSet<Instant>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup') \
+            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup', 'backfill') \
              AND scheduled_for BETWEEN ?2 AND ?3",
         )?;
         let ticks = statement
@@ -474,6 +474,20 @@ impl Tx for SqliteTx<'_> {
             params![run.task.as_str(), to_micros(run.scheduled_for), next_fire_at.map(to_micros)],
         )?;
         Ok(id)
+    }
+
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        insert_run(self, run, now).map_err(|err| match err {
+            rusqlite::Error::SqliteFailure(code, _)
+                if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::AlreadyClaimed {
+                    task: run.task.clone(),
+                    scheduled_for: run.scheduled_for,
+                }
+            }
+            other => StoreError::Sql(other),
+        })
     }
 
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {

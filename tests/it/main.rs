@@ -4,6 +4,7 @@
 
 mod alerts;
 mod api;
+mod backfill;
 mod bench_cluster;
 mod boundaries;
 mod browser;
