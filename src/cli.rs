@@ -1697,32 +1697,6 @@ fn print_runs(rows: &[RunRow]) -> Result<()> {
     Ok(())
 }
 
-/// `--from`/`--to` of `backfill`: RFC 3339, or a date in `zone` (its first instant, or
-/// with `end` its last).
-fn backfill_bound(text: &str, zone: chrono_tz::Tz, end: bool, flag: &str) -> Result<Instant> {
-    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
-        return Ok(at.with_timezone(&chrono::Utc));
-    }
-    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").map_err(|_| {
-        anyhow!("{flag} {text:?}: expected RFC 3339 (2026-01-05T09:00:00Z) or a date (2026-01-05)")
-    })?;
-    let day = if end { date.succ_opt() } else { Some(date) }
-        .ok_or_else(|| anyhow!("{flag} {text:?}: out of range"))?;
-    // The day's first instant in the zone (a midnight skipped by DST: the first after it).
-    let start = (0..24 * 60)
-        .find_map(|minute| {
-            let local = day.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minute);
-            local.and_local_timezone(zone).earliest()
-        })
-        .ok_or_else(|| anyhow!("{flag} {text:?}: no such day in {zone}"))?
-        .with_timezone(&chrono::Utc);
-    Ok(if end {
-        start - chrono::Duration::microseconds(1)
-    } else {
-        start
-    })
-}
-
 fn backfill(
     path: &Path,
     task: &str,
@@ -1733,12 +1707,11 @@ fn backfill(
     json: bool,
 ) -> Result<ExitCode> {
     let config = Arc::new(load(path)?);
-    let zone = config
-        .task(task)
-        .and_then(|spec| spec.schedule.as_ref().map(|s| s.timezone()))
-        .unwrap_or(config.scheduler.timezone);
-    let from = backfill_bound(from, zone, false, "--from")?;
-    let to = backfill_bound(to, zone, true, "--to")?;
+    let zone = turbosched::engine::backfill_zone(&config, task);
+    let from = turbosched::engine::backfill_bound(from, zone, false, "--from")
+        .map_err(|err| anyhow!(err))?;
+    let to =
+        turbosched::engine::backfill_bound(to, zone, true, "--to").map_err(|err| anyhow!(err))?;
     let store = open_store(&config)?;
     let service = live_service(&config, &store)?;
     let plan = turbosched::engine::backfill(

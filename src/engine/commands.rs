@@ -62,6 +62,45 @@ pub fn enqueue_manual(
     Ok(store.enqueue(&manual_run(spec, now, force, downstream, params), now)?)
 }
 
+/// The zone a backfill's dates are read in: the task's schedule's, else the scheduler's.
+pub fn backfill_zone(config: &Config, task: &str) -> chrono_tz::Tz {
+    config
+        .task(task)
+        .and_then(|spec| spec.schedule.as_ref().map(|s| s.timezone()))
+        .unwrap_or(config.scheduler.timezone)
+}
+
+/// A backfill's `from`/`to`: RFC 3339, or a date in `zone` (its first instant, or with
+/// `end` its last). `name` names the bound in the refusal.
+pub fn backfill_bound(
+    text: &str,
+    zone: chrono_tz::Tz,
+    end: bool,
+    name: &str,
+) -> Result<Instant, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").map_err(|_| {
+        format!("{name} {text:?}: expected RFC 3339 (2026-01-05T09:00:00Z) or a date (2026-01-05)")
+    })?;
+    let day = if end { date.succ_opt() } else { Some(date) }
+        .ok_or_else(|| format!("{name} {text:?}: out of range"))?;
+    // The day's first instant in the zone (a midnight skipped by DST: the first after it).
+    let start = (0..24 * 60)
+        .find_map(|minute| {
+            let local = day.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minute);
+            local.and_local_timezone(zone).earliest()
+        })
+        .ok_or_else(|| format!("{name} {text:?}: no such day in {zone}"))?
+        .with_timezone(&chrono::Utc);
+    Ok(if end {
+        start - chrono::Duration::microseconds(1)
+    } else {
+        start
+    })
+}
+
 /// The most ticks one backfill queues.
 pub const BACKFILL_MAX_TICKS: usize = 10_000;
 
@@ -194,6 +233,16 @@ impl Engine {
             } => {
                 let _ = reply.send(self.pause(&task, paused, now));
             }
+            Command::Backfill {
+                task,
+                from,
+                to,
+                downstream,
+                dry_run,
+                reply,
+            } => {
+                let _ = reply.send(self.backfill(&task, &from, &to, downstream, dry_run, now));
+            }
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload(now));
             }
@@ -240,6 +289,40 @@ impl Engine {
         let run = blocking(|| self.store.enqueue(&new_run, now))?;
         self.admit(Pending::new_run(run, &new_run), now);
         Ok(run)
+    }
+
+    /// A backfill asked through the API: queued in the store, then admitted here.
+    fn backfill(
+        &mut self,
+        task: &str,
+        from: &str,
+        to: &str,
+        downstream: bool,
+        dry_run: bool,
+        now: Instant,
+    ) -> Result<Vec<BackfillTick>, EngineError> {
+        let config = self.config.clone();
+        let zone = backfill_zone(&config, task);
+        let from = backfill_bound(from, zone, false, "from").map_err(EngineError::Backfill)?;
+        let to = backfill_bound(to, zone, true, "to").map_err(EngineError::Backfill)?;
+        let plan = blocking(|| {
+            backfill(
+                &config,
+                &self.store,
+                now,
+                task,
+                from,
+                to,
+                downstream,
+                dry_run,
+            )
+        })?;
+        for run in plan.iter().filter_map(|t| t.run) {
+            if let Ok(Some(row)) = blocking(|| self.store.run(run)) {
+                self.admit(Pending::from_row(&row), now);
+            }
+        }
+        Ok(plan)
     }
 
     pub(super) fn pause(

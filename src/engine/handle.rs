@@ -97,6 +97,22 @@ pub enum Command {
         /// Answer.
         reply: oneshot::Sender<Result<RunId, EngineError>>,
     },
+    /// Queue the past ticks of a task ([`super::backfill`]); `from`/`to` as the CLI
+    /// takes them (RFC 3339, or a date in the task's zone).
+    Backfill {
+        /// Task.
+        task: String,
+        /// First tick.
+        from: String,
+        /// Last tick.
+        to: String,
+        /// Then run the tasks that depend on it.
+        downstream: bool,
+        /// List only.
+        dry_run: bool,
+        /// Answer.
+        reply: oneshot::Sender<Result<Vec<super::BackfillTick>, EngineError>>,
+    },
     /// Abort a run.
     Abort {
         /// Run.
@@ -174,6 +190,28 @@ impl Handle {
         self.send(Command::Pause {
             task: task.to_string(),
             paused,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Queues the past ticks of `task` from `from` to `to` ([`super::backfill`]).
+    pub async fn backfill(
+        &self,
+        task: &str,
+        from: &str,
+        to: &str,
+        downstream: bool,
+        dry_run: bool,
+    ) -> Result<Vec<super::BackfillTick>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Backfill {
+            task: task.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            downstream,
+            dry_run,
             reply,
         })
         .await?;

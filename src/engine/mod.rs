@@ -45,7 +45,9 @@ pub use board::{
     Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
 };
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
-pub use commands::{backfill, enqueue_manual, BackfillTick, BACKFILL_MAX_TICKS};
+pub use commands::{
+    backfill, backfill_bound, backfill_zone, enqueue_manual, BackfillTick, BACKFILL_MAX_TICKS,
+};
 pub use faults::{ClockStep, StoreFault};
 pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
 pub use metrics::Metrics;

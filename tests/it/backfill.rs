@@ -211,3 +211,54 @@ fn a_backfill_date_is_that_whole_day_in_the_tasks_zone_and_bad_ranges_are_refuse
     }
     assert!(sandbox.runs_of("tick").is_empty());
 }
+
+#[test]
+fn the_api_backfills_a_range_and_the_service_runs_it() {
+    let sandbox = Sandbox::new(TASKS);
+    let service = sandbox.serve();
+    let agent: ureq::Agent = ureq::Agent::config_builder()
+        .http_status_as_error(false)
+        .build()
+        .into();
+    let post = |body: &str| {
+        let mut response = agent
+            .post(format!("{}/scheduler/tasks/tick/backfill", service.api))
+            .header("content-type", "application/json")
+            .send(body)
+            .expect("POST");
+        let status = response.status().as_u16();
+        let text = response.body_mut().read_to_string().unwrap();
+        (
+            status,
+            serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+        )
+    };
+    let (status, body) = post(r#"{"from": "2025-01-01T00:00:00Z", "to": "2025-01-01T01:00:00Z"}"#);
+    assert_eq!(status, 202, "{body}");
+    let ids: Vec<i64> = body["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["run_id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2);
+    for id in ids {
+        sandbox.wait_for_state(
+            turbosched::model::RunId(id),
+            RunState::Succeeded,
+            std::time::Duration::from_secs(20),
+        );
+    }
+    let (status, again) =
+        post(r#"{"from": "2025-01-01T00:00:00Z", "to": "2025-01-01T01:00:00Z", "dry_run": true}"#);
+    assert_eq!(status, 200, "{again}");
+    assert!(ticks(&again)
+        .iter()
+        .all(|(_, already, run)| *already && !run));
+    let (status, refused) = post(r#"{"from": "soon", "to": "2025-01-01"}"#);
+    assert_eq!(status, 422, "{refused}");
+    assert_eq!(refused["error"]["code"], "bad_backfill");
+    let (status, _) = post(r#"{"to": "2025-01-01"}"#);
+    assert_eq!(status, 400);
+    service.stop();
+}
