@@ -32,7 +32,7 @@ use crate::schedule::{MisfirePolicy, Schedule};
 
 pub use keys::{
     DurationBound, Key, Kind, ALERT_EVENTS, ALERT_KEYS, API_KEYS, BACKOFF_KEYS, DURATION_BOUNDS,
-    LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS,
+    LOGGING_KEYS, POOL_KEYS, SCHEDULER_KEYS, TASK_KEYS,
 };
 pub use schema::json_schema;
 
@@ -199,6 +199,8 @@ pub struct Config {
     pub topo_order: Vec<TaskName>,
     /// `[[alerts]]`, in the file's order.
     pub alerts: Vec<AlertSpec>,
+    /// `[pools.<name>] slots`: at most this many runs of the pool's tasks at once.
+    pub pools: BTreeMap<String, usize>,
 }
 
 /// One `[[alerts]]` table: an endpoint told about some events.
@@ -417,6 +419,8 @@ pub struct TaskSpec {
     pub misfire_grace: Duration,
     /// What a new run does while one is running.
     pub overlap: Overlap,
+    /// The pool whose slots its runs take (`pool`), if any.
+    pub pool: Option<String>,
     /// Disabled tasks never fire on schedule (manual runs still work).
     pub enabled: bool,
     /// Free text.

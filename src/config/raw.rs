@@ -16,7 +16,7 @@ use toml::Spanned;
 
 use super::keys::{
     ALERT_ATTEMPTS, ALERT_EVENTS, BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES,
-    OVERLAP_CHOICES,
+    OVERLAP_CHOICES, POOL_SLOTS,
 };
 use super::{
     closest, handler_names, handler_params, AlertSpec, AlertTarget, ApiSettings, Backoff,
@@ -26,7 +26,15 @@ use super::{
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
-const SECTIONS: &[&str] = &["scheduler", "api", "logging", "defaults", "tasks", "alerts"];
+const SECTIONS: &[&str] = &[
+    "scheduler",
+    "api",
+    "logging",
+    "defaults",
+    "tasks",
+    "alerts",
+    "pools",
+];
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -81,12 +89,19 @@ struct RawTask {
     misfire: Option<Spanned<String>>,
     misfire_grace: Option<Spanned<String>>,
     overlap: Option<Spanned<String>>,
+    pool: Option<Spanned<String>>,
     enabled: Option<bool>,
     description: Option<String>,
     command: Option<Spanned<RawCommand>>,
     shell: Option<bool>,
     cwd: Option<String>,
     env: Option<BTreeMap<String, String>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    slots: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize)]
@@ -327,6 +342,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut logging: Option<RawLogging> = None;
     let mut defaults = RawTask::default();
     let mut raw_alerts: Vec<(Range<usize>, RawAlert)> = Vec::new();
+    let mut pools: BTreeMap<String, usize> = BTreeMap::new();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
     let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
@@ -337,6 +353,48 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             "api" => api = report.decode(value, "api"),
             "logging" => logging = report.decode(value, "logging"),
             "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
+            "pools" => {
+                let span = value.span();
+                let DeValue::Table(table) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "pools",
+                        "expected a table of pools such as [pools.gpu]",
+                    );
+                    continue;
+                };
+                for (pool_key, pool_value) in table {
+                    let pool_name = pool_key.get_ref().to_string();
+                    let path = format!("pools.{pool_name}");
+                    let pool_span = pool_key.span();
+                    let Some(pool) = report.decode::<RawPool>(pool_value, &path) else {
+                        continue;
+                    };
+                    let slots = match pool.slots {
+                        Some(n) if (POOL_SLOTS.0..=POOL_SLOTS.1).contains(n.get_ref()) => {
+                            *n.get_ref() as usize
+                        }
+                        Some(n) => {
+                            report.error(
+                                n.span(),
+                                &format!("{path}.slots"),
+                                format!(
+                                    "expected a whole number from {} to {}, found {}",
+                                    POOL_SLOTS.0,
+                                    POOL_SLOTS.1,
+                                    n.get_ref()
+                                ),
+                            );
+                            1
+                        }
+                        None => {
+                            report.error(pool_span, &format!("{path}.slots"), "slots is required: how many runs of the pool's tasks may run at once");
+                            1
+                        }
+                    };
+                    pools.insert(pool_name, slots);
+                }
+            }
             "alerts" => {
                 let span = value.span();
                 let DeValue::Array(items) = value.into_inner() else {
@@ -412,6 +470,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             &defaults,
             &scheduler,
             &known,
+            &pools,
         ) {
             let first_dep = task
                 .depends_on
@@ -455,6 +514,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         tasks: specs,
         topo_order,
         alerts,
+        pools,
     })
 }
 
@@ -893,6 +953,7 @@ fn resolve_task(
     defaults: &RawTask,
     scheduler: &SchedulerSettings,
     known: &BTreeSet<String>,
+    pools: &BTreeMap<String, usize>,
 ) -> Option<TaskSpec> {
     let task_name = name.get_ref().as_str();
     let errors_before = report.errors.len();
@@ -1056,6 +1117,30 @@ fn resolve_task(
         }
     };
 
+    let (pool_value, pool_key) = pick(&task.pool, &defaults.pool, task_name, "pool");
+    let pool = pool_value.and_then(|value| {
+        let name = value.get_ref();
+        if pools.contains_key(name) {
+            return Some(name.clone());
+        }
+        let known = pools.keys().map(String::as_str).collect::<Vec<_>>();
+        let hint = closest(name, known.iter().copied())
+            .map(|near| format!(" (did you mean \"{near}\"?)"))
+            .unwrap_or_else(|| {
+                if known.is_empty() {
+                    " (no [pools.<name>] table defines one)".to_string()
+                } else {
+                    format!(" (known pools: {})", known.join(", "))
+                }
+            });
+        report.error(
+            value.span(),
+            &pool_key,
+            format!("unknown pool {name:?}{hint}"),
+        );
+        None
+    });
+
     let (params_value, params_key) = pick(&task.params, &defaults.params, task_name, "params");
     if let (Some(table), Some(known)) = (
         params_value,
@@ -1094,6 +1179,7 @@ fn resolve_task(
         misfire,
         misfire_grace,
         overlap,
+        pool,
         enabled: task.enabled.or(defaults.enabled).unwrap_or(true),
         description: task.description.clone().unwrap_or_default(),
     })
@@ -1373,11 +1459,20 @@ mod tests {
         assert_eq!(names(keys::TASK_KEYS), fields::<RawTask>());
         assert_eq!(names(keys::BACKOFF_KEYS), fields::<RawBackoff>());
         assert_eq!(names(keys::ALERT_KEYS), fields::<RawAlert>());
+        assert_eq!(names(keys::POOL_KEYS), fields::<RawPool>());
         let mut sections: Vec<&str> = SECTIONS.to_vec();
         sections.sort_unstable();
         assert_eq!(
             sections,
-            ["alerts", "api", "defaults", "logging", "scheduler", "tasks"]
+            [
+                "alerts",
+                "api",
+                "defaults",
+                "logging",
+                "pools",
+                "scheduler",
+                "tasks"
+            ]
         );
     }
 

@@ -47,6 +47,16 @@ pub fn json_schema() -> Value {
                     "additionalProperties": false,
                 },
             },
+            "pools": {
+                "description": "one table per pool: [pools.<name>] slots = N",
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": properties(keys::POOL_KEYS, ""),
+                    "required": ["slots"],
+                    "additionalProperties": false,
+                },
+            },
             "tasks": {
                 "description": "one table per task: [tasks.<name>]",
                 "type": "object",

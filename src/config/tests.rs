@@ -738,3 +738,19 @@ fn run_params_are_checked_as_the_config_checks_params() {
         Ok(())
     );
 }
+
+#[test]
+fn a_pool_needs_its_slots_and_a_task_names_a_known_pool() {
+    let config =
+        check_ok("[pools.gpu]\nslots = 2\n[tasks.a]\nhandler = \"ping\"\npool = \"gpu\"\n");
+    assert_eq!(config.pools.get("gpu"), Some(&2));
+    assert_eq!(config.task("a").unwrap().pool.as_deref(), Some("gpu"));
+    check_errors(
+        "[pools.gpu]\nslots = 0\n[pools.cpu]\n[tasks.a]\nhandler = \"ping\"\npool = \"gpv\"\n",
+        &[
+            "2:9: pools.gpu.slots: expected a whole number from 1 to 4294967295, found 0",
+            "3:8: pools.cpu.slots: slots is required: how many runs of the pool's tasks may run at once",
+            "6:8: tasks.a.pool: unknown pool \"gpv\" (did you mean \"gpu\"?)",
+        ],
+    );
+}

@@ -32,12 +32,27 @@ impl Engine {
             .saturating_sub(self.running.len());
         let mut chosen: Vec<Pending> = Vec::new();
         let mut chosen_tasks: std::collections::HashSet<TaskName> = Default::default();
+        // Pools: the slots each one's running attempts take; a run whose pool is full
+        // waits in its place (the queue is FIFO), and runs behind it of other pools go on.
+        let pool_of = |task: &TaskName| config.tasks.get(task).and_then(|s| s.pool.clone());
+        let mut taken: std::collections::HashMap<String, usize> = Default::default();
+        for running in self.running.values() {
+            if let Some(pool) = pool_of(&running.task) {
+                *taken.entry(pool).or_default() += 1;
+            }
+        }
         let mut index = 0;
         while index < self.queue.len() && chosen.len() < free {
             let task = &self.queue[index].task;
+            let pool = pool_of(task);
+            let pool_full = pool.as_ref().is_some_and(|pool| {
+                taken.get(pool).copied().unwrap_or(0)
+                    >= config.pools.get(pool).copied().unwrap_or(usize::MAX)
+            });
             if self.busy.contains_key(task)
                 || chosen_tasks.contains(task)
                 || self.busy_elsewhere.contains_key(task)
+                || pool_full
             {
                 index += 1;
                 continue;
@@ -56,6 +71,9 @@ impl Engine {
                     self.skip(&pending, &reason, now);
                     continue;
                 }
+            }
+            if let Some(pool) = pool {
+                *taken.entry(pool).or_default() += 1;
             }
             chosen_tasks.insert(pending.task.clone());
             chosen.push(pending);

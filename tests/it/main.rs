@@ -21,6 +21,7 @@ mod market;
 mod migrate;
 mod params;
 mod pipeline;
+mod pools;
 mod recovery;
 mod scheduling;
 mod schema;
