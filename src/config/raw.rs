@@ -945,6 +945,7 @@ fn pick<'a, T>(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn resolve_task(
     report: &mut Report<'_>,
     name: &Spanned<String>,
