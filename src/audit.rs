@@ -13,7 +13,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use crate::config::Config;
-use crate::model::{Instant, Trigger};
+use crate::model::Instant;
 use crate::schedule::dropped_in_misfire_event;
 use crate::store::{RunFilter, Store, StoreError};
 
@@ -82,7 +82,7 @@ pub fn audit(config: &Config, store: &Store, since: Instant) -> Result<Audit, St
             if !run.state.is_terminal() {
                 unfinished += 1;
             }
-            if matches!(run.trigger, Trigger::Schedule | Trigger::Catchup) {
+            if run.trigger.is_tick() {
                 *per_tick.entry(run.scheduled_for).or_default() += 1;
             }
         }
@@ -144,6 +144,7 @@ impl TaskAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::Trigger;
     use crate::store::NewRun;
 
     fn tick(second: i64) -> Instant {
@@ -159,6 +160,7 @@ mod tests {
             force: false,
             downstream: false,
             cascade: None,
+            params: None,
         };
         store.claim_fire(&run, tick(second), None).expect("claimed");
     }

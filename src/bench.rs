@@ -515,6 +515,7 @@ pub(crate) fn seed(config: &turbosched::config::Config, runs: usize) -> Result<E
                     force: false,
                     downstream: false,
                     cascade: None,
+                    params: None,
                 };
                 let run = batch.enqueue(&new_run, at)?;
                 let attempt = batch.transition(

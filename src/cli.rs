@@ -91,6 +91,32 @@ enum Cmd {
         /// Then run every task that depends on it, in dependency order.
         #[arg(long)]
         downstream: bool,
+        /// A param of this run, merged over the task's (`--param sleep_sec=2`; the value
+        /// read as a TOML scalar, else as text). Repeatable.
+        #[arg(long = "param", value_name = "KEY=VALUE")]
+        params: Vec<String>,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Queue the past ticks of a task's schedule from --from to --to (each at most once:
+    /// a tick that already ran is not run again), oldest first; waits and shows progress.
+    Backfill {
+        /// The task.
+        task: String,
+        /// The first tick: RFC 3339 (`2026-01-05T09:00:00Z`), or a date `2026-01-05` in the
+        /// task's zone (from that day's start).
+        #[arg(long)]
+        from: String,
+        /// The last tick: RFC 3339, or a date in the task's zone (to that day's end).
+        #[arg(long)]
+        to: String,
+        /// Each run then runs every task that depends on it, in dependency order.
+        #[arg(long)]
+        downstream: bool,
+        /// List the ticks (and which already ran); queue nothing.
+        #[arg(long)]
+        dry_run: bool,
         /// Print JSON.
         #[arg(long)]
         json: bool,
@@ -321,14 +347,43 @@ fn dispatch(cli: Cli) -> Result<ExitCode> {
             no_wait,
             force,
             downstream,
+            params,
             json,
-        } => run(
+        } => {
+            let mut table = serde_json::Map::new();
+            for param in &params {
+                let (key, value) = config::parse_param(param).map_err(|err| anyhow!(err))?;
+                table.insert(key, value);
+            }
+            let params = (!table.is_empty()).then_some(config::RunParams(table));
+            run(
+                &cli.config,
+                &task,
+                RunOptions {
+                    wait: (wait || no_wait).then_some(wait),
+                    force,
+                    downstream,
+                    json,
+                },
+                params,
+                cli.utc,
+            )
+        }
+        Cmd::Backfill {
+            task,
+            from,
+            to,
+            downstream,
+            dry_run,
+            json,
+        } => backfill(
             &cli.config,
             &task,
-            RunOptions {
-                wait: (wait || no_wait).then_some(wait),
-                force,
+            &from,
+            &to,
+            BackfillOptions {
                 downstream,
+                dry_run,
                 json,
             },
             cli.utc,
@@ -847,7 +902,19 @@ fn serve(path: &Path) -> Result<ExitCode> {
         let server_handle = server.handle();
         tokio::spawn(server);
         reload_on_sighup(engine.handle());
+        // Its own thread and its own connection: a hanging endpoint never holds a tick.
+        let alerts = turbosched::alerts::AlertSender::start(
+            config.alerts.clone(),
+            Some(format!("http://{address}")),
+            open_store(&config)?.written_by(engine.instance()),
+            engine.metrics(),
+            engine.instance().to_string(),
+            Arc::new(SystemClock),
+        );
         let result = engine.run().await;
+        if let Some(alerts) = alerts {
+            tokio::task::block_in_place(|| alerts.stop());
+        }
         server_handle.stop(true).await;
         result.map_err(anyhow::Error::from)
     })?;
@@ -880,10 +947,16 @@ fn live_service(config: &Config, store: &Store) -> Result<bool> {
         .any(|instance| instance.serving))
 }
 
-fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCode> {
+fn run(
+    path: &Path,
+    task: &str,
+    options: RunOptions,
+    params: Option<config::RunParams>,
+    utc: bool,
+) -> Result<ExitCode> {
     let reading = load_for_reading(path, utc)?;
     let Some(config) = reading.config.clone() else {
-        return run_by_service(&reading, task, options);
+        return run_by_service(&reading, task, options, params);
     };
     let store = open_store(&config)?;
     let members = Members::of(Some(&config), task, options.downstream);
@@ -905,6 +978,7 @@ fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCo
             task,
             options.force,
             options.downstream,
+            params,
         )?;
         return handed_over(&reading, &store, root, task, &members, options);
     }
@@ -925,7 +999,7 @@ fn run(path: &Path, task: &str, options: RunOptions, utc: bool) -> Result<ExitCo
                 Arc::new(SystemClock),
                 Mode::Foreground,
             );
-            let root = engine.enqueue_manual(task, options.force, options.downstream)?;
+            let root = engine.enqueue_manual(task, options.force, options.downstream, params)?;
             if !options.json {
                 out!("run {root} of {task}: no service is up, running it here")?;
             }
@@ -1040,7 +1114,12 @@ const LIVENESS_EVERY: Duration = Duration::from_secs(1);
 /// `run` with a broken config: only a running service, with the valid config it loaded,
 /// can take the run. It is asked through its API (`POST /scheduler/tasks/<task>/run`, the
 /// token from `[api] token_env`), as the file's task list is unknown here.
-fn run_by_service(reading: &Reading, task: &str, options: RunOptions) -> Result<ExitCode> {
+fn run_by_service(
+    reading: &Reading,
+    task: &str,
+    options: RunOptions,
+    params: Option<config::RunParams>,
+) -> Result<ExitCode> {
     let store = reading.open_store()?;
     let instances = store.live_instances(reading.locations.heartbeat_timeout, SystemClock.now())?;
     let Some(address) = instances
@@ -1059,7 +1138,8 @@ fn run_by_service(reading: &Reading, task: &str, options: RunOptions) -> Result<
     let token = std::env::var(&reading.locations.token_env)
         .ok()
         .filter(|token| !token.trim().is_empty());
-    let body = views::trigger_options(options.force, options.downstream).to_string();
+    let body =
+        views::trigger_options(options.force, options.downstream, params.map(|p| p.0)).to_string();
     let (code, answer) = http_post(
         &address,
         &format!("/scheduler/tasks/{task}/run"),
@@ -1734,6 +1814,9 @@ fn show(path: &Path, run: RunId, json: bool, utc: bool) -> Result<ExitCode> {
         out!("  finished at   {}", shown.precise(at))?;
     }
     out!("  attempts      {} of {}", row.attempt, row.max_attempts)?;
+    if let Some(params) = &row.params {
+        out!("  params        {params}")?;
+    }
     if let Some(progress) = row.progress {
         match &row.phase {
             Some(phase) => out!("  progress      {progress:.0}% {phase}")?,
@@ -1973,4 +2056,152 @@ fn print_runs(rows: &[RunRow], shown: Shown) -> Result<()> {
         )?;
     }
     Ok(())
+}
+
+/// `turbosched backfill`'s switches.
+struct BackfillOptions {
+    downstream: bool,
+    dry_run: bool,
+    json: bool,
+}
+
+fn backfill(
+    path: &Path,
+    task: &str,
+    from: &str,
+    to: &str,
+    options: BackfillOptions,
+    utc: bool,
+) -> Result<ExitCode> {
+    let BackfillOptions {
+        downstream,
+        dry_run,
+        json,
+    } = options;
+    let config = Arc::new(load(path)?);
+    let shown = shown(config.scheduler.timezone, utc);
+    let zone = turbosched::engine::backfill_zone(&config, task);
+    let from = turbosched::engine::backfill_bound(from, zone, false, "--from")
+        .map_err(|err| anyhow!(err))?;
+    let to =
+        turbosched::engine::backfill_bound(to, zone, true, "--to").map_err(|err| anyhow!(err))?;
+    let store = open_store(&config)?;
+    let service = live_service(&config, &store)?;
+    let plan = turbosched::engine::backfill(
+        &config,
+        &store,
+        SystemClock.now(),
+        task,
+        from,
+        to,
+        downstream,
+        dry_run,
+    )?;
+    let runs: Vec<RunId> = plan.iter().filter_map(|t| t.run).collect();
+    if json && (dry_run || runs.is_empty()) {
+        out!("{}", views::backfill_plan(task, &plan, dry_run, &[]))?;
+    } else if !json {
+        for tick in &plan {
+            let what = match (tick.run, tick.already) {
+                (_, true) => "already ran: not run again".to_string(),
+                (Some(run), false) => format!("run {run} queued"),
+                (None, false) => "would be queued".to_string(),
+            };
+            out!("{}  {what}", shown.at(tick.tick))?;
+        }
+        let already = plan.iter().filter(|t| t.already).count();
+        out!(
+            "{} ticks of {task}: {} {}, {already} already ran",
+            plan.len(),
+            if dry_run {
+                plan.len() - already
+            } else {
+                runs.len()
+            },
+            if dry_run { "to queue" } else { "queued" },
+        )?;
+    }
+    if dry_run || runs.is_empty() {
+        return Ok(ExitCode::SUCCESS);
+    }
+    if service {
+        if !json {
+            out!("queued with the running service, oldest first; waiting")?;
+        }
+    } else {
+        let _log_guard = init_tracing(Some(&config));
+        if !json {
+            out!("no service is running: running them here, oldest first")?;
+        }
+        let runtime = runtime()?;
+        let engine_store = store.clone();
+        let roots = runs.clone();
+        let config = config.clone();
+        runtime.block_on(async move {
+            let mut engine = Engine::new(
+                config,
+                engine_store,
+                Arc::new(SystemClock),
+                Mode::Foreground,
+            );
+            engine.adopt_roots(&roots);
+            shutdown_on_signals(engine.handle());
+            engine.run().await
+        })?;
+    }
+    let (code, rows) = backfill_progress(&store, &runs, downstream, json)?;
+    if json {
+        out!("{}", views::backfill_plan(task, &plan, dry_run, &rows))?;
+    }
+    Ok(code)
+}
+
+/// Waits until every run of a backfill (and with `downstream`, its cascade) has ended,
+/// printing `done/total` as it moves; exit code 0 only if every run succeeded.
+fn backfill_progress(
+    store: &Store,
+    roots: &[RunId],
+    downstream: bool,
+    json: bool,
+) -> Result<(ExitCode, Vec<turbosched::store::RunRow>)> {
+    let mut shown = usize::MAX;
+    loop {
+        let mut rows = Vec::new();
+        for root in roots {
+            if downstream {
+                rows.extend(store.cascade_runs(*root)?);
+            } else {
+                rows.extend(store.run(*root)?);
+            }
+        }
+        let roots_done = rows
+            .iter()
+            .filter(|r| roots.contains(&r.id) && r.state.is_terminal())
+            .count();
+        let all_done = rows.iter().all(|r| r.state.is_terminal());
+        if !json && roots_done != shown {
+            out!("backfill: {roots_done}/{} ticks done", roots.len())?;
+            shown = roots_done;
+        }
+        if roots_done == roots.len() && all_done {
+            let failed = rows
+                .iter()
+                .filter(|r| r.state != RunState::Succeeded)
+                .count();
+            if !json {
+                out!(
+                    "backfill done: {} runs, {} succeeded, {failed} did not",
+                    rows.len(),
+                    rows.len() - failed
+                )?;
+            }
+            let code = if failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            };
+            return Ok((code, rows));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
 }

@@ -25,6 +25,7 @@
 
 #![warn(missing_docs, unreachable_pub)]
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod builtins;

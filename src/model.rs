@@ -184,17 +184,21 @@ pub enum Trigger {
     /// for a retraining, or that retraining asking for predictions from the model it
     /// promoted.
     Drift,
+    /// A past tick queued by `turbosched backfill`, under the same claim as a scheduled
+    /// tick: a tick that already ran is not run again.
+    Backfill,
 }
 
 impl Trigger {
     /// Every trigger.
-    pub const ALL: [Trigger; 6] = [
+    pub const ALL: [Trigger; 7] = [
         Trigger::Schedule,
         Trigger::Manual,
         Trigger::Catchup,
         Trigger::Downstream,
         Trigger::Retry,
         Trigger::Drift,
+        Trigger::Backfill,
     ];
 
     /// The stored and printed name.
@@ -206,7 +210,17 @@ impl Trigger {
             Trigger::Downstream => "downstream",
             Trigger::Retry => "retry",
             Trigger::Drift => "drift",
+            Trigger::Backfill => "backfill",
         }
+    }
+
+    /// A tick of the schedule, claimed once per (task, tick): run outside the task's
+    /// overlap policy (the ticks run one at a time, in order).
+    pub fn is_tick(self) -> bool {
+        matches!(
+            self,
+            Trigger::Schedule | Trigger::Catchup | Trigger::Backfill
+        )
     }
 
     /// Parses a stored name.

@@ -195,6 +195,7 @@ pub fn run(row: &RunRow) -> Value {
         "cascade": row.cascade.map(|c| c.0),
         "force": row.force,
         "downstream": row.downstream,
+        "params": row.params.as_deref().and_then(|p| serde_json::from_str::<Value>(p).ok()),
     })
 }
 
@@ -320,8 +321,12 @@ pub fn run_queued(run: RunId, task: &str, circuit: Option<&str>) -> Value {
 }
 
 /// The body of `POST /scheduler/tasks/<task>/run` as the CLI sends it (`TriggerOptions`).
-pub fn trigger_options(force: bool, downstream: bool) -> Value {
-    json!({"force": force, "downstream": downstream})
+pub fn trigger_options(force: bool, downstream: bool, params: Option<Map<String, Value>>) -> Value {
+    let mut body = json!({"force": force, "downstream": downstream});
+    if let (Some(params), Some(object)) = (params, body.as_object_mut()) {
+        object.insert("params".into(), Value::Object(params));
+    }
+    body
 }
 
 /// A trigger that waited for its run, which finished (200).
@@ -529,6 +534,63 @@ pub fn audit(since: Instant, audit: &Audit) -> Value {
         })
         .collect();
     json!({"since": time(since), "ok": audit.ok(), "integrity": audit.integrity, "tasks": tasks})
+}
+
+/// The body an `[[alerts]]` endpoint receives for one event (README_SCHEDULE.md,
+/// "Alerts"): the event, where to look, and a Slack-compatible `text`.
+pub fn alert_envelope(alert: &str, event: &EventRow, api_base: Option<&str>) -> String {
+    let link = api_base.map(|base| match event.run_id {
+        Some(run) => format!("{base}/scheduler/runs/{run}"),
+        None => format!("{base}/"),
+    });
+    let mut text = format!("[turbosched] {}", event.kind);
+    if let Some(task) = &event.task {
+        text.push_str(&format!(" {task}"));
+    }
+    if let Some(run) = event.run_id {
+        text.push_str(&format!(" (run {run})"));
+    }
+    if !event.message.is_empty() {
+        text.push_str(&format!(": {}", event.message));
+    }
+    if let Some(link) = &link {
+        text.push_str(&format!(" {link}"));
+    }
+    json!({
+        "version": 1,
+        "alert": alert,
+        "event": event.kind,
+        "seq": event.seq,
+        "task": event.task,
+        "run_id": event.run_id.map(|r| r.0),
+        "attempt": event.attempt.map(|a| a.0),
+        "message": event.message,
+        "instance": event.instance,
+        "at": time(event.at),
+        "link": link,
+        "text": text,
+    })
+    .to_string()
+}
+
+/// `turbosched backfill --json`: the ticks of the range, each with its run or why none,
+/// and (once they ended) the runs, their cascades' included.
+pub fn backfill_plan(
+    task: &str,
+    ticks: &[crate::engine::BackfillTick],
+    dry_run: bool,
+    runs: &[RunRow],
+) -> Value {
+    json!({
+        "task": task,
+        "dry_run": dry_run,
+        "ticks": ticks.iter().map(|t| json!({
+            "tick": time(t.tick),
+            "run_id": t.run.map(|r| r.0),
+            "already_ran": t.already,
+        })).collect::<Vec<_>>(),
+        "runs": runs.iter().map(run).collect::<Vec<_>>(),
+    })
 }
 
 #[cfg(test)]

@@ -96,6 +96,12 @@ impl From<EngineError> for ApiError {
     fn from(err: EngineError) -> ApiError {
         let message = err.to_string();
         match err {
+            EngineError::Backfill(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_backfill", message)
+            }
+            EngineError::BadParams(_) => {
+                ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "bad_params", message)
+            }
             EngineError::UnknownTask { .. } => {
                 ApiError::new(StatusCode::NOT_FOUND, "unknown_task", message)
             }

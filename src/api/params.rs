@@ -98,6 +98,8 @@ pub(super) struct Trigger {
     pub(super) force: Option<bool>,
     pub(super) downstream: Option<bool>,
     pub(super) wait: Option<WaitFor>,
+    /// The run's own params (`{"params": {…}}`), merged over the task's.
+    pub(super) params: Option<serde_json::Map<String, Value>>,
 }
 
 /// Query `?force=1&downstream=true&wait=30` and/or a JSON body with the same keys.
@@ -135,9 +137,24 @@ pub(super) fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<Tri
                     return Err(bad(format!("{key}: expected true or false, found {other}")))
                 }
                 ("wait", value) => options.wait = Some(WaitFor::from_json(value)?),
+                ("params", Value::Object(params)) => {
+                    if let Some((key, value)) = params.iter().find(|(_, v)| {
+                        matches!(v, Value::Object(_) | Value::Array(_) | Value::Null)
+                    }) {
+                        return Err(bad(format!(
+                            "params.{key}: expected a string, number or true/false, found {value}"
+                        )));
+                    }
+                    options.params = Some(params.clone());
+                }
+                ("params", other) => {
+                    return Err(bad(format!(
+                        "params: expected an object such as {{\"sleep_sec\": 2}}, found {other}"
+                    )))
+                }
                 (other, _) => {
                     return Err(bad(format!(
-                        "unknown field {other:?} (known: force, downstream, wait)"
+                        "unknown field {other:?} (known: force, downstream, wait, params)"
                     )))
                 }
             }
@@ -163,4 +180,55 @@ pub(super) fn parse_run_id(text: &str) -> Result<RunId, ApiError> {
                 format!("expected a run id (a positive whole number), found {text:?}"),
             )
         })
+}
+
+/// The body of `POST /scheduler/tasks/<task>/backfill` (`BackfillOptions` in /openapi.json).
+pub(super) struct Backfill {
+    pub(super) from: String,
+    pub(super) to: String,
+    pub(super) downstream: bool,
+    pub(super) dry_run: bool,
+}
+
+/// `{"from": "2026-01-05", "to": "2026-01-09T17:00:00Z", "downstream": true, "dry_run": false}`.
+pub(super) fn backfill_options(body: &Bytes) -> Result<Backfill, ApiError> {
+    let bad =
+        |message: String| ApiError::bad_request("bad_body", format!("request body: {message}"));
+    let value: Value = serde_json::from_slice(body).map_err(|err| bad(err.to_string()))?;
+    let Value::Object(fields) = value else {
+        return Err(bad(format!(
+            "expected an object such as {{\"from\": \"2026-01-05\", \"to\": \"2026-01-09\"}}, found {value}"
+        )));
+    };
+    let (mut from, mut to, mut downstream, mut dry_run) = (None, None, false, false);
+    for (key, value) in &fields {
+        match (key.as_str(), value) {
+            ("from", Value::String(text)) => from = Some(text.clone()),
+            ("to", Value::String(text)) => to = Some(text.clone()),
+            ("downstream", Value::Bool(flag)) => downstream = *flag,
+            ("dry_run", Value::Bool(flag)) => dry_run = *flag,
+            ("from" | "to", other) => {
+                return Err(bad(format!(
+                    "{key}: expected RFC 3339 or a date, found {other}"
+                )))
+            }
+            ("downstream" | "dry_run", other) => {
+                return Err(bad(format!("{key}: expected true or false, found {other}")))
+            }
+            (other, _) => {
+                return Err(bad(format!(
+                    "unknown field {other:?} (known: from, to, downstream, dry_run)"
+                )))
+            }
+        }
+    }
+    let (Some(from), Some(to)) = (from, to) else {
+        return Err(bad("from and to are required".into()));
+    };
+    Ok(Backfill {
+        from,
+        to,
+        downstream,
+        dry_run,
+    })
 }

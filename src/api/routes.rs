@@ -32,6 +32,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/scheduler/tasks"),
     ("GET", "/scheduler/tasks/{task}"),
     ("POST", "/scheduler/tasks/{task}/run"),
+    ("POST", "/scheduler/tasks/{task}/backfill"),
     ("POST", "/scheduler/tasks/{task}/pause"),
     ("POST", "/scheduler/tasks/{task}/resume"),
     ("GET", "/scheduler/runs"),
@@ -55,6 +56,7 @@ pub(super) fn routes(cfg: &mut web::ServiceConfig) {
         .service(resource("/scheduler/tasks").route(web::get().to(tasks)))
         .service(resource("/scheduler/tasks/{task}").route(web::get().to(task_detail)))
         .service(resource("/scheduler/tasks/{task}/run").route(web::post().to(trigger)))
+        .service(resource("/scheduler/tasks/{task}/backfill").route(web::post().to(backfill)))
         .service(resource("/scheduler/tasks/{task}/pause").route(web::post().to(pause)))
         .service(resource("/scheduler/tasks/{task}/resume").route(web::post().to(resume)))
         .service(resource("/scheduler/runs").route(web::get().to(runs)))
@@ -113,6 +115,7 @@ async fn trigger(
             &task,
             options.force.unwrap_or(false),
             options.downstream.unwrap_or(false),
+            options.params.map(crate::config::RunParams),
         )
         .await?;
     let Some(limit) = options.wait.and_then(WaitFor::limit) else {
@@ -167,6 +170,32 @@ async fn task_detail(task: web::Path<String>, state: Data<ApiState>) -> ApiResul
     };
     let recent = blocking(move || store.runs(&filter)).await?;
     Ok(HttpResponse::Ok().json(views::task_detail(&snapshot, spec, &recent)))
+}
+
+async fn backfill(
+    request: HttpRequest,
+    task: web::Path<String>,
+    body: Bytes,
+    state: Data<ApiState>,
+) -> ApiResult {
+    authorize(&request, &state)?;
+    let options = super::params::backfill_options(&body)?;
+    let plan = state
+        .handle
+        .backfill(
+            &task,
+            &options.from,
+            &options.to,
+            options.downstream,
+            options.dry_run,
+        )
+        .await?;
+    let answer = views::backfill_plan(&task, &plan, options.dry_run, &[]);
+    Ok(if options.dry_run {
+        HttpResponse::Ok().json(answer)
+    } else {
+        HttpResponse::Accepted().json(answer)
+    })
 }
 
 async fn pause(request: HttpRequest, task: web::Path<String>, state: Data<ApiState>) -> ApiResult {

@@ -67,7 +67,25 @@ pub enum Kind {
     Dates,
     /// The name of a `[calendars.<name>]` table.
     Calendar,
+    /// A list of event kinds an alert may want ([`ALERT_EVENTS`]).
+    Events,
 }
+
+/// `[[alerts]] events`: the event kinds an alert may be sent for. `deadline_missed` and
+/// `circuit_opened` are accepted before a build raises them.
+pub const ALERT_EVENTS: &[&str] = &[
+    "run_failed",
+    "run_timed_out",
+    "run_orphaned",
+    "deadline_missed",
+    "circuit_opened",
+    "drift_detected",
+    "config_reload_failed",
+];
+/// `[pools.<name>] slots`.
+pub(super) const POOL_SLOTS: (i64, i64) = (1, u32::MAX as i64);
+/// `[[alerts]] max_attempts`.
+pub(super) const ALERT_ATTEMPTS: (i64, i64) = (1, 100);
 
 /// `misfire`: what to do with missed ticks.
 pub(super) const MISFIRE_CHOICES: &[&str] = &["run_once", "skip", "run_all"];
@@ -227,6 +245,7 @@ pub const TASK_KEYS: &[Key] = &[
     key("misfire", Kind::Choice(MISFIRE_CHOICES), Some("\"run_once\""), "what to do with missed ticks"),
     key("misfire_grace", Kind::Duration, Some("\"1h\""), "missed ticks older than this are dropped"),
     key("overlap", Kind::Choice(OVERLAP_CHOICES), Some("\"skip\""), "a new run while one of the task is active"),
+    key("pool", Kind::Text, None, "a [pools.<name>] whose slots this task's runs take: at most slots of them run at once, the rest wait in order"),
     key("enabled", Kind::Flag, Some("true"), "false: never fires on schedule (manual runs still work)"),
     key("description", Kind::Text, Some("\"\""), "free text"),
     key("command", Kind::Command, None, "for handler = \"command\": [\"program\", \"arg\", ...], run without a shell"),
@@ -262,6 +281,27 @@ pub const CALENDAR_FILE_KEYS: &[Key] = &[
     key("dates", Kind::Dates, None, "dates to skip, \"YYYY-MM-DD\""),
     key("description", Kind::Text, Some("\"\""), "free text"),
 ];
+
+/// Every key an `[[alerts]]` table accepts.
+pub const ALERT_KEYS: &[Key] = &[
+    key("name", Kind::Text, None, "names the alert in the alert_deliveries table and /metrics (default: alert-<n>, its place in the file)"),
+    key("url", Kind::Text, None, "http:// endpoint the JSON envelope is POSTed to (or url_env)"),
+    key("url_env", Kind::Text, None, "the environment variable holding the endpoint (for secrets), instead of url"),
+    key("events", Kind::Events, None, "the event kinds to send"),
+    key("tasks", Kind::TaskNames, None, "only events of these tasks (default: every task, and events about none)"),
+    key("max_attempts", Kind::Whole { min: ALERT_ATTEMPTS.0, max: ALERT_ATTEMPTS.1 }, Some("5"), "POSTs per event before it is given up (backoff 1s, 2s, 4s, … at most 5m)"),
+];
+
+/// Every key a `[pools.<name>]` table accepts.
+pub const POOL_KEYS: &[Key] = &[key(
+    "slots",
+    Kind::Whole {
+        min: POOL_SLOTS.0,
+        max: POOL_SLOTS.1,
+    },
+    None,
+    "at most this many runs of the pool's tasks run at once (per instance)",
+)];
 
 /// Every key `retry_backoff` accepts.
 pub const BACKOFF_KEYS: &[Key] = &[

@@ -33,8 +33,8 @@ use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
 
 pub use keys::{
-    DurationBound, Key, Kind, API_KEYS, BACKOFF_KEYS, CALENDAR_FILE_KEYS, CALENDAR_KEYS,
-    DURATION_BOUNDS, LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS,
+    DurationBound, Key, Kind, ALERT_EVENTS, ALERT_KEYS, API_KEYS, BACKOFF_KEYS, CALENDAR_FILE_KEYS,
+    CALENDAR_KEYS, DURATION_BOUNDS, LOGGING_KEYS, POOL_KEYS, SCHEDULER_KEYS, TASK_KEYS,
 };
 pub use schema::json_schema;
 
@@ -70,6 +70,92 @@ pub fn output_folder_refusal(folder: &Path, scheduler: &SchedulerSettings) -> Op
             ("log folder", scheduler.log_dir.as_path()),
         ],
     )
+}
+
+/// Why `key` is refused as a param of handler `handler`, or `None` when it may be given
+/// (a key the built-in reads, or any key of a `command` task). The config and a run's
+/// own params (`turbosched run --param`, `POST /scheduler/run_<task>`) say the same.
+pub fn unknown_param(handler: &str, key: &str) -> Option<String> {
+    let known = handler_params(handler)?;
+    if known.contains(&key) {
+        return None;
+    }
+    let hint = closest(key, known.iter().copied())
+        .map(|near| format!("did you mean \"{near}\"?"))
+        .unwrap_or_else(|| format!("it reads {}", known.join(", ")));
+    Some(format!("unknown param for handler \"{handler}\" ({hint})"))
+}
+
+/// Checks a run's own params against what `spec`'s handler reads: every refusal, as
+/// `params.<key>: <why>` (the known params named).
+pub fn check_run_params(
+    spec: &TaskSpec,
+    params: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(), String> {
+    let handler = spec.handler.name();
+    let refused: Vec<String> = params
+        .keys()
+        .filter_map(|key| {
+            unknown_param(handler, key).map(|why| {
+                let known = handler_params(handler).unwrap_or_default().join(", ");
+                format!("params.{key}: {why}; task {} takes {known}", spec.name)
+            })
+        })
+        .collect();
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(refused.join("; "))
+    }
+}
+
+/// A run's own params (`--param`, the API's `params`): a table of scalars, merged over
+/// the task's when the run starts. The engine carries it without looking inside.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RunParams(pub serde_json::Map<String, serde_json::Value>);
+
+impl RunParams {
+    /// [`check_run_params`], then the text stored on the run (`None` when empty).
+    pub fn checked_text(&self, spec: &TaskSpec) -> Result<Option<String>, String> {
+        if self.0.is_empty() {
+            return Ok(None);
+        }
+        check_run_params(spec, &self.0)?;
+        Ok(Some(serde_json::Value::Object(self.0.clone()).to_string()))
+    }
+}
+
+/// The params an attempt gets: the task's, with a run's own (`run`, the JSON object text
+/// stored on the run) over them. Stored params that are no object (never written so)
+/// leave the task's as they are.
+pub fn merged_params(task: &serde_json::Value, run: Option<&str>) -> serde_json::Value {
+    let mut merged = task.clone();
+    let own = run.and_then(|text| serde_json::from_str::<serde_json::Value>(text).ok());
+    if let (serde_json::Value::Object(into), Some(serde_json::Value::Object(own))) =
+        (&mut merged, own)
+    {
+        into.extend(own);
+    }
+    merged
+}
+
+/// One `--param key=value`: the value read as a TOML scalar (`3`, `2.5`, `true`,
+/// `"text"`, `2026-01-02`), else as the text itself.
+pub fn parse_param(text: &str) -> Result<(String, serde_json::Value), String> {
+    let Some((key, value)) = text.split_once('=') else {
+        return Err(format!("--param {text:?}: expected key=value"));
+    };
+    let key = key.trim();
+    if key.is_empty() {
+        return Err(format!("--param {text:?}: the key is empty"));
+    }
+    let parsed = toml::from_str::<toml::Table>(&format!("v = {value}"))
+        .ok()
+        .and_then(|mut table| table.remove("v"))
+        .filter(|v| !matches!(v, toml::Value::Table(_) | toml::Value::Array(_)))
+        .and_then(|v| serde_json::to_value(v).ok())
+        .unwrap_or_else(|| serde_json::Value::String(value.to_string()));
+    Ok((key.to_string(), parsed))
 }
 
 /// Every handler a task may name, sorted: the built-ins of [`BUILTINS`] and `command`.
@@ -145,6 +231,59 @@ pub struct Config {
     pub any_jitter: bool,
     /// Task names in dependency order: every task after all of its upstreams.
     pub topo_order: Vec<TaskName>,
+    /// `[[alerts]]`, in the file's order.
+    pub alerts: Vec<AlertSpec>,
+    /// `[pools.<name>] slots`: at most this many runs of the pool's tasks at once.
+    pub pools: BTreeMap<String, usize>,
+}
+
+/// One `[[alerts]]` table: an endpoint told about some events.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertSpec {
+    /// Its name (`name`, or `alert-<n>`): the key of its deliveries in the store.
+    pub name: String,
+    /// Where it is POSTed.
+    pub target: AlertTarget,
+    /// The event kinds it wants (each one of [`ALERT_EVENTS`]).
+    pub events: Vec<String>,
+    /// Only events of these tasks, when set.
+    pub tasks: Option<BTreeSet<TaskName>>,
+    /// POSTs per event before it is given up.
+    pub max_attempts: u32,
+}
+
+/// Where an alert is POSTed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AlertTarget {
+    /// `url`.
+    Url(String),
+    /// `url_env`: the variable's value, read when the alert is sent.
+    Env(String),
+}
+
+impl AlertSpec {
+    /// Whether an event of `kind` about `task` is for this alert.
+    pub fn wants(&self, kind: &str, task: Option<&str>) -> bool {
+        self.events.iter().any(|e| e == kind)
+            && match (&self.tasks, task) {
+                (None, _) => true,
+                (Some(tasks), Some(task)) => tasks.contains(&TaskName::from(task)),
+                (Some(_), None) => false,
+            }
+    }
+
+    /// The endpoint now (`url_env` read from the environment), or why there is none.
+    pub fn url(&self) -> Result<String, String> {
+        match &self.target {
+            AlertTarget::Url(url) => Ok(url.clone()),
+            AlertTarget::Env(name) => match std::env::var(name) {
+                Ok(url) if !url.trim().is_empty() => Ok(url.trim().to_string()),
+                _ => Err(format!(
+                    "the environment variable {name} (url_env) is not set"
+                )),
+            },
+        }
+    }
 }
 
 /// `[scheduler]`: the service-wide knobs.
@@ -337,6 +476,8 @@ pub struct TaskSpec {
     pub misfire_grace: Duration,
     /// What a new run does while one is running.
     pub overlap: Overlap,
+    /// The pool whose slots its runs take (`pool`), if any.
+    pub pool: Option<String>,
     /// Disabled tasks never fire on schedule (manual runs still work).
     pub enabled: bool,
     /// Free text.

@@ -16,10 +16,14 @@ use serde::Deserialize;
 use toml::de::{DeTable, DeValue, ValueDeserializer};
 use toml::Spanned;
 
-use super::keys::{BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES, OVERLAP_CHOICES};
+use super::keys::{
+    ALERT_ATTEMPTS, ALERT_EVENTS, BACKUPS, DURATION_BOUNDS, FACTOR, MIN_SIZE, MISFIRE_CHOICES,
+    OVERLAP_CHOICES, POOL_SLOTS,
+};
 use super::{
-    closest, handler_names, handler_params, ApiSettings, Backoff, Calendar, CommandSpec, Config,
-    ConfigError, ConfigErrors, Handler, LoggingSettings, Overlap, SchedulerSettings, TaskSpec,
+    closest, handler_names, handler_params, AlertSpec, AlertTarget, ApiSettings, Backoff, Calendar,
+    CommandSpec, Config, ConfigError, ConfigErrors, Handler, LoggingSettings, Overlap,
+    SchedulerSettings, TaskSpec,
 };
 use crate::model::TaskName;
 use crate::schedule::{MisfirePolicy, Schedule};
@@ -31,6 +35,8 @@ const SECTIONS: &[&str] = &[
     "defaults",
     "calendars",
     "tasks",
+    "alerts",
+    "pools",
 ];
 
 #[derive(Deserialize)]
@@ -86,6 +92,7 @@ struct RawTask {
     misfire: Option<Spanned<String>>,
     misfire_grace: Option<Spanned<String>>,
     overlap: Option<Spanned<String>>,
+    pool: Option<Spanned<String>>,
     enabled: Option<bool>,
     description: Option<String>,
     command: Option<Spanned<RawCommand>>,
@@ -112,6 +119,23 @@ struct RawCalendar {
 struct RawCalendarFile {
     dates: Option<Vec<Spanned<String>>>,
     description: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPool {
+    slots: Option<Spanned<i64>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAlert {
+    name: Option<Spanned<String>>,
+    url: Option<Spanned<String>>,
+    url_env: Option<Spanned<String>>,
+    events: Option<Spanned<Vec<Spanned<String>>>>,
+    tasks: Option<Vec<Spanned<String>>>,
+    max_attempts: Option<Spanned<i64>>,
 }
 
 #[derive(Deserialize, Default, Clone)]
@@ -341,6 +365,8 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut logging: Option<RawLogging> = None;
     let mut defaults = RawTask::default();
     let mut raw_calendars: Vec<(String, Range<usize>, RawCalendar)> = Vec::new();
+    let mut raw_alerts: Vec<(Range<usize>, RawAlert)> = Vec::new();
+    let mut pools: BTreeMap<String, usize> = BTreeMap::new();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
     let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
@@ -366,6 +392,65 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
                     let path = format!("calendars.{calendar_name}");
                     if let Some(calendar) = report.decode::<RawCalendar>(calendar_value, &path) {
                         raw_calendars.push((calendar_name, calendar_key.span(), calendar));
+                    }
+                }
+            }
+            "pools" => {
+                let span = value.span();
+                let DeValue::Table(table) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "pools",
+                        "expected a table of pools such as [pools.gpu]",
+                    );
+                    continue;
+                };
+                for (pool_key, pool_value) in table {
+                    let pool_name = pool_key.get_ref().to_string();
+                    let path = format!("pools.{pool_name}");
+                    let pool_span = pool_key.span();
+                    let Some(pool) = report.decode::<RawPool>(pool_value, &path) else {
+                        continue;
+                    };
+                    let slots = match pool.slots {
+                        Some(n) if (POOL_SLOTS.0..=POOL_SLOTS.1).contains(n.get_ref()) => {
+                            *n.get_ref() as usize
+                        }
+                        Some(n) => {
+                            report.error(
+                                n.span(),
+                                &format!("{path}.slots"),
+                                format!(
+                                    "expected a whole number from {} to {}, found {}",
+                                    POOL_SLOTS.0,
+                                    POOL_SLOTS.1,
+                                    n.get_ref()
+                                ),
+                            );
+                            1
+                        }
+                        None => {
+                            report.error(pool_span, &format!("{path}.slots"), "slots is required: how many runs of the pool's tasks may run at once");
+                            1
+                        }
+                    };
+                    pools.insert(pool_name, slots);
+                }
+            }
+            "alerts" => {
+                let span = value.span();
+                let DeValue::Array(items) = value.into_inner() else {
+                    report.error(
+                        span,
+                        "alerts",
+                        "expected an array of tables such as [[alerts]]",
+                    );
+                    continue;
+                };
+                for item in items {
+                    let span = item.span();
+                    if let Some(alert) = report.decode::<RawAlert>(item, "alerts") {
+                        raw_alerts.push((span, alert));
                     }
                 }
             }
@@ -430,6 +515,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             &Names {
                 tasks: &known,
                 calendars: &calendars,
+                pools: &pools,
             },
         ) {
             let first_dep = task
@@ -441,6 +527,8 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             specs.insert(spec.name.clone(), spec);
         }
     }
+
+    let alerts = resolve_alerts(&mut report, &raw_alerts, &known);
 
     let topo_order = match order_tasks(&specs) {
         Ok(order) => order,
@@ -476,6 +564,8 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
         any_jitter: specs.values().any(|spec: &TaskSpec| !spec.jitter.is_zero()),
         tasks: specs,
         topo_order,
+        alerts,
+        pools,
     })
 }
 
@@ -613,6 +703,172 @@ fn calendar_file(
     } else {
         Err(report.errors)
     }
+}
+
+/// `[[alerts]]`: one endpoint each (`url` or `url_env`), the events it wants, the tasks
+/// it is about; names unique.
+fn resolve_alerts(
+    report: &mut Report<'_>,
+    raw: &[(Range<usize>, RawAlert)],
+    known: &BTreeSet<String>,
+) -> Vec<AlertSpec> {
+    let mut alerts = Vec::new();
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    for (index, (span, alert)) in raw.iter().enumerate() {
+        let name = match &alert.name {
+            Some(name) => {
+                let text = name.get_ref().trim().to_string();
+                if text.is_empty()
+                    || !text
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+                {
+                    report.error(
+                        name.span(),
+                        "alerts.name",
+                        format!(
+                            "expected letters, digits, _ and - only, found {:?}",
+                            name.get_ref()
+                        ),
+                    );
+                }
+                if !names.insert(text.clone()) {
+                    report.error(
+                        name.span(),
+                        "alerts.name",
+                        format!("another alert is named {text:?}"),
+                    );
+                }
+                text
+            }
+            None => {
+                let text = format!("alert-{}", index + 1);
+                names.insert(text.clone());
+                text
+            }
+        };
+        let target = match (&alert.url, &alert.url_env) {
+            (Some(url), None) => {
+                let text = url.get_ref().trim();
+                if text.starts_with("https://") {
+                    report.error(
+                        url.span(),
+                        "alerts.url",
+                        "https is not supported by this build (no TLS): point it at an http:// relay on this host",
+                    );
+                } else if !text.starts_with("http://") || text.len() <= "http://".len() {
+                    report.error(
+                        url.span(),
+                        "alerts.url",
+                        format!("expected an http:// URL, found {:?}", url.get_ref()),
+                    );
+                }
+                AlertTarget::Url(text.to_string())
+            }
+            (None, Some(env)) => {
+                if env.get_ref().trim().is_empty() {
+                    report.error(
+                        env.span(),
+                        "alerts.url_env",
+                        "expected the name of an environment variable",
+                    );
+                }
+                AlertTarget::Env(env.get_ref().trim().to_string())
+            }
+            (Some(url), Some(_)) => {
+                report.error(url.span(), "alerts.url", "set url or url_env, not both");
+                continue;
+            }
+            (None, None) => {
+                report.error(
+                    span.clone(),
+                    "alerts",
+                    format!("alert {name:?}: set url or url_env"),
+                );
+                continue;
+            }
+        };
+        let mut events = Vec::new();
+        match &alert.events {
+            None => report.error(
+                span.clone(),
+                "alerts.events",
+                format!(
+                    "alert {name:?}: events is required, some of {}",
+                    one_of(ALERT_EVENTS)
+                ),
+            ),
+            Some(list) if list.get_ref().is_empty() => report.error(
+                list.span(),
+                "alerts.events",
+                format!("expected at least one of {}", one_of(ALERT_EVENTS)),
+            ),
+            Some(list) => {
+                for event in list.get_ref() {
+                    let text = event.get_ref();
+                    if ALERT_EVENTS.contains(&text.as_str()) {
+                        if !events.contains(text) {
+                            events.push(text.clone());
+                        }
+                    } else {
+                        let hint = closest(text, ALERT_EVENTS.iter().copied())
+                            .map(|near| format!(" (did you mean \"{near}\"?)"))
+                            .unwrap_or_default();
+                        report.error(
+                            event.span(),
+                            "alerts.events",
+                            format!(
+                                "unknown event {text:?}{hint}; expected {}",
+                                one_of(ALERT_EVENTS)
+                            ),
+                        );
+                    }
+                }
+            }
+        }
+        let tasks = alert.tasks.as_ref().map(|tasks| {
+            let mut set = BTreeSet::new();
+            for task in tasks {
+                if known.contains(task.get_ref()) {
+                    set.insert(TaskName::from(task.get_ref().as_str()));
+                } else {
+                    report.error(
+                        task.span(),
+                        "alerts.tasks",
+                        format!("unknown task {:?}", task.get_ref()),
+                    );
+                }
+            }
+            set
+        });
+        let max_attempts = match &alert.max_attempts {
+            None => 5,
+            Some(n) if (ALERT_ATTEMPTS.0..=ALERT_ATTEMPTS.1).contains(n.get_ref()) => {
+                *n.get_ref() as u32
+            }
+            Some(n) => {
+                report.error(
+                    n.span(),
+                    "alerts.max_attempts",
+                    format!(
+                        "expected a whole number from {} to {}, found {}",
+                        ALERT_ATTEMPTS.0,
+                        ALERT_ATTEMPTS.1,
+                        n.get_ref()
+                    ),
+                );
+                5
+            }
+        };
+        alerts.push(AlertSpec {
+            name,
+            target,
+            events,
+            tasks,
+            max_attempts,
+        });
+    }
+    alerts
 }
 
 /// `[api] bind` must be an IP address and a port: the API binds exactly that, and a
@@ -884,6 +1140,7 @@ const JITTER_GAPS: usize = 50;
 struct Names<'a> {
     tasks: &'a BTreeSet<String>,
     calendars: &'a BTreeMap<String, Arc<Calendar>>,
+    pools: &'a BTreeMap<String, usize>,
 }
 
 fn resolve_task(
@@ -898,6 +1155,7 @@ fn resolve_task(
     let Names {
         tasks: known,
         calendars,
+        pools,
     } = *names;
     let task_name = name.get_ref().as_str();
     let errors_before = report.errors.len();
@@ -1061,27 +1319,44 @@ fn resolve_task(
         }
     };
 
+    let (pool_value, pool_key) = pick(&task.pool, &defaults.pool, task_name, "pool");
+    let pool = pool_value.and_then(|value| {
+        let name = value.get_ref();
+        if pools.contains_key(name) {
+            return Some(name.clone());
+        }
+        let known = pools.keys().map(String::as_str).collect::<Vec<_>>();
+        let hint = closest(name, known.iter().copied())
+            .map(|near| format!(" (did you mean \"{near}\"?)"))
+            .unwrap_or_else(|| {
+                if known.is_empty() {
+                    " (no [pools.<name>] table defines one)".to_string()
+                } else {
+                    format!(" (known pools: {})", known.join(", "))
+                }
+            });
+        report.error(
+            value.span(),
+            &pool_key,
+            format!("unknown pool {name:?}{hint}"),
+        );
+        None
+    });
+
     let (params_value, params_key) = pick(&task.params, &defaults.params, task_name, "params");
     if let (Some(table), Some(known)) = (
         params_value,
         handler.as_ref().and_then(|h| handler_params(h.name())),
     ) {
+        let handler_name = handler.as_ref().map(Handler::name).unwrap_or_default();
         for key in table
             .get_ref()
             .keys()
             .filter(|k| !known.contains(&k.as_str()))
         {
-            let hint = closest(key, known.iter().copied())
-                .map(|near| format!("did you mean \"{near}\"?"))
-                .unwrap_or_else(|| format!("it reads {}", known.join(", ")));
-            report.error(
-                table.span(),
-                &format!("{params_key}.{key}"),
-                format!(
-                    "unknown param for handler \"{}\" ({hint})",
-                    handler.as_ref().map(Handler::name).unwrap_or_default()
-                ),
-            );
+            if let Some(why) = super::unknown_param(handler_name, key) {
+                report.error(table.span(), &format!("{params_key}.{key}"), why);
+            }
         }
     }
     let params = match params_value {
@@ -1199,6 +1474,7 @@ fn resolve_task(
         misfire,
         misfire_grace,
         overlap,
+        pool,
         enabled: task.enabled.or(defaults.enabled).unwrap_or(true),
         description: task.description.clone().unwrap_or_default(),
         calendar,
@@ -1483,15 +1759,19 @@ mod tests {
         assert_eq!(names(keys::BACKOFF_KEYS), fields::<RawBackoff>());
         assert_eq!(names(keys::CALENDAR_KEYS), fields::<RawCalendar>());
         assert_eq!(names(keys::CALENDAR_FILE_KEYS), fields::<RawCalendarFile>());
+        assert_eq!(names(keys::ALERT_KEYS), fields::<RawAlert>());
+        assert_eq!(names(keys::POOL_KEYS), fields::<RawPool>());
         let mut sections: Vec<&str> = SECTIONS.to_vec();
         sections.sort_unstable();
         assert_eq!(
             sections,
             [
+                "alerts",
                 "api",
                 "calendars",
                 "defaults",
                 "logging",
+                "pools",
                 "scheduler",
                 "tasks"
             ]

@@ -46,6 +46,26 @@ pub fn json_schema() -> Value {
                 "propertyNames": { "pattern": TASK_NAME_PATTERN },
                 "additionalProperties": section(keys::CALENDAR_KEYS, "dates to skip, inline and/or from a file"),
             },
+            "alerts": {
+                "description": "one [[alerts]] table per endpoint told about failures",
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": properties(keys::ALERT_KEYS, ""),
+                    "required": ["events"],
+                    "additionalProperties": false,
+                },
+            },
+            "pools": {
+                "description": "one table per pool: [pools.<name>] slots = N",
+                "type": "object",
+                "additionalProperties": {
+                    "type": "object",
+                    "properties": properties(keys::POOL_KEYS, ""),
+                    "required": ["slots"],
+                    "additionalProperties": false,
+                },
+            },
             "tasks": {
                 "description": "one table per task: [tasks.<name>]",
                 "type": "object",
@@ -118,6 +138,11 @@ fn property(key: &Key, table: &str) -> Value {
             "items": { "type": "string", "pattern": DATE_PATTERN },
         }),
         Kind::Calendar => json!({ "type": "string", "pattern": TASK_NAME_PATTERN }),
+        Kind::Events => json!({
+            "type": "array",
+            "items": { "type": "string", "enum": keys::ALERT_EVENTS },
+            "minItems": 1,
+        }),
     };
     let mut description = key.doc.to_string();
     if let Some(bound) = keys::duration_bound(table, key.name) {

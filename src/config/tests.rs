@@ -884,3 +884,157 @@ fn an_output_folder_that_would_serve_the_working_directory_or_the_service_files_
          [tasks.e]\nhandler = \"train\"\nparams = { model_dir = \"data/models\" }\n",
     );
 }
+
+#[test]
+fn alerts_take_a_url_or_an_env_var_their_events_and_a_task_filter() {
+    let config = check_ok(
+        r#"
+[[alerts]]
+name = "ops"
+url = "http://127.0.0.1:9000/hook"
+events = ["run_failed", "deadline_missed", "circuit_opened", "run_failed"]
+
+[[alerts]]
+url_env = "SLACK_RELAY"
+events = ["drift_detected"]
+tasks = ["a"]
+max_attempts = 2
+
+[tasks.a]
+handler = "ping"
+"#,
+    );
+    assert_eq!(
+        config.alerts,
+        [
+            AlertSpec {
+                name: "ops".into(),
+                target: AlertTarget::Url("http://127.0.0.1:9000/hook".into()),
+                events: vec![
+                    "run_failed".into(),
+                    "deadline_missed".into(),
+                    "circuit_opened".into()
+                ],
+                tasks: None,
+                max_attempts: 5,
+            },
+            AlertSpec {
+                name: "alert-2".into(),
+                target: AlertTarget::Env("SLACK_RELAY".into()),
+                events: vec!["drift_detected".into()],
+                tasks: Some([TaskName::from("a")].into_iter().collect()),
+                max_attempts: 2,
+            },
+        ]
+    );
+    let ops = &config.alerts[0];
+    assert!(ops.wants("run_failed", Some("a")) && ops.wants("circuit_opened", None));
+    assert!(!ops.wants("run_succeeded", Some("a")));
+    let only_a = &config.alerts[1];
+    assert!(only_a.wants("drift_detected", Some("a")));
+    assert!(!only_a.wants("drift_detected", Some("b")) && !only_a.wants("drift_detected", None));
+}
+
+#[test]
+fn a_bad_alert_is_refused_at_its_key() {
+    check_errors(
+        r#"[[alerts]]
+url = "https://hooks.slack.com/x"
+events = ["run_faild", "run_timed_out"]
+tasks = ["nope"]
+max_attempts = 0
+colour = "red"
+
+[[alerts]]
+events = []
+
+[[alerts]]
+name = "ops"
+url = "http://h/"
+url_env = "X"
+events = ["run_failed"]
+
+[tasks.a]
+handler = "ping"
+"#,
+        &[
+            "2:7: alerts.url: https is not supported by this build (no TLS): point it at an http:// relay on this host",
+            "3:11: alerts.events: unknown event \"run_faild\" (did you mean \"run_failed\"?); expected \"run_failed\", \"run_timed_out\", \"run_orphaned\", \"deadline_missed\", \"circuit_opened\", \"drift_detected\", \"config_reload_failed\"",
+            "4:10: alerts.tasks: unknown task \"nope\"",
+            "5:16: alerts.max_attempts: expected a whole number from 1 to 100, found 0",
+            "6:1: alerts.colour: unknown key",
+            "8:1: alerts: alert \"alert-2\": set url or url_env",
+            "13:7: alerts.url: set url or url_env, not both",
+        ],
+    );
+}
+
+#[test]
+fn a_param_on_the_command_line_is_a_toml_scalar_or_else_text() {
+    let cases = [
+        ("n=3", serde_json::json!(3)),
+        ("x=2.5", serde_json::json!(2.5)),
+        ("flag=true", serde_json::json!(true)),
+        ("s=\"quoted\"", serde_json::json!("quoted")),
+        ("word=hello world", serde_json::json!("hello world")),
+        ("list=[1, 2]", serde_json::json!("[1, 2]")),
+        ("empty=", serde_json::json!("")),
+        ("eq=a=b", serde_json::json!("a=b")),
+    ];
+    for (text, value) in cases {
+        let (key, parsed) = parse_param(text).unwrap();
+        assert_eq!(key, text.split('=').next().unwrap());
+        assert_eq!(parsed, value, "{text}");
+    }
+    assert_eq!(
+        parse_param("noequals").unwrap_err(),
+        "--param \"noequals\": expected key=value"
+    );
+    assert!(parse_param("=1").is_err());
+}
+
+#[test]
+fn run_params_are_checked_as_the_config_checks_params() {
+    let config = check_ok("[tasks.a]\nhandler = \"ping\"\n[tasks.c]\ncommand = [\"true\"]\n");
+    let table = |pairs: &[(&str, serde_json::Value)]| {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.clone()))
+            .collect::<serde_json::Map<_, _>>()
+    };
+    let ping = config.task("a").unwrap();
+    assert_eq!(
+        check_run_params(
+            ping,
+            &table(&[("sleep_sec", 1.into()), ("fatal", true.into())])
+        ),
+        Ok(())
+    );
+    assert_eq!(
+        check_run_params(ping, &table(&[("fail_time", 1.into()), ("colour", "red".into())])),
+        Err("params.colour: unknown param for handler \"ping\" (it reads fail_times, fatal, progress, sleep_sec); task a takes fail_times, fatal, progress, sleep_sec; \
+             params.fail_time: unknown param for handler \"ping\" (did you mean \"fail_times\"?); task a takes fail_times, fatal, progress, sleep_sec"
+            .to_string())
+    );
+    let command = config.task("c").unwrap();
+    assert_eq!(
+        check_run_params(command, &table(&[("anything", 1.into())])),
+        Ok(())
+    );
+}
+
+#[test]
+fn a_pool_needs_its_slots_and_a_task_names_a_known_pool() {
+    let config =
+        check_ok("[pools.gpu]\nslots = 2\n[tasks.a]\nhandler = \"ping\"\npool = \"gpu\"\n");
+    assert_eq!(config.pools.get("gpu"), Some(&2));
+    assert_eq!(config.task("a").unwrap().pool.as_deref(), Some("gpu"));
+    check_errors(
+        "[pools.gpu]\nslots = 0\n[pools.cpu]\n[tasks.a]\nhandler = \"ping\"\npool = \"gpv\"\n",
+        &[
+            "2:9: pools.gpu.slots: expected a whole number from 1 to 4294967295, found 0",
+            "3:8: pools.cpu.slots: slots is required: how many runs of the pool's tasks may run at once",
+            "6:8: tasks.a.pool: unknown pool \"gpv\" (did you mean \"gpu\"?)",
+        ],
+    );
+}

@@ -42,6 +42,7 @@ impl Engine {
                 force: false,
                 downstream: false,
                 cascade,
+                params: None,
             };
             match self.store.enqueue(&new_run, now) {
                 Ok(id) => {
@@ -86,14 +87,31 @@ impl Engine {
             if !ready {
                 continue;
             }
+            // A backfill's cascade is about its past tick: the downstream run is for that
+            // tick, and its upstreams in the cascade having succeeded for it is the
+            // dependency check (the latest scheduled fire, now, would refuse every one).
+            let backfill = root_row.trigger == Trigger::Backfill;
+            let upstreams_succeeded = spec
+                .depends_on
+                .iter()
+                .filter(|up| in_cascade.contains(up))
+                .all(|up| {
+                    runs.iter()
+                        .any(|r| &r.task == up && r.state == crate::model::RunState::Succeeded)
+                });
             let new_run = NewRun {
                 task: member.clone(),
                 trigger: Trigger::Downstream,
-                scheduled_for: now,
+                scheduled_for: if backfill {
+                    root_row.scheduled_for
+                } else {
+                    now
+                },
                 max_attempts: spec.max_attempts(),
-                force: false,
+                force: backfill && upstreams_succeeded,
                 downstream: true,
                 cascade: Some(root),
+                params: None,
             };
             match self.store.enqueue(&new_run, now) {
                 Ok(id) => self.admit(Pending::new_run(id, &new_run), now),

@@ -7,17 +7,23 @@ use super::recovery::schedule_key;
 use super::ReloadFailure;
 use super::{blocking, Command, Engine, EngineError, Pending};
 use crate::config::Overlap;
-use crate::config::{Config, TaskSpec};
+use crate::config::{Config, RunParams, TaskSpec};
 use crate::model::TaskName;
 use crate::model::{Instant, RunId, RunState, Trigger};
 use crate::runner::StopReason;
 use crate::store::AbortOutcome;
-use crate::store::{NewRun, Store};
+use crate::store::{NewRun, Store, StoreError};
 use crate::tasklog::TaskLogs;
 use tracing::{info, warn};
 
 /// The run a manual trigger of `spec` creates.
-fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> NewRun {
+fn manual_run(
+    spec: &TaskSpec,
+    now: Instant,
+    force: bool,
+    downstream: bool,
+    params: Option<String>,
+) -> NewRun {
     NewRun {
         task: spec.name.clone(),
         trigger: Trigger::Manual,
@@ -26,9 +32,18 @@ fn manual_run(spec: &TaskSpec, now: Instant, force: bool, downstream: bool) -> N
         force,
         downstream,
         cascade: None,
+        params,
     }
 }
 
+/// A run's own params, checked against what `spec`'s handler reads, as stored (`None`
+/// for none or an empty table).
+fn run_params(spec: &TaskSpec, params: Option<RunParams>) -> Result<Option<String>, EngineError> {
+    match params {
+        Some(params) => params.checked_text(spec).map_err(EngineError::BadParams),
+        None => Ok(None),
+    }
+}
 /// Queues a manual run of `task`: the shared path of the CLI, the API and foreground runs.
 pub fn enqueue_manual(
     config: &Config,
@@ -37,12 +52,145 @@ pub fn enqueue_manual(
     task: &str,
     force: bool,
     downstream: bool,
+    params: Option<RunParams>,
 ) -> Result<RunId, EngineError> {
     let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
         task: task.to_string(),
         known: config.task_names().join(", "),
     })?;
-    Ok(store.enqueue(&manual_run(spec, now, force, downstream), now)?)
+    let params = run_params(spec, params)?;
+    Ok(store.enqueue(&manual_run(spec, now, force, downstream, params), now)?)
+}
+
+/// The zone a backfill's dates are read in: the task's schedule's, else the scheduler's.
+pub fn backfill_zone(config: &Config, task: &str) -> chrono_tz::Tz {
+    config
+        .task(task)
+        .and_then(|spec| spec.schedule.as_ref().map(|s| s.timezone()))
+        .unwrap_or(config.scheduler.timezone)
+}
+
+/// A backfill's `from`/`to`: RFC 3339, or a date in `zone` (its first instant, or with
+/// `end` its last). `name` names the bound in the refusal.
+pub fn backfill_bound(
+    text: &str,
+    zone: chrono_tz::Tz,
+    end: bool,
+    name: &str,
+) -> Result<Instant, String> {
+    if let Ok(at) = chrono::DateTime::parse_from_rfc3339(text.trim()) {
+        return Ok(at.with_timezone(&chrono::Utc));
+    }
+    let date = chrono::NaiveDate::parse_from_str(text.trim(), "%Y-%m-%d").map_err(|_| {
+        format!("{name} {text:?}: expected RFC 3339 (2026-01-05T09:00:00Z) or a date (2026-01-05)")
+    })?;
+    let day = if end { date.succ_opt() } else { Some(date) }
+        .ok_or_else(|| format!("{name} {text:?}: out of range"))?;
+    // The day's first instant in the zone (a midnight skipped by DST: the first after it).
+    let start = (0..24 * 60)
+        .find_map(|minute| {
+            let local = day.and_hms_opt(0, 0, 0)? + chrono::Duration::minutes(minute);
+            local.and_local_timezone(zone).earliest()
+        })
+        .ok_or_else(|| format!("{name} {text:?}: no such day in {zone}"))?
+        .with_timezone(&chrono::Utc);
+    Ok(if end {
+        start - chrono::Duration::microseconds(1)
+    } else {
+        start
+    })
+}
+
+/// The most ticks one backfill queues.
+pub const BACKFILL_MAX_TICKS: usize = 10_000;
+
+/// One tick of a backfill's range.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackfillTick {
+    /// The nominal tick.
+    pub tick: Instant,
+    /// The run queued for it (`None` on a dry run, or when it had run already).
+    pub run: Option<RunId>,
+    /// A scheduled, catch-up or backfill run had claimed it already: not run again.
+    pub already: bool,
+}
+
+/// `turbosched backfill`: every tick of `task`'s schedule from `from` to `to` (both
+/// included, and never after `now`), oldest first. Each tick not yet claimed is queued
+/// (trigger `backfill`) under the claim of scheduled ticks, in one transaction, unless
+/// `dry_run`; one already claimed is only listed. `downstream`: each run then queues the
+/// tasks that depend on it, in dependency order, as `run --downstream` does.
+#[allow(clippy::too_many_arguments)]
+pub fn backfill(
+    config: &Config,
+    store: &Store,
+    now: Instant,
+    task: &str,
+    from: Instant,
+    to: Instant,
+    downstream: bool,
+    dry_run: bool,
+) -> Result<Vec<BackfillTick>, EngineError> {
+    let spec = config.task(task).ok_or_else(|| EngineError::UnknownTask {
+        task: task.to_string(),
+        known: config.task_names().join(", "),
+    })?;
+    let Some(schedule) = &spec.schedule else {
+        return Err(EngineError::Backfill(format!(
+            "task {task} has no schedule: it has no ticks to backfill (turbosched run {task} runs it once)"
+        )));
+    };
+    let end = to.min(now);
+    if from > end {
+        return Err(EngineError::Backfill(format!(
+            "the range {} to {} holds no past tick (--from must be before --to and the past)",
+            from.to_rfc3339(),
+            to.to_rfc3339()
+        )));
+    }
+    let ticks: Vec<Instant> = schedule
+        .ticks_after(from - chrono::Duration::microseconds(1))
+        .take_while(|tick| *tick <= end)
+        .take(BACKFILL_MAX_TICKS + 1)
+        .collect();
+    if ticks.len() > BACKFILL_MAX_TICKS {
+        return Err(EngineError::Backfill(format!(
+            "the range holds more than {BACKFILL_MAX_TICKS} ticks of {task}: backfill a shorter one at a time"
+        )));
+    }
+    let claimed = store.claimed_ticks(&spec.name, from, end)?;
+    let mut plan: Vec<BackfillTick> = ticks
+        .iter()
+        .map(|tick| BackfillTick {
+            tick: *tick,
+            run: None,
+            already: claimed.contains(tick),
+        })
+        .collect();
+    if dry_run {
+        return Ok(plan);
+    }
+    store.batch(|tx| {
+        for item in plan.iter_mut().filter(|item| !item.already) {
+            let run = NewRun {
+                task: spec.name.clone(),
+                trigger: Trigger::Backfill,
+                scheduled_for: item.tick,
+                max_attempts: spec.max_attempts(),
+                force: false,
+                downstream,
+                cascade: None,
+                params: None,
+            };
+            match tx.claim_backfill(&run, now) {
+                Ok(id) => item.run = Some(id),
+                Err(StoreError::AlreadyClaimed { .. }) => item.already = true,
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(())
+    })?;
+    Ok(plan)
 }
 
 impl Engine {
@@ -53,9 +201,10 @@ impl Engine {
                 task,
                 force,
                 downstream,
+                params,
                 reply,
             } => {
-                let _ = reply.send(self.trigger(&task, force, downstream, now));
+                let _ = reply.send(self.trigger(&task, force, downstream, params, now));
             }
             Command::Abort { run, reply } => {
                 let result = self
@@ -84,6 +233,16 @@ impl Engine {
             } => {
                 let _ = reply.send(self.pause(&task, paused, now));
             }
+            Command::Backfill {
+                task,
+                from,
+                to,
+                downstream,
+                dry_run,
+                reply,
+            } => {
+                let _ = reply.send(self.backfill(&task, &from, &to, downstream, dry_run, now));
+            }
             Command::Reload { reply } => {
                 let _ = reply.send(self.reload(now));
             }
@@ -100,6 +259,7 @@ impl Engine {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<RunParams>,
         now: Instant,
     ) -> Result<RunId, EngineError> {
         let config = self.config.clone();
@@ -107,6 +267,7 @@ impl Engine {
             task: task.to_string(),
             known: config.task_names().join(", "),
         })?;
+        let params = run_params(spec, params)?;
         if spec.overlap == Overlap::Skip {
             let active = match self.busy.get(&spec.name) {
                 Some(run) => Some((*run, "running")),
@@ -124,10 +285,44 @@ impl Engine {
                 });
             }
         }
-        let new_run = manual_run(spec, now, force, downstream);
+        let new_run = manual_run(spec, now, force, downstream, params);
         let run = blocking(|| self.store.enqueue(&new_run, now))?;
         self.admit(Pending::new_run(run, &new_run), now);
         Ok(run)
+    }
+
+    /// A backfill asked through the API: queued in the store, then admitted here.
+    fn backfill(
+        &mut self,
+        task: &str,
+        from: &str,
+        to: &str,
+        downstream: bool,
+        dry_run: bool,
+        now: Instant,
+    ) -> Result<Vec<BackfillTick>, EngineError> {
+        let config = self.config.clone();
+        let zone = backfill_zone(&config, task);
+        let from = backfill_bound(from, zone, false, "from").map_err(EngineError::Backfill)?;
+        let to = backfill_bound(to, zone, true, "to").map_err(EngineError::Backfill)?;
+        let plan = blocking(|| {
+            backfill(
+                &config,
+                &self.store,
+                now,
+                task,
+                from,
+                to,
+                downstream,
+                dry_run,
+            )
+        })?;
+        for run in plan.iter().filter_map(|t| t.run) {
+            if let Ok(Some(row)) = blocking(|| self.store.run(run)) {
+                self.admit(Pending::from_row(&row), now);
+            }
+        }
+        Ok(plan)
     }
 
     pub(super) fn pause(
@@ -261,6 +456,7 @@ impl Engine {
             force: true,
             downstream: false,
             cascade: None,
+            params: None,
         };
         // The new run resumes from the old one's last checkpoint, handed over in the store.
         let run = blocking(|| {

@@ -32,12 +32,27 @@ impl Engine {
             .saturating_sub(self.running.len());
         let mut chosen: Vec<Pending> = Vec::new();
         let mut chosen_tasks: std::collections::HashSet<TaskName> = Default::default();
+        // Pools: the slots each one's running attempts take; a run whose pool is full
+        // waits in its place (the queue is FIFO), and runs behind it of other pools go on.
+        let pool_of = |task: &TaskName| config.tasks.get(task).and_then(|s| s.pool.clone());
+        let mut taken: std::collections::HashMap<String, usize> = Default::default();
+        for running in self.running.values() {
+            if let Some(pool) = pool_of(&running.task) {
+                *taken.entry(pool).or_default() += 1;
+            }
+        }
         let mut index = 0;
         while index < self.queue.len() && chosen.len() < free {
             let task = &self.queue[index].task;
+            let pool = pool_of(task);
+            let pool_full = pool.as_ref().is_some_and(|pool| {
+                taken.get(pool).copied().unwrap_or(0)
+                    >= config.pools.get(pool).copied().unwrap_or(usize::MAX)
+            });
             if self.busy.contains_key(task)
                 || chosen_tasks.contains(task)
                 || self.busy_elsewhere.contains_key(task)
+                || pool_full
             {
                 index += 1;
                 continue;
@@ -56,6 +71,9 @@ impl Engine {
                     self.skip(&pending, &reason, now);
                     continue;
                 }
+            }
+            if let Some(pool) = pool {
+                *taken.entry(pool).or_default() += 1;
             }
             chosen_tasks.insert(pending.task.clone());
             chosen.push(pending);
@@ -152,7 +170,7 @@ impl Engine {
             attempt,
             trigger: pending.trigger,
             handler: spec.handler.clone(),
-            params: spec.params.clone(),
+            params: crate::config::merged_params(&spec.params, pending.params.as_deref()),
             timeout: spec.timeout,
             kill_grace: config.scheduler.kill_grace,
             checkpoint_path: self.checkpoint_path(pending.run),
@@ -181,6 +199,7 @@ impl Engine {
                 last_report: std::time::Instant::now(),
                 handed_checkpoint,
                 timeout: spec.timeout,
+                params: pending.params,
             },
         );
         // Every service log line of the attempt's runner carries task, run and attempt.

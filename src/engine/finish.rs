@@ -39,6 +39,8 @@ pub(super) struct Running {
     pub(super) timeout: Duration,
     /// A checkpoint file was written for this run's child (deleted when the run ends).
     pub(super) handed_checkpoint: bool,
+    /// The run's own params (its retries get them too).
+    pub(super) params: Option<String>,
 }
 
 /// What one finished attempt turns into.
@@ -230,6 +232,7 @@ impl Engine {
                             trigger: finish.running.trigger,
                             scheduled_for: finish.running.scheduled_for,
                             first_started_at: Some(finish.running.first_started_at),
+                            params: finish.running.params.clone(),
                         },
                     );
                     self.metrics

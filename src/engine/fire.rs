@@ -157,6 +157,7 @@ impl Engine {
                             force: false,
                             downstream: false,
                             cascade: None,
+                            params: None,
                         };
                         match batch.claim_fire(&new_run, now, plan.plan.next) {
                             Ok(run) => {

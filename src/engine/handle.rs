@@ -36,6 +36,12 @@ pub enum Mode {
 /// What can go wrong when asking the engine for something.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
+    /// A backfill that cannot be made (no schedule, an empty or too long range).
+    #[error("{0}")]
+    Backfill(String),
+    /// A run's own params the task's handler does not read.
+    #[error("{0}")]
+    BadParams(String),
     /// No such task.
     #[error("unknown task \"{task}\" (known tasks: {known})")]
     UnknownTask {
@@ -86,8 +92,26 @@ pub enum Command {
         force: bool,
         /// Then run the tasks that depend on it.
         downstream: bool,
+        /// The run's own params, merged over the task's.
+        params: Option<crate::config::RunParams>,
         /// Answer.
         reply: oneshot::Sender<Result<RunId, EngineError>>,
+    },
+    /// Queue the past ticks of a task ([`super::backfill`]); `from`/`to` as the CLI
+    /// takes them (RFC 3339, or a date in the task's zone).
+    Backfill {
+        /// Task.
+        task: String,
+        /// First tick.
+        from: String,
+        /// Last tick.
+        to: String,
+        /// Then run the tasks that depend on it.
+        downstream: bool,
+        /// List only.
+        dry_run: bool,
+        /// Answer.
+        reply: oneshot::Sender<Result<Vec<super::BackfillTick>, EngineError>>,
     },
     /// Abort a run.
     Abort {
@@ -134,6 +158,7 @@ impl Handle {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<crate::config::RunParams>,
     ) -> Result<RunId, EngineError> {
         let (reply, answer) = oneshot::channel();
         self.commands
@@ -141,6 +166,7 @@ impl Handle {
                 task: task.to_string(),
                 force,
                 downstream,
+                params,
                 reply,
             })
             .await
@@ -164,6 +190,28 @@ impl Handle {
         self.send(Command::Pause {
             task: task.to_string(),
             paused,
+            reply,
+        })
+        .await?;
+        answer.await.map_err(|_| EngineError::Stopped)?
+    }
+
+    /// Queues the past ticks of `task` from `from` to `to` ([`super::backfill`]).
+    pub async fn backfill(
+        &self,
+        task: &str,
+        from: &str,
+        to: &str,
+        downstream: bool,
+        dry_run: bool,
+    ) -> Result<Vec<super::BackfillTick>, EngineError> {
+        let (reply, answer) = oneshot::channel();
+        self.send(Command::Backfill {
+            task: task.to_string(),
+            from: from.to_string(),
+            to: to.to_string(),
+            downstream,
+            dry_run,
             reply,
         })
         .await?;

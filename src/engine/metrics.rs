@@ -26,6 +26,9 @@ pub struct Metrics {
     /// Every task configured since start: each has its per-task counters in the
     /// exposition, at zero until the first count.
     known: Mutex<BTreeSet<String>>,
+    /// POSTs of `[[alerts]]` deliveries, by alert and outcome (`delivered`, `failed`: an
+    /// attempt that will be retried, `given_up`).
+    pub alert_posts: IntCounterVec,
 }
 
 const RUNS_HELP: &str = "Runs that reached a terminal state, by task and state";
@@ -88,6 +91,14 @@ impl Metrics {
             &["task"],
         )
         .expect(CONSTANT);
+        let alert_posts = IntCounterVec::new(
+            Opts::new(
+                "turbosched_alert_posts_total",
+                "POSTs of alert deliveries, by alert and outcome (delivered, failed, given_up)",
+            ),
+            &["alert", "outcome"],
+        )
+        .expect(CONSTANT);
         for collector in [
             Box::new(runs.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(run_duration.clone()),
@@ -98,6 +109,7 @@ impl Metrics {
             Box::new(orphans.clone()),
             Box::new(circuits_opened.clone()),
             Box::new(deadlines_missed.clone()),
+            Box::new(alert_posts.clone()),
             Box::new(prometheus::process_collector::ProcessCollector::for_self()),
         ] {
             // Names are distinct constants: registration cannot collide.
@@ -115,6 +127,16 @@ impl Metrics {
             circuits_opened,
             deadlines_missed,
             known: Mutex::new(BTreeSet::new()),
+            alert_posts,
+        }
+    }
+
+    /// Creates every alert's series at zero.
+    pub fn know_alerts<'a>(&self, alerts: impl IntoIterator<Item = &'a str>) {
+        for alert in alerts {
+            for outcome in ["delivered", "failed", "given_up"] {
+                self.alert_posts.with_label_values(&[alert, outcome]);
+            }
         }
     }
 

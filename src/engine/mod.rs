@@ -48,7 +48,9 @@ pub use board::{
 };
 pub use circuit::open_circuit;
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};
-pub use commands::enqueue_manual;
+pub use commands::{
+    backfill, backfill_bound, backfill_zone, enqueue_manual, BackfillTick, BACKFILL_MAX_TICKS,
+};
 pub use faults::{ClockStep, StoreFault};
 pub use handle::{Clock, Command, EngineError, Handle, Mode, SystemClock};
 pub use metrics::Metrics;
@@ -294,6 +296,7 @@ impl Engine {
         task: &str,
         force: bool,
         downstream: bool,
+        params: Option<crate::config::RunParams>,
     ) -> Result<RunId, EngineError> {
         let run = enqueue_manual(
             &self.config,
@@ -302,9 +305,16 @@ impl Engine {
             task,
             force,
             downstream,
+            params,
         )?;
         self.roots.push(run);
         Ok(run)
+    }
+
+    /// Runs already queued in the store (a backfill's) that this foreground engine runs
+    /// and waits for.
+    pub fn adopt_roots(&mut self, runs: &[RunId]) {
+        self.roots.extend_from_slice(runs);
     }
 
     /// Runs the loop until shutdown (serve) or until its runs are done (foreground).

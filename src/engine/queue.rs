@@ -23,6 +23,8 @@ pub(super) struct Pending {
     pub(super) trigger: Trigger,
     pub(super) scheduled_for: Instant,
     pub(super) first_started_at: Option<Instant>,
+    /// The run's own params (JSON object text), merged over the task's at start.
+    pub(super) params: Option<String>,
 }
 
 impl Pending {
@@ -38,6 +40,7 @@ impl Pending {
             trigger: row.trigger,
             scheduled_for: row.scheduled_for,
             first_started_at: row.started_at,
+            params: row.params.clone(),
         }
     }
 
@@ -53,6 +56,7 @@ impl Pending {
             trigger: new_run.trigger,
             scheduled_for: new_run.scheduled_for,
             first_started_at: None,
+            params: new_run.params.clone(),
         }
     }
 }
@@ -104,20 +108,24 @@ impl Engine {
         // policy: the missed ticks of `misfire = "run_all"` all run, in tick order, one at
         // a time (dispatch starts one attempt per task). The policy decides only between
         // the task's other runs.
-        if pending.trigger == Trigger::Catchup {
+        if matches!(pending.trigger, Trigger::Catchup | Trigger::Backfill) {
             self.queue_push(pending);
             return;
         }
-        let running = self
-            .busy
-            .get(&pending.task)
-            .copied()
-            .filter(|run| self.running.get(run).map(|r| r.trigger) != Some(Trigger::Catchup));
+        let running = self.busy.get(&pending.task).copied().filter(|run| {
+            !self
+                .running
+                .get(run)
+                .is_some_and(|r| matches!(r.trigger, Trigger::Catchup | Trigger::Backfill))
+        });
         let queued = match self.queued_per_task.get(&pending.task) {
             Some(_) => self
                 .queue
                 .iter()
-                .filter(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
+                .filter(|p| {
+                    p.task == pending.task
+                        && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
+                })
                 .count(),
             None => 0,
         };
@@ -128,7 +136,10 @@ impl Engine {
                     None => (
                         self.queue
                             .iter()
-                            .find(|p| p.task == pending.task && p.trigger != Trigger::Catchup)
+                            .find(|p| {
+                                p.task == pending.task
+                                    && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
+                            })
                             .map(|p| p.run)
                             .unwrap_or(RunId(0)),
                         "is queued",
@@ -149,7 +160,7 @@ impl Engine {
                 if running.is_some_and(|run| run > pending.run)
                     || self.queue.iter().any(|p| {
                         p.task == pending.task
-                            && p.trigger != Trigger::Catchup
+                            && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
                             && p.run > pending.run
                     }) =>
             {
@@ -175,7 +186,9 @@ impl Engine {
                     self.stop_run(run, StopReason::Abort, &reason);
                 }
                 let task = pending.task.clone();
-                for old in self.queue_retain(|p| p.task != task || p.trigger == Trigger::Catchup) {
+                for old in self.queue_retain(|p| {
+                    p.task != task || matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
+                }) {
                     let change = Change {
                         reason: Some(reason.clone()),
                         ..Change::default()
@@ -204,7 +217,8 @@ impl Engine {
             .get(&pending.task)
             .map(|spec| spec.overlap);
         let first_attempt = pending.state == RunState::Queued && pending.attempt.0 == 0;
-        let subject = pending.trigger != Trigger::Catchup && first_attempt;
+        let subject =
+            !matches!(pending.trigger, Trigger::Catchup | Trigger::Backfill) && first_attempt;
         match overlap {
             Some(Overlap::Skip) if subject => {
                 let reason = format!(

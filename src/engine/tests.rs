@@ -84,6 +84,7 @@ impl Bench {
             force: true,
             downstream: false,
             cascade: None,
+            params: None,
         };
         self.store.enqueue(&run, t(0)).expect("queued")
     }
@@ -269,6 +270,7 @@ fn running(attempt: Attempt, now: Instant) -> Running {
         beats: true,
         last_report: std::time::Instant::now(),
         handed_checkpoint: false,
+        params: None,
         timeout: Duration::from_secs(60),
     }
 }
@@ -653,7 +655,7 @@ fn the_circuit_opens_at_exactly_n_failed_runs_in_a_row_and_a_manual_run_still_go
     let task = board.tasks.iter().find(|task| task.name == "t").expect("t");
     assert!(task.paused && task.circuit_open);
     // A manual trigger still queues a run.
-    assert!(engine.trigger("t", false, false, t(5)).is_ok());
+    assert!(engine.trigger("t", false, false, None, t(5)).is_ok());
 }
 
 #[test]

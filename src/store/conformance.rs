@@ -64,10 +64,22 @@
 //!     it; none when there is none (how `deadline_missed` is raised once across restarts
 //!     and instances, and how a paused task's open circuit is told from a pause).
 //!     (`the_latest_event_of_some_kinds_about_a_task_or_run_is_found`)
+//! 19. Alert deliveries: one per alert and event however often (and by however many
+//!     instances) they are derived; an alert's cursor never moves back.
+//!     (`an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back`)
+//! 20. A delivery is held by one instance at a time: another instance's claim skips it
+//!     until the holder records its outcome or the claim lapses; an outcome recorded by
+//!     an instance that does not hold it changes nothing; a retry is due at its time, a
+//!     delivered one never again; attempts, status and error are kept.
+//!     (`a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded`)
+//! 21. A run's own params are kept as given, and a run without them has none.
+//!     (`a_runs_own_params_are_kept_as_given`)
 
 use chrono::{TimeZone, Utc};
 
-use super::{AbortOutcome, Change, Move, NewRun, RunFilter, Store, StoreError};
+use super::{
+    AbortOutcome, Change, DeliveryOutcome, Move, NewDelivery, NewRun, RunFilter, Store, StoreError,
+};
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
 /// Hands out another [`Store`] over the one database of a test, each call a new handle
@@ -101,6 +113,9 @@ macro_rules! conformance_suite {
             the_database_clock_is_the_servers_time_now,
             each_event_names_the_instance_that_wrote_it,
             the_latest_event_of_some_kinds_about_a_task_or_run_is_found,
+            an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back,
+            a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded,
+            a_runs_own_params_are_kept_as_given,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -149,6 +164,7 @@ pub(super) fn scheduled(task: &str, tick: Instant) -> NewRun {
         force: false,
         downstream: false,
         cascade: None,
+        params: None,
     }
 }
 
@@ -782,6 +798,7 @@ fn run_through(
         force: false,
         downstream: false,
         cascade,
+        params: None,
     };
     let run = store.enqueue(&new_run, queued).unwrap();
     let (mut from, mut attempt) = (RunState::Queued, Attempt(0));
@@ -1273,4 +1290,190 @@ pub(crate) fn the_latest_event_of_some_kinds_about_a_task_or_run_is_found(open: 
         .latest_event(&["circuit_closed"], Some("ingest"), None)
         .unwrap()
         .is_none());
+}
+
+fn delivery(seq: i64) -> NewDelivery {
+    NewDelivery {
+        event_seq: seq,
+        kind: "run_failed".into(),
+        task: Some("ingest".into()),
+        run_id: Some(RunId(seq)),
+        payload: format!("{{\"seq\": {seq}}}"),
+    }
+}
+
+pub(crate) fn an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back(open: Open<'_>) {
+    let (a, b) = (open(), open());
+    let now = at(0, 0);
+    assert_eq!(a.alert_cursor("ops").unwrap(), None);
+    a.batch(|tx| tx.add_deliveries("ops", &[], 3, now)).unwrap();
+    assert_eq!(b.alert_cursor("ops").unwrap(), Some(3));
+    // Two instances derive the same events: one delivery each.
+    a.batch(|tx| tx.add_deliveries("ops", &[delivery(4), delivery(6)], 6, now))
+        .unwrap();
+    b.batch(|tx| tx.add_deliveries("ops", &[delivery(4), delivery(6)], 6, now))
+        .unwrap();
+    // A late deriver with an older view does not move the cursor back.
+    b.batch(|tx| tx.add_deliveries("ops", &[delivery(4)], 4, now))
+        .unwrap();
+    // Another alert has its own deliveries and cursor.
+    b.batch(|tx| tx.add_deliveries("pager", &[delivery(6)], 9, now))
+        .unwrap();
+    assert_eq!(a.alert_cursor("ops").unwrap(), Some(6));
+    assert_eq!(a.alert_cursor("pager").unwrap(), Some(9));
+    let rows = a.alert_deliveries(10).unwrap();
+    let keys: Vec<(String, i64, &str, u32)> = rows
+        .iter()
+        .map(|r| (r.alert.clone(), r.event_seq, r.state.as_str(), r.attempts))
+        .collect();
+    assert_eq!(
+        keys,
+        [
+            ("ops".to_string(), 6, "pending", 0),
+            ("pager".to_string(), 6, "pending", 0),
+            ("ops".to_string(), 4, "pending", 0),
+        ]
+    );
+    assert_eq!(rows[2].payload, "{\"seq\": 4}");
+    assert_eq!(rows[2].run_id, Some(RunId(4)));
+    assert_eq!(rows[2].next_attempt_at, now);
+}
+
+pub(crate) fn a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded(open: Open<'_>) {
+    let (a, b) = (open(), open());
+    a.batch(|tx| tx.add_deliveries("ops", &[delivery(1), delivery(2)], 2, at(0, 0)))
+        .unwrap();
+    let held = a
+        .batch(|tx| tx.claim_deliveries("instance-a", at(1, 0), at(31, 0), 1))
+        .unwrap();
+    assert_eq!(held.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [1]);
+    // The other instance gets the other one only, and nothing more while both are held.
+    let other = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(1, 0), at(31, 0), 10))
+        .unwrap();
+    assert_eq!(other.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [2]);
+    assert!(b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(2, 0), at(32, 0), 10))
+        .unwrap()
+        .is_empty());
+    // Only the holder records an outcome.
+    let retry = DeliveryOutcome::Retry {
+        status: Some(500),
+        error: "the endpoint answered 500".into(),
+        at: at(5, 0),
+    };
+    assert!(!b
+        .batch(|tx| tx.record_delivery("ops", 1, "instance-b", &retry, at(2, 0)))
+        .unwrap());
+    assert!(a
+        .batch(|tx| tx.record_delivery("ops", 1, "instance-a", &retry, at(2, 0)))
+        .unwrap());
+    // Not due before its retry time; due at it, for anyone.
+    assert!(b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(4, 0), at(34, 0), 10))
+        .unwrap()
+        .is_empty());
+    let again = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(5, 0), at(35, 0), 10))
+        .unwrap();
+    assert_eq!(again.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [1]);
+    assert_eq!(again[0].attempts, 1);
+    assert_eq!(again[0].last_status, Some(500));
+    assert!(b
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            1,
+            "instance-b",
+            &DeliveryOutcome::Delivered { status: 204 },
+            at(6, 0)
+        ))
+        .unwrap());
+    // Instance a's claim on 2 lapses (it died): another instance takes it over.
+    let lapsed = b
+        .batch(|tx| tx.claim_deliveries("instance-b", at(32, 0), at(59, 0), 10))
+        .unwrap();
+    assert_eq!(lapsed.iter().map(|d| d.event_seq).collect::<Vec<_>>(), [2]);
+    assert!(b
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            2,
+            "instance-b",
+            &DeliveryOutcome::GaveUp {
+                status: None,
+                error: "connection refused".into()
+            },
+            at(33, 0)
+        ))
+        .unwrap());
+    // The late report of the instance whose claim lapsed changes nothing.
+    assert!(!a
+        .batch(|tx| tx.record_delivery(
+            "ops",
+            2,
+            "instance-a",
+            &DeliveryOutcome::Delivered { status: 200 },
+            at(34, 0)
+        ))
+        .unwrap());
+    assert!(a
+        .batch(|tx| tx.claim_deliveries("instance-a", at(58, 0), at(59, 0), 10))
+        .unwrap()
+        .is_empty());
+    let rows = a.alert_deliveries(10).unwrap();
+    let summary: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.event_seq,
+                r.state.as_str(),
+                r.attempts,
+                r.last_status,
+                r.last_error.as_deref(),
+                r.finished_at,
+                r.claimed_by.as_deref(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                2,
+                "failed",
+                1,
+                None,
+                Some("connection refused"),
+                Some(at(33, 0)),
+                None
+            ),
+            (1, "delivered", 2, Some(204), None, Some(at(6, 0)), None),
+        ]
+    );
+}
+
+pub(crate) fn a_runs_own_params_are_kept_as_given(open: Open<'_>) {
+    let store = open();
+    let with = NewRun {
+        trigger: Trigger::Manual,
+        params: Some("{\"sleep_sec\":2,\"label\":\"é\"}".into()),
+        ..scheduled("a", at(1, 0))
+    };
+    let id = store.enqueue(&with, at(1, 0)).unwrap();
+    let without = store
+        .enqueue(
+            &NewRun {
+                trigger: Trigger::Manual,
+                ..scheduled("a", at(2, 0))
+            },
+            at(2, 0),
+        )
+        .unwrap();
+    let other = open();
+    assert_eq!(
+        other.run(id).unwrap().unwrap().params.as_deref(),
+        Some("{\"sleep_sec\":2,\"label\":\"é\"}")
+    );
+    assert_eq!(other.run(without).unwrap().unwrap().params, None);
+    let listed = other.runs(&RunFilter::default()).unwrap();
+    assert!(listed.iter().any(|r| r.id == id && r.params.is_some()));
 }

@@ -405,8 +405,12 @@ struct Table {
     order: &'static str,
 }
 
+/// The tables every version of the schema has (the first of [`TABLES`]): what tells a
+/// turbosched file, whatever its version, from another SQLite file.
+const FIRST_TABLES: usize = 5;
+
 /// Every table of history, parents first (attempts reference runs).
-const TABLES: [Table; 5] = [
+const TABLES: [Table; 7] = [
     Table {
         name: "runs",
         noun: "runs",
@@ -431,6 +435,16 @@ const TABLES: [Table; 5] = [
         name: "instances",
         noun: "instances",
         order: "id",
+    },
+    Table {
+        name: "alerts",
+        noun: "alert cursors",
+        order: "name",
+    },
+    Table {
+        name: "alert_deliveries",
+        noun: "alert deliveries",
+        order: "alert, event_seq",
     },
 ];
 
@@ -502,7 +516,7 @@ fn open_source(path: &Path) -> Result<Connection, MigrateError> {
 /// the SQLite backend reads it), or why it is no turbosched file.
 fn source_version(connection: &Connection, path: &Path) -> Result<usize, MigrateError> {
     let expected = || {
-        TABLES
+        TABLES[..FIRST_TABLES]
             .iter()
             .map(|t| t.name)
             .chain(["meta"])
@@ -531,7 +545,7 @@ fn source_version(connection: &Connection, path: &Path) -> Result<usize, Migrate
                 source: err,
             },
         })?;
-    let missing: Vec<&str> = TABLES
+    let missing: Vec<&str> = TABLES[..FIRST_TABLES]
         .iter()
         .map(|t| t.name)
         .chain(["meta"])
@@ -688,7 +702,7 @@ mod tests {
     use super::*;
     use crate::model::{from_micros, Attempt, RunId, RunState, TaskName, Trigger};
     use crate::store::postgres::ScratchDatabase;
-    use crate::store::{Change, Move, NewRun, Store};
+    use crate::store::{Change, DeliveryOutcome, Move, NewDelivery, NewRun, Store};
 
     /// A history with every kind of value a column holds: flags set, NULLs, a fraction, a
     /// paused task, a stopped instance; and its newest event pruned, so the event counter
@@ -705,6 +719,7 @@ mod tests {
             force,
             downstream,
             cascade: None,
+            params: None,
         };
         let first = store.enqueue(&run(true, true), at(1)).unwrap();
         store.enqueue(&run(false, false), at(2)).unwrap();
@@ -732,6 +747,26 @@ mod tests {
             .register_instance("instance-a", 4242, "host-a", true, at(0))
             .unwrap();
         store.stop_instance("instance-a", at(6)).unwrap();
+        store
+            .batch(|tx| {
+                let delivery = NewDelivery {
+                    event_seq: 2,
+                    kind: "run_failed".into(),
+                    task: Some("ingest".into()),
+                    run_id: Some(first),
+                    payload: "{\"event\": \"run_failed\"}".into(),
+                };
+                tx.add_deliveries("ops", &[delivery], 3, at(6))?;
+                let retry = DeliveryOutcome::Retry {
+                    status: Some(503),
+                    error: "the endpoint answered 503".into(),
+                    at: at(9),
+                };
+                tx.claim_deliveries("instance-a", at(6), at(36), 1)?;
+                tx.record_delivery("ops", 2, "instance-a", &retry, at(7))
+                    .map(|_| ())
+            })
+            .unwrap();
         let last = store
             .record_event("note", None, None, "pruned", at(7))
             .unwrap();
@@ -768,6 +803,8 @@ mod tests {
                 ("task_state", 1),
                 ("events", counter as u64 - 1),
                 ("instances", 1),
+                ("alerts", 1),
+                ("alert_deliveries", 1),
                 ("meta.event_seq", counter as u64)
             ]
         );
@@ -799,6 +836,12 @@ mod tests {
             format!("{:?}", sqlite.events_after(0, 100).unwrap()),
             format!("{:?}", postgres.events_after(0, 100).unwrap())
         );
+        assert_eq!(
+            format!("{:?}", sqlite.alert_deliveries(10).unwrap()),
+            format!("{:?}", postgres.alert_deliveries(10).unwrap())
+        );
+        assert_eq!(postgres.alert_deliveries(10).unwrap()[0].attempts, 1);
+        assert_eq!(postgres.alert_cursor("ops").unwrap(), Some(3));
         assert_eq!(postgres.integrity_check().unwrap(), "ok");
         let now = from_micros(1_800_000_000_000_000);
         assert_eq!(
@@ -818,6 +861,7 @@ mod tests {
                     force: false,
                     downstream: false,
                     cascade: None,
+                    params: None,
                 },
                 now,
             )

@@ -48,7 +48,7 @@ mod conformance;
 mod tests;
 
 /// The schema version this build writes (SQLite's `meta.schema_version`).
-const SCHEMA_VERSION: usize = 3;
+const SCHEMA_VERSION: usize = 4;
 
 /// What went wrong in the store, and what the caller should make of it.
 #[derive(Debug, thiserror::Error)]
@@ -217,6 +217,97 @@ pub struct NewRun {
     pub downstream: bool,
     /// The root run of the cascade this run belongs to.
     pub cascade: Option<RunId>,
+    /// The run's own params (a JSON object, merged over the task's at start), if given.
+    pub params: Option<String>,
+}
+
+/// One delivery of one event to one alert's endpoint, to insert ([`Tx::add_deliveries`]).
+#[derive(Debug, Clone)]
+pub struct NewDelivery {
+    /// The event's sequence number.
+    pub event_seq: i64,
+    /// The event's kind (`run_failed`).
+    pub kind: String,
+    /// The event's task, if about one.
+    pub task: Option<String>,
+    /// The event's run, if about one.
+    pub run_id: Option<RunId>,
+    /// The body to POST (opaque text: JSON built by the caller).
+    pub payload: String,
+}
+
+/// One alert delivery as stored (the outbox of `[[alerts]]`).
+#[derive(Debug, Clone)]
+pub struct DeliveryRow {
+    /// The alert's name.
+    pub alert: String,
+    /// The event's sequence number.
+    pub event_seq: i64,
+    /// The event's kind.
+    pub kind: String,
+    /// The event's task.
+    pub task: Option<String>,
+    /// The event's run.
+    pub run_id: Option<RunId>,
+    /// When it was derived from the event.
+    pub created_at: Instant,
+    /// The body.
+    pub payload: String,
+    /// `pending`, `delivered` or `failed` (gave up).
+    pub state: String,
+    /// POSTs tried so far.
+    pub attempts: u32,
+    /// When the next POST is due (while pending).
+    pub next_attempt_at: Instant,
+    /// The instance that holds it now.
+    pub claimed_by: Option<String>,
+    /// The last HTTP status, if one came back.
+    pub last_status: Option<i32>,
+    /// The last failure.
+    pub last_error: Option<String>,
+    /// When it was delivered or given up.
+    pub finished_at: Option<Instant>,
+}
+
+/// How one POST of a delivery went ([`Tx::record_delivery`]).
+#[derive(Debug, Clone)]
+pub enum DeliveryOutcome {
+    /// A 2xx came back.
+    Delivered {
+        /// The status.
+        status: i32,
+    },
+    /// It failed; try again at `at`.
+    Retry {
+        /// The status, if one came back.
+        status: Option<i32>,
+        /// What went wrong.
+        error: String,
+        /// When to try again.
+        at: Instant,
+    },
+    /// It failed and no attempt is left.
+    GaveUp {
+        /// The status, if one came back.
+        status: Option<i32>,
+        /// What went wrong.
+        error: String,
+    },
+}
+
+/// What [`Tx::record_delivery`] writes for `outcome`: the state, the status, the error
+/// and when the next attempt is due — the same for every backend.
+fn delivery_columns(
+    outcome: &DeliveryOutcome,
+    _now: Instant,
+) -> (&'static str, Option<i32>, Option<String>, Option<Instant>) {
+    match outcome {
+        DeliveryOutcome::Delivered { status } => ("delivered", Some(*status), None, None),
+        DeliveryOutcome::Retry { status, error, at } => {
+            ("pending", *status, Some(error.clone()), Some(*at))
+        }
+        DeliveryOutcome::GaveUp { status, error } => ("failed", *status, Some(error.clone()), None),
+    }
 }
 
 /// Fields a transition may set besides the state.
@@ -348,6 +439,8 @@ pub struct RunRow {
     pub downstream: bool,
     /// Root of its cascade.
     pub cascade: Option<RunId>,
+    /// The run's own params (a JSON object, merged over the task's), if given.
+    pub params: Option<String>,
 }
 
 /// One attempt as stored.
@@ -556,6 +649,10 @@ pub trait Backend: Send + Sync {
 
     /// One run.
     fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError>;
+    /// The last event seq alert `alert` has turned into deliveries (`None`: a new alert).
+    fn alert_cursor(&self, alert: &str) -> Result<Option<i64>, StoreError>;
+    /// Alert deliveries, newest event first, at most `limit`.
+    fn alert_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRow>, StoreError>;
     /// Runs matching `filter`, newest first (at most 50 when `filter.limit` is 0).
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError>;
     /// Runs in a state the engine must act on (queued, running, retry_wait, orphaned),
@@ -664,6 +761,14 @@ pub trait Tx {
         next_fire_at: Option<Instant>,
     ) -> Result<RunId, StoreError>;
 
+    /// Claims a past tick for a backfill (trigger `backfill`) and queues its run, leaving
+    /// the task's next fire alone.
+    ///
+    /// Promise: the same claim as [`Tx::claim_fire`]: a tick already claimed by a
+    /// scheduled, catch-up or backfill run is [`StoreError::AlreadyClaimed`] and writes
+    /// nothing; the transaction goes on.
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
+
     /// Queues a run that is not a scheduled tick (manual, downstream, retry).
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
 
@@ -745,6 +850,42 @@ pub trait Tx {
         &self,
         tasks: &[TaskName],
     ) -> Result<HashMap<TaskName, HeldSchedule>, StoreError>;
+
+    /// Inserts the deliveries alert `alert` derived from the events up to `cursor` (one
+    /// already there is left as it is) and moves its cursor on to `cursor` (never back).
+    ///
+    /// Promise: one delivery per alert and event, however many instances derive them.
+    fn add_deliveries(
+        &self,
+        alert: &str,
+        deliveries: &[NewDelivery],
+        cursor: i64,
+        now: Instant,
+    ) -> Result<(), StoreError>;
+
+    /// Takes up to `limit` pending deliveries that are due at `now` and that no instance
+    /// holds (or whose holder's claim lapsed), for `owner` until `until`, oldest first.
+    ///
+    /// Promise: a delivery is held by one instance at a time (PostgreSQL: `FOR UPDATE
+    /// SKIP LOCKED`), so each is POSTed by one instance.
+    fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Instant,
+        until: Instant,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRow>, StoreError>;
+
+    /// Records how a POST of a delivery `owner` holds went, and releases it (false, and
+    /// nothing written, when `owner` no longer holds it).
+    fn record_delivery(
+        &self,
+        alert: &str,
+        event_seq: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now: Instant,
+    ) -> Result<bool, StoreError>;
 
     /// Appends an event that is not a run state change; returns its sequence number.
     fn record_event(
@@ -997,6 +1138,16 @@ impl Store {
     /// [`Tx::prune`] in a transaction of its own.
     pub fn prune(&self, cutoff: Instant, dry_run: bool) -> Result<PruneCounts, StoreError> {
         self.batch(|tx| tx.prune(cutoff, dry_run))
+    }
+
+    /// [`Backend::alert_cursor`].
+    pub fn alert_cursor(&self, alert: &str) -> Result<Option<i64>, StoreError> {
+        self.backend.alert_cursor(alert)
+    }
+
+    /// [`Backend::alert_deliveries`].
+    pub fn alert_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRow>, StoreError> {
+        self.backend.alert_deliveries(limit)
     }
 
     /// [`Backend::run`].

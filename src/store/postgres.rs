@@ -58,9 +58,10 @@ use tracing::{info, warn};
 
 use super::progress_message;
 use super::{
-    attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    HeldSchedule, Hint, HintFeed, Hints, InstanceRow, Landing, LastProgressEvent, Move, NewRun,
-    PostgresError, PruneCounts, RunFilter, RunRow, StoreError, TaskStateRow, Tx,
+    attempt_outcome, delivery_columns, progress_is_news, transition_event, AttemptRow, Backend,
+    Change, DeliveryOutcome, DeliveryRow, EventRow, HeldSchedule, Hint, HintFeed, Hints,
+    InstanceRow, Landing, LastProgressEvent, Move, NewDelivery, NewRun, PostgresError, PruneCounts,
+    RunFilter, RunRow, StoreError, TaskStateRow, Tx,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -68,7 +69,7 @@ const SCHEMA: &str = include_str!("postgres.sql");
 
 /// The schema version this build writes into a PostgreSQL database's
 /// `meta.schema_version` (numbered apart from SQLite's).
-const POSTGRES_SCHEMA_VERSION: usize = 2;
+const POSTGRES_SCHEMA_VERSION: usize = 3;
 
 /// What `postgres.sql`'s `IF NOT EXISTS` cannot do to an older database: entry `n` takes
 /// it from version `n + 1` to `n + 2`. Never edit an entry: append one.
@@ -76,6 +77,10 @@ const MIGRATIONS: &[&str] = &[
     // 1 → 2 (issue "Cluster mode"): each event names the instance that wrote it.
     "ALTER TABLE events ADD COLUMN IF NOT EXISTS instance TEXT;
      ALTER TABLE instances ADD COLUMN IF NOT EXISTS config_hash TEXT;",
+    // 2 → 3 (issue 16): a run's own params; the claim index covers backfill too. The
+    // alert tables come from postgres.sql.
+    "ALTER TABLE runs ADD COLUMN IF NOT EXISTS params TEXT;
+     DROP INDEX IF EXISTS runs_claim;",
 ];
 
 /// The advisory lock the migration holds, so concurrent openers migrate once.
@@ -88,10 +93,34 @@ const POOL_SIZE: usize = 8;
 /// Times a write runs its body again after a deadlock or serialization failure.
 const CONFLICT_RETRIES: usize = 5;
 
+/// The columns [`read_delivery`] reads, in its order.
+const DELIVERY_COLUMNS: &str = "alert, event_seq, kind, task, run_id, created_at, payload, state, \
+    attempts, next_attempt_at, claimed_by, last_status, last_error, finished_at";
+
+/// One row of [`DELIVERY_COLUMNS`].
+fn read_delivery(row: &Row) -> Result<DeliveryRow, StoreError> {
+    Ok(DeliveryRow {
+        alert: row.try_get(0)?,
+        event_seq: row.try_get(1)?,
+        kind: row.try_get(2)?,
+        task: row.try_get(3)?,
+        run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
+        created_at: from_micros(row.try_get(5)?),
+        payload: row.try_get(6)?,
+        state: row.try_get(7)?,
+        attempts: row.try_get::<_, i64>(8)?.max(0) as u32,
+        next_attempt_at: from_micros(row.try_get(9)?),
+        claimed_by: row.try_get(10)?,
+        last_status: row.try_get(11)?,
+        last_error: row.try_get(12)?,
+        finished_at: row.try_get::<_, Option<i64>>(13)?.map(from_micros),
+    })
+}
+
 const RUN_COLUMNS: &str =
     "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
     attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
-    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade, params";
 
 /// Whether the `database` setting names a PostgreSQL database rather than a SQLite file.
 /// The server's clock now, in µs since the epoch: what due-ness and leases are judged on
@@ -429,6 +458,22 @@ impl Backend for PostgresBackend {
         Ok(self.runs_where("id = $1", &[&run.0])?.into_iter().next())
     }
 
+    fn alert_cursor(&self, alert: &str) -> Result<Option<i64>, StoreError> {
+        self.query_opt("SELECT cursor FROM alerts WHERE name = $1", &[&alert])?
+            .map(|row| row.try_get(0).map_err(StoreError::from))
+            .transpose()
+    }
+
+    fn alert_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRow>, StoreError> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries ORDER BY event_seq DESC, alert LIMIT $1"
+        );
+        self.query(&sql, &[&(limit as i64)])?
+            .iter()
+            .map(read_delivery)
+            .collect()
+    }
+
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
         // Only the conditions given are written, so the planner can use (task, id).
         let state = filter.state.map(|s| s.as_str());
@@ -560,7 +605,7 @@ impl Backend for PostgresBackend {
         to: Instant,
     ) -> Result<HashSet<Instant>, StoreError> {
         self.query(
-            "SELECT scheduled_for FROM runs WHERE task = $1 AND trigger IN ('schedule', 'catchup')
+            "SELECT scheduled_for FROM runs WHERE task = $1 AND trigger IN ('schedule', 'catchup', 'backfill')
              AND scheduled_for BETWEEN $2 AND $3",
             &[&task.as_str(), &to_micros(from), &to_micros(to)],
         )?
@@ -1002,8 +1047,8 @@ impl PostgresTx<'_, '_> {
     /// its `run_queued` event.
     fn insert_run(&self, run: &NewRun, now: Instant) -> Result<Option<RunId>, StoreError> {
         let row = self.query_opt(
-            "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
-             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8)
+            "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
+             VALUES ($1, $2, $3, $4, 'queued', $5, $6, $7, $8, $9)
              ON CONFLICT DO NOTHING
              RETURNING id",
             &[
@@ -1015,6 +1060,7 @@ impl PostgresTx<'_, '_> {
                 &run.force,
                 &run.downstream,
                 &run.cascade.map(|c| c.0),
+                &run.params,
             ],
         )?;
         let Some(row) = row else {
@@ -1103,6 +1149,14 @@ impl Tx for PostgresTx<'_, '_> {
             ],
         )?;
         Ok(id)
+    }
+
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        self.insert_run(run, now)?
+            .ok_or_else(|| StoreError::AlreadyClaimed {
+                task: run.task.clone(),
+                scheduled_for: run.scheduled_for,
+            })
     }
 
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
@@ -1465,6 +1519,98 @@ impl Tx for PostgresTx<'_, '_> {
             .transpose()
     }
 
+    fn add_deliveries(
+        &self,
+        alert: &str,
+        deliveries: &[NewDelivery],
+        cursor: i64,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        for delivery in deliveries {
+            self.execute(
+                "INSERT INTO alert_deliveries(alert, event_seq, kind, task, run_id, created_at,
+                     payload, state, next_attempt_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, 'pending', $6)
+                 ON CONFLICT (alert, event_seq) DO NOTHING",
+                &[
+                    &alert,
+                    &delivery.event_seq,
+                    &delivery.kind,
+                    &delivery.task,
+                    &delivery.run_id.map(|r| r.0),
+                    &to_micros(now),
+                    &delivery.payload,
+                ],
+            )?;
+        }
+        self.execute(
+            "INSERT INTO alerts(name, cursor) VALUES ($1, $2)
+             ON CONFLICT (name) DO UPDATE SET cursor = GREATEST(alerts.cursor, excluded.cursor)",
+            &[&alert, &cursor],
+        )?;
+        Ok(())
+    }
+
+    fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Instant,
+        until: Instant,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        let sql = format!(
+            "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
+             WHERE state = 'pending' AND next_attempt_at <= $1
+               AND (claimed_until IS NULL OR claimed_until < $1)
+             ORDER BY next_attempt_at, event_seq LIMIT $2
+             FOR UPDATE SKIP LOCKED"
+        );
+        let mut rows = self
+            .query(&sql, &[&to_micros(now), &(limit as i64)])?
+            .iter()
+            .map(read_delivery)
+            .collect::<Result<Vec<_>, _>>()?;
+        for row in &mut rows {
+            self.execute(
+                "UPDATE alert_deliveries SET claimed_by = $3, claimed_until = $4
+                 WHERE alert = $1 AND event_seq = $2",
+                &[&row.alert, &row.event_seq, &owner, &to_micros(until)],
+            )?;
+            row.claimed_by = Some(owner.to_string());
+        }
+        Ok(rows)
+    }
+
+    fn record_delivery(
+        &self,
+        alert: &str,
+        event_seq: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let (state, status, error, next) = delivery_columns(outcome, now);
+        let changed = self.execute(
+            "UPDATE alert_deliveries
+             SET state = $4, attempts = attempts + 1, last_status = COALESCE($5, last_status),
+                 last_error = $6, next_attempt_at = COALESCE($7, next_attempt_at),
+                 finished_at = CASE WHEN $4 = 'pending' THEN NULL ELSE $8::BIGINT END,
+                 claimed_by = NULL, claimed_until = NULL
+             WHERE alert = $1 AND event_seq = $2 AND claimed_by = $3 AND state = 'pending'",
+            &[
+                &alert,
+                &event_seq,
+                &owner,
+                &state,
+                &status,
+                &error,
+                &next.map(to_micros),
+                &to_micros(now),
+            ],
+        )?;
+        Ok(changed == 1)
+    }
+
     fn flag_abort(&self, run: RunId, reason: &str) -> Result<(), StoreError> {
         self.execute(
             "UPDATE runs SET abort_requested = TRUE, reason = $2 WHERE id = $1",
@@ -1634,6 +1780,7 @@ fn read_run(row: &Row) -> Result<RunRow, StoreError> {
         force: row.try_get(22)?,
         downstream: row.try_get(23)?,
         cascade: row.try_get::<_, Option<i64>>(24)?.map(RunId),
+        params: row.try_get(25)?,
     })
 }
 
@@ -1746,7 +1893,7 @@ mod tests {
         );
         let err = Store::open(&url).err().expect("refused").to_string();
         assert!(
-            err.contains("schema version 999, newer than this turbosched (2)"),
+            err.contains("schema version 999, newer than this turbosched (3)"),
             "{err}"
         );
     }

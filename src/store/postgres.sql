@@ -1,4 +1,4 @@
--- turbosched run history on PostgreSQL, schema version 2 (postgres.rs's
+-- turbosched run history on PostgreSQL, schema version 3 (postgres.rs's
 -- POSTGRES_SCHEMA_VERSION; numbered apart from SQLite's). The same tables as schema.sql,
 -- in PostgreSQL's types: every instant is BIGINT microseconds since the Unix epoch, UTC
 -- (exact, and the same numbers as SQLite); flags are BOOLEAN. Run at every open, inside
@@ -36,12 +36,13 @@ CREATE TABLE IF NOT EXISTS runs (
     cascade         BIGINT,             -- root run of a --downstream cascade
     progress_event_at    BIGINT,        -- the attempt's last run_progress event
     progress_event_pct   DOUBLE PRECISION,
-    progress_event_phase TEXT
+    progress_event_phase TEXT,
+    params          TEXT                -- the run's own params (a JSON object), if given
 );
 -- The claim: one scheduled or catch-up run per task and tick. Claims insert with
 -- ON CONFLICT DO NOTHING against it: a unique violation would abort the whole transaction.
 CREATE UNIQUE INDEX IF NOT EXISTS runs_claim ON runs(task, scheduled_for)
-    WHERE trigger IN ('schedule', 'catchup');
+    WHERE trigger IN ('schedule', 'catchup', 'backfill');
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state) WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned');
 CREATE INDEX IF NOT EXISTS runs_task ON runs(task, id);
 -- One attempt per task at a time, across instances: a start takes the task's advisory
@@ -97,3 +98,30 @@ CREATE TABLE IF NOT EXISTS instances (
     api          TEXT,                           -- the HTTP API's address, if serving one
     config_hash  TEXT                            -- the hash of the config it serves
 );
+
+-- Alerts: as in schema.sql (per alert, the last event seq turned into deliveries; one
+-- row per delivery, claimed by one instance at a time with FOR UPDATE SKIP LOCKED).
+CREATE TABLE IF NOT EXISTS alerts (
+    name   TEXT PRIMARY KEY,
+    cursor BIGINT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    alert           TEXT    NOT NULL,
+    event_seq       BIGINT  NOT NULL,
+    kind            TEXT    NOT NULL,
+    task            TEXT,
+    run_id          BIGINT,
+    created_at      BIGINT  NOT NULL,
+    payload         TEXT    NOT NULL,
+    state           TEXT    NOT NULL,
+    attempts        BIGINT  NOT NULL DEFAULT 0,
+    next_attempt_at BIGINT  NOT NULL,
+    claimed_by      TEXT,
+    claimed_until   BIGINT,
+    last_status     INTEGER,
+    last_error      TEXT,
+    finished_at     BIGINT,
+    PRIMARY KEY (alert, event_seq)
+);
+CREATE INDEX IF NOT EXISTS alert_deliveries_pending ON alert_deliveries(next_attempt_at)
+    WHERE state = 'pending';

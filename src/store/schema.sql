@@ -1,4 +1,4 @@
--- turbosched run history, schema version 3. Every instant is microseconds since the
+-- turbosched run history, schema version 4. Every instant is microseconds since the
 -- Unix epoch, UTC. Run at every open (everything is IF NOT EXISTS), after the migrations
 -- in mod.rs have brought an older database's tables up to this shape.
 CREATE TABLE IF NOT EXISTS meta (
@@ -36,11 +36,13 @@ CREATE TABLE IF NOT EXISTS runs (
     -- the next report is compared with, so progress is news only when it says something.
     progress_event_at    INTEGER,
     progress_event_pct   REAL,
-    progress_event_phase TEXT
+    progress_event_phase TEXT,
+    params          TEXT                -- the run's own params (a JSON object), if given
 );
--- The claim: one scheduled or catch-up run per task and tick, whatever restarts happen.
+-- The claim: one scheduled, catch-up or backfill run per task and tick, whatever
+-- restarts happen (a backfill never runs a tick again).
 CREATE UNIQUE INDEX IF NOT EXISTS runs_claim ON runs(task, scheduled_for)
-    WHERE trigger IN ('schedule', 'catchup');
+    WHERE trigger IN ('schedule', 'catchup', 'backfill');
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state) WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned');
 CREATE INDEX IF NOT EXISTS runs_task ON runs(task, id);
 -- One attempt per task at a time: a start looks for a running run of its task here.
@@ -95,3 +97,32 @@ CREATE TABLE IF NOT EXISTS instances (
     api          TEXT,                        -- the HTTP API's address, if serving one
     config_hash  TEXT                         -- the hash of the config it serves
 );
+
+-- Alerts (`[[alerts]]`): per alert, the last event seq turned into deliveries (or
+-- found not to match). Deliveries are derived from the event log, so none is lost
+-- across a restart: the cursor moves in the transaction that inserts them.
+CREATE TABLE IF NOT EXISTS alerts (
+    name   TEXT PRIMARY KEY,
+    cursor INTEGER NOT NULL
+);
+-- One delivery of one event to one alert's endpoint: the durable outbox.
+CREATE TABLE IF NOT EXISTS alert_deliveries (
+    alert           TEXT    NOT NULL,
+    event_seq       INTEGER NOT NULL,
+    kind            TEXT    NOT NULL,
+    task            TEXT,
+    run_id          INTEGER,
+    created_at      INTEGER NOT NULL,
+    payload         TEXT    NOT NULL,     -- the JSON body, fixed when derived
+    state           TEXT    NOT NULL,     -- pending, delivered, failed (gave up)
+    attempts        INTEGER NOT NULL DEFAULT 0,
+    next_attempt_at INTEGER NOT NULL,
+    claimed_by      TEXT,                 -- the instance sending it now
+    claimed_until   INTEGER,              -- its claim lapses then
+    last_status     INTEGER,              -- the last HTTP status, if one came back
+    last_error      TEXT,
+    finished_at     INTEGER,
+    PRIMARY KEY (alert, event_seq)
+);
+CREATE INDEX IF NOT EXISTS alert_deliveries_pending ON alert_deliveries(next_attempt_at)
+    WHERE state = 'pending';

@@ -25,9 +25,10 @@ use rusqlite::{params, Connection, OptionalExtension, Row, Transaction, Transact
 
 use super::progress_message;
 use super::{
-    attempt_outcome, progress_is_news, transition_event, AttemptRow, Backend, Change, EventRow,
-    HeldSchedule, InstanceRow, Landing, LastProgressEvent, Move, NewRun, PruneCounts, RunFilter,
-    RunRow, StoreError, TaskStateRow, Tx, SCHEMA_VERSION,
+    attempt_outcome, delivery_columns, progress_is_news, transition_event, AttemptRow, Backend,
+    Change, DeliveryOutcome, DeliveryRow, EventRow, HeldSchedule, InstanceRow, Landing,
+    LastProgressEvent, Move, NewDelivery, NewRun, PruneCounts, RunFilter, RunRow, StoreError,
+    TaskStateRow, Tx, SCHEMA_VERSION,
 };
 use crate::model::{from_micros, to_micros, Attempt, Instant, RunId, RunState, TaskName, Trigger};
 
@@ -48,12 +49,40 @@ const MIGRATIONS: &[&str] = &[
     // 2 → 3 (issue "Cluster mode"): each event names the instance that wrote it.
     "ALTER TABLE events ADD COLUMN instance TEXT;
      ALTER TABLE instances ADD COLUMN config_hash TEXT;",
+    // 3 → 4 (issue 16): a run's own params; the claim index covers backfill too (so a
+    // backfill never runs a tick again). The alert tables come from schema.sql.
+    "ALTER TABLE runs ADD COLUMN params TEXT;
+     DROP INDEX IF EXISTS runs_claim;",
 ];
+
+/// The columns [`read_delivery`] reads, in its order.
+const DELIVERY_COLUMNS: &str = "alert, event_seq, kind, task, run_id, created_at, payload, state, \
+    attempts, next_attempt_at, claimed_by, last_status, last_error, finished_at";
+
+/// One row of [`DELIVERY_COLUMNS`].
+fn read_delivery(row: &Row<'_>) -> rusqlite::Result<DeliveryRow> {
+    Ok(DeliveryRow {
+        alert: row.get(0)?,
+        event_seq: row.get(1)?,
+        kind: row.get(2)?,
+        task: row.get(3)?,
+        run_id: row.get::<_, Option<i64>>(4)?.map(RunId),
+        created_at: from_micros(row.get(5)?),
+        payload: row.get(6)?,
+        state: row.get(7)?,
+        attempts: row.get(8)?,
+        next_attempt_at: from_micros(row.get(9)?),
+        claimed_by: row.get(10)?,
+        last_status: row.get(11)?,
+        last_error: row.get(12)?,
+        finished_at: row.get::<_, Option<i64>>(13)?.map(from_micros),
+    })
+}
 
 const RUN_COLUMNS: &str =
     "id, task, trigger, scheduled_for, queued_at, started_at, finished_at, state, \
     attempt, max_attempts, next_attempt_at, exit_code, error, reason, progress, phase, checkpoint, \
-    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade";
+    result, owner, pid, heartbeat_at, abort_requested, force, downstream, cascade, params";
 
 /// One SQLite file. Calls are serialized on its one connection.
 pub(super) struct SqliteBackend {
@@ -145,6 +174,26 @@ impl Backend for SqliteBackend {
     fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
         let connection = self.lock();
         get_run(&connection, run)
+    }
+
+    fn alert_cursor(&self, alert: &str) -> Result<Option<i64>, StoreError> {
+        let connection = self.lock();
+        let cursor = connection
+            .prepare_cached("SELECT cursor FROM alerts WHERE name = ?1")?
+            .query_row([alert], |row| row.get(0))
+            .optional()?;
+        Ok(cursor)
+    }
+
+    fn alert_deliveries(&self, limit: usize) -> Result<Vec<DeliveryRow>, StoreError> {
+        let connection = self.lock();
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries ORDER BY event_seq DESC, alert LIMIT ?1"
+        ))?;
+        let rows = statement
+            .query_map([limit as i64], read_delivery)?
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(rows)
     }
 
     fn runs(&self, filter: &RunFilter) -> Result<Vec<RunRow>, StoreError> {
@@ -252,7 +301,7 @@ impl Backend for SqliteBackend {
     ) -> Result<HashSet<Instant>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(
-            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup') \
+            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup', 'backfill') \
              AND scheduled_for BETWEEN ?2 AND ?3",
         )?;
         let ticks = statement
@@ -455,6 +504,20 @@ impl Tx for SqliteTx<'_> {
         Ok(id)
     }
 
+    fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
+        insert_run(self, run, now).map_err(|err| match err {
+            rusqlite::Error::SqliteFailure(code, _)
+                if code.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                StoreError::AlreadyClaimed {
+                    task: run.task.clone(),
+                    scheduled_for: run.scheduled_for,
+                }
+            }
+            other => StoreError::Sql(other),
+        })
+    }
+
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
         Ok(insert_run(self, run, now)?)
     }
@@ -653,6 +716,99 @@ impl Tx for SqliteTx<'_> {
 
     fn run(&self, run: RunId) -> Result<Option<RunRow>, StoreError> {
         get_run(self.tx, run)
+    }
+
+    fn add_deliveries(
+        &self,
+        alert: &str,
+        deliveries: &[NewDelivery],
+        cursor: i64,
+        now: Instant,
+    ) -> Result<(), StoreError> {
+        for delivery in deliveries {
+            cached_execute(
+                self.tx,
+                "INSERT INTO alert_deliveries(alert, event_seq, kind, task, run_id, created_at,
+                     payload, state, next_attempt_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'pending', ?6)
+                 ON CONFLICT (alert, event_seq) DO NOTHING",
+                params![
+                    alert,
+                    delivery.event_seq,
+                    delivery.kind,
+                    delivery.task,
+                    delivery.run_id.map(|r| r.0),
+                    to_micros(now),
+                    delivery.payload,
+                ],
+            )?;
+        }
+        cached_execute(
+            self.tx,
+            "INSERT INTO alerts(name, cursor) VALUES (?1, ?2)
+             ON CONFLICT (name) DO UPDATE SET cursor = MAX(cursor, excluded.cursor)",
+            params![alert, cursor],
+        )?;
+        Ok(())
+    }
+
+    fn claim_deliveries(
+        &self,
+        owner: &str,
+        now: Instant,
+        until: Instant,
+        limit: usize,
+    ) -> Result<Vec<DeliveryRow>, StoreError> {
+        let mut statement = self.tx.prepare_cached(&format!(
+            "SELECT {DELIVERY_COLUMNS} FROM alert_deliveries
+             WHERE state = 'pending' AND next_attempt_at <= ?1
+               AND (claimed_until IS NULL OR claimed_until < ?1)
+             ORDER BY next_attempt_at, event_seq LIMIT ?2"
+        ))?;
+        let mut rows = statement
+            .query_map(params![to_micros(now), limit as i64], read_delivery)?
+            .collect::<Result<Vec<_>, _>>()?;
+        for row in &mut rows {
+            cached_execute(
+                self.tx,
+                "UPDATE alert_deliveries SET claimed_by = ?3, claimed_until = ?4
+                 WHERE alert = ?1 AND event_seq = ?2",
+                params![row.alert, row.event_seq, owner, to_micros(until)],
+            )?;
+            row.claimed_by = Some(owner.to_string());
+        }
+        Ok(rows)
+    }
+
+    fn record_delivery(
+        &self,
+        alert: &str,
+        event_seq: i64,
+        owner: &str,
+        outcome: &DeliveryOutcome,
+        now: Instant,
+    ) -> Result<bool, StoreError> {
+        let (state, status, error, next) = delivery_columns(outcome, now);
+        let changed = cached_execute(
+            self.tx,
+            "UPDATE alert_deliveries
+             SET state = ?4, attempts = attempts + 1, last_status = COALESCE(?5, last_status),
+                 last_error = ?6, next_attempt_at = COALESCE(?7, next_attempt_at),
+                 finished_at = CASE WHEN ?4 = 'pending' THEN NULL ELSE ?8 END,
+                 claimed_by = NULL, claimed_until = NULL
+             WHERE alert = ?1 AND event_seq = ?2 AND claimed_by = ?3 AND state = 'pending'",
+            params![
+                alert,
+                event_seq,
+                owner,
+                state,
+                status,
+                error,
+                next.map(to_micros),
+                to_micros(now)
+            ],
+        )?;
+        Ok(changed == 1)
     }
 
     fn flag_abort(&self, run: RunId, reason: &str) -> Result<(), StoreError> {
@@ -868,8 +1024,8 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
 fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
     let (writer, tx) = (tx, tx.tx);
     cached_execute(tx,
-        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8)",
+        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9)",
         params![
             run.task.as_str(),
             run.trigger.as_str(),
@@ -879,6 +1035,7 @@ fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result
             run.force as i64,
             run.downstream as i64,
             run.cascade.map(|c| c.0),
+            run.params,
         ],
     )?;
     let id = RunId(tx.last_insert_rowid());
@@ -1145,6 +1302,7 @@ fn read_run(row: &Row<'_>) -> Result<RunRow, StoreError> {
         force: row.get::<_, i64>(22)? != 0,
         downstream: row.get::<_, i64>(23)? != 0,
         cascade: row.get::<_, Option<i64>>(24)?.map(RunId),
+        params: row.get(25)?,
     })
 }
 

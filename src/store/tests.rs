@@ -207,6 +207,17 @@ fn a_version_1_database_is_migrated_on_open_and_keeps_its_runs() {
         {
             let connection = backend.lock();
             assert!(!columns(&connection, "runs").contains(&"version".to_string()));
+            // 3 → 4: a run's params; the claim covers backfill; the alert tables.
+            assert!(columns(&connection, "runs").contains(&"params".to_string()));
+            let claim: String = connection
+                .query_row(
+                    "SELECT sql FROM sqlite_master WHERE name = 'runs_claim'",
+                    [],
+                    |row| row.get(0),
+                )
+                .unwrap();
+            assert!(claim.contains("'backfill'"), "{claim}");
+            assert!(columns(&connection, "alert_deliveries").contains(&"attempts".to_string()));
             assert_eq!(
                 indexes(&connection, "events"),
                 vec!["events_at", "events_kind_at"]

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 
-use turbosched::config::{self, API_KEYS, CALENDAR_KEYS, LOGGING_KEYS, SCHEDULER_KEYS, TASK_KEYS};
+use turbosched::config::{
+    self, ALERT_KEYS, API_KEYS, CALENDAR_KEYS, LOGGING_KEYS, POOL_KEYS, SCHEDULER_KEYS, TASK_KEYS,
+};
 
 fn reference() -> String {
     std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("README_SCHEDULE.md"))
@@ -20,6 +22,8 @@ fn every_config_key_has_a_row_in_the_reference() {
         .chain(TASK_KEYS)
         .chain(LOGGING_KEYS)
         .chain(CALENDAR_KEYS)
+        .chain(ALERT_KEYS)
+        .chain(POOL_KEYS)
         .map(|key| key.name)
     {
         assert!(

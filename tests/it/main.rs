@@ -2,7 +2,9 @@
 //! processes, each test in its own folder. One test binary for all of them, to keep
 //! link time down.
 
+mod alerts;
 mod api;
+mod backfill;
 mod bench_cluster;
 mod boundaries;
 mod browser;
@@ -17,7 +19,9 @@ mod install;
 mod maintenance;
 mod market;
 mod migrate;
+mod params;
 mod pipeline;
+mod pools;
 mod recovery;
 mod run_watch;
 mod scheduling;

@@ -438,6 +438,7 @@ fn run_through(store: &turbosched::store::Store, task: &str, path: &[RunState]) 
                 force: false,
                 downstream: false,
                 cascade: None,
+                params: None,
             },
             now,
         )

@@ -216,7 +216,7 @@ fn migrate_into_a_database_that_is_not_empty_is_refused_and_changes_nothing() {
     let err = stderr(&again);
     assert!(
         err.contains(&format!(
-            "error: {url} is not empty: found {} runs, {} attempts, {} task_state rows, {} events, {} instances; migrate copies into an empty database only",
+            "error: {url} is not empty: found {} runs, {} attempts, {} task_state rows, {} events, {} instances, 0 alert cursors, 0 alert deliveries; migrate copies into an empty database only",
             counts[0], counts[1], counts[3], counts[2], counts[4]
         )),
         "{err}"

@@ -183,6 +183,7 @@ fn a_run_of_a_silent_instance_on_another_host_is_orphaned_but_a_beating_one_is_l
             force: false,
             downstream: false,
             cascade: None,
+            params: None,
         };
         let run = store.enqueue(&new_run, at).unwrap();
         let change = Change {

@@ -98,6 +98,10 @@ fn every_key_the_reference_documents_is_in_the_schema() {
             &schema["definitions"]["task"]["properties"]
         } else if section.starts_with("[calendars.") {
             &schema["properties"]["calendars"]["additionalProperties"]["properties"]
+        } else if section == "[[alerts]]" {
+            &schema["properties"]["alerts"]["items"]["properties"]
+        } else if section == "[pools.<name>]" {
+            &schema["properties"]["pools"]["additionalProperties"]["properties"]
         } else {
             let name = section.trim_matches(|c| c == '[' || c == ']');
             &schema["properties"][name]["properties"]
