@@ -60,6 +60,11 @@
 //! 17. Each event names the instance whose store handle wrote it (`Store::written_by`),
 //!     none for a handle writing for nobody (the CLI): one event stream for a cluster.
 //!     (`each_event_names_the_instance_that_wrote_it`)
+//! 18. A batch of claims (`claim_fires`) is each claim in order: a tick claimed already
+//!     is `None` and writes nothing, the others are queued runs with ids in the batch's
+//!     order, one `run_queued` event each in that order with no gap in the sequence, and
+//!     each task ends with its last tick claimed and its next fire.
+//!     (`a_batch_of_claims_is_each_claim_in_order`)
 
 use chrono::{TimeZone, Utc};
 
@@ -96,6 +101,7 @@ macro_rules! conformance_suite {
             a_task_runs_one_attempt_at_a_time_across_instances,
             the_database_clock_is_the_servers_time_now,
             each_event_names_the_instance_that_wrote_it,
+            a_batch_of_claims_is_each_claim_in_order,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1195,4 +1201,96 @@ pub(crate) fn each_event_names_the_instance_that_wrote_it(open: Open<'_>) {
             ("note".to_string(), None),
         ]
     );
+}
+
+pub(crate) fn a_batch_of_claims_is_each_claim_in_order(open: Open<'_>) {
+    let store = open().written_by("instance-a");
+    let taken = open()
+        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), Some(at(1, 0)))
+        .unwrap();
+    let catchup = NewRun {
+        trigger: Trigger::Catchup,
+        ..scheduled("train", at(1, 0))
+    };
+    let claims = vec![
+        (scheduled("ingest", at(0, 0)), Some(at(2, 0))),
+        (scheduled("train", at(0, 0)), Some(at(2, 0))),
+        (scheduled("ingest", at(1, 0)), Some(at(2, 0))),
+        (catchup, Some(at(2, 0))),
+    ];
+    let ids = store
+        .batch(|batch| batch.claim_fires(&claims, at(1, 5)))
+        .unwrap();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids[0], None, "the tick claimed already is refused");
+    let claimed: Vec<RunId> = ids.iter().flatten().copied().collect();
+    assert_eq!(claimed.len(), 3);
+    assert!(claimed.windows(2).all(|w| w[0] < w[1]), "{claimed:?}");
+    assert!(claimed[0] > taken);
+    for (id, (run, _)) in ids.iter().zip(&claims).skip(1) {
+        let row = store.run(id.unwrap()).unwrap().unwrap();
+        assert_eq!(row.task, run.task);
+        assert_eq!(row.trigger, run.trigger);
+        assert_eq!(row.scheduled_for, run.scheduled_for);
+        assert_eq!(row.state, RunState::Queued);
+        assert_eq!(row.max_attempts, 2);
+    }
+    let events = store.events_after(0, 100).unwrap();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    let batch_events: Vec<(
+        String,
+        Option<String>,
+        Option<RunId>,
+        Option<Attempt>,
+        String,
+        Option<String>,
+    )> = events[1..]
+        .iter()
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.task.clone(),
+                e.run_id,
+                e.attempt,
+                e.message.clone(),
+                e.instance.clone(),
+            )
+        })
+        .collect();
+    let expected: Vec<_> = ids
+        .iter()
+        .zip(&claims)
+        .skip(1)
+        .map(|(id, (run, _))| {
+            (
+                "run_queued".to_string(),
+                Some(run.task.as_str().to_string()),
+                *id,
+                Some(Attempt(0)),
+                format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339()),
+                Some("instance-a".to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(batch_events, expected);
+    assert_eq!(events[1].at, at(1, 5));
+    for task in ["ingest", "train"] {
+        let state = store.task_state(&TaskName::from(task)).unwrap();
+        assert_eq!(state.last_fire_at, Some(at(1, 0)), "{task}");
+        assert_eq!(state.next_fire_at, Some(at(2, 0)), "{task}");
+    }
+    // The sequence goes on from the batch without a gap.
+    store
+        .claim_fire(&scheduled("ingest", at(2, 0)), at(2, 1), None)
+        .unwrap();
+    let last = store.events_after(0, 100).unwrap();
+    assert_eq!(last.len(), 5);
+    assert_eq!(last[4].seq, last[3].seq + 1);
+    // An empty batch writes nothing.
+    assert!(store
+        .batch(|batch| batch.claim_fires(&[], at(3, 0)))
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.events_after(0, 100).unwrap().len(), 5);
 }

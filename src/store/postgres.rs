@@ -1076,6 +1076,153 @@ impl Tx for PostgresTx<'_, '_> {
         Ok(id)
     }
 
+    /// The batch in four statements whatever its size: the runs in one multi-row
+    /// `INSERT … ON CONFLICT DO NOTHING RETURNING` (a tick claimed already returns no
+    /// row), a cascade root for any downstream run, the `run_queued` events in one insert
+    /// numbered by one bump of `meta.event_seq`, and each task's `last_fire_at` and
+    /// `next_fire_at` in one multi-row upsert. The rows of the tasks are held by this
+    /// transaction (`hold_schedules`), so the upsert writes over exactly what the caller
+    /// compared.
+    fn claim_fires(
+        &self,
+        claims: &[(NewRun, Option<Instant>)],
+        now: Instant,
+    ) -> Result<Vec<Option<RunId>>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tasks: Vec<&str> = claims.iter().map(|(run, _)| run.task.as_str()).collect();
+        let triggers: Vec<&str> = claims.iter().map(|(run, _)| run.trigger.as_str()).collect();
+        let ticks: Vec<i64> = claims
+            .iter()
+            .map(|(run, _)| to_micros(run.scheduled_for))
+            .collect();
+        let max_attempts: Vec<i64> = claims
+            .iter()
+            .map(|(run, _)| i64::from(run.max_attempts.max(1)))
+            .collect();
+        let forces: Vec<bool> = claims.iter().map(|(run, _)| run.force).collect();
+        let downstreams: Vec<bool> = claims.iter().map(|(run, _)| run.downstream).collect();
+        let cascades: Vec<Option<i64>> = claims
+            .iter()
+            .map(|(run, _)| run.cascade.map(|c| c.0))
+            .collect();
+        let ordinals: Vec<i64> = (0..claims.len() as i64).collect();
+        // The ordinal comes back with each row: the ids follow the order of the claims.
+        let rows = self.query(
+            "WITH claim AS (
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BOOLEAN[], $6::BOOLEAN[], $7::BIGINT[], $8::BIGINT[])
+                     AS c(task, trigger, scheduled_for, max_attempts, force, downstream, cascade, ordinal)
+             ), inserted AS (
+                 INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
+                 SELECT task, trigger, scheduled_for, $9, 'queued', max_attempts, force, downstream, cascade
+                 FROM claim ORDER BY ordinal
+                 ON CONFLICT DO NOTHING
+                 RETURNING id, task, scheduled_for
+             )
+             SELECT inserted.id, min(claim.ordinal)
+             FROM inserted JOIN claim USING (task, scheduled_for)
+             GROUP BY inserted.id
+             ORDER BY 2",
+            &[
+                &tasks,
+                &triggers,
+                &ticks,
+                &max_attempts,
+                &forces,
+                &downstreams,
+                &cascades,
+                &ordinals,
+                &to_micros(now),
+            ],
+        )?;
+        let mut ids: Vec<Option<RunId>> = vec![None; claims.len()];
+        for row in &rows {
+            let id: i64 = row.try_get(0)?;
+            let ordinal: i64 = row.try_get(1)?;
+            if let Some(slot) = usize::try_from(ordinal).ok().and_then(|i| ids.get_mut(i)) {
+                *slot = Some(RunId(id));
+            }
+        }
+        let claimed: Vec<(usize, RunId)> = ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (i, id)))
+            .collect();
+        if claimed.is_empty() {
+            return Ok(ids);
+        }
+        self.hint(HINT_QUEUED);
+        let roots: Vec<i64> = claimed
+            .iter()
+            .filter(|(i, _)| claims[*i].0.downstream && claims[*i].0.cascade.is_none())
+            .map(|(_, id)| id.0)
+            .collect();
+        if !roots.is_empty() {
+            self.execute("UPDATE runs SET cascade = id WHERE id = ANY($1)", &[&roots])?;
+        }
+        let event_tasks: Vec<&str> = claimed.iter().map(|(i, _)| tasks[*i]).collect();
+        let event_runs: Vec<i64> = claimed.iter().map(|(_, id)| id.0).collect();
+        let messages: Vec<String> = claimed
+            .iter()
+            .map(|(i, _)| {
+                let run = &claims[*i].0;
+                format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339())
+            })
+            .collect();
+        let count = claimed.len() as i64;
+        let appended = self.execute(
+            "WITH next AS (UPDATE meta SET value = value + $1 WHERE key = 'event_seq' RETURNING value)
+             INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
+             SELECT next.value - $1 + e.ordinal, $2, 'run_queued', e.task, e.run_id, 0, e.message, $6
+             FROM next, unnest($3::TEXT[], $4::BIGINT[], $5::TEXT[]) WITH ORDINALITY AS e(task, run_id, message, ordinal)",
+            &[
+                &count,
+                &to_micros(now),
+                &event_tasks,
+                &event_runs,
+                &messages,
+                &self.author,
+            ],
+        )?;
+        if appended == 0 {
+            return Err(StoreError::Postgres(PostgresError {
+                message: "meta.event_seq is missing: the schema was not set up".into(),
+                code: None,
+                unavailable: false,
+            }));
+        }
+        self.hint(HINT_EVENT);
+        // Each task's last tick claimed and its next fire, once per task.
+        let mut last: Vec<(&str, i64, Option<i64>)> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for (i, _) in &claimed {
+            let (run, next) = &claims[*i];
+            let entry = (
+                run.task.as_str(),
+                to_micros(run.scheduled_for),
+                next.map(to_micros),
+            );
+            match slot.get(run.task.as_str()) {
+                Some(&at) => last[at] = entry,
+                None => {
+                    slot.insert(run.task.as_str(), last.len());
+                    last.push(entry);
+                }
+            }
+        }
+        let state_tasks: Vec<&str> = last.iter().map(|(task, _, _)| *task).collect();
+        let last_fires: Vec<i64> = last.iter().map(|(_, at, _)| *at).collect();
+        let next_fires: Vec<Option<i64>> = last.iter().map(|(_, _, next)| *next).collect();
+        self.execute(
+            "INSERT INTO task_state(task, last_fire_at, next_fire_at)
+             SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[])
+             ON CONFLICT (task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
+            &[&state_tasks, &last_fires, &next_fires],
+        )?;
+        Ok(ids)
+    }
+
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
         self.insert_run(run, now)?
             .ok_or_else(|| StoreError::AlreadyClaimed {
