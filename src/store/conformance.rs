@@ -65,6 +65,11 @@
 //!     order, one `run_queued` event each in that order with no gap in the sequence, and
 //!     each task ends with its last tick claimed and its next fire.
 //!     (`a_batch_of_claims_is_each_claim_in_order`)
+//! 19. A batch of starts (`transitions`) is each start in order: a run whose task runs
+//!     elsewhere is `TaskBusy`, a stale one `Fenced`, both writing nothing; the others
+//!     enter `running` at the next attempt with their owner, an open attempts row and one
+//!     `run_started` event each, in the batch's order with no gap in the sequence.
+//!     (`a_batch_of_starts_is_each_start_in_order`)
 
 use chrono::{TimeZone, Utc};
 
@@ -102,6 +107,7 @@ macro_rules! conformance_suite {
             the_database_clock_is_the_servers_time_now,
             each_event_names_the_instance_that_wrote_it,
             a_batch_of_claims_is_each_claim_in_order,
+            a_batch_of_starts_is_each_start_in_order,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1293,4 +1299,118 @@ pub(crate) fn a_batch_of_claims_is_each_claim_in_order(open: Open<'_>) {
         .unwrap()
         .is_empty());
     assert_eq!(store.events_after(0, 100).unwrap().len(), 5);
+}
+
+pub(crate) fn a_batch_of_starts_is_each_start_in_order(open: Open<'_>) {
+    let here = open().written_by("instance-a");
+    let there = open();
+    let manual = |task: &str| NewRun {
+        trigger: Trigger::Manual,
+        ..scheduled(task, at(0, 0))
+    };
+    let start = |run| Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    let owner = |name: &str| Change {
+        owner: Some(name.into()),
+        ..Change::default()
+    };
+    // "ingest" runs on another instance; "report" was started already (a stale view).
+    let elsewhere = there.enqueue(&manual("ingest"), at(0, 0)).unwrap();
+    there
+        .transition(&start(elsewhere), &owner("b"), at(0, 1))
+        .unwrap();
+    let stale = there.enqueue(&manual("report"), at(0, 2)).unwrap();
+    there
+        .transition(&start(stale), &owner("b"), at(0, 3))
+        .unwrap();
+    let train = here.enqueue(&manual("train"), at(0, 4)).unwrap();
+    let waiting = here.enqueue(&manual("ingest"), at(0, 5)).unwrap();
+    let score = here.enqueue(&manual("score"), at(0, 6)).unwrap();
+    let before = here.last_event_seq().unwrap();
+    let steps = [start(train), start(waiting), start(stale), start(score)];
+    let outcomes = here
+        .batch(|batch| Ok(batch.transitions(&steps, &owner("a"), at(1, 0))))
+        .unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert!(matches!(outcomes[0], Ok(Attempt(1))), "{:?}", outcomes[0]);
+    match &outcomes[1] {
+        Err(StoreError::TaskBusy { run, task, running }) => {
+            assert_eq!(
+                (*run, task.as_str(), *running),
+                (waiting, "ingest", elsewhere)
+            );
+        }
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
+    match &outcomes[2] {
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => assert_eq!(
+            (*found_state, *found_attempt),
+            (RunState::Running, Attempt(1))
+        ),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(matches!(outcomes[3], Ok(Attempt(1))), "{:?}", outcomes[3]);
+    for run in [train, score] {
+        let row = here.run(run).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.attempt, row.owner.as_deref(), row.started_at),
+            (RunState::Running, Attempt(1), Some("a"), Some(at(1, 0)))
+        );
+        let attempts = here.attempts(run).unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(
+            (
+                attempts[0].attempt,
+                attempts[0].started_at,
+                attempts[0].finished_at
+            ),
+            (Attempt(1), at(1, 0), None)
+        );
+    }
+    let row = here.run(waiting).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.owner),
+        (RunState::Queued, Attempt(0), None)
+    );
+    assert!(here.attempts(waiting).unwrap().is_empty());
+    let row = here.run(stale).unwrap().unwrap();
+    assert_eq!(row.owner.as_deref(), Some("b"));
+    let events: Vec<(i64, String, Option<RunId>, Option<Attempt>, Option<String>)> = here
+        .events_after(before, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.kind, e.run_id, e.attempt, e.instance))
+        .collect();
+    let started = |seq: i64, run| {
+        (
+            seq,
+            "run_started".to_string(),
+            Some(run),
+            Some(Attempt(1)),
+            Some("instance-a".to_string()),
+        )
+    };
+    assert_eq!(
+        events,
+        vec![started(before + 1, train), started(before + 2, score)]
+    );
+    // A batch naming one task twice starts the first and refuses the second.
+    let first = here.enqueue(&manual("fresh"), at(2, 0)).unwrap();
+    let second = here.enqueue(&manual("fresh"), at(2, 1)).unwrap();
+    let twice = here
+        .batch(|batch| Ok(batch.transitions(&[start(first), start(second)], &owner("a"), at(2, 2))))
+        .unwrap();
+    assert!(matches!(twice[0], Ok(Attempt(1))), "{twice:?}");
+    match &twice[1] {
+        Err(StoreError::TaskBusy { running, .. }) => assert_eq!(*running, first),
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
 }

@@ -1008,6 +1008,186 @@ impl PostgresTx<'_, '_> {
         Ok(Some(id))
     }
 
+    /// The batch of [`Tx::transitions`] for starts of runs of distinct tasks; `None` (and
+    /// nothing written but locks) when the runs are not of distinct tasks or one is
+    /// missing, to be moved one by one.
+    fn start_batch(
+        &self,
+        steps: &[Move],
+        change: &Change,
+        now: Instant,
+    ) -> Result<Option<Vec<Result<Attempt, StoreError>>>, StoreError> {
+        let ids: Vec<i64> = steps.iter().map(|step| step.run.0).collect();
+        // Locks in task order, as one start after another would take them (the subquery
+        // is sorted before the outer select calls the lock function row by row).
+        self.query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('turbosched task ' || task, 0))
+             FROM (SELECT DISTINCT task FROM runs WHERE id = ANY($1) ORDER BY task) AS held",
+            &[&ids],
+        )?;
+        // A statement of its own: under READ COMMITTED its snapshot, taken after the
+        // locks, sees any start committed before them.
+        let rows = self.query(
+            "SELECT this.id, this.task, (SELECT other.id FROM runs AS other
+                     WHERE other.task = this.task AND other.state = 'running' AND other.id <> this.id
+                     LIMIT 1)
+             FROM runs AS this WHERE this.id = ANY($1)",
+            &[&ids],
+        )?;
+        let mut found: HashMap<i64, (String, Option<i64>)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            found.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+        }
+        let tasks: HashSet<&str> = found.values().map(|(task, _)| task.as_str()).collect();
+        if found.len() != steps.len() || tasks.len() != steps.len() {
+            return Ok(None);
+        }
+        let mut outcomes: Vec<Option<Result<Attempt, StoreError>>> =
+            steps.iter().map(|_| None).collect();
+        let mut moving: Vec<usize> = Vec::new();
+        for (index, step) in steps.iter().enumerate() {
+            let (task, running) = &found[&step.run.0];
+            match running {
+                Some(running) => {
+                    outcomes[index] = Some(Err(StoreError::TaskBusy {
+                        run: step.run,
+                        task: TaskName::from(task.as_str()),
+                        running: RunId(*running),
+                    }))
+                }
+                None => moving.push(index),
+            }
+        }
+        let now_micros = to_micros(now);
+        let move_ids: Vec<i64> = moving.iter().map(|i| steps[*i].run.0).collect();
+        let froms: Vec<&str> = moving.iter().map(|i| steps[*i].from.as_str()).collect();
+        let attempts: Vec<i64> = moving
+            .iter()
+            .map(|i| i64::from(steps[*i].attempt.0))
+            .collect();
+        let updated = if moving.is_empty() {
+            Vec::new()
+        } else {
+            self.query(
+                "UPDATE runs SET
+                    state = 'running',
+                    attempt = runs.attempt + 1,
+                    started_at = COALESCE(runs.started_at, $4::BIGINT),
+                    exit_code = NULL,
+                    error = COALESCE($5::TEXT, runs.error),
+                    reason = COALESCE($6::TEXT, runs.reason),
+                    owner = $7::TEXT,
+                    pid = NULL,
+                    heartbeat_at = $4,
+                    next_attempt_at = $8::BIGINT,
+                    progress = NULL,
+                    phase = NULL,
+                    progress_event_at = NULL,
+                    progress_event_pct = NULL,
+                    progress_event_phase = NULL,
+                    max_attempts = runs.max_attempts + $9::BIGINT
+                 FROM unnest($1::BIGINT[], $2::TEXT[], $3::BIGINT[]) AS m(id, from_state, attempt)
+                 WHERE runs.id = m.id AND runs.state = m.from_state AND runs.attempt = m.attempt
+                 RETURNING runs.id",
+                &[
+                    &move_ids,
+                    &froms,
+                    &attempts,
+                    &now_micros,
+                    &change.error,
+                    &change.reason,
+                    &change.owner,
+                    &change.next_attempt_at.map(to_micros),
+                    &i64::from(change.refund_attempt),
+                ],
+            )?
+        };
+        let mut started: HashSet<i64> = HashSet::with_capacity(updated.len());
+        for row in &updated {
+            started.insert(row.try_get(0)?);
+        }
+        let mut opened: Vec<usize> = Vec::new();
+        for index in moving {
+            let step = &steps[index];
+            if started.contains(&step.run.0) {
+                opened.push(index);
+                outcomes[index] = Some(Ok(Attempt(step.attempt.0 + 1)));
+            } else {
+                let found = self.run(step.run)?.ok_or(StoreError::NotFound(step.run))?;
+                outcomes[index] = Some(Err(StoreError::Fenced {
+                    run: step.run,
+                    expected_state: step.from,
+                    expected_attempt: step.attempt,
+                    found_state: found.state,
+                    found_attempt: found.attempt,
+                }));
+            }
+        }
+        if !opened.is_empty() {
+            let run_ids: Vec<i64> = opened.iter().map(|i| steps[*i].run.0).collect();
+            let new_attempts: Vec<i64> = opened
+                .iter()
+                .map(|i| i64::from(steps[*i].attempt.0) + 1)
+                .collect();
+            self.execute(
+                "INSERT INTO attempts(run_id, attempt, started_at, owner)
+                 SELECT run_id, attempt, $3, $4 FROM unnest($1::BIGINT[], $2::BIGINT[]) AS a(run_id, attempt)",
+                &[&run_ids, &new_attempts, &now_micros, &change.owner],
+            )?;
+            let (kind, message) = transition_event(RunState::Running, change);
+            let event_tasks: Vec<&str> = opened
+                .iter()
+                .map(|i| found[&steps[*i].run.0].0.as_str())
+                .collect();
+            let messages = vec![message; opened.len()];
+            self.append_events(now, kind, &event_tasks, &run_ids, &new_attempts, &messages)?;
+        }
+        Ok(Some(outcomes.into_iter().flatten().collect()))
+    }
+
+    /// Appends events of one kind, instant and attempt list in one statement, numbered
+    /// in order by one bump of `meta.event_seq` (no gap, as one by one would).
+    fn append_events(
+        &self,
+        now: Instant,
+        kind: &str,
+        tasks: &[&str],
+        runs: &[i64],
+        attempts: &[i64],
+        messages: &[String],
+    ) -> Result<(), StoreError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let count = tasks.len() as i64;
+        let appended = self.execute(
+            "WITH next AS (UPDATE meta SET value = value + $1 WHERE key = 'event_seq' RETURNING value)
+             INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
+             SELECT next.value - $1 + e.ordinal, $2, $3, e.task, e.run_id, e.attempt, e.message, $8
+             FROM next, unnest($4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[])
+                 WITH ORDINALITY AS e(task, run_id, attempt, message, ordinal)",
+            &[
+                &count,
+                &to_micros(now),
+                &kind,
+                &tasks,
+                &runs,
+                &attempts,
+                &messages,
+                &self.author,
+            ],
+        )?;
+        if appended == 0 {
+            return Err(StoreError::Postgres(PostgresError {
+                message: "meta.event_seq is missing: the schema was not set up".into(),
+                code: None,
+                unavailable: false,
+            }));
+        }
+        self.hint(HINT_EVENT);
+        Ok(())
+    }
+
     /// Appends an event numbered by `meta.event_seq`, bumped in this transaction.
     fn append_event(
         &self,
@@ -1170,29 +1350,15 @@ impl Tx for PostgresTx<'_, '_> {
                 format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339())
             })
             .collect();
-        let count = claimed.len() as i64;
-        let appended = self.execute(
-            "WITH next AS (UPDATE meta SET value = value + $1 WHERE key = 'event_seq' RETURNING value)
-             INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
-             SELECT next.value - $1 + e.ordinal, $2, 'run_queued', e.task, e.run_id, 0, e.message, $6
-             FROM next, unnest($3::TEXT[], $4::BIGINT[], $5::TEXT[]) WITH ORDINALITY AS e(task, run_id, message, ordinal)",
-            &[
-                &count,
-                &to_micros(now),
-                &event_tasks,
-                &event_runs,
-                &messages,
-                &self.author,
-            ],
+        let zeros = vec![0_i64; claimed.len()];
+        self.append_events(
+            now,
+            "run_queued",
+            &event_tasks,
+            &event_runs,
+            &zeros,
+            &messages,
         )?;
-        if appended == 0 {
-            return Err(StoreError::Postgres(PostgresError {
-                message: "meta.event_seq is missing: the schema was not set up".into(),
-                code: None,
-                unavailable: false,
-            }));
-        }
-        self.hint(HINT_EVENT);
         // Each task's last tick claimed and its next fire, once per task.
         let mut last: Vec<(&str, i64, Option<i64>)> = Vec::new();
         let mut slot: HashMap<&str, usize> = HashMap::new();
@@ -1363,6 +1529,56 @@ impl Tx for PostgresTx<'_, '_> {
             &message,
         )?;
         Ok(new_attempt)
+    }
+
+    /// Starts of runs of distinct tasks (a dispatch) in five statements whatever their
+    /// number: the tasks' advisory locks taken in task order in one, then (a statement of
+    /// its own, so it sees every start committed before the locks) which task runs
+    /// elsewhere, one fenced `UPDATE … FROM unnest(…)` of the runs, their attempts rows
+    /// and their `run_started` events. Anything else moves one by one.
+    fn transitions(
+        &self,
+        steps: &[Move],
+        change: &Change,
+        now: Instant,
+    ) -> Vec<Result<Attempt, StoreError>> {
+        let one_by_one = |tx: &Self| -> Vec<Result<Attempt, StoreError>> {
+            steps
+                .iter()
+                .map(|step| tx.transition(step, change, now))
+                .collect()
+        };
+        let distinct_runs: HashSet<RunId> = steps.iter().map(|step| step.run).collect();
+        if steps.len() < 2
+            || distinct_runs.len() != steps.len()
+            || steps
+                .iter()
+                .any(|step| step.to != RunState::Running || !step.from.can_become(step.to))
+        {
+            return one_by_one(self);
+        }
+        match self.start_batch(steps, change, now) {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) => one_by_one(self),
+            Err(err) => {
+                // Part of the batch may be written: the transaction must not commit.
+                let failure = match err {
+                    StoreError::Postgres(err) => err,
+                    other => PostgresError {
+                        message: other.to_string(),
+                        code: None,
+                        unavailable: false,
+                    },
+                };
+                self.failed
+                    .borrow_mut()
+                    .get_or_insert_with(|| failure.clone());
+                steps
+                    .iter()
+                    .map(|_| Err(StoreError::Postgres(failure.clone())))
+                    .collect()
+            }
+        }
     }
 
     /// The row is read `FOR UPDATE`, so a concurrent move of the run waits for this
