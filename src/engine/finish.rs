@@ -148,7 +148,7 @@ impl Engine {
                         warn!(run = %run, "cannot record runner report: {err}");
                     }
                 }
-                finishes
+                let moves: Vec<(Move, Change)> = finishes
                     .iter()
                     .map(|f| {
                         let step = Move {
@@ -157,7 +157,14 @@ impl Engine {
                             from: RunState::Running,
                             to: f.to,
                         };
-                        match batch.transition(&step, &f.change, now) {
+                        (step, f.change.clone())
+                    })
+                    .collect();
+                finishes
+                    .iter()
+                    .zip(batch.finishes(&moves, now))
+                    .map(|(f, outcome)| {
+                        match outcome {
                             Ok(_) => Ok(true),
                             Err(err @ StoreError::Fenced { .. }) => {
                                 // Another instance reaped this attempt (its owner lost

@@ -70,6 +70,9 @@
 //!     enter `running` at the next attempt with their owner, an open attempts row and one
 //!     `run_started` event each, in the batch's order with no gap in the sequence.
 //!     (`a_batch_of_starts_is_each_start_in_order`)
+//! 20. A batch of finishes (`finishes`) writes exactly what the same moves one by one
+//!     write — runs, attempts rows, events in order — and a stale one is `Fenced` and
+//!     writes nothing. (`a_batch_of_finishes_writes_what_the_moves_one_by_one_write`)
 
 use chrono::{TimeZone, Utc};
 
@@ -108,6 +111,7 @@ macro_rules! conformance_suite {
             each_event_names_the_instance_that_wrote_it,
             a_batch_of_claims_is_each_claim_in_order,
             a_batch_of_starts_is_each_start_in_order,
+            a_batch_of_finishes_writes_what_the_moves_one_by_one_write,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1413,4 +1417,142 @@ pub(crate) fn a_batch_of_starts_is_each_start_in_order(open: Open<'_>) {
         Err(StoreError::TaskBusy { running, .. }) => assert_eq!(*running, first),
         other => panic!("expected TaskBusy, got {other:?}"),
     }
+}
+
+pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: Open<'_>) {
+    let store = open();
+    let endings: Vec<(&str, RunState, Change, Attempt)> = vec![
+        (
+            "ok",
+            RunState::Succeeded,
+            Change {
+                exit_code: Some(0),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "fail",
+            RunState::Failed,
+            Change {
+                exit_code: Some(3),
+                error: Some("boom".into()),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "retry",
+            RunState::RetryWait,
+            Change {
+                exit_code: Some(1),
+                error: Some("again".into()),
+                next_attempt_at: Some(at(5, 0)),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "requeue",
+            RunState::Queued,
+            Change {
+                reason: Some("shut down".into()),
+                refund_attempt: true,
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        ("stale", RunState::Succeeded, Change::default(), Attempt(7)),
+    ];
+    // Two sets of the same runs: one ended in a batch, the other move by move.
+    let mut sets: Vec<Vec<(Move, Change)>> = Vec::new();
+    for prefix in ["batch", "single"] {
+        let mut moves = Vec::new();
+        for (name, to, change, attempt) in &endings {
+            let run = store
+                .enqueue(
+                    &NewRun {
+                        trigger: Trigger::Manual,
+                        ..scheduled(&format!("{prefix}-{name}"), at(0, 0))
+                    },
+                    at(0, 0),
+                )
+                .unwrap();
+            let start = Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            };
+            let owner = Change {
+                owner: Some("a".into()),
+                ..Change::default()
+            };
+            store.transition(&start, &owner, at(1, 0)).unwrap();
+            let step = Move {
+                run,
+                attempt: *attempt,
+                from: RunState::Running,
+                to: *to,
+            };
+            moves.push((step, change.clone()));
+        }
+        sets.push(moves);
+    }
+    let before = store.last_event_seq().unwrap();
+    let batched = store
+        .batch(|batch| Ok(batch.finishes(&sets[0], at(2, 0))))
+        .unwrap();
+    let middle = store.last_event_seq().unwrap();
+    let single: Vec<Result<Attempt, StoreError>> = sets[1]
+        .iter()
+        .map(|(step, change)| store.transition(step, change, at(2, 0)))
+        .collect();
+    let outcome = |r: &Result<Attempt, StoreError>| match r {
+        Ok(attempt) => format!("ok {attempt}"),
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => format!("fenced {found_state} {found_attempt}"),
+        Err(other) => format!("error {other}"),
+    };
+    let batched: Vec<String> = batched.iter().map(outcome).collect();
+    let single: Vec<String> = single.iter().map(outcome).collect();
+    assert_eq!(batched, single);
+    assert_eq!(batched[4], "fenced running 1");
+    let written = |moves: &[(Move, Change)]| -> Vec<String> {
+        moves
+            .iter()
+            .map(|(step, _)| {
+                let mut row = store.run(step.run).unwrap().unwrap();
+                row.id = RunId(0);
+                row.task = TaskName::from("-");
+                row.queued_at = at(0, 0);
+                let attempts = store.attempts(step.run).unwrap();
+                format!("{row:?} {attempts:?}")
+            })
+            .collect()
+    };
+    assert_eq!(written(&sets[0]), written(&sets[1]));
+    let events = |from: i64, to: i64| -> Vec<(String, Option<Attempt>, String)> {
+        store
+            .events_after(from, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.seq <= to)
+            .map(|e| (e.kind, e.attempt, e.message))
+            .collect()
+    };
+    let after = store.last_event_seq().unwrap();
+    let batch_events = events(before, middle);
+    assert_eq!(batch_events.len(), 4, "{batch_events:?}");
+    assert_eq!(batch_events, events(middle, after));
+    let seqs: Vec<i64> = store
+        .events_after(before, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }

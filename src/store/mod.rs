@@ -707,6 +707,17 @@ pub trait Tx {
             .collect()
     }
 
+    /// Ends several running attempts, each move with its own change, each as
+    /// [`Tx::transition`] would (the same promise), in order. PostgreSQL ends a burst of
+    /// attempts of distinct runs in three statements instead of three round trips per run;
+    /// the default moves one by one.
+    fn finishes(&self, moves: &[(Move, Change)], now: Instant) -> Vec<Result<Attempt, StoreError>> {
+        moves
+            .iter()
+            .map(|(step, change)| self.transition(step, change, now))
+            .collect()
+    }
+
     /// Records progress of a running attempt (false, and nothing written, if the attempt
     /// is no longer current), and appends a `run_progress` event only when the report is
     /// news.
