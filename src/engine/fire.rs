@@ -257,6 +257,8 @@ impl Engine {
                 None => self.next_fire.remove(plan.task),
             };
         }
+        // The skips of this wake (misfire and overlap) are written together at its end.
+        self.skips = Some(Vec::new());
         for (pending, action) in claims {
             if action == TickAction::Skip {
                 let reason = if at_startup {
@@ -269,6 +271,7 @@ impl Engine {
                 self.admit(pending, now);
             }
         }
+        self.flush_skips(now);
     }
 
     pub(super) fn set_next_fire(&mut self, task: &TaskName, next: Option<Instant>, key: &str) {

@@ -70,8 +70,8 @@
 //!     enter `running` at the next attempt with their owner, an open attempts row and one
 //!     `run_started` event each, in the batch's order with no gap in the sequence.
 //!     (`a_batch_of_starts_is_each_start_in_order`)
-//! 20. A batch of finishes (`finishes`) writes exactly what the same moves one by one
-//!     write — runs, attempts rows, events in order — and a stale one is `Fenced` and
+//! 20. A batch of moves that start nothing (`finishes`: attempts ending, a queued run
+//!     skipped) writes exactly what the same moves one by one write — runs, attempts rows, events in order — and a stale one is `Fenced` and
 //!     writes nothing. (`a_batch_of_finishes_writes_what_the_moves_one_by_one_write`)
 
 use chrono::{TimeZone, Utc};
@@ -1463,6 +1463,15 @@ pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: O
             Attempt(1),
         ),
         ("stale", RunState::Succeeded, Change::default(), Attempt(7)),
+        (
+            "waiting",
+            RunState::Skipped,
+            Change {
+                reason: Some("overlap".into()),
+                ..Change::default()
+            },
+            Attempt(0),
+        ),
     ];
     // Two sets of the same runs: one ended in a batch, the other move by move.
     let mut sets: Vec<Vec<(Move, Change)>> = Vec::new();
@@ -1488,11 +1497,17 @@ pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: O
                 owner: Some("a".into()),
                 ..Change::default()
             };
-            store.transition(&start, &owner, at(1, 0)).unwrap();
+            // "waiting" never starts: it is skipped from the queue.
+            let from = if *name == "waiting" {
+                RunState::Queued
+            } else {
+                store.transition(&start, &owner, at(1, 0)).unwrap();
+                RunState::Running
+            };
             let step = Move {
                 run,
                 attempt: *attempt,
-                from: RunState::Running,
+                from,
                 to: *to,
             };
             moves.push((step, change.clone()));
@@ -1546,7 +1561,7 @@ pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: O
     };
     let after = store.last_event_seq().unwrap();
     let batch_events = events(before, middle);
-    assert_eq!(batch_events.len(), 4, "{batch_events:?}");
+    assert_eq!(batch_events.len(), 5, "{batch_events:?}");
     assert_eq!(batch_events, events(middle, after));
     let seqs: Vec<i64> = store
         .events_after(before, 100)

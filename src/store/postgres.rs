@@ -1140,17 +1140,180 @@ impl PostgresTx<'_, '_> {
                 .map(|i| found[&steps[*i].run.0].0.as_str())
                 .collect();
             let messages = vec![message; opened.len()];
-            self.append_events(now, kind, &event_tasks, &run_ids, &new_attempts, &messages)?;
+            let kinds = vec![kind; opened.len()];
+            self.append_events(
+                now,
+                &kinds,
+                &event_tasks,
+                &run_ids,
+                &new_attempts,
+                &messages,
+            )?;
         }
         Ok(Some(outcomes.into_iter().flatten().collect()))
     }
 
-    /// Appends events of one kind, instant and attempt list in one statement, numbered
+    /// A batch that failed part-way: the transaction must not commit (part of the batch
+    /// may be written), and each move of it says why.
+    fn fail_all(&self, err: StoreError, moves: usize) -> Vec<Result<Attempt, StoreError>> {
+        let failure = match err {
+            StoreError::Postgres(err) => err,
+            other => PostgresError {
+                message: other.to_string(),
+                code: None,
+                unavailable: false,
+            },
+        };
+        self.failed
+            .borrow_mut()
+            .get_or_insert_with(|| failure.clone());
+        (0..moves)
+            .map(|_| Err(StoreError::Postgres(failure.clone())))
+            .collect()
+    }
+
+    /// The batch of [`Tx::finishes`]: moves of distinct runs that start nothing, in three
+    /// statements (one fenced `UPDATE … FROM unnest` of the runs, one of the attempts rows
+    /// of those leaving `running`, their events); a stale move is `Fenced` and writes
+    /// nothing.
+    fn finish_batch(
+        &self,
+        moves: &[(Move, Change)],
+        now: Instant,
+    ) -> Result<Vec<Result<Attempt, StoreError>>, StoreError> {
+        let now_micros = to_micros(now);
+        let ids: Vec<i64> = moves.iter().map(|(step, _)| step.run.0).collect();
+        let attempts: Vec<i64> = moves
+            .iter()
+            .map(|(step, _)| i64::from(step.attempt.0))
+            .collect();
+        let froms: Vec<&str> = moves.iter().map(|(step, _)| step.from.as_str()).collect();
+        let tos: Vec<&str> = moves.iter().map(|(step, _)| step.to.as_str()).collect();
+        let finished: Vec<Option<i64>> = moves
+            .iter()
+            .map(|(step, _)| step.to.is_terminal().then_some(now_micros))
+            .collect();
+        let exit_codes: Vec<Option<i32>> = moves.iter().map(|(_, c)| c.exit_code).collect();
+        let errors: Vec<Option<&str>> = moves.iter().map(|(_, c)| c.error.as_deref()).collect();
+        let reasons: Vec<Option<&str>> = moves.iter().map(|(_, c)| c.reason.as_deref()).collect();
+        let next_attempts: Vec<Option<i64>> = moves
+            .iter()
+            .map(|(_, c)| c.next_attempt_at.map(to_micros))
+            .collect();
+        let refunds: Vec<i64> = moves
+            .iter()
+            .map(|(_, c)| i64::from(c.refund_attempt))
+            .collect();
+        let rows = self.query(
+            "UPDATE runs SET
+                state = m.to_state,
+                finished_at = COALESCE(m.finished_at, runs.finished_at),
+                exit_code = COALESCE(m.exit_code, runs.exit_code),
+                error = COALESCE(m.error, runs.error),
+                reason = COALESCE(m.reason, runs.reason),
+                owner = CASE WHEN m.to_state = 'queued' THEN NULL ELSE runs.owner END,
+                next_attempt_at = m.next_attempt_at,
+                progress = CASE WHEN m.to_state = 'succeeded' THEN 100.0 ELSE runs.progress END,
+                phase = CASE WHEN m.to_state = 'succeeded' THEN NULL ELSE runs.phase END,
+                max_attempts = runs.max_attempts + m.refund
+             FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::INTEGER[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[])
+                 AS m(id, attempt, from_state, to_state, finished_at, exit_code, error, reason, next_attempt_at, refund)
+             WHERE runs.id = m.id AND runs.state = m.from_state AND runs.attempt = m.attempt
+             RETURNING runs.id, runs.task",
+            &[
+                &ids,
+                &attempts,
+                &froms,
+                &tos,
+                &finished,
+                &exit_codes,
+                &errors,
+                &reasons,
+                &next_attempts,
+                &refunds,
+            ],
+        )?;
+        let mut moved: HashMap<i64, String> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            moved.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+        let mut outcomes = Vec::with_capacity(moves.len());
+        let mut closed: Vec<usize> = Vec::new();
+        for (index, (step, _)) in moves.iter().enumerate() {
+            if moved.contains_key(&step.run.0) {
+                closed.push(index);
+                outcomes.push(Ok(step.attempt));
+            } else {
+                let found = self.run(step.run)?.ok_or(StoreError::NotFound(step.run))?;
+                outcomes.push(Err(StoreError::Fenced {
+                    run: step.run,
+                    expected_state: step.from,
+                    expected_attempt: step.attempt,
+                    found_state: found.state,
+                    found_attempt: found.attempt,
+                }));
+            }
+        }
+        if closed.is_empty() {
+            return Ok(outcomes);
+        }
+        if closed
+            .iter()
+            .any(|i| matches!(moves[*i].0.to, RunState::Queued | RunState::RetryWait))
+        {
+            self.hint(HINT_QUEUED);
+        }
+        // The attempts rows of the runs that left `running` close.
+        let ended: Vec<usize> = closed
+            .iter()
+            .copied()
+            .filter(|i| moves[*i].0.from == RunState::Running)
+            .collect();
+        if !ended.is_empty() {
+            let ended_ids: Vec<i64> = ended.iter().map(|i| ids[*i]).collect();
+            let ended_attempts: Vec<i64> = ended.iter().map(|i| attempts[*i]).collect();
+            let outcomes_text: Vec<&str> = ended
+                .iter()
+                .map(|i| attempt_outcome(moves[*i].0.to))
+                .collect();
+            let ended_codes: Vec<Option<i32>> = ended.iter().map(|i| exit_codes[*i]).collect();
+            let ended_errors: Vec<Option<&str>> = ended.iter().map(|i| errors[*i]).collect();
+            self.execute(
+                "UPDATE attempts SET finished_at = $3, outcome = a.outcome, exit_code = a.exit_code, error = a.error
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $4::TEXT[], $5::INTEGER[], $6::TEXT[])
+                     AS a(run_id, attempt, outcome, exit_code, error)
+                 WHERE attempts.run_id = a.run_id AND attempts.attempt = a.attempt",
+                &[
+                    &ended_ids,
+                    &ended_attempts,
+                    &now_micros,
+                    &outcomes_text,
+                    &ended_codes,
+                    &ended_errors,
+                ],
+            )?;
+        }
+        let mut kinds = Vec::with_capacity(closed.len());
+        let mut messages = Vec::with_capacity(closed.len());
+        for index in &closed {
+            let (step, change) = &moves[*index];
+            let (kind, message) = transition_event(step.to, change);
+            kinds.push(kind);
+            messages.push(message);
+        }
+        let tasks: Vec<&str> = closed.iter().map(|i| moved[&ids[*i]].as_str()).collect();
+        let run_ids: Vec<i64> = closed.iter().map(|i| ids[*i]).collect();
+        let run_attempts: Vec<i64> = closed.iter().map(|i| attempts[*i]).collect();
+        self.append_events(now, &kinds, &tasks, &run_ids, &run_attempts, &messages)?;
+        Ok(outcomes)
+    }
+
+    /// Appends events at one instant in one statement, numbered
     /// in order by one bump of `meta.event_seq` (no gap, as one by one would).
     fn append_events(
         &self,
         now: Instant,
-        kind: &str,
+        kinds: &[&str],
         tasks: &[&str],
         runs: &[i64],
         attempts: &[i64],
@@ -1163,13 +1326,13 @@ impl PostgresTx<'_, '_> {
         let appended = self.execute(
             "WITH next AS (UPDATE meta SET value = value + $1 WHERE key = 'event_seq' RETURNING value)
              INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
-             SELECT next.value - $1 + e.ordinal, $2, $3, e.task, e.run_id, e.attempt, e.message, $8
-             FROM next, unnest($4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[])
-                 WITH ORDINALITY AS e(task, run_id, attempt, message, ordinal)",
+             SELECT next.value - $1 + e.ordinal, $2, e.kind, e.task, e.run_id, e.attempt, e.message, $8
+             FROM next, unnest($3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[])
+                 WITH ORDINALITY AS e(kind, task, run_id, attempt, message, ordinal)",
             &[
                 &count,
                 &to_micros(now),
-                &kind,
+                &kinds,
                 &tasks,
                 &runs,
                 &attempts,
@@ -1353,7 +1516,7 @@ impl Tx for PostgresTx<'_, '_> {
         let zeros = vec![0_i64; claimed.len()];
         self.append_events(
             now,
-            "run_queued",
+            &vec!["run_queued"; claimed.len()],
             &event_tasks,
             &event_runs,
             &zeros,
@@ -1560,24 +1723,28 @@ impl Tx for PostgresTx<'_, '_> {
         match self.start_batch(steps, change, now) {
             Ok(Some(outcomes)) => outcomes,
             Ok(None) => one_by_one(self),
-            Err(err) => {
-                // Part of the batch may be written: the transaction must not commit.
-                let failure = match err {
-                    StoreError::Postgres(err) => err,
-                    other => PostgresError {
-                        message: other.to_string(),
-                        code: None,
-                        unavailable: false,
-                    },
-                };
-                self.failed
-                    .borrow_mut()
-                    .get_or_insert_with(|| failure.clone());
-                steps
-                    .iter()
-                    .map(|_| Err(StoreError::Postgres(failure.clone())))
-                    .collect()
-            }
+            Err(err) => self.fail_all(err, steps.len()),
+        }
+    }
+
+    /// Moves of distinct runs that start nothing (attempts ending, waiting runs skipped)
+    /// in three statements (see `finish_batch`); anything else moves one by one.
+    fn finishes(&self, moves: &[(Move, Change)], now: Instant) -> Vec<Result<Attempt, StoreError>> {
+        let distinct: HashSet<RunId> = moves.iter().map(|(step, _)| step.run).collect();
+        if moves.len() < 2
+            || distinct.len() != moves.len()
+            || moves
+                .iter()
+                .any(|(step, _)| step.to == RunState::Running || !step.from.can_become(step.to))
+        {
+            return moves
+                .iter()
+                .map(|(step, change)| self.transition(step, change, now))
+                .collect();
+        }
+        match self.finish_batch(moves, now) {
+            Ok(outcomes) => outcomes,
+            Err(err) => self.fail_all(err, moves.len()),
         }
     }
 
