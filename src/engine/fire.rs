@@ -49,6 +49,11 @@ impl Engine {
     /// to `now`, in one transaction.
     pub(super) fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
         let config = self.config.clone();
+        // In task order, as on every instance: two instances' multi-row claims of tasks
+        // neither holds a row of yet (first fires) never wait on each other in a circle.
+        let mut due = due.to_vec();
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        let due = due.as_slice();
         struct TaskPlan<'a> {
             task: &'a TaskName,
             first_due: Instant,

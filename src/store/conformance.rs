@@ -1248,14 +1248,7 @@ pub(crate) fn a_batch_of_claims_is_each_claim_in_order(open: Open<'_>) {
     let events = store.events_after(0, 100).unwrap();
     assert_eq!(events.len(), 4, "{events:?}");
     assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1));
-    let batch_events: Vec<(
-        String,
-        Option<String>,
-        Option<RunId>,
-        Option<Attempt>,
-        String,
-        Option<String>,
-    )> = events[1..]
+    let batch_events: Vec<_> = events[1..]
         .iter()
         .map(|e| {
             (
@@ -1387,7 +1380,7 @@ pub(crate) fn a_batch_of_starts_is_each_start_in_order(open: Open<'_>) {
     assert!(here.attempts(waiting).unwrap().is_empty());
     let row = here.run(stale).unwrap().unwrap();
     assert_eq!(row.owner.as_deref(), Some("b"));
-    let events: Vec<(i64, String, Option<RunId>, Option<Attempt>, Option<String>)> = here
+    let events: Vec<_> = here
         .events_after(before, 100)
         .unwrap()
         .into_iter()
