@@ -91,20 +91,16 @@ impl Engine {
         chosen.sort_by(|a, b| a.task.cmp(&b.task));
         let store = self.store.clone();
         let started = blocking(|| {
-            store.batch(|batch| {
-                Ok(chosen
-                    .iter()
-                    .map(|p| {
-                        let step = Move {
-                            run: p.run,
-                            attempt: p.attempt,
-                            from: p.state,
-                            to: RunState::Running,
-                        };
-                        batch.transition(&step, &change, now)
-                    })
-                    .collect::<Vec<_>>())
-            })
+            let steps: Vec<Move> = chosen
+                .iter()
+                .map(|p| Move {
+                    run: p.run,
+                    attempt: p.attempt,
+                    from: p.state,
+                    to: RunState::Running,
+                })
+                .collect();
+            store.batch(|batch| Ok(batch.transitions(&steps, &change, now)))
         });
         let started = match started {
             Ok(started) => started,

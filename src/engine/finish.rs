@@ -150,7 +150,7 @@ impl Engine {
                         warn!(run = %run, "cannot record runner report: {err}");
                     }
                 }
-                finishes
+                let moves: Vec<(Move, Change)> = finishes
                     .iter()
                     .map(|f| {
                         let step = Move {
@@ -159,7 +159,14 @@ impl Engine {
                             from: RunState::Running,
                             to: f.to,
                         };
-                        match batch.transition(&step, &f.change, now) {
+                        (step, f.change.clone())
+                    })
+                    .collect();
+                finishes
+                    .iter()
+                    .zip(batch.finishes(&moves, now))
+                    .map(|(f, outcome)| {
+                        match outcome {
                             Ok(_) => Ok(true),
                             Err(err @ StoreError::Fenced { .. }) => {
                                 // Another instance reaped this attempt (its owner lost

@@ -14,7 +14,7 @@ use super::{blocking, Engine, Pending};
 use crate::config::TaskSpec;
 use crate::model::{Instant, TaskName, Trigger};
 use crate::schedule::{plan_due, TickAction};
-use crate::store::{NewRun, StoreError};
+use crate::store::NewRun;
 use tracing::{debug, warn};
 
 impl Engine {
@@ -50,6 +50,11 @@ impl Engine {
     /// to `now`, in one transaction.
     pub(super) fn fire_due(&mut self, due: &[(TaskName, Instant)], now: Instant, at_startup: bool) {
         let config = self.config.clone();
+        // In task order, as on every instance: two instances' multi-row claims of tasks
+        // neither holds a row of yet (first fires) never wait on each other in a circle.
+        let mut due = due.to_vec();
+        due.sort_by(|a, b| a.0.cmp(&b.0));
+        let due = due.as_slice();
         struct TaskPlan<'a> {
             task: &'a TaskName,
             first_due: Instant,
@@ -112,7 +117,10 @@ impl Engine {
                 // The compare-and-set: fire a task only from the next fire and schedule
                 // the store holds; another instance's advance is adopted, not repeated.
                 let held = batch.hold_schedules(&names)?;
-                for plan in &plans {
+                let mut claims: Vec<(NewRun, Option<crate::model::Instant>)> = Vec::new();
+                let mut actions: Vec<(usize, TickAction)> = Vec::new();
+                let mut firing: Vec<usize> = Vec::new();
+                for (index, plan) in plans.iter().enumerate() {
                     let Some(held) = held.get(plan.task) else {
                         fired.deferred.push(plan.task.clone());
                         continue;
@@ -144,7 +152,7 @@ impl Engine {
                         warn!(task = %plan.task, "{message}");
                         batch.record_event("misfire", Some(plan.task.as_str()), None, &message, now)?;
                     }
-                    let mut next_written = false;
+                    firing.push(index);
                     for (tick, action) in &plan.plan.ticks {
                         let new_run = NewRun {
                             task: plan.task.clone(),
@@ -159,29 +167,40 @@ impl Engine {
                             cascade: None,
                             params: None,
                         };
-                        match batch.claim_fire(&new_run, now, plan.plan.next) {
-                            Ok(run) => {
-                                next_written = true;
-                                // A tick on a calendar date is claimed (it is consumed:
-                                // never fired later as a catch-up) and recorded skipped.
-                                let closed = plan.spec.calendar.as_ref().and_then(|calendar| {
-                                    calendar.skip_reason(*tick, plan.spec.timezone)
-                                });
-                                fired.claims.push((
-                                    Pending::new_run(run, &new_run),
-                                    *action,
-                                    closed,
-                                ));
-                            }
-                            Err(StoreError::AlreadyClaimed { .. }) => {
-                                debug!(task = %plan.task, tick = %tick, "tick already claimed elsewhere");
-                            }
-                            Err(err) => return Err(err),
+                        claims.push((new_run, plan.plan.next));
+                        actions.push((index, *action));
+                    }
+                }
+                // Every tick of the wake claimed in one go (PostgreSQL: a few statements
+                // for the whole batch, not a round trip per row).
+                let ids = batch.claim_fires(&claims, now)?;
+                let mut claimed_any = vec![false; plans.len()];
+                for ((new_run, _), ((index, action), id)) in
+                    claims.iter().zip(actions.iter().zip(ids))
+                {
+                    match id {
+                        Some(run) => {
+                            claimed_any[*index] = true;
+                            // A tick on a calendar date is claimed (it is consumed: never
+                            // fired later as a catch-up) and recorded skipped.
+                            let spec = plans[*index].spec;
+                            let closed = spec.calendar.as_ref().and_then(|calendar| {
+                                calendar.skip_reason(new_run.scheduled_for, spec.timezone)
+                            });
+                            fired
+                                .claims
+                                .push((Pending::new_run(run, new_run), *action, closed));
+                        }
+                        None => {
+                            debug!(task = %new_run.task, tick = %new_run.scheduled_for, "tick already claimed elsewhere");
                         }
                     }
-                    // A claim writes the next fire; with no claim (no tick, or each one
-                    // claimed already) it is written here, or the store keeps the old one.
-                    if !next_written {
+                }
+                // A claim writes the next fire; with no claim (no tick, or each one
+                // claimed already) it is written here, or the store keeps the old one.
+                for index in firing {
+                    if !claimed_any[index] {
+                        let plan = &plans[index];
                         batch.set_next_fire(plan.task, plan.plan.next, Some(&plan.key))?;
                     }
                 }
@@ -257,6 +276,8 @@ impl Engine {
                 None => self.next_fire.remove(plan.task),
             };
         }
+        // The skips of this wake (misfire, overlap, calendar) are written together at its end.
+        self.skips = Some(Vec::new());
         for (pending, action, closed) in claims {
             if let Some(reason) = closed {
                 self.skip(&pending, &reason, now);
@@ -271,6 +292,7 @@ impl Engine {
                 self.admit(pending, now);
             }
         }
+        self.flush_skips(now);
     }
 
     /// When the fire of `task`'s nominal tick `at` is due: `at` plus the task's jitter.

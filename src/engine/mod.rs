@@ -176,6 +176,9 @@ pub struct Engine {
     store_fault: Option<StoreFault>,
     /// Claims failed: do not try again before this (the ticks stay due meanwhile).
     claim_retry_at: Option<std::time::Instant>,
+    /// While a wake's claims are handed out: the runs skipped meanwhile, written in one
+    /// transaction at its end (`flush_skips`) rather than one each.
+    skips: Option<Vec<(Pending, Change)>>,
     /// The wall clock against the monotonic one.
     wall: WallWatch,
     /// The last step of the wall clock seen.
@@ -247,6 +250,7 @@ impl Engine {
             version: 0,
             store_fault: None,
             claim_retry_at: None,
+            skips: None,
             wall: WallWatch::new(clock_now),
             clock_step: None,
             cluster: None,

@@ -3,13 +3,13 @@
 
 use std::collections::VecDeque;
 
-use super::Engine;
+use super::{blocking, Engine};
 use crate::config::Overlap;
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::StopReason;
 use crate::store::{Change, Move, NewRun, RunRow};
 use crate::tasklog::Level;
-use tracing::info;
+use tracing::{info, warn};
 
 #[derive(Debug, Clone)]
 pub(super) struct Pending {
@@ -267,7 +267,54 @@ impl Engine {
             reason: Some(reason.to_string()),
             ..Change::default()
         };
+        if let Some(skips) = &mut self.skips {
+            skips.push((pending.clone(), change));
+            return;
+        }
         self.end_waiting_run(pending, RunState::Skipped, Some(&change), now);
+    }
+
+    /// Writes the skips gathered while a wake's claims were handed out in one
+    /// transaction (PostgreSQL: a few statements for all), then moves the board and the
+    /// cascades on for each skip the store took.
+    pub(super) fn flush_skips(&mut self, now: Instant) {
+        let Some(skips) = self.skips.take() else {
+            return;
+        };
+        if skips.is_empty() {
+            return;
+        }
+        let moves: Vec<(Move, Change)> = skips
+            .iter()
+            .map(|(pending, change)| {
+                let step = Move {
+                    run: pending.run,
+                    attempt: pending.attempt,
+                    from: pending.state,
+                    to: RunState::Skipped,
+                };
+                (step, change.clone())
+            })
+            .collect();
+        let store = self.store.clone();
+        let outcomes = match blocking(|| store.batch(|batch| Ok(batch.finishes(&moves, now)))) {
+            Ok(outcomes) => outcomes,
+            Err(err) => {
+                warn!(runs = moves.len(), "cannot record skipped runs: {err}");
+                return;
+            }
+        };
+        for ((pending, _), outcome) in skips.iter().zip(outcomes) {
+            match outcome {
+                Ok(_) => {
+                    self.note_finished(&pending.task, pending.run, RunState::Skipped, None, now);
+                    if let Some(root) = pending.cascade {
+                        self.continue_cascade(root, now);
+                    }
+                }
+                Err(err) => warn!(run = %pending.run, "{err}"),
+            }
+        }
     }
 
     pub(super) fn fail_unconfigured(&mut self, pending: &Pending, now: Instant) {

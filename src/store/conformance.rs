@@ -74,6 +74,19 @@
 //!     (`a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded`)
 //! 21. A run's own params are kept as given, and a run without them has none.
 //!     (`a_runs_own_params_are_kept_as_given`)
+//! 22. A batch of claims (`claim_fires`) is each claim in order: a tick claimed already
+//!     is `None` and writes nothing, the others are queued runs with ids in the batch's
+//!     order, one `run_queued` event each in that order with no gap in the sequence, and
+//!     each task ends with its last tick claimed and its next fire.
+//!     (`a_batch_of_claims_is_each_claim_in_order`)
+//! 23. A batch of starts (`transitions`) is each start in order: a run whose task runs
+//!     elsewhere is `TaskBusy`, a stale one `Fenced`, both writing nothing; the others
+//!     enter `running` at the next attempt with their owner, an open attempts row and one
+//!     `run_started` event each, in the batch's order with no gap in the sequence.
+//!     (`a_batch_of_starts_is_each_start_in_order`)
+//! 24. A batch of moves that start nothing (`finishes`: attempts ending, a queued run
+//!     skipped) writes exactly what the same moves one by one write — runs, attempts rows, events in order — and a stale one is `Fenced` and
+//!     writes nothing. (`a_batch_of_finishes_writes_what_the_moves_one_by_one_write`)
 
 use chrono::{TimeZone, Utc};
 
@@ -116,6 +129,9 @@ macro_rules! conformance_suite {
             an_alert_delivery_is_derived_once_and_its_cursor_never_moves_back,
             a_delivery_is_claimed_by_one_instance_and_its_attempts_are_recorded,
             a_runs_own_params_are_kept_as_given,
+            a_batch_of_claims_is_each_claim_in_order,
+            a_batch_of_starts_is_each_start_in_order,
+            a_batch_of_finishes_writes_what_the_moves_one_by_one_write,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1476,4 +1492,356 @@ pub(crate) fn a_runs_own_params_are_kept_as_given(open: Open<'_>) {
     assert_eq!(other.run(without).unwrap().unwrap().params, None);
     let listed = other.runs(&RunFilter::default()).unwrap();
     assert!(listed.iter().any(|r| r.id == id && r.params.is_some()));
+}
+
+pub(crate) fn a_batch_of_claims_is_each_claim_in_order(open: Open<'_>) {
+    let store = open().written_by("instance-a");
+    let taken = open()
+        .claim_fire(&scheduled("ingest", at(0, 0)), at(0, 1), Some(at(1, 0)))
+        .unwrap();
+    let catchup = NewRun {
+        trigger: Trigger::Catchup,
+        ..scheduled("train", at(1, 0))
+    };
+    let claims = vec![
+        (scheduled("ingest", at(0, 0)), Some(at(2, 0))),
+        (scheduled("train", at(0, 0)), Some(at(2, 0))),
+        (scheduled("ingest", at(1, 0)), Some(at(2, 0))),
+        (catchup, Some(at(2, 0))),
+    ];
+    let ids = store
+        .batch(|batch| batch.claim_fires(&claims, at(1, 5)))
+        .unwrap();
+    assert_eq!(ids.len(), 4);
+    assert_eq!(ids[0], None, "the tick claimed already is refused");
+    let claimed: Vec<RunId> = ids.iter().flatten().copied().collect();
+    assert_eq!(claimed.len(), 3);
+    assert!(claimed.windows(2).all(|w| w[0] < w[1]), "{claimed:?}");
+    assert!(claimed[0] > taken);
+    for (id, (run, _)) in ids.iter().zip(&claims).skip(1) {
+        let row = store.run(id.unwrap()).unwrap().unwrap();
+        assert_eq!(row.task, run.task);
+        assert_eq!(row.trigger, run.trigger);
+        assert_eq!(row.scheduled_for, run.scheduled_for);
+        assert_eq!(row.state, RunState::Queued);
+        assert_eq!(row.max_attempts, 2);
+    }
+    let events = store.events_after(0, 100).unwrap();
+    assert_eq!(events.len(), 4, "{events:?}");
+    assert!(events.windows(2).all(|w| w[1].seq == w[0].seq + 1));
+    let batch_events: Vec<_> = events[1..]
+        .iter()
+        .map(|e| {
+            (
+                e.kind.clone(),
+                e.task.clone(),
+                e.run_id,
+                e.attempt,
+                e.message.clone(),
+                e.instance.clone(),
+            )
+        })
+        .collect();
+    let expected: Vec<_> = ids
+        .iter()
+        .zip(&claims)
+        .skip(1)
+        .map(|(id, (run, _))| {
+            (
+                "run_queued".to_string(),
+                Some(run.task.as_str().to_string()),
+                *id,
+                Some(Attempt(0)),
+                format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339()),
+                Some("instance-a".to_string()),
+            )
+        })
+        .collect();
+    assert_eq!(batch_events, expected);
+    assert_eq!(events[1].at, at(1, 5));
+    for task in ["ingest", "train"] {
+        let state = store.task_state(&TaskName::from(task)).unwrap();
+        assert_eq!(state.last_fire_at, Some(at(1, 0)), "{task}");
+        assert_eq!(state.next_fire_at, Some(at(2, 0)), "{task}");
+    }
+    // The sequence goes on from the batch without a gap.
+    store
+        .claim_fire(&scheduled("ingest", at(2, 0)), at(2, 1), None)
+        .unwrap();
+    let last = store.events_after(0, 100).unwrap();
+    assert_eq!(last.len(), 5);
+    assert_eq!(last[4].seq, last[3].seq + 1);
+    // An empty batch writes nothing.
+    assert!(store
+        .batch(|batch| batch.claim_fires(&[], at(3, 0)))
+        .unwrap()
+        .is_empty());
+    assert_eq!(store.events_after(0, 100).unwrap().len(), 5);
+}
+
+pub(crate) fn a_batch_of_starts_is_each_start_in_order(open: Open<'_>) {
+    let here = open().written_by("instance-a");
+    let there = open();
+    let manual = |task: &str| NewRun {
+        trigger: Trigger::Manual,
+        ..scheduled(task, at(0, 0))
+    };
+    let start = |run| Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    let owner = |name: &str| Change {
+        owner: Some(name.into()),
+        ..Change::default()
+    };
+    // "ingest" runs on another instance; "report" was started already (a stale view).
+    let elsewhere = there.enqueue(&manual("ingest"), at(0, 0)).unwrap();
+    there
+        .transition(&start(elsewhere), &owner("b"), at(0, 1))
+        .unwrap();
+    let stale = there.enqueue(&manual("report"), at(0, 2)).unwrap();
+    there
+        .transition(&start(stale), &owner("b"), at(0, 3))
+        .unwrap();
+    let train = here.enqueue(&manual("train"), at(0, 4)).unwrap();
+    let waiting = here.enqueue(&manual("ingest"), at(0, 5)).unwrap();
+    let score = here.enqueue(&manual("score"), at(0, 6)).unwrap();
+    let before = here.last_event_seq().unwrap();
+    let steps = [start(train), start(waiting), start(stale), start(score)];
+    let outcomes = here
+        .batch(|batch| Ok(batch.transitions(&steps, &owner("a"), at(1, 0))))
+        .unwrap();
+    assert_eq!(outcomes.len(), 4);
+    assert!(matches!(outcomes[0], Ok(Attempt(1))), "{:?}", outcomes[0]);
+    match &outcomes[1] {
+        Err(StoreError::TaskBusy { run, task, running }) => {
+            assert_eq!(
+                (*run, task.as_str(), *running),
+                (waiting, "ingest", elsewhere)
+            );
+        }
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
+    match &outcomes[2] {
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => assert_eq!(
+            (*found_state, *found_attempt),
+            (RunState::Running, Attempt(1))
+        ),
+        other => panic!("expected Fenced, got {other:?}"),
+    }
+    assert!(matches!(outcomes[3], Ok(Attempt(1))), "{:?}", outcomes[3]);
+    for run in [train, score] {
+        let row = here.run(run).unwrap().unwrap();
+        assert_eq!(
+            (row.state, row.attempt, row.owner.as_deref(), row.started_at),
+            (RunState::Running, Attempt(1), Some("a"), Some(at(1, 0)))
+        );
+        let attempts = here.attempts(run).unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(
+            (
+                attempts[0].attempt,
+                attempts[0].started_at,
+                attempts[0].finished_at
+            ),
+            (Attempt(1), at(1, 0), None)
+        );
+    }
+    let row = here.run(waiting).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.owner),
+        (RunState::Queued, Attempt(0), None)
+    );
+    assert!(here.attempts(waiting).unwrap().is_empty());
+    let row = here.run(stale).unwrap().unwrap();
+    assert_eq!(row.owner.as_deref(), Some("b"));
+    let events: Vec<_> = here
+        .events_after(before, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq, e.kind, e.run_id, e.attempt, e.instance))
+        .collect();
+    let started = |seq: i64, run| {
+        (
+            seq,
+            "run_started".to_string(),
+            Some(run),
+            Some(Attempt(1)),
+            Some("instance-a".to_string()),
+        )
+    };
+    assert_eq!(
+        events,
+        vec![started(before + 1, train), started(before + 2, score)]
+    );
+    // A batch naming one task twice starts the first and refuses the second.
+    let first = here.enqueue(&manual("fresh"), at(2, 0)).unwrap();
+    let second = here.enqueue(&manual("fresh"), at(2, 1)).unwrap();
+    let twice = here
+        .batch(|batch| Ok(batch.transitions(&[start(first), start(second)], &owner("a"), at(2, 2))))
+        .unwrap();
+    assert!(matches!(twice[0], Ok(Attempt(1))), "{twice:?}");
+    match &twice[1] {
+        Err(StoreError::TaskBusy { running, .. }) => assert_eq!(*running, first),
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
+}
+
+pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: Open<'_>) {
+    let store = open();
+    let endings: Vec<(&str, RunState, Change, Attempt)> = vec![
+        (
+            "ok",
+            RunState::Succeeded,
+            Change {
+                exit_code: Some(0),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "fail",
+            RunState::Failed,
+            Change {
+                exit_code: Some(3),
+                error: Some("boom".into()),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "retry",
+            RunState::RetryWait,
+            Change {
+                exit_code: Some(1),
+                error: Some("again".into()),
+                next_attempt_at: Some(at(5, 0)),
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        (
+            "requeue",
+            RunState::Queued,
+            Change {
+                reason: Some("shut down".into()),
+                refund_attempt: true,
+                ..Change::default()
+            },
+            Attempt(1),
+        ),
+        ("stale", RunState::Succeeded, Change::default(), Attempt(7)),
+        (
+            "waiting",
+            RunState::Skipped,
+            Change {
+                reason: Some("overlap".into()),
+                ..Change::default()
+            },
+            Attempt(0),
+        ),
+    ];
+    // Two sets of the same runs: one ended in a batch, the other move by move.
+    let mut sets: Vec<Vec<(Move, Change)>> = Vec::new();
+    for prefix in ["batch", "single"] {
+        let mut moves = Vec::new();
+        for (name, to, change, attempt) in &endings {
+            let run = store
+                .enqueue(
+                    &NewRun {
+                        trigger: Trigger::Manual,
+                        ..scheduled(&format!("{prefix}-{name}"), at(0, 0))
+                    },
+                    at(0, 0),
+                )
+                .unwrap();
+            let start = Move {
+                run,
+                attempt: Attempt(0),
+                from: RunState::Queued,
+                to: RunState::Running,
+            };
+            let owner = Change {
+                owner: Some("a".into()),
+                ..Change::default()
+            };
+            // "waiting" never starts: it is skipped from the queue.
+            let from = if *name == "waiting" {
+                RunState::Queued
+            } else {
+                store.transition(&start, &owner, at(1, 0)).unwrap();
+                RunState::Running
+            };
+            let step = Move {
+                run,
+                attempt: *attempt,
+                from,
+                to: *to,
+            };
+            moves.push((step, change.clone()));
+        }
+        sets.push(moves);
+    }
+    let before = store.last_event_seq().unwrap();
+    let batched = store
+        .batch(|batch| Ok(batch.finishes(&sets[0], at(2, 0))))
+        .unwrap();
+    let middle = store.last_event_seq().unwrap();
+    let single: Vec<Result<Attempt, StoreError>> = sets[1]
+        .iter()
+        .map(|(step, change)| store.transition(step, change, at(2, 0)))
+        .collect();
+    let outcome = |r: &Result<Attempt, StoreError>| match r {
+        Ok(attempt) => format!("ok {attempt}"),
+        Err(StoreError::Fenced {
+            found_state,
+            found_attempt,
+            ..
+        }) => format!("fenced {found_state} {found_attempt}"),
+        Err(other) => format!("error {other}"),
+    };
+    let batched: Vec<String> = batched.iter().map(outcome).collect();
+    let single: Vec<String> = single.iter().map(outcome).collect();
+    assert_eq!(batched, single);
+    assert_eq!(batched[4], "fenced running 1");
+    let written = |moves: &[(Move, Change)]| -> Vec<String> {
+        moves
+            .iter()
+            .map(|(step, _)| {
+                let mut row = store.run(step.run).unwrap().unwrap();
+                row.id = RunId(0);
+                row.task = TaskName::from("-");
+                row.queued_at = at(0, 0);
+                let attempts = store.attempts(step.run).unwrap();
+                format!("{row:?} {attempts:?}")
+            })
+            .collect()
+    };
+    assert_eq!(written(&sets[0]), written(&sets[1]));
+    let events = |from: i64, to: i64| -> Vec<(String, Option<Attempt>, String)> {
+        store
+            .events_after(from, 100)
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.seq <= to)
+            .map(|e| (e.kind, e.attempt, e.message))
+            .collect()
+    };
+    let after = store.last_event_seq().unwrap();
+    let batch_events = events(before, middle);
+    assert_eq!(batch_events.len(), 5, "{batch_events:?}");
+    assert_eq!(batch_events, events(middle, after));
+    let seqs: Vec<i64> = store
+        .events_after(before, 100)
+        .unwrap()
+        .iter()
+        .map(|e| e.seq)
+        .collect();
+    assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
 }

@@ -769,6 +769,27 @@ pub trait Tx {
     /// nothing; the transaction goes on.
     fn claim_backfill(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
 
+    /// Claims several ticks in one go, each as [`Tx::claim_fire`] would (the same promise),
+    /// in order: the answer holds, per claim, its run or `None` where the tick was claimed
+    /// already (that claim wrote nothing). A task with several ticks in the batch ends with
+    /// the `last_fire_at` of its last tick claimed. PostgreSQL does the whole batch in a
+    /// few statements instead of a round trip per row; the default claims one by one.
+    fn claim_fires(
+        &self,
+        claims: &[(NewRun, Option<Instant>)],
+        now: Instant,
+    ) -> Result<Vec<Option<RunId>>, StoreError> {
+        let mut ids = Vec::with_capacity(claims.len());
+        for (run, next_fire_at) in claims {
+            match self.claim_fire(run, now, *next_fire_at) {
+                Ok(id) => ids.push(Some(id)),
+                Err(StoreError::AlreadyClaimed { .. }) => ids.push(None),
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(ids)
+    }
+
     /// Queues a run that is not a scheduled tick (manual, downstream, retry).
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError>;
 
@@ -783,6 +804,33 @@ pub trait Tx {
     /// the same transaction.
     fn transition(&self, step: &Move, change: &Change, now: Instant)
         -> Result<Attempt, StoreError>;
+
+    /// Makes several moves with one `change`, each as [`Tx::transition`] would (the same
+    /// promise), in order; the answer holds each move's outcome. PostgreSQL starts a batch
+    /// of runs of distinct tasks (the dispatch of one wake) in a few statements instead
+    /// of five round trips per run; the default moves one by one.
+    fn transitions(
+        &self,
+        steps: &[Move],
+        change: &Change,
+        now: Instant,
+    ) -> Vec<Result<Attempt, StoreError>> {
+        steps
+            .iter()
+            .map(|step| self.transition(step, change, now))
+            .collect()
+    }
+
+    /// Ends several running attempts, each move with its own change, each as
+    /// [`Tx::transition`] would (the same promise), in order. PostgreSQL ends a burst of
+    /// attempts of distinct runs in three statements instead of three round trips per run;
+    /// the default moves one by one.
+    fn finishes(&self, moves: &[(Move, Change)], now: Instant) -> Vec<Result<Attempt, StoreError>> {
+        moves
+            .iter()
+            .map(|(step, change)| self.transition(step, change, now))
+            .collect()
+    }
 
     /// Records progress of a running attempt (false, and nothing written, if the attempt
     /// is no longer current), and appends a `run_progress` event only when the report is

@@ -1083,6 +1083,349 @@ impl PostgresTx<'_, '_> {
         Ok(Some(id))
     }
 
+    /// The batch of [`Tx::transitions`] for starts of runs of distinct tasks; `None` (and
+    /// nothing written but locks) when the runs are not of distinct tasks or one is
+    /// missing, to be moved one by one.
+    fn start_batch(
+        &self,
+        steps: &[Move],
+        change: &Change,
+        now: Instant,
+    ) -> Result<Option<Vec<Result<Attempt, StoreError>>>, StoreError> {
+        let ids: Vec<i64> = steps.iter().map(|step| step.run.0).collect();
+        // Locks in task order, as one start after another would take them (the subquery
+        // is sorted before the outer select calls the lock function row by row).
+        self.query(
+            "SELECT pg_advisory_xact_lock(hashtextextended('turbosched task ' || task, 0))
+             FROM (SELECT DISTINCT task FROM runs WHERE id = ANY($1) ORDER BY task) AS held",
+            &[&ids],
+        )?;
+        // A statement of its own: under READ COMMITTED its snapshot, taken after the
+        // locks, sees any start committed before them.
+        let rows = self.query(
+            "SELECT this.id, this.task, (SELECT other.id FROM runs AS other
+                     WHERE other.task = this.task AND other.state = 'running' AND other.id <> this.id
+                     LIMIT 1)
+             FROM runs AS this WHERE this.id = ANY($1)",
+            &[&ids],
+        )?;
+        let mut found: HashMap<i64, (String, Option<i64>)> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            found.insert(row.try_get(0)?, (row.try_get(1)?, row.try_get(2)?));
+        }
+        let tasks: HashSet<&str> = found.values().map(|(task, _)| task.as_str()).collect();
+        if found.len() != steps.len() || tasks.len() != steps.len() {
+            return Ok(None);
+        }
+        let mut outcomes: Vec<Option<Result<Attempt, StoreError>>> =
+            steps.iter().map(|_| None).collect();
+        let mut moving: Vec<usize> = Vec::new();
+        for (index, step) in steps.iter().enumerate() {
+            let (task, running) = &found[&step.run.0];
+            match running {
+                Some(running) => {
+                    outcomes[index] = Some(Err(StoreError::TaskBusy {
+                        run: step.run,
+                        task: TaskName::from(task.as_str()),
+                        running: RunId(*running),
+                    }))
+                }
+                None => moving.push(index),
+            }
+        }
+        let now_micros = to_micros(now);
+        let move_ids: Vec<i64> = moving.iter().map(|i| steps[*i].run.0).collect();
+        let froms: Vec<&str> = moving.iter().map(|i| steps[*i].from.as_str()).collect();
+        let attempts: Vec<i64> = moving
+            .iter()
+            .map(|i| i64::from(steps[*i].attempt.0))
+            .collect();
+        let updated = if moving.is_empty() {
+            Vec::new()
+        } else {
+            self.query(
+                "UPDATE runs SET
+                    state = 'running',
+                    attempt = runs.attempt + 1,
+                    started_at = COALESCE(runs.started_at, $4::BIGINT),
+                    exit_code = NULL,
+                    error = COALESCE($5::TEXT, runs.error),
+                    reason = COALESCE($6::TEXT, runs.reason),
+                    owner = $7::TEXT,
+                    pid = NULL,
+                    heartbeat_at = $4,
+                    next_attempt_at = $8::BIGINT,
+                    progress = NULL,
+                    phase = NULL,
+                    progress_event_at = NULL,
+                    progress_event_pct = NULL,
+                    progress_event_phase = NULL,
+                    max_attempts = runs.max_attempts + $9::BIGINT
+                 FROM unnest($1::BIGINT[], $2::TEXT[], $3::BIGINT[]) AS m(id, from_state, attempt)
+                 WHERE runs.id = m.id AND runs.state = m.from_state AND runs.attempt = m.attempt
+                 RETURNING runs.id",
+                &[
+                    &move_ids,
+                    &froms,
+                    &attempts,
+                    &now_micros,
+                    &change.error,
+                    &change.reason,
+                    &change.owner,
+                    &change.next_attempt_at.map(to_micros),
+                    &i64::from(change.refund_attempt),
+                ],
+            )?
+        };
+        let mut started: HashSet<i64> = HashSet::with_capacity(updated.len());
+        for row in &updated {
+            started.insert(row.try_get(0)?);
+        }
+        let mut opened: Vec<usize> = Vec::new();
+        for index in moving {
+            let step = &steps[index];
+            if started.contains(&step.run.0) {
+                opened.push(index);
+                outcomes[index] = Some(Ok(Attempt(step.attempt.0 + 1)));
+            } else {
+                let found = self.run(step.run)?.ok_or(StoreError::NotFound(step.run))?;
+                outcomes[index] = Some(Err(StoreError::Fenced {
+                    run: step.run,
+                    expected_state: step.from,
+                    expected_attempt: step.attempt,
+                    found_state: found.state,
+                    found_attempt: found.attempt,
+                }));
+            }
+        }
+        if !opened.is_empty() {
+            let run_ids: Vec<i64> = opened.iter().map(|i| steps[*i].run.0).collect();
+            let new_attempts: Vec<i64> = opened
+                .iter()
+                .map(|i| i64::from(steps[*i].attempt.0) + 1)
+                .collect();
+            self.execute(
+                "INSERT INTO attempts(run_id, attempt, started_at, owner)
+                 SELECT run_id, attempt, $3, $4 FROM unnest($1::BIGINT[], $2::BIGINT[]) AS a(run_id, attempt)",
+                &[&run_ids, &new_attempts, &now_micros, &change.owner],
+            )?;
+            let (kind, message) = transition_event(RunState::Running, change);
+            let event_tasks: Vec<&str> = opened
+                .iter()
+                .map(|i| found[&steps[*i].run.0].0.as_str())
+                .collect();
+            let messages = vec![message; opened.len()];
+            let kinds = vec![kind; opened.len()];
+            self.append_events(
+                now,
+                &kinds,
+                &event_tasks,
+                &run_ids,
+                &new_attempts,
+                &messages,
+            )?;
+        }
+        Ok(Some(outcomes.into_iter().flatten().collect()))
+    }
+
+    /// A batch that failed part-way: the transaction must not commit (part of the batch
+    /// may be written), and each move of it says why.
+    fn fail_all(&self, err: StoreError, moves: usize) -> Vec<Result<Attempt, StoreError>> {
+        let failure = match err {
+            StoreError::Postgres(err) => err,
+            other => PostgresError {
+                message: other.to_string(),
+                code: None,
+                unavailable: false,
+            },
+        };
+        self.failed
+            .borrow_mut()
+            .get_or_insert_with(|| failure.clone());
+        (0..moves)
+            .map(|_| Err(StoreError::Postgres(failure.clone())))
+            .collect()
+    }
+
+    /// The batch of [`Tx::finishes`]: moves of distinct runs that start nothing, in three
+    /// statements (one fenced `UPDATE … FROM unnest` of the runs, one of the attempts rows
+    /// of those leaving `running`, their events); a stale move is `Fenced` and writes
+    /// nothing.
+    fn finish_batch(
+        &self,
+        moves: &[(Move, Change)],
+        now: Instant,
+    ) -> Result<Vec<Result<Attempt, StoreError>>, StoreError> {
+        let now_micros = to_micros(now);
+        let ids: Vec<i64> = moves.iter().map(|(step, _)| step.run.0).collect();
+        let attempts: Vec<i64> = moves
+            .iter()
+            .map(|(step, _)| i64::from(step.attempt.0))
+            .collect();
+        let froms: Vec<&str> = moves.iter().map(|(step, _)| step.from.as_str()).collect();
+        let tos: Vec<&str> = moves.iter().map(|(step, _)| step.to.as_str()).collect();
+        let finished: Vec<Option<i64>> = moves
+            .iter()
+            .map(|(step, _)| step.to.is_terminal().then_some(now_micros))
+            .collect();
+        let exit_codes: Vec<Option<i32>> = moves.iter().map(|(_, c)| c.exit_code).collect();
+        let errors: Vec<Option<&str>> = moves.iter().map(|(_, c)| c.error.as_deref()).collect();
+        let reasons: Vec<Option<&str>> = moves.iter().map(|(_, c)| c.reason.as_deref()).collect();
+        let next_attempts: Vec<Option<i64>> = moves
+            .iter()
+            .map(|(_, c)| c.next_attempt_at.map(to_micros))
+            .collect();
+        let refunds: Vec<i64> = moves
+            .iter()
+            .map(|(_, c)| i64::from(c.refund_attempt))
+            .collect();
+        let rows = self.query(
+            "UPDATE runs SET
+                state = m.to_state,
+                finished_at = COALESCE(m.finished_at, runs.finished_at),
+                exit_code = COALESCE(m.exit_code, runs.exit_code),
+                error = COALESCE(m.error, runs.error),
+                reason = COALESCE(m.reason, runs.reason),
+                owner = CASE WHEN m.to_state = 'queued' THEN NULL ELSE runs.owner END,
+                next_attempt_at = m.next_attempt_at,
+                progress = CASE WHEN m.to_state = 'succeeded' THEN 100.0 ELSE runs.progress END,
+                phase = CASE WHEN m.to_state = 'succeeded' THEN NULL ELSE runs.phase END,
+                max_attempts = runs.max_attempts + m.refund
+             FROM unnest($1::BIGINT[], $2::BIGINT[], $3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::INTEGER[], $7::TEXT[], $8::TEXT[], $9::BIGINT[], $10::BIGINT[])
+                 AS m(id, attempt, from_state, to_state, finished_at, exit_code, error, reason, next_attempt_at, refund)
+             WHERE runs.id = m.id AND runs.state = m.from_state AND runs.attempt = m.attempt
+             RETURNING runs.id, runs.task",
+            &[
+                &ids,
+                &attempts,
+                &froms,
+                &tos,
+                &finished,
+                &exit_codes,
+                &errors,
+                &reasons,
+                &next_attempts,
+                &refunds,
+            ],
+        )?;
+        let mut moved: HashMap<i64, String> = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            moved.insert(row.try_get(0)?, row.try_get(1)?);
+        }
+        let mut outcomes = Vec::with_capacity(moves.len());
+        let mut closed: Vec<usize> = Vec::new();
+        for (index, (step, _)) in moves.iter().enumerate() {
+            if moved.contains_key(&step.run.0) {
+                closed.push(index);
+                outcomes.push(Ok(step.attempt));
+            } else {
+                let found = self.run(step.run)?.ok_or(StoreError::NotFound(step.run))?;
+                outcomes.push(Err(StoreError::Fenced {
+                    run: step.run,
+                    expected_state: step.from,
+                    expected_attempt: step.attempt,
+                    found_state: found.state,
+                    found_attempt: found.attempt,
+                }));
+            }
+        }
+        if closed.is_empty() {
+            return Ok(outcomes);
+        }
+        if closed
+            .iter()
+            .any(|i| matches!(moves[*i].0.to, RunState::Queued | RunState::RetryWait))
+        {
+            self.hint(HINT_QUEUED);
+        }
+        // The attempts rows of the runs that left `running` close.
+        let ended: Vec<usize> = closed
+            .iter()
+            .copied()
+            .filter(|i| moves[*i].0.from == RunState::Running)
+            .collect();
+        if !ended.is_empty() {
+            let ended_ids: Vec<i64> = ended.iter().map(|i| ids[*i]).collect();
+            let ended_attempts: Vec<i64> = ended.iter().map(|i| attempts[*i]).collect();
+            let outcomes_text: Vec<&str> = ended
+                .iter()
+                .map(|i| attempt_outcome(moves[*i].0.to))
+                .collect();
+            let ended_codes: Vec<Option<i32>> = ended.iter().map(|i| exit_codes[*i]).collect();
+            let ended_errors: Vec<Option<&str>> = ended.iter().map(|i| errors[*i]).collect();
+            self.execute(
+                "UPDATE attempts SET finished_at = $3, outcome = a.outcome, exit_code = a.exit_code, error = a.error
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $4::TEXT[], $5::INTEGER[], $6::TEXT[])
+                     AS a(run_id, attempt, outcome, exit_code, error)
+                 WHERE attempts.run_id = a.run_id AND attempts.attempt = a.attempt",
+                &[
+                    &ended_ids,
+                    &ended_attempts,
+                    &now_micros,
+                    &outcomes_text,
+                    &ended_codes,
+                    &ended_errors,
+                ],
+            )?;
+        }
+        let mut kinds = Vec::with_capacity(closed.len());
+        let mut messages = Vec::with_capacity(closed.len());
+        for index in &closed {
+            let (step, change) = &moves[*index];
+            let (kind, message) = transition_event(step.to, change);
+            kinds.push(kind);
+            messages.push(message);
+        }
+        let tasks: Vec<&str> = closed.iter().map(|i| moved[&ids[*i]].as_str()).collect();
+        let run_ids: Vec<i64> = closed.iter().map(|i| ids[*i]).collect();
+        let run_attempts: Vec<i64> = closed.iter().map(|i| attempts[*i]).collect();
+        self.append_events(now, &kinds, &tasks, &run_ids, &run_attempts, &messages)?;
+        Ok(outcomes)
+    }
+
+    /// Appends events at one instant in one statement, numbered
+    /// in order by one bump of `meta.event_seq` (no gap, as one by one would).
+    fn append_events(
+        &self,
+        now: Instant,
+        kinds: &[&str],
+        tasks: &[&str],
+        runs: &[i64],
+        attempts: &[i64],
+        messages: &[String],
+    ) -> Result<(), StoreError> {
+        if tasks.is_empty() {
+            return Ok(());
+        }
+        let count = tasks.len() as i64;
+        let appended = self.execute(
+            "WITH next AS (UPDATE meta SET value = value + $1 WHERE key = 'event_seq' RETURNING value)
+             INSERT INTO events(seq, at, kind, task, run_id, attempt, message, instance)
+             SELECT next.value - $1 + e.ordinal, $2, e.kind, e.task, e.run_id, e.attempt, e.message, $8
+             FROM next, unnest($3::TEXT[], $4::TEXT[], $5::BIGINT[], $6::BIGINT[], $7::TEXT[])
+                 WITH ORDINALITY AS e(kind, task, run_id, attempt, message, ordinal)",
+            &[
+                &count,
+                &to_micros(now),
+                &kinds,
+                &tasks,
+                &runs,
+                &attempts,
+                &messages,
+                &self.author,
+            ],
+        )?;
+        if appended == 0 {
+            return Err(StoreError::Postgres(PostgresError {
+                message: "meta.event_seq is missing: the schema was not set up".into(),
+                code: None,
+                unavailable: false,
+            }));
+        }
+        self.hint(HINT_EVENT);
+        Ok(())
+    }
+
     /// Appends an event numbered by `meta.event_seq`, bumped in this transaction.
     fn append_event(
         &self,
@@ -1157,6 +1500,139 @@ impl Tx for PostgresTx<'_, '_> {
                 task: run.task.clone(),
                 scheduled_for: run.scheduled_for,
             })
+    }
+
+    /// The batch in four statements whatever its size: the runs in one multi-row
+    /// `INSERT … ON CONFLICT DO NOTHING RETURNING` (a tick claimed already returns no
+    /// row), a cascade root for any downstream run, the `run_queued` events in one insert
+    /// numbered by one bump of `meta.event_seq`, and each task's `last_fire_at` and
+    /// `next_fire_at` in one multi-row upsert. The rows of the tasks are held by this
+    /// transaction (`hold_schedules`), so the upsert writes over exactly what the caller
+    /// compared.
+    fn claim_fires(
+        &self,
+        claims: &[(NewRun, Option<Instant>)],
+        now: Instant,
+    ) -> Result<Vec<Option<RunId>>, StoreError> {
+        if claims.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tasks: Vec<&str> = claims.iter().map(|(run, _)| run.task.as_str()).collect();
+        let triggers: Vec<&str> = claims.iter().map(|(run, _)| run.trigger.as_str()).collect();
+        let ticks: Vec<i64> = claims
+            .iter()
+            .map(|(run, _)| to_micros(run.scheduled_for))
+            .collect();
+        let max_attempts: Vec<i64> = claims
+            .iter()
+            .map(|(run, _)| i64::from(run.max_attempts.max(1)))
+            .collect();
+        let forces: Vec<bool> = claims.iter().map(|(run, _)| run.force).collect();
+        let downstreams: Vec<bool> = claims.iter().map(|(run, _)| run.downstream).collect();
+        let cascades: Vec<Option<i64>> = claims
+            .iter()
+            .map(|(run, _)| run.cascade.map(|c| c.0))
+            .collect();
+        let ordinals: Vec<i64> = (0..claims.len() as i64).collect();
+        // The ordinal comes back with each row: the ids follow the order of the claims.
+        let rows = self.query(
+            "WITH claim AS (
+                 SELECT * FROM unnest($1::TEXT[], $2::TEXT[], $3::BIGINT[], $4::BIGINT[], $5::BOOLEAN[], $6::BOOLEAN[], $7::BIGINT[], $8::BIGINT[])
+                     AS c(task, trigger, scheduled_for, max_attempts, force, downstream, cascade, ordinal)
+             ), inserted AS (
+                 INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade)
+                 SELECT task, trigger, scheduled_for, $9, 'queued', max_attempts, force, downstream, cascade
+                 FROM claim ORDER BY ordinal
+                 ON CONFLICT DO NOTHING
+                 RETURNING id, task, scheduled_for
+             )
+             SELECT inserted.id, min(claim.ordinal)
+             FROM inserted JOIN claim USING (task, scheduled_for)
+             GROUP BY inserted.id
+             ORDER BY 2",
+            &[
+                &tasks,
+                &triggers,
+                &ticks,
+                &max_attempts,
+                &forces,
+                &downstreams,
+                &cascades,
+                &ordinals,
+                &to_micros(now),
+            ],
+        )?;
+        let mut ids: Vec<Option<RunId>> = vec![None; claims.len()];
+        for row in &rows {
+            let id: i64 = row.try_get(0)?;
+            let ordinal: i64 = row.try_get(1)?;
+            if let Some(slot) = usize::try_from(ordinal).ok().and_then(|i| ids.get_mut(i)) {
+                *slot = Some(RunId(id));
+            }
+        }
+        let claimed: Vec<(usize, RunId)> = ids
+            .iter()
+            .enumerate()
+            .filter_map(|(i, id)| id.map(|id| (i, id)))
+            .collect();
+        if claimed.is_empty() {
+            return Ok(ids);
+        }
+        self.hint(HINT_QUEUED);
+        let roots: Vec<i64> = claimed
+            .iter()
+            .filter(|(i, _)| claims[*i].0.downstream && claims[*i].0.cascade.is_none())
+            .map(|(_, id)| id.0)
+            .collect();
+        if !roots.is_empty() {
+            self.execute("UPDATE runs SET cascade = id WHERE id = ANY($1)", &[&roots])?;
+        }
+        let event_tasks: Vec<&str> = claimed.iter().map(|(i, _)| tasks[*i]).collect();
+        let event_runs: Vec<i64> = claimed.iter().map(|(_, id)| id.0).collect();
+        let messages: Vec<String> = claimed
+            .iter()
+            .map(|(i, _)| {
+                let run = &claims[*i].0;
+                format!("{} for {}", run.trigger, run.scheduled_for.to_rfc3339())
+            })
+            .collect();
+        let zeros = vec![0_i64; claimed.len()];
+        self.append_events(
+            now,
+            &vec!["run_queued"; claimed.len()],
+            &event_tasks,
+            &event_runs,
+            &zeros,
+            &messages,
+        )?;
+        // Each task's last tick claimed and its next fire, once per task.
+        let mut last: Vec<(&str, i64, Option<i64>)> = Vec::new();
+        let mut slot: HashMap<&str, usize> = HashMap::new();
+        for (i, _) in &claimed {
+            let (run, next) = &claims[*i];
+            let entry = (
+                run.task.as_str(),
+                to_micros(run.scheduled_for),
+                next.map(to_micros),
+            );
+            match slot.get(run.task.as_str()) {
+                Some(&at) => last[at] = entry,
+                None => {
+                    slot.insert(run.task.as_str(), last.len());
+                    last.push(entry);
+                }
+            }
+        }
+        let state_tasks: Vec<&str> = last.iter().map(|(task, _, _)| *task).collect();
+        let last_fires: Vec<i64> = last.iter().map(|(_, at, _)| *at).collect();
+        let next_fires: Vec<Option<i64>> = last.iter().map(|(_, _, next)| *next).collect();
+        self.execute(
+            "INSERT INTO task_state(task, last_fire_at, next_fire_at)
+             SELECT * FROM unnest($1::TEXT[], $2::BIGINT[], $3::BIGINT[])
+             ON CONFLICT (task) DO UPDATE SET last_fire_at = excluded.last_fire_at, next_fire_at = excluded.next_fire_at",
+            &[&state_tasks, &last_fires, &next_fires],
+        )?;
+        Ok(ids)
     }
 
     fn enqueue(&self, run: &NewRun, now: Instant) -> Result<RunId, StoreError> {
@@ -1299,6 +1775,60 @@ impl Tx for PostgresTx<'_, '_> {
             &message,
         )?;
         Ok(new_attempt)
+    }
+
+    /// Starts of runs of distinct tasks (a dispatch) in five statements whatever their
+    /// number: the tasks' advisory locks taken in task order in one, then (a statement of
+    /// its own, so it sees every start committed before the locks) which task runs
+    /// elsewhere, one fenced `UPDATE … FROM unnest(…)` of the runs, their attempts rows
+    /// and their `run_started` events. Anything else moves one by one.
+    fn transitions(
+        &self,
+        steps: &[Move],
+        change: &Change,
+        now: Instant,
+    ) -> Vec<Result<Attempt, StoreError>> {
+        let one_by_one = |tx: &Self| -> Vec<Result<Attempt, StoreError>> {
+            steps
+                .iter()
+                .map(|step| tx.transition(step, change, now))
+                .collect()
+        };
+        let distinct_runs: HashSet<RunId> = steps.iter().map(|step| step.run).collect();
+        if steps.len() < 2
+            || distinct_runs.len() != steps.len()
+            || steps
+                .iter()
+                .any(|step| step.to != RunState::Running || !step.from.can_become(step.to))
+        {
+            return one_by_one(self);
+        }
+        match self.start_batch(steps, change, now) {
+            Ok(Some(outcomes)) => outcomes,
+            Ok(None) => one_by_one(self),
+            Err(err) => self.fail_all(err, steps.len()),
+        }
+    }
+
+    /// Moves of distinct runs that start nothing (attempts ending, waiting runs skipped)
+    /// in three statements (see `finish_batch`); anything else moves one by one.
+    fn finishes(&self, moves: &[(Move, Change)], now: Instant) -> Vec<Result<Attempt, StoreError>> {
+        let distinct: HashSet<RunId> = moves.iter().map(|(step, _)| step.run).collect();
+        if moves.len() < 2
+            || distinct.len() != moves.len()
+            || moves
+                .iter()
+                .any(|(step, _)| step.to == RunState::Running || !step.from.can_become(step.to))
+        {
+            return moves
+                .iter()
+                .map(|(step, change)| self.transition(step, change, now))
+                .collect();
+        }
+        match self.finish_batch(moves, now) {
+            Ok(outcomes) => outcomes,
+            Err(err) => self.fail_all(err, moves.len()),
+        }
     }
 
     /// The row is read `FOR UPDATE`, so a concurrent move of the run waits for this
