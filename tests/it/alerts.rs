@@ -247,7 +247,7 @@ tasks = ["other"]
         "{body}"
     );
     assert!(
-        body["at"].as_str().is_some_and(|at| at.ends_with('Z')),
+        body["at"].as_str().is_some_and(|at| at.ends_with("+00:00")),
         "{body}"
     );
     assert_eq!(

@@ -66,7 +66,7 @@ fn a_backfill_runs_only_the_ticks_not_run_yet_oldest_first_then_their_downstream
         ],
     );
     assert_eq!(code, 0, "{dry}");
-    let t = |h: u32| format!("2025-01-01T0{h}:00:00.000000Z");
+    let t = |h: u32| format!("2025-01-01T0{h}:00:00.000000+00:00");
     assert_eq!(
         ticks(&dry),
         [
@@ -152,8 +152,8 @@ fn a_backfill_date_is_that_whole_day_in_the_tasks_zone_and_bad_ranges_are_refuse
     let ticks = ticks(&dry);
     assert_eq!(ticks.len(), 24);
     // Berlin's midnight is 23:00 UTC in winter.
-    assert_eq!(ticks[0].0, "2025-01-01T23:00:00.000000Z");
-    assert_eq!(ticks[23].0, "2025-01-02T22:00:00.000000Z");
+    assert_eq!(ticks[0].0, "2025-01-01T23:00:00.000000+00:00");
+    assert_eq!(ticks[23].0, "2025-01-02T22:00:00.000000+00:00");
 
     let text = stdout(&sandbox.cli(&[
         "backfill",
@@ -165,7 +165,7 @@ fn a_backfill_date_is_that_whole_day_in_the_tasks_zone_and_bad_ranges_are_refuse
         "--dry-run",
     ]));
     assert!(
-        text.contains("2025-01-02T00:00:00")
+        text.contains("2025-01-02 00:00:00 UTC  would be queued")
             && text.contains("2 ticks of tick: 2 to queue, 0 already ran"),
         "{text}"
     );

@@ -238,6 +238,37 @@ pub fn signal(pid: u32, signal: nix::sys::signal::Signal) {
         .unwrap_or_else(|err| panic!("kill({pid}, {signal}): {err}"));
 }
 
+/// True while the process `pid` that started no later than `latest_start` (Unix µs)
+/// exists and is not a zombie. With `pid_max` at 32,768 a busy suite reuses pids within
+/// minutes: a process under the same pid started later is another one.
+pub fn process_alive_started_by(pid: i64, latest_start: i64) -> bool {
+    let started = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Field 22, the start time in clock ticks since boot; fields counted after
+            // the command's closing parenthesis start at field 3.
+            let ticks: i64 = stat
+                .rsplit(')')
+                .next()?
+                .split_whitespace()
+                .nth(19)?
+                .parse()
+                .ok()?;
+            let boot: i64 = std::fs::read_to_string("/proc/stat")
+                .ok()?
+                .lines()
+                .find_map(|line| line.strip_prefix("btime ")?.trim().parse().ok())?;
+            // SAFETY: sysconf only reads a configuration value.
+            let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+            Some(boot * 1_000_000 + ticks * 1_000_000 / per_second)
+        });
+    match started {
+        // The boot time is whole seconds: a second of slack.
+        Some(started) if started > latest_start + 1_000_000 => false,
+        _ => process_alive(pid),
+    }
+}
+
 /// True while `pid` exists and is not a zombie.
 pub fn process_alive(pid: i64) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
