@@ -1537,11 +1537,21 @@ fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
             running,
         });
     }
+    let pools = stored_pools(&store, config)?;
     if json {
-        out!("{}", views::stored_status(&instances, &tasks, now))?;
+        out!("{}", views::stored_status(&instances, &tasks, &pools, now))?;
         return Ok(ExitCode::SUCCESS);
     }
     print_service(&instances, now)?;
+    for pool in &pools {
+        out!(
+            "pool {}: {}/{} running, {} waiting",
+            pool.name,
+            pool.running,
+            pool.slots,
+            pool.waiting
+        )?;
+    }
     out!(
         "{:<16} {:<22} {:<27} {:<8} {:<10} LAST RUN",
         "TASK",
@@ -1592,6 +1602,32 @@ fn status(path: &Path, json: bool, utc: bool) -> Result<ExitCode> {
         )?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Every configured pool's occupancy as the store has it: the running and queued runs of
+/// its tasks, whichever instance holds them.
+fn stored_pools(store: &Store, config: &Config) -> Result<Vec<turbosched::engine::PoolSnapshot>> {
+    let mut running = Vec::new();
+    let mut queued = Vec::new();
+    for spec in config.tasks.values().filter(|spec| spec.pool.is_some()) {
+        for (state, counts) in [
+            (RunState::Running, &mut running),
+            (RunState::Queued, &mut queued),
+        ] {
+            let n = store
+                .runs(&RunFilter {
+                    task: Some(spec.name.0.clone()),
+                    state: Some(state),
+                    limit: 100_000,
+                    ..RunFilter::default()
+                })?
+                .len();
+            counts.push((spec.name.as_str(), n));
+        }
+    }
+    Ok(turbosched::engine::PoolSnapshot::count(
+        config, running, queued,
+    ))
 }
 
 /// The live instances with the runs each is running (cluster mode shows them all).

@@ -14,7 +14,7 @@ use serde_json::{json, Map, Value};
 
 use crate::audit::Audit;
 use crate::config::{Handler, TaskSpec};
-use crate::engine::{Snapshot, TaskSnapshot};
+use crate::engine::{PoolSnapshot, Snapshot, TaskSnapshot};
 use crate::model::{Instant, RunId, TaskName};
 use crate::store::{AttemptRow, EventRow, InstanceRow, RunRow, TaskStateRow};
 
@@ -44,6 +44,7 @@ pub fn status(snapshot: &Snapshot) -> Value {
             "as_of": time(snapshot.at),
         },
         "tasks": tasks(snapshot),
+        "pools": pools(&snapshot.pools),
         "cluster": snapshot.cluster.as_ref().map(|cluster| json!({
             "offset_ms": cluster.offset.num_milliseconds(),
             "fenced": cluster.fenced,
@@ -55,6 +56,18 @@ pub fn status(snapshot: &Snapshot) -> Value {
                 .collect::<Vec<_>>(),
         })),
     })
+}
+
+/// Every configured pool's occupancy, `[{name, slots, running, waiting}]`: in
+/// `GET /scheduler/status` (this instance's runs) and `turbosched status --json` (the
+/// store's).
+pub fn pools(pools: &[PoolSnapshot]) -> Value {
+    Value::Array(
+        pools
+            .iter()
+            .map(|p| json!({"name": p.name, "slots": p.slots, "running": p.running, "waiting": p.waiting}))
+            .collect(),
+    )
 }
 
 /// `GET /scheduler/tasks`: every task's summary.
@@ -424,10 +437,12 @@ pub struct StoredTask<'a> {
     pub running: usize,
 }
 
-/// `turbosched status --json`: the live instances and every task, read from the store.
+/// `turbosched status --json`: the live instances, every task and every pool, read from
+/// the store.
 pub fn stored_status(
     instances: &[(InstanceRow, Vec<RunId>)],
     tasks: &[StoredTask<'_>],
+    pool_counts: &[PoolSnapshot],
     now: Instant,
 ) -> Value {
     let tasks: Vec<Value> = tasks
@@ -452,7 +467,7 @@ pub fn stored_status(
         .iter()
         .map(|(row, runs)| instance(row, runs, now))
         .collect();
-    json!({"service": service, "tasks": tasks})
+    json!({"service": service, "tasks": tasks, "pools": pools(pool_counts)})
 }
 
 /// One live instance: where it runs, how old its lease is (since its last heartbeat), the

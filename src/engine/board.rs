@@ -82,6 +82,8 @@ pub struct Snapshot {
     pub retry_waiting: usize,
     /// Every task.
     pub tasks: Vec<TaskSnapshot>,
+    /// Every configured pool's occupancy on this instance, by name.
+    pub pools: Vec<PoolSnapshot>,
     /// Set while the store refuses the engine's writes.
     pub store_fault: Option<super::StoreFault>,
     /// The last step of the wall clock the engine saw.
@@ -121,6 +123,61 @@ pub struct TaskSnapshot {
     pub last: Option<FinishedRun>,
     /// Statistics over the recent finished runs.
     pub stats: Stats,
+}
+
+/// A pool's occupancy (`[pools.<name>]`): its slots, the runs of its tasks running and
+/// those queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PoolSnapshot {
+    /// `[pools.<name>]`.
+    pub name: String,
+    /// `slots`.
+    pub slots: usize,
+    /// Runs of its tasks running (on this instance, for the engine).
+    pub running: usize,
+    /// Runs of its tasks queued, waiting for a slot (or a worker).
+    pub waiting: usize,
+}
+
+impl PoolSnapshot {
+    /// Every configured pool, counted from the pool each running and queued run's task
+    /// names in `config`: `running` and `queued` give a task and how many of its runs.
+    pub fn count<'a>(
+        config: &Config,
+        running: impl IntoIterator<Item = (&'a str, usize)>,
+        queued: impl IntoIterator<Item = (&'a str, usize)>,
+    ) -> Vec<PoolSnapshot> {
+        let mut pools: Vec<PoolSnapshot> = config
+            .pools
+            .iter()
+            .map(|(name, slots)| PoolSnapshot {
+                name: name.clone(),
+                slots: *slots,
+                running: 0,
+                waiting: 0,
+            })
+            .collect();
+        if pools.is_empty() {
+            return pools;
+        }
+        let mut add = |task: &str, n: usize, waiting: bool| {
+            let pool = config.task(task).and_then(|spec| spec.pool.as_deref());
+            if let Some(entry) = pool.and_then(|pool| pools.iter_mut().find(|p| p.name == pool)) {
+                if waiting {
+                    entry.waiting += n;
+                } else {
+                    entry.running += n;
+                }
+            }
+        };
+        for (task, n) in running {
+            add(task, n, false);
+        }
+        for (task, n) in queued {
+            add(task, n, true);
+        }
+        pools
+    }
 }
 
 /// A running attempt.

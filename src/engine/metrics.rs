@@ -7,8 +7,8 @@ use std::sync::Mutex;
 
 use prometheus::proto::{Counter, LabelPair, Metric, MetricFamily, MetricType};
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, Opts,
-    Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// The engine's metrics.
@@ -23,6 +23,12 @@ pub struct Metrics {
     pub(super) orphans: IntCounter,
     pub(super) circuits_opened: IntCounterVec,
     pub(super) deadlines_missed: IntCounterVec,
+    /// Each `[pools.<name>]`: its slots, the runs of its tasks running here, those queued.
+    pool_slots: IntGaugeVec,
+    pool_running: IntGaugeVec,
+    pool_waiting: IntGaugeVec,
+    /// The pools the gauges show.
+    pools_shown: Mutex<Vec<String>>,
     /// Every task configured since start: each has its per-task counters in the
     /// exposition, at zero until the first count.
     known: Mutex<BTreeSet<String>>,
@@ -99,8 +105,23 @@ impl Metrics {
             &["alert", "outcome"],
         )
         .expect(CONSTANT);
+        let pool_gauge = |name: &str, help: &str| {
+            IntGaugeVec::new(Opts::new(name, help), &["pool"]).expect(CONSTANT)
+        };
+        let pool_slots = pool_gauge("turbosched_pool_slots", "Slots of each pool");
+        let pool_running = pool_gauge(
+            "turbosched_pool_running",
+            "Runs of each pool's tasks running on this instance",
+        );
+        let pool_waiting = pool_gauge(
+            "turbosched_pool_waiting",
+            "Runs of each pool's tasks queued on this instance, waiting for a slot or a worker",
+        );
         for collector in [
             Box::new(runs.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(pool_slots.clone()),
+            Box::new(pool_running.clone()),
+            Box::new(pool_waiting.clone()),
             Box::new(run_duration.clone()),
             Box::new(fire_lag.clone()),
             Box::new(running.clone()),
@@ -128,6 +149,37 @@ impl Metrics {
             deadlines_missed,
             known: Mutex::new(BTreeSet::new()),
             alert_posts,
+            pool_slots,
+            pool_running,
+            pool_waiting,
+            pools_shown: Mutex::default(),
+        }
+    }
+
+    /// Sets the pool gauges to `pools`, the configured pools (a pool removed by a reload
+    /// disappears from the exposition).
+    pub(super) fn set_pools(&self, pools: &[super::PoolSnapshot]) {
+        let mut shown = self.pools_shown.lock().unwrap_or_else(|p| p.into_inner());
+        for gone in shown
+            .iter()
+            .filter(|name| !pools.iter().any(|p| &p.name == *name))
+        {
+            for gauge in [&self.pool_slots, &self.pool_running, &self.pool_waiting] {
+                let _ = gauge.remove_label_values(&[gone.as_str()]);
+            }
+        }
+        *shown = pools.iter().map(|p| p.name.clone()).collect();
+        for pool in pools {
+            let labels = [pool.name.as_str()];
+            self.pool_slots
+                .with_label_values(&labels)
+                .set(pool.slots as i64);
+            self.pool_running
+                .with_label_values(&labels)
+                .set(pool.running as i64);
+            self.pool_waiting
+                .with_label_values(&labels)
+                .set(pool.waiting as i64);
         }
     }
 
@@ -263,6 +315,35 @@ const CONSTANT: &str = "metric options are valid constants";
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pool_gauges_show_each_configured_pool_and_drop_a_removed_one() {
+        let metrics = Metrics::new();
+        let pool = |name: &str, slots, running, waiting| super::super::PoolSnapshot {
+            name: name.into(),
+            slots,
+            running,
+            waiting,
+        };
+        metrics.set_pools(&[pool("cpu", 4, 0, 0), pool("gpu", 2, 1, 3)]);
+        let text = metrics.render();
+        for line in [
+            "turbosched_pool_slots{pool=\"gpu\"} 2",
+            "turbosched_pool_running{pool=\"gpu\"} 1",
+            "turbosched_pool_waiting{pool=\"gpu\"} 3",
+            "turbosched_pool_slots{pool=\"cpu\"} 4",
+            "turbosched_pool_waiting{pool=\"cpu\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} missing from:\n{text}");
+        }
+        metrics.set_pools(&[pool("gpu", 2, 0, 0)]);
+        let text = metrics.render();
+        assert!(!text.contains("pool=\"cpu\""), "{text}");
+        assert!(
+            text.contains("turbosched_pool_running{pool=\"gpu\"} 0"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn every_metric_is_registered_and_rendered() {

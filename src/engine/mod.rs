@@ -44,7 +44,8 @@ mod supervise;
 mod tests;
 
 pub use board::{
-    Board, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot, RECENT_RUNS,
+    Board, FinishedRun, History, PoolSnapshot, RunningRun, Snapshot, Stats, TaskSnapshot,
+    RECENT_RUNS,
 };
 pub use circuit::open_circuit;
 pub use cluster::{ClusterView, ConfigConflict, DatabaseClock, OFFSET_WARNING};

@@ -3,7 +3,9 @@
 
 use std::time::Duration;
 
-use super::{board, Engine, FinishedRun, History, RunningRun, Snapshot, Stats, TaskSnapshot};
+use super::{
+    board, Engine, FinishedRun, History, PoolSnapshot, RunningRun, Snapshot, Stats, TaskSnapshot,
+};
 use tracing::warn;
 
 impl Engine {
@@ -48,9 +50,15 @@ impl Engine {
                 }
             })
             .collect();
+        let pools = PoolSnapshot::count(
+            &config,
+            self.running.values().map(|r| (r.task.as_str(), 1)),
+            self.queued_per_task.iter().map(|(t, n)| (t.as_str(), *n)),
+        );
         self.version += 1;
         self.metrics.running.set(self.running.len() as i64);
         self.metrics.queued.set(self.queue.len() as i64);
+        self.metrics.set_pools(&pools);
         let changed = self.dirty;
         self.board.publish(
             Snapshot {
@@ -63,6 +71,7 @@ impl Engine {
                 queued: self.queue.len(),
                 retry_waiting: self.retry_due.len(),
                 tasks,
+                pools,
                 store_fault: self.store_fault.clone(),
                 clock_step: self.clock_step.clone(),
                 cluster: self.clustered().then(|| self.cluster_view.clone()),
