@@ -267,6 +267,11 @@ depends_on = ["ingestion"]
         .contains("load the day's bars"));
     browser.find("#tasks tbody tr[data-task='training']");
     browser.find("#dag g[data-node='training']");
+    assert_eq!(
+        browser.script("return document.querySelector('#pools').hidden;"),
+        Value::Bool(true),
+        "no pool configured: no pools line"
+    );
     let countdown = "#tasks tbody tr[data-task='ingestion'] td.countdown";
     wait_until("a live countdown", Duration::from_secs(10), || {
         browser.text(countdown).starts_with("in ").then_some(())
@@ -434,6 +439,46 @@ fn the_dashboard_reconnects_after_the_service_restarts_and_catches_up_on_missed_
 
 /// A sandbox whose scheduler's zone is Asia/Tokyo: no daylight saving, so the zone label a
 /// browser prints for it is always `GMT+9`.
+#[test]
+fn the_dashboard_shows_a_full_pools_running_and_waiting_runs_live() {
+    let sandbox = Sandbox::new(
+        r#"
+[pools.gpu]
+slots = 1
+
+[tasks.first]
+command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
+pool = "gpu"
+
+[tasks.second]
+command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
+pool = "gpu"
+"#,
+    );
+    let service = sandbox.serve();
+    let browser = Browser::start();
+    browser.open(&format!("{}/", service.api));
+    wait_live(&browser);
+    wait_until("the idle pool line", Duration::from_secs(10), || {
+        (browser.text("#pools") == "Pools: gpu 0/1 running, 0 waiting").then_some(())
+    });
+    for task in ["first", "second"] {
+        let (code, body) = crate::faults::post_json(&service, &format!("/scheduler/run_{task}"));
+        assert_eq!(code, 202, "{task}: {body}");
+    }
+    wait_until(
+        "the pool line to show one running and one waiting",
+        Duration::from_secs(20),
+        || (browser.text("#pools") == "Pools: gpu 1/1 running, 1 waiting").then_some(()),
+    );
+    std::fs::write(sandbox.path().join("release"), "").unwrap();
+    wait_until("the pool line to empty", Duration::from_secs(20), || {
+        (browser.text("#pools") == "Pools: gpu 0/1 running, 0 waiting").then_some(())
+    });
+    drop(browser);
+    drop(service);
+}
+
 fn in_tokyo(tasks: &str) -> Sandbox {
     Sandbox::with_config(&format!(
         "{}\n{tasks}",
