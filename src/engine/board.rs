@@ -308,6 +308,28 @@ mod tests {
     }
 
     #[test]
+    fn pool_counts_add_each_pooled_tasks_running_and_queued_runs_and_ignore_the_rest() {
+        let text = "[pools.gpu]\nslots = 2\n[pools.cpu]\nslots = 4\n\
+            [tasks.a]\nhandler = \"ping\"\npool = \"gpu\"\n\
+            [tasks.b]\nhandler = \"ping\"\npool = \"gpu\"\n\
+            [tasks.free]\nhandler = \"ping\"\n";
+        let config = crate::config::parse(text, std::path::Path::new("scheduler.toml"))
+            .unwrap_or_else(|errors| panic!("{errors}"));
+        let pools = PoolSnapshot::count(
+            &config,
+            [("a", 1), ("b", 1), ("free", 1), ("gone", 1)],
+            [("a", 2), ("b", 1), ("free", 5)],
+        );
+        let pool = |name: &str, slots, running, waiting| PoolSnapshot {
+            name: name.into(),
+            slots,
+            running,
+            waiting,
+        };
+        assert_eq!(pools, [pool("cpu", 4, 0, 0), pool("gpu", 2, 2, 3)]);
+    }
+
+    #[test]
     fn stats_count_successes_and_percentiles_of_successful_durations() {
         let mut history = History::default();
         for n in 1..=19 {
