@@ -228,6 +228,34 @@ impl Report<'_> {
         }
     }
 
+    /// A section of named tables (`[tasks.<name>]`, `[calendars.<name>]`, `[pools.<name>]`):
+    /// each name, the span of its key, and its table decoded (`None` when it did not
+    /// decode: the name stays known). Anything but a table of tables is reported.
+    fn named_tables<T: DeserializeOwned>(
+        &mut self,
+        value: Spanned<DeValue<'_>>,
+        section: &str,
+        example: &str,
+    ) -> Vec<(String, Range<usize>, Option<T>)> {
+        let span = value.span();
+        let DeValue::Table(table) = value.into_inner() else {
+            self.error(
+                span,
+                section,
+                format!("expected a table of {section} such as {example}"),
+            );
+            return Vec::new();
+        };
+        table
+            .into_iter()
+            .map(|(key, value)| {
+                let name = key.get_ref().to_string();
+                let decoded = self.decode::<T>(value, &format!("{section}.{name}"));
+                (name, key.span(), decoded)
+            })
+            .collect()
+    }
+
     /// Deserializes one value, reporting a failure at its span under the full dotted key
     /// it falls in (`key` itself, or a key below it).
     ///
@@ -366,7 +394,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
     let mut defaults = RawTask::default();
     let mut raw_calendars: Vec<(String, Range<usize>, RawCalendar)> = Vec::new();
     let mut raw_alerts: Vec<(Range<usize>, RawAlert)> = Vec::new();
-    let mut pools: BTreeMap<String, usize> = BTreeMap::new();
+    let mut raw_pools: Vec<(String, Range<usize>, Option<RawPool>)> = Vec::new();
     // (name, span of its key, the task if it decoded): a task that failed to decode keeps
     // its name known, so dependencies on it are not reported as well.
     let mut tasks: Vec<(Spanned<String>, Range<usize>, Option<RawTask>)> = Vec::new();
@@ -378,64 +406,16 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
             "logging" => logging = report.decode(value, "logging"),
             "defaults" => defaults = report.decode(value, "defaults").unwrap_or_default(),
             "calendars" => {
-                let span = value.span();
-                let DeValue::Table(table) = value.into_inner() else {
-                    report.error(
-                        span,
-                        "calendars",
-                        "expected a table of calendars such as [calendars.nyse]",
-                    );
-                    continue;
-                };
-                for (calendar_key, calendar_value) in table {
-                    let calendar_name = calendar_key.get_ref().to_string();
-                    let path = format!("calendars.{calendar_name}");
-                    if let Some(calendar) = report.decode::<RawCalendar>(calendar_value, &path) {
-                        raw_calendars.push((calendar_name, calendar_key.span(), calendar));
+                for (name, span, calendar) in
+                    report.named_tables::<RawCalendar>(value, "calendars", "[calendars.nyse]")
+                {
+                    if let Some(calendar) = calendar {
+                        raw_calendars.push((name, span, calendar));
                     }
                 }
             }
             "pools" => {
-                let span = value.span();
-                let DeValue::Table(table) = value.into_inner() else {
-                    report.error(
-                        span,
-                        "pools",
-                        "expected a table of pools such as [pools.gpu]",
-                    );
-                    continue;
-                };
-                for (pool_key, pool_value) in table {
-                    let pool_name = pool_key.get_ref().to_string();
-                    let path = format!("pools.{pool_name}");
-                    let pool_span = pool_key.span();
-                    let Some(pool) = report.decode::<RawPool>(pool_value, &path) else {
-                        continue;
-                    };
-                    let slots = match pool.slots {
-                        Some(n) if (POOL_SLOTS.0..=POOL_SLOTS.1).contains(n.get_ref()) => {
-                            *n.get_ref() as usize
-                        }
-                        Some(n) => {
-                            report.error(
-                                n.span(),
-                                &format!("{path}.slots"),
-                                format!(
-                                    "expected a whole number from {} to {}, found {}",
-                                    POOL_SLOTS.0,
-                                    POOL_SLOTS.1,
-                                    n.get_ref()
-                                ),
-                            );
-                            1
-                        }
-                        None => {
-                            report.error(pool_span, &format!("{path}.slots"), "slots is required: how many runs of the pool's tasks may run at once");
-                            1
-                        }
-                    };
-                    pools.insert(pool_name, slots);
-                }
+                raw_pools = report.named_tables::<RawPool>(value, "pools", "[pools.gpu]");
             }
             "alerts" => {
                 let span = value.span();
@@ -455,21 +435,10 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
                 }
             }
             "tasks" => {
-                let span = value.span();
-                let DeValue::Table(table) = value.into_inner() else {
-                    report.error(
-                        span,
-                        "tasks",
-                        "expected a table of tasks such as [tasks.ingestion]",
-                    );
-                    continue;
-                };
-                for (task_key, task_value) in table {
-                    let task_name = task_key.get_ref().to_string();
-                    let task_span = task_key.span();
-                    let path = format!("tasks.{task_name}");
-                    let task = report.decode::<RawTask>(task_value, &path);
-                    tasks.push((Spanned::new(task_span.clone(), task_name), task_span, task));
+                for (name, span, task) in
+                    report.named_tables::<RawTask>(value, "tasks", "[tasks.ingestion]")
+                {
+                    tasks.push((Spanned::new(span.clone(), name), span, task));
                 }
             }
             other => {
@@ -497,6 +466,7 @@ pub(super) fn resolve(text: &str, file: &Path) -> Result<Config, ConfigErrors> {
 
     let logging = resolve_logging(&mut report, logging.unwrap_or_default());
     let calendars = resolve_calendars(&mut report, raw_calendars);
+    let pools = resolve_pools(&mut report, raw_pools);
     let known: BTreeSet<String> = tasks
         .iter()
         .map(|(name, _, _)| name.get_ref().clone())
@@ -591,6 +561,44 @@ fn parse_dates(
             ),
         }
     }
+}
+
+/// Each pool's slots: a whole number within `POOL_SLOTS`, required.
+fn resolve_pools(
+    report: &mut Report<'_>,
+    raw: Vec<(String, Range<usize>, Option<RawPool>)>,
+) -> BTreeMap<String, usize> {
+    let mut pools = BTreeMap::new();
+    for (name, span, pool) in raw {
+        let Some(pool) = pool else { continue };
+        let key = format!("pools.{name}.slots");
+        let slots = match pool.slots {
+            Some(n) if (POOL_SLOTS.0..=POOL_SLOTS.1).contains(n.get_ref()) => *n.get_ref() as usize,
+            Some(n) => {
+                report.error(
+                    n.span(),
+                    &key,
+                    format!(
+                        "expected a whole number from {} to {}, found {}",
+                        POOL_SLOTS.0,
+                        POOL_SLOTS.1,
+                        n.get_ref()
+                    ),
+                );
+                1
+            }
+            None => {
+                report.error(
+                    span,
+                    &key,
+                    "slots is required: how many runs of the pool's tasks may run at once",
+                );
+                1
+            }
+        };
+        pools.insert(name, slots);
+    }
+    pools
 }
 
 /// Builds each calendar: its inline dates and those of its file (read relative to the
