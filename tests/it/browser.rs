@@ -437,24 +437,10 @@ fn the_dashboard_reconnects_after_the_service_restarts_and_catches_up_on_missed_
     drop(service);
 }
 
-/// A sandbox whose scheduler's zone is Asia/Tokyo: no daylight saving, so the zone label a
-/// browser prints for it is always `GMT+9`.
+/// A pool of one with a run running and one waiting shows so on the dashboard, live.
 #[test]
 fn the_dashboard_shows_a_full_pools_running_and_waiting_runs_live() {
-    let sandbox = Sandbox::new(
-        r#"
-[pools.gpu]
-slots = 1
-
-[tasks.first]
-command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
-pool = "gpu"
-
-[tasks.second]
-command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
-pool = "gpu"
-"#,
-    );
+    let sandbox = Sandbox::new(crate::pools::FULL_POOL_OF_ONE);
     let service = sandbox.serve();
     let browser = Browser::start();
     browser.open(&format!("{}/", service.api));
@@ -479,6 +465,8 @@ pool = "gpu"
     drop(service);
 }
 
+/// A sandbox whose scheduler's zone is Asia/Tokyo: no daylight saving, so the zone label a
+/// browser prints for it is always `GMT+9`.
 fn in_tokyo(tasks: &str) -> Sandbox {
     Sandbox::with_config(&format!(
         "{}\n{tasks}",

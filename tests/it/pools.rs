@@ -9,6 +9,21 @@ use serde_json::{json, Value};
 
 use crate::support::{run_id, stdout, wait_until, Sandbox};
 
+/// A pool of one and two tasks of it that run until the sandbox holds a file `release`:
+/// the second one triggered waits for the first.
+pub(crate) const FULL_POOL_OF_ONE: &str = r#"
+[pools.gpu]
+slots = 1
+
+[tasks.first]
+command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
+pool = "gpu"
+
+[tasks.second]
+command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
+pool = "gpu"
+"#;
+
 #[test]
 fn a_pool_of_one_serialises_two_tasks_that_would_otherwise_overlap() {
     let sandbox = Sandbox::new(
@@ -65,20 +80,7 @@ command = ["sh", "-c", "sleep 0.6"]
 /// waits, the status API, `/metrics`, and `turbosched status` (human and JSON) say so.
 #[test]
 fn a_full_pool_shows_one_running_and_one_waiting_in_status_metrics_and_the_cli() {
-    let sandbox = Sandbox::new(
-        r#"
-[pools.gpu]
-slots = 1
-
-[tasks.first]
-command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
-pool = "gpu"
-
-[tasks.second]
-command = ["sh", "-c", "while [ ! -e release ]; do sleep 0.05; done"]
-pool = "gpu"
-"#,
-    );
+    let sandbox = Sandbox::new(FULL_POOL_OF_ONE);
     let service = sandbox.serve();
     let agent: ureq::Agent = ureq::Agent::config_builder().build().into();
     let get = |route: &str| {
