@@ -131,10 +131,13 @@ impl Engine {
                             fired.disagreeing.push((plan.task.clone(), key.to_string()));
                             continue;
                         }
-                        if stored.next_fire_at != Some(plan.first_due) {
-                            fired.adopted.push((plan.task.clone(), stored.next_fire_at));
-                            continue;
-                        }
+                    }
+                    // A row with a key, or with a next fire (a claim wrote it), is
+                    // compared; only a row nobody has fired from is not.
+                    let compared = stored.schedule.is_some() || stored.next_fire_at.is_some();
+                    if compared && stored.next_fire_at != Some(plan.first_due) {
+                        fired.adopted.push((plan.task.clone(), stored.next_fire_at));
+                        continue;
                     }
                     if !held.due {
                         // Due by this host's clock, not yet by the database's.
@@ -259,8 +262,11 @@ impl Engine {
         for plan in &plans {
             if deferred.contains(plan.task) {
                 // Still due: another instance is firing it, or the database's clock has
-                // not reached it yet.
+                // not reached it yet. Looked at again from its first due tick.
                 self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY);
+                self.next_fire
+                    .entry(plan.task.clone())
+                    .or_insert(plan.first_due);
                 continue;
             }
             let next = match adopted.get(plan.task) {

@@ -89,17 +89,42 @@ impl Engine {
         }
         if !fresh.is_empty() {
             self.dirty = true;
+            // Started, never written over a peer: another instance may have started a
+            // schedule, and fired from it, since the read above (a cluster starting at
+            // once). Its next fire stands; a next fire moved back would plan ticks it
+            // claimed already as missed.
             let written = self.store.batch(|batch| {
-                for (task, next, key) in &fresh {
-                    batch.set_next_fire(task, *next, Some(key))?;
-                }
-                Ok(())
+                fresh
+                    .iter()
+                    .map(|(task, next, key)| batch.start_schedule(task, *next, Some(key)))
+                    .collect::<Result<Vec<_>, _>>()
             });
-            if let Err(err) = written {
-                warn!(tasks = fresh.len(), "cannot store the next fires: {err}");
+            match written {
+                Ok(stored) => {
+                    for ((task, next, _), stored) in fresh.iter().zip(stored) {
+                        if stored == *next {
+                            continue;
+                        }
+                        match stored {
+                            Some(at) => {
+                                self.next_fire.insert(task.clone(), at);
+                                if self.due_at(task, at) <= now {
+                                    due.push((task.clone(), at));
+                                }
+                            }
+                            None => {
+                                self.next_fire.remove(task);
+                            }
+                        }
+                    }
+                }
+                Err(err) => warn!(tasks = fresh.len(), "cannot store the next fires: {err}"),
             }
         }
-        if behind > chrono::TimeDelta::zero() {
+        // A step back of this host's clock while it was down. In a cluster the engine's
+        // clock is the database's, and a next fire a peer stored ahead of this host's
+        // clock is the peer's advance, not a step.
+        if behind > chrono::TimeDelta::zero() && !self.clustered() {
             let step = ClockStep {
                 at: now,
                 by: -behind,

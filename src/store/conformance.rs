@@ -87,6 +87,11 @@
 //! 24. A batch of moves that start nothing (`finishes`: attempts ending, a queued run
 //!     skipped) writes exactly what the same moves one by one write — runs, attempts rows, events in order — and a stale one is `Fenced` and
 //!     writes nothing. (`a_batch_of_finishes_writes_what_the_moves_one_by_one_write`)
+//! 25. Starting a schedule (`start_schedule`, an instance's start-up) never undoes a
+//!     peer: a row that holds the same schedule key keeps its next fire (another instance
+//!     started it, or fired from it, since this one read it) and that next fire is the
+//!     answer; a row without a key, or with another one, takes the new next fire and key.
+//!     (`starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key`)
 
 use chrono::{TimeZone, Utc};
 
@@ -132,6 +137,7 @@ macro_rules! conformance_suite {
             a_batch_of_claims_is_each_claim_in_order,
             a_batch_of_starts_is_each_start_in_order,
             a_batch_of_finishes_writes_what_the_moves_one_by_one_write,
+            starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1844,4 +1850,51 @@ pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: O
         .map(|e| e.seq)
         .collect();
     assert!(seqs.windows(2).all(|w| w[1] == w[0] + 1), "{seqs:?}");
+}
+
+pub(crate) fn starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key(
+    open: Open<'_>,
+) {
+    let peer = open();
+    let starting = open();
+    let task = TaskName::from("ingest");
+    let key = "* * * * * * @ UTC";
+    // A task nobody has written: the start stores its next fire and key.
+    let started = starting
+        .batch(|tx| tx.start_schedule(&task, Some(at(1, 0)), Some(key)))
+        .unwrap();
+    assert_eq!(started, Some(at(1, 0)));
+    // A peer fires 12:00:01 and moves the next fire on ...
+    peer.batch(|tx| tx.claim_fire(&scheduled("ingest", at(1, 0)), at(1, 0), Some(at(2, 0))))
+        .unwrap();
+    // ... then an instance that read the schedules before that starts it from 12:00:01:
+    // the peer's advance stands, and is the answer.
+    let started = starting
+        .batch(|tx| tx.start_schedule(&task, Some(at(1, 0)), Some(key)))
+        .unwrap();
+    assert_eq!(started, Some(at(2, 0)));
+    let state = peer.task_state(&task).unwrap();
+    assert_eq!(state.next_fire_at, Some(at(2, 0)));
+    assert_eq!(state.last_fire_at, Some(at(1, 0)));
+    assert_eq!(state.schedule.as_deref(), Some(key));
+    // Another schedule (a new config) replaces the next fire and the key.
+    let other = "*/5 * * * * * @ UTC";
+    let started = starting
+        .batch(|tx| tx.start_schedule(&task, Some(at(5, 0)), Some(other)))
+        .unwrap();
+    assert_eq!(started, Some(at(5, 0)));
+    let state = peer.task_state(&task).unwrap();
+    assert_eq!(state.next_fire_at, Some(at(5, 0)));
+    assert_eq!(state.schedule.as_deref(), Some(other));
+    // A row without a key (written by a pause) takes both.
+    let paused = TaskName::from("report");
+    peer.set_paused(&paused, true, at(6, 0)).unwrap();
+    let started = starting
+        .batch(|tx| tx.start_schedule(&paused, Some(at(7, 0)), Some(key)))
+        .unwrap();
+    assert_eq!(started, Some(at(7, 0)));
+    let state = peer.task_state(&paused).unwrap();
+    assert!(state.paused);
+    assert_eq!(state.next_fire_at, Some(at(7, 0)));
+    assert_eq!(state.schedule.as_deref(), Some(key));
 }

@@ -884,6 +884,17 @@ pub trait Tx {
         schedule: Option<&str>,
     ) -> Result<(), StoreError>;
 
+    /// Starts `task`'s schedule at an instance's start-up: stores `next` under `schedule`
+    /// unless the row holds `schedule` already — then another instance started it, or
+    /// fired from it, after this one read it, and its next fire stands. Answers the next
+    /// fire the row holds afterwards.
+    fn start_schedule(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<Option<Instant>, StoreError>;
+
     /// Pauses or resumes `task` (persisted across restarts), with its event.
     fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError>;
     /// Takes the schedule rows of `tasks` for this transaction: the compare half of the

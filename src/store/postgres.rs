@@ -1952,6 +1952,38 @@ impl Tx for PostgresTx<'_, '_> {
         Ok(())
     }
 
+    /// The update is conditional on the key (`WHERE … IS DISTINCT FROM`); the row's next
+    /// fire is read back either way. A peer holding the row makes this wait for its commit,
+    /// then see what it wrote (READ COMMITTED re-checks the updated row).
+    fn start_schedule(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<Option<Instant>, StoreError> {
+        let written = self.query_opt(
+            "INSERT INTO task_state(task, next_fire_at, schedule) VALUES ($1, $2, $3)
+             ON CONFLICT (task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule
+             WHERE task_state.schedule IS DISTINCT FROM excluded.schedule
+             RETURNING next_fire_at",
+            &[&task.as_str(), &next.map(to_micros), &schedule],
+        )?;
+        let stored: Option<i64> = match written {
+            Some(row) => {
+                self.hint(HINT_SCHEDULE);
+                row.try_get(0)?
+            }
+            None => match self.query_opt(
+                "SELECT next_fire_at FROM task_state WHERE task = $1",
+                &[&task.as_str()],
+            )? {
+                Some(row) => row.try_get(0)?,
+                None => None,
+            },
+        };
+        Ok(stored.map(from_micros))
+    }
+
     fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError> {
         self.execute(
             "INSERT INTO task_state(task, paused) VALUES ($1, $2)

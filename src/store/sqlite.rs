@@ -656,6 +656,26 @@ impl Tx for SqliteTx<'_> {
         Ok(())
     }
 
+    fn start_schedule(
+        &self,
+        task: &TaskName,
+        next: Option<Instant>,
+        schedule: Option<&str>,
+    ) -> Result<Option<Instant>, StoreError> {
+        cached_execute(self.tx,
+            "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
+             ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule
+             WHERE task_state.schedule IS NOT excluded.schedule",
+            params![task.as_str(), next.map(to_micros), schedule],
+        )?;
+        let stored: Option<i64> = self.tx.query_row(
+            "SELECT next_fire_at FROM task_state WHERE task = ?1",
+            [task.as_str()],
+            |row| row.get(0),
+        )?;
+        Ok(stored.map(from_micros))
+    }
+
     fn set_paused(&self, task: &TaskName, paused: bool, now: Instant) -> Result<(), StoreError> {
         self.tx.execute(
             "INSERT INTO task_state(task, paused) VALUES (?1, ?2)
