@@ -22,6 +22,10 @@ const CIRCUIT_EVENTS: &[&str] = &[
     "task_resumed",
 ];
 
+/// The events that say whether a circuit opened since it was last closed: the newest one
+/// decides (a pause or resume of the operator's aside, `circuit_opened` is open).
+const OPENING_EVENTS: &[&str] = &["circuit_opened", "circuit_closed", "task_resumed"];
+
 /// The `circuit_opened` event of `task` when its circuit is open now (the task is paused
 /// and the newest pause-related event is that one), else `None`. What the CLI and the API
 /// read to tell a manual trigger that the schedule is paused by the breaker.
@@ -101,13 +105,24 @@ impl Engine {
             "circuit opened: {failures} runs in a row failed (max_consecutive_failures = {limit}); \
              the schedule is paused until `turbosched resume {task}` (manual runs still work)"
         );
+        // Opened once: another instance finishing a failed run of the task at the same
+        // instant finds the circuit open already and writes nothing.
         let written = self.store.batch(|tx| {
+            let newest = tx.hold_events(OPENING_EVENTS, Some(task.as_str()), None)?;
+            if newest.as_deref() == Some("circuit_opened") {
+                return Ok(false);
+            }
             tx.set_paused(task, true, now)?;
             tx.record_event("circuit_opened", Some(task.as_str()), None, &message, now)?;
-            Ok(())
+            Ok(true)
         });
         match written {
-            Ok(()) => {
+            Ok(false) => {
+                self.paused.insert(task.as_str().to_string());
+                self.circuits.insert(task.as_str().to_string());
+                self.dirty = true;
+            }
+            Ok(true) => {
                 warn!(task = %task, "{message}");
                 self.paused.insert(task.as_str().to_string());
                 self.circuits.insert(task.as_str().to_string());

@@ -94,32 +94,30 @@ impl Engine {
                     continue;
                 };
                 // Raised once: by this process or another, before a restart or not.
-                match self
-                    .store
-                    .latest_event(&["deadline_missed"], None, Some(run.id))
-                {
-                    Ok(Some(_)) => {
+                // Checked and written as one step: two instances (or this one after a
+                // restart) never raise it twice for a run.
+                let recorded = self.store.batch(|tx| {
+                    let task = Some(spec.name.as_str());
+                    if tx
+                        .hold_events(&["deadline_missed"], task, Some(run.id))?
+                        .is_some()
+                    {
+                        return Ok(None);
+                    }
+                    tx.record_event("deadline_missed", task, Some(run.id), &message, now)
+                        .map(Some)
+                });
+                match recorded {
+                    Ok(Some(_)) => {}
+                    Ok(None) => {
                         self.deadlines_raised.insert(run.id);
                         still_in_window.insert(run.id);
                         continue;
                     }
-                    Ok(None) => {}
                     Err(err) => {
-                        warn!(run = %run.id, "cannot read the run's events: {err}");
+                        warn!(run = %run.id, "cannot record deadline_missed: {err}");
                         continue;
                     }
-                }
-                let recorded = self.store.record_event(
-                    "deadline_missed",
-                    Some(spec.name.as_str()),
-                    Some(run.id),
-                    &message,
-                    now,
-                );
-                if let Err(err) = recorded {
-                    // Not remembered: the next heartbeat tries again.
-                    warn!(run = %run.id, "cannot record deadline_missed: {err}");
-                    continue;
                 }
                 warn!(task = %spec.name, run = %run.id, "deadline missed: {message}");
                 self.metrics

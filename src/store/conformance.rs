@@ -92,6 +92,11 @@
 //!     started it, or fired from it, since this one read it) and that next fire is the
 //!     answer; a row without a key, or with another one, takes the new next fire and key.
 //!     (`starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key`)
+//! 26. An event written once (`hold_events` then `record_event`: a `deadline_missed` per
+//!     run, a `circuit_opened` per opening) is written once however many handles check
+//!     and write it at the same instant; the answer is the kind of the newest of the
+//!     kinds asked about that subject, none for another subject.
+//!     (`an_event_checked_and_written_by_many_handles_at_once_is_written_once`)
 
 use chrono::{TimeZone, Utc};
 
@@ -138,6 +143,7 @@ macro_rules! conformance_suite {
             a_batch_of_starts_is_each_start_in_order,
             a_batch_of_finishes_writes_what_the_moves_one_by_one_write,
             starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key,
+            an_event_checked_and_written_by_many_handles_at_once_is_written_once,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1897,4 +1903,63 @@ pub(crate) fn starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_sa
     assert!(state.paused);
     assert_eq!(state.next_fire_at, Some(at(7, 0)));
     assert_eq!(state.schedule.as_deref(), Some(key));
+}
+
+pub(crate) fn an_event_checked_and_written_by_many_handles_at_once_is_written_once(open: Open<'_>) {
+    let first = open();
+    let run = claim(&first, "ingest");
+    let handles: Vec<Store> = (0..4).map(|_| open()).collect();
+    let start = std::sync::Barrier::new(handles.len());
+    let written: Vec<bool> = std::thread::scope(|scope| {
+        let writers: Vec<_> = handles
+            .iter()
+            .map(|store| {
+                let start = &start;
+                scope.spawn(move || {
+                    start.wait();
+                    store
+                        .batch(|tx| {
+                            let kinds = &["deadline_missed"];
+                            if tx.hold_events(kinds, Some("ingest"), Some(run))?.is_some() {
+                                return Ok(false);
+                            }
+                            tx.record_event(
+                                "deadline_missed",
+                                Some("ingest"),
+                                Some(run),
+                                "late",
+                                at(1, 0),
+                            )?;
+                            Ok(true)
+                        })
+                        .unwrap()
+                })
+            })
+            .collect();
+        writers.into_iter().map(|w| w.join().unwrap()).collect()
+    });
+    assert_eq!(written.iter().filter(|w| **w).count(), 1, "{written:?}");
+    let missed = first
+        .events_after(0, 100)
+        .unwrap()
+        .into_iter()
+        .filter(|e| e.kind == "deadline_missed")
+        .count();
+    assert_eq!(missed, 1);
+    // The answer is the newest of the kinds asked about, for that subject only.
+    let kinds = &["circuit_opened", "circuit_closed"];
+    first
+        .batch(|tx| {
+            tx.record_event("circuit_opened", Some("ingest"), None, "opened", at(2, 0))?;
+            tx.record_event("circuit_closed", Some("ingest"), None, "closed", at(3, 0))
+        })
+        .unwrap();
+    let newest = first
+        .batch(|tx| tx.hold_events(kinds, Some("ingest"), None))
+        .unwrap();
+    assert_eq!(newest.as_deref(), Some("circuit_closed"));
+    let other = first
+        .batch(|tx| tx.hold_events(kinds, Some("report"), None))
+        .unwrap();
+    assert_eq!(other, None);
 }

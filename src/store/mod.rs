@@ -956,6 +956,20 @@ pub trait Tx {
         now: Instant,
     ) -> Result<i64, StoreError>;
 
+    /// Holds the events about `task` and/or `run` for the rest of this transaction and
+    /// answers the kind of the newest of `kinds` about them: what to check before writing
+    /// an event that must be written once (a `deadline_missed` per run, a
+    /// `circuit_opened` per opening), whatever the number of instances doing the same.
+    /// Another transaction holding the same subject waits for this one to end, then sees
+    /// what it wrote (PostgreSQL: a transaction-scoped advisory lock on the subject;
+    /// SQLite: the write lock every transaction takes).
+    fn hold_events(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<String>, StoreError>;
+
     /// Records that instance `owner` is alive, and so are the attempts it runs.
     ///
     /// Promise: the instance's `heartbeat_at` and that of every running run it owns

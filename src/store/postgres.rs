@@ -2060,6 +2060,32 @@ impl Tx for PostgresTx<'_, '_> {
         self.append_event(now, kind, task, run, None, message)
     }
 
+    fn hold_events(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<String>, StoreError> {
+        let subject = format!(
+            "turbosched events {} {}",
+            task.unwrap_or(""),
+            run.map_or(0, |r| r.0)
+        );
+        self.execute(
+            "SELECT pg_advisory_xact_lock(hashtextextended($1, 0))",
+            &[&subject],
+        )?;
+        let run_id = run.map(|r| r.0);
+        let latest = self.query_opt(
+            "SELECT kind FROM events
+             WHERE kind = ANY($1) AND ($2::TEXT IS NULL OR task = $2)
+               AND ($3::BIGINT IS NULL OR run_id = $3)
+             ORDER BY seq DESC LIMIT 1",
+            &[&kinds, &task, &run_id],
+        )?;
+        Ok(latest.map(|row| row.try_get(0)).transpose()?)
+    }
+
     fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
         let now = to_micros(now);
         self.execute(

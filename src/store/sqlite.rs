@@ -722,6 +722,23 @@ impl Tx for SqliteTx<'_> {
         append_event(self, now, kind, task, run, None, message)
     }
 
+    /// `BEGIN IMMEDIATE` holds the whole database already.
+    fn hold_events(
+        &self,
+        kinds: &[&str],
+        task: Option<&str>,
+        run: Option<RunId>,
+    ) -> Result<Option<String>, StoreError> {
+        Ok(self
+            .tx
+            .prepare_cached(LATEST_EVENT)?
+            .query_row(
+                params![serde_free_json_list(kinds), task, run.map(|r| r.0)],
+                |row| row.get(2),
+            )
+            .optional()?)
+    }
+
     fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
         self.tx.execute(
             "UPDATE instances SET heartbeat_at = ?2 WHERE id = ?1",
