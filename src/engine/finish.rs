@@ -125,6 +125,19 @@ impl Engine {
         let store = self.store.clone();
         let applied = blocking(|| {
             store.batch(|batch| {
+                // The children spawned since the last drain, recorded together.
+                let spawned: Vec<_> = envelopes
+                    .iter()
+                    .filter_map(|e| match e.event {
+                        RunnerEvent::Spawned(pid, at) => Some((e.run, e.attempt, pid, at)),
+                        _ => None,
+                    })
+                    .collect();
+                for ((run, ..), written) in spawned.iter().zip(batch.record_pids(&spawned)) {
+                    if let Err(err) = written {
+                        warn!(run = %run, "cannot record the child's pid: {err}");
+                    }
+                }
                 for Envelope {
                     run,
                     attempt,
@@ -133,7 +146,7 @@ impl Engine {
                 {
                     let (run, attempt) = (*run, *attempt);
                     let written = match event {
-                        RunnerEvent::Spawned(pid, at) => batch.record_pid(run, attempt, *pid, *at),
+                        RunnerEvent::Spawned(..) => Ok(true),
                         RunnerEvent::Report(Report::Progress { pct, phase }) => {
                             batch.record_progress(run, attempt, *pct, phase.as_deref(), now)
                         }

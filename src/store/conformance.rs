@@ -97,6 +97,10 @@
 //!     and write it at the same instant; the answer is the kind of the newest of the
 //!     kinds asked about that subject, none for another subject.
 //!     (`an_event_checked_and_written_by_many_handles_at_once_is_written_once`)
+//! 27. A batch of pids (`record_pids`, the children one dispatch spawned) writes what
+//!     `record_pid` one by one writes: each attempt's pid and spawn instant, the run's
+//!     pid; an attempt no longer current is `false` and its run keeps its pid.
+//!     (`a_batch_of_pids_writes_what_each_pid_writes`)
 
 use chrono::{TimeZone, Utc};
 
@@ -144,6 +148,7 @@ macro_rules! conformance_suite {
             a_batch_of_finishes_writes_what_the_moves_one_by_one_write,
             starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key,
             an_event_checked_and_written_by_many_handles_at_once_is_written_once,
+            a_batch_of_pids_writes_what_each_pid_writes,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1962,4 +1967,64 @@ pub(crate) fn an_event_checked_and_written_by_many_handles_at_once_is_written_on
         .batch(|tx| tx.hold_events(kinds, Some("report"), None))
         .unwrap();
     assert_eq!(other, None);
+}
+
+pub(crate) fn a_batch_of_pids_writes_what_each_pid_writes(open: Open<'_>) {
+    let store = open();
+    // Three running runs and one that ended: the batch and, for comparison, one by one.
+    let mut runs = Vec::new();
+    for task in ["a", "b", "c", "ended"] {
+        let run = claim(&store, task);
+        start_with(&store, run, Attempt(0), &Change::default(), at(1, 0));
+        runs.push(run);
+    }
+    let ended = runs[3];
+    store
+        .transition(
+            &Move {
+                run: ended,
+                attempt: Attempt(1),
+                from: RunState::Running,
+                to: RunState::Succeeded,
+            },
+            &Change::default(),
+            at(1, 5),
+        )
+        .unwrap();
+    let pids: Vec<(RunId, Attempt, u32, Instant)> = runs
+        .iter()
+        .enumerate()
+        .map(|(i, run)| (*run, Attempt(1), 4200 + i as u32, at(1, 10 + i as i64)))
+        .collect();
+    let answers: Vec<bool> = store
+        .batch(|tx| {
+            tx.record_pids(&pids)
+                .into_iter()
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    assert_eq!(answers, vec![true, true, true, false]);
+    for (run, _, pid, spawned_at) in &pids {
+        let attempts = store.attempts(*run).unwrap();
+        assert_eq!(attempts.len(), 1);
+        assert_eq!(attempts[0].pid, Some(i64::from(*pid)));
+        assert_eq!(attempts[0].spawned_at, Some(*spawned_at));
+        let row = store.run(*run).unwrap().unwrap();
+        let expected = (*run != ended).then_some(i64::from(*pid));
+        assert_eq!(row.pid, expected, "run {run}");
+    }
+    // A stale attempt of a running run is not current either.
+    let stale = store
+        .batch(|tx| {
+            tx.record_pids(&[
+                (runs[0], Attempt(2), 1, at(2, 0)),
+                (runs[1], Attempt(1), 4301, at(2, 1)),
+            ])
+            .into_iter()
+            .collect::<Result<Vec<_>, _>>()
+        })
+        .unwrap();
+    assert_eq!(stale, vec![false, true]);
+    assert_eq!(store.run(runs[0]).unwrap().unwrap().pid, Some(4200));
+    assert_eq!(store.run(runs[1]).unwrap().unwrap().pid, Some(4301));
 }

@@ -876,6 +876,18 @@ pub trait Tx {
         spawned_at: Instant,
     ) -> Result<bool, StoreError>;
 
+    /// [`Tx::record_pid`] for several attempts (the children one dispatch spawned), each
+    /// as `record_pid` would, in order. PostgreSQL writes them in two statements instead
+    /// of two round trips per child; the default records one by one.
+    fn record_pids(
+        &self,
+        pids: &[(RunId, Attempt, u32, Instant)],
+    ) -> Vec<Result<bool, StoreError>> {
+        pids.iter()
+            .map(|(run, attempt, pid, at)| self.record_pid(*run, *attempt, *pid, *at))
+            .collect()
+    }
+
     /// Sets the earliest unclaimed tick of `task`, computed from `schedule`.
     fn set_next_fire(
         &self,

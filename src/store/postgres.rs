@@ -1230,7 +1230,7 @@ impl PostgresTx<'_, '_> {
 
     /// A batch that failed part-way: the transaction must not commit (part of the batch
     /// may be written), and each move of it says why.
-    fn fail_all(&self, err: StoreError, moves: usize) -> Vec<Result<Attempt, StoreError>> {
+    fn fail_all<T>(&self, err: StoreError, moves: usize) -> Vec<Result<T, StoreError>> {
         let failure = match err {
             StoreError::Postgres(err) => err,
             other => PostgresError {
@@ -1930,6 +1930,53 @@ impl Tx for PostgresTx<'_, '_> {
             "UPDATE runs SET pid = $3 WHERE id = $1 AND attempt = $2 AND state = 'running'",
             &[&run.0, &i64::from(attempt.0), &pid],
         )? > 0)
+    }
+
+    /// Two multi-row updates; a run no longer running at that attempt is `false`.
+    fn record_pids(
+        &self,
+        pids: &[(RunId, Attempt, u32, Instant)],
+    ) -> Vec<Result<bool, StoreError>> {
+        if pids.len() < 2 {
+            return pids
+                .iter()
+                .map(|(run, attempt, pid, at)| self.record_pid(*run, *attempt, *pid, *at))
+                .collect();
+        }
+        let runs: Vec<i64> = pids.iter().map(|p| p.0 .0).collect();
+        let attempts: Vec<i64> = pids.iter().map(|p| i64::from(p.1 .0)).collect();
+        let children: Vec<i64> = pids.iter().map(|p| i64::from(p.2)).collect();
+        let spawned: Vec<i64> = pids.iter().map(|p| to_micros(p.3)).collect();
+        let written = self
+            .execute(
+                "UPDATE attempts SET pid = c.pid, spawned_at = c.spawned_at
+                 FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[], $4::BIGINT[])
+                     AS c(run_id, attempt, pid, spawned_at)
+                 WHERE attempts.run_id = c.run_id AND attempts.attempt = c.attempt",
+                &[&runs, &attempts, &children, &spawned],
+            )
+            .and_then(|_| {
+                self.query(
+                    "UPDATE runs SET pid = c.pid
+                     FROM unnest($1::BIGINT[], $2::BIGINT[], $3::BIGINT[]) AS c(id, attempt, pid)
+                     WHERE runs.id = c.id AND runs.attempt = c.attempt AND runs.state = 'running'
+                     RETURNING runs.id, runs.attempt",
+                    &[&runs, &attempts, &children],
+                )
+            });
+        match written {
+            Ok(rows) => {
+                let current: HashSet<(i64, i64)> = rows
+                    .iter()
+                    .filter_map(|row| Some((row.try_get(0).ok()?, row.try_get(1).ok()?)))
+                    .collect();
+                runs.iter()
+                    .zip(&attempts)
+                    .map(|(run, attempt)| Ok(current.contains(&(*run, *attempt))))
+                    .collect()
+            }
+            Err(err) => self.fail_all(err, pids.len()),
+        }
     }
 
     fn set_next_fire(
