@@ -265,7 +265,7 @@ pub async fn run_attempt(
     if let Some(stdout) = child.stdout.take() {
         readers.push(tokio::spawn(pump_output(
             stdout,
-            spec.clone(),
+            Source::of(&spec),
             Level::Info,
             events.clone(),
             None,
@@ -274,7 +274,7 @@ pub async fn run_attempt(
     if let Some(stderr) = child.stderr.take() {
         readers.push(tokio::spawn(pump_output(
             stderr,
-            spec.clone(),
+            Source::of(&spec),
             Level::Warn,
             events.clone(),
             Some(last_stderr_tx),
@@ -453,13 +453,13 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
             .map_err(|_| "cannot map the report pipe to fd 3".to_string())?;
         report_reader = Some(OwnedFd::from(reader));
     }
-    let program = match &spec.handler {
-        Handler::Builtin(name) => format!("worker {name}"),
-        Handler::Command(c) => c.argv.join(" "),
-    };
-    let child = command
-        .spawn()
-        .map_err(|err| format!("cannot start {program}: {err}"))?;
+    let child = command.spawn().map_err(|err| {
+        let program = match &spec.handler {
+            Handler::Builtin(name) => format!("worker {name}"),
+            Handler::Command(c) => c.argv.join(" "),
+        };
+        format!("cannot start {program}: {err}")
+    })?;
     // `command` owns the pipe's write end; dropping it now leaves the child as the only
     // writer, so the reader sees end-of-file when the child's group is gone.
     drop(command);
@@ -527,9 +527,27 @@ async fn read_line_bounded<R: AsyncBufRead + Unpin>(
     Ok(Some((String::from_utf8_lossy(&line).into_owned(), cut)))
 }
 
+/// Whose output a pump reads: what its lines are logged and reported under (not the
+/// whole [`AttemptSpec`], whose handler and params each pump would copy).
+struct Source {
+    run: RunId,
+    attempt: Attempt,
+    log: TaskLog,
+}
+
+impl Source {
+    fn of(spec: &AttemptSpec) -> Source {
+        Source {
+            run: spec.run,
+            attempt: spec.attempt,
+            log: spec.log.clone(),
+        }
+    }
+}
+
 async fn pump_output(
     stream: impl AsyncRead + Unpin,
-    spec: AttemptSpec,
+    spec: Source,
     level: Level,
     events: mpsc::Sender<Envelope>,
     last_line: Option<watch::Sender<String>>,

@@ -22,7 +22,7 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 
 use file_rotate::compression::Compression;
 use file_rotate::suffix::AppendCount;
@@ -31,19 +31,34 @@ use file_rotate::{ContentLimit, FileRotate};
 use crate::config::LoggingSettings;
 use crate::model::{Attempt, RunId};
 
-/// The log folder and its open files.
+/// The log folder and its task logs.
+///
+/// A task's log file is open only while something holds its [`TaskLog`] (a run in
+/// flight, a line being written): every spawned child starts with a copy of the service's
+/// descriptor table, and a thousand idle log files held open made each spawn copy, and
+/// each exec close, a thousand descriptors more. One [`RotatingFile`] per task at a time
+/// (the map hands out the live one while any holder has it), so rotation stays between
+/// whole lines however many runs of a task write at once.
 #[derive(Clone)]
 pub struct TaskLogs {
     dir: PathBuf,
     max_size: u64,
     backups: usize,
-    files: Arc<Mutex<HashMap<String, TaskLog>>>,
+    files: Arc<Mutex<HashMap<String, Known>>>,
+}
+
+/// A task whose log was asked for: its name and path (made once), and its file while
+/// anyone holds it.
+struct Known {
+    task: Arc<str>,
+    path: Arc<Path>,
+    file: Weak<Shared>,
 }
 
 /// One task's log.
 #[derive(Clone)]
 pub struct TaskLog {
-    task: String,
+    task: Arc<str>,
     file: RotatingFile,
 }
 
@@ -79,20 +94,34 @@ impl TaskLogs {
         }
     }
 
-    /// The log of `task`.
+    /// The log of `task`: the file other holders have open, or one opened at its first
+    /// line and closed when the last holder lets go.
     pub fn task(&self, task: &str) -> TaskLog {
         let mut files = self.files.lock().unwrap_or_else(|p| p.into_inner());
-        files
-            .entry(task.to_string())
-            .or_insert_with(|| TaskLog {
-                task: task.to_string(),
-                file: RotatingFile::new(
-                    self.dir.join(task_log_name(task)),
-                    self.max_size,
-                    self.backups,
-                ),
-            })
-            .clone()
+        if let Some(known) = files.get_mut(task) {
+            let shared = known.file.upgrade().unwrap_or_else(|| {
+                let shared = Arc::new(Shared::new(known.path.clone(), self.max_size, self.backups));
+                known.file = Arc::downgrade(&shared);
+                shared
+            });
+            return TaskLog {
+                task: known.task.clone(),
+                file: RotatingFile { shared },
+            };
+        }
+        let path: Arc<Path> = self.dir.join(task_log_name(task)).into();
+        let shared = Arc::new(Shared::new(path.clone(), self.max_size, self.backups));
+        let known = Known {
+            task: task.into(),
+            path,
+            file: Arc::downgrade(&shared),
+        };
+        let log = TaskLog {
+            task: known.task.clone(),
+            file: RotatingFile { shared },
+        };
+        files.insert(task.to_string(), known);
+        log
     }
 }
 
@@ -110,7 +139,8 @@ impl TaskLog {
     }
 }
 
-/// A size-rotated file shared by every writer in this process; cheap to clone.
+/// A size-rotated file shared by every writer in this process; cheap to clone. The file
+/// is opened at the first write and closed when the last clone is dropped.
 ///
 /// Until its first rotation a file is a plain append-mode file: `file-rotate` scans the
 /// whole log folder (a `stat` per entry) when it takes a file over, and paying that for
@@ -119,10 +149,15 @@ impl TaskLog {
 /// and rotates it, and never for a log that stays small.
 #[derive(Clone)]
 pub struct RotatingFile {
-    path: PathBuf,
+    shared: Arc<Shared>,
+}
+
+/// What the clones of one [`RotatingFile`] share.
+struct Shared {
+    path: Arc<Path>,
     max_size: u64,
     backups: usize,
-    inner: Arc<Mutex<Option<Open>>>,
+    open: Mutex<Option<Open>>,
 }
 
 /// An open log file: plain until it first needs rotating, then `file-rotate`'s.
@@ -136,17 +171,36 @@ impl RotatingFile {
     /// Nothing is opened until the first write.
     pub fn new(path: PathBuf, max_size: u64, backups: usize) -> RotatingFile {
         RotatingFile {
-            path,
-            max_size: max_size.max(1),
-            backups: backups.max(1),
-            inner: Arc::new(Mutex::new(None)),
+            shared: Arc::new(Shared::new(path.into(), max_size, backups)),
         }
     }
 
     /// Opens the file now rather than at the first write.
     pub fn open(&self) {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        self.ensure_open(&mut guard);
+        let mut guard = self.shared.lock();
+        self.shared.ensure_open(&mut guard);
+    }
+
+    /// Writes `line` (one whole line, newline included) in one call. If the file was
+    /// deleted under us (say with its folder), it is opened anew first: writing on to the
+    /// unlinked file would lose every line without an error.
+    pub fn write_line(&self, line: &[u8]) {
+        self.shared.write_line(line);
+    }
+}
+
+impl Shared {
+    fn new(path: Arc<Path>, max_size: u64, backups: usize) -> Shared {
+        Shared {
+            path,
+            max_size: max_size.max(1),
+            backups: backups.max(1),
+            open: Mutex::new(None),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Open>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Opens the file into `guard` unless it is open; `false` if it cannot be opened.
@@ -154,32 +208,51 @@ impl RotatingFile {
         if guard.is_some() {
             return true;
         }
-        if let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) {
-            let missing = !parent.exists();
-            if let Err(err) = std::fs::create_dir_all(parent) {
-                tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
-                return false;
+        let opened = match open_append(&self.path) {
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => {
+                if !self.create_folder() {
+                    return false;
+                }
+                open_append(&self.path)
             }
-            // Said once: only the writer that finds the folder gone creates it.
-            if missing {
-                tracing::warn!(
-                    folder = %parent.display(),
-                    "the log folder was missing (deleted?): recreated it; lines written to the deleted files are gone"
-                );
-            }
-        }
-        let opened = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.path)
-            .and_then(|file| Ok((file.metadata()?.len(), file)));
+            opened => opened,
+        };
         match opened {
-            Ok((size, file)) => {
+            Ok((file, size)) => {
                 *guard = Some(Open::Plain { file, size });
                 true
             }
             Err(err) => {
                 tracing::warn!(path = %self.path.display(), "cannot open log file: {err}");
+                false
+            }
+        }
+    }
+
+    /// Creates the missing log folder; `false` if it cannot be created.
+    fn create_folder(&self) -> bool {
+        let Some(parent) = self.path.parent().filter(|p| !p.as_os_str().is_empty()) else {
+            return true;
+        };
+        let created = match std::fs::create_dir(parent) {
+            Ok(()) => Ok(true),
+            // Another writer created it first, and said so.
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+            Err(_) => std::fs::create_dir_all(parent).map(|()| true),
+        };
+        match created {
+            Ok(created) => {
+                // Said once: only the writer that creates the folder says so.
+                if created {
+                    tracing::warn!(
+                        folder = %parent.display(),
+                        "the log folder was missing (deleted?): recreated it; lines written to the deleted files are gone"
+                    );
+                }
+                true
+            }
+            Err(err) => {
+                tracing::warn!(path = %self.path.display(), "cannot create log folder: {err}");
                 false
             }
         }
@@ -208,12 +281,20 @@ impl RotatingFile {
         }
     }
 
-    /// Writes `line` (one whole line, newline included) in one call. If the file was
-    /// deleted under us (say with its folder), it is opened anew first: writing on to the
-    /// unlinked file would lose every line without an error.
-    pub fn write_line(&self, line: &[u8]) {
-        let mut guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if guard.is_some() && !self.path.exists() {
+    /// Whether the open file was deleted (or renamed away) since it was opened: a plain
+    /// file is asked through its descriptor (no path lookup per line), `file-rotate`'s,
+    /// whose descriptor is its own, by its path.
+    fn gone(&self, open: &Open) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match open {
+            Open::Plain { file, .. } => file.metadata().map_or(true, |m| m.nlink() == 0),
+            Open::Rotating(_) => !self.path.exists(),
+        }
+    }
+
+    fn write_line(&self, line: &[u8]) {
+        let mut guard = self.lock();
+        if guard.as_ref().is_some_and(|open| self.gone(open)) {
             *guard = None;
         }
         if !self.ensure_open(&mut guard) {
@@ -247,6 +328,17 @@ impl RotatingFile {
             }
         }
     }
+}
+
+/// `path` opened to append (created if missing; its folder is not), and its size.
+fn open_append(path: &Path) -> std::io::Result<(std::fs::File, u64)> {
+    use std::io::{Seek, SeekFrom};
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)?;
+    let size = file.seek(SeekFrom::End(0))?;
+    Ok((file, size))
 }
 
 impl Write for RotatingFile {
@@ -601,6 +693,56 @@ mod tests {
         logs.task("t")
             .line(RunId(1), Attempt(1), Level::Error, "goes nowhere");
         assert!(!blocker.join("logs").exists());
+    }
+
+    /// How many of this process's descriptors have `path` open.
+    fn descriptors_on(path: &Path) -> usize {
+        std::fs::read_dir("/proc/self/fd")
+            .unwrap()
+            .flatten()
+            .filter(|fd| std::fs::read_link(fd.path()).is_ok_and(|target| target == path))
+            .count()
+    }
+
+    #[test]
+    fn a_task_log_is_open_only_while_held_and_one_file_serves_every_holder() {
+        let dir = tempfile::tempdir().unwrap();
+        let logs = TaskLogs::new(dir.path(), &settings(1 << 20, 2));
+        let path = dir.path().join("task_t.log");
+        let first = logs.task("t");
+        assert_eq!(descriptors_on(&path), 0, "nothing opened before a line");
+        first.line(RunId(1), Attempt(1), Level::Info, "one");
+        let second = logs.task("t");
+        assert!(Arc::ptr_eq(&first.file.shared, &second.file.shared));
+        second.line(RunId(1), Attempt(1), Level::Info, "two");
+        assert_eq!(descriptors_on(&path), 1, "one file for both holders");
+        drop(first);
+        assert_eq!(descriptors_on(&path), 1, "still held");
+        drop(second);
+        assert_eq!(descriptors_on(&path), 0, "closed with its last holder");
+        logs.task("t")
+            .line(RunId(2), Attempt(1), Level::Warn, "three");
+        assert_eq!(descriptors_on(&path), 0);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let ends: Vec<&str> = text
+            .lines()
+            .map(|l| l.rsplit(" - ").next().unwrap())
+            .collect();
+        assert_eq!(ends, ["one", "two", "three"], "{text}");
+    }
+
+    #[test]
+    fn a_held_log_whose_folder_is_deleted_writes_on_into_a_new_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let folder = dir.path().join("logs");
+        let logs = TaskLogs::new(&folder, &settings(1 << 20, 2));
+        let log = logs.task("t");
+        log.line(RunId(1), Attempt(1), Level::Info, "before");
+        std::fs::remove_dir_all(&folder).unwrap();
+        log.line(RunId(1), Attempt(1), Level::Info, "after");
+        let text = std::fs::read_to_string(folder.join("task_t.log")).unwrap();
+        assert!(text.ends_with(" - after\n"), "{text}");
+        assert!(!text.contains("before"), "{text}");
     }
 
     /// The numbered lines `lines`, one write each, through `file`.
