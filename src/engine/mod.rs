@@ -180,6 +180,10 @@ pub struct Engine {
     /// While a wake's claims are handed out: the runs skipped meanwhile, written in one
     /// transaction at its end (`flush_skips`) rather than one each.
     skips: Option<Vec<(Pending, Change)>>,
+    /// A tick whose run can start at once is claimed and started in one transaction
+    /// (`fire_due`, `dispatch::starts_at_once`). Set when the loop starts: the engine's
+    /// steps called on their own (the tests') leave every start to `dispatch`.
+    start_with_claim: bool,
     /// The wall clock against the monotonic one.
     wall: WallWatch,
     /// The last step of the wall clock seen.
@@ -252,6 +256,7 @@ impl Engine {
             store_fault: None,
             claim_retry_at: None,
             skips: None,
+            start_with_claim: false,
             wall: WallWatch::new(clock_now),
             clock_step: None,
             cluster: None,
@@ -394,6 +399,7 @@ impl Engine {
         if let Some(manager) = &self.service_manager {
             manager.ready(self.config.tasks.len());
         }
+        self.start_with_claim = true;
         loop {
             if self.mode == Mode::Foreground && self.is_idle() {
                 break;
