@@ -1,10 +1,12 @@
 //! Dispatch: queued runs start while worker slots are free (oldest first, one attempt per
 //! task), after the dependency check, each as a runner task over one child process.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use super::{blocking, Engine, Pending, Running};
-use crate::config::TaskSpec;
+use crate::config::{Config, TaskSpec};
 use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::runner::{self, AttemptSpec};
 use crate::store::{Change, Move};
@@ -26,33 +28,19 @@ impl Engine {
         }
         let now = self.clock.now();
         let config = self.config.clone();
-        let free = config
-            .scheduler
-            .max_workers
-            .saturating_sub(self.running.len());
         let mut chosen: Vec<Pending> = Vec::new();
         let mut chosen_tasks: std::collections::HashSet<TaskName> = Default::default();
-        // Pools: the slots each one's running attempts take; a run whose pool is full
-        // waits in its place (the queue is FIFO), and runs behind it of other pools go on.
-        let pool_of = |task: &TaskName| config.tasks.get(task).and_then(|s| s.pool.clone());
-        let mut taken: std::collections::HashMap<String, usize> = Default::default();
-        for running in self.running.values() {
-            if let Some(pool) = pool_of(&running.task) {
-                *taken.entry(pool).or_default() += 1;
-            }
-        }
+        // Pools: a run whose pool is full waits in its place (the queue is FIFO), and runs
+        // behind it of other pools go on.
+        let mut slots = self.slots();
         let mut index = 0;
-        while index < self.queue.len() && chosen.len() < free {
+        while index < self.queue.len() && slots.free > 0 {
             let task = &self.queue[index].task;
-            let pool = pool_of(task);
-            let pool_full = pool.as_ref().is_some_and(|pool| {
-                taken.get(pool).copied().unwrap_or(0)
-                    >= config.pools.get(pool).copied().unwrap_or(usize::MAX)
-            });
+            let pool = config.tasks.get(task).and_then(|s| s.pool.as_deref());
             if self.busy.contains_key(task)
                 || chosen_tasks.contains(task)
                 || self.busy_elsewhere.contains_key(task)
-                || pool_full
+                || slots.pool_full(pool)
             {
                 index += 1;
                 continue;
@@ -72,9 +60,7 @@ impl Engine {
                     continue;
                 }
             }
-            if let Some(pool) = pool {
-                *taken.entry(pool).or_default() += 1;
-            }
+            slots.take(pool);
             chosen_tasks.insert(pending.task.clone());
             chosen.push(pending);
         }
@@ -119,21 +105,84 @@ impl Engine {
             }
         };
         for (pending, result) in chosen.into_iter().zip(started) {
-            match result {
-                Ok(attempt) => self.start(pending, attempt),
-                Err(StoreError::Fenced { found_state, .. }) => {
-                    // Another actor moved it (aborted from the CLI, taken by another
-                    // instance): it is no longer ours to start.
-                    debug!(run = %pending.run, "not starting: now {found_state}");
-                }
-                Err(StoreError::TaskBusy { running, .. }) => {
-                    // Its task runs on another instance: the run waits (or meets its
-                    // overlap policy) until the next poll says the task is free.
-                    self.busy_elsewhere.insert(pending.task.clone(), running);
-                    self.wait_for_task_elsewhere(pending, running, now);
-                }
-                Err(err) => warn!(run = %pending.run, "cannot start run: {err}"),
+            self.started(pending, result, now);
+        }
+    }
+
+    /// The worker and pool slots free now, as a dispatch counts them.
+    pub(super) fn slots(&self) -> Slots {
+        let mut taken: HashMap<String, usize> = HashMap::new();
+        for running in self.running.values() {
+            if let Some(pool) = self
+                .config
+                .tasks
+                .get(&running.task)
+                .and_then(|spec| spec.pool.clone())
+            {
+                *taken.entry(pool).or_default() += 1;
             }
+        }
+        Slots {
+            free: self
+                .config
+                .scheduler
+                .max_workers
+                .saturating_sub(self.running.len()),
+            taken,
+            config: self.config.clone(),
+        }
+    }
+
+    /// Whether the first run of a tick of `spec`'s task, claimed now, would be started by
+    /// the dispatch right after the claim: nothing waits in the queue ahead of it, the
+    /// task runs nowhere (here or, as of the last poll, elsewhere) and has no run waiting,
+    /// a worker slot and its pool's slot are free (taken from `slots` when the answer is
+    /// yes), and its dependency check passes as dispatch checks it. `fire_due` then
+    /// claims and starts it in one transaction: one commit before the child is spawned,
+    /// not two.
+    pub(super) fn starts_at_once(&self, spec: &TaskSpec, slots: &mut Slots, now: Instant) -> bool {
+        let task = &spec.name;
+        let pool = spec.pool.as_deref();
+        if !self.queue.is_empty()
+            || slots.free == 0
+            || slots.pool_full(pool)
+            || self.busy.contains_key(task)
+            || self.busy_elsewhere.contains_key(task)
+            || self.queued_per_task.contains_key(task)
+        {
+            return false;
+        }
+        if !spec.depends_on.is_empty() && self.check_dependencies(spec, now).is_err() {
+            // The dispatch after the claim checks again, and records the skip.
+            return false;
+        }
+        slots.take(pool);
+        true
+    }
+
+    /// What follows a `queued → running` move the store answered (a dispatch's, or one
+    /// made with its claim): the runner spawned, or the refusal met.
+    pub(super) fn started(
+        &mut self,
+        pending: Pending,
+        result: Result<Attempt, StoreError>,
+        now: Instant,
+    ) {
+        match result {
+            Ok(attempt) => self.start(pending, attempt),
+            Err(StoreError::Fenced { found_state, .. }) => {
+                // Another actor moved it (aborted from the CLI, taken by another
+                // instance): it is no longer ours to start.
+                debug!(run = %pending.run, "not starting: now {found_state}");
+            }
+            Err(StoreError::TaskBusy { running, .. }) => {
+                // Its task runs on another instance: the run waits (or meets its
+                // overlap policy) until the next poll says the task is free.
+                self.busy_elsewhere.insert(pending.task.clone(), running);
+                self.wait_for_task_elsewhere(pending, running, now);
+            }
+            // Still queued in the store: the next poll adopts it again.
+            Err(err) => warn!(run = %pending.run, "cannot start run: {err}"),
         }
     }
 
@@ -288,6 +337,35 @@ impl Engine {
             .state_dir
             .join("checkpoints")
             .join(format!("run_{run}.json"))
+    }
+}
+
+/// Worker slots and pool slots, as a dispatch counts them: free while the running attempts
+/// and the starts chosen so far leave some.
+pub(super) struct Slots {
+    /// Worker slots left (`max_workers`).
+    free: usize,
+    /// Pool → its slots taken.
+    taken: HashMap<String, usize>,
+    /// Whose `[pools.<name>] slots` these are.
+    config: Arc<Config>,
+}
+
+impl Slots {
+    /// Whether `pool` (a task's, if it has one) has no slot left.
+    fn pool_full(&self, pool: Option<&str>) -> bool {
+        pool.is_some_and(|pool| {
+            self.taken.get(pool).copied().unwrap_or(0)
+                >= self.config.pools.get(pool).copied().unwrap_or(usize::MAX)
+        })
+    }
+
+    /// Takes a worker slot, and one of `pool`'s.
+    fn take(&mut self, pool: Option<&str>) {
+        self.free = self.free.saturating_sub(1);
+        if let Some(pool) = pool {
+            *self.taken.entry(pool.to_string()).or_default() += 1;
+        }
     }
 }
 

@@ -12,9 +12,9 @@ use super::faults::STORE_RETRY;
 use super::recovery::schedule_key;
 use super::{blocking, Engine, Pending};
 use crate::config::TaskSpec;
-use crate::model::{Instant, TaskName, Trigger};
+use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::schedule::{plan_due, TickAction};
-use crate::store::NewRun;
+use crate::store::{Change, Move, NewRun, StoreError};
 use tracing::{debug, warn};
 
 impl Engine {
@@ -94,12 +94,54 @@ impl Engine {
             });
         }
 
+        // A lone tick that the dispatch after the claim would start at once is started in
+        // the claim's transaction instead: `queued` and `running` in one commit (one sync
+        // of the disk before the child is spawned, not two; nothing between the claim
+        // and the start for a crash to split). The rest wait for the dispatch, as before.
+        let mut at_once = vec![false; plans.len()];
+        if self.start_with_claim && !self.cancel.is_cancelled() {
+            let mut slots = self.slots();
+            for (index, plan) in plans.iter().enumerate() {
+                if !plan.fire {
+                    continue;
+                }
+                let ticks = plan.plan.ticks.as_slice();
+                match ticks {
+                    [(tick, TickAction::Fire(Trigger::Schedule))] => {
+                        let closed = plan.spec.calendar.as_ref().is_some_and(|calendar| {
+                            calendar.skip_reason(*tick, plan.spec.timezone).is_some()
+                        });
+                        if !closed {
+                            at_once[index] = self.starts_at_once(plan.spec, &mut slots, now);
+                        }
+                    }
+                    // Recorded skipped: no slot taken.
+                    _ if ticks.iter().all(|(_, action)| *action == TickAction::Skip) => {}
+                    // Catch-ups, several ticks: queued, ahead of the claims after them,
+                    // which then wait for the dispatch too (it keeps the FIFO order).
+                    _ => break,
+                }
+            }
+        }
+        let change = Change {
+            owner: Some(self.instance.clone()),
+            ..Change::default()
+        };
+
+        /// One tick claimed.
+        struct Claimed {
+            pending: Pending,
+            action: TickAction,
+            /// A tick on a date of the task's calendar: why it is skipped.
+            closed: Option<String>,
+            /// A run started with its claim: the store's answer to the start.
+            started: Option<Result<Attempt, StoreError>>,
+        }
         /// What one transaction of claims did, task by task.
         #[derive(Default)]
         struct Fired {
-            /// Each claim, its action and, for a tick on a date of the task's calendar,
-            /// why it is skipped.
-            claims: Vec<(Pending, TickAction, Option<String>)>,
+            /// Each claim.
+            claims: Vec<Claimed>,
             /// Held by another instance, or not due by the database's clock: look again.
             deferred: Vec<TaskName>,
             /// Another instance moved the next fire on: this is where it is now.
@@ -178,6 +220,7 @@ impl Engine {
                 // for the whole batch, not a round trip per row).
                 let ids = batch.claim_fires(&claims, now)?;
                 let mut claimed_any = vec![false; plans.len()];
+                let mut starts: Vec<(usize, Move)> = Vec::new();
                 for ((new_run, _), ((index, action), id)) in
                     claims.iter().zip(actions.iter().zip(ids))
                 {
@@ -190,13 +233,36 @@ impl Engine {
                             let closed = spec.calendar.as_ref().and_then(|calendar| {
                                 calendar.skip_reason(new_run.scheduled_for, spec.timezone)
                             });
-                            fired
-                                .claims
-                                .push((Pending::new_run(run, new_run), *action, closed));
+                            let pending = Pending::new_run(run, new_run);
+                            if at_once[*index] && closed.is_none() {
+                                starts.push((
+                                    fired.claims.len(),
+                                    Move {
+                                        run,
+                                        attempt: pending.attempt,
+                                        from: pending.state,
+                                        to: RunState::Running,
+                                    },
+                                ));
+                            }
+                            fired.claims.push(Claimed {
+                                pending,
+                                action: *action,
+                                closed,
+                                started: None,
+                            });
                         }
                         None => {
                             debug!(task = %new_run.task, tick = %new_run.scheduled_for, "tick already claimed elsewhere");
                         }
+                    }
+                }
+                // In task order, as a dispatch starts them (the claims are).
+                if !starts.is_empty() {
+                    let steps: Vec<Move> = starts.iter().map(|(_, step)| *step).collect();
+                    let outcomes = batch.transitions(&steps, &change, now);
+                    for ((at, _), outcome) in starts.iter().zip(outcomes) {
+                        fired.claims[*at].started = Some(outcome);
                     }
                 }
                 // A claim writes the next fire; with no claim (no tick, or each one
@@ -284,8 +350,16 @@ impl Engine {
         }
         // The skips of this wake (misfire, overlap, calendar) are written together at its end.
         self.skips = Some(Vec::new());
-        for (pending, action, closed) in claims {
-            if let Some(reason) = closed {
+        for Claimed {
+            pending,
+            action,
+            closed,
+            started,
+        } in claims
+        {
+            if let Some(started) = started {
+                self.started(pending, started, now);
+            } else if let Some(reason) = closed {
                 self.skip(&pending, &reason, now);
             } else if action == TickAction::Skip {
                 let reason = if at_startup {

@@ -9,8 +9,9 @@
 //! (the loop tells its [`ServiceManager`], systemd's watchdog, that it still turns) and
 //! `Shutdown`.
 //!
-//! The timer is our own: it sleeps until the earliest next fire, wakes early on any other
-//! cause, and re-reads the wall clock after waking; a fire is claimed in the store before
+//! The timer is our own: it sleeps until just before the earliest next fire (the rest on
+//! its thread, to the microsecond), wakes early on any other cause, and re-reads the wall
+//! clock after waking; a fire is claimed in the store before
 //! it runs ([`Store::claim_fire`]). `tokio-cron-scheduler` was measured too coarse for
 //! this (500 ms polling, whole seconds, fixed offsets, no claim): see ARCHITECTURE.md.
 //!
@@ -74,6 +75,10 @@ use crate::model::{Instant, RunId, TaskName};
 use crate::runner::{Envelope, StopReason};
 use crate::store::{Change, Move, Store};
 use crate::tasklog::TaskLogs;
+
+/// How long before the earliest fire or retry the loop's timer wakes; the engine then
+/// waits out the rest precisely (`Engine::wait_until_due`).
+const WAKE_EARLY: Duration = Duration::from_millis(3);
 
 /// Every cause of work in the loop.
 enum Wake {
@@ -180,6 +185,10 @@ pub struct Engine {
     /// While a wake's claims are handed out: the runs skipped meanwhile, written in one
     /// transaction at its end (`flush_skips`) rather than one each.
     skips: Option<Vec<(Pending, Change)>>,
+    /// A tick whose run can start at once is claimed and started in one transaction
+    /// (`fire_due`, `dispatch::starts_at_once`). Set when the loop starts: the engine's
+    /// steps called on their own (the tests') leave every start to `dispatch`.
+    start_with_claim: bool,
     /// The wall clock against the monotonic one.
     wall: WallWatch,
     /// The last step of the wall clock seen.
@@ -252,6 +261,7 @@ impl Engine {
             store_fault: None,
             claim_retry_at: None,
             skips: None,
+            start_with_claim: false,
             wall: WallWatch::new(clock_now),
             clock_step: None,
             cluster: None,
@@ -394,12 +404,14 @@ impl Engine {
         if let Some(manager) = &self.service_manager {
             manager.ready(self.config.tasks.len());
         }
+        self.start_with_claim = true;
         loop {
             if self.mode == Mode::Foreground && self.is_idle() {
                 break;
             }
             let delay = self.next_deadline_delay();
-            let sleep = tokio::time::sleep(delay);
+            // Woken early on purpose; the handler waits out the rest (`wait_until_due`).
+            let sleep = tokio::time::sleep(delay.saturating_sub(WAKE_EARLY));
             let publish_left =
                 Duration::from_millis(50).saturating_sub(self.published_at.elapsed());
             let publish_due = tokio::time::sleep(publish_left);
@@ -418,7 +430,8 @@ impl Engine {
                 // timer driver's next turn), and, made anew every turn, it lost every turn
                 // to a worker report that was ready — a busy instance never fired again
                 // (found by the cluster kill -9 storm: a backlog of thousands of runs).
-                _ = std::future::ready(()), if delay.is_zero() => Wake::Tick,
+                // So is one due within WAKE_EARLY: the handler waits for it precisely.
+                _ = std::future::ready(()), if delay <= WAKE_EARLY => Wake::Tick,
                 _ = sleep => Wake::Tick,
                 // The heartbeat before worker reports: under a steady stream of reports
                 // (hundreds of runs a second) the reports arm is ready at every turn, and a
@@ -452,7 +465,10 @@ impl Engine {
                 match wake {
                     Wake::Worker(envelope) => self.on_worker(envelope),
                     Wake::Command(command) => self.on_command(command),
-                    Wake::Tick => self.on_tick(),
+                    Wake::Tick => {
+                        self.wait_until_due();
+                        self.on_tick()
+                    }
                     Wake::Heartbeat => self.on_heartbeat(),
                     Wake::Poll => {
                         self.polled_at = std::time::Instant::now();
@@ -476,6 +492,17 @@ impl Engine {
 
     fn is_idle(&self) -> bool {
         self.running.is_empty() && self.queue.is_empty() && self.retry_due.is_empty()
+    }
+
+    /// The timer woke `WAKE_EARLY` ahead of the earliest fire or retry: waits for it here,
+    /// to the tens of microseconds (a thread sleep), rather than tokio's whole
+    /// milliseconds (a timer rounded up to the next millisecond, then the poll's timeout
+    /// rounded up again: a fire started up to ~2 ms late).
+    fn wait_until_due(&self) {
+        let delay = self.next_deadline_delay();
+        if !delay.is_zero() && delay <= WAKE_EARLY {
+            std::thread::sleep(delay);
+        }
     }
 
     /// How long until the earliest next fire or retry, read from the wall clock now (zero:

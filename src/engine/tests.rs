@@ -909,3 +909,92 @@ fn a_start_up_of_two_thousand_tasks_opens_no_task_log() {
         logs.display()
     );
 }
+
+/// Two tasks every second and one worker slot: at a tick, the run that can start at once
+/// is claimed and started in one transaction (one commit; no moment when it is claimed
+/// but not started for a crash to leave behind), and the other one, with no slot left,
+/// is claimed and waits in the queue as before. A kill -9 right after that commit leaves
+/// a `running` run without a child; the next instance orphans it and queues it again.
+#[test]
+fn a_tick_that_can_start_at_once_is_claimed_and_started_in_one_commit_and_a_full_slot_still_queues()
+{
+    let bench = Bench::new(
+        "max_workers = 1\n\
+         [tasks.a]\ncommand = [\"/bin/true\"]\nschedule = \"* * * * * *\"\nretries = 1\n\
+         [tasks.b]\ncommand = [\"/bin/true\"]\nschedule = \"* * * * * *\"\nretries = 1\n",
+    );
+    // The runner of a started attempt is a tokio task (its child a real /bin/true).
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = runtime.enter();
+    let mut engine = bench.engine_at(t(0));
+    // Its owner process is gone by the time the next instance looks (as after kill -9).
+    let gone = {
+        let mut child = std::process::Command::new("/bin/true")
+            .spawn()
+            .expect("spawn");
+        let pid = child.id();
+        child.wait().expect("reaped");
+        pid
+    };
+    bench
+        .store
+        .register_instance(engine.instance(), gone, &super::hostname(), true, t(0))
+        .expect("instance");
+    engine.plan_startup_fires(t(0));
+    engine.start_with_claim = true;
+    bench.clock.set(t(1));
+    let before = bench.store.last_event_seq().expect("seq");
+    let commits = bench.store.commits();
+    engine.on_tick();
+    assert_eq!(
+        bench.store.commits() - commits,
+        1,
+        "both claims and the start of a: one commit"
+    );
+    let a = bench.runs("a").remove(0);
+    let b = bench.runs("b").remove(0);
+    assert_eq!(
+        (a.state, a.attempt, a.owner.as_deref()),
+        (RunState::Running, Attempt(1), Some(engine.instance()))
+    );
+    assert_eq!((b.state, b.attempt), (RunState::Queued, Attempt(0)));
+    assert!(engine.running.contains_key(&a.id));
+    assert_eq!(
+        engine.queue.iter().map(|p| p.run).collect::<Vec<_>>(),
+        vec![b.id],
+        "no slot for b: it waits"
+    );
+    let events: Vec<(String, Option<RunId>)> = bench
+        .store
+        .events_after(before, 100)
+        .expect("events")
+        .into_iter()
+        .map(|e| (e.kind, e.run_id))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            ("run_queued".to_string(), Some(a.id)),
+            ("run_queued".to_string(), Some(b.id)),
+            ("run_started".to_string(), Some(a.id)),
+        ]
+    );
+    // The dispatch after the tick has nothing to start: the slot is a's.
+    engine.dispatch();
+    assert_eq!(bench.store.commits() - commits, 1);
+
+    // kill -9 after the commit: the runner's report never reached the store.
+    drop(engine);
+    let mut next = bench.engine_at(t(2));
+    next.find_orphans(t(2)).expect("checked");
+    let a = bench.store.run(a.id).expect("read").expect("run");
+    assert_eq!((a.state, a.attempt), (RunState::Queued, Attempt(1)));
+    assert!(
+        a.reason.unwrap_or_default().contains("is gone"),
+        "orphaned: its owner's process is gone"
+    );
+}

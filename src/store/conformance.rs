@@ -101,6 +101,13 @@
 //!     `record_pid` one by one writes: each attempt's pid and spawn instant, the run's
 //!     pid; an attempt no longer current is `false` and its run keeps its pid.
 //!     (`a_batch_of_pids_writes_what_each_pid_writes`)
+//! 28. Ticks claimed and started in one transaction (`claim_fires`, then `transitions` of
+//!     the runs it just queued: how the engine starts a tick that can start at once)
+//!     commit both or neither: the runs enter `running` at attempt 1 with their owner
+//!     and an open attempts row, each with `run_queued` then `run_started` in the
+//!     sequence; a task running elsewhere is `TaskBusy` and its run stays claimed and
+//!     queued; a transaction that fails after them leaves no run and no event.
+//!     (`ticks_claimed_and_started_in_one_transaction_commit_together`)
 
 use chrono::{TimeZone, Utc};
 
@@ -149,6 +156,7 @@ macro_rules! conformance_suite {
             starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key,
             an_event_checked_and_written_by_many_handles_at_once_is_written_once,
             a_batch_of_pids_writes_what_each_pid_writes,
+            ticks_claimed_and_started_in_one_transaction_commit_together,
         );
     };
     (@tests $backend:ident, $fresh:ident; $($guarantee:ident),* $(,)?) => {
@@ -1708,6 +1716,113 @@ pub(crate) fn a_batch_of_starts_is_each_start_in_order(open: Open<'_>) {
         Err(StoreError::TaskBusy { running, .. }) => assert_eq!(*running, first),
         other => panic!("expected TaskBusy, got {other:?}"),
     }
+}
+
+pub(crate) fn ticks_claimed_and_started_in_one_transaction_commit_together(open: Open<'_>) {
+    let here = open().written_by("instance-a");
+    let there = open();
+    let owner = Change {
+        owner: Some("instance-a".into()),
+        ..Change::default()
+    };
+    let start = |run| Move {
+        run,
+        attempt: Attempt(0),
+        from: RunState::Queued,
+        to: RunState::Running,
+    };
+    // "ingest" runs on another instance.
+    let elsewhere = there
+        .enqueue(
+            &NewRun {
+                trigger: Trigger::Manual,
+                ..scheduled("ingest", at(0, 0))
+            },
+            at(0, 0),
+        )
+        .unwrap();
+    there
+        .transition(&start(elsewhere), &owner, at(0, 1))
+        .unwrap();
+    let claim_and_start = |batch: &dyn super::Tx, tick: Instant| {
+        let claims = vec![
+            (
+                scheduled("ingest", tick),
+                Some(tick + chrono::TimeDelta::seconds(1)),
+            ),
+            (
+                scheduled("train", tick),
+                Some(tick + chrono::TimeDelta::seconds(1)),
+            ),
+        ];
+        let ids = batch.claim_fires(&claims, tick)?;
+        let steps: Vec<Move> = ids.iter().flatten().map(|run| start(*run)).collect();
+        Ok((ids, batch.transitions(&steps, &owner, tick)))
+    };
+
+    // A transaction that fails after its claims and starts writes none of them.
+    let before = here.last_event_seq().unwrap();
+    let failed = here.batch(|batch| {
+        claim_and_start(batch, at(1, 0))?;
+        Err::<(), _>(StoreError::NotFound(RunId(424_242)))
+    });
+    assert!(failed.is_err());
+    assert_eq!(here.last_event_seq().unwrap(), before);
+    assert!(here
+        .claimed_ticks(&"train".into(), at(0, 0), at(9, 0))
+        .unwrap()
+        .is_empty());
+
+    let (ids, started) = here
+        .batch(|batch| claim_and_start(batch, at(2, 0)))
+        .unwrap();
+    let [Some(ingest), Some(train)] = ids[..] else {
+        panic!("both ticks claimed: {ids:?}");
+    };
+    match &started[0] {
+        Err(StoreError::TaskBusy { run, running, .. }) => {
+            assert_eq!((*run, *running), (ingest, elsewhere))
+        }
+        other => panic!("expected TaskBusy, got {other:?}"),
+    }
+    assert!(matches!(started[1], Ok(Attempt(1))), "{:?}", started[1]);
+    let row = here.run(ingest).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.owner),
+        (RunState::Queued, Attempt(0), None)
+    );
+    let row = here.run(train).unwrap().unwrap();
+    assert_eq!(
+        (row.state, row.attempt, row.owner.as_deref(), row.started_at),
+        (
+            RunState::Running,
+            Attempt(1),
+            Some("instance-a"),
+            Some(at(2, 0))
+        )
+    );
+    let attempts = here.attempts(train).unwrap();
+    assert_eq!(
+        attempts
+            .iter()
+            .map(|a| (a.attempt, a.started_at, a.finished_at))
+            .collect::<Vec<_>>(),
+        vec![(Attempt(1), at(2, 0), None)]
+    );
+    let events: Vec<_> = here
+        .events_after(before, 100)
+        .unwrap()
+        .into_iter()
+        .map(|e| (e.seq - before, e.kind, e.run_id))
+        .collect();
+    assert_eq!(
+        events,
+        vec![
+            (1, "run_queued".to_string(), Some(ingest)),
+            (2, "run_queued".to_string(), Some(train)),
+            (3, "run_started".to_string(), Some(train)),
+        ]
+    );
 }
 
 pub(crate) fn a_batch_of_finishes_writes_what_the_moves_one_by_one_write(open: Open<'_>) {
