@@ -650,26 +650,20 @@ impl Backend for PostgresBackend {
         run: Option<RunId>,
     ) -> Result<Option<EventRow>, StoreError> {
         let run = run.map(|r| r.0);
-        self.query_opt(
-            "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events
-             WHERE kind = ANY($1) AND ($2::TEXT IS NULL OR task = $2)
-               AND ($3::BIGINT IS NULL OR run_id = $3)
-             ORDER BY seq DESC LIMIT 1",
-            &[&kinds, &task, &run],
-        )?
-        .map(|row| {
-            Ok(EventRow {
-                seq: row.try_get(0)?,
-                at: from_micros(row.try_get(1)?),
-                kind: row.try_get(2)?,
-                task: row.try_get(3)?,
-                run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
-                attempt: row.try_get::<_, Option<i64>>(5)?.map(|a| Attempt(a as u32)),
-                message: row.try_get(6)?,
-                instance: row.try_get(7)?,
+        self.query_opt(LATEST_EVENT, &[&kinds, &task, &run])?
+            .map(|row| {
+                Ok(EventRow {
+                    seq: row.try_get(0)?,
+                    at: from_micros(row.try_get(1)?),
+                    kind: row.try_get(2)?,
+                    task: row.try_get(3)?,
+                    run_id: row.try_get::<_, Option<i64>>(4)?.map(RunId),
+                    attempt: row.try_get::<_, Option<i64>>(5)?.map(|a| Attempt(a as u32)),
+                    message: row.try_get(6)?,
+                    instance: row.try_get(7)?,
+                })
             })
-        })
-        .transpose()
+            .transpose()
     }
 
     fn count_events(&self, kinds: &[&str], since: Instant) -> Result<u64, StoreError> {
@@ -2123,14 +2117,8 @@ impl Tx for PostgresTx<'_, '_> {
             &[&subject],
         )?;
         let run_id = run.map(|r| r.0);
-        let latest = self.query_opt(
-            "SELECT kind FROM events
-             WHERE kind = ANY($1) AND ($2::TEXT IS NULL OR task = $2)
-               AND ($3::BIGINT IS NULL OR run_id = $3)
-             ORDER BY seq DESC LIMIT 1",
-            &[&kinds, &task, &run_id],
-        )?;
-        Ok(latest.map(|row| row.try_get(0)).transpose()?)
+        let latest = self.query_opt(LATEST_EVENT, &[&kinds, &task, &run_id])?;
+        Ok(latest.map(|row| row.try_get(2)).transpose()?)
     }
 
     fn heartbeat(&self, owner: &str, now: Instant) -> Result<(), StoreError> {
@@ -2351,6 +2339,13 @@ fn instant_at(row: &Row, index: usize) -> Result<Option<Instant>, tokio_postgres
 fn attempt_at(row: &Row, index: usize) -> Result<Attempt, tokio_postgres::Error> {
     Ok(Attempt(row.try_get::<_, i64>(index)? as u32))
 }
+
+/// The newest event of some kinds (`$1`), about a task (`$2`) and/or a run (`$3`).
+const LATEST_EVENT: &str =
+    "SELECT seq, at, kind, task, run_id, attempt, message, instance FROM events
+     WHERE kind = ANY($1) AND ($2::TEXT IS NULL OR task = $2)
+       AND ($3::BIGINT IS NULL OR run_id = $3)
+     ORDER BY seq DESC LIMIT 1";
 
 fn read_task_state(row: &Row) -> Result<(TaskName, TaskStateRow), StoreError> {
     Ok((
