@@ -281,9 +281,11 @@ impl Shared {
         }
     }
 
-    /// Whether the open file was deleted (or renamed away) since it was opened: a plain
-    /// file is asked through its descriptor (no path lookup per line), `file-rotate`'s,
-    /// whose descriptor is its own, by its path.
+    /// Whether the open file was deleted since it was opened: a plain file is asked
+    /// through its descriptor (link count 0; no path lookup per line), `file-rotate`'s,
+    /// whose descriptor is its own, by its path. A plain file renamed away by another
+    /// program (logrotate without `create`) is not noticed while it is held; it is closed
+    /// when its last holder lets go, so the task's next run opens the path anew.
     fn gone(&self, open: &Open) -> bool {
         use std::os::unix::fs::MetadataExt;
         match open {

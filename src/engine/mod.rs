@@ -430,8 +430,11 @@ impl Engine {
                 // timer driver's next turn), and, made anew every turn, it lost every turn
                 // to a worker report that was ready — a busy instance never fired again
                 // (found by the cluster kill -9 storm: a backlog of thousands of runs).
-                // So is one due within WAKE_EARLY: the handler waits for it precisely.
-                _ = std::future::ready(()), if delay <= WAKE_EARLY => Wake::Tick,
+                // Only one already due: one merely within WAKE_EARLY taken here at every
+                // turn would starve the heartbeat and the reports below whenever fires
+                // come closer together than that (thousands of jittered tasks); the
+                // `sleep` arm wakes early for those, and the handler waits the rest.
+                _ = std::future::ready(()), if delay.is_zero() => Wake::Tick,
                 _ = sleep => Wake::Tick,
                 // The heartbeat before worker reports: under a steady stream of reports
                 // (hundreds of runs a second) the reports arm is ready at every turn, and a

@@ -90,7 +90,8 @@
 //! 25. Starting a schedule (`start_schedule`, an instance's start-up) never undoes a
 //!     peer: a row that holds the same schedule key keeps its next fire (another instance
 //!     started it, or fired from it, since this one read it) and that next fire is the
-//!     answer; a row without a key, or with another one, takes the new next fire and key.
+//!     answer; a row without a key, with another one, or without a next fire takes the
+//!     new next fire and key.
 //!     (`starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_same_key`)
 //! 26. An event written once (`hold_events` then `record_event`: a `deadline_missed` per
 //!     run, a `circuit_opened` per opening) is written once however many handles check
@@ -2023,6 +2024,12 @@ pub(crate) fn starting_a_schedule_keeps_the_next_fire_a_peer_stored_under_the_sa
     assert!(state.paused);
     assert_eq!(state.next_fire_at, Some(at(7, 0)));
     assert_eq!(state.schedule.as_deref(), Some(key));
+    // A row with the key and no next fire (a schedule that had ended) takes the new one.
+    peer.set_next_fire(&paused, None, Some(key)).unwrap();
+    let started = starting
+        .batch(|tx| tx.start_schedule(&paused, Some(at(8, 0)), Some(key)))
+        .unwrap();
+    assert_eq!(started, Some(at(8, 0)));
 }
 
 pub(crate) fn an_event_checked_and_written_by_many_handles_at_once_is_written_once(open: Open<'_>) {

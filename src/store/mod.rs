@@ -897,9 +897,9 @@ pub trait Tx {
     ) -> Result<(), StoreError>;
 
     /// Starts `task`'s schedule at an instance's start-up: stores `next` under `schedule`
-    /// unless the row holds `schedule` already — then another instance started it, or
-    /// fired from it, after this one read it, and its next fire stands. Answers the next
-    /// fire the row holds afterwards.
+    /// unless the row holds `schedule` already with a next fire — then another instance
+    /// started it, or fired from it, after this one read it, and its next fire stands.
+    /// Answers the next fire the row holds afterwards.
     fn start_schedule(
         &self,
         task: &TaskName,

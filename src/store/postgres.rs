@@ -2006,6 +2006,7 @@ impl Tx for PostgresTx<'_, '_> {
             "INSERT INTO task_state(task, next_fire_at, schedule) VALUES ($1, $2, $3)
              ON CONFLICT (task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule
              WHERE task_state.schedule IS DISTINCT FROM excluded.schedule
+                OR task_state.next_fire_at IS NULL
              RETURNING next_fire_at",
             &[&task.as_str(), &next.map(to_micros), &schedule],
         )?;

@@ -665,7 +665,7 @@ impl Tx for SqliteTx<'_> {
         cached_execute(self.tx,
             "INSERT INTO task_state(task, next_fire_at, schedule) VALUES (?1, ?2, ?3)
              ON CONFLICT(task) DO UPDATE SET next_fire_at = excluded.next_fire_at, schedule = excluded.schedule
-             WHERE task_state.schedule IS NOT excluded.schedule",
+             WHERE task_state.schedule IS NOT excluded.schedule OR task_state.next_fire_at IS NULL",
             params![task.as_str(), next.map(to_micros), schedule],
         )?;
         let stored: Option<i64> = self.tx.query_row(
