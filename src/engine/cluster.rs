@@ -151,29 +151,46 @@ impl Engine {
     /// Measures this host's offset from the database's clock (the round trip's midpoint)
     /// and corrects the engine's clock by it; a reading whose round trip took longer than
     /// [`NOISY_ROUND_TRIP`] is too uncertain to move the clock by (a loaded machine).
+    ///
+    /// A correction larger than a step is a step of the host's clock that came between
+    /// this wake's look at the wall clock (`watch_clock`) and this reading: said as one.
     pub(super) fn measure_offset(&mut self) {
-        self.measure_offset_now(false);
+        let Some(moved) = self.measure_offset_now(false) else {
+            return;
+        };
+        if moved.abs() > super::faults::STEP_TOLERANCE {
+            let message = format!(
+                "the host's clock moved {} against the database's on this host: due ticks follow the database's clock; its offset was measured again",
+                humantime::format_duration(Duration::from_millis(
+                    moved.num_milliseconds().unsigned_abs()
+                ))
+            );
+            warn!("{message}");
+            let now = self.clock.now();
+            self.log_event("clock_step", None, None, &message, now);
+        }
     }
 
     /// [`Engine::measure_offset`]; `force` takes the reading whatever its round trip (at
     /// start, and after a step of the host's clock, when the old offset is wrong anyway).
-    pub(super) fn measure_offset_now(&mut self, force: bool) {
+    /// Answers how far the correction moved (host minus database), if it did.
+    pub(super) fn measure_offset_now(&mut self, force: bool) -> Option<chrono::TimeDelta> {
         let Some(cluster) = &self.cluster else {
-            return;
+            return None;
         };
         let started = std::time::Instant::now();
         let before = cluster.clock.local.now();
         let reading = self.store.database_now();
         let after = cluster.clock.local.now();
         if !force && started.elapsed() > NOISY_ROUND_TRIP {
-            return;
+            return None;
         }
         let database = match reading {
             Ok(Some(database)) => database,
-            Ok(None) => return,
+            Ok(None) => return None,
             Err(err) => {
                 warn!("cannot read the database's clock: {err}");
-                return;
+                return None;
             }
         };
         let local = before + (after - before) / 2;
@@ -181,7 +198,7 @@ impl Engine {
         let offset = local - database;
         let old = -cluster.clock.offset();
         if (offset - old).abs() < OFFSET_NOISE {
-            return;
+            return None;
         }
         cluster.clock.set_offset(-offset);
         // The engine's clock moved by the correction, not by a step of the wall clock.
@@ -202,6 +219,7 @@ impl Engine {
         } else if was_large {
             info!("this host's clock is within {size} of the database's again");
         }
+        Some(offset - old)
     }
 
     /// Before any other work of a wake: an instance whose lease may have been reaped fences
