@@ -36,10 +36,11 @@
 //!   COMMIT (delivered at commit, never for a rollback); [`listen`] hears them on a
 //!   connection of its own, reconnecting when it drops. Hints only bring work forward.
 //!
-//! Schema: `postgres.sql` is the current shape, run at every open in one transaction
-//! under an advisory lock (concurrent openers migrate once); `meta.schema_version` says
-//! which shape a database has, [`MIGRATIONS`] takes an older one forward, and a newer
-//! one is refused ([`StoreError::NewerSchema`]).
+//! Schema: `postgres.sql` is the current shape, run in one transaction under an advisory
+//! lock (concurrent openers migrate once) when a database is new or older;
+//! `meta.schema_version` says which shape a database has (read first, without a lock: a
+//! current database is opened without touching its tables), [`MIGRATIONS`] takes an
+//! older one forward, and a newer one is refused ([`StoreError::NewerSchema`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -314,9 +315,28 @@ impl PostgresBackend {
 
     /// Creates a new database's tables, migrates an older one, refuses a newer one; one
     /// transaction under [`MIGRATION_LOCK`].
+    ///
+    /// A database already at this schema is left alone, read without a lock: the DDL
+    /// re-run (`CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the
+    /// index exists) would queue this open behind every peer's write and every peer's
+    /// write behind this open.
     fn migrate(&self, database: &str) -> Result<(), StoreError> {
         block_on(self.runtime(), async {
             let mut client = self.pool.get().await?;
+            let has_meta: bool = client
+                .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+                .await?
+                .try_get(0)?;
+            if has_meta {
+                let stored = client
+                    .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+                    .await?
+                    .map(|row| row.try_get::<_, i64>(0))
+                    .transpose()?;
+                if stored == Some(POSTGRES_SCHEMA_VERSION as i64) {
+                    return Ok(());
+                }
+            }
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
@@ -2527,6 +2547,51 @@ mod tests {
             err.contains("schema version 999, newer than this turbosched (3)"),
             "{err}"
         );
+    }
+
+    /// Opening a database already at this schema takes no lock on its tables: a
+    /// `turbosched status`, or an instance joining a busy cluster, neither waits for the
+    /// peers' writes nor holds them up (re-running `CREATE INDEX IF NOT EXISTS` took a
+    /// SHARE lock on each table until the open's commit: a restarted instance queued
+    /// behind every writer, and every writer behind it — the storm saw an instance not
+    /// register within 20 s).
+    #[test]
+    fn opening_a_current_database_waits_for_no_writer() {
+        let database = ScratchDatabase::create();
+        let url = std::path::PathBuf::from(database.url());
+        drop(Store::open(&url).unwrap());
+        // A peer's write held open on `runs`.
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let (client, driver) = runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            client
+                .batch_execute("BEGIN; LOCK TABLE runs, events, task_state IN ROW EXCLUSIVE MODE")
+                .await
+                .unwrap();
+            (client, driver)
+        });
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let opener = std::thread::spawn(move || {
+            let opened = Store::open(&url).map(drop).map_err(|err| err.to_string());
+            let _ = opened_tx.send(opened);
+        });
+        let opened = opened_rx.recv_timeout(Duration::from_secs(10));
+        runtime.block_on(async {
+            client.batch_execute("COMMIT").await.unwrap();
+            drop(client);
+            let _ = driver.await;
+        });
+        opener.join().unwrap();
+        match opened {
+            Ok(result) => result.unwrap(),
+            Err(_) => panic!("the open waited more than 10 s for a peer's write"),
+        }
     }
 
     #[test]

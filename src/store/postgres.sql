@@ -1,8 +1,9 @@
 -- turbosched run history on PostgreSQL, schema version 3 (postgres.rs's
 -- POSTGRES_SCHEMA_VERSION; numbered apart from SQLite's). The same tables as schema.sql,
 -- in PostgreSQL's types: every instant is BIGINT microseconds since the Unix epoch, UTC
--- (exact, and the same numbers as SQLite); flags are BOOLEAN. Run at every open, inside
--- the migration transaction (everything is IF NOT EXISTS).
+-- (exact, and the same numbers as SQLite); flags are BOOLEAN. Run inside the migration
+-- transaction when a database is new or at an older version (everything is IF NOT
+-- EXISTS); a database at this version is opened without it.
 CREATE TABLE IF NOT EXISTS meta (
     key   TEXT PRIMARY KEY,
     value BIGINT NOT NULL         -- schema_version, event_seq, health_probe

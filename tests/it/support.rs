@@ -129,19 +129,26 @@ impl Sandbox {
             api: String::new(),
         };
         let pid = service.pid();
-        let api = wait_until(
-            &format!("service pid {pid} registered"),
-            Duration::from_secs(20),
-            || {
-                let store = Store::open(database).ok()?;
-                let live = store
-                    .live_instances(Duration::from_secs(30), chrono::Utc::now())
-                    .ok()?;
-                live.into_iter()
-                    .find(|i| i.pid == pid as i64)
-                    .and_then(|i| i.api)
-            },
-        );
+        // A service that does not register says why: its log is in the failure.
+        let log = service.stderr.clone();
+        let what = move || {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            format!(
+                "service pid {pid} registered; the last lines of its log:\n{}",
+                tail.join("\n")
+            )
+        };
+        let api = wait_until_said(what, Duration::from_secs(20), || {
+            let store = Store::open(database).ok()?;
+            let live = store
+                .live_instances(Duration::from_secs(30), chrono::Utc::now())
+                .ok()?;
+            live.into_iter()
+                .find(|i| i.pid == pid as i64)
+                .and_then(|i| i.api)
+        });
         service.api = format!("http://{api}");
         service
     }
@@ -284,14 +291,23 @@ pub fn process_alive(pid: i64) -> bool {
 }
 
 /// Polls `check` every 20 ms until it answers, or panics after `within` naming `what`.
-pub fn wait_until<T>(what: &str, within: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+pub fn wait_until<T>(what: &str, within: Duration, check: impl FnMut() -> Option<T>) -> T {
+    wait_until_said(|| what.to_string(), within, check)
+}
+
+/// [`wait_until`] whose `what` is said only when it times out (a log read then).
+pub fn wait_until_said<T>(
+    what: impl FnOnce() -> String,
+    within: Duration,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
     let deadline = Instant::now() + within;
     loop {
         if let Some(value) = check() {
             return value;
         }
         if Instant::now() > deadline {
-            panic!("timed out after {within:?} waiting for {what}");
+            panic!("timed out after {within:?} waiting for {}", what());
         }
         std::thread::sleep(Duration::from_millis(20));
     }
