@@ -254,8 +254,13 @@ impl Engine {
             run = %attempt_spec.run,
             attempt = %attempt_spec.attempt
         );
+        // The only start of its wake spawns its child here and now (see `spawn_here`).
+        let spawned = self
+            .spawn_here
+            .then(|| span.in_scope(|| runner::spawn_child(&attempt_spec)));
         tokio::spawn(
-            runner::run_attempt(attempt_spec, self.worker_tx.clone(), stop_rx).instrument(span),
+            runner::run_attempt(attempt_spec, self.worker_tx.clone(), stop_rx, spawned)
+                .instrument(span),
         );
     }
 

@@ -350,6 +350,11 @@ impl Engine {
         }
         // The skips of this wake (misfire, overlap, calendar) are written together at its end.
         self.skips = Some(Vec::new());
+        let lone = claims
+            .iter()
+            .filter(|claim| matches!(claim.started, Some(Ok(_))))
+            .count()
+            == 1;
         for Claimed {
             pending,
             action,
@@ -358,7 +363,9 @@ impl Engine {
         } in claims
         {
             if let Some(started) = started {
+                self.spawn_here = lone;
                 self.started(pending, started, now);
+                self.spawn_here = false;
             } else if let Some(reason) = closed {
                 self.skip(&pending, &reason, now);
             } else if action == TickAction::Skip {

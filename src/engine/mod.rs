@@ -189,6 +189,11 @@ pub struct Engine {
     /// (`fire_due`, `dispatch::starts_at_once`). Set when the loop starts: the engine's
     /// steps called on their own (the tests') leave every start to `dispatch`.
     start_with_claim: bool,
+    /// While the one start of a wake's claims is handed out: its child is spawned on the
+    /// engine's thread at once rather than by its runner task, which another thread must
+    /// wake for first (a lone fire's latency). Several starts leave their spawns to the
+    /// runners, which run them in parallel.
+    spawn_here: bool,
     /// The wall clock against the monotonic one.
     wall: WallWatch,
     /// The last step of the wall clock seen.
@@ -262,6 +267,7 @@ impl Engine {
             claim_retry_at: None,
             skips: None,
             start_with_claim: false,
+            spawn_here: false,
             wall: WallWatch::new(clock_now),
             clock_step: None,
             cluster: None,

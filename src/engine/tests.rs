@@ -998,3 +998,46 @@ fn a_tick_that_can_start_at_once_is_claimed_and_started_in_one_commit_and_a_full
         "orphaned: its owner's process is gone"
     );
 }
+
+/// A lone fire's child is spawned by the engine in the wake that claimed and started
+/// it, not left to its runner task (which waits for a runtime thread to take it: here
+/// the only one is held busy, so the runner cannot run until the check is over).
+#[test]
+fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
+    let marker_dir = tempfile::tempdir().expect("temp dir");
+    let marker = marker_dir.path().join("spawned");
+    let bench = Bench::new(&format!(
+        "[tasks.lone]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
+        marker.display()
+    ));
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let _entered = runtime.enter();
+    // The runtime's one thread held until the end.
+    let (holding_tx, holding_rx) = std::sync::mpsc::channel();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+    runtime.spawn(async move {
+        let _ = holding_tx.send(());
+        let _ = release_rx.recv();
+    });
+    holding_rx.recv().expect("the runtime's thread is held");
+    let mut engine = bench.engine_at(t(0));
+    engine.plan_startup_fires(t(0));
+    engine.start_with_claim = true;
+    bench.clock.set(t(1));
+    engine.on_tick();
+    let run = bench.runs("lone").remove(0);
+    assert_eq!(run.state, RunState::Running);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !marker.exists() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no child within 10 s of the wake: its spawn waits for the runner task"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    release_tx.send(()).expect("released");
+}
