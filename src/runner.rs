@@ -213,40 +213,47 @@ impl Drop for Finisher {
     }
 }
 
-/// A child started by [`spawn_child`]: the process, the read end of its report pipe
-/// (built-in workers), and when it started; or why it could not start.
-pub type Spawned = Result<(Child, Option<OwnedFd>, crate::model::Instant), String>;
+/// A child started by [`spawn_child`]: when the attempt began (just before the spawn),
+/// and the process with the read end of its report pipe (built-in workers) and its wall
+/// instant, or why it could not start.
+pub struct Spawned {
+    began: MonoInstant,
+    child: Result<(Child, Option<OwnedFd>, crate::model::Instant), String>,
+}
 
 /// Starts the attempt's child on the caller's thread, for [`run_attempt`] to supervise:
 /// the engine does so for a lone start, which would otherwise wait for another thread
 /// to wake and take the runner task (0.4–1.5 ms measured). Must be called within the
 /// runtime (the child's reaper registers with it).
 pub fn spawn_child(spec: &AttemptSpec) -> Spawned {
-    spawn(spec).map(|(child, reports)| (child, reports, chrono::Utc::now()))
+    let began = MonoInstant::now();
+    let child = spawn(spec).map(|(child, reports)| (child, reports, chrono::Utc::now()));
+    Spawned { began, child }
 }
 
 /// Runs one attempt to its end, sending events to `events`. Stop it by sending
 /// `Some(reason)` on `stop`. `spawned` is its child if the caller started it
-/// ([`spawn_child`]); otherwise the runner starts it.
+/// ([`spawn_child`]); otherwise the runner starts it. The attempt's time and its
+/// timeout count from just before the spawn.
 pub async fn run_attempt(
     spec: AttemptSpec,
     events: mpsc::Sender<Envelope>,
     mut stop: watch::Receiver<Option<StopReason>>,
     spawned: Option<Spawned>,
 ) {
+    let spawned = match spawned {
+        Some(spawned) => spawned,
+        None => spawn_child(&spec),
+    };
     let mut finisher = Finisher {
         events: events.clone(),
         run: spec.run,
         attempt: spec.attempt,
         group: None,
-        started: MonoInstant::now(),
+        started: spawned.began,
         done: false,
     };
-    let spawned = match spawned {
-        Some(spawned) => spawned,
-        None => spawn_child(&spec),
-    };
-    let (mut child, report_reader, spawned_at) = match spawned {
+    let (mut child, report_reader, spawned_at) = match spawned.child {
         Ok(spawned) => spawned,
         Err(error) => {
             spec.log.line(spec.run, spec.attempt, Level::Error, &error);
@@ -299,7 +306,11 @@ pub async fn run_attempt(
     let reported_error = report_reader
         .map(|reader| tokio::spawn(pump_reports(reader, spec.run, spec.attempt, events.clone())));
 
-    let timeout = tokio::time::sleep(spec.timeout);
+    // A timeout past what an instant can hold (a config's "100 years") never ends.
+    let timeout = match spawned.began.checked_add(spec.timeout) {
+        Some(at) => tokio::time::sleep_until(at.into()),
+        None => tokio::time::sleep(spec.timeout),
+    };
     tokio::pin!(timeout);
     let mut stop_reason: Option<StopReason> = None;
     let mut timed_out = false;

@@ -38,9 +38,9 @@
 //!
 //! Schema: `postgres.sql` is the current shape, run in one transaction under an advisory
 //! lock (concurrent openers migrate once) when a database is new or older;
-//! `meta.schema_version` says which shape a database has (read first, without a lock: a
-//! current database is opened without touching its tables), [`MIGRATIONS`] takes an
-//! older one forward, and a newer one is refused ([`StoreError::NewerSchema`]).
+//! `meta.schema_version` says which shape a database has (read first under the lock
+//! shared: a current database is opened without touching its tables), [`MIGRATIONS`]
+//! takes an older one forward, and a newer one is refused ([`StoreError::NewerSchema`]).
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, HashSet};
@@ -316,30 +316,35 @@ impl PostgresBackend {
     /// Creates a new database's tables, migrates an older one, refuses a newer one; one
     /// transaction under [`MIGRATION_LOCK`].
     ///
-    /// A database already at this schema is left alone, read without a lock: the DDL
-    /// re-run (`CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the
-    /// index exists) would queue this open behind every peer's write and every peer's
-    /// write behind this open.
+    /// A database already at this schema is left alone, its version read under the
+    /// migration lock shared (no lock on any table; a migration under way is waited for,
+    /// so an older turbosched is refused by the schema it brings): the DDL re-run
+    /// (`CREATE INDEX IF NOT EXISTS` takes a SHARE lock on its table even when the index
+    /// exists) would queue this open behind every peer's write and every peer's write
+    /// behind this open. An opener that waited for a peer's migration finds it done and
+    /// runs nothing either.
     fn migrate(&self, database: &str) -> Result<(), StoreError> {
+        let current = Some(POSTGRES_SCHEMA_VERSION as i64);
         block_on(self.runtime(), async {
             let mut client = self.pool.get().await?;
-            let has_meta: bool = client
-                .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
-                .await?
-                .try_get(0)?;
-            if has_meta {
-                let stored = client
-                    .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
-                    .await?
-                    .map(|row| row.try_get::<_, i64>(0))
-                    .transpose()?;
-                if stored == Some(POSTGRES_SCHEMA_VERSION as i64) {
-                    return Ok(());
-                }
+            let tx = client.transaction().await?;
+            tx.execute(
+                "SELECT pg_advisory_xact_lock_shared($1)",
+                &[&MIGRATION_LOCK],
+            )
+            .await?;
+            let stored = stored_schema_version(&tx).await?;
+            tx.commit().await?;
+            if stored == current {
+                return Ok(());
             }
             let tx = client.transaction().await?;
             tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
                 .await?;
+            if stored_schema_version(&tx).await? == current {
+                tx.commit().await?;
+                return Ok(());
+            }
             // `IF NOT EXISTS` on an existing table is a NOTICE, which tokio-postgres logs
             // at INFO: a dozen lines in the service log at every open.
             tx.batch_execute("SET LOCAL client_min_messages = warning")
@@ -2472,6 +2477,23 @@ impl Drop for ScratchDatabase {
     }
 }
 
+/// `meta.schema_version` of the database `tx` is in; `None` when it has no `meta` table
+/// (a new database) or no such row.
+async fn stored_schema_version(tx: &Transaction<'_>) -> Result<Option<i64>, StoreError> {
+    let has_meta: bool = tx
+        .query_one("SELECT to_regclass('meta') IS NOT NULL", &[])
+        .await?
+        .try_get(0)?;
+    if !has_meta {
+        return Ok(None);
+    }
+    Ok(tx
+        .query_opt("SELECT value FROM meta WHERE key = 'schema_version'", &[])
+        .await?
+        .map(|row| row.try_get::<_, i64>(0))
+        .transpose()?)
+}
+
 /// Runs `sql` on the `postgres` database of `server`, on a runtime of its own.
 #[cfg(test)]
 fn admin(server: &str, sql: &str) -> Result<(), String> {
@@ -2592,6 +2614,53 @@ mod tests {
             Ok(result) => result.unwrap(),
             Err(_) => panic!("the open waited more than 10 s for a peer's write"),
         }
+    }
+
+    /// An open during another turbosched's migration waits for it, and is refused when
+    /// that migration brings a schema newer than its own (an old binary must not run on a
+    /// new schema because it read the version a moment before the upgrade committed).
+    #[test]
+    fn an_open_during_a_newer_migration_waits_for_it_and_is_refused() {
+        let database = ScratchDatabase::create();
+        let url = std::path::PathBuf::from(database.url());
+        drop(Store::open(&url).unwrap());
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // A newer turbosched's migration, under way.
+        let (client, driver) = runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
+                .await
+                .unwrap();
+            let driver = tokio::spawn(connection);
+            client
+                .batch_execute(&format!(
+                    "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); \
+                     UPDATE meta SET value = 999 WHERE key = 'schema_version'"
+                ))
+                .await
+                .unwrap();
+            (client, driver)
+        });
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let opener = std::thread::spawn(move || {
+            let opened = Store::open(&url).map(drop).map_err(|err| err.to_string());
+            let _ = opened_tx.send(opened);
+        });
+        let early = opened_rx.recv_timeout(Duration::from_millis(500));
+        runtime.block_on(async {
+            client.batch_execute("COMMIT").await.unwrap();
+            drop(client);
+            let _ = driver.await;
+        });
+        assert!(early.is_err(), "opened during the migration: {early:?}");
+        let opened = opened_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the open ends once the migration commits");
+        opener.join().unwrap();
+        let err = opened.expect_err("refused");
+        assert!(err.contains("schema version 999"), "{err}");
     }
 
     #[test]
