@@ -129,18 +129,32 @@ impl Sandbox {
             api: String::new(),
         };
         let pid = service.pid();
-        // A service that does not register says why: its log is in the failure.
+        // A service that does not register says why: its log is in the failure, at once
+        // when it has exited.
         let log = service.stderr.clone();
-        let what = move || {
+        let tail = move || {
             let text = std::fs::read_to_string(&log).unwrap_or_default();
             let tail: Vec<&str> = text.lines().rev().take(40).collect();
             let tail: Vec<&str> = tail.into_iter().rev().collect();
-            format!(
-                "service pid {pid} registered; the last lines of its log:\n{}",
-                tail.join("\n")
-            )
+            tail.join("\n")
         };
+        let what = {
+            let tail = tail.clone();
+            move || {
+                format!(
+                    "service pid {pid} registered; the last lines of its log:\n{}",
+                    tail()
+                )
+            }
+        };
+        let child = service.child.as_mut().expect("started");
         let api = wait_until_said(what, Duration::from_secs(20), || {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!(
+                    "service pid {pid} exited ({status}) before it registered; the last lines of its log:\n{}",
+                    tail()
+                );
+            }
             let store = Store::open(database).ok()?;
             let live = store
                 .live_instances(Duration::from_secs(30), chrono::Utc::now())
