@@ -22,14 +22,14 @@
 //! assert_eq!(daily.next_after(friday_noon).unwrap().to_rfc3339(), "2026-11-20T21:30:00+00:00");
 //! ```
 
-use std::collections::HashMap;
-use std::sync::{Arc, LazyLock, Mutex, Weak};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
 use chrono_tz::Tz;
 use croner::parser::{CronParser, Seconds, Year};
 use croner::Cron;
+use hashlink::LruCache;
 
 use crate::model::{Instant, Trigger};
 
@@ -44,26 +44,44 @@ pub struct ScheduleError {
     reason: String,
 }
 
-/// A compiled cron expression bound to a time zone.
+/// A cron expression bound to a time zone; compiled on demand ([`compiled`]).
 #[derive(Debug, Clone)]
 pub struct Schedule {
     expr: String,
-    cron: Arc<Cron>,
     tz: Tz,
 }
 
-/// Compiled expressions, shared: a `croner::Cron` holds a lookup table per field (about
-/// 2.5 KB), and a thousand tasks on a handful of distinct schedules need only a handful.
-fn compile(parser: &CronParser, expr: &str) -> Result<Arc<Cron>, croner::errors::CronError> {
-    static COMPILED: LazyLock<Mutex<HashMap<String, Weak<Cron>>>> = LazyLock::new(Default::default);
+/// How many compiled expressions the process keeps ([`compiled`]).
+pub const COMPILED_CAP: usize = 256;
+
+/// Compiled expressions, shared and bounded, the most recently used kept: a
+/// `croner::Cron` holds a lookup table per field — its years' alone one byte for each of
+/// the years 1–5000 — about 5 KB in all. A thousand tasks on one expression share one;
+/// ten thousand tasks at staggered times (distinct expressions) would have held 50 MB for
+/// good, one each. An expression not among the [`COMPILED_CAP`] kept is compiled again
+/// when next asked (microseconds; an hourly task's, once an hour).
+fn compiled(expr: &str) -> Result<Arc<Cron>, croner::errors::CronError> {
     let mut compiled = COMPILED.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(cron) = compiled.get(expr).and_then(Weak::upgrade) {
-        return Ok(cron);
+    if let Some(cron) = compiled.get(expr) {
+        return Ok(cron.clone());
     }
-    let cron = Arc::new(parser.parse(expr)?);
-    compiled.retain(|_, cron| cron.strong_count() > 0);
-    compiled.insert(expr.to_string(), Arc::downgrade(&cron));
+    let cron = Arc::new(
+        CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build()
+            .parse(expr)?,
+    );
+    compiled.insert(expr.into(), cron.clone());
     Ok(cron)
+}
+
+static COMPILED: LazyLock<Mutex<LruCache<Box<str>, Arc<Cron>>>> =
+    LazyLock::new(|| Mutex::new(LruCache::new(COMPILED_CAP)));
+
+/// How many compiled expressions the process holds now (at most [`COMPILED_CAP`]).
+pub fn compiled_count() -> usize {
+    COMPILED.lock().unwrap_or_else(|p| p.into_inner()).len()
 }
 
 /// The aliases croner knows (any case).
@@ -219,21 +237,22 @@ impl Schedule {
                 ),
             });
         }
-        let parser = CronParser::builder()
-            .seconds(Seconds::Optional)
-            .year(Year::Disallowed)
-            .build();
         // croner compiles; when it refuses, the field checks below say which field, its
         // range and what was found (croner's own text only if they find nothing).
-        let cron = compile(&parser, expr.trim()).map_err(|err| ScheduleError {
+        compiled(expr.trim()).map_err(|err| ScheduleError {
             expr: expr.to_string(),
             reason: explain_refusal(expr.trim()).unwrap_or_else(|| err.to_string().to_lowercase()),
         })?;
         Ok(Schedule {
             expr: expr.to_string(),
-            cron,
             tz,
         })
+    }
+
+    /// The compiled expression: [`Schedule::parse`] compiled it once, so it compiles
+    /// again (`None` only if croner changed its mind, which it does not).
+    fn cron(&self) -> Option<Arc<Cron>> {
+        compiled(self.expr.trim()).ok()
     }
 
     /// The expression as written in the config.
@@ -250,7 +269,7 @@ impl Schedule {
     /// again (e.g. a date that does not exist).
     pub fn next_after(&self, after: Instant) -> Option<Instant> {
         let local = after.with_timezone(&self.tz);
-        self.cron
+        self.cron()?
             .find_next_occurrence(&local, false)
             .ok()
             .map(|next| next.with_timezone(&Utc))
@@ -264,7 +283,7 @@ impl Schedule {
     /// The latest fire at or before `at`, if any (used by the dependency check).
     pub fn latest_at_or_before(&self, at: Instant) -> Option<Instant> {
         let local = at.with_timezone(&self.tz);
-        self.cron
+        self.cron()?
             .find_previous_occurrence(&local, true)
             .ok()
             .map(|prev| prev.with_timezone(&Utc))
@@ -466,7 +485,7 @@ pub fn plan_due(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use chrono::{NaiveDateTime, TimeZone};
+    use chrono::{Datelike, NaiveDateTime, TimeZone, Timelike};
 
     fn zone(name: &str) -> Tz {
         name.parse().expect("known zone")
@@ -554,6 +573,46 @@ mod tests {
     }
 
     /// Local wall time `2026-03-08T00:00` in `tz`, as UTC.
+    /// More tasks on distinct expressions than the compiled cache holds: the cache stays
+    /// bounded, and every schedule, its compiled form evicted long ago, still answers its
+    /// own next and previous fire.
+    #[test]
+    fn schedules_on_more_distinct_expressions_than_the_cache_holds_all_answer_right() {
+        let tz = zone("Europe/Paris");
+        let count = COMPILED_CAP * 3;
+        let schedules: Vec<(u32, u32, Schedule)> = (0..count as u32)
+            .map(|i| {
+                let (minute, hour) = (i % 60, (i / 60) % 24);
+                let second = i / (60 * 24);
+                let expr = format!("{second} {minute} {hour} * * *");
+                (minute, hour, Schedule::parse(&expr, tz).expect("valid"))
+            })
+            .collect();
+        assert!(compiled_count() <= COMPILED_CAP, "{}", compiled_count());
+        let start = local(tz, "2026-03-09T23:59:59");
+        for (minute, hour, schedule) in &schedules {
+            let next = schedule
+                .next_after(start)
+                .expect("fires")
+                .with_timezone(&tz);
+            assert_eq!(
+                (next.hour(), next.minute(), next.day()),
+                (*hour, *minute, 10),
+                "{}",
+                schedule.expr()
+            );
+            let previous = schedule
+                .latest_at_or_before(start)
+                .expect("fired")
+                .with_timezone(&tz);
+            assert_eq!(
+                (previous.hour(), previous.minute(), previous.day()),
+                (*hour, *minute, 9)
+            );
+        }
+        assert!(compiled_count() <= COMPILED_CAP, "{}", compiled_count());
+    }
+
     fn local(tz: Tz, text: &str) -> Instant {
         let naive = NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M")
             .or_else(|_| NaiveDateTime::parse_from_str(text, "%Y-%m-%dT%H:%M:%S"))
