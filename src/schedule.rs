@@ -52,7 +52,7 @@ pub struct Schedule {
 }
 
 /// How many compiled expressions the process keeps ([`compiled`]).
-pub const COMPILED_CAP: usize = 256;
+pub const COMPILED_CAP: usize = 64;
 
 /// Compiled expressions, shared and bounded, the most recently used kept: a
 /// `croner::Cron` holds a lookup table per field — its years' alone one byte for each of
