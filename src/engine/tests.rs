@@ -924,11 +924,7 @@ fn a_tick_that_can_start_at_once_is_claimed_and_started_in_one_commit_and_a_full
          [tasks.b]\ncommand = [\"/bin/true\"]\nschedule = \"* * * * * *\"\nretries = 1\n",
     );
     // The runner of a started attempt is a tokio task (its child a real /bin/true).
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     let mut engine = bench.engine_at(t(0));
     // Its owner process is gone by the time the next instance looks (as after kill -9).
@@ -1010,11 +1006,7 @@ fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
         "[tasks.lone]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
         marker.display()
     ));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .expect("runtime");
+    let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     // The runtime's one thread held until the end.
     let (holding_tx, holding_rx) = std::sync::mpsc::channel();
@@ -1040,4 +1032,13 @@ fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
         std::thread::sleep(Duration::from_millis(5));
     }
     release_tx.send(()).expect("released");
+}
+
+/// A runtime with one worker thread, for runner tasks (their children real processes).
+fn one_thread_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .expect("runtime")
 }

@@ -2571,6 +2571,68 @@ mod tests {
         );
     }
 
+    /// A peer's transaction, begun with `sql` and held open until [`HeldOpen::commit`].
+    struct HeldOpen {
+        runtime: tokio::runtime::Runtime,
+        client: tokio_postgres::Client,
+        driver: tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>,
+    }
+
+    impl HeldOpen {
+        fn begin(database: &ScratchDatabase, sql: &str) -> HeldOpen {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let (client, driver) = runtime.block_on(async {
+                let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
+                    .await
+                    .unwrap();
+                let driver = tokio::spawn(connection);
+                client
+                    .batch_execute(&format!("BEGIN; {sql}"))
+                    .await
+                    .unwrap();
+                (client, driver)
+            });
+            HeldOpen {
+                runtime,
+                client,
+                driver,
+            }
+        }
+
+        fn commit(self) {
+            let HeldOpen {
+                runtime,
+                client,
+                driver,
+            } = self;
+            runtime.block_on(async {
+                client.batch_execute("COMMIT").await.unwrap();
+                drop(client);
+                let _ = driver.await;
+            });
+        }
+    }
+
+    /// `Store::open` on a thread of its own: its answer (the error as text) arrives on
+    /// the receiver.
+    fn open_in_thread(
+        database: &ScratchDatabase,
+    ) -> (
+        std::thread::JoinHandle<()>,
+        std::sync::mpsc::Receiver<Result<(), String>>,
+    ) {
+        let url = std::path::PathBuf::from(database.url());
+        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
+        let opener = std::thread::spawn(move || {
+            let opened = Store::open(&url).map(drop).map_err(|err| err.to_string());
+            let _ = opened_tx.send(opened);
+        });
+        (opener, opened_rx)
+    }
+
     /// Opening a database already at this schema takes no lock on its tables: a
     /// `turbosched status`, or an instance joining a busy cluster, neither waits for the
     /// peers' writes nor holds them up (re-running `CREATE INDEX IF NOT EXISTS` took a
@@ -2580,35 +2642,14 @@ mod tests {
     #[test]
     fn opening_a_current_database_waits_for_no_writer() {
         let database = ScratchDatabase::create();
-        let url = std::path::PathBuf::from(database.url());
-        drop(Store::open(&url).unwrap());
-        // A peer's write held open on `runs`.
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let (client, driver) = runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            client
-                .batch_execute("BEGIN; LOCK TABLE runs, events, task_state IN ROW EXCLUSIVE MODE")
-                .await
-                .unwrap();
-            (client, driver)
-        });
-        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
-        let opener = std::thread::spawn(move || {
-            let opened = Store::open(&url).map(drop).map_err(|err| err.to_string());
-            let _ = opened_tx.send(opened);
-        });
-        let opened = opened_rx.recv_timeout(Duration::from_secs(10));
-        runtime.block_on(async {
-            client.batch_execute("COMMIT").await.unwrap();
-            drop(client);
-            let _ = driver.await;
-        });
+        drop(Store::open(std::path::Path::new(&database.url())).unwrap());
+        let write = HeldOpen::begin(
+            &database,
+            "LOCK TABLE runs, events, task_state IN ROW EXCLUSIVE MODE",
+        );
+        let (opener, opened) = open_in_thread(&database);
+        let opened = opened.recv_timeout(Duration::from_secs(10));
+        write.commit();
         opener.join().unwrap();
         match opened {
             Ok(result) => result.unwrap(),
@@ -2622,40 +2663,19 @@ mod tests {
     #[test]
     fn an_open_during_a_newer_migration_waits_for_it_and_is_refused() {
         let database = ScratchDatabase::create();
-        let url = std::path::PathBuf::from(database.url());
-        drop(Store::open(&url).unwrap());
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        // A newer turbosched's migration, under way.
-        let (client, driver) = runtime.block_on(async {
-            let (client, connection) = tokio_postgres::connect(&database.url(), NoTls)
-                .await
-                .unwrap();
-            let driver = tokio::spawn(connection);
-            client
-                .batch_execute(&format!(
-                    "BEGIN; SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); \
-                     UPDATE meta SET value = 999 WHERE key = 'schema_version'"
-                ))
-                .await
-                .unwrap();
-            (client, driver)
-        });
-        let (opened_tx, opened_rx) = std::sync::mpsc::channel();
-        let opener = std::thread::spawn(move || {
-            let opened = Store::open(&url).map(drop).map_err(|err| err.to_string());
-            let _ = opened_tx.send(opened);
-        });
-        let early = opened_rx.recv_timeout(Duration::from_millis(500));
-        runtime.block_on(async {
-            client.batch_execute("COMMIT").await.unwrap();
-            drop(client);
-            let _ = driver.await;
-        });
+        drop(Store::open(std::path::Path::new(&database.url())).unwrap());
+        let migration = HeldOpen::begin(
+            &database,
+            &format!(
+                "SELECT pg_advisory_xact_lock({MIGRATION_LOCK}); \
+                 UPDATE meta SET value = 999 WHERE key = 'schema_version'"
+            ),
+        );
+        let (opener, opened) = open_in_thread(&database);
+        let early = opened.recv_timeout(Duration::from_millis(500));
+        migration.commit();
         assert!(early.is_err(), "opened during the migration: {early:?}");
-        let opened = opened_rx
+        let opened = opened
             .recv_timeout(Duration::from_secs(10))
             .expect("the open ends once the migration commits");
         opener.join().unwrap();
