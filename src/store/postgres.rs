@@ -2683,6 +2683,26 @@ mod tests {
         assert!(err.contains("schema version 999"), "{err}");
     }
 
+    /// `postgres.sql` runs only on a new or older database (a current one is opened
+    /// without it), so a change to it must come with a new `POSTGRES_SCHEMA_VERSION` and
+    /// its step in `MIGRATIONS`, or existing databases never see it. The file's digest is
+    /// pinned to the version: changing the one without the other fails here.
+    #[test]
+    fn the_schema_file_changes_only_with_a_new_schema_version() {
+        use sha2::Digest;
+        let digest = crate::pipeline::hex(&sha2::Sha256::digest(SCHEMA.as_bytes()));
+        assert_eq!(
+            (POSTGRES_SCHEMA_VERSION, digest.as_str()),
+            (
+                3,
+                "edbb19ffb739eba07905dc6881061fbaf2d8db954bb2484eb85c8d1bccc9b277"
+            ),
+            "postgres.sql changed: bump POSTGRES_SCHEMA_VERSION and add the step that takes \
+             an existing database there to MIGRATIONS (a change to comments alone needs \
+             neither), then put the new version and digest here"
+        );
+    }
+
     #[test]
     fn a_postgres_backup_says_to_use_pg_dump_and_the_integrity_check_says_ok() {
         let database = ScratchDatabase::create();
