@@ -13,7 +13,6 @@ use crate::model::{Instant, RunId, RunState, Trigger};
 use crate::runner::StopReason;
 use crate::store::AbortOutcome;
 use crate::store::{NewRun, Store, StoreError};
-use crate::tasklog::TaskLogs;
 use tracing::{info, warn};
 
 /// The run a manual trigger of `spec` creates.
@@ -391,7 +390,7 @@ impl Engine {
                 if new.scheduler.log_dir != self.config.scheduler.log_dir
                     || new.logging != self.config.logging
                 {
-                    self.logs = TaskLogs::new(&new.scheduler.log_dir, &new.logging);
+                    self.logs = self.logs.reconfigured(&new.scheduler.log_dir, &new.logging);
                 }
                 let hash = new.hash.clone();
                 self.reload_failure = None;

@@ -5,6 +5,7 @@
 mod alerts;
 mod api;
 mod backfill;
+mod bench;
 mod bench_cluster;
 mod boundaries;
 mod browser;

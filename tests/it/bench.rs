@@ -1,0 +1,73 @@
+//! `turbosched bench`: it prints each of issue 13's figures beside the floor measured in
+//! the same run. The figures are printed, never asserted — but a tick missed or doubled
+//! at twenty tasks is a broken claim whatever the machine's load, so those are.
+
+use crate::support::*;
+
+/// The rest of the line that starts with `label`.
+fn figure<'a>(text: &'a str, label: &str) -> &'a str {
+    text.lines()
+        .find_map(|line| line.strip_prefix(label))
+        .unwrap_or_else(|| panic!("no line {label:?}:\n{text}"))
+        .trim()
+}
+
+#[test]
+fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_turbosched"))
+        .args([
+            "bench",
+            "--tasks",
+            "20",
+            "--seconds",
+            "2",
+            "--startup-tasks",
+            "0",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
+    assert_eq!(figure(&text, "fires missed:"), "0", "{text}");
+    assert_eq!(figure(&text, "fires doubled:"), "0", "{text}");
+    // The floor's CPU per child, the spawning process's and the child's: real figures
+    // (a failed `getrusage` would print 0 and every ratio "n/a").
+    let floor = figure(&text, "burst floor:");
+    let floor_cpu: Vec<f64> = floor
+        .split_once("CPU per child:")
+        .unwrap_or_else(|| panic!("no CPU per child: {floor}"))
+        .1
+        .split(" µs")
+        .filter_map(|part| part.rsplit(' ').next()?.parse().ok())
+        .collect();
+    assert_eq!(floor_cpu.len(), 2, "{floor}");
+    assert!(floor_cpu.iter().all(|cpu| *cpu > 0.0), "{floor}");
+    assert!(
+        figure(&text, "burst ratio:").contains("lag p99 / burst floor"),
+        "{text}"
+    );
+    let cpu = figure(&text, "service CPU per run:");
+    assert!(
+        cpu.contains("× the floor's") && cpu.contains("target ≤ 100 µs"),
+        "{cpu}"
+    );
+    assert!(
+        figure(&text, "children CPU per run:").contains("× the floor's"),
+        "{text}"
+    );
+    let descriptors: u64 = figure(&text, "peak descriptors open:")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count:\n{text}"));
+    // Standard streams, the database and its WAL at the least.
+    assert!(descriptors >= 5, "{text}");
+    assert!(figure(&text, "commits (fsyncs):").contains("/s"), "{text}");
+    assert!(
+        figure(&text, "peak RSS (service):").ends_with("MiB"),
+        "{text}"
+    );
+}
