@@ -874,17 +874,23 @@ mod tests {
         assert_eq!(descriptors_under(dir.path()), 1);
     }
 
+    /// Runs in flight that take the whole budget of kept descriptors: the logs
+    /// `<prefix>0`… each written once and held.
+    fn spend_the_budget(logs: &TaskLogs, prefix: &str) -> Vec<TaskLog> {
+        (0..OPEN_LOG_BUDGET)
+            .map(|n| {
+                let log = logs.task(&format!("{prefix}{n}"));
+                log.line(RunId(1), Attempt(1), Level::Info, "holds a place");
+                log
+            })
+            .collect()
+    }
+
     #[test]
     fn logs_moved_by_a_reload_share_the_one_budget_with_the_runs_still_in_flight() {
         let dir = tempfile::tempdir().unwrap();
         let before = TaskLogs::new(&dir.path().join("a"), &settings(1 << 20, 2));
-        let in_flight: Vec<TaskLog> = (0..OPEN_LOG_BUDGET)
-            .map(|n| {
-                let log = before.task(&format!("t{n}"));
-                log.line(RunId(1), Attempt(1), Level::Info, "before the reload");
-                log
-            })
-            .collect();
+        let in_flight = spend_the_budget(&before, "t");
         let after = before.reconfigured(&dir.path().join("b"), &settings(1 << 20, 2));
         after
             .task("t0")
@@ -911,13 +917,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let logs = TaskLogs::new(dir.path(), &settings(300, 50));
         // Take the whole budget, so the log under test is opened and closed per line.
-        let others: Vec<TaskLog> = (0..OPEN_LOG_BUDGET)
-            .map(|n| {
-                let log = logs.task(&format!("other{n}"));
-                log.line(RunId(1), Attempt(1), Level::Info, "holds a place");
-                log
-            })
-            .collect();
+        let others = spend_the_budget(&logs, "other");
         let log = logs.task("t");
         for n in 0..40 {
             log.line(RunId(1), Attempt(1), Level::Info, &format!("line {n:02}"));
