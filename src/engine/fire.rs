@@ -136,6 +136,9 @@ impl Engine {
             closed: Option<String>,
             /// A run started with its claim: the store's answer to the start.
             started: Option<Result<Attempt, StoreError>>,
+            /// A tick skipped at its claim (a calendar date, misfire `skip`), recorded
+            /// skipped in the claim's transaction: why, and the store's answer.
+            skipped: Option<(String, Result<(), StoreError>)>,
         }
         /// What one transaction of claims did, task by task.
         #[derive(Default)]
@@ -250,6 +253,7 @@ impl Engine {
                                 action: *action,
                                 closed,
                                 started: None,
+                                skipped: None,
                             });
                         }
                         None => {
@@ -263,6 +267,48 @@ impl Engine {
                     let outcomes = batch.transitions(&steps, &change, now);
                     for ((at, _), outcome) in starts.iter().zip(outcomes) {
                         fired.claims[*at].started = Some(outcome);
+                    }
+                }
+                // A tick skipped at its claim is recorded skipped in the claim's
+                // transaction: a crash after a separate commit of the claim left it
+                // `queued`, and the next start ran it (on a calendar's closed date, too).
+                let skips: Vec<(usize, String, Move)> = fired
+                    .claims
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, claimed)| claimed.started.is_none())
+                    .filter_map(|(at, claimed)| {
+                        let reason = match &claimed.closed {
+                            Some(reason) => reason.clone(),
+                            None if claimed.action == TickAction::Skip => {
+                                misfire_skip_reason(at_startup).to_string()
+                            }
+                            None => return None,
+                        };
+                        let pending = &claimed.pending;
+                        let step = Move {
+                            run: pending.run,
+                            attempt: pending.attempt,
+                            from: pending.state,
+                            to: RunState::Skipped,
+                        };
+                        Some((at, reason, step))
+                    })
+                    .collect();
+                if !skips.is_empty() {
+                    let moves: Vec<(Move, Change)> = skips
+                        .iter()
+                        .map(|(_, reason, step)| {
+                            let change = Change {
+                                reason: Some(reason.clone()),
+                                ..Change::default()
+                            };
+                            (*step, change)
+                        })
+                        .collect();
+                    let outcomes = batch.finishes(&moves, now);
+                    for ((at, reason, _), outcome) in skips.into_iter().zip(outcomes) {
+                        fired.claims[at].skipped = Some((reason, outcome.map(|_| ())));
                     }
                 }
                 // A claim writes the next fire; with no claim (no tick, or each one
@@ -357,24 +403,17 @@ impl Engine {
             == 1;
         for Claimed {
             pending,
-            action,
-            closed,
             started,
+            skipped,
+            ..
         } in claims
         {
             if let Some(started) = started {
                 self.spawn_here = lone;
                 self.started(pending, started, now);
                 self.spawn_here = false;
-            } else if let Some(reason) = closed {
-                self.skip(&pending, &reason, now);
-            } else if action == TickAction::Skip {
-                let reason = if at_startup {
-                    "misfire policy skip: tick missed while the scheduler was down"
-                } else {
-                    "misfire policy skip: tick missed while the scheduler could not fire it"
-                };
-                self.skip(&pending, reason, now);
+            } else if let Some((reason, recorded)) = skipped {
+                self.skipped_with_claim(&pending, &reason, recorded, now);
             } else {
                 self.admit(pending, now);
             }
@@ -481,5 +520,14 @@ impl Engine {
             }
         }
         moved
+    }
+}
+
+/// Why a tick missed under misfire `skip` is skipped.
+fn misfire_skip_reason(at_startup: bool) -> &'static str {
+    if at_startup {
+        "misfire policy skip: tick missed while the scheduler was down"
+    } else {
+        "misfire policy skip: tick missed while the scheduler could not fire it"
     }
 }

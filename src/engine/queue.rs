@@ -7,7 +7,7 @@ use super::{blocking, Engine};
 use crate::config::Overlap;
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::StopReason;
-use crate::store::{Change, Move, NewRun, RunRow};
+use crate::store::{Change, Move, NewRun, RunRow, StoreError};
 use crate::tasklog::Level;
 use tracing::{info, warn};
 
@@ -256,13 +256,7 @@ impl Engine {
     }
 
     pub(super) fn skip(&mut self, pending: &Pending, reason: &str, now: Instant) {
-        info!(task = %pending.task, run = %pending.run, "skipped: {reason}");
-        self.logs.task(pending.task.as_str()).line(
-            pending.run,
-            pending.attempt,
-            Level::Warn,
-            &format!("skipped: {reason}"),
-        );
+        self.say_skipped(pending, reason);
         let change = Change {
             reason: Some(reason.to_string()),
             ..Change::default()
@@ -272,6 +266,34 @@ impl Engine {
             return;
         }
         self.end_waiting_run(pending, RunState::Skipped, Some(&change), now);
+    }
+
+    /// A tick the claim's own transaction recorded skipped (`recorded`: the store's
+    /// answer): said in the logs, then the board and its cascade move on.
+    pub(super) fn skipped_with_claim(
+        &mut self,
+        pending: &Pending,
+        reason: &str,
+        recorded: Result<(), StoreError>,
+        now: Instant,
+    ) {
+        match recorded {
+            Ok(()) => {
+                self.say_skipped(pending, reason);
+                self.end_waiting_run(pending, RunState::Skipped, None, now);
+            }
+            Err(err) => warn!(run = %pending.run, "cannot record the skip ({reason}): {err}"),
+        }
+    }
+
+    fn say_skipped(&self, pending: &Pending, reason: &str) {
+        info!(task = %pending.task, run = %pending.run, "skipped: {reason}");
+        self.logs.task(pending.task.as_str()).line(
+            pending.run,
+            pending.attempt,
+            Level::Warn,
+            &format!("skipped: {reason}"),
+        );
     }
 
     /// Writes the skips gathered while a wake's claims were handed out in one

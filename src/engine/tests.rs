@@ -89,6 +89,16 @@ impl Bench {
         self.store.enqueue(&run, t(0)).expect("queued")
     }
 
+    /// The task's log, as written so far.
+    fn log(&self, task: &str) -> String {
+        let path = self
+            ._dir
+            .path()
+            .join("logs")
+            .join(crate::tasklog::task_log_name(task));
+        std::fs::read_to_string(path).unwrap_or_default()
+    }
+
     fn runs(&self, task: &str) -> Vec<RunRow> {
         let mut runs = self
             .store
@@ -460,6 +470,59 @@ fn a_tick_on_a_calendar_date_is_recorded_skipped_naming_the_calendar_and_the_nex
         "{}",
         skipped.message
     );
+}
+
+/// A crash between a claim's commit and a later write of its skip left the run `queued`,
+/// to be run at the next start on the calendar's closed date (seen in a cluster test
+/// whose instances were killed at that instant): the skip is part of the claim's commit.
+#[test]
+fn a_tick_on_a_calendar_date_is_claimed_and_recorded_skipped_in_one_commit() {
+    let bench = daily_noon_with_a_holiday();
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    bench.clock.set(t(86_400));
+    let commits = bench.store.commits();
+    engine.on_tick();
+    assert_eq!(
+        bench.store.commits() - commits,
+        1,
+        "claim and skip: one commit"
+    );
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].state, RunState::Skipped);
+    assert_eq!(
+        runs[0].reason.as_deref(),
+        Some("calendar holidays: 2026-06-02 is a listed date")
+    );
+    assert!(bench.log("t").contains("skipped: calendar holidays"));
+}
+
+#[test]
+fn a_tick_missed_under_misfire_skip_is_claimed_and_recorded_skipped_in_one_commit() {
+    let bench = Bench::new(
+        "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\nmisfire = \"skip\"\n",
+    );
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    drop(engine);
+    // Down over the next noon; back at 12:30.
+    let mut engine = bench.engine_at(t(86_400 + 1_800));
+    let commits = bench.store.commits();
+    engine.plan_startup_fires(t(86_400 + 1_800));
+    assert_eq!(
+        bench.store.commits() - commits,
+        1,
+        "claim and skip: one commit"
+    );
+    let runs = bench.runs("t");
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0].state, RunState::Skipped);
+    assert!(runs[0]
+        .reason
+        .as_deref()
+        .unwrap_or_default()
+        .starts_with("misfire policy skip"));
 }
 
 #[test]
