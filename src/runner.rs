@@ -283,26 +283,38 @@ pub async fn run_attempt(
     tracing::debug!(pid, "child started");
     finisher.send(RunnerEvent::Spawned(pid, spawned_at)).await;
 
-    let mut readers = Vec::new();
+    // The child's output is read in this task, beside the wait for its exit: one task per
+    // attempt, and one wake when the child ends and its pipes close together.
     let (last_stderr_tx, last_stderr_rx) = watch::channel(String::new());
-    if let Some(stdout) = child.stdout.take() {
-        readers.push(tokio::spawn(pump_output(
-            stdout,
-            Source::of(&spec),
-            Level::Info,
-            events.clone(),
-            None,
-        )));
-    }
-    if let Some(stderr) = child.stderr.take() {
-        readers.push(tokio::spawn(pump_output(
+    let stdout = child
+        .stdout
+        .take()
+        .map(|stdout| pump_output(stdout, Source::of(&spec), Level::Info, events.clone(), None));
+    let stderr = child.stderr.take().map(|stderr| {
+        pump_output(
             stderr,
             Source::of(&spec),
             Level::Warn,
             events.clone(),
             Some(last_stderr_tx),
-        )));
-    }
+        )
+    });
+    let output = async move {
+        tokio::join!(
+            async {
+                if let Some(pump) = stdout {
+                    pump.await;
+                }
+            },
+            async {
+                if let Some(pump) = stderr {
+                    pump.await;
+                }
+            },
+        );
+    };
+    tokio::pin!(output);
+    let mut output_done = false;
     let reported_error = report_reader
         .map(|reader| tokio::spawn(pump_reports(reader, spec.run, spec.attempt, events.clone())));
 
@@ -312,16 +324,31 @@ pub async fn run_attempt(
         None => tokio::time::sleep(spec.timeout),
     };
     tokio::pin!(timeout);
+    // Stopping: SIGTERM to the group, then SIGKILL once `kill_grace` has passed; the
+    // output is read on meanwhile. The timer is armed (and first polled) only then.
+    let kill_timer = tokio::time::sleep(Duration::ZERO);
+    tokio::pin!(kill_timer);
+    let mut stopping = false;
+    let mut killed = false;
     let mut stop_reason: Option<StopReason> = None;
     let mut timed_out = false;
     let status: std::io::Result<ExitStatus> = loop {
-        tokio::select! {
+        let stop_now = tokio::select! {
             status = child.wait() => break status,
+            () = &mut output, if !output_done => {
+                output_done = true;
+                false
+            }
+            () = &mut kill_timer, if stopping && !killed => {
+                killed = true;
+                let _ = killpg(group, Signal::SIGKILL);
+                false
+            }
             _ = &mut timeout, if !timed_out && stop_reason.is_none() => {
                 timed_out = true;
                 spec.log.line(spec.run, spec.attempt, Level::Error, &format!(
                     "timed out after {}; stopping process group {pid}", humantime::format_duration(spec.timeout)));
-                break stop_group(&mut child, group, spec.kill_grace).await;
+                true
             }
             changed = stop.changed(), if stop_reason.is_none() && !timed_out => {
                 if changed.is_err() {
@@ -339,15 +366,23 @@ pub async fn run_attempt(
                             StopReason::Stalled => "no heartbeat from the worker",
                             StopReason::Fenced => "this instance lost its lease",
                         }));
-                    break stop_group(&mut child, group, spec.kill_grace).await;
                 }
+                stop_reason.is_some()
             }
+        };
+        if stop_now && !stopping {
+            stopping = true;
+            let _ = killpg(group, Signal::SIGTERM);
+            kill_timer
+                .as_mut()
+                .reset(tokio::time::Instant::now() + spec.kill_grace);
         }
     };
     // Whatever the child left in its group dies with the attempt.
     let _ = killpg(group, Signal::SIGKILL);
-    for reader in readers {
-        let _ = tokio::time::timeout(Duration::from_secs(1), reader).await;
+    if !output_done {
+        // A grandchild may hold the pipes open: its group is killed, so they close soon.
+        let _ = tokio::time::timeout(Duration::from_secs(1), &mut output).await;
     }
     let reported = match reported_error {
         Some(reader) => tokio::time::timeout(Duration::from_secs(1), reader)
@@ -491,18 +526,6 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
     // writer, so the reader sees end-of-file when the child's group is gone.
     drop(command);
     Ok((child, report_reader))
-}
-
-/// SIGTERM to the group, up to `grace` for the child to exit, then SIGKILL.
-async fn stop_group(child: &mut Child, group: Pid, grace: Duration) -> std::io::Result<ExitStatus> {
-    let _ = killpg(group, Signal::SIGTERM);
-    match tokio::time::timeout(grace, child.wait()).await {
-        Ok(status) => status,
-        Err(_) => {
-            let _ = killpg(group, Signal::SIGKILL);
-            child.wait().await
-        }
-    }
 }
 
 fn describe_exit(status: ExitStatus, elapsed: Duration) -> String {

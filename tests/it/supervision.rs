@@ -56,6 +56,41 @@ timeout = "1s"
 }
 
 #[test]
+fn a_command_that_answers_sigterm_has_its_last_words_logged_and_ends_without_waiting_for_sigkill() {
+    // Its output is read while it is being stopped, and the attempt ends when it exits,
+    // not when kill_grace (30 s here) would have sent SIGKILL.
+    let sandbox = Sandbox::with_config(&format!(
+        "{}\n{}",
+        FAST_SCHEDULER.replace("kill_grace = \"500ms\"", "kill_grace = \"30s\""),
+        r#"
+[tasks.polite]
+command = "trap 'echo caught TERM, cleaning up; echo bye >&2; exit 3' TERM; echo working; sleep 300 & wait"
+shell = true
+timeout = "1s"
+"#
+    ));
+    let started = std::time::Instant::now();
+    let output = sandbox.cli(&["run", "polite"]);
+    let elapsed = started.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    let run = &sandbox.runs_of("polite")[0];
+    assert_eq!(run.state, RunState::TimedOut);
+    assert!(
+        elapsed < Duration::from_secs(20),
+        "ended at its exit, not at kill_grace: {elapsed:?}"
+    );
+    let log = sandbox.log("polite");
+    for line in [
+        "INFO - run=1 attempt=1 - working",
+        "timed out after 1s; stopping process group",
+        "INFO - run=1 attempt=1 - caught TERM, cleaning up",
+        "WARN - run=1 attempt=1 - bye",
+    ] {
+        assert!(log.contains(line), "no {line:?} in:\n{log}");
+    }
+}
+
+#[test]
 fn retries_wait_for_an_exponential_backoff_and_resume_from_the_checkpoint() {
     let sandbox = Sandbox::new(
         r#"
