@@ -746,12 +746,12 @@ fn health_turns_degraded_on_failures_and_unhealthy_when_the_store_cannot_write()
     let sandbox = Sandbox::new(TASKS);
     let service = sandbox.serve();
     let api = Api::new(&service, None);
-    let (code, health) = api.get_json("/health");
-    assert_eq!(
-        (code, health["status"].as_str()),
-        (200, Some("healthy")),
-        "{health}"
-    );
+    // Registered is not yet serving: the engine's loop reports in a moment after.
+    let health = wait_until("the service healthy", Duration::from_secs(20), || {
+        let (code, health) = api.get_json("/health");
+        (code == 200).then_some(health)
+    });
+    assert_eq!(health["status"].as_str(), Some("healthy"), "{health}");
     for check in [
         "store",
         "timer_loop",

@@ -260,8 +260,11 @@ fn ticks_due_while_the_disk_is_full_stay_due_and_meet_their_misfire_policy_once_
 fn health_probes_with_a_real_write_so_an_immutable_journal_is_unhealthy() {
     let sandbox = Sandbox::new("[tasks.tick]\nhandler = \"ping\"\nschedule = \"0 0 * * * *\"\n");
     let service = sandbox.serve();
-    let (status, body) = get_json(&service, "/health");
-    assert_eq!(status, 200, "{body}");
+    // Registered is not yet serving: the engine's loop reports in a moment after.
+    let body = wait_until("the service healthy", Duration::from_secs(20), || {
+        let (status, body) = get_json(&service, "/health");
+        (status == 200).then_some(body)
+    });
     assert_eq!(body["checks"]["store"]["status"], "ok");
 
     let wal = sandbox.path().join("data/scheduler.db-wal");
