@@ -137,8 +137,8 @@ impl Engine {
             /// A run started with its claim: the store's answer to the start.
             started: Option<Result<Attempt, StoreError>>,
             /// A tick skipped at its claim (a calendar date, misfire `skip`), recorded
-            /// skipped in the claim's transaction: why, and the store's answer.
-            skipped: Option<(String, Result<(), StoreError>)>,
+            /// skipped in the claim's transaction: why.
+            skipped: Option<String>,
         }
         /// What one transaction of claims did, task by task.
         #[derive(Default)]
@@ -308,7 +308,10 @@ impl Engine {
                         .collect();
                     let outcomes = batch.finishes(&moves, now);
                     for ((at, reason, _), outcome) in skips.into_iter().zip(outcomes) {
-                        fired.claims[at].skipped = Some((reason, outcome.map(|_| ())));
+                        // A skip the store refused would leave its claim queued, to be
+                        // run: the whole batch is rolled back and tried again instead.
+                        outcome?;
+                        fired.claims[at].skipped = Some(reason);
                     }
                 }
                 // A claim writes the next fire; with no claim (no tick, or each one
@@ -412,8 +415,8 @@ impl Engine {
                 self.spawn_here = lone;
                 self.started(pending, started, now);
                 self.spawn_here = false;
-            } else if let Some((reason, recorded)) = skipped {
-                self.skipped_with_claim(&pending, &reason, recorded, now);
+            } else if let Some(reason) = skipped {
+                self.skipped_with_claim(&pending, &reason, now);
             } else {
                 self.admit(pending, now);
             }

@@ -7,7 +7,7 @@ use super::{blocking, Engine};
 use crate::config::Overlap;
 use crate::model::{Attempt, Instant, RunId, RunState, TaskName, Trigger};
 use crate::runner::StopReason;
-use crate::store::{Change, Move, NewRun, RunRow, StoreError};
+use crate::store::{Change, Move, NewRun, RunRow};
 use crate::tasklog::Level;
 use tracing::{info, warn};
 
@@ -268,22 +268,11 @@ impl Engine {
         self.end_waiting_run(pending, RunState::Skipped, Some(&change), now);
     }
 
-    /// A tick the claim's own transaction recorded skipped (`recorded`: the store's
-    /// answer): said in the logs, then the board and its cascade move on.
-    pub(super) fn skipped_with_claim(
-        &mut self,
-        pending: &Pending,
-        reason: &str,
-        recorded: Result<(), StoreError>,
-        now: Instant,
-    ) {
-        match recorded {
-            Ok(()) => {
-                self.say_skipped(pending, reason);
-                self.end_waiting_run(pending, RunState::Skipped, None, now);
-            }
-            Err(err) => warn!(run = %pending.run, "cannot record the skip ({reason}): {err}"),
-        }
+    /// A tick the claim's own transaction recorded skipped: said in the logs, then the
+    /// board and its cascade move on.
+    pub(super) fn skipped_with_claim(&mut self, pending: &Pending, reason: &str, now: Instant) {
+        self.say_skipped(pending, reason);
+        self.end_waiting_run(pending, RunState::Skipped, None, now);
     }
 
     fn say_skipped(&self, pending: &Pending, reason: &str) {
