@@ -483,19 +483,26 @@ fn a_tick_on_a_calendar_date_is_claimed_and_recorded_skipped_in_one_commit() {
     bench.clock.set(t(86_400));
     let commits = bench.store.commits();
     engine.on_tick();
+    let run = the_one_run_skipped_in_one_commit(&bench, commits);
+    assert_eq!(
+        run.reason.as_deref(),
+        Some("calendar holidays: 2026-06-02 is a listed date")
+    );
+    assert!(bench.log("t").contains("skipped: calendar holidays"));
+}
+
+/// Task `t`'s one run, after one commit since `commits`: skipped.
+fn the_one_run_skipped_in_one_commit(bench: &Bench, commits: u64) -> RunRow {
     assert_eq!(
         bench.store.commits() - commits,
         1,
         "claim and skip: one commit"
     );
-    let runs = bench.runs("t");
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].state, RunState::Skipped);
-    assert_eq!(
-        runs[0].reason.as_deref(),
-        Some("calendar holidays: 2026-06-02 is a listed date")
-    );
-    assert!(bench.log("t").contains("skipped: calendar holidays"));
+    let mut runs = bench.runs("t");
+    assert_eq!(runs.len(), 1, "{runs:?}");
+    let run = runs.remove(0);
+    assert_eq!(run.state, RunState::Skipped, "{run:?}");
+    run
 }
 
 #[test]
@@ -510,19 +517,11 @@ fn a_tick_missed_under_misfire_skip_is_claimed_and_recorded_skipped_in_one_commi
     let mut engine = bench.engine_at(t(86_400 + 1_800));
     let commits = bench.store.commits();
     engine.plan_startup_fires(t(86_400 + 1_800));
+    let run = the_one_run_skipped_in_one_commit(&bench, commits);
     assert_eq!(
-        bench.store.commits() - commits,
-        1,
-        "claim and skip: one commit"
+        run.reason.as_deref(),
+        Some("misfire policy skip: tick missed while the scheduler was down")
     );
-    let runs = bench.runs("t");
-    assert_eq!(runs.len(), 1);
-    assert_eq!(runs[0].state, RunState::Skipped);
-    assert!(runs[0]
-        .reason
-        .as_deref()
-        .unwrap_or_default()
-        .starts_with("misfire policy skip"));
 }
 
 #[test]
