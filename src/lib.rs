@@ -38,6 +38,7 @@ pub mod outputs;
 pub mod pipeline;
 pub mod runner;
 pub mod schedule;
+pub mod spawn;
 pub mod store;
 pub mod tasklog;
 pub mod times;

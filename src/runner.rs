@@ -10,20 +10,20 @@
 //! reports an [`Outcome`] and the engine acts on it. No command string reaches a shell
 //! unless the task says `shell = true`.
 
+use std::ffi::OsString;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant as MonoInstant};
 
-use command_fds::{CommandFdExt, FdMapping};
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufRead, AsyncBufReadExt, AsyncRead, BufReader};
-use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::Handler;
 use crate::model::{Attempt, RunId, Trigger};
+use crate::spawn::{Child, Launch};
 use crate::tasklog::{Level, TaskLog};
 use crate::worker::protocol::{parse_stdout_line, Msg, Report};
 
@@ -267,7 +267,8 @@ pub async fn run_attempt(
             return;
         }
     };
-    let Some((pid, group)) = child.id().and_then(|pid| Some((pid, process_group(pid)?))) else {
+    let pid = child.id();
+    let Some(group) = process_group(pid) else {
         // Never signal a group we cannot name: 0 would be the service's own.
         let status = child.wait().await;
         finisher
@@ -439,94 +440,108 @@ pub async fn run_attempt(
 /// the parent pid. Costs a `fork` instead of `posix_spawn` per spawn, so only in cluster
 /// mode, where an orphaned child would run beside its attempt's re-run on another
 /// instance.
-fn die_with_parent(command: &mut Command) {
+fn die_with_parent() -> Box<dyn FnMut() -> std::io::Result<()> + Send + Sync> {
     let parent = std::process::id();
-    // SAFETY: the hook runs in the child between fork and exec and calls only
-    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
-    unsafe {
-        command.pre_exec(move || {
+    // Runs in the child between fork and exec and calls only async-signal-safe functions
+    // (prctl, getppid, _exit); it allocates nothing.
+    Box::new(move || {
+        // SAFETY: plain system calls on the calling process.
+        unsafe {
             if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
             if libc::getppid() as u32 != parent {
                 libc::_exit(137);
             }
-            Ok(())
-        });
-    }
+        }
+        Ok(())
+    })
 }
 
-/// Starts the child. Only a built-in worker gets the report pipe on fd 3: placing a
-/// descriptor needs a `pre_exec` hook, which forces `fork` instead of `posix_spawn` and
-/// measured twice as slow per spawn (1.27 ms against 0.65 ms here). External commands
-/// report on stdout (`::progress::`, `::checkpoint::`, `::result::` lines) instead.
+/// The turbosched binary, for built-in workers: looked up once.
+fn current_exe() -> Result<&'static std::path::Path, String> {
+    static EXE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    EXE.get_or_init(|| {
+        std::env::current_exe().map_err(|err| format!("cannot find the turbosched binary: {err}"))
+    })
+    .as_ref()
+    .map(PathBuf::as_path)
+    .map_err(Clone::clone)
+}
+
+/// Starts the child ([`crate::spawn`]: `posix_spawn` unless the task needs `fork`). Only
+/// a built-in worker gets the report pipe on fd 3. External commands report on stdout
+/// (`::progress::`, `::checkpoint::`, `::result::` lines) instead.
 fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
-    let mut command = match &spec.handler {
+    let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(10);
+    let mut cwd = None;
+    let (program, args): (OsString, Vec<OsString>) = match &spec.handler {
         Handler::Builtin(name) => {
-            let exe = std::env::current_exe()
-                .map_err(|err| format!("cannot find the turbosched binary: {err}"))?;
-            let mut command = Command::new(exe);
-            command
-                .arg("worker")
-                .env("TURBOSCHED_HANDLER", name)
-                .env("TURBOSCHED_CONFIG_FILE", &spec.config_path);
-            command
+            env.push(("TURBOSCHED_HANDLER".into(), name.into()));
+            env.push((
+                "TURBOSCHED_CONFIG_FILE".into(),
+                spec.config_path.clone().into_os_string(),
+            ));
+            (current_exe()?.into(), vec!["worker".into()])
         }
-        Handler::Command(spec) if spec.shell => {
-            let mut command = Command::new("/bin/sh");
-            command.arg("-c").arg(&spec.argv[0]);
-            command
-        }
-        Handler::Command(spec) => {
-            let mut command = Command::new(&spec.argv[0]);
-            command.args(&spec.argv[1..]);
-            command
+        Handler::Command(command) => {
+            cwd.clone_from(&command.cwd);
+            env.extend(
+                command
+                    .env
+                    .iter()
+                    .map(|(key, value)| (key.into(), value.into())),
+            );
+            if command.shell {
+                (
+                    "/bin/sh".into(),
+                    vec!["-c".into(), (&command.argv[0]).into()],
+                )
+            } else {
+                (
+                    (&command.argv[0]).into(),
+                    command.argv[1..].iter().map(OsString::from).collect(),
+                )
+            }
         }
     };
-    if let Handler::Command(command_spec) = &spec.handler {
-        if let Some(cwd) = &command_spec.cwd {
-            command.current_dir(cwd);
-        }
-        command.envs(&command_spec.env);
+    for (key, value) in [
+        ("TURBOSCHED_RUN_ID", spec.run.to_string()),
+        ("TURBOSCHED_TASK", spec.task.clone()),
+        ("TURBOSCHED_ATTEMPT", spec.attempt.to_string()),
+        ("TURBOSCHED_TRIGGER", spec.trigger.as_str().to_string()),
+        ("TURBOSCHED_PARAMS", spec.params.to_string()),
+    ] {
+        env.push((key.into(), value.into()));
     }
-    command
-        .env("TURBOSCHED_RUN_ID", spec.run.to_string())
-        .env("TURBOSCHED_TASK", &spec.task)
-        .env("TURBOSCHED_ATTEMPT", spec.attempt.to_string())
-        .env("TURBOSCHED_TRIGGER", spec.trigger.as_str())
-        .env("TURBOSCHED_CHECKPOINT", &spec.checkpoint_path)
-        .env("TURBOSCHED_PARAMS", spec.params.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(false);
-    if spec.die_with_parent {
-        die_with_parent(&mut command);
-    }
+    env.push((
+        "TURBOSCHED_CHECKPOINT".into(),
+        spec.checkpoint_path.clone().into_os_string(),
+    ));
+    let mut extra_fd = None;
     let mut report_reader = None;
     if let Handler::Builtin(_) = spec.handler {
         let (reader, writer) =
             std::io::pipe().map_err(|err| format!("cannot create the report pipe: {err}"))?;
-        command
-            .env("TURBOSCHED_REPORT_FD", REPORT_FD.to_string())
-            .fd_mappings(vec![FdMapping {
-                parent_fd: OwnedFd::from(writer),
-                child_fd: REPORT_FD,
-            }])
-            .map_err(|_| "cannot map the report pipe to fd 3".to_string())?;
+        env.push(("TURBOSCHED_REPORT_FD".into(), REPORT_FD.to_string().into()));
+        extra_fd = Some((OwnedFd::from(writer), REPORT_FD));
         report_reader = Some(OwnedFd::from(reader));
     }
-    let child = command.spawn().map_err(|err| {
-        let program = match &spec.handler {
-            Handler::Builtin(name) => format!("worker {name}"),
-            Handler::Command(c) => c.argv.join(" "),
-        };
-        format!("cannot start {program}: {err}")
-    })?;
-    // `command` owns the pipe's write end; dropping it now leaves the child as the only
-    // writer, so the reader sees end-of-file when the child's group is gone.
-    drop(command);
+    let program_name = match &spec.handler {
+        Handler::Builtin(name) => format!("worker {name}"),
+        Handler::Command(c) => c.argv.join(" "),
+    };
+    // The launch owns the report pipe's write end; once the child has started, the child
+    // holds the only copy, so the reader sees end-of-file when the child's group is gone.
+    let child = crate::spawn::spawn(Launch {
+        program,
+        args,
+        env,
+        cwd,
+        extra_fd,
+        pre_exec: spec.die_with_parent.then(die_with_parent),
+    })
+    .map_err(|err| format!("cannot start {program_name}: {err}"))?;
     Ok((child, report_reader))
 }
 

@@ -52,6 +52,11 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the runner reports outcomes; the engine writes state",
     ),
     (
+        "spawn.rs",
+        &["crate::"],
+        "starting and reaping a child knows nothing of runs, tasks or the store",
+    ),
+    (
         "config",
         &["crate::store", "crate::engine", "crate::runner", "rusqlite"],
         "config is parsed and checked, never acted on",
