@@ -213,14 +213,31 @@ fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The service's environment as `KEY=VALUE` strings, read at the first spawn. The service
-/// never changes its environment after start-up (systemd's variables are removed before
-/// any thread starts), so once is enough.
-fn service_environment() -> &'static [CString] {
-    static ENVIRONMENT: OnceLock<Vec<CString>> = OnceLock::new();
+/// One variable of the service's environment: `KEY=VALUE` and the length of `KEY`.
+struct Inherited {
+    pair: CString,
+    key_len: usize,
+}
+
+impl Inherited {
+    fn key(&self) -> &[u8] {
+        &self.pair.as_bytes()[..self.key_len]
+    }
+}
+
+/// The service's environment, read at the first spawn. The service never changes its
+/// environment after start-up (systemd's variables are removed before any thread
+/// starts), so once is enough.
+fn service_environment() -> &'static [Inherited] {
+    static ENVIRONMENT: OnceLock<Vec<Inherited>> = OnceLock::new();
     ENVIRONMENT.get_or_init(|| {
         std::env::vars_os()
-            .filter_map(|(key, value)| pair(&key, &value).ok())
+            .filter_map(|(key, value)| {
+                Some(Inherited {
+                    pair: pair(&key, &value).ok()?,
+                    key_len: key.len(),
+                })
+            })
             .collect()
     })
 }
@@ -254,13 +271,6 @@ fn pair(key: &OsStr, value: &OsStr) -> io::Result<CString> {
     bytes.push(b'=');
     bytes.extend_from_slice(value.as_bytes());
     c_string(&bytes)
-}
-
-/// The name part of a `KEY=VALUE` string.
-fn key_of(pair: &CStr) -> &[u8] {
-    let bytes = pair.to_bytes();
-    let end = bytes.iter().position(|b| *b == b'=').unwrap_or(bytes.len());
-    &bytes[..end]
 }
 
 fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
@@ -305,8 +315,13 @@ fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
     envp.extend(
         service_environment()
             .iter()
-            .filter(|inherited| !own.iter().any(|set| key_of(set) == key_of(inherited)))
-            .map(CString::as_c_str),
+            .filter(|inherited| {
+                !launch
+                    .env
+                    .iter()
+                    .any(|(key, _)| key.as_bytes() == inherited.key())
+            })
+            .map(|inherited| inherited.pair.as_c_str()),
     );
     envp.extend(own.iter().map(CString::as_c_str));
 

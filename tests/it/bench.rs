@@ -71,3 +71,43 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
         "{text}"
     );
 }
+
+#[test]
+fn bench_distinct_prints_the_lone_fire_beside_its_floor_of_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_turbosched"))
+        .args([
+            "bench",
+            "--distinct",
+            "--tasks",
+            "20",
+            "--seconds",
+            "2",
+            "--startup-tasks",
+            "0",
+        ])
+        .arg("--dir")
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = stdout(&output);
+    assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
+    assert_eq!(figure(&text, "fires missed:"), "0", "{text}");
+    assert_eq!(figure(&text, "fires doubled:"), "0", "{text}");
+    // The floor: a synced write and a spawn, real figures in milliseconds.
+    let floor = figure(&text, "lone-fire floor:");
+    let p99: f64 = floor
+        .split("p99 ")
+        .nth(1)
+        .and_then(|rest| rest.split(" ms").next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no p99: {floor}"));
+    assert!(p99 > 0.0, "{floor}");
+    let latency = figure(&text, "lone-fire latency:");
+    assert!(
+        latency.contains("× the floor's p99") && latency.contains("target p99 ≤ 2 ms"),
+        "{latency}"
+    );
+    // The floor's scratch file is gone; the database stays for a look afterwards.
+    assert!(!dir.path().join("lone-floor.wal").exists());
+    assert!(dir.path().join("bench.db").exists());
+}
