@@ -11,7 +11,7 @@ use super::cluster::HOLD_RETRY;
 use super::faults::STORE_RETRY;
 use super::recovery::schedule_key;
 use super::{blocking, Engine, Pending};
-use crate::config::TaskSpec;
+use crate::config::{Overlap, TaskSpec};
 use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::schedule::{plan_due, TickAction};
 use crate::store::{Change, Move, NewRun, StoreError};
@@ -123,6 +123,16 @@ impl Engine {
                 }
             }
         }
+        // Under `overlap = "skip"`, a scheduled tick of a task with a run running or queued
+        // here is skipped, and recorded so in its claim's transaction, as a calendar's.
+        let overlaps: Vec<Option<String>> = plans
+            .iter()
+            .map(|plan| {
+                (plan.fire && plan.spec.overlap == Overlap::Skip)
+                    .then(|| self.overlap_skip_reason(plan.task))
+                    .flatten()
+            })
+            .collect();
         let change = Change {
             owner: Some(self.instance.clone()),
             ..Change::default()
@@ -132,12 +142,14 @@ impl Engine {
         struct Claimed {
             pending: Pending,
             action: TickAction,
-            /// A tick on a date of the task's calendar: why it is skipped.
+            /// A tick on a date of the task's calendar, or a scheduled tick under
+            /// `overlap = "skip"` while another run of its task runs or waits: why it is
+            /// skipped.
             closed: Option<String>,
             /// A run started with its claim: the store's answer to the start.
             started: Option<Result<Attempt, StoreError>>,
-            /// A tick skipped at its claim (a calendar date, misfire `skip`), recorded
-            /// skipped in the claim's transaction: why.
+            /// A tick skipped at its claim (a calendar date, misfire `skip`, overlap
+            /// `skip`), recorded skipped in the claim's transaction: why.
             skipped: Option<String>,
         }
         /// What one transaction of claims did, task by task.
@@ -233,9 +245,16 @@ impl Engine {
                             // A tick on a calendar date is claimed (it is consumed: never
                             // fired later as a catch-up) and recorded skipped.
                             let spec = plans[*index].spec;
-                            let closed = spec.calendar.as_ref().and_then(|calendar| {
-                                calendar.skip_reason(new_run.scheduled_for, spec.timezone)
-                            });
+                            let closed = spec
+                                .calendar
+                                .as_ref()
+                                .and_then(|calendar| {
+                                    calendar.skip_reason(new_run.scheduled_for, spec.timezone)
+                                })
+                                .or_else(|| match action {
+                                    TickAction::Fire(Trigger::Schedule) => overlaps[*index].clone(),
+                                    _ => None,
+                                });
                             let pending = Pending::new_run(run, new_run);
                             if at_once[*index] && closed.is_none() {
                                 starts.push((

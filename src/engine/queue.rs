@@ -112,48 +112,14 @@ impl Engine {
             self.queue_push(pending);
             return;
         }
-        let running = self.busy.get(&pending.task).copied().filter(|run| {
-            !self
-                .running
-                .get(run)
-                .is_some_and(|r| matches!(r.trigger, Trigger::Catchup | Trigger::Backfill))
-        });
-        let queued = match self.queued_per_task.get(&pending.task) {
-            Some(_) => self
-                .queue
-                .iter()
-                .filter(|p| {
-                    p.task == pending.task
-                        && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
-                })
-                .count(),
-            None => 0,
-        };
-        match spec.overlap {
-            Overlap::Skip if running.is_some() || queued > 0 => {
-                let (other, what) = match running {
-                    Some(run) => (run, "is still running"),
-                    None => (
-                        self.queue
-                            .iter()
-                            .find(|p| {
-                                p.task == pending.task
-                                    && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
-                            })
-                            .map(|p| p.run)
-                            .unwrap_or(RunId(0)),
-                        "is queued",
-                    ),
-                };
-                self.skip(
-                    &pending,
-                    &format!(
-                        "overlap policy skip: run {other} of {} {what}",
-                        pending.task
-                    ),
-                    now,
-                );
+        if spec.overlap == Overlap::Skip {
+            if let Some(reason) = self.overlap_skip_reason(&pending.task) {
+                self.skip(&pending, &reason, now);
+                return;
             }
+        }
+        let running = self.running_of(&pending.task);
+        match spec.overlap {
             // An older run admitted late (adopted from another instance's queue) while a
             // newer one of its task runs or waits here: the older one is the replaced one.
             Overlap::Replace
@@ -199,6 +165,37 @@ impl Engine {
             }
             Overlap::Skip | Overlap::Queue => self.queue_push(pending),
         }
+    }
+
+    /// The run of `task` running here, unless it is a catch-up or a backfill (those never
+    /// make a new run wait or refuse).
+    fn running_of(&self, task: &TaskName) -> Option<RunId> {
+        self.busy.get(task).copied().filter(|run| {
+            !self
+                .running
+                .get(run)
+                .is_some_and(|r| matches!(r.trigger, Trigger::Catchup | Trigger::Backfill))
+        })
+    }
+
+    /// Why a new run of `task` is skipped under `overlap = "skip"` now: another of its
+    /// runs (not a catch-up or a backfill) running or queued here. `None`: it may go on.
+    pub(super) fn overlap_skip_reason(&self, task: &TaskName) -> Option<String> {
+        let (other, what) = match self.running_of(task) {
+            Some(run) => (run, "is still running"),
+            None if self.queued_per_task.contains_key(task) => (
+                self.queue
+                    .iter()
+                    .find(|p| {
+                        &p.task == task
+                            && !matches!(p.trigger, Trigger::Catchup | Trigger::Backfill)
+                    })?
+                    .run,
+                "is queued",
+            ),
+            None => return None,
+        };
+        Some(format!("overlap policy skip: run {other} of {task} {what}"))
     }
 
     /// A run could not start because its task runs on another instance (`running`): it

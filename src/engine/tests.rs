@@ -525,6 +525,38 @@ fn a_tick_missed_under_misfire_skip_is_claimed_and_recorded_skipped_in_one_commi
 }
 
 #[test]
+fn a_tick_under_overlap_skip_while_its_task_runs_is_claimed_and_recorded_skipped_in_one_commit() {
+    let bench = Bench::new(
+        "[tasks.t]\nhandler = \"ping\"\nschedule = \"0 0 12 * * *\"\noverlap = \"skip\"\n",
+    );
+    let mut engine = bench.engine_at(t(1));
+    engine.plan_startup_fires(t(1));
+    // A manual run of `t` is running when the next noon comes.
+    let manual = bench.manual_run(1);
+    engine.running.insert(manual, running(Attempt(1), t(1)));
+    engine.busy.insert("t".into(), manual);
+    bench.clock.set(t(86_400));
+    let commits = bench.store.commits();
+    engine.on_tick();
+    assert_eq!(
+        bench.store.commits() - commits,
+        1,
+        "claim and skip: one commit"
+    );
+    let tick = bench
+        .runs("t")
+        .into_iter()
+        .find(|run| run.trigger == Trigger::Schedule)
+        .expect("the tick's run");
+    assert_eq!(tick.state, RunState::Skipped, "{tick:?}");
+    assert_eq!(
+        tick.reason.as_deref(),
+        Some(format!("overlap policy skip: run {manual} of t is still running").as_str())
+    );
+    assert!(bench.log("t").contains("skipped: overlap policy skip"));
+}
+
+#[test]
 fn a_tick_skipped_by_the_calendar_is_not_fired_as_a_catch_up_after_a_restart() {
     let bench = daily_noon_with_a_holiday();
     let mut engine = bench.engine_at(t(1));
