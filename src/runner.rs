@@ -433,39 +433,24 @@ pub async fn run_attempt(
     finisher.finish(outcome).await;
 }
 
-/// Makes the kernel SIGKILL the child when the thread that started it exits
-/// (`PR_SET_PDEATHSIG`): the service's runtime threads live as long as the service (the
-/// serve runtime keeps idle threads alive), so that is when the service dies, `kill -9`
-/// included. A service that died between `fork` and the `prctl` is caught by comparing
-/// the parent pid. Costs a `fork` instead of `posix_spawn` per spawn, so only in cluster
-/// mode, where an orphaned child would run beside its attempt's re-run on another
-/// instance.
-fn die_with_parent() -> Box<dyn FnMut() -> std::io::Result<()> + Send + Sync> {
-    let parent = std::process::id();
-    // Runs in the child between fork and exec and calls only async-signal-safe functions
-    // (prctl, getppid, _exit); it allocates nothing.
-    Box::new(move || {
-        // SAFETY: plain system calls on the calling process.
-        unsafe {
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() as u32 != parent {
-                libc::_exit(137);
-            }
-        }
-        Ok(())
-    })
-}
-
-/// The turbosched binary, for built-in workers: looked up once.
-fn current_exe() -> Result<&'static std::path::Path, String> {
-    static EXE: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+/// The turbosched binary, for built-in workers: the program to start and its name for
+/// `argv[0]`. The program is `/proc/self/exe`, the very binary this service runs even
+/// when a package upgrade has replaced the file since (a worker of another version could
+/// speak another report protocol); its path when `/proc` is not mounted.
+fn current_exe() -> Result<&'static (PathBuf, PathBuf), String> {
+    static EXE: std::sync::OnceLock<Result<(PathBuf, PathBuf), String>> =
+        std::sync::OnceLock::new();
     EXE.get_or_init(|| {
-        std::env::current_exe().map_err(|err| format!("cannot find the turbosched binary: {err}"))
+        let path = std::env::current_exe()
+            .map_err(|err| format!("cannot find the turbosched binary: {err}"))?;
+        let own = PathBuf::from("/proc/self/exe");
+        Ok(if own.exists() {
+            (own, path)
+        } else {
+            (path.clone(), path)
+        })
     })
     .as_ref()
-    .map(PathBuf::as_path)
     .map_err(Clone::clone)
 }
 
@@ -475,6 +460,7 @@ fn current_exe() -> Result<&'static std::path::Path, String> {
 fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
     let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(10);
     let mut cwd = None;
+    let mut arg0 = None;
     let (program, args): (OsString, Vec<OsString>) = match &spec.handler {
         Handler::Builtin(name) => {
             env.push(("TURBOSCHED_HANDLER".into(), name.into()));
@@ -482,7 +468,9 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
                 "TURBOSCHED_CONFIG_FILE".into(),
                 spec.config_path.clone().into_os_string(),
             ));
-            (current_exe()?.into(), vec!["worker".into()])
+            let (program, name) = current_exe()?;
+            arg0 = Some(name.clone().into_os_string());
+            (program.clone().into_os_string(), vec!["worker".into()])
         }
         Handler::Command(command) => {
             cwd.clone_from(&command.cwd);
@@ -539,7 +527,8 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
         env,
         cwd,
         extra_fd,
-        pre_exec: spec.die_with_parent.then(die_with_parent),
+        arg0,
+        die_with_parent: spec.die_with_parent,
     })
     .map_err(|err| format!("cannot start {program_name}: {err}"))?;
     Ok((child, report_reader))

@@ -10,8 +10,8 @@
 //! process group, an empty signal mask, SIGPIPE back to its default, stdin on `/dev/null`,
 //! stdout and stderr on pipes, every other descriptor of the service closed at `exec`.
 //!
-//! `std::process::Command` still starts the child where `posix_spawn` cannot: a
-//! `pre_exec` hook (cluster mode's parent-death signal), a working directory, a `PATH` of
+//! `std::process::Command` still starts the child where `posix_spawn` cannot: the
+//! parent-death signal (cluster mode; a hook between `fork` and `exec`), a working directory, a `PATH` of
 //! the task's own (resolved against the child's environment, as std does). Either way the
 //! caller gets the same [`Child`].
 //!
@@ -26,6 +26,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::OnceLock;
 
 use nix::fcntl::OFlag;
@@ -47,8 +48,11 @@ pub struct Launch {
     pub cwd: Option<PathBuf>,
     /// A descriptor placed on `fd` in the child (a built-in worker's report pipe).
     pub extra_fd: Option<(OwnedFd, RawFd)>,
-    /// Runs in the child between `fork` and `exec` (forces `fork`).
-    pub pre_exec: Option<Box<dyn FnMut() -> io::Result<()> + Send + Sync>>,
+    /// The child's `argv[0]`, when it is not `program`.
+    pub arg0: Option<OsString>,
+    /// The kernel kills the child when the thread that started it exits
+    /// (`PR_SET_PDEATHSIG`): needs a hook between `fork` and `exec`, so `fork`.
+    pub die_with_parent: bool,
 }
 
 /// A started child: its pid, the read ends of its stdout and stderr, and its exit.
@@ -75,7 +79,7 @@ enum Exit {
 pub fn spawn(launch: Launch) -> io::Result<Child> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| io::Error::other("a child can only be started within the runtime"))?;
-    let fast = launch.pre_exec.is_none()
+    let fast = !launch.die_with_parent
         && launch.cwd.is_none()
         && !launch.env.iter().any(|(key, _)| key == "PATH");
     let (pid, stdout, stderr) = if fast {
@@ -87,19 +91,18 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
     let child = (|| {
         let exit = match pidfd_open(pid) {
             // SAFETY: an `OwnedFd` keeps its one descriptor open until the `AsyncFd` drops it.
-            Ok(fd) => Exit::Pidfd(
+            Some(fd) => Exit::Pidfd(
                 unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
                     .map_err(io::Error::from)?,
             ),
-            Err(err) if err.raw_os_error() == Some(libc::ENOSYS) => {
-                Exit::Thread(tokio::task::spawn_blocking(move || wait_blocking(pid)))
-            }
-            Err(err) => return Err(err),
+            // No pidfd (a kernel before 5.3, a seccomp filter, no descriptor left): the
+            // child is waited for on the blocking pool, one thread while it runs.
+            None => Exit::Thread(tokio::task::spawn_blocking(move || wait_blocking(pid))),
         };
         Ok(Child {
             pid,
-            stdout: Some(pipe::Receiver::from_owned_fd(stdout)?),
-            stderr: Some(pipe::Receiver::from_owned_fd(stderr)?),
+            stdout: Some(receiver(stdout)?),
+            stderr: Some(receiver(stderr)?),
             exit: Some(exit),
             status: None,
         })
@@ -147,14 +150,17 @@ impl Drop for Child {
         if self.status.is_some() {
             return;
         }
+        // A blocking waiter reaps by itself: a `waitpid` here could take the status of
+        // another child that has since been given the same pid.
+        let Some(Exit::Pidfd(fd)) = self.exit.take() else {
+            return;
+        };
         let pid = self.pid;
         if let Ok(Some(_)) = reap(pid) {
             return;
         }
-        // Still running: reaped when it exits (a blocking waiter reaps by itself).
-        if let (Some(Exit::Pidfd(fd)), Ok(runtime)) =
-            (self.exit.take(), tokio::runtime::Handle::try_current())
-        {
+        // Still running: reaped when it exits.
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(async move {
                 while let Ok(mut ready) = fd.readable().await {
                     match reap(pid) {
@@ -165,6 +171,14 @@ impl Drop for Child {
             });
         }
     }
+}
+
+/// The read end of a child's output pipe, on the runtime: made non-blocking with one
+/// `fcntl` (it is a fresh pipe opened read-only, so tokio's own checks would only repeat
+/// what is known, at two more system calls per pipe).
+fn receiver(read_end: OwnedFd) -> io::Result<pipe::Receiver> {
+    nix::fcntl::fcntl(&read_end, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+    pipe::Receiver::from_owned_fd_unchecked(read_end)
 }
 
 /// `waitpid(pid, WNOHANG)`: the status once the child has exited, `None` before.
@@ -201,16 +215,28 @@ fn wait_blocking(pid: Pid) -> io::Result<ExitStatus> {
     }
 }
 
-fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+/// A pidfd of the child `pid`, or `None` when there is none to be had: the kernel lacks
+/// `pidfd_open` or refuses it (remembered, not asked again), or no descriptor is left.
+fn pidfd_open(pid: Pid) -> Option<OwnedFd> {
+    static UNSUPPORTED: AtomicBool = AtomicBool::new(false);
+    if UNSUPPORTED.load(Ordering::Relaxed) {
+        return None;
+    }
     // SAFETY: `pidfd_open(2)` takes a pid and flags and returns a new descriptor (always
     // close-on-exec) or -1; nothing else is touched.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) };
     if fd < 0 {
-        return Err(io::Error::last_os_error());
+        if matches!(
+            io::Error::last_os_error().raw_os_error(),
+            Some(libc::ENOSYS | libc::EPERM)
+        ) {
+            UNSUPPORTED.store(true, Ordering::Relaxed);
+        }
+        return None;
     }
-    let fd = RawFd::try_from(fd).map_err(io::Error::other)?;
+    let fd = RawFd::try_from(fd).ok()?;
     // SAFETY: a fresh descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    Some(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
 /// One variable of the service's environment: `KEY=VALUE` and the length of `KEY`.
@@ -242,25 +268,24 @@ fn service_environment() -> &'static [Inherited] {
     })
 }
 
-/// `/dev/null`, opened once for every child's stdin.
+/// `/dev/null`, opened once for every child's stdin (a failure is not kept: the next
+/// spawn tries again).
 fn dev_null() -> io::Result<RawFd> {
-    static DEV_NULL: OnceLock<Result<OwnedFd, String>> = OnceLock::new();
-    DEV_NULL
-        .get_or_init(|| {
-            std::fs::File::open("/dev/null")
-                .map(OwnedFd::from)
-                .map_err(|err| err.to_string())
-        })
-        .as_ref()
-        .map(AsRawFd::as_raw_fd)
-        .map_err(|err| io::Error::other(format!("cannot open /dev/null: {err}")))
+    static DEV_NULL: OnceLock<OwnedFd> = OnceLock::new();
+    if let Some(fd) = DEV_NULL.get() {
+        return Ok(fd.as_raw_fd());
+    }
+    let opened = std::fs::File::open("/dev/null")
+        .map_err(|err| io::Error::new(err.kind(), format!("cannot open /dev/null: {err}")))?;
+    Ok(DEV_NULL.get_or_init(|| OwnedFd::from(opened)).as_raw_fd())
 }
 
+/// The value itself is not in the error: it may be a secret of the task's environment.
 fn c_string(bytes: &[u8]) -> io::Result<CString> {
     CString::new(bytes).map_err(|_| {
         io::Error::new(
             io::ErrorKind::InvalidInput,
-            format!("{:?} contains a NUL byte", String::from_utf8_lossy(bytes)),
+            "an argument or environment variable contains a NUL byte",
         )
     })
 }
@@ -280,8 +305,20 @@ fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
     actions.add_dup2(dev_null()?, 0)?;
     actions.add_dup2(stdout_writer.as_raw_fd(), 1)?;
     actions.add_dup2(stderr_writer.as_raw_fd(), 2)?;
+    // A descriptor that already sits at its target is copied elsewhere first: `dup2` of a
+    // descriptor onto itself keeps its close-on-exec flag before glibc 2.29.
+    let mut moved: Option<OwnedFd> = None;
     if let Some((fd, at)) = &launch.extra_fd {
-        actions.add_dup2(fd.as_raw_fd(), *at)?;
+        let source = if fd.as_raw_fd() == *at {
+            let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(*at + 1))?;
+            // SAFETY: a fresh descriptor that nothing else owns; closed when this returns.
+            moved
+                .insert(unsafe { OwnedFd::from_raw_fd(copy) })
+                .as_raw_fd()
+        } else {
+            fd.as_raw_fd()
+        };
+        actions.add_dup2(source, *at)?;
     }
     let mut attr = PosixSpawnAttr::init()?;
     attr.set_pgroup(Pid::from_raw(0))?;
@@ -297,7 +334,10 @@ fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
 
     let program = c_string(launch.program.as_bytes())?;
     let mut argv = Vec::with_capacity(launch.args.len() + 1);
-    argv.push(program.clone());
+    argv.push(match &launch.arg0 {
+        Some(arg0) => c_string(arg0.as_bytes())?,
+        None => program.clone(),
+    });
     for arg in &launch.args {
         argv.push(c_string(arg.as_bytes())?);
     }
@@ -332,8 +372,32 @@ fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
     }
     .map_err(|errno| io::Error::from_raw_os_error(errno as i32))?;
     // The write ends close here: the child holds the only copies.
-    drop((stdout_writer, stderr_writer));
+    drop((stdout_writer, stderr_writer, moved));
     Ok((pid, stdout, stderr))
+}
+
+/// Makes the kernel SIGKILL the child when the thread that started it exits
+/// (`PR_SET_PDEATHSIG`): the service's runtime threads live as long as the service (the
+/// serve runtime keeps idle threads alive), so that is when the service dies, `kill -9`
+/// included. A service that died between `fork` and the `prctl` is caught by comparing
+/// the parent pid. Costs a `fork` instead of `posix_spawn` per spawn, so only in cluster
+/// mode, where an orphaned child would run beside its attempt's re-run on another
+/// instance.
+fn die_with_parent(command: &mut std::process::Command) {
+    let parent = std::process::id();
+    // SAFETY: the hook runs in the child between fork and exec and calls only
+    // async-signal-safe functions (prctl, getppid, _exit); it allocates nothing.
+    unsafe {
+        command.pre_exec(move || {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            if libc::getppid() as u32 != parent {
+                libc::_exit(137);
+            }
+            Ok(())
+        });
+    }
 }
 
 fn std_spawn(launch: Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
@@ -357,11 +421,11 @@ fn std_spawn(launch: Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
             }])
             .map_err(|_| io::Error::other(format!("cannot map a descriptor to fd {at}")))?;
     }
-    if let Some(hook) = launch.pre_exec {
-        // SAFETY: the caller's hook is documented to call only async-signal-safe functions.
-        unsafe {
-            command.pre_exec(hook);
-        }
+    if let Some(arg0) = &launch.arg0 {
+        command.arg0(arg0);
+    }
+    if launch.die_with_parent {
+        die_with_parent(&mut command);
     }
     let mut child = command.spawn()?;
     let pid = Pid::from_raw(i32::try_from(child.id()).map_err(io::Error::other)?);
@@ -384,7 +448,8 @@ mod tests {
             env: Vec::new(),
             cwd: None,
             extra_fd: None,
-            pre_exec: None,
+            arg0: None,
+            die_with_parent: false,
         }
     }
 
@@ -487,6 +552,37 @@ mod tests {
             others.len() <= 1,
             "the child holds {others:?} of the service's descriptors"
         );
+    }
+
+    #[tokio::test]
+    async fn a_descriptor_already_at_its_target_number_still_reaches_the_child() {
+        let (reader, writer) = std::io::pipe().expect("pipe");
+        // The writer moved to a free number of its own, then asked to stay there.
+        let at = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(200))
+            .expect("a free descriptor");
+        drop(writer);
+        // SAFETY: `at` was just returned by F_DUPFD_CLOEXEC and nothing else owns it.
+        let writer = unsafe { OwnedFd::from_raw_fd(at) };
+        // (`sh` names descriptors over 9 only through /proc.)
+        let mut sh = launch(
+            "/bin/sh",
+            &["-c", &format!("echo reached > /proc/self/fd/{at}")],
+        );
+        sh.extra_fd = Some((writer, at));
+        let (_, err, status) = output_of(spawn(sh).expect("started")).await;
+        assert!(status.success(), "{err}");
+        let mut report = String::new();
+        std::io::Read::read_to_string(&mut std::fs::File::from(OwnedFd::from(reader)), &mut report)
+            .expect("read");
+        assert_eq!(report, "reached\n");
+    }
+
+    #[tokio::test]
+    async fn a_child_can_be_given_its_own_argv0() {
+        let mut sh = launch("/bin/sh", &["-c", "echo $0"]);
+        sh.arg0 = Some("turbosched-worker".into());
+        let (out, _, _) = output_of(spawn(sh).expect("started")).await;
+        assert_eq!(out, "turbosched-worker\n");
     }
 
     #[tokio::test]

@@ -12,9 +12,9 @@ fn figure<'a>(text: &'a str, label: &str) -> &'a str {
         .trim()
 }
 
-#[test]
-fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_same_run() {
-    let dir = tempfile::tempdir().unwrap();
+/// `turbosched bench` of twenty tasks for two seconds (and `more` arguments) in `dir`:
+/// its output, once it has ended well with no tick missed or doubled.
+fn bench_of_twenty_tasks(dir: &std::path::Path, more: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_turbosched"))
         .args([
             "bench",
@@ -25,14 +25,22 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
             "--startup-tasks",
             "0",
         ])
+        .args(more)
         .arg("--dir")
-        .arg(dir.path())
+        .arg(dir)
         .output()
         .unwrap();
     let text = stdout(&output);
     assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
     assert_eq!(figure(&text, "fires missed:"), "0", "{text}");
     assert_eq!(figure(&text, "fires doubled:"), "0", "{text}");
+    text
+}
+
+#[test]
+fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_same_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = bench_of_twenty_tasks(dir.path(), &[]);
     // The floor's CPU per child, the spawning process's and the child's: real figures
     // (a failed `getrusage` would print 0 and every ratio "n/a").
     let floor = figure(&text, "burst floor:");
@@ -75,25 +83,7 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
 #[test]
 fn bench_distinct_prints_the_lone_fire_beside_its_floor_of_the_same_run() {
     let dir = tempfile::tempdir().unwrap();
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_turbosched"))
-        .args([
-            "bench",
-            "--distinct",
-            "--tasks",
-            "20",
-            "--seconds",
-            "2",
-            "--startup-tasks",
-            "0",
-        ])
-        .arg("--dir")
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let text = stdout(&output);
-    assert_eq!(output.status.code(), Some(0), "{text}\n{}", stderr(&output));
-    assert_eq!(figure(&text, "fires missed:"), "0", "{text}");
-    assert_eq!(figure(&text, "fires doubled:"), "0", "{text}");
+    let text = bench_of_twenty_tasks(dir.path(), &["--distinct"]);
     // The floor: a synced write and a spawn, real figures in milliseconds.
     let floor = figure(&text, "lone-fire floor:");
     let p99: f64 = floor

@@ -892,8 +892,12 @@ fn a_dst_night_on_the_databases_clock_fires_each_tick_once_on_two_instances() {
     assert_eq!(seconds_of("gap"), vec![expected.timestamp()]);
     // The interval job has no tick in the gap, and none elsewhere in the window.
     assert_eq!(seconds_of("interval"), Vec::<i64>::new());
+    // Every run of the window succeeded; a tick claimed after it as the services stopped
+    // may be left queued, recorded for the next start.
     assert!(
-        runs.iter().all(|r| r.state == RunState::Succeeded),
+        runs.iter()
+            .filter(|r| r.scheduled_for <= end)
+            .all(|r| r.state == RunState::Succeeded),
         "{runs:#?}"
     );
     let owners: HashSet<String> = all_attempts(&url).into_iter().filter_map(|a| a.4).collect();
