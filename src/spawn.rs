@@ -70,7 +70,7 @@ pub struct Child {
 enum Exit {
     /// Readable once the child has exited (Linux ≥ 5.3).
     Pidfd(AsyncFd<OwnedFd>),
-    /// A kernel without `pidfd_open`: a blocking `waitpid` on the runtime's blocking pool.
+    /// No pidfd to be had: a blocking `waitpid` on the runtime's blocking pool.
     Thread(tokio::task::JoinHandle<io::Result<ExitStatus>>),
 }
 
@@ -89,6 +89,8 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
     };
     let _entered = runtime.enter();
     let child = (|| {
+        // The pipes first: a failure past the watcher would leave two waiters on one pid.
+        let (stdout, stderr) = (receiver(stdout)?, receiver(stderr)?);
         let exit = match pidfd_open(pid) {
             // SAFETY: an `OwnedFd` keeps its one descriptor open until the `AsyncFd` drops it.
             Some(fd) => Exit::Pidfd(
@@ -101,8 +103,8 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
         };
         Ok(Child {
             pid,
-            stdout: Some(receiver(stdout)?),
-            stderr: Some(receiver(stderr)?),
+            stdout: Some(stdout),
+            stderr: Some(stderr),
             exit: Some(exit),
             status: None,
         })
