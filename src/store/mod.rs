@@ -719,6 +719,17 @@ pub trait Backend: Send + Sync {
         None
     }
 
+    /// Gives the database's write-ahead log its working size before the first commits, so
+    /// that a commit overwrites the log rather than growing its file; answers the bytes
+    /// added. SQLite rewinds its log after each checkpoint (every 1,000 pages) but never
+    /// shrinks it, so a service soon works in a log of that size; until then, on ext4,
+    /// each commit's `fdatasync` also commits the file's new size to the file system's
+    /// journal: 0.6 ms instead of 0.35 measured, 1.2 instead of 1.0 after a quiet spell.
+    /// The service asks once at start-up; a server's database has nothing to do.
+    fn presize_log(&self) -> std::io::Result<u64> {
+        Ok(0)
+    }
+
     /// Write transactions committed through this backend since it was opened (on SQLite
     /// with `synchronous = FULL`, each is one sync of the WAL to disk).
     fn commits(&self) -> u64 {
@@ -1332,6 +1343,11 @@ impl Store {
         now: Instant,
     ) -> Result<Vec<InstanceRow>, StoreError> {
         self.backend.live_instances(timeout, now)
+    }
+
+    /// See [`Backend::presize_log`].
+    pub fn presize_log(&self) -> std::io::Result<u64> {
+        self.backend.presize_log()
     }
 
     /// See [`Backend::commits`].

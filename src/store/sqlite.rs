@@ -365,6 +365,62 @@ impl Backend for SqliteBackend {
         self.commits.load(Ordering::Relaxed)
     }
 
+    /// Zeros appended to the `-wal` file up to the size of a checkpoint's worth of frames
+    /// (`wal_autocheckpoint` pages and their headers), under the write lock so that no
+    /// other process appends meanwhile, then synced. No byte already in the file is
+    /// touched: SQLite reads a log only as far as its frames' checksums and salts hold,
+    /// and a log of zeros has no valid header (it is empty), as after its own rewinds.
+    fn presize_log(&self) -> std::io::Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let sql = |err: rusqlite::Error| std::io::Error::other(err);
+        let mut connection = self.lock();
+        let pragma = |name: &str| -> std::io::Result<u64> {
+            let value: i64 = connection
+                .query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+                .map_err(sql)?;
+            Ok(value.max(0).unsigned_abs())
+        };
+        let (page, pages) = (pragma("page_size")?, pragma("wal_autocheckpoint")?);
+        let Some(database) = connection.path().filter(|path| !path.is_empty()) else {
+            return Ok(0);
+        };
+        let log = format!("{database}-wal");
+        let tx = connection
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .map_err(sql)?;
+        // Opened without creating: SQLite made it with the database's WAL mode.
+        let file = match std::fs::OpenOptions::new().write(true).open(&log) {
+            Ok(file) => file,
+            Err(err) if err.kind() == std::io::ErrorKind::NotFound => return Ok(0),
+            Err(err) => return Err(err),
+        };
+        const WAL_HEADER: u64 = 32;
+        const FRAME_HEADER: u64 = 24;
+        // Free room needed, as a multiple of the bytes to add.
+        const ROOM_FACTOR: u64 = 16;
+        let working = WAL_HEADER + pages * (FRAME_HEADER + page);
+        let mut at = file.metadata()?.len();
+        let from = at;
+        // A nicety, never the last room on the disk: the database and the logs need it.
+        let room = nix::sys::statvfs::fstatvfs(&file)
+            .map(|fs| fs.blocks_available().saturating_mul(fs.fragment_size()))
+            .map_err(std::io::Error::from)?;
+        if room < working.saturating_sub(at).saturating_mul(ROOM_FACTOR) {
+            return Ok(0);
+        }
+        let zeros = vec![0_u8; 256 * 1024];
+        while at < working {
+            let length = (working - at).min(zeros.len() as u64) as usize;
+            file.write_all_at(&zeros[..length], at)?;
+            at += length as u64;
+        }
+        if at > from {
+            file.sync_data()?;
+        }
+        tx.commit().map_err(sql)?;
+        Ok(at - from)
+    }
+
     /// An embedded database has no clock of its own: its time is the local clock.
     fn database_now(&self) -> Result<Option<Instant>, StoreError> {
         Ok(None)

@@ -352,3 +352,52 @@ fn the_hot_transition_statements_are_compiled_once_not_at_every_run() {
         );
     }
 }
+
+/// Issue 13, the lone fire: a commit that grows the `-wal` file syncs its new size as well
+/// as its frames (on ext4 a journal commit besides: 0.6 ms against 0.35 overwriting). The
+/// service gives the log its working size once at start-up; commits then land inside it,
+/// and a crash image (the files as they are, nothing checkpointed) still holds every
+/// committed row, those from before the zeros and after.
+#[test]
+fn a_presized_log_takes_later_commits_without_growing_and_loses_no_committed_row() {
+    let (dir, backend, store) = open();
+    let database = dir.path().join("nested/runs.db");
+    let log = dir.path().join("nested/runs.db-wal");
+    let length = || std::fs::metadata(&log).unwrap().len();
+    store
+        .claim_fire(&scheduled("before", at(0, 0)), at(0, 1), None)
+        .unwrap();
+    let grown = length();
+
+    let added = store.presize_log().unwrap();
+    let working = 32 + 1000 * (24 + 4096);
+    assert_eq!(length(), working, "a checkpoint's worth of frames");
+    assert_eq!(added, working - grown, "zeros only after the frames it had");
+    assert_eq!(store.presize_log().unwrap(), 0, "once is enough");
+
+    for n in 0..20 {
+        store
+            .claim_fire(&scheduled("after", at(0, n)), at(0, n + 1), None)
+            .unwrap();
+    }
+    assert_eq!(length(), working, "twenty commits, not a byte grown");
+
+    // The crash image: the database and its log copied while the connection is open.
+    let image = tempfile::tempdir().unwrap();
+    std::fs::copy(&database, image.path().join("runs.db")).unwrap();
+    std::fs::copy(&log, image.path().join("runs.db-wal")).unwrap();
+    drop((store, backend));
+    let crashed = Connection::open(image.path().join("runs.db")).unwrap();
+    let runs: Vec<(String, i64)> = crashed
+        .prepare("SELECT task, COUNT(*) FROM runs GROUP BY task ORDER BY task")
+        .unwrap()
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(runs, [("after".to_string(), 20), ("before".to_string(), 1)]);
+    let check: String = crashed
+        .query_row("PRAGMA integrity_check", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(check, "ok");
+}

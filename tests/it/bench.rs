@@ -92,6 +92,13 @@ fn bench_distinct_prints_the_lone_fire_beside_its_floor_of_the_same_run() {
         .and_then(|rest| rest.split(" ms").next()?.parse().ok())
         .unwrap_or_else(|| panic!("no p99: {floor}"));
     assert!(p99 > 0.0, "{floor}");
+    assert!(
+        floor.contains("ms apart, as a lone fire meets the machine"),
+        "{floor}"
+    );
+    // Beside it, the same rounds back to back: what the machine does kept awake.
+    let hot = figure(&text, "  back to back:");
+    assert!(hot.contains("rounds with no pause"), "{hot}");
     let latency = figure(&text, "lone-fire latency:");
     assert!(
         latency.contains("× the floor's p99") && latency.contains("target p99 ≤ 2 ms"),

@@ -277,3 +277,22 @@ fn sigterm_during_a_long_start_up_stops_the_service_promptly() {
         "stopped {took:?} after SIGTERM\n{log}"
     );
 }
+
+/// Issue 13: commits overwrite a write-ahead log of its working size from the service's
+/// first tick, rather than growing the file (a second sync of its size per commit) for
+/// the first thousand pages of every start.
+#[test]
+fn a_serving_service_has_given_its_database_log_its_working_size() {
+    let sandbox =
+        Sandbox::new("[tasks.tick]\ncommand = [\"/bin/true\"]\nschedule = \"* * * * * *\"\n");
+    let service = sandbox.serve();
+    let log = sandbox.path().join("data/scheduler.db-wal");
+    let length = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    assert!(
+        length >= 32 + 1000 * (24 + 4096),
+        "{} is {length} bytes\n{}",
+        log.display(),
+        service.stderr_text()
+    );
+    service.stop();
+}
