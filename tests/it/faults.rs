@@ -142,7 +142,9 @@ fn ticks_due_while_the_disk_is_full_stay_due_and_meet_their_misfire_policy_once_
     // The write-ahead log is not given its working size (4 MB) on so small a disk: the
     // room is the database's and the logs'.
     let log = sandbox.path().join("data/scheduler.db-wal");
-    let length = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
+    let length = std::fs::metadata(&log)
+        .expect("the log of a serving service")
+        .len();
     assert!(length < 1024 * 1024, "{} is {length} bytes", log.display());
     wait_until(
         "each task to succeed twice",

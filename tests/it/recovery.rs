@@ -285,6 +285,12 @@ fn sigterm_during_a_long_start_up_stops_the_service_promptly() {
 fn a_serving_service_has_given_its_database_log_its_working_size() {
     let sandbox =
         Sandbox::new("[tasks.tick]\ncommand = [\"/bin/true\"]\nschedule = \"* * * * * *\"\n");
+    let fs = nix::sys::statvfs::statvfs(sandbox.path()).unwrap();
+    let room = fs.blocks_available() * fs.fragment_size();
+    assert!(
+        room >= 66_000_000,
+        "this test needs 66 MB free in the temp folder: {room}"
+    );
     let service = sandbox.serve();
     let log = sandbox.path().join("data/scheduler.db-wal");
     let length = std::fs::metadata(&log).map(|m| m.len()).unwrap_or(0);
