@@ -48,7 +48,7 @@ mod conformance;
 mod tests;
 
 /// The schema version this build writes (SQLite's `meta.schema_version`).
-const SCHEMA_VERSION: usize = 4;
+const SCHEMA_VERSION: usize = 5;
 
 /// What went wrong in the store, and what the caller should make of it.
 #[derive(Debug, thiserror::Error)]

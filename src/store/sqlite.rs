@@ -53,7 +53,22 @@ const MIGRATIONS: &[&str] = &[
     // backfill never runs a tick again). The alert tables come from schema.sql.
     "ALTER TABLE runs ADD COLUMN params TEXT;
      DROP INDEX IF EXISTS runs_claim;",
+    // 4 → 5 (issue 13): the partial indexes' conditions written as ORs, which SQLite
+    // evaluates without building a temporary b-tree per write (schema.sql says why).
+    // schema.sql creates them again; a large history makes this one open slower.
+    "DROP INDEX IF EXISTS runs_claim;
+     DROP INDEX IF EXISTS runs_state;",
 ];
+
+/// The runs not finished: the condition of the partial index `runs_state`, written as
+/// schema.sql writes it, so that a query holding it can use the index.
+pub(super) const UNFINISHED: &str =
+    "(state = 'queued' OR state = 'running' OR state = 'retry_wait' OR state = 'orphaned')";
+
+/// The runs the claim covers: the condition of the partial unique index `runs_claim`,
+/// written as schema.sql writes it.
+pub(super) const CLAIMED: &str =
+    "(trigger = 'schedule' OR trigger = 'catchup' OR trigger = 'backfill')";
 
 /// The columns [`read_delivery`] reads, in its order.
 const DELIVERY_COLUMNS: &str = "alert, event_seq, kind, task, run_id, created_at, payload, state, \
@@ -216,7 +231,7 @@ impl Backend for SqliteBackend {
     fn unfinished_runs(&self) -> Result<Vec<RunRow>, StoreError> {
         let connection = self.lock();
         let mut statement = connection.prepare_cached(&format!(
-            "SELECT {RUN_COLUMNS} FROM runs WHERE state IN ('queued', 'running', 'retry_wait', 'orphaned') ORDER BY id"
+            "SELECT {RUN_COLUMNS} FROM runs WHERE {UNFINISHED} ORDER BY id"
         ))?;
         let rows = statement.query_map([], |row| Ok(read_run(row)))?;
         collect_runs(rows)
@@ -300,10 +315,10 @@ impl Backend for SqliteBackend {
         to: Instant,
     ) -> Result<HashSet<Instant>, StoreError> {
         let connection = self.lock();
-        let mut statement = connection.prepare_cached(
-            "SELECT scheduled_for FROM runs WHERE task = ?1 AND trigger IN ('schedule', 'catchup', 'backfill') \
-             AND scheduled_for BETWEEN ?2 AND ?3",
-        )?;
+        let mut statement = connection.prepare_cached(&format!(
+            "SELECT scheduled_for FROM runs WHERE task = ?1 AND {CLAIMED} \
+             AND scheduled_for BETWEEN ?2 AND ?3"
+        ))?;
         let ticks = statement
             .query_map(
                 params![task.as_str(), to_micros(from), to_micros(to)],
@@ -1114,11 +1129,15 @@ fn read_instance(row: &Row<'_>) -> rusqlite::Result<InstanceRow> {
     })
 }
 
+/// [`insert_run`]'s INSERT: a new run, queued.
+pub(super) const INSERT_RUN: &str = "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
+         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9)";
+
 fn insert_run(tx: &SqliteTx<'_>, run: &NewRun, now: Instant) -> rusqlite::Result<RunId> {
     let (writer, tx) = (tx, tx.tx);
-    cached_execute(tx,
-        "INSERT INTO runs(task, trigger, scheduled_for, queued_at, state, max_attempts, force, downstream, cascade, params)
-         VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?6, ?7, ?8, ?9)",
+    cached_execute(
+        tx,
+        INSERT_RUN,
         params![
             run.task.as_str(),
             run.trigger.as_str(),

@@ -7,7 +7,10 @@ use std::sync::Arc;
 use rusqlite::Connection;
 
 use super::conformance::{at, report_progress, scheduled, start};
-use super::sqlite::{old_events, SqliteBackend, COUNT_EVENTS, EVENTS_AFTER};
+use super::sqlite::{
+    old_events, SqliteBackend, CLAIMED, COUNT_EVENTS, EVENTS_AFTER, INSERT_RUN, TRANSITION,
+    UNFINISHED,
+};
 use super::{Change, Move, Store, SCHEMA_VERSION};
 use crate::model::{Attempt, RunId, RunState};
 
@@ -162,6 +165,54 @@ fn indexes(connection: &Connection, table: &str) -> Vec<String> {
     names
 }
 
+/// The opcodes SQLite compiles `sql` to.
+fn opcodes(backend: &SqliteBackend, sql: &str) -> Vec<String> {
+    let connection = backend.lock();
+    let mut statement = connection.prepare(&format!("EXPLAIN {sql}")).unwrap();
+    let unbound = vec![rusqlite::types::Null; statement.parameter_count()];
+    statement
+        .query_map(rusqlite::params_from_iter(unbound), |row| {
+            row.get::<_, String>(1)
+        })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Issue 13: every run is inserted once and changes state at least twice, and each of
+/// those writes evaluates the conditions of the partial indexes on `runs`. Written as
+/// `IN (…)` lists (schema v4), each condition built and dropped a temporary b-tree
+/// (`OpenEphemeral`): 9 per run, ~15 % of the service's instructions in a burst.
+#[test]
+fn a_runs_insert_and_its_state_changes_build_no_temporary_b_tree() {
+    let (_dir, backend, _store) = open();
+    for (what, sql) in [("insert", INSERT_RUN), ("state change", TRANSITION)] {
+        let ops = opcodes(&backend, sql);
+        assert!(!ops.is_empty());
+        assert!(
+            !ops.iter().any(|op| op == "OpenEphemeral"),
+            "a run's {what} builds a temporary b-tree: {ops:?}"
+        );
+    }
+}
+
+/// The conditions the queries state are the partial indexes' own, so the queries use
+/// them (a condition written otherwise, say as `IN (…)`, makes SQLite scan every run).
+#[test]
+fn the_unfinished_runs_and_the_claimed_ticks_are_read_through_their_partial_indexes() {
+    let (_dir, backend, _store) = open();
+    let unfinished = plan(
+        &backend,
+        &format!("SELECT id FROM runs WHERE {UNFINISHED} ORDER BY id"),
+    );
+    assert!(unfinished.contains("runs_state"), "{unfinished}");
+    let claimed = plan(
+        &backend,
+        &format!("SELECT scheduled_for FROM runs WHERE task = ?1 AND {CLAIMED} AND scheduled_for BETWEEN ?2 AND ?3"),
+    );
+    assert!(claimed.contains("runs_claim"), "{claimed}");
+}
+
 /// Issue "One room per job", item 7: `runs.version` was written and never read.
 #[test]
 fn a_new_database_has_no_run_version_and_indexes_its_events() {
@@ -217,6 +268,17 @@ fn a_version_1_database_is_migrated_on_open_and_keeps_its_runs() {
                 )
                 .unwrap();
             assert!(claim.contains("'backfill'"), "{claim}");
+            // 4 → 5: the partial indexes' conditions are ORs, not `IN (…)` lists.
+            for index in ["runs_claim", "runs_state"] {
+                let sql: String = connection
+                    .query_row(
+                        "SELECT sql FROM sqlite_master WHERE name = ?1",
+                        [index],
+                        |row| row.get(0),
+                    )
+                    .unwrap();
+                assert!(sql.contains(" OR ") && !sql.contains(" IN "), "{sql}");
+            }
             assert!(columns(&connection, "alert_deliveries").contains(&"attempts".to_string()));
             assert_eq!(
                 indexes(&connection, "events"),

@@ -53,13 +53,19 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
         .collect();
     assert_eq!(floor_cpu.len(), 2, "{floor}");
     assert!(floor_cpu.iter().all(|cpu| *cpu > 0.0), "{floor}");
-    assert!(
-        figure(&text, "burst ratio:").contains("lag p99 / burst floor"),
-        "{text}"
-    );
+    let ratio = figure(&text, "burst ratio:");
+    assert!(ratio.contains("lag p99 / burst floor"), "{text}");
+    // The steady state beside every tick: from the second tick on, each task's log file
+    // exists (the first run of a task creates it). A two-second window has two ticks.
+    assert!(ratio.contains("from the second tick"), "{ratio}");
+    assert!(!ratio.contains("no samples"), "{ratio}");
+    let steady = figure(&text, "  from the second tick");
+    assert!(steady.contains("(20 samples)"), "{text}");
     let cpu = figure(&text, "service CPU per run:");
     assert!(
-        cpu.contains("× the floor's") && cpu.contains("target ≤ 100 µs"),
+        cpu.contains("× the floor's")
+            && cpu.contains("from the second tick")
+            && cpu.contains("target ≤ 100 µs"),
         "{cpu}"
     );
     assert!(
