@@ -44,6 +44,10 @@ pub const MAX_REPORT_LINE: usize = 1024 * 1024;
 /// than the engine records waits (the child then blocks on its pipe), nothing grows.
 pub const EVENT_QUEUE: usize = 4096;
 
+/// How long an attempt waits for its child's output to end before it watches the child's
+/// exit by itself (a pidfd): a child that lives longer is watched from then on.
+const EXIT_WATCH_GRACE: Duration = Duration::from_millis(20);
+
 /// The process group of a child with pid `pid`: `None` for a pid that cannot be a child's
 /// group (0 is our own group, 1 is init, and anything over `i32::MAX` would wrap to a
 /// negative id, which `kill` reads as "every process").
@@ -331,15 +335,26 @@ pub async fn run_attempt(
     // output is read on meanwhile. The timer is armed (and first polled) only then.
     let kill_timer = tokio::time::sleep(Duration::ZERO);
     tokio::pin!(kill_timer);
+    // The child's exit is awaited once its output has ended — a short child has then
+    // exited, and is reaped with no pidfd made for it (`spawn`'s documentation says why
+    // that matters) — or once `EXIT_WATCH_GRACE` has passed: a child that left a
+    // grandchild holding its pipes is still seen to exit.
+    let exit_grace = tokio::time::sleep(EXIT_WATCH_GRACE);
+    tokio::pin!(exit_grace);
+    let mut exit_watched = false;
     let mut stopping = false;
     let mut killed = false;
     let mut stop_reason: Option<StopReason> = None;
     let mut timed_out = false;
     let status: std::io::Result<ExitStatus> = loop {
         let stop_now = tokio::select! {
-            status = child.wait() => break status,
+            status = child.wait(), if exit_watched || output_done => break status,
             () = &mut output, if !output_done => {
                 output_done = true;
+                false
+            }
+            () = &mut exit_grace, if !exit_watched && !output_done => {
+                exit_watched = true;
                 false
             }
             () = &mut kill_timer, if stopping && !killed => {

@@ -1,6 +1,12 @@
 //! Starting a child process and reaping it: `posix_spawn` with the service's environment
 //! read once, `/dev/null` opened once, and the exit watched through a pidfd on the
-//! runtime's epoll.
+//! runtime's epoll — opened only when somebody waits for a child that has not exited.
+//!
+//! Why the pidfd waits: every descriptor the service holds is copied into every child it
+//! starts and closed again at that child's `exec`, so each running child's descriptors
+//! tax every other spawn. A short child's pipes reach end-of-file as it exits; a caller
+//! that reads them first ([`crate::runner`] does) then finds it exited at its first
+//! `waitpid`, and the pidfd, its epoll registration and its descriptor are never made.
 //!
 //! Why not `tokio::process::Command`: under it, `std::process::Command` re-reads and
 //! copies the service's whole environment into a fresh map on every spawn that sets a
@@ -62,6 +68,7 @@ pub struct Child {
     pub stdout: Option<pipe::Receiver>,
     /// Taken by whoever reads the output.
     pub stderr: Option<pipe::Receiver>,
+    /// How its exit is awaited: `None` until a wait finds it still running.
     exit: Option<Exit>,
     status: Option<ExitStatus>,
 }
@@ -88,32 +95,39 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
         std_spawn(launch)?
     };
     let _entered = runtime.enter();
-    let child = (|| {
-        // The pipes first: a failure past the watcher would leave two waiters on one pid.
-        let (stdout, stderr) = (receiver(stdout)?, receiver(stderr)?);
-        let exit = match pidfd_open(pid) {
-            // SAFETY: an `OwnedFd` keeps its one descriptor open until the `AsyncFd` drops it.
-            Some(fd) => Exit::Pidfd(
-                unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
-                    .map_err(io::Error::from)?,
-            ),
-            // No pidfd (a kernel before 5.3, a seccomp filter, no descriptor left): the
-            // child is waited for on the blocking pool, one thread while it runs.
-            None => Exit::Thread(tokio::task::spawn_blocking(move || wait_blocking(pid))),
-        };
-        Ok(Child {
+    let pipes = (|| Ok::<_, io::Error>((receiver(stdout)?, receiver(stderr)?)))();
+    match pipes {
+        Ok((stdout, stderr)) => Ok(Child {
             pid,
             stdout: Some(stdout),
             stderr: Some(stderr),
-            exit: Some(exit),
+            exit: None,
             status: None,
-        })
-    })();
-    child.inspect_err(|_| {
-        // Started but cannot be watched (out of descriptors): it must not run unwatched.
-        let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-        let _ = wait_blocking(pid);
-    })
+        }),
+        Err(err) => {
+            // Started but its output cannot be read (out of descriptors, say): it must not
+            // run unwatched.
+            let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+            let _ = wait_blocking(pid);
+            Err(err)
+        }
+    }
+}
+
+/// A watch on the exit of the child `pid`, not yet reaped: its pidfd on the runtime's
+/// epoll, or, with no pidfd to be had (a kernel before 5.3, a seccomp filter, no
+/// descriptor left, epoll refusing it), a blocking `waitpid` on the blocking pool, one
+/// thread while it runs. Must be called within the runtime.
+fn watch(pid: Pid) -> Exit {
+    if let Some(fd) = pidfd_open(pid) {
+        // SAFETY: an `OwnedFd` keeps its one descriptor open until the `AsyncFd` drops it.
+        if let Ok(fd) =
+            unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
+        {
+            return Exit::Pidfd(fd);
+        }
+    }
+    Exit::Thread(tokio::task::spawn_blocking(move || wait_blocking(pid)))
 }
 
 impl Child {
@@ -123,11 +137,21 @@ impl Child {
     }
 
     /// Waits for the child to exit and reaps it. Cancel-safe: dropping the future loses
-    /// nothing, the next call waits on.
+    /// nothing, the next call waits on. A child already exited is reaped at once; only
+    /// one still running is watched (see the module's documentation).
     pub async fn wait(&mut self) -> io::Result<ExitStatus> {
         loop {
             if let Some(status) = self.status {
                 return Ok(status);
+            }
+            if self.exit.is_none() {
+                match reap(self.pid)? {
+                    Some(status) => {
+                        self.status = Some(status);
+                        continue;
+                    }
+                    None => self.exit = Some(watch(self.pid)),
+                }
             }
             match &mut self.exit {
                 Some(Exit::Pidfd(fd)) => {
@@ -141,9 +165,16 @@ impl Child {
                     let status = thread.await.map_err(io::Error::other)??;
                     self.status = Some(status);
                 }
-                None => return Err(io::Error::other("the child's exit is no longer watched")),
+                None => return Err(io::Error::other("the child's exit is not watched")),
             }
         }
+    }
+
+    /// Whether the child's exit is watched by a pidfd or a thread: a wait found it
+    /// running.
+    #[cfg(test)]
+    fn watched(&self) -> bool {
+        self.exit.is_some()
     }
 }
 
@@ -152,26 +183,39 @@ impl Drop for Child {
         if self.status.is_some() {
             return;
         }
-        // A blocking waiter reaps by itself: a `waitpid` here could take the status of
-        // another child that has since been given the same pid.
-        let Some(Exit::Pidfd(fd)) = self.exit.take() else {
-            return;
-        };
         let pid = self.pid;
+        let fd = match self.exit.take() {
+            // A blocking waiter reaps by itself: a `waitpid` here could take the status of
+            // another child that has since been given the same pid.
+            Some(Exit::Thread(_)) => return,
+            Some(Exit::Pidfd(fd)) => Some(fd),
+            // Never watched: nobody else reaps it, so its pid is still its own.
+            None => None,
+        };
         if let Ok(Some(_)) = reap(pid) {
             return;
         }
         // Still running: reaped when it exits.
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                while let Ok(mut ready) = fd.readable().await {
-                    match reap(pid) {
-                        Ok(None) => ready.clear_ready(),
-                        _ => break,
-                    }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let _entered = runtime.enter();
+        let fd = match fd {
+            Some(fd) => fd,
+            None => match watch(pid) {
+                Exit::Pidfd(fd) => fd,
+                // The thread reaps it.
+                Exit::Thread(_) => return,
+            },
+        };
+        runtime.spawn(async move {
+            while let Ok(mut ready) = fd.readable().await {
+                match reap(pid) {
+                    Ok(None) => ready.clear_ready(),
+                    _ => break,
                 }
-            });
-        }
+            }
+        });
     }
 }
 
@@ -595,6 +639,55 @@ mod tests {
         let (out, _, status) = output_of(spawn(sh).expect("started")).await;
         assert!(status.success());
         assert_eq!(out, "/tmp\n/usr/bin:/bin\n");
+    }
+
+    /// What every short run does: its output read to the end, then its exit reaped with
+    /// no pidfd opened (a descriptor, an epoll registration, four system calls saved).
+    #[tokio::test]
+    async fn a_child_whose_output_has_ended_is_reaped_without_a_pidfd() {
+        use tokio::io::AsyncReadExt;
+        let mut child = spawn(launch("/bin/sh", &["-c", "echo done; exit 4"])).expect("started");
+        let (mut out, mut err) = (String::new(), String::new());
+        let mut stdout = child.stdout.take().expect("stdout");
+        let mut stderr = child.stderr.take().expect("stderr");
+        stdout.read_to_string(&mut out).await.expect("stdout");
+        stderr.read_to_string(&mut err).await.expect("stderr");
+        // The pipes end in the child's exit, a moment before it becomes a zombie (a wait
+        // in that moment finds it running and watches it: right, only slower).
+        let stat = PathBuf::from(format!("/proc/{}/stat", child.pid));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !std::fs::read_to_string(&stat).is_ok_and(|text| text.contains(") Z ")) {
+            assert!(std::time::Instant::now() < deadline, "never exited");
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(child.wait().await.expect("reaped").code(), Some(4));
+        assert!(!child.watched(), "an exited child was watched");
+        assert_eq!((out.as_str(), err.as_str()), ("done\n", ""));
+    }
+
+    #[tokio::test]
+    async fn a_child_still_running_is_watched_until_it_exits() {
+        let mut child = spawn(launch("/bin/sh", &["-c", "sleep 0.3; exit 5"])).expect("started");
+        let started = std::time::Instant::now();
+        let status = child.wait().await.expect("reaped");
+        assert_eq!(status.code(), Some(5));
+        assert!(child.watched());
+        assert!(started.elapsed() >= std::time::Duration::from_millis(250));
+        // Reaped once: asked again, the status is the one kept.
+        assert_eq!(child.wait().await.expect("kept").code(), Some(5));
+    }
+
+    #[tokio::test]
+    async fn a_running_child_dropped_never_waited_for_is_reaped_when_it_exits() {
+        let child = spawn(launch("/bin/sh", &["-c", "sleep 0.2"])).expect("started");
+        let pid = child.pid;
+        drop(child);
+        let entry = PathBuf::from(format!("/proc/{pid}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while entry.exists() {
+            assert!(std::time::Instant::now() < deadline, "never reaped");
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]

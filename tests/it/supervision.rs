@@ -91,6 +91,45 @@ timeout = "1s"
 }
 
 #[test]
+fn a_command_that_exits_leaving_a_grandchild_on_its_pipes_ends_at_its_exit_and_the_grandchild_dies()
+{
+    // The grandchild keeps the shell's stdout and stderr open for five minutes: the
+    // attempt must see the shell's exit by itself, not at the end of the output.
+    let sandbox = Sandbox::new(
+        r#"
+[tasks.leaver]
+command = "sleep 300 & echo $! > child.pid; echo left; exit 3"
+shell = true
+timeout = "120s"
+"#,
+    );
+    let started = std::time::Instant::now();
+    let output = sandbox.cli(&["run", "leaver"]);
+    let elapsed = started.elapsed();
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert!(
+        elapsed < Duration::from_secs(60),
+        "ended at the shell's exit, not at the timeout: {elapsed:?}"
+    );
+    let run = &sandbox.runs_of("leaver")[0];
+    assert_eq!(run.state, RunState::Failed);
+    assert_eq!(run.exit_code, Some(3));
+    let pid: i64 = std::fs::read_to_string(sandbox.path().join("child.pid"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        &format!("the grandchild ({pid}) to die"),
+        Duration::from_secs(5),
+        || (!process_alive(pid)).then_some(()),
+    );
+    assert!(sandbox
+        .log("leaver")
+        .contains("INFO - run=1 attempt=1 - left"));
+}
+
+#[test]
 fn retries_wait_for_an_exponential_backoff_and_resume_from_the_checkpoint() {
     let sandbox = Sandbox::new(
         r#"
