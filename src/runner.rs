@@ -228,7 +228,7 @@ pub struct Spawned {
 /// Starts the attempt's child on the caller's thread, for [`run_attempt`] to supervise:
 /// the engine does so for a lone start, which would otherwise wait for another thread
 /// to wake and take the runner task (0.4–1.5 ms measured). Must be called within the
-/// runtime (the child's reaper registers with it).
+/// runtime (the child's pipes register with it).
 pub fn spawn_child(spec: &AttemptSpec) -> Spawned {
     let began = MonoInstant::now();
     let child = spawn(spec).map(|(child, reports)| (child, reports, chrono::Utc::now()));

@@ -22,8 +22,9 @@
 //! caller gets the same [`Child`].
 //!
 //! Invariant: a [`Child`] is reaped exactly once, by [`Child::wait`] or, when it is
-//! dropped unreaped, by a task on the runtime; no zombie outlives its exit by more than
-//! a wake-up.
+//! dropped unreaped within the runtime, by a task on it (a thread of its blocking pool
+//! where no pidfd is to be had); a zombie outlives its exit by no more than a wake-up once
+//! somebody waits (the runner waits once the output has ended, or after 20 ms).
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
@@ -79,10 +80,13 @@ enum Exit {
     Pidfd(AsyncFd<OwnedFd>),
     /// No pidfd to be had: a blocking `waitpid` on the runtime's blocking pool.
     Thread(tokio::task::JoinHandle<io::Result<ExitStatus>>),
+    /// That thread failed: the pid may no longer be ours to wait for.
+    Lost,
 }
 
-/// Starts `launch`. Must be called within a Tokio runtime with I/O enabled (the pipes and
-/// the pidfd register with it); outside one it is an error, not a panic.
+/// Starts `launch`. Must be called within a Tokio runtime with I/O enabled (the pipes
+/// register with it, and the pidfd when a wait needs one); outside one it is an error,
+/// not a panic.
 pub fn spawn(launch: Launch) -> io::Result<Child> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| io::Error::other("a child can only be started within the runtime"))?;
@@ -162,10 +166,22 @@ impl Child {
                     }
                 }
                 Some(Exit::Thread(thread)) => {
-                    let status = thread.await.map_err(io::Error::other)??;
-                    self.status = Some(status);
+                    let waited = thread.await;
+                    // A thread that failed has ended: its handle is not polled again.
+                    let failed = match waited {
+                        Ok(Ok(status)) => {
+                            self.status = Some(status);
+                            continue;
+                        }
+                        Ok(Err(err)) => err,
+                        Err(err) => io::Error::other(err),
+                    };
+                    self.exit = Some(Exit::Lost);
+                    return Err(failed);
                 }
-                None => return Err(io::Error::other("the child's exit is not watched")),
+                Some(Exit::Lost) | None => {
+                    return Err(io::Error::other("the child's exit is no longer watched"))
+                }
             }
         }
     }
@@ -187,7 +203,7 @@ impl Drop for Child {
         let fd = match self.exit.take() {
             // A blocking waiter reaps by itself: a `waitpid` here could take the status of
             // another child that has since been given the same pid.
-            Some(Exit::Thread(_)) => return,
+            Some(Exit::Thread(_) | Exit::Lost) => return,
             Some(Exit::Pidfd(fd)) => Some(fd),
             // Never watched: nobody else reaps it, so its pid is still its own.
             None => None,
@@ -204,8 +220,8 @@ impl Drop for Child {
             Some(fd) => fd,
             None => match watch(pid) {
                 Exit::Pidfd(fd) => fd,
-                // The thread reaps it.
-                Exit::Thread(_) => return,
+                // The thread reaps it (`watch` makes no other kind).
+                Exit::Thread(_) | Exit::Lost => return,
             },
         };
         runtime.spawn(async move {

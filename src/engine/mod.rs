@@ -152,6 +152,8 @@ pub struct Engine {
     busy_elsewhere: HashMap<TaskName, RunId>,
     /// Instance → the runs it is running (as of the last poll).
     running_by_owner: HashMap<String, Vec<RunId>>,
+    /// The store's [`Store::data_version`] at the last poll that read the unfinished runs.
+    polled_version: Option<i64>,
     queue: VecDeque<Pending>,
     /// Task → how many of its runs wait in `queue`.
     queued_per_task: HashMap<TaskName, usize>,
@@ -248,6 +250,7 @@ impl Engine {
             busy: HashMap::new(),
             busy_elsewhere: HashMap::new(),
             running_by_owner: HashMap::new(),
+            polled_version: None,
             queue: VecDeque::new(),
             queued_per_task: HashMap::new(),
             next_fire: HashMap::new(),

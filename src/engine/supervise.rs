@@ -59,6 +59,18 @@ impl Engine {
     /// started elsewhere), and notes which tasks run on other instances.
     pub(super) fn on_poll(&mut self) {
         let now = self.clock.now();
+        // Everything below follows from other processes' writes: with none since the last
+        // poll (SQLite says so), there is nothing to read. A busy service's own commits
+        // made every poll read hundreds of running rows to learn nothing (5 % of its CPU
+        // at 1,000 runs/s).
+        let version = match self.store.data_version() {
+            Ok(Some(version)) if self.polled_version == Some(version) => return,
+            Ok(version) => version,
+            Err(err) => {
+                warn!("cannot ask the store for other processes' writes: {err}");
+                None
+            }
+        };
         let unfinished = match blocking(|| self.store.unfinished_runs()) {
             Ok(rows) => rows,
             Err(err) => {
@@ -66,6 +78,7 @@ impl Engine {
                 return;
             }
         };
+        self.polled_version = version;
         // Oldest first: runs queued by other processes are admitted in FIFO order.
         let waiting: HashSet<RunId> = unfinished
             .iter()

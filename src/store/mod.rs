@@ -736,6 +736,14 @@ pub trait Backend: Send + Sync {
         0
     }
 
+    /// A number that changes whenever another connection (another process: the CLI, a
+    /// foreground run, another instance) has committed since it was last read, and only
+    /// then: what this process wrote itself does not change it. `None` where the backend
+    /// cannot tell (a server's database: every poll reads).
+    fn data_version(&self) -> Result<Option<i64>, StoreError> {
+        Ok(None)
+    }
+
     /// Whether [`Backend::backup_to`] works here (an embedded database copies itself;
     /// a server's database is backed up by the server's own tools).
     fn can_back_up(&self) -> bool {
@@ -1353,6 +1361,11 @@ impl Store {
     /// See [`Backend::commits`].
     pub fn commits(&self) -> u64 {
         self.backend.commits()
+    }
+
+    /// See [`Backend::data_version`].
+    pub fn data_version(&self) -> Result<Option<i64>, StoreError> {
+        self.backend.data_version()
     }
 
     /// See [`Backend::can_back_up`].

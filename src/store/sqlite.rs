@@ -380,6 +380,17 @@ impl Backend for SqliteBackend {
         self.commits.load(Ordering::Relaxed)
     }
 
+    /// `PRAGMA data_version` of the one connection every call of this process shares: it
+    /// changes with each commit of another connection, never with this one's.
+    fn data_version(&self) -> Result<Option<i64>, StoreError> {
+        let connection = self.lock();
+        Ok(Some(connection.query_row(
+            "PRAGMA data_version",
+            [],
+            |row| row.get(0),
+        )?))
+    }
+
     /// Zeros appended to the `-wal` file up to the size of a checkpoint's worth of frames
     /// (`wal_autocheckpoint` pages and their headers), under the write lock so that no
     /// other process appends meanwhile, then synced. No byte already in the file is

@@ -464,6 +464,31 @@ fn claim_ticks(store: &Store, task: &str, ticks: std::ops::Range<u32>) {
     }
 }
 
+/// Issue 13: the engine's poll reads the unfinished runs only when another process has
+/// written since its last read; the store tells it so. The service's own commits (a
+/// thousand runs a second) leave the number as it was; a commit of another connection
+/// to the same file (the CLI queueing a run) changes it.
+#[test]
+fn the_data_version_moves_with_another_connections_commit_and_never_with_our_own() {
+    let (dir, _backend, store) = open();
+    let first = store.data_version().unwrap();
+    assert!(first.is_some());
+    claim_ticks(&store, "ours", 0..3);
+    assert_eq!(store.data_version().unwrap(), first, "our own commits");
+    let other = Connection::open(dir.path().join("nested/runs.db")).unwrap();
+    other
+        .execute(
+            "INSERT INTO meta(key, value) VALUES ('written_by', 'another process')",
+            [],
+        )
+        .unwrap();
+    let second = store.data_version().unwrap();
+    assert_ne!(second, first, "another connection's commit");
+    // Asked again with nothing written elsewhere: the same number.
+    claim_ticks(&store, "ours", 3..4);
+    assert_eq!(store.data_version().unwrap(), second);
+}
+
 /// Issue 13, the lone fire: a commit that grows the `-wal` file syncs its new size as well
 /// as its frames (on ext4 a journal commit besides: 0.6 ms against 0.35 overwriting). The
 /// service gives the log its working size once at start-up; commits then land inside it,

@@ -171,6 +171,20 @@ impl Browser {
         self.session_call("GET", &format!("/element/{element}/property/{name}"), None)
     }
 
+    /// The `href` of the link matching `css`, read in one step of the page: the live
+    /// dashboard draws a run's detail anew at every update, so an element found by one
+    /// request can be gone by the next (waited for while there is none).
+    fn href(&self, css: &str) -> String {
+        let selector = serde_json::to_string(css).unwrap();
+        wait_until(&format!("a link at {css}"), Duration::from_secs(15), || {
+            self.script(&format!(
+                "const a = document.querySelector({selector}); return a ? a.href : null;"
+            ))
+            .as_str()
+            .map(str::to_string)
+        })
+    }
+
     /// How many elements match `css` now.
     fn count(&self, css: &str) -> usize {
         let css = serde_json::to_string(css).unwrap();
@@ -908,11 +922,7 @@ echo "::result::{\"report_dir\": \"$folder\", \"chart\": \"$folder/equity.svg\"}
         format!("report folder {folder}: equity.svg · metrics.json"),
         "the folder's files, without the link out of it"
     );
-    let href = browser.property(
-        "#outputs li[data-output='report folder'] a[data-file='metrics.json']",
-        "href",
-    );
-    let href = href.as_str().unwrap();
+    let href = browser.href("#outputs li[data-output='report folder'] a[data-file='metrics.json']");
     let path = &href[href.find("/scheduler/files").unwrap()..];
     let (status, content_type, _, body) = get_raw(&service, path, "x-none");
     assert_eq!(
@@ -1008,8 +1018,7 @@ fn the_shipped_market_cascade_is_one_unit_whose_real_charts_metrics_and_shap_log
         ))
     };
     let served = |label: &str| -> Value {
-        let href = browser.property(&format!("#outputs li[data-output='{label}'] a"), "href");
-        let href = href.as_str().unwrap();
+        let href = browser.href(&format!("#outputs li[data-output='{label}'] a"));
         let (status, body) =
             crate::faults::get_json(&service, &href[href.find("/scheduler/files").unwrap()..]);
         assert_eq!(status, 200, "{label}: {body}");
