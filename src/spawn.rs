@@ -693,30 +693,30 @@ mod tests {
         assert_eq!(child.wait().await.expect("kept").code(), Some(5));
     }
 
-    #[tokio::test]
-    async fn a_running_child_dropped_never_waited_for_is_reaped_when_it_exits() {
-        let child = spawn(launch("/bin/sh", &["-c", "sleep 0.2"])).expect("started");
+    /// Starts `sh -c script`, drops the child unwaited, and awaits its reaping by the
+    /// runtime: its /proc entry (a zombie's too) goes.
+    async fn dropped_unwaited_is_reaped(script: &str) {
+        let child = spawn(launch("/bin/sh", &["-c", script])).expect("started");
         let pid = child.pid;
         drop(child);
         let entry = PathBuf::from(format!("/proc/{pid}"));
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while entry.exists() {
-            assert!(std::time::Instant::now() < deadline, "never reaped");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{script:?} never reaped"
+            );
             tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         }
     }
 
     #[tokio::test]
+    async fn a_running_child_dropped_never_waited_for_is_reaped_when_it_exits() {
+        dropped_unwaited_is_reaped("sleep 0.2").await;
+    }
+
+    #[tokio::test]
     async fn a_child_dropped_unwaited_is_reaped_when_it_exits() {
-        let child = spawn(launch("/bin/sh", &["-c", "exit 0"])).expect("started");
-        let pid = child.pid;
-        drop(child);
-        // Reaped by the runtime once it exits: its /proc entry (a zombie's too) goes.
-        let entry = PathBuf::from(format!("/proc/{pid}"));
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while entry.exists() {
-            assert!(std::time::Instant::now() < deadline, "never reaped");
-            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-        }
+        dropped_unwaited_is_reaped("exit 0").await;
     }
 }

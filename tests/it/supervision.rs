@@ -6,6 +6,20 @@ use turbosched::model::RunState;
 
 use crate::support::*;
 
+/// Waits for the process whose pid a task wrote to `file` in its sandbox to die.
+fn await_death_of_pid_in(sandbox: &Sandbox, file: &str) {
+    let pid: i64 = std::fs::read_to_string(sandbox.path().join(file))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    wait_until(
+        &format!("{file} ({pid}) to die"),
+        Duration::from_secs(5),
+        || (!process_alive(pid)).then_some(()),
+    );
+}
+
 #[test]
 fn a_command_that_traps_sigterm_is_killed_whole_with_its_child_on_timeout() {
     // The shell ignores SIGTERM (and so does the sleep it starts), so only the SIGKILL
@@ -39,16 +53,7 @@ timeout = "1s"
         "SIGKILL came only after timeout + kill_grace: {elapsed:?}"
     );
     for file in ["shell.pid", "child.pid"] {
-        let pid: i64 = std::fs::read_to_string(sandbox.path().join(file))
-            .unwrap()
-            .trim()
-            .parse()
-            .unwrap();
-        wait_until(
-            &format!("{file} ({pid}) to die"),
-            Duration::from_secs(5),
-            || (!process_alive(pid)).then_some(()),
-        );
+        await_death_of_pid_in(&sandbox, file);
     }
     assert!(sandbox
         .log("stubborn")
@@ -114,16 +119,7 @@ timeout = "120s"
     let run = &sandbox.runs_of("leaver")[0];
     assert_eq!(run.state, RunState::Failed);
     assert_eq!(run.exit_code, Some(3));
-    let pid: i64 = std::fs::read_to_string(sandbox.path().join("child.pid"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
-    wait_until(
-        &format!("the grandchild ({pid}) to die"),
-        Duration::from_secs(5),
-        || (!process_alive(pid)).then_some(()),
-    );
+    await_death_of_pid_in(&sandbox, "child.pid");
     assert!(sandbox
         .log("leaver")
         .contains("INFO - run=1 attempt=1 - left"));
