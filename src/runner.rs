@@ -230,8 +230,13 @@ pub struct Spawned {
 /// to wake and take the runner task (0.4–1.5 ms measured). Must be called within the
 /// runtime (the child's pipes register with it).
 pub fn spawn_child(spec: &AttemptSpec) -> Spawned {
+    spawned_by(spec, crate::spawn::spawn_here)
+}
+
+/// Starts the attempt's child with `start`, timing it.
+fn spawned_by(spec: &AttemptSpec, start: fn(Launch) -> std::io::Result<Child>) -> Spawned {
     let began = MonoInstant::now();
-    let child = spawn(spec).map(|(child, reports)| (child, reports, chrono::Utc::now()));
+    let child = spawn(spec, start).map(|(child, reports)| (child, reports, chrono::Utc::now()));
     Spawned { began, child }
 }
 
@@ -247,7 +252,7 @@ pub async fn run_attempt(
 ) {
     let spawned = match spawned {
         Some(spawned) => spawned,
-        None => spawn_child(&spec),
+        None => spawned_by(&spec, crate::spawn::spawn),
     };
     let mut finisher = Finisher {
         events: events.clone(),
@@ -472,7 +477,10 @@ fn current_exe() -> Result<&'static (PathBuf, PathBuf), String> {
 /// Starts the child ([`crate::spawn`]: `posix_spawn` unless the task needs `fork`). Only
 /// a built-in worker gets the report pipe on fd 3. External commands report on stdout
 /// (`::progress::`, `::checkpoint::`, `::result::` lines) instead.
-fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
+fn spawn(
+    spec: &AttemptSpec,
+    start: fn(Launch) -> std::io::Result<Child>,
+) -> Result<(Child, Option<OwnedFd>), String> {
     let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(10);
     let mut cwd = None;
     let mut arg0 = None;
@@ -536,7 +544,7 @@ fn spawn(spec: &AttemptSpec) -> Result<(Child, Option<OwnedFd>), String> {
     };
     // The launch owns the report pipe's write end; once the child has started, the child
     // holds the only copy, so the reader sees end-of-file when the child's group is gone.
-    let child = crate::spawn::spawn(Launch {
+    let child = start(Launch {
         program,
         args,
         env,

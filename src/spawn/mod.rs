@@ -26,6 +26,7 @@
 //! where no pidfd is to be had); a zombie outlives its exit by no more than a wake-up once
 //! somebody waits (the runner waits once the output has ended, or after 20 ms).
 
+use std::borrow::Cow;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -42,6 +43,8 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 use tokio::net::unix::pipe;
+
+mod spawners;
 
 /// What to start.
 pub struct Launch {
@@ -84,21 +87,44 @@ enum Exit {
     Lost,
 }
 
-/// Starts `launch`. Must be called within a Tokio runtime with I/O enabled (the pipes
-/// register with it, and the pidfd when a wait needs one); outside one it is an error,
-/// not a panic.
+/// Starts `launch`: from a spawner thread whose descriptor table holds a handful of
+/// descriptors instead of the service's (see [`spawners`]), the caller waiting as for its
+/// own `posix_spawn`; on the calling thread where no spawner can be had (a kernel before
+/// 5.6, a seccomp filter) and for the launches only `std` can start. Must be called
+/// within a Tokio runtime with I/O enabled (the pipes register with it, and the pidfd
+/// when a wait needs one); outside one it is an error, not a panic.
 pub fn spawn(launch: Launch) -> io::Result<Child> {
+    start(launch, spawners::get())
+}
+
+/// [`spawn`] on the calling thread: the lone start of an idle service, whose table is
+/// small, spared the hand-over to a spawner thread and back.
+pub fn spawn_here(launch: Launch) -> io::Result<Child> {
+    start(launch, None)
+}
+
+fn start(launch: Launch, spawners: Option<&spawners::Spawners>) -> io::Result<Child> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| io::Error::other("a child can only be started within the runtime"))?;
-    let fast = !launch.die_with_parent
-        && launch.cwd.is_none()
-        && !launch.env.iter().any(|(key, _)| key == "PATH");
-    let (pid, stdout, stderr) = if fast {
-        posix_spawn(&launch)?
+    let (pid, stdout, stderr) = if fast(&launch) {
+        posix_spawn(launch, spawners)?
     } else {
         std_spawn(launch)?
     };
     let _entered = runtime.enter();
+    child(pid, stdout, stderr)
+}
+
+/// Whether `launch` can take the fast road: `posix_spawn`, with no hook between `fork`
+/// and `exec`, the service's working directory, and `PATH` searched as the service's.
+fn fast(launch: &Launch) -> bool {
+    !launch.die_with_parent
+        && launch.cwd.is_none()
+        && !launch.env.iter().any(|(key, _)| key == "PATH")
+}
+
+/// The started child `pid`, its output's read ends put on the runtime. Within the runtime.
+fn child(pid: Pid, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
     let pipes = (|| Ok::<_, io::Error>((receiver(stdout)?, receiver(stderr)?)))();
     match pipes {
         Ok((stdout, stderr)) => Ok(Child {
@@ -111,11 +137,16 @@ pub fn spawn(launch: Launch) -> io::Result<Child> {
         Err(err) => {
             // Started but its output cannot be read (out of descriptors, say): it must not
             // run unwatched.
-            let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-            let _ = wait_blocking(pid);
+            kill_and_reap(pid);
             Err(err)
         }
     }
+}
+
+/// Kills the group of a child nobody will watch and reaps it.
+fn kill_and_reap(pid: Pid) {
+    let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+    let _ = wait_blocking(pid);
 }
 
 /// A watch on the exit of the child `pid`, not yet reaped: its pidfd on the runtime's
@@ -360,81 +391,141 @@ fn pair(key: &OsStr, value: &OsStr) -> io::Result<CString> {
     c_string(&bytes)
 }
 
-fn posix_spawn(launch: &Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
+/// A fast-road launch made ready to start on any thread: the strings for `exec`, with no
+/// descriptor in it (those are given at [`Prepared::start`], in the starting thread's
+/// own table).
+pub(crate) struct Prepared {
+    program: CString,
+    argv: Vec<CString>,
+    /// The service's variables (borrowed, read once) and the task's own, in that order.
+    envp: Vec<Cow<'static, CStr>>,
+    /// `program` has no `/`: it is looked up in `PATH`.
+    search: bool,
+}
+
+impl Prepared {
+    fn of(launch: &Launch) -> io::Result<Prepared> {
+        let program = c_string(launch.program.as_bytes())?;
+        let mut argv = Vec::with_capacity(launch.args.len() + 1);
+        argv.push(match &launch.arg0 {
+            Some(arg0) => c_string(arg0.as_bytes())?,
+            None => program.clone(),
+        });
+        for arg in &launch.args {
+            argv.push(c_string(arg.as_bytes())?);
+        }
+        let mut envp: Vec<Cow<'static, CStr>> =
+            Vec::with_capacity(service_environment().len() + launch.env.len());
+        envp.extend(
+            service_environment()
+                .iter()
+                .filter(|inherited| {
+                    !launch
+                        .env
+                        .iter()
+                        .any(|(key, _)| key.as_bytes() == inherited.key())
+                })
+                .map(|inherited| Cow::Borrowed(inherited.pair.as_c_str())),
+        );
+        // The task's variables, the last of each name winning, over the service's.
+        for (index, (key, value)) in launch.env.iter().enumerate() {
+            if !launch.env[index + 1..]
+                .iter()
+                .any(|(later, _)| later == key)
+            {
+                envp.push(Cow::Owned(pair(key, value)?));
+            }
+        }
+        Ok(Prepared {
+            search: !launch.program.as_bytes().contains(&b'/'),
+            program,
+            argv,
+            envp,
+        })
+    }
+
+    /// `posix_spawn` with `stdin`, `stdout`, `stderr` and `extra` (a descriptor and the
+    /// number it takes in the child) of the calling thread's descriptor table.
+    fn start(
+        &self,
+        stdin: RawFd,
+        stdout: RawFd,
+        stderr: RawFd,
+        extra: Option<(RawFd, RawFd)>,
+    ) -> io::Result<Pid> {
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(stdin, 0)?;
+        actions.add_dup2(stdout, 1)?;
+        actions.add_dup2(stderr, 2)?;
+        // A descriptor that already sits at its target is copied elsewhere first: `dup2` of
+        // a descriptor onto itself keeps its close-on-exec flag before glibc 2.29.
+        let mut moved: Option<OwnedFd> = None;
+        if let Some((fd, at)) = extra {
+            let source = if fd == at {
+                // SAFETY: `fd` is open for the duration of this call (the caller's).
+                let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+                let copy =
+                    nix::fcntl::fcntl(borrowed, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(at + 1))?;
+                // SAFETY: a fresh descriptor that nothing else owns; closed when this returns.
+                moved
+                    .insert(unsafe { OwnedFd::from_raw_fd(copy) })
+                    .as_raw_fd()
+            } else {
+                fd
+            };
+            actions.add_dup2(source, at)?;
+        }
+        let mut attr = PosixSpawnAttr::init()?;
+        attr.set_pgroup(Pid::from_raw(0))?;
+        attr.set_sigmask(&SigSet::empty())?;
+        let mut default = SigSet::empty();
+        default.add(Signal::SIGPIPE);
+        attr.set_sigdefault(&default)?;
+        attr.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        )?;
+        let pid = if self.search {
+            nix::spawn::posix_spawnp(&self.program, &actions, &attr, &self.argv, &self.envp)
+        } else {
+            nix::spawn::posix_spawn(
+                self.program.as_c_str(),
+                &actions,
+                &attr,
+                &self.argv,
+                &self.envp,
+            )
+        }
+        .map_err(|errno| io::Error::from_raw_os_error(errno as i32))?;
+        drop(moved);
+        Ok(pid)
+    }
+}
+
+/// The fast road: pipes for stdout and stderr, then `posix_spawn`, from a spawner thread
+/// when one is given, else on the calling thread.
+fn posix_spawn(
+    launch: Launch,
+    spawners: Option<&spawners::Spawners>,
+) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
+    let prepared = Prepared::of(&launch)?;
     let (stdout, stdout_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let (stderr, stderr_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let mut actions = PosixSpawnFileActions::init()?;
-    actions.add_dup2(dev_null()?, 0)?;
-    actions.add_dup2(stdout_writer.as_raw_fd(), 1)?;
-    actions.add_dup2(stderr_writer.as_raw_fd(), 2)?;
-    // A descriptor that already sits at its target is copied elsewhere first: `dup2` of a
-    // descriptor onto itself keeps its close-on-exec flag before glibc 2.29.
-    let mut moved: Option<OwnedFd> = None;
-    if let Some((fd, at)) = &launch.extra_fd {
-        let source = if fd.as_raw_fd() == *at {
-            let copy = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(*at + 1))?;
-            // SAFETY: a fresh descriptor that nothing else owns; closed when this returns.
-            moved
-                .insert(unsafe { OwnedFd::from_raw_fd(copy) })
-                .as_raw_fd()
-        } else {
-            fd.as_raw_fd()
-        };
-        actions.add_dup2(source, *at)?;
-    }
-    let mut attr = PosixSpawnAttr::init()?;
-    attr.set_pgroup(Pid::from_raw(0))?;
-    attr.set_sigmask(&SigSet::empty())?;
-    let mut default = SigSet::empty();
-    default.add(Signal::SIGPIPE);
-    attr.set_sigdefault(&default)?;
-    attr.set_flags(
-        PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
-            | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
-            | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-    )?;
-
-    let program = c_string(launch.program.as_bytes())?;
-    let mut argv = Vec::with_capacity(launch.args.len() + 1);
-    argv.push(match &launch.arg0 {
-        Some(arg0) => c_string(arg0.as_bytes())?,
-        None => program.clone(),
-    });
-    for arg in &launch.args {
-        argv.push(c_string(arg.as_bytes())?);
-    }
-    // The task's variables, the last of each name winning, over the service's.
-    let mut own: Vec<CString> = Vec::with_capacity(launch.env.len());
-    for (index, (key, value)) in launch.env.iter().enumerate() {
-        if !launch.env[index + 1..]
-            .iter()
-            .any(|(later, _)| later == key)
-        {
-            own.push(pair(key, value)?);
-        }
-    }
-    let mut envp: Vec<&CStr> = Vec::with_capacity(service_environment().len() + own.len());
-    envp.extend(
-        service_environment()
-            .iter()
-            .filter(|inherited| {
-                !launch
-                    .env
-                    .iter()
-                    .any(|(key, _)| key.as_bytes() == inherited.key())
-            })
-            .map(|inherited| inherited.pair.as_c_str()),
-    );
-    envp.extend(own.iter().map(CString::as_c_str));
-
-    let pid = if launch.program.as_bytes().contains(&b'/') {
-        nix::spawn::posix_spawn(program.as_c_str(), &actions, &attr, &argv, &envp)
-    } else {
-        nix::spawn::posix_spawnp(&program, &actions, &attr, &argv, &envp)
-    }
-    .map_err(|errno| io::Error::from_raw_os_error(errno as i32))?;
+    let ends = spawners::Ends {
+        stdout: stdout_writer.as_raw_fd(),
+        stderr: stderr_writer.as_raw_fd(),
+        extra: launch
+            .extra_fd
+            .as_ref()
+            .map(|(fd, at)| (fd.as_raw_fd(), *at)),
+    };
+    let pid = match spawners {
+        Some(spawners) => spawners.start(prepared, ends)?,
+        None => prepared.start(dev_null()?, ends.stdout, ends.stderr, ends.extra)?,
+    };
     // The write ends close here: the child holds the only copies.
-    drop((stdout_writer, stderr_writer, moved));
+    drop((stdout_writer, stderr_writer, launch.extra_fd));
     Ok((pid, stdout, stderr))
 }
 
@@ -586,12 +677,23 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
     }
 
+    /// Both roads of the fast start: a spawner thread's and the calling thread's.
+    const ROADS: [fn(Launch) -> io::Result<Child>; 2] = [spawn, spawn_here];
+
     #[tokio::test]
     async fn a_descriptor_is_placed_where_asked_and_no_other_leaks_into_the_child() {
+        for start in ROADS {
+            a_descriptor_is_placed_where_asked_and_no_other_leaks(start).await;
+        }
+    }
+
+    async fn a_descriptor_is_placed_where_asked_and_no_other_leaks(
+        start: fn(Launch) -> io::Result<Child>,
+    ) {
         let (reader, writer) = std::io::pipe().expect("pipe");
         let mut sh = launch("/bin/sh", &["-c", "echo reported >&3; ls /proc/self/fd"]);
         sh.extra_fd = Some((OwnedFd::from(writer), 3));
-        let (out, _, status) = output_of(spawn(sh).expect("started")).await;
+        let (out, _, status) = output_of(start(sh).expect("started")).await;
         assert!(status.success());
         let mut report = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(OwnedFd::from(reader)), &mut report)
@@ -618,6 +720,14 @@ mod tests {
 
     #[tokio::test]
     async fn a_descriptor_already_at_its_target_number_still_reaches_the_child() {
+        for start in ROADS {
+            a_descriptor_already_at_its_target_number_reaches(start).await;
+        }
+    }
+
+    async fn a_descriptor_already_at_its_target_number_reaches(
+        start: fn(Launch) -> io::Result<Child>,
+    ) {
         let (reader, writer) = std::io::pipe().expect("pipe");
         // The writer moved to a free number of its own, then asked to stay there.
         let at = nix::fcntl::fcntl(&writer, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(200))
@@ -631,7 +741,7 @@ mod tests {
             &["-c", &format!("echo reached > /proc/self/fd/{at}")],
         );
         sh.extra_fd = Some((writer, at));
-        let (_, err, status) = output_of(spawn(sh).expect("started")).await;
+        let (_, err, status) = output_of(start(sh).expect("started")).await;
         assert!(status.success(), "{err}");
         let mut report = String::new();
         std::io::Read::read_to_string(&mut std::fs::File::from(OwnedFd::from(reader)), &mut report)
@@ -691,6 +801,44 @@ mod tests {
         assert!(started.elapsed() >= std::time::Duration::from_millis(250));
         // Reaped once: asked again, the status is the one kept.
         assert_eq!(child.wait().await.expect("kept").code(), Some(5));
+    }
+
+    /// The size of `script`'s descriptor table (`FDSize` in `/proc`), started by `start`.
+    async fn table_size_of(start: fn(Launch) -> io::Result<Child>) -> usize {
+        let sh = launch("/bin/sh", &["-c", "exec grep FDSize /proc/self/status"]);
+        let (out, err, status) = output_of(start(sh).expect("started")).await;
+        assert!(status.success(), "{err}");
+        out.trim_start_matches("FDSize:")
+            .trim()
+            .parse()
+            .expect("a table size")
+    }
+
+    /// A child's table is copied from its parent thread's at `clone`, sized to the highest
+    /// descriptor open there, and keeps that size through `exec`: so its size tells which
+    /// table it was copied from (and what that copy cost).
+    #[tokio::test]
+    async fn a_child_is_copied_from_a_spawners_few_descriptors_not_the_services_many() {
+        let held: Vec<OwnedFd> = (0..400)
+            .map(|_| OwnedFd::from(std::fs::File::open("/dev/null").expect("opened")))
+            .collect();
+        let highest = held.iter().map(AsRawFd::as_raw_fd).max().unwrap_or(0);
+        assert!(highest >= 400);
+        let here = table_size_of(spawn_here).await;
+        assert!(
+            here > usize::try_from(highest).unwrap_or(0),
+            "started on this thread, the child's table ({here}) is the service's size"
+        );
+        assert!(
+            spawners::get().is_some(),
+            "this kernel runs no spawner thread"
+        );
+        let spawned = table_size_of(spawn).await;
+        assert!(
+            spawned <= 64,
+            "started by a spawner, the child's table has {spawned} slots, not a handful"
+        );
+        drop(held);
     }
 
     /// Starts `sh -c script`, drops the child unwaited, and awaits its reaping by the
