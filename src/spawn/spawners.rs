@@ -234,4 +234,53 @@ mod tests {
         assert!(counted <= 6, "the spawner's table holds {counted}");
         drop(service);
     }
+
+    /// POSIX record locks (SQLite's) belong to the table that took them: a spawner
+    /// closing its copies of the service's descriptors releases none of them.
+    #[test]
+    fn a_spawner_closing_its_copies_releases_none_of_the_services_locks() {
+        use std::ffi::CString;
+        use std::os::unix::ffi::OsStrExt;
+        let dir = tempfile::tempdir().expect("temporary folder");
+        let path = dir.path().join("locked");
+        let file = std::fs::File::create(&path).expect("created");
+        // SAFETY: a zeroed `flock` is a valid value of the C struct.
+        let mut lock: libc::flock = unsafe { std::mem::zeroed() };
+        lock.l_type = libc::F_WRLCK as libc::c_short;
+        lock.l_whence = libc::SEEK_SET as libc::c_short;
+        // SAFETY: F_SETLK on our own open file with a valid `flock`.
+        assert_eq!(
+            unsafe { libc::fcntl(file.as_raw_fd(), libc::F_SETLK, &lock) },
+            0
+        );
+        std::thread::spawn(|| Table::own(dev_null().expect("dev null")).map(drop))
+            .join()
+            .expect("joined")
+            .expect("own table");
+        // Another process asks who holds the lock (only async-signal-safe calls after fork).
+        let c_path = CString::new(path.as_os_str().as_bytes()).expect("no NUL");
+        // SAFETY: the child calls only open, fcntl and _exit before it ends.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            // SAFETY: as above.
+            unsafe {
+                let fd = libc::open(c_path.as_ptr(), libc::O_RDWR);
+                let mut asked: libc::flock = std::mem::zeroed();
+                asked.l_type = libc::F_WRLCK as libc::c_short;
+                asked.l_whence = libc::SEEK_SET as libc::c_short;
+                let held = fd >= 0
+                    && libc::fcntl(fd, libc::F_GETLK, &mut asked) == 0
+                    && asked.l_type != libc::F_UNLCK as libc::c_short;
+                libc::_exit(if held { 0 } else { 1 });
+            }
+        }
+        let mut status = 0;
+        // SAFETY: waiting for the child just forked.
+        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert!(
+            libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
+            "the service's lock was released by the spawner's close"
+        );
+        drop(file);
+    }
 }

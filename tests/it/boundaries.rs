@@ -52,7 +52,7 @@ const RULES: &[(&str, &[&str], &str)] = &[
         "the runner reports outcomes; the engine writes state",
     ),
     (
-        "spawn.rs",
+        "spawn",
         &["crate::"],
         "starting and reaping a child knows nothing of runs, tasks or the store",
     ),
