@@ -25,11 +25,10 @@
 //! - Where any of this is refused (`pidfd_getfd` needs Linux 5.6; a seccomp filter may
 //!   forbid `unshare`), no spawner runs and every child starts on its caller's thread.
 
+use std::collections::VecDeque;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::OnceLock;
-
-use crossbeam_channel::{Receiver, Sender};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 
 use super::{dev_null, Prepared};
 use nix::unistd::Pid;
@@ -52,12 +51,101 @@ pub(super) struct Ends {
 struct Job {
     prepared: Prepared,
     ends: Ends,
-    answer: Sender<io::Result<Pid>>,
+    answer: Arc<Answer>,
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        // Never answered (the spawner ended mid-launch): the caller must not wait for ever.
+        self.answer
+            .give_once(Err(io::Error::other("a spawner thread dropped the launch")));
+    }
+}
+
+/// A launch's answer: given by a spawner, waited for by its caller.
+#[derive(Default)]
+struct Answer {
+    result: Mutex<Option<io::Result<Pid>>>,
+    given: Condvar,
+}
+
+impl Answer {
+    /// Gives `result` unless an answer was given already.
+    fn give_once(&self, result: io::Result<Pid>) {
+        let mut slot = lock(&self.result);
+        if slot.is_none() {
+            *slot = Some(result);
+            self.given.notify_one();
+        }
+    }
+
+    fn wait(&self) -> io::Result<Pid> {
+        let mut slot = lock(&self.result);
+        loop {
+            if let Some(result) = slot.take() {
+                return result;
+            }
+            slot = self
+                .given
+                .wait(slot)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+}
+
+/// The launches waiting for a spawner. Waits park at once on a condition variable (a
+/// futex, never a descriptor). Not `crossbeam-channel`: its receive spins and then yields
+/// before it parks, and in a burst the idle spawners and the waiting callers spent 16 % of
+/// the service's threads' CPU in `sched_yield` (perf, 1,000 runs a second).
+#[derive(Default)]
+struct Queue {
+    state: Mutex<Queued>,
+    ready: Condvar,
+}
+
+#[derive(Default)]
+struct Queued {
+    jobs: VecDeque<Job>,
+    /// No job will come: the spawners end.
+    closed: bool,
+}
+
+impl Queue {
+    fn push(&self, job: Job) {
+        lock(&self.state).jobs.push_back(job);
+        self.ready.notify_one();
+    }
+
+    /// The next job; `None` once the queue is closed.
+    fn pop(&self) -> Option<Job> {
+        let mut state = lock(&self.state);
+        loop {
+            if let Some(job) = state.jobs.pop_front() {
+                return Some(job);
+            }
+            if state.closed {
+                return None;
+            }
+            state = self
+                .ready
+                .wait(state)
+                .unwrap_or_else(PoisonError::into_inner);
+        }
+    }
+
+    fn close(&self) {
+        lock(&self.state).closed = true;
+        self.ready.notify_all();
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// The running spawner threads.
 pub(super) struct Spawners {
-    jobs: Sender<Job>,
+    queue: Arc<Queue>,
 }
 
 /// The spawner threads, started at the first launch that asks for them; `None` where they
@@ -80,10 +168,10 @@ pub(super) fn get() -> Option<&'static Spawners> {
 impl Spawners {
     fn begin() -> io::Result<Spawners> {
         let service_dev_null = dev_null()?;
-        let (jobs, queued) = crossbeam_channel::unbounded::<Job>();
+        let queue = Arc::new(Queue::default());
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        for index in 0..SPAWNERS {
-            let (queued, ready) = (queued.clone(), ready_tx.clone());
+        let started = (0..SPAWNERS).try_for_each(|index| {
+            let (queue, ready) = (queue.clone(), ready_tx.clone());
             std::thread::Builder::new()
                 .name(format!("spawner-{index}"))
                 .stack_size(STACK)
@@ -91,36 +179,35 @@ impl Spawners {
                     Ok(table) => {
                         let _ = ready.send(Ok(()));
                         drop(ready);
-                        table.serve(&queued);
+                        table.serve(&queue);
                     }
                     Err(err) => {
                         let _ = ready.send(Err(err));
                     }
-                })?;
-        }
-        drop((ready_tx, queued));
+                })
+                .map(drop)
+        });
+        drop(ready_tx);
         // Every thread answers before it serves: either all serve, or none ever gets a
-        // job and each ends when `jobs` is dropped here.
-        for answer in ready_rx.iter().take(SPAWNERS) {
-            answer?;
+        // job and each ends when the queue closes.
+        let ready = started.and_then(|()| ready_rx.iter().try_for_each(|answer| answer));
+        if let Err(err) = ready {
+            queue.close();
+            return Err(err);
         }
-        Ok(Spawners { jobs })
+        Ok(Spawners { queue })
     }
 
     /// Starts `prepared` with `ends` from a spawner thread, blocking until it has
     /// started or failed; `ends` must stay open until this returns.
     pub(super) fn start(&self, prepared: Prepared, ends: Ends) -> io::Result<Pid> {
-        let (answer, answered) = crossbeam_channel::bounded(1);
-        self.jobs
-            .send(Job {
-                prepared,
-                ends,
-                answer,
-            })
-            .map_err(|_| io::Error::other("the spawner threads have ended"))?;
-        answered
-            .recv()
-            .map_err(|_| io::Error::other("a spawner thread dropped the launch"))?
+        let answer = Arc::new(Answer::default());
+        self.queue.push(Job {
+            prepared,
+            ends,
+            answer: answer.clone(),
+        });
+        answer.wait()
     }
 }
 
@@ -148,11 +235,10 @@ impl Table {
         Ok(Table { process, dev_null })
     }
 
-    fn serve(&self, jobs: &Receiver<Job>) {
-        for job in jobs {
+    fn serve(&self, queue: &Queue) {
+        while let Some(job) = queue.pop() {
             let started = self.launch(&job.prepared, &job.ends);
-            // The caller waits for this answer; dropped unanswered, it would not know.
-            let _ = job.answer.send(started);
+            job.answer.give_once(started);
         }
     }
 
@@ -233,6 +319,36 @@ mod tests {
         // 0–2, the pidfd, /dev/null, and the listing's own descriptor.
         assert!(counted <= 6, "the spawner's table holds {counted}");
         drop(service);
+    }
+
+    #[test]
+    fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
+        let launch = super::super::Launch {
+            program: "/bin/true".into(),
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: None,
+            extra_fd: None,
+            arg0: None,
+            die_with_parent: false,
+        };
+        let answer = Arc::new(Answer::default());
+        let job = Job {
+            prepared: Prepared::of(&launch).expect("prepared"),
+            ends: Ends {
+                stdout: -1,
+                stderr: -1,
+                extra: None,
+            },
+            answer: answer.clone(),
+        };
+        let caller = std::thread::spawn(move || answer.wait());
+        drop(job);
+        let answered = caller.join().expect("joined");
+        assert!(
+            answered.is_err_and(|err| err.to_string().contains("dropped the launch")),
+            "the caller was not told"
+        );
     }
 
     /// POSIX record locks (SQLite's) belong to the table that took them: a spawner
