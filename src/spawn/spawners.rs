@@ -19,9 +19,11 @@
 //! Invariants:
 //! - A spawner thread never closes a descriptor of the service's table (a number there
 //!   means something else in its own), and touches none after its answer.
-//! - A spawner thread never wakes a task of the runtime: a wake may write to the
-//!   runtime's event descriptor by number, which in its table is closed or another file.
-//!   Its queues wake threads by futex (thread parking), never through a descriptor.
+//! - A spawner thread never wakes a task of the runtime and never handles a signal: a
+//!   wake may write to the runtime's event descriptor by number, and a signal handler to
+//!   its signal pipe, which in the spawner's table are closed or another file (SIGTERM was
+//!   lost so). So it blocks every signal, and its queue and its answers wake threads
+//!   through condition variables (a futex), never through a descriptor.
 //! - Where any of this is refused (`pidfd_getfd` needs Linux 5.6; a seccomp filter may
 //!   forbid `unshare`), no spawner runs and every child starts on its caller's thread.
 
@@ -222,6 +224,14 @@ impl Table {
     /// descriptors from 3 up, and fetches `/dev/null` from the service's table at
     /// `service_dev_null`, which proves that `pidfd_getfd` works here.
     fn own(service_dev_null: RawFd) -> io::Result<Table> {
+        // First: a signal handled here would write to the runtime's signal descriptor by
+        // its number, in this table closed or another file (a child's pipe), and be lost.
+        // The children get an empty mask of their own (`POSIX_SPAWN_SETSIGMASK`).
+        nix::sys::signal::pthread_sigmask(
+            nix::sys::signal::SigmaskHow::SIG_BLOCK,
+            Some(&nix::sys::signal::SigSet::all()),
+            None,
+        )?;
         // SAFETY: `unshare` only changes the calling thread's descriptor table, which from
         // here on nothing but this thread uses.
         if unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
@@ -319,6 +329,43 @@ mod tests {
         // 0–2, the pidfd, /dev/null, and the listing's own descriptor.
         assert!(counted <= 6, "the spawner's table holds {counted}");
         drop(service);
+    }
+
+    /// A signal sent to the service may be handled on any thread that does not block it,
+    /// and the runtime's handler writes to its own descriptor by number: on a spawner that
+    /// number is closed or another file (a child's pipe), and SIGTERM was lost (a service
+    /// that never stopped, found by `it::scheduling`). So spawners block every signal.
+    #[test]
+    fn every_spawner_thread_blocks_every_signal() {
+        assert!(get().is_some(), "this kernel runs no spawner");
+        let masks: Vec<(String, String)> = std::fs::read_dir("/proc/self/task")
+            .expect("threads listed")
+            .filter_map(|task| {
+                let task = task.ok()?.path();
+                let name = std::fs::read_to_string(task.join("comm")).ok()?;
+                if !name.starts_with("spawner-") {
+                    return None;
+                }
+                let status = std::fs::read_to_string(task.join("status")).ok()?;
+                let blocked = status
+                    .lines()
+                    .find_map(|line| line.strip_prefix("SigBlk:"))?
+                    .trim()
+                    .to_string();
+                Some((name.trim().to_string(), blocked))
+            })
+            .collect();
+        assert_eq!(masks.len(), SPAWNERS, "{masks:?}");
+        for (name, blocked) in masks {
+            let blocked = u64::from_str_radix(&blocked, 16).expect("a hex mask");
+            for signal in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD] {
+                assert_ne!(
+                    blocked & (1 << (signal - 1)),
+                    0,
+                    "{name} does not block signal {signal}"
+                );
+            }
+        }
     }
 
     #[test]
