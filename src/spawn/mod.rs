@@ -94,20 +94,21 @@ enum Exit {
 /// within a Tokio runtime with I/O enabled (the pipes register with it, and the pidfd
 /// when a wait needs one); outside one it is an error, not a panic.
 pub fn spawn(launch: Launch) -> io::Result<Child> {
-    start(launch, spawners::get())
+    start(launch, true)
 }
 
 /// [`spawn`] on the calling thread: the lone start of an idle service, whose table is
 /// small, spared the hand-over to a spawner thread and back.
 pub fn spawn_here(launch: Launch) -> io::Result<Child> {
-    start(launch, None)
+    start(launch, false)
 }
 
-fn start(launch: Launch, spawners: Option<&spawners::Spawners>) -> io::Result<Child> {
+/// Starts `launch`, from a spawner thread if `apart` and one can be had.
+fn start(launch: Launch, apart: bool) -> io::Result<Child> {
     let runtime = tokio::runtime::Handle::try_current()
         .map_err(|_| io::Error::other("a child can only be started within the runtime"))?;
     let (pid, stdout, stderr) = if fast(&launch) {
-        posix_spawn(launch, spawners)?
+        posix_spawn(launch, if apart { spawners::get() } else { None })?
     } else {
         std_spawn(launch)?
     };

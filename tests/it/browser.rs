@@ -417,7 +417,7 @@ fn the_dashboard_reconnects_after_the_service_restarts_and_catches_up_on_missed_
     });
     browser.script("window.__notReloaded = true; return true;");
 
-    assert!(service.stop().success());
+    service.stop_cleanly();
     wait_until(
         "the page to notice the drop",
         Duration::from_secs(15),

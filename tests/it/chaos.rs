@@ -68,7 +68,7 @@ fn a_kill_9_storm_loses_no_tick_doubles_none_and_leaves_nothing_running() {
                 .then_some(())
         },
     );
-    assert!(service.stop().success());
+    service.stop_cleanly();
 
     let (code, audit) = sandbox.cli_json(&["audit", "--since", "1h", "--json"]);
     assert_eq!(code, 0, "every tick accounted for: {audit:#}");

@@ -190,7 +190,7 @@ fn three_instances_fire_every_tick_once_between_them() {
             .then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     assert_every_tick_once(&database, "tick", start, start + 6);
     let runs = database.runs_of("tick");
@@ -275,7 +275,7 @@ fn every_instance_shows_the_whole_cluster_and_streams_every_instances_events() {
         .expect("run_started");
     assert_eq!(run_started.data["instance"], owner.as_str());
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
 }
 
@@ -331,7 +331,7 @@ fn an_abort_asked_of_any_instance_stops_the_run_where_it_runs() {
     assert_eq!(done.state, RunState::Aborted, "{done:?}");
     assert!(!process_alive(row.pid.unwrap_or(0)), "the child lives on");
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
 }
 
@@ -370,7 +370,7 @@ fn a_pause_asked_of_one_instance_holds_on_every_instance() {
             .then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
 }
 
@@ -403,7 +403,7 @@ fn a_host_clock_stepped_back_in_a_cluster_is_corrected_by_the_database_clock_not
             .any(|r| r.scheduled_for.timestamp() >= stepped + 6 && r.state.is_terminal())
             .then_some(())
     });
-    assert!(service.stop().success());
+    service.stop_cleanly();
     assert_every_tick_once(&database, "once", stepped + 1, stepped + 6);
     let runs = database.runs_of("once");
     let late: Vec<&RunRow> = runs
@@ -461,7 +461,7 @@ fn an_instance_killed_with_its_child_running_loses_the_child_and_a_peer_runs_the
         "{attempts:?}"
     );
     assert_ne!(attempts[0].owner, attempts[1].owner);
-    assert!(peer.stop().success());
+    peer.stop_cleanly();
 }
 
 const SLEEPER: &str = r#"
@@ -522,8 +522,8 @@ fn an_instance_stopped_past_its_lease_fences_itself_and_its_late_result_is_refus
         Duration::from_secs(10),
         || (!database.events_of_kind("instance_unfenced").is_empty()).then_some(()),
     );
-    assert!(stopped.stop().success());
-    assert!(peer.stop().success());
+    stopped.stop_cleanly();
+    peer.stop_cleanly();
 }
 
 #[test]
@@ -578,8 +578,8 @@ fn an_instance_whose_schedule_differs_does_not_fire_the_task_and_says_so() {
     );
     let message = &database.events_of_kind("config_mismatch")[0].message;
     assert!(message.contains("*/2 * * * * *"), "{message}");
-    assert!(old.stop().success());
-    assert!(new.stop().success());
+    old.stop_cleanly();
+    new.stop_cleanly();
 }
 
 #[test]
@@ -630,7 +630,7 @@ fn hosts_thirty_seconds_ahead_and_behind_fire_neither_early_nor_twice() {
         assert!(detail.contains(way), "{detail}");
     }
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     let runs = database.runs_of("tick");
     for run in &runs {
@@ -681,7 +681,7 @@ fn the_skip_overlap_policy_holds_across_instances() {
             .then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     let runs = database.runs_of("slow");
     // Never two attempts at once, whichever instance ran them.
@@ -731,7 +731,7 @@ fn all_instances_down_across_ticks_apply_the_misfire_policy_once_not_once_each()
         (!database.runs_of("once").is_empty()).then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     let stopped_at = chrono::Utc::now();
     let down = std::time::Instant::now();
@@ -751,7 +751,7 @@ fn all_instances_down_across_ticks_apply_the_misfire_policy_once_not_once_each()
             .then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     // Ticks from the stop to the restart: all missed while every instance was down.
     let missed: Vec<RunRow> = database
@@ -809,7 +809,7 @@ fn connections_terminated_by_the_server_are_replaced_and_firing_goes_on() {
         },
     );
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     assert_every_tick_once(&database, "tick", start, after + 3);
 }
@@ -918,7 +918,7 @@ fn the_listen_connection_dropped_runs_still_fire_through_the_poll_and_it_comes_b
             .then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     assert_every_tick_once(&database, "tick", start, after + 2);
 }
@@ -996,7 +996,7 @@ fn queued_on_a_busy_instance(poll_only: bool) -> (Duration, Duration) {
     });
     let to_abort = asked.elapsed();
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     (to_start, to_abort)
 }
@@ -1031,7 +1031,7 @@ fn poll_only_instances_fire_every_tick_once_and_open_no_listen_connection() {
     });
     assert_eq!(listeners(&database), 0);
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     assert_every_tick_once(&database, "tick", start, start + 5);
     // A run queued on a busy instance still moves to its peer, by the poll (200 ms).

@@ -264,7 +264,7 @@ fn a_kill_9_storm_on_three_instances_fires_every_tick_once_and_leaves_nothing_ru
     );
     let settle_secs = (chrono::Utc::now() - paused_at).num_milliseconds() as f64 / 1000.0;
     for service in services.into_iter().flatten() {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
 
     // The tick accounting by `turbosched audit` (on the config's database).
@@ -566,7 +566,7 @@ fn a_postgresql_restart_mid_run_doubles_nothing_and_every_instance_fires_again()
         },
     );
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     let runs = all_runs(&url);
     let ticks = claims(&runs);
@@ -655,7 +655,7 @@ misfire_grace = "1h"
         runs.iter().all(|r| r.state.is_terminal()).then_some(())
     });
     for service in services {
-        assert!(service.stop().success());
+        service.stop_cleanly();
     }
     let spans = assert_never_two_at_once(&database.url(), "slow");
     let runs = database.runs_of("slow");
@@ -934,7 +934,7 @@ fn an_instance_with_a_backlog_keeps_firing_and_renews_its_lease() {
                 .then_some(())
         },
     );
-    assert!(service.stop().success());
+    service.stop_cleanly();
     let ticks = claims(&database.runs_of("t000"));
     for second in start..=start + 15 {
         let runs = ticks.get(&("t000".to_string(), second));

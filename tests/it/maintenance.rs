@@ -382,7 +382,7 @@ fn the_service_log_and_task_logs_share_one_line_format() {
                 .filter(|log| log.contains("timout") && log.contains("minute field"))
         },
     );
-    assert!(service.stop().success());
+    service.stop_cleanly();
     let format = |line: &str| -> Option<(String, String)> {
         // [2026-11-22T16:30:00.001234Z] <logger> - <LEVEL> - <message>
         let rest = line.strip_prefix('[')?;

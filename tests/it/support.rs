@@ -220,6 +220,18 @@ impl Service {
         wait_child(&mut child, Duration::from_secs(30), &self.stderr)
     }
 
+    /// SIGTERM, and the service must exit 0; else the failure shows its log.
+    pub fn stop_cleanly(mut self) {
+        let mut child = self.child.take().expect("running");
+        signal(child.id(), nix::sys::signal::Signal::SIGTERM);
+        let status = wait_child(&mut child, Duration::from_secs(30), &self.stderr);
+        assert!(
+            status.success(),
+            "the service stopped with {status}:\n{}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default()
+        );
+    }
+
     /// kill -9, reaped, so the pid is really gone.
     pub fn kill9(mut self) {
         let mut child = self.child.take().expect("running");
