@@ -138,16 +138,11 @@ fn child(pid: Pid, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
         Err(err) => {
             // Started but its output cannot be read (out of descriptors, say): it must not
             // run unwatched.
-            kill_and_reap(pid);
+            let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
+            let _ = wait_blocking(pid);
             Err(err)
         }
     }
-}
-
-/// Kills the group of a child nobody will watch and reaps it.
-fn kill_and_reap(pid: Pid) {
-    let _ = nix::sys::signal::killpg(pid, Signal::SIGKILL);
-    let _ = wait_blocking(pid);
 }
 
 /// A watch on the exit of the child `pid`, not yet reaped: its pidfd on the runtime's
@@ -395,7 +390,7 @@ fn pair(key: &OsStr, value: &OsStr) -> io::Result<CString> {
 /// A fast-road launch made ready to start on any thread: the strings for `exec`, with no
 /// descriptor in it (those are given at [`Prepared::start`], in the starting thread's
 /// own table).
-pub(crate) struct Prepared {
+struct Prepared {
     program: CString,
     argv: Vec<CString>,
     /// The service's variables (borrowed, read once) and the task's own, in that order.
@@ -521,9 +516,14 @@ fn posix_spawn(
             .as_ref()
             .map(|(fd, at)| (fd.as_raw_fd(), *at)),
     };
-    let pid = match spawners {
-        Some(spawners) => spawners.start(prepared, ends)?,
-        None => prepared.start(dev_null()?, ends.stdout, ends.stderr, ends.extra)?,
+    // Handed to a spawner; else (none, or none left) started on this thread.
+    let handed = match spawners {
+        Some(spawners) => spawners.start(prepared, ends),
+        None => Err(prepared),
+    };
+    let pid = match handed {
+        Ok(started) => started?,
+        Err(prepared) => prepared.start(dev_null()?, ends.stdout, ends.stderr, ends.extra)?,
     };
     // The write ends close here: the child holds the only copies.
     drop((stdout_writer, stderr_writer, launch.extra_fd));

@@ -44,6 +44,7 @@ const STACK: usize = 256 * 1024;
 
 /// A child's descriptors, in the service's table, open until the caller has its answer:
 /// stdout's and stderr's write ends, and an extra descriptor with its number in the child.
+#[derive(Clone, Copy)]
 pub(super) struct Ends {
     pub stdout: RawFd,
     pub stderr: RawFd,
@@ -108,14 +109,29 @@ struct Queue {
 #[derive(Default)]
 struct Queued {
     jobs: VecDeque<Job>,
-    /// No job will come: the spawners end.
+    /// No job will come, or no spawner is left to take one.
     closed: bool,
+    /// Spawner threads serving this queue.
+    serving: usize,
 }
 
 impl Queue {
-    fn push(&self, job: Job) {
-        lock(&self.state).jobs.push_back(job);
+    /// Queues a launch and returns its answer to wait for; gives `prepared` back when no
+    /// spawner is left to take it.
+    fn push(&self, prepared: Prepared, ends: Ends) -> Result<Arc<Answer>, Prepared> {
+        let mut state = lock(&self.state);
+        if state.closed {
+            return Err(prepared);
+        }
+        let answer = Arc::new(Answer::default());
+        state.jobs.push_back(Job {
+            prepared,
+            ends,
+            answer: answer.clone(),
+        });
+        drop(state);
         self.ready.notify_one();
+        Ok(answer)
     }
 
     /// The next job; `None` once the queue is closed.
@@ -138,6 +154,31 @@ impl Queue {
     fn close(&self) {
         lock(&self.state).closed = true;
         self.ready.notify_all();
+    }
+
+    /// A spawner begins to serve, until the [`Serving`] is dropped.
+    fn serving(&self) -> Serving<'_> {
+        lock(&self.state).serving += 1;
+        Serving(self)
+    }
+}
+
+/// A spawner serving its queue. Dropped when the thread ends, by a panic too: the last
+/// one closes the queue and answers the launches still in it with an error, so no caller
+/// waits for ever, and later launches start on their callers' threads.
+struct Serving<'a>(&'a Queue);
+
+impl Drop for Serving<'_> {
+    fn drop(&mut self) {
+        let mut state = lock(&self.0.state);
+        state.serving -= 1;
+        if state.serving == 0 {
+            state.closed = true;
+            // Each job answers its caller as it drops (`Job`'s `Drop`), after the lock.
+            let stranded = std::mem::take(&mut state.jobs);
+            drop(state);
+            drop(stranded);
+        }
     }
 }
 
@@ -177,14 +218,17 @@ impl Spawners {
             std::thread::Builder::new()
                 .name(format!("spawner-{index}"))
                 .stack_size(STACK)
-                .spawn(move || match Table::own(service_dev_null) {
-                    Ok(table) => {
-                        let _ = ready.send(Ok(()));
-                        drop(ready);
-                        table.serve(&queue);
-                    }
-                    Err(err) => {
-                        let _ = ready.send(Err(err));
+                .spawn(move || {
+                    let _serving = queue.serving();
+                    match Table::own(service_dev_null) {
+                        Ok(table) => {
+                            let _ = ready.send(Ok(()));
+                            drop(ready);
+                            table.serve(&queue);
+                        }
+                        Err(err) => {
+                            let _ = ready.send(Err(err));
+                        }
                     }
                 })
                 .map(drop)
@@ -201,15 +245,14 @@ impl Spawners {
     }
 
     /// Starts `prepared` with `ends` from a spawner thread, blocking until it has
-    /// started or failed; `ends` must stay open until this returns.
-    pub(super) fn start(&self, prepared: Prepared, ends: Ends) -> io::Result<Pid> {
-        let answer = Arc::new(Answer::default());
-        self.queue.push(Job {
-            prepared,
-            ends,
-            answer: answer.clone(),
-        });
-        answer.wait()
+    /// started or failed; `ends` must stay open until this returns. Gives `prepared` back
+    /// when no spawner is left (each ended by a panic): the caller starts it itself.
+    pub(super) fn start(
+        &self,
+        prepared: Prepared,
+        ends: Ends,
+    ) -> Result<io::Result<Pid>, Prepared> {
+        Ok(self.queue.push(prepared, ends)?.wait())
     }
 }
 
@@ -368,9 +411,8 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
-        let launch = super::super::Launch {
+    fn prepared_true() -> Prepared {
+        Prepared::of(&super::super::Launch {
             program: "/bin/true".into(),
             args: Vec::new(),
             env: Vec::new(),
@@ -378,15 +420,45 @@ mod tests {
             extra_fd: None,
             arg0: None,
             die_with_parent: false,
-        };
+        })
+        .expect("prepared")
+    }
+
+    const NO_ENDS: Ends = Ends {
+        stdout: -1,
+        stderr: -1,
+        extra: None,
+    };
+
+    /// The last spawner gone (a panic): the launch still queued is answered with an
+    /// error, and later launches are given back for their callers to start.
+    #[test]
+    fn a_queue_whose_last_spawner_ended_answers_what_waits_and_takes_no_more() {
+        let queue = Queue::default();
+        let serving = queue.serving();
+        let waiting = queue.push(prepared_true(), NO_ENDS).ok().expect("queued");
+        let (told, answered) = std::sync::mpsc::channel();
+        std::thread::spawn(move || told.send(waiting.wait()));
+        drop(serving);
+        let answered = answered
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("the stranded launch's caller still waits");
+        assert!(
+            answered.is_err(),
+            "the stranded launch was answered as started"
+        );
+        assert!(
+            queue.push(prepared_true(), NO_ENDS).is_err(),
+            "a launch was queued with no spawner left"
+        );
+    }
+
+    #[test]
+    fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
         let answer = Arc::new(Answer::default());
         let job = Job {
-            prepared: Prepared::of(&launch).expect("prepared"),
-            ends: Ends {
-                stdout: -1,
-                stderr: -1,
-                extra: None,
-            },
+            prepared: prepared_true(),
+            ends: NO_ENDS,
             answer: answer.clone(),
         };
         let caller = std::thread::spawn(move || answer.wait());
