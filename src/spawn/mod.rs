@@ -1,10 +1,12 @@
 //! Starting a child process and reaping it: `posix_spawn` with the service's environment
-//! read once, `/dev/null` opened once, and the exit watched through a pidfd on the
+//! read once, `/dev/null` opened once, from a spawner thread whose descriptor table holds
+//! a handful of descriptors ([`spawners`]), and the exit watched through a pidfd on the
 //! runtime's epoll — opened only when somebody waits for a child that has not exited.
 //!
-//! Why the pidfd waits: every descriptor the service holds is copied into every child it
-//! starts and closed again at that child's `exec`, so each running child's descriptors
-//! tax every other spawn. A short child's pipes reach end-of-file as it exits; a caller
+//! Why the pidfd waits: a descriptor open in the starting thread's table is copied into
+//! the child and closed again at its `exec`, and the `fork` road and a kernel without
+//! spawners start children from the service's own table, where each running child's
+//! descriptors tax every other spawn. A short child's pipes reach end-of-file as it exits; a caller
 //! that reads them first ([`crate::runner`] does) then finds it exited at its first
 //! `waitpid`, and the pidfd, its epoll registration and its descriptor are never made.
 //!
