@@ -18,8 +18,40 @@ use crate::store::{Change, Move, NewRun, StoreError};
 use tracing::{debug, warn};
 
 impl Engine {
+    /// The timer woke `wake_early` (`WAKE_EARLY`) ahead of the earliest fire or retry. Its
+    /// ticks are claimed now, as of their deadline, and started when it comes: the claim's commit
+    /// (the disk's sync) is made while the deadline is still ahead, not after it. The
+    /// loop handles nothing else meanwhile, as it handled nothing while it waited before
+    /// claiming; a crash between the commit and the deadline leaves what a crash between
+    /// a commit and its spawn always left (recovery's orphans and queued runs).
+    ///
+    /// Not in cluster mode: the database judges due-ness on its own clock there, and a
+    /// tick claimed ahead of it would be deferred.
+    pub(super) fn on_tick_wake(&mut self) {
+        let deadline = self.deadline_ahead();
+        match deadline.filter(|_| !self.clustered()) {
+            Some(deadline) => {
+                self.hold = Some(deadline);
+                self.on_tick_at(deadline.wall);
+                // Taken by `fire_due` after its commit; left when it claimed nothing.
+                self.hold = None;
+                self.wait_for(Some(&deadline));
+                // Whatever comes due in the microseconds since: the next turn, at once.
+            }
+            None => {
+                self.wait_for(deadline.as_ref());
+                self.on_tick();
+            }
+        }
+    }
+
     pub(super) fn on_tick(&mut self) {
         let now = self.clock.now();
+        self.on_tick_at(now);
+    }
+
+    /// Claims every tick due by `now`, and queues every retry due by then.
+    fn on_tick_at(&mut self, now: Instant) {
         if !self.may_claim() {
             // Fenced: the ticks stay due until the lease is renewed; retries wait too.
             self.claim_retry_at = Some(std::time::Instant::now() + HOLD_RETRY * 20);
@@ -389,6 +421,10 @@ impl Engine {
         };
         self.claim_retry_at = None;
         self.store_ok(now);
+        // Claimed ahead of their deadline: started only once it has come.
+        if let Some(deadline) = self.hold.take() {
+            self.wait_for(Some(&deadline));
+        }
         self.dirty |= !plans.is_empty();
         let deferred: std::collections::HashSet<TaskName> = deferred.into_iter().collect();
         let disagreeing: HashMap<TaskName, String> = disagreeing.into_iter().collect();

@@ -77,7 +77,7 @@ use crate::store::{Change, Move, Store};
 use crate::tasklog::TaskLogs;
 
 /// How long before the earliest fire or retry the loop's timer wakes; the engine then
-/// waits out the rest precisely (`Engine::wait_until_due`).
+/// claims what comes due then and waits out the rest precisely (`Engine::on_tick_wake`).
 const WAKE_EARLY: Duration = Duration::from_millis(3);
 
 /// The last stretch of that wait is spun rather than slept, after a quiet spell: a
@@ -88,6 +88,16 @@ const SPIN: Duration = Duration::from_micros(200);
 /// Fires closer together than this keep the CPU awake anyway: their waits are slept
 /// whole, so dense fires never spin away more than `SPIN` per `QUIET` (1 %).
 const QUIET: Duration = Duration::from_millis(20);
+
+/// A fire or retry the loop's timer woke ahead of: when it comes, by the engine's clock
+/// and by the monotonic one.
+#[derive(Clone, Copy)]
+struct Deadline {
+    wall: Instant,
+    mono: std::time::Instant,
+    /// No tick for `QUIET` before it: the last `SPIN` of the wait is spun.
+    quiet: bool,
+}
 
 /// Every cause of work in the loop.
 enum Wake {
@@ -173,7 +183,7 @@ pub struct Engine {
     cancel: CancellationToken,
     /// When runs queued by other processes were last looked for (`hints.rs`).
     polled_at: std::time::Instant,
-    /// When the loop last handled a tick (`wait_until_due` spins only after `QUIET`).
+    /// When the loop last handled a tick (`wait_for` spins only after `QUIET`).
     ticked_at: Option<std::time::Instant>,
     /// Wake-ups from the database (cluster mode, unless `poll_only`).
     hints: Option<crate::store::Hints>,
@@ -207,6 +217,12 @@ pub struct Engine {
     /// wake for first (a lone fire's latency). Several starts leave their spawns to the
     /// runners, which run them in parallel.
     spawn_here: bool,
+    /// While a wake claims ahead of its deadline (`on_tick_wake`): the deadline, which
+    /// `fire_due` waits for after its commit and before its starts.
+    hold: Option<Deadline>,
+    /// How long ahead of a deadline the timer wakes: `WAKE_EARLY` (a test widens it to
+    /// watch what is done before the deadline).
+    wake_early: Duration,
     /// The wall clock against the monotonic one.
     wall: WallWatch,
     /// The last step of the wall clock seen.
@@ -283,6 +299,8 @@ impl Engine {
             skips: None,
             start_with_claim: false,
             spawn_here: false,
+            hold: None,
+            wake_early: WAKE_EARLY,
             wall: WallWatch::new(clock_now),
             clock_step: None,
             cluster: None,
@@ -435,8 +453,8 @@ impl Engine {
                 break;
             }
             let delay = self.next_deadline_delay();
-            // Woken early on purpose; the handler waits out the rest (`wait_until_due`).
-            let sleep = tokio::time::sleep(delay.saturating_sub(WAKE_EARLY));
+            // Woken early on purpose; the handler claims, then waits out the rest (`on_tick_wake`).
+            let sleep = tokio::time::sleep(delay.saturating_sub(self.wake_early));
             let publish_left =
                 Duration::from_millis(50).saturating_sub(self.published_at.elapsed());
             let publish_due = tokio::time::sleep(publish_left);
@@ -493,10 +511,7 @@ impl Engine {
                 match wake {
                     Wake::Worker(envelope) => self.on_worker(envelope),
                     Wake::Command(command) => self.on_command(command),
-                    Wake::Tick => {
-                        self.wait_until_due();
-                        self.on_tick()
-                    }
+                    Wake::Tick => self.on_tick_wake(),
                     Wake::Heartbeat => self.on_heartbeat(),
                     Wake::Poll => {
                         self.polled_at = std::time::Instant::now();
@@ -522,23 +537,38 @@ impl Engine {
         self.running.is_empty() && self.queue.is_empty() && self.retry_due.is_empty()
     }
 
-    /// The timer woke `WAKE_EARLY` ahead of the earliest fire or retry: waits for it here,
-    /// to the microsecond, rather than tokio's whole milliseconds (a timer rounded up to
-    /// the next millisecond, then the poll's timeout rounded up again: a fire started up
-    /// to ~2 ms late). A thread sleep, and after a quiet spell its last `SPIN` spun.
-    fn wait_until_due(&mut self) {
+    /// The earliest fire or retry the timer woke `wake_early` ahead of, on both clocks;
+    /// `None` when it has come already (or is further off: a wake for another cause).
+    fn deadline_ahead(&self) -> Option<Deadline> {
         let delay = self.next_deadline_delay();
-        let quiet = self.ticked_at.is_none_or(|at| at.elapsed() >= QUIET);
-        if !delay.is_zero() && delay <= WAKE_EARLY {
-            if quiet {
-                // Against the monotonic clock: the engine's may be a test's, standing still.
-                let due = std::time::Instant::now() + delay;
-                std::thread::sleep(delay.saturating_sub(SPIN));
-                while std::time::Instant::now() < due {
+        if delay.is_zero() || delay > self.wake_early {
+            return None;
+        }
+        let wall = self.clock.now() + chrono::TimeDelta::from_std(delay).ok()?;
+        Some(Deadline {
+            wall,
+            // Against the monotonic clock: the engine's may be a test's, standing still.
+            mono: std::time::Instant::now() + delay,
+            quiet: self.ticked_at.is_none_or(|at| at.elapsed() >= QUIET),
+        })
+    }
+
+    /// Waits for `deadline` here, to the microsecond, rather than tokio's whole
+    /// milliseconds (a timer rounded up to the next millisecond, then the poll's timeout
+    /// rounded up again: a fire started up to ~2 ms late). A thread sleep, and after a
+    /// quiet spell its last `SPIN` spun. Nothing to wait for once it has come.
+    fn wait_for(&mut self, deadline: Option<&Deadline>) {
+        if let Some(deadline) = deadline {
+            let left = deadline
+                .mono
+                .saturating_duration_since(std::time::Instant::now());
+            if deadline.quiet {
+                std::thread::sleep(left.saturating_sub(SPIN));
+                while std::time::Instant::now() < deadline.mono {
                     std::hint::spin_loop();
                 }
-            } else {
-                std::thread::sleep(delay);
+            } else if !left.is_zero() {
+                std::thread::sleep(left);
             }
         }
         self.ticked_at = Some(std::time::Instant::now());

@@ -1128,6 +1128,74 @@ fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
     release_tx.send(()).expect("released");
 }
 
+/// Woken ahead of a lone fire's tick, the engine claims and starts the run in one commit
+/// as of the tick, while the tick is still ahead (the disk's sync is not paid after the
+/// tick), and spawns its child only once the tick has come. (The wake comes 3 ms ahead
+/// in service; here 400 ms, to watch the order from another thread.)
+#[test]
+fn a_wake_ahead_of_a_tick_commits_the_claim_before_the_tick_and_spawns_the_child_at_it() {
+    let marker_dir = tempfile::tempdir().expect("temp dir");
+    let marker = marker_dir.path().join("spawned");
+    let bench = Bench::new(&format!(
+        "[tasks.lone]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
+        marker.display()
+    ));
+    let runtime = one_thread_runtime();
+    let _entered = runtime.enter();
+    let mut engine = bench.engine_at(t(0));
+    engine.plan_startup_fires(t(0));
+    engine.start_with_claim = true;
+    engine.wake_early = Duration::from_millis(400);
+    // The engine's clock stands 400 ms before the tick t(1) throughout.
+    bench.clock.set(t(1) - chrono::TimeDelta::milliseconds(400));
+    let commits = bench.store.commits();
+    let woke = std::time::Instant::now();
+    let tick = woke + Duration::from_millis(400);
+    // Another thread notes when the commit lands and when the child has run.
+    let store = bench.store.clone();
+    let seen = marker.clone();
+    let watcher = std::thread::spawn(move || {
+        let give_up = std::time::Instant::now() + Duration::from_secs(10);
+        let mut committed = None;
+        while std::time::Instant::now() < give_up {
+            if committed.is_none() && store.commits() > commits {
+                committed = Some(std::time::Instant::now());
+            }
+            if seen.exists() {
+                return (committed, Some(std::time::Instant::now()));
+            }
+            std::hint::spin_loop();
+        }
+        (committed, None)
+    });
+    engine.on_tick_wake();
+    let (committed, spawned) = watcher.join().expect("watcher");
+    let committed = committed.expect("the claim was committed");
+    let spawned = spawned.expect("the child ran");
+    assert!(
+        committed < tick,
+        "committed {:?} after the tick",
+        committed - tick
+    );
+    assert!(
+        spawned >= tick,
+        "the child ran {:?} before its tick",
+        tick - spawned
+    );
+    assert_eq!(
+        bench.store.commits() - commits,
+        1,
+        "claim and start: one commit"
+    );
+    let run = bench.runs("lone").remove(0);
+    assert_eq!(run.state, RunState::Running);
+    assert_eq!(
+        (run.scheduled_for, run.started_at),
+        (t(1), Some(t(1))),
+        "claimed and started as of its tick, not as of the wake"
+    );
+}
+
 /// A runtime with one worker thread, for runner tasks (their children real processes).
 fn one_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

@@ -99,15 +99,23 @@ fn bench_distinct_prints_the_lone_fire_beside_its_floor_of_the_same_run() {
         .unwrap_or_else(|| panic!("no p99: {floor}"));
     assert!(p99 > 0.0, "{floor}");
     assert!(
-        floor.contains("ms apart, as a lone fire meets the machine"),
+        floor.contains("ms apart, as a fire claimed at its tick meets the machine"),
         "{floor}"
     );
     // Beside it, the same rounds back to back: what the machine does kept awake.
     let hot = figure(&text, "  back to back:");
     assert!(hot.contains("rounds with no pause"), "{hot}");
+    // And the spawn without the commit: the floor of a fire claimed before its tick.
+    let alone = figure(&text, "  spawn alone:");
+    assert!(
+        alone.contains("the start without the commit") && alone.contains(" ms  p99 "),
+        "{alone}"
+    );
     let latency = figure(&text, "lone-fire latency:");
     assert!(
-        latency.contains("× the floor's p99") && latency.contains("target p99 ≤ 2 ms"),
+        latency.contains("× the floor's p99")
+            && latency.contains("× the spawn alone's")
+            && latency.contains("target p99 ≤ 2 ms"),
         "{latency}"
     );
     // The floor's scratch file is gone; the database stays for a look afterwards.
