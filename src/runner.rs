@@ -233,10 +233,64 @@ pub fn spawn_child(spec: &AttemptSpec) -> Spawned {
     spawned_by(spec, crate::spawn::spawn_here)
 }
 
+/// What starts an attempt's child, made ready by the engine ([`Launched::of`]) to be
+/// spawned in a batch ([`spawn_children`]).
+pub struct Launched {
+    launch: Launch,
+    /// The read end of the report pipe (built-in workers).
+    reports: Option<OwnedFd>,
+    /// The program, for an error.
+    program_name: String,
+}
+
+impl Launched {
+    /// The launch of `spec`'s child, when it is started from the spawner threads and so
+    /// can join a batch; `None` for one that starts on its caller's thread (the `fork`
+    /// road, or no spawner here), or cannot be made: its runner task starts it (or says
+    /// why not).
+    pub fn of(spec: &AttemptSpec) -> Option<Launched> {
+        let (launch, reports, program_name) = launch_of(spec).ok()?;
+        crate::spawn::apart(&launch).then_some(Launched {
+            launch,
+            reports,
+            program_name,
+        })
+    }
+}
+
+/// Starts the children of several attempts together ([`crate::spawn::spawn_all`]), for
+/// [`run_attempt`] to supervise, answered in their order: a wake's starts, handed to the
+/// spawner threads at once rather than one by each runner task, which would each wait
+/// for its own. Each attempt's time counts from just before the batch. Must be called
+/// within the runtime.
+pub fn spawn_children(launches: Vec<Launched>) -> Vec<Spawned> {
+    let began = MonoInstant::now();
+    let (launches, rest): (Vec<Launch>, Vec<_>) = launches
+        .into_iter()
+        .map(|launched| (launched.launch, (launched.reports, launched.program_name)))
+        .unzip();
+    crate::spawn::spawn_all(launches)
+        .into_iter()
+        .zip(rest)
+        .map(|(child, (reports, program_name))| {
+            let child = child
+                .map(|child| {
+                    let at = chrono::DateTime::<chrono::Utc>::from(child.started_at());
+                    (child, reports, at)
+                })
+                .map_err(|err| format!("cannot start {program_name}: {err}"));
+            Spawned { began, child }
+        })
+        .collect()
+}
+
 /// Starts the attempt's child with `start`, timing it.
 fn spawned_by(spec: &AttemptSpec, start: fn(Launch) -> std::io::Result<Child>) -> Spawned {
     let began = MonoInstant::now();
-    let child = spawn(spec, start).map(|(child, reports)| (child, reports, chrono::Utc::now()));
+    let child = spawn(spec, start).map(|(child, reports)| {
+        let at = chrono::DateTime::<chrono::Utc>::from(child.started_at());
+        (child, reports, at)
+    });
     Spawned { began, child }
 }
 
@@ -481,6 +535,16 @@ fn spawn(
     spec: &AttemptSpec,
     start: fn(Launch) -> std::io::Result<Child>,
 ) -> Result<(Child, Option<OwnedFd>), String> {
+    let (launch, report_reader, program_name) = launch_of(spec)?;
+    // The launch owns the report pipe's write end; once the child has started, the child
+    // holds the only copy, so the reader sees end-of-file when the child's group is gone.
+    let child = start(launch).map_err(|err| format!("cannot start {program_name}: {err}"))?;
+    Ok((child, report_reader))
+}
+
+/// What starts the attempt's child: the launch, the read end of its report pipe
+/// (built-in workers), and the program's name for an error.
+fn launch_of(spec: &AttemptSpec) -> Result<(Launch, Option<OwnedFd>, String), String> {
     let mut env: Vec<(OsString, OsString)> = Vec::with_capacity(10);
     let mut cwd = None;
     let mut arg0 = None;
@@ -542,9 +606,7 @@ fn spawn(
         Handler::Builtin(name) => format!("worker {name}"),
         Handler::Command(c) => c.argv.join(" "),
     };
-    // The launch owns the report pipe's write end; once the child has started, the child
-    // holds the only copy, so the reader sees end-of-file when the child's group is gone.
-    let child = start(Launch {
+    let launch = Launch {
         program,
         args,
         env,
@@ -552,9 +614,8 @@ fn spawn(
         extra_fd,
         arg0,
         die_with_parent: spec.die_with_parent,
-    })
-    .map_err(|err| format!("cannot start {program_name}: {err}"))?;
-    Ok((child, report_reader))
+    };
+    Ok((launch, report_reader, program_name))
 }
 
 fn describe_exit(status: ExitStatus, elapsed: Duration) -> String {

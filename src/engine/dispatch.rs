@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use super::{blocking, Engine, Pending, Running};
+use super::{blocking, Engine, Launching, Pending, Running};
 use crate::config::{Config, TaskSpec};
 use crate::model::{Attempt, Instant, RunState, TaskName, Trigger};
 use crate::runner::{self, AttemptSpec};
@@ -18,6 +18,10 @@ use tracing::{debug, warn, Instrument};
 
 use crate::model::RunId;
 use crate::store::StoreError;
+
+/// Starts spawned together at most: each holds four pipe ends open until its batch is
+/// answered (a burst of 1,000 in one batch peaked at 4,047 descriptors).
+const LAUNCH_BATCH: usize = 64;
 
 impl Engine {
     /// Starts queued runs while worker slots are free, oldest first, one attempt per task,
@@ -254,7 +258,23 @@ impl Engine {
             run = %attempt_spec.run,
             attempt = %attempt_spec.attempt
         );
-        // The only start of its wake spawns its child here and now (see `spawn_here`).
+        // The only start of its wake spawns its child here and now (see `spawn_here`);
+        // the starts of a wake of several are spawned together at its end.
+        // Only those the spawner threads start: a launch on the `fork` road (cluster mode)
+        // starts on its caller's thread, and the runner tasks start those in parallel.
+        if !self.spawn_here {
+            if let Some(launching) = &mut self.launching {
+                if let Some(launch) = runner::Launched::of(&attempt_spec) {
+                    launching.push(Launching {
+                        spec: attempt_spec,
+                        launch,
+                        stop: stop_rx,
+                        span,
+                    });
+                    return;
+                }
+            }
+        }
         let spawned = self
             .spawn_here
             .then(|| span.in_scope(|| runner::spawn_child(&attempt_spec)));
@@ -262,6 +282,43 @@ impl Engine {
             runner::run_attempt(attempt_spec, self.worker_tx.clone(), stop_rx, spawned)
                 .instrument(span),
         );
+    }
+
+    /// The end of a wake: the children of its starts spawned together
+    /// ([`runner::spawn_children`]: the spawner threads start them back to back while
+    /// the engine waits once), each then handed to its runner task. A wake's one start is
+    /// left to its runner task, as outside the loop: the engine does not wait for it.
+    pub(super) fn launch_waiting(&mut self) {
+        let Some(launching) = self.launching.take() else {
+            return;
+        };
+        if launching.len() < 2 {
+            for Launching {
+                spec, stop, span, ..
+            } in launching
+            {
+                tokio::spawn(
+                    runner::run_attempt(spec, self.worker_tx.clone(), stop, None).instrument(span),
+                );
+            }
+            return;
+        }
+        let mut launching = launching.into_iter().peekable();
+        while launching.peek().is_some() {
+            let (batch, launches): (Vec<_>, Vec<_>) = launching
+                .by_ref()
+                .take(LAUNCH_BATCH)
+                .map(|l| ((l.spec, l.stop, l.span), l.launch))
+                .unzip();
+            let spawned = runner::spawn_children(launches);
+            // Their runners start now: the next batch's spawns overlap their reading.
+            for ((spec, stop, span), spawned) in batch.into_iter().zip(spawned) {
+                tokio::spawn(
+                    runner::run_attempt(spec, self.worker_tx.clone(), stop, Some(spawned))
+                        .instrument(span),
+                );
+            }
+        }
     }
 
     /// Writes the run's stored checkpoint, if it has one, where its child will read it.

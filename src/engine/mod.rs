@@ -99,6 +99,14 @@ struct Deadline {
     quiet: bool,
 }
 
+/// A start of the wake at hand, its child not spawned yet (`Engine::launching`).
+struct Launching {
+    spec: crate::runner::AttemptSpec,
+    launch: crate::runner::Launched,
+    stop: tokio::sync::watch::Receiver<Option<StopReason>>,
+    span: tracing::Span,
+}
+
 /// Every cause of work in the loop.
 enum Wake {
     Tick,
@@ -220,6 +228,10 @@ pub struct Engine {
     /// While a wake claims ahead of its deadline (`on_tick_wake`): the deadline, which
     /// `fire_due` waits for after its commit and before its starts.
     hold: Option<Deadline>,
+    /// While the loop handles a wake: its starts, whose children are spawned together
+    /// at its end (`dispatch::launch_waiting`). `None` outside the loop (start-up, the
+    /// tests' steps): each runner task spawns its own.
+    launching: Option<Vec<Launching>>,
     /// How long ahead of a deadline the timer wakes: `WAKE_EARLY` (a test widens it to
     /// watch what is done before the deadline).
     wake_early: Duration,
@@ -300,6 +312,7 @@ impl Engine {
             start_with_claim: false,
             spawn_here: false,
             hold: None,
+            launching: None,
             wake_early: WAKE_EARLY,
             wall: WallWatch::new(clock_now),
             clock_step: None,
@@ -508,6 +521,7 @@ impl Engine {
             // Every handler reads or writes the store (and files): the whole of it runs
             // under `block_in_place`, so runner tasks keep the other threads.
             blocking(|| {
+                self.launching = Some(Vec::new());
                 match wake {
                     Wake::Worker(envelope) => self.on_worker(envelope),
                     Wake::Command(command) => self.on_command(command),
@@ -526,6 +540,7 @@ impl Engine {
                     Wake::Publish | Wake::Shutdown => {}
                 }
                 self.dispatch();
+                self.launch_waiting();
             });
             self.publish(false);
         }

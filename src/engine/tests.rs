@@ -1196,6 +1196,62 @@ fn a_wake_ahead_of_a_tick_commits_the_claim_before_the_tick_and_spawns_the_child
     );
 }
 
+/// In the loop, the starts of a wake are spawned together at its end, from the spawner
+/// threads while the engine waits once (`launch_waiting`), each child then handed to its
+/// runner. A start on the `fork` road (here a working directory) is left to its runner
+/// task, which would otherwise fork on the engine's thread.
+#[test]
+fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
+    let markers = tempfile::tempdir().expect("temp dir");
+    let marker = |name: &str| markers.path().join(name);
+    let mut config = String::new();
+    for name in ["a", "b", "c", "forked"] {
+        config.push_str(&format!(
+            "[tasks.{name}]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
+            marker(name).display()
+        ));
+    }
+    config.push_str("cwd = \"/tmp\"\n");
+    let bench = Bench::new(&config);
+    let runtime = one_thread_runtime();
+    let _entered = runtime.enter();
+    let mut engine = bench.engine_at(t(0));
+    engine.plan_startup_fires(t(0));
+    engine.start_with_claim = true;
+    engine.launching = Some(Vec::new());
+    bench.clock.set(t(1));
+    engine.on_tick();
+    for name in ["a", "b", "c", "forked"] {
+        assert_eq!(bench.runs(name).remove(0).state, RunState::Running);
+    }
+    let waiting: Option<Vec<&str>> = engine
+        .launching
+        .as_ref()
+        .map(|launching| launching.iter().map(|l| l.spec.task.as_str()).collect());
+    assert_eq!(
+        waiting,
+        Some(vec!["a", "b", "c"]),
+        "the spawners' starts wait for the end of the wake; the forked one does not"
+    );
+    assert!(
+        ["a", "b", "c"].iter().all(|name| !marker(name).exists()),
+        "a child was spawned before the end of its wake"
+    );
+    engine.launch_waiting();
+    assert!(engine.launching.is_none());
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !["a", "b", "c", "forked"]
+        .iter()
+        .all(|name| marker(name).exists())
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every child ran within 10 s of the end of the wake"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
 /// A runtime with one worker thread, for runner tasks (their children real processes).
 fn one_thread_runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()

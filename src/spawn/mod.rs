@@ -70,6 +70,8 @@ pub struct Launch {
 /// A started child: its pid, the read ends of its stdout and stderr, and its exit.
 pub struct Child {
     pid: Pid,
+    /// The wall clock's time just after the child started.
+    started_at: std::time::SystemTime,
     /// Taken by whoever reads the output.
     pub stdout: Option<pipe::Receiver>,
     /// Taken by whoever reads the output.
@@ -96,27 +98,82 @@ enum Exit {
 /// within a Tokio runtime with I/O enabled (the pipes register with it, and the pidfd
 /// when a wait needs one); outside one it is an error, not a panic.
 pub fn spawn(launch: Launch) -> io::Result<Child> {
-    start(launch, true)
+    one(start(vec![launch], true))
 }
 
 /// [`spawn`] on the calling thread: the lone start of an idle service, whose table is
 /// small, spared the hand-over to a spawner thread and back.
 pub fn spawn_here(launch: Launch) -> io::Result<Child> {
-    start(launch, false)
+    one(start(vec![launch], false))
 }
 
-/// Starts `launch`, from a spawner thread if `apart` and one can be had.
-fn start(launch: Launch, apart: bool) -> io::Result<Child> {
-    let runtime = tokio::runtime::Handle::try_current()
-        .map_err(|_| io::Error::other("a child can only be started within the runtime"))?;
-    let (pid, stdout, stderr) = if fast(&launch) {
-        posix_spawn(launch, if apart { spawners::get() } else { None })?
-    } else {
-        std_spawn(launch)?
-    };
-    let _entered = runtime.enter();
-    child(pid, stdout, stderr)
+/// [`spawn`] for several launches at once, answered in their order: handed to the
+/// spawner threads together, so that they start them back to back while the caller
+/// waits once for all, not once for each (a burst's starts: each hand-over and answer
+/// is a thread's sleep and wake, dear on a virtual machine).
+pub fn spawn_all(launches: Vec<Launch>) -> Vec<io::Result<Child>> {
+    start(launches, true)
 }
+
+/// Whether [`spawn`] and [`spawn_all`] start `launch` from the spawner threads (the
+/// fast road, and spawners run here), not on the caller's thread.
+pub fn apart(launch: &Launch) -> bool {
+    fast(launch) && spawners::get().is_some()
+}
+
+fn one(mut started: Vec<io::Result<Child>>) -> io::Result<Child> {
+    started
+        .pop()
+        .unwrap_or_else(|| Err(io::Error::other("no child was started")))
+}
+
+/// Starts `launches`, from the spawner threads if `apart` and they can be had.
+fn start(launches: Vec<Launch>, apart: bool) -> Vec<io::Result<Child>> {
+    let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        return launches
+            .iter()
+            .map(|_| {
+                Err(io::Error::other(
+                    "a child can only be started within the runtime",
+                ))
+            })
+            .collect();
+    };
+    // The fast road's launches made ready here and started together; the rest at once.
+    let mut started: Vec<Option<io::Result<Begun>>> = Vec::with_capacity(launches.len());
+    let mut ready: Vec<(usize, Ready)> = Vec::new();
+    for launch in launches {
+        if fast(&launch) {
+            match Ready::of(launch) {
+                Ok(made) => ready.push((started.len(), made)),
+                Err(err) => {
+                    started.push(Some(Err(err)));
+                    continue;
+                }
+            }
+            started.push(None);
+        } else {
+            started.push(Some(std_spawn(launch)));
+        }
+    }
+    let spawners = if apart { spawners::get() } else { None };
+    let (places, ready): (Vec<usize>, Vec<Ready>) = ready.into_iter().unzip();
+    for (place, begun) in places.into_iter().zip(posix_spawn(ready, spawners)) {
+        started[place] = Some(begun);
+    }
+    let _entered = runtime.enter();
+    started
+        .into_iter()
+        .map(|begun| {
+            let (pid, at, stdout, stderr) =
+                begun.unwrap_or_else(|| Err(io::Error::other("a launch was never started")))?;
+            child(pid, at, stdout, stderr)
+        })
+        .collect()
+}
+
+/// A child begun: its pid, when it started, and the read ends of its stdout and stderr.
+type Begun = (Pid, std::time::SystemTime, OwnedFd, OwnedFd);
 
 /// Whether `launch` can take the fast road: `posix_spawn`, with no hook between `fork`
 /// and `exec`, the service's working directory, and `PATH` searched as the service's.
@@ -127,11 +184,17 @@ fn fast(launch: &Launch) -> bool {
 }
 
 /// The started child `pid`, its output's read ends put on the runtime. Within the runtime.
-fn child(pid: Pid, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
+fn child(
+    pid: Pid,
+    started_at: std::time::SystemTime,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+) -> io::Result<Child> {
     let pipes = (|| Ok::<_, io::Error>((receiver(stdout)?, receiver(stderr)?)))();
     match pipes {
         Ok((stdout, stderr)) => Ok(Child {
             pid,
+            started_at,
             stdout: Some(stdout),
             stderr: Some(stderr),
             exit: None,
@@ -167,6 +230,12 @@ impl Child {
     /// The child's pid (also its process group's id).
     pub fn id(&self) -> u32 {
         self.pid.as_raw().unsigned_abs()
+    }
+
+    /// When the child started, by the wall clock (taken where it was started: a batch's
+    /// children each at their own start, not when the batch was answered).
+    pub fn started_at(&self) -> std::time::SystemTime {
+        self.started_at
     }
 
     /// Waits for the child to exit and reaps it. Cancel-safe: dropping the future loses
@@ -503,33 +572,95 @@ impl Prepared {
 
 /// The fast road: pipes for stdout and stderr, then `posix_spawn`, from a spawner thread
 /// when one is given, else on the calling thread.
-fn posix_spawn(
-    launch: Launch,
-    spawners: Option<&spawners::Spawners>,
-) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
-    let prepared = Prepared::of(&launch)?;
-    let (stdout, stdout_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let (stderr, stderr_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let ends = spawners::Ends {
-        stdout: stdout_writer.as_raw_fd(),
-        stderr: stderr_writer.as_raw_fd(),
-        extra: launch
-            .extra_fd
-            .as_ref()
-            .map(|(fd, at)| (fd.as_raw_fd(), *at)),
-    };
-    // Handed to a spawner; else (none, or none left) started on this thread.
+/// A fast-road launch made ready on the caller's thread: its strings, and its pipes in
+/// the service's table, whose write ends stay open until its child has started.
+struct Ready {
+    prepared: Prepared,
+    stdout: OwnedFd,
+    stderr: OwnedFd,
+    writers: (OwnedFd, OwnedFd),
+    extra: Option<(OwnedFd, RawFd)>,
+}
+
+impl Ready {
+    fn of(launch: Launch) -> io::Result<Ready> {
+        let prepared = Prepared::of(&launch)?;
+        let (stdout, stdout_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        let (stderr, stderr_writer) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        Ok(Ready {
+            prepared,
+            stdout,
+            stderr,
+            writers: (stdout_writer, stderr_writer),
+            extra: launch.extra_fd,
+        })
+    }
+
+    fn ends(&self) -> spawners::Ends {
+        spawners::Ends {
+            stdout: self.writers.0.as_raw_fd(),
+            stderr: self.writers.1.as_raw_fd(),
+            extra: self.extra.as_ref().map(|(fd, at)| (fd.as_raw_fd(), *at)),
+        }
+    }
+}
+
+/// Starts every launch of `ready` with `posix_spawn`: handed to `spawners` together, or
+/// (none, or none left) one after another on this thread. Answers in their order.
+fn posix_spawn(ready: Vec<Ready>, spawners: Option<&spawners::Spawners>) -> Vec<io::Result<Begun>> {
+    if ready.is_empty() {
+        return Vec::new();
+    }
+    let (prepared, rest): (Vec<Prepared>, Vec<_>) = ready
+        .into_iter()
+        .map(|made| {
+            let ends = made.ends();
+            let Ready {
+                prepared,
+                stdout,
+                stderr,
+                writers,
+                extra,
+            } = made;
+            (prepared, (ends, stdout, stderr, writers, extra))
+        })
+        .unzip();
     let handed = match spawners {
-        Some(spawners) => spawners.start(prepared, ends),
+        Some(spawners) => spawners.start(
+            prepared
+                .into_iter()
+                .zip(rest.iter().map(|(ends, ..)| *ends))
+                .collect(),
+        ),
         None => Err(prepared),
     };
-    let pid = match handed {
-        Ok(started) => started?,
-        Err(prepared) => prepared.start(dev_null()?, ends.stdout, ends.stderr, ends.extra)?,
+    let answers: Vec<io::Result<spawners::Started>> = match handed {
+        Ok(answers) => answers,
+        Err(prepared) => match dev_null() {
+            Ok(null) => prepared
+                .into_iter()
+                .zip(rest.iter().map(|(ends, ..)| *ends))
+                .map(|(prepared, ends)| {
+                    let pid = prepared.start(null, ends.stdout, ends.stderr, ends.extra)?;
+                    Ok((pid, std::time::SystemTime::now()))
+                })
+                .collect(),
+            Err(err) => rest
+                .iter()
+                .map(|_| Err(io::Error::new(err.kind(), err.to_string())))
+                .collect(),
+        },
     };
-    // The write ends close here: the child holds the only copies.
-    drop((stdout_writer, stderr_writer, launch.extra_fd));
-    Ok((pid, stdout, stderr))
+    answers
+        .into_iter()
+        .zip(rest)
+        .map(|(answer, (_, stdout, stderr, writers, extra))| {
+            // The write ends close here: the child holds the only copies.
+            drop((writers, extra));
+            let (pid, at) = answer?;
+            Ok((pid, at, stdout, stderr))
+        })
+        .collect()
 }
 
 /// Makes the kernel SIGKILL the child when the thread that started it exits
@@ -556,7 +687,7 @@ fn die_with_parent(command: &mut std::process::Command) {
     }
 }
 
-fn std_spawn(launch: Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
+fn std_spawn(launch: Launch) -> io::Result<Begun> {
     use command_fds::{CommandFdExt, FdMapping};
     let mut command = std::process::Command::new(&launch.program);
     command
@@ -588,9 +719,10 @@ fn std_spawn(launch: Launch) -> io::Result<(Pid, OwnedFd, OwnedFd)> {
     let (Some(stdout), Some(stderr)) = (child.stdout.take(), child.stderr.take()) else {
         return Err(io::Error::other("the child's output pipes are missing"));
     };
+    let at = std::time::SystemTime::now();
     // `command` owns the mapped descriptor's copy; dropping it leaves the child's.
     drop(command);
-    Ok((pid, OwnedFd::from(stdout), OwnedFd::from(stderr)))
+    Ok((pid, at, OwnedFd::from(stdout), OwnedFd::from(stderr)))
 }
 
 #[cfg(test)]
@@ -666,6 +798,35 @@ mod tests {
             0,
             "SIGPIPE is back to its default"
         );
+    }
+
+    /// A batch is answered in its order, each child its own: one that cannot start fails
+    /// alone, between two that do; a launch for `std` (a working directory) starts
+    /// beside the spawners' batch; each child is stamped with its own start.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_batch_is_answered_in_its_order_and_a_launch_that_fails_fails_alone() {
+        let before = std::time::SystemTime::now();
+        let mut in_tmp = launch("/bin/sh", &["-c", "pwd"]);
+        in_tmp.cwd = Some("/tmp".into());
+        let batch = vec![
+            launch("/bin/echo", &["first"]),
+            launch("/nonexistent/program", &[]),
+            in_tmp,
+            launch("/bin/echo", &["last"]),
+        ];
+        let mut answers = spawn_all(batch).into_iter();
+        let mut next = || answers.next().expect("an answer for each launch");
+        let first = next().expect("first started");
+        let missing = next().err().expect("the missing program fails");
+        let in_tmp = next().expect("the std launch started");
+        let last = next().expect("last started");
+        assert_eq!(missing.kind(), io::ErrorKind::NotFound, "{missing}");
+        for child in [&first, &in_tmp, &last] {
+            assert!(child.started_at() >= before, "stamped before the batch");
+        }
+        assert_eq!(output_of(first).await.0, "first\n");
+        assert_eq!(output_of(in_tmp).await.0, "/tmp\n");
+        assert_eq!(output_of(last).await.0, "last\n");
     }
 
     #[tokio::test]

@@ -14,7 +14,9 @@
 //! `pidfd_getfd`, which the kernel allows within one thread group without any ptrace
 //! permission, then `posix_spawn`s, closes its copies and answers. The caller waits for
 //! the answer, as it waited for its own `posix_spawn` before: it holds the write ends
-//! open meanwhile, and closes them in its own table (the service's) once answered.
+//! open meanwhile, and closes them in its own table (the service's) once answered. A
+//! batch of launches (a wake's starts) is queued at once and answered together: the
+//! spawners take its launches back to back and the caller sleeps once for all of them.
 //!
 //! Invariants:
 //! - A spawner thread never closes a descriptor of the service's table (a number there
@@ -35,8 +37,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock, PoisonError};
 use super::{dev_null, Prepared};
 use nix::unistd::Pid;
 
-/// Spawner threads: a caller waits for its launch, so more than the runtime's threads
-/// (one per core) only ever idle.
+/// Spawner threads: as many as a batch keeps busy on a few cores while its caller
+/// waits.
 const SPAWNERS: usize = 4;
 
 /// Enough for `posix_spawn`, which gives the child a stack of its own.
@@ -54,45 +56,81 @@ pub(super) struct Ends {
 struct Job {
     prepared: Prepared,
     ends: Ends,
-    answer: Arc<Answer>,
+    answers: Arc<Answers>,
+    /// This launch's place among its batch's answers.
+    slot: usize,
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
         // Never answered (the spawner ended mid-launch): the caller must not wait for ever.
-        self.answer
-            .give_once(Err(io::Error::other("a spawner thread dropped the launch")));
+        self.answers.give_once(
+            self.slot,
+            Err(io::Error::other("a spawner thread dropped the launch")),
+        );
     }
 }
 
-/// A launch's answer: given by a spawner, waited for by its caller.
-#[derive(Default)]
-struct Answer {
-    result: Mutex<Option<io::Result<Pid>>>,
-    given: Condvar,
+/// The answers to a batch of launches: each given by a spawner, all waited for at once
+/// by their caller, who sleeps once for the batch rather than once for each.
+struct Answers {
+    given: Mutex<Given>,
+    all_given: Condvar,
 }
 
-impl Answer {
-    /// Gives `result` unless an answer was given already.
-    fn give_once(&self, result: io::Result<Pid>) {
-        let mut slot = lock(&self.result);
-        if slot.is_none() {
-            *slot = Some(result);
-            self.given.notify_one();
+struct Given {
+    results: Vec<Option<io::Result<Started>>>,
+    /// Answers not given yet.
+    left: usize,
+}
+
+/// A child started: its pid and the wall clock's time just after its start.
+pub(super) type Started = (Pid, std::time::SystemTime);
+
+impl Answers {
+    fn new(launches: usize) -> Answers {
+        Answers {
+            given: Mutex::new(Given {
+                results: (0..launches).map(|_| None).collect(),
+                left: launches,
+            }),
+            all_given: Condvar::new(),
         }
     }
 
-    fn wait(&self) -> io::Result<Pid> {
-        let mut slot = lock(&self.result);
-        loop {
-            if let Some(result) = slot.take() {
-                return result;
+    /// Gives `result` to `slot` unless an answer was given there already.
+    fn give_once(&self, slot: usize, result: io::Result<Started>) {
+        let mut given = lock(&self.given);
+        let Some(place) = given.results.get_mut(slot) else {
+            return;
+        };
+        if place.is_none() {
+            *place = Some(result);
+            given.left -= 1;
+            if given.left == 0 {
+                self.all_given.notify_one();
             }
-            slot = self
-                .given
-                .wait(slot)
+        }
+    }
+
+    /// Every answer, in the order of the launches, once all are given.
+    fn wait(&self) -> Vec<io::Result<Started>> {
+        let mut given = lock(&self.given);
+        while given.left > 0 {
+            given = self
+                .all_given
+                .wait(given)
                 .unwrap_or_else(PoisonError::into_inner);
         }
+        given
+            .results
+            .iter_mut()
+            .map(|result| {
+                result
+                    .take()
+                    .unwrap_or_else(|| Err(io::Error::other("a launch was answered twice")))
+            })
+            .collect()
     }
 }
 
@@ -116,22 +154,33 @@ struct Queued {
 }
 
 impl Queue {
-    /// Queues a launch and returns its answer to wait for; gives `prepared` back when no
-    /// spawner is left to take it.
-    fn push(&self, prepared: Prepared, ends: Ends) -> Result<Arc<Answer>, Prepared> {
+    /// Queues a batch of launches and returns their answers to wait for; gives the
+    /// launches back when no spawner is left to take them.
+    fn push(&self, launches: Vec<(Prepared, Ends)>) -> Result<Arc<Answers>, Vec<Prepared>> {
         let mut state = lock(&self.state);
         if state.closed {
-            return Err(prepared);
+            return Err(launches.into_iter().map(|(prepared, _)| prepared).collect());
         }
-        let answer = Arc::new(Answer::default());
-        state.jobs.push_back(Job {
-            prepared,
-            ends,
-            answer: answer.clone(),
-        });
+        let count = launches.len();
+        let answers = Arc::new(Answers::new(count));
+        state.jobs.extend(
+            launches
+                .into_iter()
+                .enumerate()
+                .map(|(slot, (prepared, ends))| Job {
+                    prepared,
+                    ends,
+                    answers: answers.clone(),
+                    slot,
+                }),
+        );
         drop(state);
-        self.ready.notify_one();
-        Ok(answer)
+        if count == 1 {
+            self.ready.notify_one();
+        } else {
+            self.ready.notify_all();
+        }
+        Ok(answers)
     }
 
     /// The next job; `None` once the queue is closed.
@@ -244,15 +293,15 @@ impl Spawners {
         Ok(Spawners { queue })
     }
 
-    /// Starts `prepared` with `ends` from a spawner thread, blocking until it has
-    /// started or failed; `ends` must stay open until this returns. Gives `prepared` back
-    /// when no spawner is left (each ended by a panic): the caller starts it itself.
+    /// Starts each of `launches` (each `prepared` with its `ends`) from the spawner
+    /// threads, blocking until every one has started or failed; the `ends` must stay open
+    /// until this returns. Answers in the order of `launches`. Gives the launches back when
+    /// no spawner is left (each ended by a panic): the caller starts them itself.
     pub(super) fn start(
         &self,
-        prepared: Prepared,
-        ends: Ends,
-    ) -> Result<io::Result<Pid>, Prepared> {
-        Ok(self.queue.push(prepared, ends)?.wait())
+        launches: Vec<(Prepared, Ends)>,
+    ) -> Result<Vec<io::Result<Started>>, Vec<Prepared>> {
+        Ok(self.queue.push(launches)?.wait())
     }
 }
 
@@ -291,7 +340,8 @@ impl Table {
     fn serve(&self, queue: &Queue) {
         while let Some(job) = queue.pop() {
             let started = self.launch(&job.prepared, &job.ends);
-            job.answer.give_once(started);
+            let started = started.map(|pid| (pid, std::time::SystemTime::now()));
+            job.answers.give_once(job.slot, started);
         }
     }
 
@@ -436,7 +486,10 @@ mod tests {
     fn a_queue_whose_last_spawner_ended_answers_what_waits_and_takes_no_more() {
         let queue = Queue::default();
         let serving = queue.serving();
-        let waiting = queue.push(prepared_true(), NO_ENDS).ok().expect("queued");
+        let waiting = queue
+            .push(vec![(prepared_true(), NO_ENDS)])
+            .ok()
+            .expect("queued");
         let (told, answered) = std::sync::mpsc::channel();
         std::thread::spawn(move || told.send(waiting.wait()));
         drop(serving);
@@ -444,28 +497,29 @@ mod tests {
             .recv_timeout(std::time::Duration::from_secs(10))
             .expect("the stranded launch's caller still waits");
         assert!(
-            answered.is_err(),
+            answered.iter().all(Result::is_err),
             "the stranded launch was answered as started"
         );
         assert!(
-            queue.push(prepared_true(), NO_ENDS).is_err(),
+            queue.push(vec![(prepared_true(), NO_ENDS)]).is_err(),
             "a launch was queued with no spawner left"
         );
     }
 
     #[test]
     fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
-        let answer = Arc::new(Answer::default());
+        let answers = Arc::new(Answers::new(1));
         let job = Job {
             prepared: prepared_true(),
             ends: NO_ENDS,
-            answer: answer.clone(),
+            answers: answers.clone(),
+            slot: 0,
         };
-        let caller = std::thread::spawn(move || answer.wait());
+        let caller = std::thread::spawn(move || answers.wait());
         drop(job);
         let answered = caller.join().expect("joined");
         assert!(
-            answered.is_err_and(|err| err.to_string().contains("dropped the launch")),
+            matches!(answered.as_slice(), [Err(err)] if err.to_string().contains("dropped the launch")),
             "the caller was not told"
         );
     }
