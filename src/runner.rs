@@ -249,6 +249,10 @@ impl Launched {
     /// road, or no spawner here), or cannot be made: its runner task starts it (or says
     /// why not).
     pub fn of(spec: &AttemptSpec) -> Option<Launched> {
+        // Cluster mode's launches take the `fork` road: not built twice for nothing.
+        if spec.die_with_parent {
+            return None;
+        }
         let (launch, reports, program_name) = launch_of(spec).ok()?;
         crate::spawn::apart(&launch).then_some(Launched {
             launch,
@@ -261,8 +265,8 @@ impl Launched {
 /// Starts the children of several attempts together ([`crate::spawn::spawn_all`]), for
 /// [`run_attempt`] to supervise, answered in their order: a wake's starts, handed to the
 /// spawner threads at once rather than one by each runner task, which would each wait
-/// for its own. Each attempt's time counts from just before the batch. Must be called
-/// within the runtime.
+/// for its own. Each attempt's time counts from just before its own child's start. Must
+/// be called within the runtime.
 pub fn spawn_children(launches: Vec<Launched>) -> Vec<Spawned> {
     let began = MonoInstant::now();
     let (launches, rest): (Vec<Launch>, Vec<_>) = launches
@@ -279,6 +283,8 @@ pub fn spawn_children(launches: Vec<Launched>) -> Vec<Spawned> {
                     (child, reports, at)
                 })
                 .map_err(|err| format!("cannot start {program_name}: {err}"));
+            // Each child's time from its own start; a launch that failed, the batch's.
+            let began = child.as_ref().map_or(began, |(child, ..)| child.began());
             Spawned { began, child }
         })
         .collect()

@@ -20,7 +20,8 @@ use crate::model::RunId;
 use crate::store::StoreError;
 
 /// Starts spawned together at most: each holds four pipe ends open until its batch is
-/// answered (a burst of 1,000 in one batch peaked at 4,047 descriptors).
+/// answered (a burst of 1,000 in one batch peaked at 4,047 descriptors). A built-in
+/// worker's report pipe is made with its launch and held until its batch, two more.
 const LAUNCH_BATCH: usize = 64;
 
 impl Engine {
@@ -288,6 +289,15 @@ impl Engine {
     /// ([`runner::spawn_children`]: the spawner threads start them back to back while
     /// the engine waits once), each then handed to its runner task. A wake's one start is
     /// left to its runner task, as outside the loop: the engine does not wait for it.
+    /// [`Engine::launch_waiting`] in the middle of a wake: what its starts so far have
+    /// gathered is spawned now, and the rest of the wake gathers anew.
+    pub(super) fn launch_gathered(&mut self) {
+        if self.launching.as_ref().is_some_and(|l| !l.is_empty()) {
+            self.launch_waiting();
+            self.launching = Some(Vec::new());
+        }
+    }
+
     pub(super) fn launch_waiting(&mut self) {
         let Some(launching) = self.launching.take() else {
             return;

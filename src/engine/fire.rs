@@ -476,6 +476,8 @@ impl Engine {
                 self.admit(pending, now);
             }
         }
+        // The claims' starts spawn now, not behind the skips' commit and the dispatch.
+        self.launch_gathered();
         self.flush_skips(now);
     }
 

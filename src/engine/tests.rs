@@ -1196,31 +1196,48 @@ fn a_wake_ahead_of_a_tick_commits_the_claim_before_the_tick_and_spawns_the_child
     );
 }
 
-/// In the loop, the starts of a wake are spawned together at its end, from the spawner
-/// threads while the engine waits once (`launch_waiting`), each child then handed to its
-/// runner. A start on the `fork` road (here a working directory) is left to its runner
-/// task, which would otherwise fork on the engine's thread.
-#[test]
-fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
-    let markers = tempfile::tempdir().expect("temp dir");
-    let marker = |name: &str| markers.path().join(name);
+/// Three tasks touching a marker each every second, and `forked` with a working directory
+/// (the `fork` road), all in a test bench whose engine gathers its starts as the loop's do.
+fn gathering_bench(markers: &std::path::Path) -> Bench {
     let mut config = String::new();
     for name in ["a", "b", "c", "forked"] {
         config.push_str(&format!(
             "[tasks.{name}]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
-            marker(name).display()
+            markers.join(name).display()
         ));
     }
     config.push_str("cwd = \"/tmp\"\n");
-    let bench = Bench::new(&config);
+    Bench::new(&config)
+}
+
+fn await_markers(markers: &std::path::Path, names: &[&str]) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !names.iter().all(|name| markers.join(name).exists()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not every child of {names:?} ran within 10 s"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// In the loop, the starts of a wake's dispatch are spawned together at its end, from the
+/// spawner threads while the engine waits once (`launch_waiting`), each child then handed
+/// to its runner. A start on the `fork` road (here a working directory) is left to its
+/// runner task, which would otherwise fork on the engine's thread.
+#[test]
+fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
+    let markers = tempfile::tempdir().expect("temp dir");
+    let bench = gathering_bench(markers.path());
     let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     let mut engine = bench.engine_at(t(0));
     engine.plan_startup_fires(t(0));
-    engine.start_with_claim = true;
     engine.launching = Some(Vec::new());
     bench.clock.set(t(1));
+    // Claimed and queued (the steps alone start nothing), then dispatched.
     engine.on_tick();
+    engine.dispatch();
     for name in ["a", "b", "c", "forked"] {
         assert_eq!(bench.runs(name).remove(0).state, RunState::Running);
     }
@@ -1234,22 +1251,36 @@ fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
         "the spawners' starts wait for the end of the wake; the forked one does not"
     );
     assert!(
-        ["a", "b", "c"].iter().all(|name| !marker(name).exists()),
+        ["a", "b", "c"]
+            .iter()
+            .all(|name| !markers.path().join(name).exists()),
         "a child was spawned before the end of its wake"
     );
     engine.launch_waiting();
     assert!(engine.launching.is_none());
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !["a", "b", "c", "forked"]
-        .iter()
-        .all(|name| marker(name).exists())
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not every child ran within 10 s of the end of the wake"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    await_markers(markers.path(), &["a", "b", "c", "forked"]);
+}
+
+/// The starts made with their claims are spawned as the claims are handed out, before the
+/// wake writes its skips or dispatches (each a commit the children would wait behind).
+#[test]
+fn the_starts_made_with_their_claims_are_spawned_before_the_rest_of_the_wake() {
+    let markers = tempfile::tempdir().expect("temp dir");
+    let bench = gathering_bench(markers.path());
+    let runtime = one_thread_runtime();
+    let _entered = runtime.enter();
+    let mut engine = bench.engine_at(t(0));
+    engine.plan_startup_fires(t(0));
+    engine.start_with_claim = true;
+    engine.launching = Some(Vec::new());
+    bench.clock.set(t(1));
+    engine.on_tick();
+    assert_eq!(
+        engine.launching.as_ref().map(Vec::len),
+        Some(0),
+        "the claims' starts were left for the end of the wake"
+    );
+    await_markers(markers.path(), &["a", "b", "c", "forked"]);
 }
 
 /// A runtime with one worker thread, for runner tasks (their children real processes).

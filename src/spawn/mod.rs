@@ -70,8 +70,8 @@ pub struct Launch {
 /// A started child: its pid, the read ends of its stdout and stderr, and its exit.
 pub struct Child {
     pid: Pid,
-    /// The wall clock's time just after the child started.
-    started_at: std::time::SystemTime,
+    /// When it started.
+    start: Start,
     /// Taken by whoever reads the output.
     pub stdout: Option<pipe::Receiver>,
     /// Taken by whoever reads the output.
@@ -165,15 +165,24 @@ fn start(launches: Vec<Launch>, apart: bool) -> Vec<io::Result<Child>> {
     started
         .into_iter()
         .map(|begun| {
-            let (pid, at, stdout, stderr) =
+            let (pid, start, stdout, stderr) =
                 begun.unwrap_or_else(|| Err(io::Error::other("a launch was never started")))?;
-            child(pid, at, stdout, stderr)
+            child(pid, start, stdout, stderr)
         })
         .collect()
 }
 
-/// A child begun: its pid, when it started, and the read ends of its stdout and stderr.
-type Begun = (Pid, std::time::SystemTime, OwnedFd, OwnedFd);
+/// A child begun: its pid, when it started (see [`Start`]), and the read ends of its
+/// stdout and stderr.
+type Begun = (Pid, Start, OwnedFd, OwnedFd);
+
+/// When a child started: the monotonic clock just before its start, and the wall
+/// clock's time just after.
+#[derive(Clone, Copy)]
+struct Start {
+    began: std::time::Instant,
+    at: std::time::SystemTime,
+}
 
 /// Whether `launch` can take the fast road: `posix_spawn`, with no hook between `fork`
 /// and `exec`, the service's working directory, and `PATH` searched as the service's.
@@ -184,17 +193,12 @@ fn fast(launch: &Launch) -> bool {
 }
 
 /// The started child `pid`, its output's read ends put on the runtime. Within the runtime.
-fn child(
-    pid: Pid,
-    started_at: std::time::SystemTime,
-    stdout: OwnedFd,
-    stderr: OwnedFd,
-) -> io::Result<Child> {
+fn child(pid: Pid, start: Start, stdout: OwnedFd, stderr: OwnedFd) -> io::Result<Child> {
     let pipes = (|| Ok::<_, io::Error>((receiver(stdout)?, receiver(stderr)?)))();
     match pipes {
         Ok((stdout, stderr)) => Ok(Child {
             pid,
-            started_at,
+            start,
             stdout: Some(stdout),
             stderr: Some(stderr),
             exit: None,
@@ -235,7 +239,13 @@ impl Child {
     /// When the child started, by the wall clock (taken where it was started: a batch's
     /// children each at their own start, not when the batch was answered).
     pub fn started_at(&self) -> std::time::SystemTime {
-        self.started_at
+        self.start.at
+    }
+
+    /// The monotonic clock just before the child's own start (a batch's children each
+    /// at theirs): its run's time and timeout count from here.
+    pub fn began(&self) -> std::time::Instant {
+        self.start.began
     }
 
     /// Waits for the child to exit and reaps it. Cancel-safe: dropping the future loses
@@ -641,8 +651,9 @@ fn posix_spawn(ready: Vec<Ready>, spawners: Option<&spawners::Spawners>) -> Vec<
                 .into_iter()
                 .zip(rest.iter().map(|(ends, ..)| *ends))
                 .map(|(prepared, ends)| {
+                    let began = std::time::Instant::now();
                     let pid = prepared.start(null, ends.stdout, ends.stderr, ends.extra)?;
-                    Ok((pid, std::time::SystemTime::now()))
+                    Ok((pid, began, std::time::SystemTime::now()))
                 })
                 .collect(),
             Err(err) => rest
@@ -657,8 +668,8 @@ fn posix_spawn(ready: Vec<Ready>, spawners: Option<&spawners::Spawners>) -> Vec<
         .map(|(answer, (_, stdout, stderr, writers, extra))| {
             // The write ends close here: the child holds the only copies.
             drop((writers, extra));
-            let (pid, at) = answer?;
-            Ok((pid, at, stdout, stderr))
+            let (pid, began, at) = answer?;
+            Ok((pid, Start { began, at }, stdout, stderr))
         })
         .collect()
 }
@@ -688,6 +699,7 @@ fn die_with_parent(command: &mut std::process::Command) {
 }
 
 fn std_spawn(launch: Launch) -> io::Result<Begun> {
+    let began = std::time::Instant::now();
     use command_fds::{CommandFdExt, FdMapping};
     let mut command = std::process::Command::new(&launch.program);
     command
@@ -722,7 +734,12 @@ fn std_spawn(launch: Launch) -> io::Result<Begun> {
     let at = std::time::SystemTime::now();
     // `command` owns the mapped descriptor's copy; dropping it leaves the child's.
     drop(command);
-    Ok((pid, at, OwnedFd::from(stdout), OwnedFd::from(stderr)))
+    Ok((
+        pid,
+        Start { began, at },
+        OwnedFd::from(stdout),
+        OwnedFd::from(stderr),
+    ))
 }
 
 #[cfg(test)]

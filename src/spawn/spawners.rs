@@ -84,8 +84,9 @@ struct Given {
     left: usize,
 }
 
-/// A child started: its pid and the wall clock's time just after its start.
-pub(super) type Started = (Pid, std::time::SystemTime);
+/// A child started: its pid, the monotonic clock just before its start, and the wall
+/// clock's time just after.
+pub(super) type Started = (Pid, std::time::Instant, std::time::SystemTime);
 
 impl Answers {
     fn new(launches: usize) -> Answers {
@@ -339,8 +340,9 @@ impl Table {
 
     fn serve(&self, queue: &Queue) {
         while let Some(job) = queue.pop() {
+            let began = std::time::Instant::now();
             let started = self.launch(&job.prepared, &job.ends);
-            let started = started.map(|pid| (pid, std::time::SystemTime::now()));
+            let started = started.map(|pid| (pid, began, std::time::SystemTime::now()));
             job.answers.give_once(job.slot, started);
         }
     }
