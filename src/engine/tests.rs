@@ -1095,11 +1095,7 @@ fn a_tick_that_can_start_at_once_is_claimed_and_started_in_one_commit_and_a_full
 #[test]
 fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
     let marker_dir = tempfile::tempdir().expect("temp dir");
-    let marker = marker_dir.path().join("spawned");
-    let bench = Bench::new(&format!(
-        "[tasks.lone]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
-        marker.display()
-    ));
+    let bench = touching_bench(marker_dir.path(), &["lone"]);
     let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     // The runtime's one thread held until the end.
@@ -1117,14 +1113,8 @@ fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
     engine.on_tick();
     let run = bench.runs("lone").remove(0);
     assert_eq!(run.state, RunState::Running);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while !marker.exists() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "no child within 10 s of the wake: its spawn waits for the runner task"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    // Within 10 s, or its spawn waits for the runner task.
+    await_markers(marker_dir.path(), &["lone"]);
     release_tx.send(()).expect("released");
 }
 
@@ -1135,11 +1125,8 @@ fn a_lone_fire_spawns_its_child_in_the_wake_that_claims_it() {
 #[test]
 fn a_wake_ahead_of_a_tick_commits_the_claim_before_the_tick_and_spawns_the_child_at_it() {
     let marker_dir = tempfile::tempdir().expect("temp dir");
-    let marker = marker_dir.path().join("spawned");
-    let bench = Bench::new(&format!(
-        "[tasks.lone]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
-        marker.display()
-    ));
+    let marker = marker_dir.path().join("lone");
+    let bench = touching_bench(marker_dir.path(), &["lone"]);
     let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     let mut engine = bench.engine_at(t(0));
@@ -1196,19 +1183,24 @@ fn a_wake_ahead_of_a_tick_commits_the_claim_before_the_tick_and_spawns_the_child
     );
 }
 
-/// Three tasks touching a marker each every second, and `forked` with a working directory
-/// (the `fork` road), all in a test bench whose engine gathers its starts as the loop's do.
-fn gathering_bench(markers: &std::path::Path) -> Bench {
+/// A bench of tasks, each touching the marker `markers/<name>` every second; a task named
+/// `forked` has a working directory (the `fork` road).
+fn touching_bench(markers: &std::path::Path, names: &[&str]) -> Bench {
     let mut config = String::new();
-    for name in ["a", "b", "c", "forked"] {
+    for name in names {
         config.push_str(&format!(
             "[tasks.{name}]\ncommand = [\"/usr/bin/touch\", \"{}\"]\nschedule = \"* * * * * *\"\n",
             markers.join(name).display()
         ));
+        if *name == "forked" {
+            config.push_str("cwd = \"/tmp\"\n");
+        }
     }
-    config.push_str("cwd = \"/tmp\"\n");
     Bench::new(&config)
 }
+
+/// Three tasks of the spawners' road and one of the `fork` road (see [`touching_bench`]).
+const GATHERED: [&str; 4] = ["a", "b", "c", "forked"];
 
 fn await_markers(markers: &std::path::Path, names: &[&str]) {
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
@@ -1228,7 +1220,7 @@ fn await_markers(markers: &std::path::Path, names: &[&str]) {
 #[test]
 fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
     let markers = tempfile::tempdir().expect("temp dir");
-    let bench = gathering_bench(markers.path());
+    let bench = touching_bench(markers.path(), &GATHERED);
     let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     let mut engine = bench.engine_at(t(0));
@@ -1238,7 +1230,7 @@ fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
     // Claimed and queued (the steps alone start nothing), then dispatched.
     engine.on_tick();
     engine.dispatch();
-    for name in ["a", "b", "c", "forked"] {
+    for name in GATHERED {
         assert_eq!(bench.runs(name).remove(0).state, RunState::Running);
     }
     let waiting: Option<Vec<&str>> = engine
@@ -1258,7 +1250,7 @@ fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
     );
     engine.launch_waiting();
     assert!(engine.launching.is_none());
-    await_markers(markers.path(), &["a", "b", "c", "forked"]);
+    await_markers(markers.path(), &GATHERED);
 }
 
 /// The starts made with their claims are spawned as the claims are handed out, before the
@@ -1266,7 +1258,7 @@ fn the_starts_of_a_wake_are_spawned_together_at_its_end() {
 #[test]
 fn the_starts_made_with_their_claims_are_spawned_before_the_rest_of_the_wake() {
     let markers = tempfile::tempdir().expect("temp dir");
-    let bench = gathering_bench(markers.path());
+    let bench = touching_bench(markers.path(), &GATHERED);
     let runtime = one_thread_runtime();
     let _entered = runtime.enter();
     let mut engine = bench.engine_at(t(0));
@@ -1280,7 +1272,7 @@ fn the_starts_made_with_their_claims_are_spawned_before_the_rest_of_the_wake() {
         Some(0),
         "the claims' starts were left for the end of the wake"
     );
-    await_markers(markers.path(), &["a", "b", "c", "forked"]);
+    await_markers(markers.path(), &GATHERED);
 }
 
 /// A runtime with one worker thread, for runner tasks (their children real processes).
