@@ -508,8 +508,8 @@ mod tests {
         );
     }
 
-    #[test]
-    fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
+    /// A batch of one launch (`/bin/true`, no descriptors): its answers and its job.
+    fn lone_job() -> (Arc<Answers>, Job) {
         let answers = Arc::new(Answers::new(1));
         let job = Job {
             prepared: prepared_true(),
@@ -517,6 +517,12 @@ mod tests {
             answers: answers.clone(),
             slot: 0,
         };
+        (answers, job)
+    }
+
+    #[test]
+    fn a_launch_dropped_unanswered_answers_its_caller_with_an_error() {
+        let (answers, job) = lone_job();
         let caller = std::thread::spawn(move || answers.wait());
         drop(job);
         let answered = caller.join().expect("joined");
@@ -531,13 +537,7 @@ mod tests {
     /// too many: an overflow that ended the spawner thread in a debug build.)
     #[test]
     fn a_job_dropped_after_its_caller_took_the_answers_gives_nothing() {
-        let answers = Arc::new(Answers::new(1));
-        let job = Job {
-            prepared: prepared_true(),
-            ends: NO_ENDS,
-            answers: answers.clone(),
-            slot: 0,
-        };
+        let (answers, job) = lone_job();
         answers.give_once(
             0,
             Ok((
