@@ -169,7 +169,14 @@ pub(crate) fn run(settings: &Settings) -> Result<ExitCode> {
         tokio::time::sleep_until((tokio::time::Instant::now() + to_second_tick).min(window_end))
             .await;
         let steady_from = (Cpu::now(), sampling_ns.load(Ordering::Relaxed));
+        let spawners_from = (spawner_seconds(), context_switches());
         tokio::time::sleep_until(window_end).await;
+        let steady_spawners = spawner_seconds() - spawners_from.0;
+        let switched = context_switches();
+        let steady_switches = (
+            switched.0.saturating_sub(spawners_from.1 .0),
+            switched.1.saturating_sub(spawners_from.1 .1),
+        );
         let own_cpu_since = |from: Cpu, sampling_from: u64| {
             let mut cpu = Cpu::now().since(from);
             let sampling = sampling_ns.load(Ordering::Relaxed) - sampling_from;
@@ -177,7 +184,12 @@ pub(crate) fn run(settings: &Settings) -> Result<ExitCode> {
             cpu
         };
         let cpu = own_cpu_since(cpu_from, sampling_from);
-        let steady_cpu = own_cpu_since(steady_from.0, steady_from.1);
+        // And the spawner threads' part of it (starting the children).
+        let steady_cpu = (
+            own_cpu_since(steady_from.0, steady_from.1),
+            steady_spawners,
+            steady_switches,
+        );
         let stopped = chrono::Utc::now();
         let commits = store.commits();
         // The window's last ticks are still claimed when the loop was stalled as it ended
@@ -342,6 +354,7 @@ pub(crate) fn run(settings: &Settings) -> Result<ExitCode> {
             cpu.own
         );
     } else {
+        let (steady_cpu, steady_spawners, (spawner_switches, other_switches)) = steady_cpu;
         let steady_own = steady_cpu.micros_per(steady_recorded.max(0) as usize).own;
         println!(
             "service CPU per run:    {:.0} µs = {} the floor's {:.0} µs per child; from the second tick {steady_own:.0} µs = {} (user + system of this process; children and the bench's own sampling of RSS and descriptors excluded; {:.2} s over {recorded} runs recorded while serving, {:.2} s over {steady_recorded} from the second tick; target ≤ 100 µs)",
@@ -351,6 +364,19 @@ pub(crate) fn run(settings: &Settings) -> Result<ExitCode> {
             times(steady_own, floor_cpu.own),
             cpu.own,
             steady_cpu.own
+        );
+        let steady_spawners = steady_spawners * 1e6 / steady_recorded.max(1) as f64;
+        println!(
+            "  of which spawners:    {steady_spawners:.0} µs per run from the second tick, starting the children (the floor's threads spend {:.0} µs per child starting and reaping theirs); the rest, the scheduler's own: {:.0} µs per run",
+            floor_cpu.own,
+            steady_own - steady_spawners
+        );
+        let per_steady_run = |count: u64| count as f64 / steady_recorded.max(1) as f64;
+        println!(
+            "context switches:       {:.2} per run from the second tick (spawner threads {:.2}, the others {:.2}; each is a sleep and a wake, dear on a virtual machine)",
+            per_steady_run(spawner_switches + other_switches),
+            per_steady_run(spawner_switches),
+            per_steady_run(other_switches)
         );
         println!(
             "children CPU per run:   {:.0} µs = {} the floor's {:.0} µs ({spawned} children; each descriptor the service holds open is copied into every child and closed at its exec)",
@@ -579,6 +605,44 @@ impl Cpu {
             children: self.children * 1e6 / count,
         }
     }
+}
+
+/// Context switches (voluntary and not) of this process's threads so far, from
+/// `/proc/self/task/*/status`: the spawner threads' and the others'. A thread that has
+/// ended is no longer counted.
+fn context_switches() -> (u64, u64) {
+    let Ok(tasks) = std::fs::read_dir("/proc/self/task") else {
+        return (0, 0);
+    };
+    let (mut spawners, mut others) = (0, 0);
+    for task in tasks.flatten() {
+        let Ok(status) = std::fs::read_to_string(task.path().join("status")) else {
+            continue;
+        };
+        let mut spawner = false;
+        let mut switches = 0u64;
+        for line in status.lines() {
+            if let Some(name) = line.strip_prefix("Name:") {
+                spawner = name.trim().starts_with("spawner-");
+            } else if let Some(count) = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))
+            {
+                switches += count.trim().parse::<u64>().unwrap_or(0);
+            }
+        }
+        if spawner {
+            spawners += switches;
+        } else {
+            others += switches;
+        }
+    }
+    (spawners, others)
+}
+
+/// The CPU seconds the spawner threads have spent so far (0 before they start).
+fn spawner_seconds() -> f64 {
+    turbosched::spawn::spawner_cpu().map_or(0.0, |spent| spent.as_secs_f64())
 }
 
 /// `/proc/loadavg`'s three load averages, or "unknown".

@@ -238,13 +238,16 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 /// The running spawner threads.
 pub(super) struct Spawners {
     queue: Arc<Queue>,
+    /// Each thread's CPU-time clock: what starting the children has cost ([`Spawners::cpu`]).
+    clocks: Vec<libc::clockid_t>,
 }
+
+static RUNNING: OnceLock<Option<Spawners>> = OnceLock::new();
 
 /// The spawner threads, started at the first launch that asks for them; `None` where they
 /// cannot run (said once in the service log).
 pub(super) fn get() -> Option<&'static Spawners> {
-    static SPAWNERS: OnceLock<Option<Spawners>> = OnceLock::new();
-    SPAWNERS
+    RUNNING
         .get_or_init(|| match Spawners::begin() {
             Ok(spawners) => Some(spawners),
             Err(err) => {
@@ -255,6 +258,11 @@ pub(super) fn get() -> Option<&'static Spawners> {
             }
         })
         .as_ref()
+}
+
+/// The spawner threads if they have been started, without starting them.
+pub(super) fn started() -> Option<&'static Spawners> {
+    RUNNING.get()?.as_ref()
 }
 
 impl Spawners {
@@ -271,7 +279,7 @@ impl Spawners {
                     let _serving = queue.serving();
                     match Table::own(service_dev_null) {
                         Ok(table) => {
-                            let _ = ready.send(Ok(()));
+                            let _ = ready.send(Ok(own_cpu_clock()));
                             drop(ready);
                             table.serve(&queue);
                         }
@@ -285,12 +293,35 @@ impl Spawners {
         drop(ready_tx);
         // Every thread answers before it serves: either all serve, or none ever gets a
         // job and each ends when the queue closes.
-        let ready = started.and_then(|()| ready_rx.iter().try_for_each(|answer| answer));
-        if let Err(err) = ready {
-            queue.close();
-            return Err(err);
+        let ready = started.and_then(|()| ready_rx.iter().collect::<io::Result<Vec<_>>>());
+        match ready {
+            Ok(clocks) => Ok(Spawners {
+                queue,
+                clocks: clocks.into_iter().flatten().collect(),
+            }),
+            Err(err) => {
+                queue.close();
+                Err(err)
+            }
         }
-        Ok(Spawners { queue })
+    }
+
+    /// The CPU time (user + system) the spawner threads have spent so far: the part of
+    /// the service's CPU that starts the children, which a bare `posix_spawn` pays too.
+    pub(super) fn cpu(&self) -> std::time::Duration {
+        self.clocks
+            .iter()
+            .filter_map(|clock| {
+                // SAFETY: `clock_gettime` writes only into the zeroed struct it is given.
+                let mut spent: libc::timespec = unsafe { std::mem::zeroed() };
+                (unsafe { libc::clock_gettime(*clock, &mut spent) } == 0).then(|| {
+                    std::time::Duration::new(
+                        u64::try_from(spent.tv_sec).unwrap_or_default(),
+                        u32::try_from(spent.tv_nsec).unwrap_or_default(),
+                    )
+                })
+            })
+            .sum()
     }
 
     /// Starts each of `launches` (each `prepared` with its `ends`) from the spawner
@@ -303,6 +334,13 @@ impl Spawners {
     ) -> Result<Vec<io::Result<Started>>, Vec<Prepared>> {
         Ok(self.queue.push(launches)?.wait())
     }
+}
+
+/// The calling thread's CPU-time clock, which any thread of the process can read.
+fn own_cpu_clock() -> Option<libc::clockid_t> {
+    let mut clock: libc::clockid_t = 0;
+    // SAFETY: `pthread_getcpuclockid` of the calling thread writes only into `clock`.
+    (unsafe { libc::pthread_getcpuclockid(libc::pthread_self(), &mut clock) } == 0).then_some(clock)
 }
 
 /// A spawner thread's own descriptor table: its pidfd of the process and its `/dev/null`.

@@ -68,6 +68,24 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
             && cpu.contains("target ≤ 100 µs"),
         "{cpu}"
     );
+    // Split: the spawner threads' part (starting the children) and the scheduler's own.
+    let split = figure(&text, "  of which spawners:");
+    assert!(split.contains("the scheduler's own:"), "{split}");
+    let spawners: f64 = split
+        .split(" µs")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure: {split}"));
+    // Twenty starts a tick are handed to the spawner threads together: they spent CPU.
+    assert!(spawners > 0.0, "{split}");
+    let switches = figure(&text, "context switches:");
+    let per_run: f64 = switches
+        .split(" per run")
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no figure: {switches}"));
+    // Every run sleeps somewhere: a runner waits for its child's output.
+    assert!(per_run > 0.0, "{switches}");
     assert!(
         figure(&text, "children CPU per run:").contains("× the floor's"),
         "{text}"
