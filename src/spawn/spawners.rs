@@ -76,7 +76,16 @@ impl Drop for Job {
 struct Answers {
     given: Mutex<Given>,
     all_given: Condvar,
+    /// Each launch's program, to name those a caller has waited for too long.
+    programs: Vec<std::ffi::CString>,
 }
+
+/// How long a caller waits for a batch before it says which programs have not started,
+/// and again each time as long: `posix_spawn` returns only once the child has `exec`'d,
+/// and an `exec` whose program is on a file system that does not answer (a hung network
+/// mount) does not return, so neither does the spawner, nor the engine's wake that waits
+/// for it. Said, not cured: the engine's loop waits on.
+const STALL_REPORT: std::time::Duration = std::time::Duration::from_secs(5);
 
 struct Given {
     results: Vec<Option<io::Result<Started>>>,
@@ -89,13 +98,15 @@ struct Given {
 pub(super) type Started = (Pid, std::time::Instant, std::time::SystemTime);
 
 impl Answers {
-    fn new(launches: usize) -> Answers {
+    fn new(programs: Vec<std::ffi::CString>) -> Answers {
+        let launches = programs.len();
         Answers {
             given: Mutex::new(Given {
                 results: (0..launches).map(|_| None).collect(),
                 left: launches,
             }),
             all_given: Condvar::new(),
+            programs,
         }
     }
 
@@ -114,14 +125,42 @@ impl Answers {
         }
     }
 
-    /// Every answer, in the order of the launches, once all are given.
+    /// Every answer, in the order of the launches, once all are given; says in the
+    /// service log which programs have not started each [`STALL_REPORT`] it waits.
     fn wait(&self) -> Vec<io::Result<Started>> {
+        self.wait_saying(STALL_REPORT, |stalled| tracing::warn!("{stalled}"))
+    }
+
+    /// [`Answers::wait`], telling `say` each `every` it has waited.
+    fn wait_saying(
+        &self,
+        every: std::time::Duration,
+        mut say: impl FnMut(String),
+    ) -> Vec<io::Result<Started>> {
+        let began = std::time::Instant::now();
         let mut given = lock(&self.given);
         while given.left > 0 {
-            given = self
+            let (now, waited) = self
                 .all_given
-                .wait(given)
+                .wait_timeout(given, every)
                 .unwrap_or_else(PoisonError::into_inner);
+            given = now;
+            if waited.timed_out() && given.left > 0 {
+                let waiting: Vec<String> = given
+                    .results
+                    .iter()
+                    .zip(&self.programs)
+                    .filter(|(result, _)| result.is_none())
+                    .map(|(_, program)| program.to_string_lossy().into_owned())
+                    .collect();
+                say(format!(
+                    "{} of {} children not started after {} s: posix_spawn has not returned for {} (an exec whose program's file system does not answer?); the scheduler's loop waits for them",
+                    given.left,
+                    given.results.len(),
+                    began.elapsed().as_secs(),
+                    waiting.join(", ")
+                ));
+            }
         }
         // Taken whole: a job dropped after this (a spawner drops each job after its
         // answer) then finds no slot to give to.
@@ -162,7 +201,12 @@ impl Queue {
             return Err(launches.into_iter().map(|(prepared, _)| prepared).collect());
         }
         let count = launches.len();
-        let answers = Arc::new(Answers::new(count));
+        let answers = Arc::new(Answers::new(
+            launches
+                .iter()
+                .map(|(prepared, _)| prepared.program.clone())
+                .collect(),
+        ));
         state.jobs.extend(
             launches
                 .into_iter()
@@ -548,7 +592,7 @@ mod tests {
 
     /// A batch of one launch (`/bin/true`, no descriptors): its answers and its job.
     fn lone_job() -> (Arc<Answers>, Job) {
-        let answers = Arc::new(Answers::new(1));
+        let answers = Arc::new(Answers::new(vec![c"/bin/true".to_owned()]));
         let job = Job {
             prepared: prepared_true(),
             ends: NO_ENDS,
@@ -588,6 +632,46 @@ mod tests {
         assert!(matches!(taken.as_slice(), [Ok(_)]));
         drop(job);
         assert_eq!(lock(&answers.given).left, 0);
+    }
+
+    /// A caller that has waited long for a batch says which programs have not started
+    /// (an `exec` that does not return holds its spawner, and the engine with it), then
+    /// goes on waiting, and takes the late answer.
+    #[test]
+    fn a_batch_waited_for_too_long_names_the_programs_not_started_and_takes_them_late() {
+        let answers = Arc::new(Answers::new(vec![
+            c"/bin/true".to_owned(),
+            c"/mnt/hung/report".to_owned(),
+        ]));
+        let started = || {
+            Ok((
+                Pid::from_raw(1),
+                std::time::Instant::now(),
+                std::time::SystemTime::now(),
+            ))
+        };
+        answers.give_once(0, started());
+        let (said, heard) = std::sync::mpsc::channel();
+        let late = {
+            let answers = answers.clone();
+            // The late launch answers only once the caller has said it waits for it.
+            std::thread::spawn(move || {
+                let stalled: String = heard.recv().expect("the caller said nothing");
+                answers.give_once(1, started());
+                stalled
+            })
+        };
+        let taken = answers.wait_saying(std::time::Duration::from_millis(20), |stalled| {
+            let _ = said.send(stalled);
+        });
+        let stalled = late.join().expect("joined");
+        assert!(
+            stalled.starts_with("1 of 2 children not started")
+                && stalled.contains("/mnt/hung/report")
+                && !stalled.contains("/bin/true"),
+            "{stalled}"
+        );
+        assert!(matches!(taken.as_slice(), [Ok(_), Ok(_)]), "{taken:?}");
     }
 
     /// POSIX record locks (SQLite's) belong to the table that took them: a spawner
