@@ -12,6 +12,15 @@ fn figure<'a>(text: &'a str, label: &str) -> &'a str {
         .trim()
 }
 
+/// The number `figure` begins with.
+fn leading<T: std::str::FromStr>(figure: &str) -> T {
+    figure
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no leading number: {figure}"))
+}
+
 /// `turbosched bench` of twenty tasks for two seconds (and `more` arguments) in `dir`:
 /// its output, once it has ended well with no tick missed or doubled.
 fn bench_of_twenty_tasks(dir: &std::path::Path, more: &[&str]) -> String {
@@ -71,30 +80,18 @@ fn bench_prints_lag_cpu_children_descriptors_and_fsyncs_beside_the_floor_of_the_
     // Split: the spawner threads' part (starting the children) and the scheduler's own.
     let split = figure(&text, "  of which spawners:");
     assert!(split.contains("the scheduler's own:"), "{split}");
-    let spawners: f64 = split
-        .split(" µs")
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no figure: {split}"));
+    let spawners: f64 = leading(split);
     // Twenty starts a tick are handed to the spawner threads together: they spent CPU.
     assert!(spawners > 0.0, "{split}");
     let switches = figure(&text, "context switches:");
-    let per_run: f64 = switches
-        .split(" per run")
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no figure: {switches}"));
+    let per_run: f64 = leading(switches);
     // Every run sleeps somewhere: a runner waits for its child's output.
     assert!(per_run > 0.0, "{switches}");
     assert!(
         figure(&text, "children CPU per run:").contains("× the floor's"),
         "{text}"
     );
-    let descriptors: u64 = figure(&text, "peak descriptors open:")
-        .split_whitespace()
-        .next()
-        .and_then(|n| n.parse().ok())
-        .unwrap_or_else(|| panic!("no count:\n{text}"));
+    let descriptors: u64 = leading(figure(&text, "peak descriptors open:"));
     // Standard streams, the database and its WAL at the least.
     assert!(descriptors >= 5, "{text}");
     assert!(figure(&text, "commits (fsyncs):").contains("/s"), "{text}");
