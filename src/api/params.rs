@@ -119,7 +119,13 @@ pub(super) fn trigger_options(request: &HttpRequest, body: &Bytes) -> Result<Tri
             }
         }
     }
-    if !body.iter().all(u8::is_ascii_whitespace) {
+    // No body: nothing but JSON's own whitespace (RFC 8259: space, tab, line feed,
+    // carriage return). Not `is_ascii_whitespace`, which also takes a form feed: a body
+    // of one was taken for none.
+    if !body
+        .iter()
+        .all(|byte| matches!(byte, b' ' | b'\t' | b'\n' | b'\r'))
+    {
         let bad =
             |message: String| ApiError::bad_request("bad_body", format!("request body: {message}"));
         let value: Value = serde_json::from_slice(body).map_err(|err| bad(err.to_string()))?;
