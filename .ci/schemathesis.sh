@@ -11,6 +11,11 @@ root=$PWD
 version=4.32.5
 examples=${SCHEMATHESIS_EXAMPLES:-50}
 limit=${SCHEMATHESIS_TIMEOUT:-600}
+# One seed, so a red CI is the change's rather than a new draw's (the counts still vary a
+# little: the stateful phase follows the server's answers); it is the seed whose fuzzing
+# found a form-feed body taken for none (fixed, `it::api` keeps the case).
+# SCHEMATHESIS_SEED= (empty) draws a new one: exploration, outside CI.
+seed=${SCHEMATHESIS_SEED-14971714678319287989232193529500825785}
 # No 5xx; every status and body as documented; invalid input refused with a 4xx; other
 # methods get 405 with a true Allow header.
 checks=not_a_server_error,status_code_conformance,response_schema_conformance
@@ -95,7 +100,7 @@ for _ in range(3):
         assert response.status == 200, response.status
 EOF
 
-echo "== schemathesis against $base (at most $examples examples per operation)"
+echo "== schemathesis against $base (at most $examples examples per operation, seed ${seed:-drawn})"
 # /scheduler/events is an endless stream (covered by tests/it/api.rs); every other route
 # is fuzzed.
 # Run from the temp folder: schemathesis keeps a .schemathesis/ cache in its working folder.
@@ -111,7 +116,8 @@ status=0
   --exclude-path /scheduler/events \
   --request-timeout 20 \
   --workers 1 \
-  --suppress-health-check too_slow) \
+  --suppress-health-check too_slow \
+  ${seed:+--seed "$seed"}) \
   || status=$?
 
 if [ "$status" -ne 0 ]; then
